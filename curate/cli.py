@@ -1,0 +1,225 @@
+"""The `lvd` command line (the contract of DESIGN.md, "Configuration and CLI").
+
+Each pipeline stage is `curate.<stage>.run_<stage>(cfg) -> Path`; this module only parses
+arguments, merges the config and dispatches. Stage modules are imported when a stage runs, so
+`lvd --help` stays fast and a stage that is not built yet says so instead of crashing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable, Sequence
+
+from curate.config import ConfigError, load_config
+
+# The pipeline, in order. `lvd run` goes through them all, skipping finished ones.
+STAGES = ("manifest", "embed", "dedup", "cluster", "retrieve", "shards", "report")
+
+STAGE_HELP = {
+    "manifest": "list every input, hash and decode it; quarantine what cannot be used",
+    "embed": "embed the manifest's usable images with the configured ViT",
+    "dedup": "exact and near-duplicate removal, and decontamination against eval sets",
+    "cluster": "k-means of the deduplicated pool (flat or hierarchical)",
+    "retrieve": "retrieve the pool neighbours of each curated seed set",
+    "shards": "write the curated images as WebDataset tar shards with provenance",
+    "report": "an HTML report with pictures of every stage's decisions",
+}
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_IMPLEMENTED = 0, 1, 2, 3
+
+log = logging.getLogger("lvd")
+
+
+class NotImplementedYet(RuntimeError):
+    """A command whose implementation has not landed in this version of lvd."""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+
+
+def _resolve(target: str, what: str) -> Callable:
+    """Import `module:function`; a missing module means the command is not built yet."""
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
+            raise NotImplementedYet(f"{what} is not implemented yet in this version of lvd") from None
+        raise
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise NotImplementedYet(f"{what} is not implemented yet in this version of lvd")
+    return func
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _config_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    parser.add_argument("config", metavar="CONFIG", nargs=None if config_required else "?", help="YAML config file, or the name of a packaged one (default, demo, lvd142m)")
+    parser.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="dotted overrides, e.g. embed.batch_size=32", default=[])
+    parser.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+
+
+def _pipeline_config(args, defaults: str = "default"):
+    overrides = list(args.overrides)
+    if getattr(args, "overwrite", False):
+        overrides.append("overwrite=true")
+    cfg = load_config(args.config, overrides, defaults=defaults)
+    _setup_logging(cfg.get("log_level", "INFO"))
+    return cfg
+
+
+def run_stage(name: str, cfg):
+    func = _resolve(f"curate.{name}:run_{name}", f"stage '{name}'")
+    log.info("stage %s", name)
+    return func(cfg)
+
+
+def cmd_stage(args) -> int:
+    cfg = _pipeline_config(args)
+    out = run_stage(args.stage, cfg)
+    print(out)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    cfg = _pipeline_config(args)
+    stages = STAGES[: STAGES.index(args.until) + 1] if args.until else STAGES
+    for name in stages:
+        out = run_stage(name, cfg)
+        print(f"{name}: {out}")
+    return EXIT_OK
+
+
+def cmd_config(args) -> int:
+    from omegaconf import OmegaConf
+
+    cfg = load_config(args.config, args.overrides, defaults=args.schema)
+    print(OmegaConf.to_yaml(cfg), end="")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    func = _resolve("curate.demo:run_demo", "lvd demo")
+    _setup_logging()
+    return int(func(args) or EXIT_OK)
+
+
+def cmd_pretrain(args) -> int:
+    cfg = _pipeline_config(args, defaults="pretrain")
+    out = _resolve("pretrain.train:run_pretrain", "lvd pretrain")(cfg)
+    print(out)
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    cfg = _pipeline_config(args, defaults="pretrain")
+    target = {"knn": "pretrain.eval.knn:run_knn", "linear": "pretrain.eval.linear:run_linear"}[args.protocol]
+    out = _resolve(target, f"lvd eval {args.protocol}")(cfg)
+    print(out)
+    return EXIT_OK
+
+
+def cmd_viz(args) -> int:
+    cfg = _pipeline_config(args, defaults="pretrain")
+    out = _resolve("pretrain.viz:run_viz", "lvd viz")(cfg)
+    print(out)
+    return EXIT_OK
+
+
+def _add_index(sub) -> None:
+    parser = sub.add_parser("index", help="nearest-neighbour image lookup: build, add, search, serve", formatter_class=_formatter)
+    try:
+        add_subcommands = _resolve("index.cli:add_subcommands", "lvd index")
+    except NotImplementedYet as exc:
+        message = str(exc)
+
+        def not_built(args) -> int:
+            raise NotImplementedYet(message)
+
+        parser.set_defaults(func=not_built)
+        return
+    add_subcommands(parser.add_subparsers(dest="index_command", metavar="COMMAND", required=True))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lvd",
+        description="Curate image datasets the way DINOv2 built LVD-142M, look up similar images, and pretrain DINOv2 on the result.",
+        formatter_class=_formatter,
+    )
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        parser.add_argument("--version", action="version", version=f"lvd {version('lvd')}")
+    except PackageNotFoundError:
+        pass
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="every stage in order, skipping finished ones", formatter_class=_formatter)
+    _config_args(run)
+    run.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    run.set_defaults(func=cmd_run)
+
+    for name in STAGES:
+        stage = sub.add_parser(name, help=STAGE_HELP[name], formatter_class=_formatter)
+        _config_args(stage)
+        stage.set_defaults(func=cmd_stage, stage=name)
+
+    demo = sub.add_parser("demo", help="the whole chain on offline demo data (Fashion-MNIST), then a short pretrain", formatter_class=_formatter)
+    demo.add_argument("--out", default="demo-run", help="run folder for the demo")
+    demo.add_argument("--pool-size", type=int, default=4000, help="Fashion-MNIST train images in the pool")
+    demo.add_argument("--eval-size", type=int, default=1000, help="Fashion-MNIST test images in the eval set")
+    demo.add_argument("--seed", type=int, default=0, help="seed for the planted duplicates and sampling")
+    demo.add_argument("overrides", metavar="KEY=VALUE", nargs="*", default=[], help="config overrides")
+    demo.set_defaults(func=cmd_demo)
+
+    _add_index(sub)
+
+    pretrain = sub.add_parser("pretrain", help="DINOv2 pretraining on WebDataset shards", formatter_class=_formatter)
+    _config_args(pretrain)
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    evaluate = sub.add_parser("eval", help="evaluate a backbone on labelled images", formatter_class=_formatter)
+    eval_sub = evaluate.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
+    for protocol, text in (("knn", "weighted k-NN on frozen features"), ("linear", "linear classifier on frozen features")):
+        p = eval_sub.add_parser(protocol, help=text, formatter_class=_formatter)
+        _config_args(p)
+        p.set_defaults(func=cmd_eval)
+
+    viz = sub.add_parser("viz", help="attention maps and patch-feature PCA as PNG images", formatter_class=_formatter)
+    _config_args(viz)
+    viz.set_defaults(func=cmd_viz)
+
+    config = sub.add_parser("config", help="print the merged config (defaults, file, overrides)", formatter_class=_formatter)
+    config.add_argument("config", metavar="CONFIG", nargs="?", default=None, help="YAML config file or packaged config name")
+    config.add_argument("overrides", metavar="KEY=VALUE", nargs="*", default=[], help="dotted overrides")
+    config.add_argument("--schema", choices=("default", "pretrain"), default="default", help="which defaults to merge over")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except NotImplementedYet as exc:
+        print(f"lvd: {exc}", file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    except ConfigError as exc:
+        print(f"lvd: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lvd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

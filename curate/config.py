@@ -1,0 +1,136 @@
+"""Pipeline configuration: packaged defaults -> a config file -> dotted overrides.
+
+The defaults are a closed schema: a key that `configs/default.yaml` does not list is an
+error naming that key, so a typo never silently falls back to a default. The only open
+mappings are those the defaults leave empty (`{}`), such as the seed and eval source tables,
+whose keys are the user's set names.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def packaged_config_path(name: str) -> Path:
+    """Path of a config shipped with lvd (`default`, `demo`, `lvd142m`)."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    path = Path(str(resources.files("curate").joinpath("configs", f"{stem}.yaml")))
+    if not path.is_file():
+        raise ConfigError(f"no packaged config named {name!r}")
+    return path
+
+
+def resolve_config_path(spec: str | os.PathLike) -> Path:
+    """A config argument is a file path, or the name of a packaged config."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    try:
+        return packaged_config_path(path.name if path.suffix == ".yaml" else str(spec))
+    except ConfigError:
+        raise ConfigError(f"config file not found: {spec}") from None
+
+
+def _open_empty_mappings(node: DictConfig) -> None:
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if len(child) == 0:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_empty_mappings(child)
+
+
+def _defaults(name: str) -> DictConfig:
+    cfg = OmegaConf.load(packaged_config_path(name))
+    OmegaConf.set_struct(cfg, True)
+    _open_empty_mappings(cfg)
+    return cfg
+
+
+def _key_error(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    return ConfigError(f"unknown config key {key!r} in {origin}; the keys lvd knows are listed in its configs/*.yaml defaults")
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = (), defaults: str = "default"
+) -> DictConfig:
+    """Merge the defaults, an optional config file and `a.b=value` overrides; check the keys.
+
+    `defaults` names the packaged schema: `default` for the pipeline, `pretrain` for training.
+    """
+    cfg = _defaults(defaults)
+    if path is not None:
+        file_path = resolve_config_path(path)
+        try:
+            file_cfg = OmegaConf.load(file_path)
+        except Exception as exc:  # yaml errors come in several types
+            raise ConfigError(f"cannot read config {file_path}: {exc}") from exc
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except ConfigKeyError as exc:
+            raise _key_error(exc, str(file_path)) from None
+        except (OmegaConfBaseException, TypeError, ValueError) as exc:
+            raise ConfigError(f"{file_path}: {exc}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except ConfigKeyError as exc:
+            raise _key_error(exc, f"override {item!r}") from None
+        except (OmegaConfBaseException, TypeError, ValueError) as exc:
+            raise ConfigError(f"override {item!r}: {exc}") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot resolve config: {exc}") from None
+    return cfg
+
+
+def save_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the merged config as RUN/config.yaml (atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg))
+    os.replace(tmp, out)
+    return out
+
+
+def as_list(value) -> list:
+    """A config value that may be a scalar or a list, as a plain list."""
+    if value is None:
+        return []
+    if isinstance(value, (ListConfig, list, tuple)):
+        return list(value)
+    return [value]
+
+
+def named_sources(mapping) -> list[tuple[str, list[str]]]:
+    """`{NAME: SOURCE | [SOURCE...]}` as a name-sorted list of (name, [source, ...])."""
+    return [(str(name), [str(s) for s in as_list(mapping[name])]) for name in sorted(mapping or {})]
+
+
+def iter_keys(cfg: DictConfig, prefix: str = "") -> Iterable[str]:
+    """Every dotted leaf key of a config (for listing and tests)."""
+    for key in cfg:
+        value = cfg[key]
+        dotted = f"{prefix}{key}"
+        if isinstance(value, DictConfig) and len(value):
+            yield from iter_keys(value, dotted + ".")
+        else:
+            yield dotted

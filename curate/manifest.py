@@ -1,0 +1,409 @@
+"""The manifest stage: one row per input image, decoded once to prove it is usable.
+
+reader  : the configured sources are listed into tasks, one manifest part each (a chunk of a
+          folder or path list, or one tar shard);
+mapper  : worker processes read each file, hash its bytes and decode it (JPEGs at reduced
+          DCT scale: enough to prove the data is whole, far cheaper than full size);
+writer  : the parent writes each part atomically as soon as all of its rows are in.
+
+A part records a fingerprint of its task (inputs, file sizes and times, decoding limits);
+a rerun skips every part whose fingerprint still matches, so nothing new means no work, and a
+killed run resumes where it stopped and ends with the same files as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from curate import sources as src
+from curate.config import as_list, named_sources, save_config
+from curate.runio import atomic_path, clear_success, is_done, read_success, write_success
+
+log = logging.getLogger(__name__)
+
+STAGE = "manifest"
+OK, QUARANTINED = "ok", "quarantined"
+FINGERPRINT_KEY = b"lvd.task_fingerprint"
+# Files per work unit handed to a worker: small enough to balance, large enough to amortise.
+UNIT_SIZE = 32
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("set", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("key", pa.string()),
+        ("label", pa.string()),
+        ("bytes", pa.int64()),
+        ("sha1", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("mode", pa.string()),
+        ("frames", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    max_pixels: int | None
+    max_bytes: int | None
+    extensions: tuple[str, ...]
+
+
+@dataclass
+class Task:
+    """The inputs of one manifest part."""
+
+    index: int
+    set: str
+    kind: str
+    source: str
+    keys: list[str] = field(default_factory=list)  # folder and list tasks; tars are discovered
+    labels: list[str | None] = field(default_factory=list)
+    fingerprint: str = ""
+
+    @property
+    def part_name(self) -> str:
+        return f"part-{self.index:05d}.parquet"
+
+
+def stable_id(set_name: str, source: str, key: str) -> int:
+    """A 63-bit id from what the input is, not where it falls in a listing."""
+    digest = hashlib.blake2b(f"{set_name}\0{source}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# ---------------------------------------------------------------- reader: sources -> tasks
+
+
+def _set_sources(cfg) -> list[tuple[str, list[str], bool]]:
+    """(set name, [source spec...], labels from class folders?) for pool, seeds and eval sets."""
+    sets = [("pool", [str(s) for s in as_list(cfg.sources.pool)], False)]
+    sets += [(f"seed:{name}", specs, True) for name, specs in named_sources(cfg.sources.seeds)]
+    sets += [(f"eval:{name}", specs, True) for name, specs in named_sources(cfg.sources.eval)]
+    return sets
+
+
+def _local_identity(spec: str) -> str:
+    return spec if "://" in spec or spec.startswith("pipe:") else os.path.abspath(spec)
+
+
+def _stat_signature(paths: Iterable[str]) -> str:
+    h = hashlib.sha1()
+    for path in paths:
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def _fingerprint(task: Task, settings: DecodeSettings, stat_sig: str) -> str:
+    h = hashlib.sha1()
+    h.update(repr((task.set, task.kind, task.source, settings.max_pixels, settings.max_bytes, settings.extensions)).encode())
+    for key, label in zip(task.keys, task.labels):
+        h.update(f"{key}\0{label}\n".encode())
+    h.update(stat_sig.encode())
+    return h.hexdigest()
+
+
+def plan_tasks(cfg, settings: DecodeSettings, part_size: int) -> list[Task]:
+    """List every source into tasks, in a fixed order: pool, then seeds and evals by name."""
+    tasks: list[Task] = []
+    follow = bool(cfg.manifest.follow_symlinks)
+    for set_name, specs, class_labels in _set_sources(cfg):
+        seen_sources: set[str] = set()
+        for spec in specs:
+            kind = src.classify(spec)
+            if kind == src.TAR:
+                for url in src.expand_shards(spec):
+                    url = _local_identity(url)
+                    if url in seen_sources:
+                        continue
+                    seen_sources.add(url)
+                    task = Task(len(tasks), set_name, src.TAR, url)
+                    sig = _stat_signature([url]) if os.path.exists(url) else url
+                    task.fingerprint = _fingerprint(task, settings, sig)
+                    tasks.append(task)
+                continue
+            source = _local_identity(spec)
+            if source in seen_sources:
+                continue
+            seen_sources.add(source)
+            if kind == src.FOLDER:
+                keys = src.list_folder(source, settings.extensions, follow_symlinks=follow)
+                layout = class_labels and src.has_class_layout(source)
+                labels = [src.class_label(k, layout) for k in keys]
+                paths = [os.path.join(source, k) for k in keys]
+            else:
+                keys, labels = _listed_keys(source)
+                paths = [src.resolve_listed_path(source, k) for k in keys]
+            for start in range(0, len(keys), part_size):
+                task = Task(len(tasks), set_name, kind, source, keys[start : start + part_size], labels[start : start + part_size])
+                task.fingerprint = _fingerprint(task, settings, _stat_signature(paths[start : start + part_size]))
+                tasks.append(task)
+    return tasks
+
+
+def _listed_keys(list_file: str) -> tuple[list[str], list[str | None]]:
+    frame = pd.read_parquet(list_file) if list_file.lower().endswith(".parquet") else pd.read_csv(list_file)
+    if "path" not in frame.columns:
+        raise src.SourceError(f"{list_file}: a path list needs a column named 'path' (has {list(frame.columns)})")
+    labels = frame["label"].astype("string") if "label" in frame.columns else pd.Series([None] * len(frame))
+    keys, out_labels, seen = [], [], set()
+    for path, label in zip(frame["path"].astype(str), labels):
+        if path in seen:  # the same file listed twice is one input
+            log.warning("%s lists %s more than once; it is kept once", list_file, path)
+            continue
+        seen.add(path)
+        keys.append(path)
+        out_labels.append(None if pd.isna(label) else str(label))
+    return keys, out_labels
+
+
+# ---------------------------------------------------------------- mapper: bytes -> row
+
+
+def inspect_bytes(data: bytes, settings: DecodeSettings) -> dict:
+    """sha1, size and a full decode of one file's bytes; a failure becomes a quarantine reason."""
+    from pretrain.data.decode import DecodeError, decode, probe
+
+    row = {"bytes": len(data), "sha1": hashlib.sha1(data).hexdigest()}
+    try:
+        info = probe(data, settings.max_pixels)
+        row.update(width=info.width, height=info.height, format=info.format, mode=info.mode, frames=info.frames)
+        # Decoding at reduced DCT scale still reads every coefficient, so truncation shows.
+        decode(data, min_size=(64, 64), max_pixels=settings.max_pixels)
+        row.update(status=OK, error=None)
+    except DecodeError as exc:
+        row.update(status=QUARANTINED, error=str(exc))
+    except Exception as exc:  # a decoder bug must not stop the run: quarantine with the reason
+        row.update(status=QUARANTINED, error=f"unexpected decoder error: {type(exc).__name__}: {exc}")
+    return row
+
+
+def _base_row(set_name: str, kind: str, source: str, key: str, label: str | None) -> dict:
+    return {"id": stable_id(set_name, source, key), "set": set_name, "source": source, "kind": kind, "key": key, "label": label}
+
+
+def _file_rows(set_name, kind, source, keys, labels, settings) -> list[dict]:
+    rows = []
+    for key, label in zip(keys, labels):
+        row = _base_row(set_name, kind, source, key, label)
+        try:
+            data = src.read_file_bytes(src.row_path(kind, source, key), settings.max_bytes)
+        except OSError as exc:
+            row.update(status=QUARANTINED, error=f"cannot read file: {exc}")
+        else:
+            row.update(inspect_bytes(data, settings))
+        rows.append(row)
+    return rows
+
+
+def _tar_rows(set_name: str, url: str, settings: DecodeSettings) -> list[dict]:
+    """Every image member of a shard is a row; samples without an image and tar errors too."""
+    rows: list[dict] = []
+    pending: list[src.Member] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        label = None
+        for m in pending:
+            ext = m.name.rsplit(".", 1)[-1].lower()
+            if ext in src.LABEL_EXTENSIONS and m.data is not None:
+                label = m.data.decode("utf-8", "replace").strip()
+        images = [m for m in pending if m.data is not None and m.name.rsplit(".", 1)[-1].lower() in settings.extensions]
+        for m in images:
+            row = _base_row(set_name, src.TAR, url, m.name, label)
+            if settings.max_bytes is not None and len(m.data) > settings.max_bytes:
+                row.update(bytes=len(m.data), status=QUARANTINED, error=f"member of {len(m.data)} bytes exceeds the limit of {settings.max_bytes}")
+            else:
+                row.update(inspect_bytes(m.data, settings))
+            rows.append(row)
+        if not images:
+            key = pending[0].sample_key
+            members = ", ".join(m.name for m in pending)
+            rows.append({**_base_row(set_name, src.TAR, url, key, label), "status": QUARANTINED, "error": f"sample has no image member ({members})"})
+        pending.clear()
+
+    count = 0
+    try:
+        for member in src.iter_tar_members(url, settings.extensions):
+            count += 1
+            if pending and member.sample_key != pending[0].sample_key:
+                flush()
+            pending.append(member)
+        flush()
+    except Exception as exc:
+        flush()
+        key = f"#tar-error-after-{count}-members"
+        rows.append({**_base_row(set_name, src.TAR, url, key, None), "status": QUARANTINED, "error": f"tar stream error: {type(exc).__name__}: {exc}"})
+    return rows
+
+
+def process_unit(unit: tuple) -> tuple[int, int, list[dict]]:
+    """Worker entry point: (task index, unit number, rows)."""
+    task_index, unit_no, set_name, kind, source, keys, labels, settings = unit
+    if kind == src.TAR:
+        return task_index, unit_no, _tar_rows(set_name, source, settings)
+    return task_index, unit_no, _file_rows(set_name, kind, source, keys, labels, settings)
+
+
+# ---------------------------------------------------------------- writer: rows -> parts
+
+
+def _part_fingerprint(path: Path) -> str | None:
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:
+        return None
+    value = meta.get(FINGERPRINT_KEY)
+    return value.decode() if value else None
+
+
+def write_part(path: Path, rows: list[dict], fingerprint: str) -> None:
+    table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA)
+    table = table.replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _units(tasks: list[Task], settings: DecodeSettings) -> Iterator[tuple]:
+    for task in tasks:
+        if task.kind == src.TAR:
+            yield (task.index, 0, task.set, task.kind, task.source, None, None, settings)
+            continue
+        for unit_no, start in enumerate(range(0, len(task.keys), UNIT_SIZE)):
+            yield (task.index, unit_no, task.set, task.kind, task.source, task.keys[start : start + UNIT_SIZE], task.labels[start : start + UNIT_SIZE], settings)
+
+
+def _unit_count(task: Task) -> int:
+    return 1 if task.kind == src.TAR else max(1, -(-len(task.keys) // UNIT_SIZE))
+
+
+def resolve_workers(value) -> int:
+    if value in (None, "auto"):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, int(value))
+
+
+def show_progress(value) -> bool:
+    if value in (None, "auto"):
+        return sys.stderr.isatty()
+    return bool(value)
+
+
+def _run_units(units: list[tuple], workers: int) -> Iterator[tuple[int, int, list[dict]]]:
+    if workers == 0 or len(units) <= 1:
+        yield from map(process_unit, units)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        yield from pool.map(process_unit, units, chunksize=1)
+
+
+def run_manifest(cfg) -> Path:
+    """List, read, hash and decode every input; write manifest parts and _SUCCESS.json."""
+    started = time.time()
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / STAGE
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+    settings = DecodeSettings(
+        max_pixels=int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None,
+        max_bytes=int(cfg.decode.max_bytes) if cfg.decode.max_bytes else None,
+        extensions=tuple(sorted(e.lower().lstrip(".") for e in cfg.manifest.extensions)),
+    )
+    tasks = plan_tasks(cfg, settings, int(cfg.manifest.part_size))
+    overwrite = bool(cfg.get("overwrite", False))
+    todo = [t for t in tasks if overwrite or _part_fingerprint(out / t.part_name) != t.fingerprint]
+    stale = sorted(p for p in out.glob("part-*.parquet") if int(p.stem.split("-")[1]) >= len(tasks))
+    if not todo and not stale and is_done(out):
+        log.info("manifest: %d parts up to date, nothing to do", len(tasks))
+        return out
+    clear_success(out)
+    for path in stale:
+        path.unlink()
+    log.info("manifest: %d tasks, %d to (re)do", len(tasks), len(todo))
+
+    units = list(_units(todo, settings))
+    remaining = {t.index: _unit_count(t) for t in todo}
+    collected: dict[int, dict[int, list[dict]]] = {t.index: {} for t in todo}
+    by_index = {t.index: t for t in todo}
+    workers = resolve_workers(cfg.workers)
+    decoded = 0
+    with tqdm(total=sum(len(t.keys) for t in todo if t.kind != src.TAR) or None, unit="img", desc="manifest", disable=not show_progress(cfg.progress)) as bar:
+        for task_index, unit_no, rows in _run_units(units, workers):
+            collected[task_index][unit_no] = rows
+            remaining[task_index] -= 1
+            decoded += len(rows)
+            bar.update(len(rows))
+            if remaining[task_index] == 0:
+                parts = collected.pop(task_index)
+                all_rows = [row for n in sorted(parts) for row in parts[n]]
+                task = by_index[task_index]
+                write_part(out / task.part_name, all_rows, task.fingerprint)
+
+    frame = read_manifest(run_dir, status=None)
+    _check_unique_ids(frame)
+    counts = frame.groupby(["set", "status"]).size()
+    write_success(
+        out,
+        parts=len(tasks),
+        parts_written=len(todo),
+        rows=int(len(frame)),
+        rows_decoded_this_run=decoded,
+        counts={f"{s}/{st}": int(n) for (s, st), n in counts.items()},
+        seconds=round(time.time() - started, 3),
+        workers=workers,
+    )
+    log.info("manifest: %d rows (%d ok) in %d parts, %.1f s", len(frame), int((frame.status == OK).sum()), len(tasks), time.time() - started)
+    return out
+
+
+def _check_unique_ids(frame: pd.DataFrame) -> None:
+    dup = frame[frame["id"].duplicated(keep=False)]
+    if len(dup):
+        sample = dup.sort_values("id").head(6)[["id", "set", "source", "key"]].to_dict("records")
+        raise RuntimeError(f"manifest id collision between different inputs (rename one of them): {sample}")
+
+
+def manifest_parts(run_dir: str | os.PathLike) -> list[Path]:
+    return sorted((Path(run_dir) / STAGE).glob("part-*.parquet"))
+
+
+def read_manifest(run_dir: str | os.PathLike, status: str | None = OK, sets: Iterable[str] | None = None) -> pd.DataFrame:
+    """All manifest rows (or those of one status / some sets), in part order."""
+    parts = manifest_parts(run_dir)
+    if not parts:
+        raise FileNotFoundError(f"no manifest in {run_dir}: run `lvd manifest` first")
+    nullable = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}.get
+    frame = pd.concat([pq.read_table(p).to_pandas(types_mapper=nullable) for p in parts], ignore_index=True)
+    if status is not None:
+        frame = frame[frame["status"] == status]
+    if sets is not None:
+        frame = frame[frame["set"].isin(list(sets))]
+    return frame.reset_index(drop=True)
+
+
+__all__ = ["run_manifest", "read_manifest", "manifest_parts", "stable_id", "inspect_bytes", "SCHEMA", "read_success"]

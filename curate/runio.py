@@ -1,0 +1,99 @@
+"""Run-directory I/O: atomic writes and stage completion markers.
+
+A killed run must never leave a file that looks finished. Everything goes to a temporary
+name in the same folder and is moved into place with `os.replace`, which is atomic on POSIX;
+a stage's `_SUCCESS.json` is written last, so its presence means the stage finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+SUCCESS_NAME = "_SUCCESS.json"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in ("lvd", "numpy", "pandas", "pyarrow", "PIL", "torch", "faiss", "webdataset"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "unknown")
+    try:
+        from importlib.metadata import version
+
+        versions["lvd"] = version("lvd")
+    except Exception:
+        pass
+    return versions
+
+
+def write_success(stage_dir: str | os.PathLike, **info) -> Path:
+    """Mark a stage finished; `info` (inputs, counts, timings) is stored with versions and host."""
+    record = {
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(),
+        "versions": _versions(),
+        **info,
+    }
+    return atomic_write_json(Path(stage_dir) / SUCCESS_NAME, record)
+
+
+def read_success(stage_dir: str | os.PathLike) -> dict | None:
+    path = Path(stage_dir) / SUCCESS_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def is_done(stage_dir: str | os.PathLike) -> bool:
+    return (Path(stage_dir) / SUCCESS_NAME).is_file()
+
+
+def clear_success(stage_dir: str | os.PathLike) -> None:
+    """Forget that a stage finished (before redoing any of its work)."""
+    path = Path(stage_dir) / SUCCESS_NAME
+    if path.exists():
+        path.unlink()

@@ -1,0 +1,214 @@
+"""Where images come from: folders, WebDataset tar shards and parquet/CSV path lists.
+
+A source spec is a string. `classify` tells its kind; `list_folder`, `list_paths` and
+`expand_shards` enumerate what it holds (files are listed, not read); `iter_tar_members`
+streams a shard with `webdataset`; `iter_bytes` reads the bytes of manifest rows back for the
+later stages. Every listing is sorted so that reruns see the same order.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import pandas as pd
+
+FOLDER, TAR, LIST = "folder", "tar", "list"
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# Members of a WebDataset sample that carry its class label.
+LABEL_EXTENSIONS = ("cls", "label", "class")
+
+
+class SourceError(ValueError):
+    """A source spec that does not name anything lvd can read."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file inside a tar shard, as streamed by webdataset."""
+
+    name: str
+    data: bytes | None  # None when the member is not an image (label members are read)
+    sample_key: str
+
+
+def classify(spec: str) -> str:
+    """folder, tar or list, from the spec's form (and the file system for folders)."""
+    lowered = spec.lower()
+    if lowered.endswith((".parquet", ".csv")):
+        return LIST
+    if re.search(r"\.tar(\.gz|\.bz2|\.xz)?(\}|$)", lowered) or lowered.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
+        return TAR
+    if os.path.isdir(spec):
+        return FOLDER
+    raise SourceError(f"source not found or of unknown kind: {spec!r} (expected a folder, .tar shards, or a .parquet/.csv list)")
+
+
+def _ext_ok(name: str, extensions: Iterable[str]) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in extensions if "." in name else False
+
+
+def list_folder(root: str, extensions: Iterable[str] = DEFAULT_EXTENSIONS, follow_symlinks: bool = False) -> list[str]:
+    """Relative posix paths of the image files under `root`, sorted."""
+    extensions = {e.lower().lstrip(".") for e in extensions}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if name.startswith(".") or not _ext_ok(name, extensions):
+                continue
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def class_label(rel_path: str, class_layout: bool) -> str | None:
+    """The class of a file in a folder of class sub-folders (first path component)."""
+    if not class_layout or "/" not in rel_path:
+        return None
+    return rel_path.split("/", 1)[0]
+
+
+def has_class_layout(root: str) -> bool:
+    """A folder is a class layout when it holds sub-folders and no image files of its own."""
+    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    return bool(entries) and any(e.is_dir() for e in entries) and not any(
+        e.is_file() and _ext_ok(e.name, DEFAULT_EXTENSIONS) for e in entries
+    )
+
+
+def list_paths(list_file: str) -> list[str]:
+    """The `path` column of a parquet or CSV list, in the file's order."""
+    if list_file.lower().endswith(".parquet"):
+        frame = pd.read_parquet(list_file)
+    else:
+        frame = pd.read_csv(list_file)
+    if "path" not in frame.columns:
+        raise SourceError(f"{list_file}: a path list needs a column named 'path' (has {list(frame.columns)})")
+    return [str(p) for p in frame["path"].tolist()]
+
+
+def resolve_listed_path(list_file: str, path: str) -> str:
+    """Listed paths are absolute, or relative to the list file's folder."""
+    return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(list_file)), path)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace patterns and (for local paths) globs, expanded to a sorted list of shard URLs."""
+    from braceexpand import braceexpand  # a dependency of webdataset
+
+    urls: list[str] = []
+    for url in braceexpand(spec):
+        if "://" in url or url.startswith("pipe:") or not any(c in url for c in "*?["):
+            urls.append(url)
+        else:
+            urls.extend(sorted(glob.glob(url)))
+    local_missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    if local_missing:
+        raise SourceError(f"tar shards not found: {', '.join(local_missing[:5])}")
+    if not urls:
+        raise SourceError(f"no tar shards match {spec!r}")
+    return urls
+
+
+def _sample_key(name: str) -> str:
+    """WebDataset's convention: the key is the member path up to the first dot of its basename."""
+    from webdataset.tariterators import base_plus_ext
+
+    prefix, _ = base_plus_ext(name)
+    return prefix if prefix is not None else name
+
+
+def iter_tar_members(url: str, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> Iterator[Member]:
+    """Stream a shard with webdataset: image members with their bytes, label members too.
+
+    Members of other kinds are yielded with `data=None` so that a sample without any image can
+    still be accounted for. Errors of the tar itself propagate to the caller.
+    """
+    from webdataset.tariterators import tar_file_expander, url_opener
+
+    extensions = {e.lower() for e in extensions}
+    wanted = extensions | set(LABEL_EXTENSIONS)
+
+    def reraise(exc: Exception) -> bool:
+        raise exc
+
+    stream = tar_file_expander(url_opener([{"url": url}], handler=reraise), handler=reraise)
+    for record in stream:
+        name = record["fname"]
+        ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        yield Member(name=name, data=record["data"] if ext in wanted else None, sample_key=_sample_key(name))
+
+
+def read_file_bytes(path: str, max_bytes: int | None = None) -> bytes:
+    """Bytes of a local file; files over `max_bytes` raise instead of being read whole."""
+    if max_bytes is not None:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise OSError(f"file of {size} bytes exceeds the limit of {max_bytes}")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def row_path(kind: str, source: str, key: str) -> str:
+    """Local path of a folder or list row."""
+    if kind == FOLDER:
+        return os.path.join(source, key)
+    if kind == LIST:
+        return resolve_listed_path(source, key)
+    raise ValueError(f"rows of kind {kind!r} have no path of their own")
+
+
+def _iter_tar_rows(source: str, keys: list[str]) -> Iterator[bytes]:
+    """Bytes of the named members of one shard, in the order asked for."""
+    if "://" not in source and not source.startswith("pipe:") and os.path.isfile(source):
+        with tarfile.open(source, "r:*") as tar:
+            for key in keys:
+                handle = tar.extractfile(tar.getmember(key))
+                if handle is None:
+                    raise KeyError(f"{source}: member {key!r} is not a file")
+                yield handle.read()
+        return
+    wanted = set(keys)
+    found: dict[str, bytes] = {}
+    for member in iter_tar_members(source, extensions=[k.rsplit(".", 1)[-1].lower() for k in wanted]):
+        if member.name in wanted and member.data is not None:
+            found[member.name] = member.data
+    for key in keys:
+        yield found[key]
+
+
+def iter_bytes(rows: pd.DataFrame) -> Iterator[tuple[int, bytes]]:
+    """(id, bytes) for each manifest row, in the frame's order; each shard is opened once per run of rows."""
+    kinds, sources, keys, ids = rows["kind"].tolist(), rows["source"].tolist(), rows["key"].tolist(), rows["id"].tolist()
+    i = 0
+    while i < len(ids):
+        if kinds[i] != TAR:
+            yield int(ids[i]), read_file_bytes(row_path(kinds[i], sources[i], keys[i]))
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and kinds[j] == TAR and sources[j] == sources[i]:
+            j += 1
+        for offset, data in enumerate(_iter_tar_rows(sources[i], keys[i:j])):
+            yield int(ids[i + offset]), data
+        i = j
+
+
+def read_row_bytes(kind: str, source: str, key: str) -> bytes:
+    """Bytes of a single manifest row (random access; local tars only for speed)."""
+    if kind == TAR:
+        return next(_iter_tar_rows(source, [key]))
+    return read_file_bytes(row_path(kind, source, key))
+
+
+__all__ = [
+    "FOLDER", "TAR", "LIST", "DEFAULT_EXTENSIONS", "SourceError", "Member", "classify", "list_folder",
+    "has_class_layout", "class_label", "list_paths", "resolve_listed_path", "expand_shards",
+    "iter_tar_members", "read_file_bytes", "row_path", "iter_bytes", "read_row_bytes",
+]

@@ -1,0 +1,287 @@
+"""Approximate nearest-neighbour indexes: choose, build, tune.
+
+Vectors are L2-normalised embeddings compared by inner product (cosine). The choice among
+Flat, IVF-Flat, IVF-PQ and HNSW follows the number of vectors, the dimension and a memory
+budget; its search parameter (nprobe or efSearch) is then *measured* on a sample of the data
+against exact search, so the recall written in `info.json` is one we saw, not one we hope for.
+Functions take arrays and return arrays (faiss `contrib` style); persistence is in `store.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+# Below this many vectors exact search is fast enough (a few ms per query on one core) and
+# nothing approximate is worth its recall loss.
+FLAT_MAX = 20_000
+# Between FLAT_MAX and this, inverted lists would hold too few vectors to pay for the
+# coarse quantizer; a graph index is faster there.
+HNSW_MAX = 100_000
+HNSW_M = 32
+# k-means wants this many training points per centroid to place them well (Faiss warns below 39).
+TRAIN_POINTS_PER_LIST = 64
+# Values tried, smallest first, when tuning the search parameter of each family.
+NPROBE_CANDIDATES = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
+EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+# Candidates re-ranked with exact distances per result wanted, for indexes with a refine stage.
+REFINE_K_FACTOR = 4
+
+
+@dataclass
+class IndexPlan:
+    """What to build and why; saved in info.json."""
+
+    factory: str
+    family: str  # flat | ivf_flat | ivf_pq | hnsw | custom
+    reason: str
+    bytes_per_vector: float
+    search_params: dict = field(default_factory=dict)
+    train_size: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'8G', '512M', '1.5GiB', 1000 -> bytes (powers of 1024)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 512M, 8G)")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def _nlist_for(n: int) -> int:
+    """A power of two near 4*sqrt(n): the usual balance of quantizer cost and list length."""
+    target = 4 * math.sqrt(n)
+    nlist = 2 ** round(math.log2(target))
+    # never more lists than the data can train
+    while nlist > 64 and nlist * TRAIN_POINTS_PER_LIST > n:
+        nlist //= 2
+    return int(max(nlist, 16))
+
+
+def _pq_m(d: int, max_bytes: float) -> int:
+    """Sub-quantizers of a 4-bit PQ: as many as the budget allows, each a divisor of d."""
+    for m in sorted({m for m in range(1, d + 1) if d % m == 0 and m % 2 == 0}, reverse=True):
+        if m / 2 <= max_bytes and m <= d:
+            return m
+    return 2
+
+
+def choose_index(n: int, d: int, memory_budget: int, k: int = 10) -> IndexPlan:
+    """Pick a family and its factory string for n vectors of dimension d within memory_budget bytes."""
+    raw = 4.0 * d
+    per_vector_budget = memory_budget / max(n, 1)
+    if n <= FLAT_MAX and raw <= per_vector_budget:
+        return IndexPlan("Flat", "flat", f"n={n} <= {FLAT_MAX}: exact search is fast enough", raw)
+    hnsw_bytes = raw + HNSW_M * 2 * 4 * 1.1
+    if n <= HNSW_MAX and hnsw_bytes <= per_vector_budget:
+        return IndexPlan(
+            f"HNSW{HNSW_M},Flat", "hnsw",
+            f"n={n} <= {HNSW_MAX}: too few vectors per inverted list, a graph is faster", hnsw_bytes,
+        )
+    nlist = _nlist_for(n)
+    train = min(n, nlist * TRAIN_POINTS_PER_LIST)
+    ivf_overhead = 8.0  # the id of each vector in its inverted list
+    if raw + ivf_overhead <= per_vector_budget:
+        return IndexPlan(
+            f"IVF{nlist},Flat", "ivf_flat",
+            f"n={n}: inverted lists of full vectors fit the budget ({raw + ivf_overhead:.0f} B/vector)",
+            raw + ivf_overhead, train_size=train,
+        )
+    # Compressed: 4-bit PQ codes scanned with SIMD, re-ranked with 8-bit scalar codes when they fit.
+    sq8 = float(d)
+    if sq8 + 4 + ivf_overhead <= per_vector_budget:
+        m = _pq_m(d, per_vector_budget - sq8 - ivf_overhead)
+        factory = f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)"
+        bpv = m / 2 + sq8 + ivf_overhead
+        why = "full vectors exceed the budget: 4-bit PQ scan, 8-bit re-rank"
+    else:
+        m = _pq_m(d, per_vector_budget - ivf_overhead)
+        factory = f"IVF{nlist},PQ{m}x4fs"
+        bpv = m / 2 + ivf_overhead
+        why = "only PQ codes fit the budget; recall is limited by the code size"
+    if bpv > per_vector_budget:
+        raise ValueError(
+            f"{n} vectors of dimension {d} need at least {bpv * n / 2**20:.0f} MiB; "
+            f"the memory budget is {memory_budget / 2**20:.0f} MiB"
+        )
+    return IndexPlan(factory, "ivf_pq", f"n={n}: {why} ({bpv:.0f} B/vector)", bpv, train_size=train)
+
+
+def plan_from_factory(factory: str, n: int, d: int) -> IndexPlan:
+    """An explicit Faiss factory string, checked by building it once."""
+    try:
+        probe = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except Exception as exc:  # faiss raises RuntimeError with its own message
+        raise ValueError(f"invalid Faiss factory string {factory!r}: {exc}") from None
+    train = 0
+    if not probe.is_trained:
+        ivf = _ivf_of(probe)
+        train = min(n, (ivf.nlist if ivf is not None else 1024) * TRAIN_POINTS_PER_LIST)
+        train = max(train, min(n, 10_000))
+    return IndexPlan(factory, "custom", "factory string given by the user", float("nan"), train_size=train)
+
+
+def _ivf_of(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def new_index(plan: IndexPlan, d: int) -> faiss.Index:
+    index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.family == "hnsw" or isinstance(index, faiss.IndexHNSW):
+        faiss.downcast_index(index).hnsw.efConstruction = 200
+    return index
+
+
+def train_index(index: faiss.Index, sample: np.ndarray, device: str = "cpu") -> faiss.Index:
+    """Train on a sample (on a GPU when Faiss has one and device allows); returns the CPU index."""
+    if index.is_trained:
+        return index
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    if _use_gpu(device):
+        gpu = faiss.index_cpu_to_all_gpus(index)
+        gpu.train(sample)
+        return faiss.index_gpu_to_cpu(gpu)
+    index.train(sample)
+    return index
+
+
+def _use_gpu(device: str) -> bool:
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "cpu":
+        return False
+    if device.startswith("cuda") and gpus == 0:
+        log.warning("device=%s asked for, but this Faiss build sees no GPU; using the CPU", device)
+    return gpus > 0
+
+
+def add_batches(index: faiss.Index, batches: Iterable[np.ndarray], total: int | None = None,
+                progress: bool | None = None) -> faiss.Index:
+    """Add vectors batch by batch (bounded memory), with a progress bar counted in vectors."""
+    with tqdm(total=total, unit="vec", desc="add", disable=None if progress is None else not progress) as bar:
+        for batch in batches:
+            index.add(np.ascontiguousarray(batch, dtype=np.float32))
+            bar.update(len(batch))
+    return index
+
+
+def set_search_params(index: faiss.Index, params: dict) -> None:
+    """nprobe / efSearch / k_factor through Faiss's ParameterSpace (reaches wrapped indexes)."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def tunable_parameter(index: faiss.Index) -> tuple[str, tuple[int, ...]] | None:
+    """The one knob that trades speed for recall, and the values worth trying."""
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        return "nprobe", tuple(v for v in NPROBE_CANDIDATES if v <= ivf.nlist)
+    base = index
+    if isinstance(base, faiss.IndexRefine):
+        base = faiss.downcast_index(base.base_index)
+    if isinstance(faiss.downcast_index(base), faiss.IndexHNSW):
+        return "efSearch", EF_CANDIDATES
+    return None
+
+
+def exact_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k (Faiss's blocked BLAS search): the reference for recall."""
+    return faiss.knn(np.ascontiguousarray(xq, dtype=np.float32), np.ascontiguousarray(xb, dtype=np.float32),
+                     k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int | None = None) -> float:
+    """Mean fraction of the true k nearest that were found among the first k returned."""
+    k = k or truth.shape[1]
+    hits = sum(len(np.intersect1d(f[:k], t[:k])) for f, t in zip(found, truth))
+    return hits / (k * len(truth))
+
+
+def tune(index: faiss.Index, xq: np.ndarray, truth: np.ndarray, k: int = 10,
+         target: float = 0.95, exclude: np.ndarray | None = None) -> tuple[dict, float]:
+    """Smallest search parameter reaching `target` recall@k on (xq, truth).
+
+    `exclude[i]` is a row to drop from query i's results (the query itself when queries are
+    taken from the indexed vectors; `truth` must already exclude it). Returns (params, recall);
+    when no value reaches the target the largest is kept and a warning is logged.
+    """
+    knob = tunable_parameter(index)
+    extra = 1 if exclude is not None else 0
+    if isinstance(index, faiss.IndexRefine):
+        set_search_params(index, {"k_factor": REFINE_K_FACTOR})
+
+    def measure() -> float:
+        _, found = index.search(np.ascontiguousarray(xq, dtype=np.float32), k + extra)
+        if exclude is not None:
+            found = _drop_rows(found, exclude, k)
+        return recall_at_k(found, truth, k)
+
+    base = {"k_factor": REFINE_K_FACTOR} if isinstance(index, faiss.IndexRefine) else {}
+    if knob is None:
+        return base, measure()
+    name, values = knob
+    recall = 0.0
+    for value in values:
+        set_search_params(index, {name: value})
+        recall = measure()
+        if recall >= target:
+            return {**base, name: value}, recall
+    log.warning("no %s reaches recall@%d %.2f; using %s=%d (recall %.3f)", name, k, target, name, values[-1], recall)
+    return {**base, name: values[-1]}, recall
+
+
+def _drop_rows(found: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
+    out = np.full((len(found), k), -1, dtype=found.dtype)
+    for i, (row, bad) in enumerate(zip(found, exclude)):
+        kept = row[row != bad][:k]
+        out[i, : len(kept)] = kept
+    return out
+
+
+def calibration_set(x: np.ndarray, n_queries: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Queries sampled from the indexed rows, and their exact k nearest *other* rows.
+
+    Returns (query_rows, queries, truth); search with k+1 and drop the query's own row.
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(x), size=min(n_queries, len(x)), replace=False))
+    xq = np.asarray(x[rows], dtype=np.float32)
+    _, gt = exact_search(x, xq, k + 1)
+    truth = _drop_rows(gt, rows, k)
+    return rows, xq, truth
+
+
+def build_index(plan: IndexPlan, d: int, sample: np.ndarray | None, batches: Iterable[np.ndarray],
+                total: int | None = None, device: str = "cpu", progress: bool | None = None) -> faiss.Index:
+    """Create the planned index, train it on `sample` when it needs training, add `batches`."""
+    index = new_index(plan, d)
+    if not index.is_trained:
+        if sample is None or len(sample) == 0:
+            raise ValueError(f"{plan.factory} needs training vectors")
+        log.info("training %s on %d vectors", plan.factory, len(sample))
+        index = train_index(index, sample, device=device)
+    return add_batches(index, batches, total=total, progress=progress)
+
+
+def sample_rows(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted random row numbers (sorted so reads from memory-mapped parts stay sequential)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(size, n), replace=False))

@@ -1,0 +1,138 @@
+"""Frozen-backbone features for evaluation: encoded images in, a float32 array out.
+
+k-NN and linear evaluation see the backbone only through this module, so both measure the
+same thing: images decoded and centre-cropped the way the embedding stage does it
+(`pretrain.data.decode.load_resized`), normalised with the model's mean/std, and read from
+`forward_features` (the final-norm CLS token, optionally with the mean patch token, as
+dinov2's linear evaluation does with `avgpool`). Any module with dinov2's `forward_features`
+works, which is what lets the tests use a stand-in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pretrain.data.decode import DecodeError, load_resized
+from pretrain.data.labelled import LabelledSample
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "cls+mean")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels reach the model: square side in pixels, then per-channel (x - mean) / std."""
+
+    resolution: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """bf16 autocast when asked for (`auto` asks for it on CUDA only); fp32 otherwise."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if dtype != "float32":
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
+    return contextlib.nullcontext()
+
+
+def images_to_tensor(images: Sequence[np.ndarray], prep: Preprocessing) -> torch.Tensor:
+    """H×W×3 uint8 arrays to a normalised B×3×H×W float32 batch."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(prep.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def pool_features(out: dict, pooling: str) -> torch.Tensor:
+    """The evaluated vector from a `forward_features` dict."""
+    cls = out["x_norm_clstoken"]
+    if pooling == "cls":
+        return cls
+    if pooling == "cls+mean":
+        return torch.cat([cls, out["x_norm_patchtokens"].mean(dim=1)], dim=-1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _decode_or_none(data: bytes, resolution: int) -> np.ndarray | None:
+    try:
+        return np.asarray(load_resized(data, resolution, crop=True))
+    except DecodeError as exc:
+        log.warning("skipping an image that cannot be decoded: %s", exc)
+        return None
+
+
+@torch.no_grad()
+def extract_labelled_features(
+    model: torch.nn.Module,
+    samples: Iterable[LabelledSample],
+    prep: Preprocessing,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    pooling: str = "cls",
+    workers: int = 0,
+    desc: str = "features",
+    progress: bool | None = None,
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """Features (float32, not normalised), labels and keys of every decodable sample.
+
+    Undecodable images are logged and left out (their keys are absent from the returned
+    keys); decoding runs on `workers` threads (Pillow releases the GIL while it decodes).
+    """
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    model.eval()
+    feats: list[np.ndarray] = []
+    labels: list[str] = []
+    keys: list[str] = []
+    pool = ThreadPoolExecutor(workers) if workers > 0 else None
+    bar = tqdm(desc=desc, unit="img", disable=None if progress is None else not progress)
+    try:
+        for batch in _batched(samples, batch_size):
+            datas = [s.data for s in batch]
+            decoded = list(pool.map(_decode_or_none, datas, [prep.resolution] * len(datas)) if pool
+                           else map(_decode_or_none, datas, [prep.resolution] * len(datas)))
+            kept = [(s, img) for s, img in zip(batch, decoded) if img is not None]
+            bar.update(len(batch))
+            if not kept:
+                continue
+            x = images_to_tensor([img for _, img in kept], prep).to(device)
+            with autocast_context(device, dtype):
+                out = model.forward_features(x)
+            feats.append(pool_features(out, pooling).float().cpu().numpy())
+            labels.extend(s.label for s, _ in kept)
+            keys.extend(s.key for s, _ in kept)
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown()
+    if not feats:
+        raise ValueError(f"{desc}: no decodable image in the source")
+    return np.concatenate(feats).astype(np.float32, copy=False), labels, keys
