@@ -23,9 +23,10 @@ system-deps:
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  need=""; \
 	  [ -d /usr/share/datasets/fashion-mnist ] || need="$$need dataset-fashion-mnist"; \
+	  command -v chromium >/dev/null 2>&1 || need="$$need chromium chromium-driver"; \
 	  if [ -n "$$need" ]; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need) \
-	      || echo "warning: could not apt-get install$$need; tests that need it are skipped"; \
+	      || echo "warning: could not apt-get install$$need; the demo and the tests that need it will fail"; \
 	  fi; \
 	else echo "note: not root or no apt-get; install Debian dataset-fashion-mnist by hand for the demo"; fi
 

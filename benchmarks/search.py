@@ -4,9 +4,10 @@ Both run in this process on the same vectors with the same number of threads. Th
 clustered unit vectors (Gaussian clusters, L2-normalised), the queries held out from the same
 distribution; the reference neighbours come from exact search.
 
-For lvd the index and its search parameter are exactly what `lvd index build` would choose:
-the parameter is tuned at build time on a calibration sample of the indexed vectors, and
-then measured here on the held-out queries. hnswlib gets the smallest `ef` that reaches the
+For lvd the index and its search parameter are exactly what `lvd index build` chooses (the
+vectors are written as embed parts and built through the same function): the parameter is
+tuned at build time on a held-back sample of the indexed vectors, then measured here on the
+held-out queries. hnswlib gets the smallest `ef` that reaches the
 target on the held-out queries themselves (its best case).
 
     flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/search.py --sizes 200000 1000000
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from index import ann  # noqa: E402
+from index.store import BuildOptions, IndexStore, build  # noqa: E402
 
 
 def clustered_unit_vectors(n: int, d: int, n_clusters: int, spread: float, seed: int) -> np.ndarray:
@@ -75,20 +79,18 @@ def bench_hnswlib(xb, xq, truth, k, target, threads, m=16, ef_construction=200):
     return {"name": f"hnswlib M={m} efC={ef_construction}", "build_s": build_s, "sweep": rows, **best}
 
 
-def bench_lvd(xb, xq, truth, k, target, memory_budget, calib_queries, factory=None):
-    n, d = xb.shape
+def bench_lvd(embed_dir, index_dir, xq, truth, k, target, memory_budget, calib_queries, factory="auto"):
+    """`lvd index build` exactly as the CLI runs it, then search with what it chose and tuned."""
     t0 = time.perf_counter()
-    plan = ann.choose_index(n, d, memory_budget, k=k) if factory in (None, "auto") else ann.plan_from_factory(factory, n, d)
-    sample = xb[ann.sample_rows(n, plan.train_size, seed=1)] if plan.train_size else None
-    index = ann.build_index(plan, d, sample, [xb[i:i + 65536] for i in range(0, n, 65536)], total=n, progress=False)
-    rows, xc, tc = ann.calibration_set(xb, calib_queries, k, seed=2)
-    params, calib_recall = ann.tune(index, xc, tc, k=k, target=target, exclude=rows)
+    info = build(embed_dir, index_dir, BuildOptions(factory=factory, memory_budget=memory_budget, k=k,
+                                                    target_recall=target, calibration_queries=calib_queries,
+                                                    progress=False), overwrite=True)
     build_s = time.perf_counter() - t0
-    ann.set_search_params(index, params)
-    qps, found = timed_qps(lambda q: index.search(q, k)[1], xq)
-    recall = ann.recall_at_k(found, truth, k)
-    return {"name": f"lvd auto: {plan.factory}", "reason": plan.reason, "params": params,
-            "calibration_recall": calib_recall, "recall": recall, "qps": qps, "build_s": build_s}
+    store = IndexStore.open(index_dir)
+    qps, found = timed_qps(lambda q: store.index.search(q, k)[1], xq)
+    recall = ann.recall_at_k(store.ids[found], truth, k)
+    return {"name": f"lvd auto: {info['factory']}", "reason": info["plan"]["reason"], "params": info["search_params"],
+            "calibration_recall": info["expected_recall"]["recall"], "recall": recall, "qps": qps, "build_s": build_s}
 
 
 def bench_exact(xb, xq, k):
@@ -118,12 +120,21 @@ def main(argv=None) -> int:
     results = []
     for n in args.sizes:
         x = clustered_unit_vectors(n + args.queries, args.dim, args.clusters, args.spread, seed=n)
-        xb, xq = x[: n], x[n:]
+        # the vectors as an embed stage stores them (float16 parts); both contenders get exactly these
+        xb, xq = x[:n].astype(np.float16).astype(np.float32), x[n:]
+        del x
+        work = Path(tempfile.mkdtemp(prefix="lvd-bench-search-"))
+        embed_dir = work / "embed"
+        embed_dir.mkdir()
+        for p, start in enumerate(range(0, n, 250_000)):
+            np.save(embed_dir / f"part-{p:05d}.npy", xb[start:start + 250_000].astype(np.float16))
+            np.save(embed_dir / f"ids-{p:05d}.npy", np.arange(start, min(start + 250_000, n), dtype=np.int64))
         _, truth = ann.exact_search(xb, xq, args.k)
         print(f"\n== {n} x {args.dim} clustered unit vectors, {len(xq)} held-out queries, "
               f"{args.threads} threads, recall@{args.k} >= {args.target}", flush=True)
-        ours = bench_lvd(xb, xq, truth, args.k, args.target, ann.parse_bytes(args.memory_budget),
+        ours = bench_lvd(embed_dir, work / "index", xq, truth, args.k, args.target, args.memory_budget,
                          args.calibration_queries, args.factory)
+        shutil.rmtree(work)
         peer = bench_hnswlib(xb, xq, truth, args.k, args.target, args.threads)
         exact = bench_exact(xb, xq, args.k)
         for r in (ours, peer, exact):

@@ -75,8 +75,12 @@ def _pipeline_config(args, defaults: str = "default"):
     return cfg
 
 
+# Where each stage's code lives; tests point a name elsewhere to check the dispatch itself.
+STAGE_TARGETS = {name: f"curate.{name}:run_{name}" for name in STAGES}
+
+
 def run_stage(name: str, cfg):
-    func = _resolve(f"curate.{name}:run_{name}", f"stage '{name}'")
+    func = _resolve(STAGE_TARGETS[name], f"stage '{name}'")
     log.info("stage %s", name)
     return func(cfg)
 
@@ -177,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pool-size", type=int, default=4000, help="Fashion-MNIST train images in the pool")
     demo.add_argument("--eval-size", type=int, default=1000, help="Fashion-MNIST test images in the eval set")
     demo.add_argument("--seed", type=int, default=0, help="seed for the planted duplicates and sampling")
+    demo.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist", help="folder with the Fashion-MNIST IDX files")
     demo.add_argument("overrides", metavar="KEY=VALUE", nargs="*", default=[], help="config overrides")
     demo.set_defaults(func=cmd_demo)
 

@@ -91,8 +91,8 @@ def load_config(
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except ConfigKeyError as exc:
             raise _key_error(exc, f"override {item!r}") from None
-        except (OmegaConfBaseException, TypeError, ValueError) as exc:
-            raise ConfigError(f"override {item!r}: {exc}") from None
+        except Exception as exc:  # yaml syntax errors and type clashes alike
+            raise ConfigError(f"override {item!r}: {exc} (quote values that contain YAML syntax such as braces or colons)") from None
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:

@@ -3,7 +3,8 @@
 reader  : the configured sources are listed into tasks, one manifest part each (a chunk of a
           folder or path list, or one tar shard);
 mapper  : worker processes read each file, hash its bytes and decode it (JPEGs at reduced
-          DCT scale: enough to prove the data is whole, far cheaper than full size);
+          DCT scale: enough to prove the data is whole, far cheaper than full size), in
+          `curate.manifest_rows`;
 writer  : the parent writes each part atomically as soon as all of its rows are in.
 
 A part records a fingerprint of its task (inputs, file sizes and times, decoding limits);
@@ -31,12 +32,12 @@ from tqdm.auto import tqdm
 
 from curate import sources as src
 from curate.config import as_list, named_sources, save_config
-from curate.runio import atomic_path, clear_success, is_done, read_success, write_success
+from curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
+from curate.runio import atomic_path, clear_success, is_done, read_success, remove_stale_temps, write_success
 
 log = logging.getLogger(__name__)
 
 STAGE = "manifest"
-OK, QUARANTINED = "ok", "quarantined"
 FINGERPRINT_KEY = b"lvd.task_fingerprint"
 # Files per work unit handed to a worker: small enough to balance, large enough to amortise.
 UNIT_SIZE = 32
@@ -62,13 +63,6 @@ SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
-class DecodeSettings:
-    max_pixels: int | None
-    max_bytes: int | None
-    extensions: tuple[str, ...]
-
-
 @dataclass
 class Task:
     """The inputs of one manifest part."""
@@ -84,12 +78,6 @@ class Task:
     @property
     def part_name(self) -> str:
         return f"part-{self.index:05d}.parquet"
-
-
-def stable_id(set_name: str, source: str, key: str) -> int:
-    """A 63-bit id from what the input is, not where it falls in a listing."""
-    digest = hashlib.blake2b(f"{set_name}\0{source}\0{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 # ---------------------------------------------------------------- reader: sources -> tasks
@@ -181,95 +169,6 @@ def _listed_keys(list_file: str) -> tuple[list[str], list[str | None]]:
     return keys, out_labels
 
 
-# ---------------------------------------------------------------- mapper: bytes -> row
-
-
-def inspect_bytes(data: bytes, settings: DecodeSettings) -> dict:
-    """sha1, size and a full decode of one file's bytes; a failure becomes a quarantine reason."""
-    from pretrain.data.decode import DecodeError, decode, probe
-
-    row = {"bytes": len(data), "sha1": hashlib.sha1(data).hexdigest()}
-    try:
-        info = probe(data, settings.max_pixels)
-        row.update(width=info.width, height=info.height, format=info.format, mode=info.mode, frames=info.frames)
-        # Decoding at reduced DCT scale still reads every coefficient, so truncation shows.
-        decode(data, min_size=(64, 64), max_pixels=settings.max_pixels)
-        row.update(status=OK, error=None)
-    except DecodeError as exc:
-        row.update(status=QUARANTINED, error=str(exc))
-    except Exception as exc:  # a decoder bug must not stop the run: quarantine with the reason
-        row.update(status=QUARANTINED, error=f"unexpected decoder error: {type(exc).__name__}: {exc}")
-    return row
-
-
-def _base_row(set_name: str, kind: str, source: str, key: str, label: str | None) -> dict:
-    return {"id": stable_id(set_name, source, key), "set": set_name, "source": source, "kind": kind, "key": key, "label": label}
-
-
-def _file_rows(set_name, kind, source, keys, labels, settings) -> list[dict]:
-    rows = []
-    for key, label in zip(keys, labels):
-        row = _base_row(set_name, kind, source, key, label)
-        try:
-            data = src.read_file_bytes(src.row_path(kind, source, key), settings.max_bytes)
-        except OSError as exc:
-            row.update(status=QUARANTINED, error=f"cannot read file: {exc}")
-        else:
-            row.update(inspect_bytes(data, settings))
-        rows.append(row)
-    return rows
-
-
-def _tar_rows(set_name: str, url: str, settings: DecodeSettings) -> list[dict]:
-    """Every image member of a shard is a row; samples without an image and tar errors too."""
-    rows: list[dict] = []
-    pending: list[src.Member] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        label = None
-        for m in pending:
-            ext = m.name.rsplit(".", 1)[-1].lower()
-            if ext in src.LABEL_EXTENSIONS and m.data is not None:
-                label = m.data.decode("utf-8", "replace").strip()
-        images = [m for m in pending if m.data is not None and m.name.rsplit(".", 1)[-1].lower() in settings.extensions]
-        for m in images:
-            row = _base_row(set_name, src.TAR, url, m.name, label)
-            if settings.max_bytes is not None and len(m.data) > settings.max_bytes:
-                row.update(bytes=len(m.data), status=QUARANTINED, error=f"member of {len(m.data)} bytes exceeds the limit of {settings.max_bytes}")
-            else:
-                row.update(inspect_bytes(m.data, settings))
-            rows.append(row)
-        if not images:
-            key = pending[0].sample_key
-            members = ", ".join(m.name for m in pending)
-            rows.append({**_base_row(set_name, src.TAR, url, key, label), "status": QUARANTINED, "error": f"sample has no image member ({members})"})
-        pending.clear()
-
-    count = 0
-    try:
-        for member in src.iter_tar_members(url, settings.extensions):
-            count += 1
-            if pending and member.sample_key != pending[0].sample_key:
-                flush()
-            pending.append(member)
-        flush()
-    except Exception as exc:
-        flush()
-        key = f"#tar-error-after-{count}-members"
-        rows.append({**_base_row(set_name, src.TAR, url, key, None), "status": QUARANTINED, "error": f"tar stream error: {type(exc).__name__}: {exc}"})
-    return rows
-
-
-def process_unit(unit: tuple) -> tuple[int, int, list[dict]]:
-    """Worker entry point: (task index, unit number, rows)."""
-    task_index, unit_no, set_name, kind, source, keys, labels, settings = unit
-    if kind == src.TAR:
-        return task_index, unit_no, _tar_rows(set_name, source, settings)
-    return task_index, unit_no, _file_rows(set_name, kind, source, keys, labels, settings)
-
-
 # ---------------------------------------------------------------- writer: rows -> parts
 
 
@@ -328,6 +227,7 @@ def run_manifest(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     out = run_dir / STAGE
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     save_config(cfg, run_dir)
     settings = DecodeSettings(
         max_pixels=int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None,

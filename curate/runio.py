@@ -20,6 +20,15 @@ from typing import Iterator
 SUCCESS_NAME = "_SUCCESS.json"
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete temporary files that a killed run left behind in `folder`; returns how many."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
 

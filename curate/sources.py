@@ -15,7 +15,6 @@ import tarfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-import pandas as pd
 
 FOLDER, TAR, LIST = "folder", "tar", "list"
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -84,6 +83,8 @@ def has_class_layout(root: str) -> bool:
 
 def list_paths(list_file: str) -> list[str]:
     """The `path` column of a parquet or CSV list, in the file's order."""
+    import pandas as pd  # imported here: decoding workers import this module and need no pandas
+
     if list_file.lower().endswith(".parquet"):
         frame = pd.read_parquet(list_file)
     else:
@@ -140,9 +141,29 @@ def iter_tar_members(url: str, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -
 
     stream = tar_file_expander(url_opener([{"url": url}], handler=reraise), handler=reraise)
     for record in stream:
-        name = record["fname"]
+        name = record.get("fname")
+        if name is None:  # webdataset's end-of-shard marker
+            continue
         ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
         yield Member(name=name, data=record["data"] if ext in wanted else None, sample_key=_sample_key(name))
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def tar_has_end_marker(path: str) -> bool:
+    """A whole tar ends in zero blocks; a shard cut at a member boundary does not.
+
+    Python's tarfile ends quietly when a file stops exactly between members, so a truncated
+    shard would otherwise pass for a shorter one.
+    """
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
 
 
 def read_file_bytes(path: str, max_bytes: int | None = None) -> bytes:
@@ -183,7 +204,7 @@ def _iter_tar_rows(source: str, keys: list[str]) -> Iterator[bytes]:
         yield found[key]
 
 
-def iter_bytes(rows: pd.DataFrame) -> Iterator[tuple[int, bytes]]:
+def iter_bytes(rows) -> Iterator[tuple[int, bytes]]:
     """(id, bytes) for each manifest row, in the frame's order; each shard is opened once per run of rows."""
     kinds, sources, keys, ids = rows["kind"].tolist(), rows["source"].tolist(), rows["key"].tolist(), rows["id"].tolist()
     i = 0

@@ -33,8 +33,8 @@ TRAIN_POINTS_PER_LIST = 64
 # Values tried, smallest first, when tuning the search parameter of each family.
 NPROBE_CANDIDATES = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
 EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
-# Candidates re-ranked with exact distances per result wanted, for indexes with a refine stage.
-REFINE_K_FACTOR = 4
+# Candidates re-ranked per result wanted, tried in turn, for indexes with a refine stage.
+REFINE_K_FACTORS = (4, 8, 16, 32)
 
 
 @dataclass
@@ -167,6 +167,8 @@ def _use_gpu(device: str) -> bool:
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if device == "cpu":
         return False
+    if device == "auto":
+        return gpus > 0
     if device.startswith("cuda") and gpus == 0:
         log.warning("device=%s asked for, but this Faiss build sees no GPU; using the CPU", device)
     return gpus > 0
@@ -186,7 +188,10 @@ def set_search_params(index: faiss.Index, params: dict) -> None:
     """nprobe / efSearch / k_factor through Faiss's ParameterSpace (reaches wrapped indexes)."""
     space = faiss.ParameterSpace()
     for name, value in params.items():
-        space.set_index_parameter(index, name, value)
+        if name == "k_factor":  # not reachable through ParameterSpace for Refine(...) indexes
+            faiss.downcast_index(index).k_factor = float(value)
+        else:
+            space.set_index_parameter(index, name, value)
 
 
 def tunable_parameter(index: faiss.Index) -> tuple[str, tuple[int, ...]] | None:
@@ -202,6 +207,11 @@ def tunable_parameter(index: faiss.Index) -> tuple[str, tuple[int, ...]] | None:
     return None
 
 
+def is_exact(index: faiss.Index) -> bool:
+    """Brute-force indexes need no tuning: their recall is 1 by construction."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
+
 def exact_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product top-k (Faiss's blocked BLAS search): the reference for recall."""
     return faiss.knn(np.ascontiguousarray(xq, dtype=np.float32), np.ascontiguousarray(xb, dtype=np.float32),
@@ -209,76 +219,62 @@ def exact_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int | None = None) -> float:
-    """Mean fraction of the true k nearest that were found among the first k returned."""
+    """Fraction of the true k nearest (ignoring -1 padding) found among the first k returned."""
     k = k or truth.shape[1]
-    hits = sum(len(np.intersect1d(f[:k], t[:k])) for f, t in zip(found, truth))
-    return hits / (k * len(truth))
+    hits = total = 0
+    for f, t in zip(found, truth):
+        t = t[:k][t[:k] >= 0]
+        hits += len(np.intersect1d(f[:k], t))
+        total += len(t)
+    return hits / total if total else 1.0
 
 
-def tune(index: faiss.Index, xq: np.ndarray, truth: np.ndarray, k: int = 10,
-         target: float = 0.95, exclude: np.ndarray | None = None) -> tuple[dict, float]:
-    """Smallest search parameter reaching `target` recall@k on (xq, truth).
+def tune(index: faiss.Index, xq: np.ndarray, truth: np.ndarray, k: int = 10, target: float = 0.95,
+         labels: np.ndarray | None = None) -> tuple[dict, float]:
+    """Cheapest search parameters reaching `target` recall@k of queries `xq` against `truth`.
 
-    `exclude[i]` is a row to drop from query i's results (the query itself when queries are
-    taken from the indexed vectors; `truth` must already exclude it). Returns (params, recall);
-    when no value reaches the target the largest is kept and a warning is logged.
+    The queries must not be in the index (a graph index finds its own members' neighbours
+    more easily than a new image's, so indexed queries overstate its recall). `labels[r]` is
+    the label of index row r when `truth` holds labels (ids) rather than rows. Indexes with a
+    refine stage also get the number of candidates re-ranked (k_factor), smallest first.
+    Returns (params, recall); when nothing reaches the target the most thorough setting is
+    kept, with a warning.
     """
-    knob = tunable_parameter(index)
-    extra = 1 if exclude is not None else 0
-    if isinstance(index, faiss.IndexRefine):
-        set_search_params(index, {"k_factor": REFINE_K_FACTOR})
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
 
-    def measure() -> float:
-        _, found = index.search(np.ascontiguousarray(xq, dtype=np.float32), k + extra)
-        if exclude is not None:
-            found = _drop_rows(found, exclude, k)
+    def measure(params: dict) -> float:
+        set_search_params(index, params)
+        _, found = index.search(xq, k)
+        if labels is not None:
+            found = np.where(found >= 0, labels[np.maximum(found, 0)], -1)
         return recall_at_k(found, truth, k)
 
-    base = {"k_factor": REFINE_K_FACTOR} if isinstance(index, faiss.IndexRefine) else {}
-    if knob is None:
-        return base, measure()
-    name, values = knob
-    recall = 0.0
-    for value in values:
-        set_search_params(index, {name: value})
-        recall = measure()
-        if recall >= target:
-            return {**base, name: value}, recall
-    log.warning("no %s reaches recall@%d %.2f; using %s=%d (recall %.3f)", name, k, target, name, values[-1], recall)
-    return {**base, name: values[-1]}, recall
+    knob = tunable_parameter(index)
+    refine = (None,) if not isinstance(index, faiss.IndexRefine) else REFINE_K_FACTORS
+    settings = []
+    for k_factor in refine:
+        base = {} if k_factor is None else {"k_factor": k_factor}
+        settings.append([{**base, knob[0]: v} for v in knob[1]] if knob else [base])
+    params, recall = {}, 0.0
+    for candidates in settings:
+        for params in candidates:
+            recall = measure(params)
+            if recall >= target:
+                return params, recall
+    if knob or refine != (None,):
+        log.warning("recall@%d %.2f not reached; using %s (recall %.3f)", k, target, params, recall)
+    return params, recall
 
 
-def _drop_rows(found: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
-    out = np.full((len(found), k), -1, dtype=found.dtype)
-    for i, (row, bad) in enumerate(zip(found, exclude)):
-        kept = row[row != bad][:k]
-        out[i, : len(kept)] = kept
-    return out
-
-
-def calibration_set(x: np.ndarray, n_queries: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Queries sampled from the indexed rows, and their exact k nearest *other* rows.
-
-    Returns (query_rows, queries, truth); search with k+1 and drop the query's own row.
-    """
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(x), size=min(n_queries, len(x)), replace=False))
-    xq = np.asarray(x[rows], dtype=np.float32)
-    _, gt = exact_search(x, xq, k + 1)
-    truth = _drop_rows(gt, rows, k)
-    return rows, xq, truth
-
-
-def build_index(plan: IndexPlan, d: int, sample: np.ndarray | None, batches: Iterable[np.ndarray],
-                total: int | None = None, device: str = "cpu", progress: bool | None = None) -> faiss.Index:
-    """Create the planned index, train it on `sample` when it needs training, add `batches`."""
+def trained_index(plan: IndexPlan, d: int, sample: np.ndarray | None, device: str = "cpu") -> faiss.Index:
+    """The planned index, empty, trained on `sample` when its family needs training."""
     index = new_index(plan, d)
     if not index.is_trained:
         if sample is None or len(sample) == 0:
             raise ValueError(f"{plan.factory} needs training vectors")
         log.info("training %s on %d vectors", plan.factory, len(sample))
         index = train_index(index, sample, device=device)
-    return add_batches(index, batches, total=total, progress=progress)
+    return index
 
 
 def sample_rows(n: int, size: int, seed: int = 0) -> np.ndarray:

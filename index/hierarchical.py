@@ -7,9 +7,10 @@ data is dense (many centroids on a few over-represented concepts). The paper's r
 * levels: level 1 clusters the points; level t clusters the centroids of level t-1, each
   centroid counting once whatever its cluster's size, so every level is flatter than the last;
 * resampling: after k-means, take the `sample_size` points closest to each centroid (at most
-  that many per cluster, so the union is balanced across clusters), run k-means again on that
-  union starting from the current centroids, and re-assign every point; repeated
-  `resampling_steps` times, this pulls centroids out of dense regions;
+  that many per cluster, so the union is balanced across clusters), run k-means afresh on that
+  union, and re-assign every point; repeated `resampling_steps` times, this pulls centroids
+  out of dense regions (a fresh start matters: the current centroids are a fixed point of
+  Lloyd's iterations on their own resampled points);
 * balanced sampling: to draw n points, give every top-level cluster an equal share (a cluster
   smaller than its share gives all it has, the rest going to the others), split each cluster's
   share equally among its children the same way, down to the points of level 1.
@@ -21,12 +22,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from index.backends import get_backend
+from index.kmeans import kmeans
+
 
 logger = logging.getLogger(__name__)
+
+# k-means++ seeding looks at no more than this many points per centroid.
+KMEANSPP_POINTS_PER_CENTROID = 16
+# Above this many clusters seeding costs more than it saves (k sequential passes): the
+# levels start from random rows instead, as flat k-means does.
+KMEANSPP_MAX_K = 4096
 
 
 @dataclass
@@ -68,27 +78,54 @@ def _per_level(value, n_levels: int, name: str) -> list:
     return values
 
 
-def kmeans(x, k, *, niter=20, seed=0, spherical=False, backend="auto", device="cpu", init=None):
-    """Flat k-means (private stand-in until index.kmeans lands)."""
-    import faiss
-    from types import SimpleNamespace
+def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int = 0, max_points: int | None = None) -> np.ndarray:
+    """Greedy k-means++ seeding on at most `max_points` rows drawn at random.
 
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical,
-                      max_points_per_centroid=-(-len(x) // k) + 1, min_points_per_centroid=1)
-    km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
-    d, a = km.index.search(x, 1)
-    return SimpleNamespace(centroids=km.centroids, assign=a[:, 0].astype(np.int64), distance=d[:, 0])
+    Random seeding often drops two initial centroids into one blob and none into another;
+    with the few centroids of the upper levels that loses whole concepts, so the levels are
+    seeded with k-means++ (Arthur & Vassilvitskii 2007) in its greedy form: each new seed is
+    the best, by the potential it leaves, of 2 + log k candidates drawn by D² sampling.
+    The subsample bounds the cost.
+    """
+    rng = np.random.default_rng(seed)
+    if max_points is not None and len(x) > max_points:
+        x = x[np.sort(rng.choice(len(x), max_points, replace=False))]
+    x = np.asarray(x, dtype=np.float64)
+    sq_norms = (x * x).sum(1)
+    trials = 2 + int(np.log(k))
+
+    def sq_dist_to(rows):
+        return np.maximum(sq_norms[:, None] - 2 * x @ x[rows].T + sq_norms[rows][None, :], 0)
+
+    chosen = [int(rng.integers(len(x)))]
+    d2 = sq_dist_to([chosen[0]])[:, 0]
+    for _ in range(1, k):
+        total = d2.sum()
+        if total <= 0:
+            candidates = rng.integers(len(x), size=trials)
+        else:
+            candidates = np.searchsorted(np.cumsum(d2), rng.random(trials) * total).clip(max=len(x) - 1)
+        new_d2 = np.minimum(d2[:, None], sq_dist_to(candidates))
+        best = int(np.argmin(new_d2.sum(0)))
+        chosen.append(int(candidates[best]))
+        d2 = new_d2[:, best]
+    return x[chosen].astype(np.float32)
 
 
-def _nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (squared L2) of every row of x."""
-    import faiss
+def _seeded_kmeans(x, k, *, niter, seed, spherical, backend, device, checkpoint=None):
+    init = None
+    if k <= KMEANSPP_MAX_K:
+        init = kmeans_plusplus(x, k, seed=seed, max_points=KMEANSPP_POINTS_PER_CENTROID * k)
+        if spherical:
+            init /= np.maximum(np.linalg.norm(init, axis=1, keepdims=True), 1e-12)
+    return kmeans(x, k, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device, init=init,
+                  checkpoint=checkpoint)
 
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    dist, assign = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-    return assign[:, 0].astype(np.int64), dist[:, 0]
+
+def _nearest(x: np.ndarray, centroids: np.ndarray, backend: str, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (squared L2) of every row of x: (assign, distance)."""
+    distance, assign = get_backend(backend, device).assign(x, centroids)
+    return np.asarray(assign, np.int64), np.asarray(distance, np.float32)
 
 
 def rank_within_groups(groups: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -120,27 +157,30 @@ def resampled_kmeans(
     spherical: bool = False,
     backend: str = "auto",
     device: str = "cpu",
+    checkpoint: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k-means followed by resampling steps; returns (centroids, assign, squared distance).
 
-    Each step keeps the `sample_size` points nearest to each centroid, re-runs k-means on them
-    from the current centroids, and re-assigns all points. `sample_size` defaults to the mean
-    cluster size n // k.
+    Each step keeps the `sample_size` points nearest to each centroid, runs k-means on them
+    from a fresh initialisation, and re-assigns all points. `sample_size` defaults to the mean
+    cluster size n // k. With `resampling_steps=0` this is flat k-means seeded by k-means++;
+    `checkpoint` (a file) lets a killed run of that first k-means resume (`index.kmeans`).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if k > len(x):
         raise ValueError(f"cannot make {k} clusters of {len(x)} points")
-    result = kmeans(x, k, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device)
+    result = _seeded_kmeans(x, k, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device,
+                            checkpoint=checkpoint)
     centroids, assign, distance = result.centroids, result.assign, result.distance
     r = sample_size or max(1, len(x) // k)
     for step in range(resampling_steps):
         picked = closest_per_cluster(assign, distance, r)
         if len(picked) < k:
             break  # fewer resampled points than clusters: nothing left to balance
-        result = kmeans(x[picked], k, niter=niter, seed=seed + step + 1, spherical=spherical,
-                        backend=backend, device=device, init=centroids)
+        result = _seeded_kmeans(x[picked], k, niter=niter, seed=seed + step + 1, spherical=spherical,
+                                backend=backend, device=device)
         centroids = result.centroids
-        assign, distance = _nearest(x, centroids)
+        assign, distance = _nearest(x, centroids, backend, device)
         logger.debug("resampling step %d: %d points, inertia %.4g", step + 1, len(picked), float(distance.sum()))
     return np.asarray(centroids, np.float32), np.asarray(assign, np.int64), np.asarray(distance, np.float32)
 
@@ -156,8 +196,16 @@ def hierarchical_kmeans(
     spherical: bool = False,
     backend: str = "auto",
     device: str = "cpu",
+    done: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = (),
+    on_level: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> Hierarchy:
-    """Levels of (resampled) k-means, level 1 on `x` with ks[0] clusters, level t on level t-1's centroids."""
+    """Levels of (resampled) k-means, level 1 on `x` with ks[0] clusters, level t on level t-1's centroids.
+
+    `done` holds the (centroids, assign, distance) of levels finished by an earlier, killed
+    run; they are reused, not recomputed. `on_level(level, centroids, assign, distance)` is
+    called after each computed level so that a caller can save it. Level t uses the seed
+    `seed + 1000 * (t - 1)`, so a resumed run equals an uninterrupted one.
+    """
     ks = [int(k) for k in ks]
     if not ks or any(b > a for a, b in zip(ks, ks[1:])):
         raise ValueError(f"ks must be a non-empty, non-increasing list of cluster counts, got {ks}")
@@ -166,13 +214,20 @@ def hierarchical_kmeans(
     inputs = np.ascontiguousarray(x, dtype=np.float32)
     centroids, parents, distances = [], [], []
     for t, k in enumerate(ks):
-        logger.info("hierarchical k-means level %d: %d inputs -> %d clusters", t + 1, len(inputs), k)
-        c, a, d = resampled_kmeans(inputs, k, niter=niter, resampling_steps=steps[t], sample_size=sizes[t],
-                                   seed=seed + 1000 * t, spherical=spherical, backend=backend, device=device)
+        if t < len(done):
+            c, a, d = done[t]
+            if len(c) != k or len(a) != len(inputs):
+                raise ValueError(f"saved level {t + 1} does not fit: {len(c)} centroids for {len(a)} inputs")
+        else:
+            logger.info("hierarchical k-means level %d: %d inputs -> %d clusters", t + 1, len(inputs), k)
+            c, a, d = resampled_kmeans(inputs, k, niter=niter, resampling_steps=steps[t], sample_size=sizes[t],
+                                       seed=seed + 1000 * t, spherical=spherical, backend=backend, device=device)
+            if on_level is not None:
+                on_level(t + 1, c, a, d)
         centroids.append(c)
         parents.append(a)
         distances.append(d)
-        inputs = c
+        inputs = np.ascontiguousarray(c, dtype=np.float32)
     params = dict(ks=ks, niter=niter, resampling_steps=steps, sample_size=sizes, seed=seed, spherical=spherical)
     return Hierarchy(centroids, parents, distances, params)
 

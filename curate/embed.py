@@ -1,0 +1,413 @@
+"""The embed stage: every usable image (pool, seed and eval sets) -> an L2-normalised vector.
+
+reader : the manifest's ok rows, in manifest order, cut into parts of `embed.part_size` rows;
+         DataLoader workers read the bytes (`curate.sources.iter_bytes`) and decode each image
+         to a uint8 square (shorter side resized, centre cropped) — one batch per work item,
+         so a batch never spans two parts;
+mapper : the backbone (and the optional TorchScript copy-detection model) embeds each batch
+         under the configured precision;
+writer : a finished part is written atomically as part-NNNNN.npy (float16 rows), then
+         ids-NNNNN.npy (int64 manifest ids), then done-NNNNN.json (its fingerprint and the rows
+         that failed to decode). A rerun skips parts whose fingerprint matches, so a killed run
+         resumes where it stopped.
+
+Under `torchrun` the ranks split the parts round-robin (gloo on CPU, NCCL on GPUs); rank 0
+writes `_SUCCESS.json` once every rank has finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from curate.config import save_config
+from curate.manifest import read_manifest, resolve_workers, show_progress
+from curate.runio import atomic_path, atomic_write_json, clear_success, is_done, remove_stale_temps, write_success
+from curate.sources import iter_bytes
+from pretrain.data.decode import DecodeError
+from pretrain.models.embedder import CopyDetectionEmbedder, Embedder
+from pretrain.models.precision import resolve_device
+from pretrain.models.preprocess import bytes_to_square
+from pretrain.models.weights import resolve_weights
+
+log = logging.getLogger(__name__)
+
+STAGE = "embed"
+COPY = "copy"
+
+
+# -- plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    index: int
+    rows: pd.DataFrame  # manifest rows: id, kind, source, key, set
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}"
+
+    def fingerprint(self, settings: str) -> str:
+        ids = np.ascontiguousarray(self.rows["id"].to_numpy(dtype=np.int64))
+        return hashlib.sha1(settings.encode() + ids.tobytes()).hexdigest()
+
+
+def plan_parts(frame: pd.DataFrame, part_size: int) -> list[Part]:
+    """Consecutive slices of the manifest's ok rows; stable as long as the manifest is."""
+    if part_size <= 0:
+        raise ValueError(f"embed.part_size must be positive, got {part_size}")
+    cols = ["id", "kind", "source", "key", "set"]
+    return [
+        Part(i, frame.iloc[start : start + part_size][cols].reset_index(drop=True))
+        for i, start in enumerate(range(0, len(frame), part_size))
+    ]
+
+
+def _file_identity(path: Path) -> list:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def weights_record(spec) -> str | None:
+    """How _SUCCESS.json names the weights: the pkg:// spec as given, else an absolute path."""
+    if spec is None:
+        return None
+    spec = str(spec)
+    return spec if spec.startswith("pkg://") else str(resolve_weights(spec))
+
+
+def settings_fingerprint(info: dict, copy_info: dict | None, weights_spec, copy_spec) -> str:
+    """Everything that changes the numbers in a part (the device does not, the dtype does)."""
+    record = {
+        "embed": info,
+        "copy": copy_info,
+        "weights_files": _file_identity(resolve_weights(weights_spec)) if weights_spec else None,
+        "copy_files": _file_identity(resolve_weights(copy_spec)) if copy_spec else None,
+    }
+    return hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- reader ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Square:
+    resolution: int
+    resize_ratio: float
+
+
+class BatchDataset(Dataset):
+    """Item i = batch i: decoded uint8 squares (one array per requested size), ids, failures."""
+
+    def __init__(self, batches: list[tuple[int, pd.DataFrame]], squares: list[Square], decode_kwargs: dict):
+        self.batches = batches
+        self.squares = squares
+        self.decode_kwargs = decode_kwargs
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        part, rows = self.batches[i]
+        ids, images, failed = [], [[] for _ in self.squares], []
+        for image_id, data in iter_bytes(rows):
+            try:
+                arrays = [bytes_to_square(data, s.resolution, s.resize_ratio, **self.decode_kwargs) for s in self.squares]
+            except DecodeError as exc:
+                failed.append((image_id, str(exc)))
+                continue
+            ids.append(image_id)
+            for slot, array in zip(images, arrays):
+                slot.append(array)
+        tensors = [
+            torch.from_numpy(np.stack(slot)) if slot else torch.zeros((0, s.resolution, s.resolution, 3), dtype=torch.uint8)
+            for slot, s in zip(images, self.squares)
+        ]
+        return {"part": part, "ids": np.asarray(ids, dtype=np.int64), "images": tensors, "failed": failed}
+
+
+def make_batches(parts: list[Part], batch_size: int) -> list[tuple[int, pd.DataFrame]]:
+    return [
+        (part.index, part.rows.iloc[start : start + batch_size])
+        for part in parts
+        for start in range(0, len(part.rows), batch_size)
+    ]
+
+
+# -- writer ----------------------------------------------------------------------------------
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+
+def write_part(folder: Path, name: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Vectors first, ids second: readers pair files by number and check the row counts."""
+    _save_npy(folder / f"part-{name}.npy", vectors.astype(np.float16))
+    _save_npy(folder / f"ids-{name}.npy", ids.astype(np.int64))
+
+
+def part_done(out: Path, part: Part, fingerprint: str, with_copy: bool) -> bool:
+    marker = out / f"done-{part.name}.json"
+    if not marker.is_file():
+        return False
+    try:
+        if json.loads(marker.read_text()).get("fingerprint") != fingerprint:
+            return False
+    except (OSError, ValueError):
+        return False
+    folders = [out, out / COPY] if with_copy else [out]
+    return all((f / f"part-{part.name}.npy").is_file() and (f / f"ids-{part.name}.npy").is_file() for f in folders)
+
+
+def remove_parts_beyond(out: Path, n_parts: int) -> int:
+    """Delete part files numbered n_parts and above (the manifest shrank)."""
+    removed = 0
+    for folder in (out, out / COPY):
+        for path in list(folder.glob("*-[0-9][0-9][0-9][0-9][0-9]*")):
+            stem = path.name.split("-", 1)[1].split(".", 1)[0]
+            if stem.isdigit() and int(stem) >= n_parts and path.name.startswith(("part-", "ids-", "done-")):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+# -- distributed -----------------------------------------------------------------------------
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def join_ranks(device_pref) -> Ranks:
+    """Join the torchrun process group when there is one (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    owns = False
+    if not dist.is_initialized():
+        use_cuda = resolve_device(device_pref).type == "cuda"
+        # long parts: ranks may wait on each other far longer than the default 30 minutes
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=12))
+        owns = True
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+
+def rank_device(device_pref, ranks: Ranks) -> torch.device:
+    device = resolve_device(device_pref)
+    if device.type == "cuda" and device.index is None and ranks.world > 1:
+        return torch.device("cuda", ranks.local_rank)
+    return device
+
+
+# -- stage -----------------------------------------------------------------------------------
+
+
+def _build_embedders(cfg, device: torch.device):
+    e = cfg.embed
+    if e.weights is None and not e.allow_random:
+        raise ValueError(
+            "embed.weights is null: random weights give meaningless embeddings. Point embed.weights at a "
+            "weights file (hub .pth, Hugging Face folder, lvd checkpoint, .onnx export), or set "
+            "embed.allow_random=true for tests"
+        )
+    main = Embedder(
+        str(e.model),
+        e.weights,
+        resolution=e.resolution,
+        device=device,
+        dtype=str(e.dtype),
+        cls_and_mean_patch=bool(e.cls_and_mean_patch),
+        resize_ratio=float(e.resize_ratio),
+    )
+    copy = None
+    if e.copy_detection.weights:
+        copy = CopyDetectionEmbedder(
+            e.copy_detection.weights,
+            resolution=int(e.copy_detection.resolution),
+            device=device,
+            dtype=str(e.dtype),
+        )
+    return main, copy
+
+
+def _loader(batches, squares, cfg, workers: int) -> DataLoader:
+    decode_kwargs = {
+        "max_pixels": int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None,
+        "background": tuple(int(c) for c in cfg.decode.background),
+    }
+    return DataLoader(
+        BatchDataset(batches, squares, decode_kwargs),
+        batch_size=None,  # items are already batches
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def _embed_parts(parts: list[Part], cfg, main: Embedder, copy, out: Path, fingerprints: dict, ranks: Ranks) -> int:
+    """Run this rank's parts; returns the number of images embedded."""
+    batches = make_batches(parts, int(cfg.embed.batch_size))
+    squares = [Square(main.resolution, main.resize_ratio)]
+    if copy is not None:
+        squares.append(Square(copy.resolution, copy.resize_ratio))
+    workers = resolve_workers(cfg.workers)
+    if workers:  # ranks on one host share its cores
+        workers = max(1, workers // int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)))
+    remaining = {p.index: -(-len(p.rows) // int(cfg.embed.batch_size)) for p in parts}
+    pending: dict[int, dict] = {p.index: {"ids": [], "main": [], "copy": [], "failed": []} for p in parts}
+    names = {p.index: p.name for p in parts}
+    done = 0
+    total = sum(len(p.rows) for p in parts)
+    bar = tqdm(total=total, unit="img", desc=f"embed[{ranks.rank}]" if ranks.world > 1 else "embed",
+               disable=not show_progress(cfg.progress) or ranks.rank != 0, smoothing=0.1)
+    with bar:
+        for item in _loader(batches, squares, cfg, workers):
+            acc = pending[item["part"]]
+            if len(item["ids"]):
+                acc["ids"].append(item["ids"])
+                acc["main"].append(main.embed_uint8(item["images"][0]))
+                if copy is not None:
+                    acc["copy"].append(copy.embed_uint8(item["images"][1]))
+            acc["failed"] += item["failed"]
+            done += len(item["ids"])
+            bar.update(len(item["ids"]) + len(item["failed"]))
+            remaining[item["part"]] -= 1
+            if remaining[item["part"]] == 0:
+                _finish_part(out, names[item["part"]], pending.pop(item["part"]), main, copy, fingerprints[item["part"]])
+    return done
+
+
+def _finish_part(out: Path, name: str, acc: dict, main, copy, fingerprint: str) -> None:
+    ids = np.concatenate(acc["ids"]) if acc["ids"] else np.zeros(0, dtype=np.int64)
+    write_part(out, name, ids, np.concatenate(acc["main"]) if acc["main"] else np.zeros((0, main.dim), np.float32))
+    if copy is not None:
+        vectors = np.concatenate(acc["copy"]) if acc["copy"] else np.zeros((0, copy.dim), np.float32)
+        write_part(out / COPY, name, ids, vectors)
+    for image_id, reason in acc["failed"]:
+        log.warning("embed: image id %d could not be decoded, left out: %s", image_id, reason)
+    failed = [{"id": int(i), "error": reason} for i, reason in acc["failed"]]
+    atomic_write_json(out / f"done-{name}.json", {"fingerprint": fingerprint, "rows": int(len(ids)), "failed": failed})
+
+
+def _summary(out: Path, parts: list[Part], frame: pd.DataFrame) -> dict:
+    failed = []
+    for part in parts:
+        failed += json.loads((out / f"done-{part.name}.json").read_text())["failed"]
+    failed_ids = {f["id"] for f in failed}
+    embedded = frame[~frame["id"].isin(failed_ids)]
+    return {
+        "rows": int(len(embedded)),
+        "failed": len(failed),
+        "failed_examples": failed[:20],
+        "counts": {str(k): int(v) for k, v in embedded.groupby("set").size().items()},
+    }
+
+
+def run_embed(cfg) -> Path:
+    """Embed the manifest's ok rows into RUN/embed (and RUN/embed/copy); returns the folder."""
+    started = time.time()
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / STAGE
+    ranks = join_ranks(cfg.embed.device)
+    try:
+        device = rank_device(cfg.embed.device, ranks)
+        if device.type == "cpu" and ranks.world > 1:  # ranks on one host share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))))
+        main, copy = _build_embedders(cfg, device)
+        info = main.info()
+        info["weights"] = weights_record(cfg.embed.weights)
+        copy_info = copy.info() if copy is not None else None
+        if copy_info is not None:
+            copy_info["weights"] = weights_record(cfg.embed.copy_detection.weights)
+        settings = settings_fingerprint(info, copy_info, cfg.embed.weights, cfg.embed.copy_detection.weights)
+
+        frame = read_manifest(run_dir, status="ok")
+        parts = plan_parts(frame, int(cfg.embed.part_size))
+        fingerprints = {p.index: p.fingerprint(settings) for p in parts}
+        overwrite = bool(cfg.get("overwrite", False))
+        todo = [p for p in parts if overwrite or not part_done(out, p, fingerprints[p.index], copy is not None)]
+        if ranks.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if copy is not None:
+                (out / COPY).mkdir(exist_ok=True)
+            remove_stale_temps(out)
+            stale = remove_parts_beyond(out, len(parts))
+            if todo or stale or not is_done(out):
+                clear_success(out)
+                save_config(cfg, run_dir)
+        ranks.barrier()
+        if not todo and is_done(out):
+            log.info("embed: %d parts up to date, nothing to do", len(parts))
+            return out
+        mine = todo[ranks.rank :: ranks.world]
+        log.info("embed: %d parts, %d to (re)do, %d on rank %d/%d; %s on %s, %s, %d px",
+                 len(parts), len(todo), len(mine), ranks.rank, ranks.world, info["model"], device, info["dtype"], info["resolution"])
+        embedded = _embed_parts(mine, cfg, main, copy, out, fingerprints, ranks)
+        ranks.barrier()
+        if ranks.rank == 0:
+            seconds = time.time() - started
+            write_success(
+                out,
+                **info,
+                copy_detection=copy_info,
+                settings_fingerprint=settings,
+                parts=len(parts),
+                parts_written=len(todo),
+                world_size=ranks.world,
+                embedded_this_run_rank0=embedded,
+                seconds=round(seconds, 3),
+                **_summary(out, parts, frame),
+            )
+            log.info("embed: %d parts written in %.1f s (rank 0: %.1f img/s)", len(todo), seconds, embedded / max(seconds, 1e-9))
+        ranks.barrier()
+        return out
+    finally:
+        if ranks.owns_group:
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m curate.embed CONFIG [key=value ...]` — the entry point for torchrun."""
+    from curate.config import load_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print("usage: python -m curate.embed CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    cfg = load_config(args[0], args[1:])
+    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(run_embed(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Two vector engines behind one interface: Faiss and pure torch.
+
+Both answer the same two questions, arrays in and arrays out (numpy float32 / int64):
+
+* `search(xb, xq, k, metric)` -> (D, I): the k best base rows for every query. Metric "ip"
+  ranks by inner product (cosine on L2-normalised rows), D descending; metric "l2" ranks by
+  squared Euclidean distance, D ascending (Faiss's conventions). Missing neighbours (k larger
+  than the base) are id -1 with D = -inf ("ip") or +inf ("l2").
+* `assign(x, centroids)` -> (D, I): nearest centroid and its squared distance (k-means E-step).
+
+The torch backend is chunked matmul + top-k, so memory stays bounded and it runs on any torch
+device. In bf16 (or tf32) it only *proposes* candidates: they are re-scored in fp32 and a row
+is accepted only when a rounding-error bound proves no row outside the candidates can beat
+the k-th re-scored one; rows that fail the proof are recomputed in fp32. Results are
+therefore those of an fp32 search whatever the dtype, which is what lets the fast units be
+used for dedup and k-means, where a wrong neighbour changes the output.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+METRICS = ("ip", "l2")
+DTYPES = ("fp32", "tf32", "bf16")
+_DTYPE_ALIASES = {"float32": "fp32", "fp32": "fp32", "tf32": "tf32", "bfloat16": "bf16", "bf16": "bf16",
+                  "auto": "auto"}
+# Unit roundoff of the storage formats the candidates are computed in (round to nearest);
+# tf32 is given truncation's bound because tensor cores are not documented to round.
+_ROUNDOFF = {"bf16": 2.0**-8, "tf32": 2.0**-10}
+_FP32_ROUNDOFF = 2.0**-24
+# Bytes of scores one matmul block may hold (rows x columns x 4).
+DEFAULT_BLOCK_BYTES = 256 << 20
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> the first CUDA device when torch sees one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """Compute dtype for the torch backend; 'auto' picks bf16 only where it is fast."""
+    if dtype not in _DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of auto, {', '.join(DTYPES)}")
+    dtype = _DTYPE_ALIASES[dtype]
+    if dtype == "auto":
+        if device.type == "cuda":
+            return "bf16"
+        fast_bf16 = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return "bf16" if fast_bf16 else "fp32"
+    if dtype == "tf32" and device.type != "cuda":
+        log.info("tf32 exists only on CUDA devices; computing in fp32 on %s", device)
+        return "fp32"
+    return dtype
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
+def _as_f32(x) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got shape {x.shape}")
+    return x
+
+
+def _empty_result(nq: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    fill = -np.inf if metric == "ip" else np.inf
+    return np.full((nq, k), fill, np.float32), np.full((nq, k), -1, np.int64)
+
+
+class VectorBackend(abc.ABC):
+    """What k-NN graphs, retrieval and k-means need from a vector engine."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def search(self, xb, xq, k: int, *, metric: str = "ip", exclude_self: bool = False):
+        """(D, I) of the k best rows of `xb` for each row of `xq`.
+
+        `exclude_self=True` means xq is xb (a k-NN graph): query i never returns base row i.
+        """
+
+    def assign(self, x, centroids) -> tuple[np.ndarray, np.ndarray]:
+        """(squared distance [n], index [n]) of the nearest centroid of every row of x."""
+        distance, index = self.search(centroids, x, 1, metric="l2")
+        return distance[:, 0], index[:, 0]
+
+
+class FaissBackend(VectorBackend):
+    """Exact search with Faiss flat indexes; on a GPU when the Faiss build has one."""
+
+    name = "faiss"
+
+    def __init__(self, device: str | torch.device = "cpu", query_batch: int = 65536):
+        import faiss
+
+        self.faiss = faiss
+        self.device = resolve_device(device)
+        self.query_batch = int(query_batch)
+        self.use_gpu = self.device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        if self.device.type == "cuda" and not self.use_gpu:
+            log.warning("this Faiss build has no GPU support; the faiss backend runs on the CPU")
+        self._gpu_resources = None
+
+    def _flat_index(self, xb: np.ndarray, metric: str):
+        faiss = self.faiss
+        index = faiss.IndexFlatIP(xb.shape[1]) if metric == "ip" else faiss.IndexFlatL2(xb.shape[1])
+        if self.use_gpu:
+            if self._gpu_resources is None:
+                self._gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, self.device.index or 0, index)
+        index.add(xb)
+        return index
+
+    def search(self, xb, xq, k: int, *, metric: str = "ip", exclude_self: bool = False):
+        _check_metric(metric)
+        xb, xq = _as_f32(xb), _as_f32(xq)
+        if exclude_self and xb.shape != xq.shape:
+            raise ValueError("exclude_self needs the queries to be the base itself")
+        available = len(xb) - (1 if exclude_self else 0)
+        kk = min(k, available)
+        D, I = _empty_result(len(xq), k, metric)
+        if kk <= 0 or len(xq) == 0:
+            return D, I
+        index = self._flat_index(xb, metric)
+        extra = 1 if exclude_self else 0
+        for start in range(0, len(xq), self.query_batch):
+            stop = min(start + self.query_batch, len(xq))
+            d, i = index.search(xq[start:stop], kk + extra)
+            if exclude_self:
+                d, i = _drop_self(d, i, np.arange(start, stop))
+            D[start:stop, :kk], I[start:stop, :kk] = d, i
+        return D, I
+
+
+def _drop_self(d: np.ndarray, i: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own id from a (k+1)-wide result, else its last column."""
+    is_self = i == rows[:, None]
+    missing = ~is_self.any(axis=1)
+    is_self[missing, -1] = True
+    # Several self hits cannot happen (ids are unique), so exactly one column goes per row.
+    first = np.argmax(is_self, axis=1)
+    keep = np.ones_like(is_self)
+    keep[np.arange(len(rows)), first] = False
+    k = i.shape[1] - 1
+    return d[keep].reshape(-1, k), i[keep].reshape(-1, k)
+
+
+class TorchBackend(VectorBackend):
+    """Chunked matmul + top-k on any torch device, fp32 results whatever the compute dtype."""
+
+    name = "torch"
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: str = "auto",
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, extra_candidates: int | None = None):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.block_bytes = int(block_bytes)
+        self.extra_candidates = extra_candidates
+        self._fp32_out = None  # whether torch.mm(..., out_dtype=float32) works here
+        #: rows whose low-precision candidates could not be proven and were recomputed in fp32
+        self.last_fallback_rows = 0
+
+    # -- public --------------------------------------------------------------------------
+    def search(self, xb, xq, k: int, *, metric: str = "ip", exclude_self: bool = False):
+        _check_metric(metric)
+        xb, xq = _as_f32(xb), _as_f32(xq)
+        if exclude_self and xb.shape != xq.shape:
+            raise ValueError("exclude_self needs the queries to be the base itself")
+        available = len(xb) - (1 if exclude_self else 0)
+        kk = min(k, available)
+        D, I = _empty_result(len(xq), k, metric)
+        if kk <= 0 or len(xq) == 0:
+            return D, I
+        base = torch.from_numpy(xb).to(self.device)
+        queries = base if exclude_self else torch.from_numpy(xq).to(self.device)
+        bias = -0.5 * (base * base).sum(1) if metric == "l2" else None
+        self.last_fallback_rows = 0
+        rows_per_chunk = max(1, self.block_bytes // (4 * min(len(xb), self._block_cols(len(xb)))))
+        lowp = None if self.dtype == "fp32" else _LowPrecision(base, self.dtype)
+        for start in range(0, len(xq), rows_per_chunk):
+            q = queries[start : start + rows_per_chunk]
+            own = torch.arange(start, start + len(q), device=self.device) if exclude_self else None
+            if lowp is None:
+                scores, index = self._topk(q, base, bias, kk, own, self._mm_fp32)
+            else:
+                scores, index = self._certified_topk(q, base, bias, kk, own, lowp)
+            if metric == "l2":
+                scores = (q * q).sum(1, keepdim=True) - 2 * scores
+                scores = scores.clamp_min_(0)
+            D[start : start + len(q), :kk] = scores.cpu().numpy()
+            I[start : start + len(q), :kk] = index.cpu().numpy()
+        return D, I
+
+    # -- building blocks -------------------------------------------------------------------
+    def _block_cols(self, n: int) -> int:
+        return min(n, 1 << 17)
+
+    def _mm_fp32(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b.T
+
+    def _topk(self, q, base, bias, k, own, matmul):
+        """Exact top-k of `matmul(q, base) + bias` over column blocks, merged as it goes.
+
+        `own` (or None) holds, per query row, a base column it must never return (itself).
+        """
+        best_s = best_i = None
+        step = self._block_cols(len(base))
+        for c0 in range(0, len(base), step):
+            c1 = min(c0 + step, len(base))
+            s = matmul(q, base[c0:c1])
+            if bias is not None:
+                s += bias[c0:c1]
+            if own is not None:
+                _mask_columns(s, own - c0)
+            v, j = torch.topk(s, min(k, c1 - c0), dim=1)
+            j += c0
+            if best_s is None:
+                best_s, best_i = v, j
+            else:
+                merged_s, pos = torch.topk(torch.cat([best_s, v], 1), k, dim=1)
+                best_i = torch.gather(torch.cat([best_i, j], 1), 1, pos)
+                best_s = merged_s
+        return best_s, best_i
+
+    def _mm_lowp(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Low-precision product with an fp32 result (fp32 output where the device allows)."""
+        if self.dtype == "tf32":
+            with _allow_tf32():
+                return a @ b.T
+        if self._fp32_out is not False:
+            try:
+                out = torch.mm(a, b.T, out_dtype=torch.float32)
+                self._fp32_out = True
+                return out
+            except (RuntimeError, TypeError, NotImplementedError):
+                self._fp32_out = False
+        return (a @ b.T).float()
+
+    def _certified_topk(self, q, base, bias, k, own, lowp: "_LowPrecision"):
+        n_avail = len(base) - (1 if own is not None else 0)
+        extra = self.extra_candidates if self.extra_candidates is not None else max(8, k)
+        m = min(n_avail, k + extra)
+        q_low, q_res = lowp.convert(q)
+        approx, cand = self._topk(q_low, lowp.base, bias, m, own, self._mm_lowp)
+        # Re-score the candidates in fp32 (a batched dot product, m rows per query).
+        exact = torch.einsum("rd,rmd->rm", q, base[cand])
+        if bias is not None:
+            exact += bias[cand]
+        best_s, pos = torch.topk(exact, k, dim=1)
+        best_i = torch.gather(cand, 1, pos)
+        if m == n_avail:
+            return best_s, best_i  # every row was a candidate: nothing to prove
+        # Any non-candidate has an approximate score <= the m-th one, hence an exact score
+        # <= that + bound; the k-th re-scored score must clear it.
+        q_norm = q_low.float().norm(dim=1)
+        bound = lowp.error_bound(q_norm, q_res, self._fp32_out is True or self.dtype == "tf32")
+        proven = best_s[:, -1] >= approx[:, -1] + bound
+        if not bool(proven.all()):
+            redo = torch.nonzero(~proven).squeeze(1)
+            self.last_fallback_rows += int(redo.numel())
+            s, i = self._topk(q[redo], base, bias, k, None if own is None else own[redo], self._mm_fp32)
+            best_s[redo], best_i[redo] = s, i
+        return best_s, best_i
+
+
+def _mask_columns(scores: torch.Tensor, cols: torch.Tensor) -> None:
+    """Set scores[i, cols[i]] to -inf where cols[i] falls inside this block."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    inside = (cols >= 0) & (cols < scores.shape[1])
+    scores[rows[inside], cols[inside]] = -torch.inf
+
+
+class _LowPrecision:
+    """A base converted to bf16/tf32 with what the rounding-error bound needs."""
+
+    def __init__(self, base: torch.Tensor, dtype: str):
+        self.dtype = dtype
+        self.dim = base.shape[1]
+        self.base, base_res = self.convert(base)
+        base_norm = self.base.float().norm(dim=1)
+        self.base_norm_max = float(base_norm.max()) if len(base) else 0.0
+        self.base_res_max = float(base_res.max()) if len(base) else 0.0
+
+    def convert(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low-precision copy, norm of the rounding residual per row)."""
+        if self.dtype == "bf16":
+            low = x.to(torch.bfloat16)
+            return low, (x - low.float()).norm(dim=1)
+        return x, x.norm(dim=1) * _ROUNDOFF["tf32"]  # tf32 rounding happens inside the matmul
+
+    def error_bound(self, q_norm: torch.Tensor, q_res: torch.Tensor, fp32_output: bool) -> torch.Tensor:
+        """Upper bound on |exact - approximate| score for each query against any base row.
+
+        x.y - x~.y~ = r_x.y~ + x~.r_y + r_x.r_y (Cauchy-Schwarz on each term), plus fp32
+        accumulation over d products and, when the product comes back in bf16, its rounding.
+        """
+        bn, br = self.base_norm_max, self.base_res_max
+        bound = q_res * bn + q_norm * br + q_res * br
+        scale = q_norm * bn
+        bound = bound + 2 * self.dim * _FP32_ROUNDOFF * scale
+        if not fp32_output and self.dtype == "bf16":
+            bound = bound + 2 * _ROUNDOFF["bf16"] * (scale + bound)
+        return bound * 1.01 + 1e-7
+
+
+@contextlib.contextmanager
+def _allow_tf32():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def get_backend(backend: str | VectorBackend = "auto", device: str | torch.device = "cpu",
+                dtype: str = "auto", **options) -> VectorBackend:
+    """A backend by name: 'faiss', 'torch', or 'auto'.
+
+    'auto' takes Faiss on the CPU and on GPUs its build supports, and torch on any other
+    accelerator (the lent CUDA 13 machines cannot load the Faiss GPU wheels).
+    """
+    if isinstance(backend, VectorBackend):
+        return backend
+    device = resolve_device(device)
+    if backend == "auto":
+        backend = "faiss" if device.type == "cpu" or _faiss_has_gpu() else "torch"
+    if backend == "faiss":
+        return FaissBackend(device, **options)
+    if backend == "torch":
+        return TorchBackend(device, dtype, **options)
+    raise ValueError(f"unknown vector backend {backend!r}; expected auto, faiss or torch")
+
+
+def _faiss_has_gpu() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+__all__ = ["VectorBackend", "FaissBackend", "TorchBackend", "get_backend", "resolve_device", "resolve_dtype",
+           "METRICS", "DTYPES"]

@@ -1,0 +1,210 @@
+"""`lvd index build | add | search | serve`: argparse sub-commands over an index folder.
+
+`curate/cli.py` calls `add_subcommands(subparsers)` under its `index` command; each
+sub-command sets `func(args) -> int` (the exit status). `main(argv)` runs the same commands
+on their own (`python -m index.cli build ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def add_subcommands(subparsers) -> None:
+    """Add build, add, search and serve to an argparse sub-parsers object."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = subparsers.add_parser("build", formatter_class=fmt, help="build an index over an embed folder",
+                              description="Build a nearest-neighbour index over every part of an embed folder.")
+    p.add_argument("embed_dir", type=Path, metavar="EMBED_DIR", help="RUN/embed (part-*.npy, ids-*.npy)")
+    p.add_argument("--out", type=Path, required=True, metavar="INDEX_DIR", help="folder to write the index to")
+    p.add_argument("--factory", default="auto",
+                   help="auto (choose from size, dimension and memory budget) or a Faiss factory string")
+    _add_tuning_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index in INDEX_DIR")
+    p.set_defaults(func=_reported(_cmd_build))
+
+    p = subparsers.add_parser("add", formatter_class=fmt, help="add new embed parts to an index",
+                              description="Add the parts of EMBED_DIR that the index does not hold yet (no retraining).")
+    p.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
+    p.add_argument("embed_dir", type=Path, metavar="EMBED_DIR")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_reported(_cmd_add))
+
+    p = subparsers.add_parser("search", formatter_class=fmt, help="search an index from the shell",
+                              description="Nearest neighbours of images, vectors or indexed ids.")
+    p.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--image", type=Path, nargs="+", metavar="FILE", help="query image files")
+    q.add_argument("--vector", type=Path, metavar="NPY", help=".npy of one vector (D,) or several (Q, D)")
+    q.add_argument("--id", type=int, nargs="+", metavar="ID", help="manifest ids of indexed images")
+    p.add_argument("-k", type=int, default=10, help="neighbours per query")
+    p.add_argument("--json", action="store_true", help="JSON output for programs instead of a table")
+    p.add_argument("--device", default="cpu", help="torch device for embedding query images")
+    p.set_defaults(func=_reported(_cmd_search))
+
+    p = subparsers.add_parser("serve", formatter_class=fmt, help="HTTP API and web page",
+                              description="Serve the index over HTTP: a JSON API and a drop-an-image web page.")
+    p.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload", default="20M", help="largest accepted upload")
+    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
+    p.add_argument("--concurrency", type=int, default=4, help="searches running at once")
+    p.add_argument("--device", default="cpu", help="torch device for embedding uploaded images")
+    p.set_defaults(func=_reported(_cmd_serve))
+
+
+def _reported(command):
+    """Errors a user can fix (missing folder, bad id, bad factory) become one line and exit 2."""
+    from .store import IndexFolderError
+
+    def run(args) -> int:
+        try:
+            return command(args)
+        except (IndexFolderError, FileNotFoundError, KeyError, ValueError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            print(f"lvd index: error: {message}", file=sys.stderr)
+            return 2
+
+    run.__name__ = command.__name__
+    return run
+
+
+def _add_tuning_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", default="8G", help="memory the index may use (auto choice)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@k the search parameter is tuned to reach")
+    p.add_argument("-k", type=int, default=10, help="k of the recall target")
+    p.add_argument("--calibration-queries", type=int, default=1000,
+                   help="indexed vectors used as queries when tuning and measuring recall")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda: where Faiss trains (GPU Faiss only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _cmd_build(args) -> int:
+    from .store import BuildOptions, build
+
+    opts = BuildOptions(factory=args.factory, memory_budget=args.memory_budget, target_recall=args.target_recall,
+                        k=args.k, calibration_queries=args.calibration_queries, device=args.device, seed=args.seed,
+                        progress=False if args.no_progress else None)
+    info = build(args.embed_dir, args.out, opts, overwrite=args.overwrite)
+    _print_summary(info, args.out)
+    return 0
+
+
+def _cmd_add(args) -> int:
+    from .store import BuildOptions, add
+
+    info = add(args.index_dir, args.embed_dir, BuildOptions(progress=False if args.no_progress else None))
+    _print_summary(info, args.index_dir)
+    return 0
+
+
+def _print_summary(info: dict, out: Path) -> None:
+    rec = info["expected_recall"]
+    print(f"index: {out}  ({info['n']} vectors x {info['dim']})")
+    print(f"  chosen: {info['factory']}  because {info['plan']['reason']}")
+    if rec["recall"] is None:
+        measured = "not measured (too few vectors)"
+    elif rec.get("how") == "exact":
+        measured = "1.000 (exact search)"
+    else:
+        measured = f"{rec['recall']:.3f} (measured on {rec['queries']} held-out indexed vectors, target {rec['target']})"
+    print(f"  search: {info['search_params'] or 'exhaustive'}  expected recall@{rec['k']} = {measured}")
+
+
+def _cmd_search(args) -> int:
+    from .store import IndexStore
+
+    store = IndexStore.open(args.index_dir)
+    if args.k < 1:
+        raise ValueError("-k must be at least 1")
+    if args.vector is not None:
+        xq = np.load(args.vector, allow_pickle=False)
+        xq = np.atleast_2d(xq).astype(np.float32)
+        names = [f"{args.vector.name}[{i}]" for i in range(len(xq))]
+    elif args.id is not None:
+        missing = [i for i in args.id if not _has(store, i)]
+        if missing:
+            raise KeyError(f"ids not in the index: {missing}")
+        xq = np.stack([store.vector_of(i) for i in args.id])
+        names = [f"id {i}" for i in args.id]
+    else:
+        from pretrain.data.decode import decode
+
+        embedder = store.embedder(args.device)
+        images = [decode(path.read_bytes()) for path in args.image]
+        xq = np.asarray(embedder.embed_pil(images), dtype=np.float32)
+        names = [str(p) for p in args.image]
+    scores, rows = store.search(xq, args.k)
+    results = store.results(scores, rows)
+    if args.json:
+        json.dump([{"query": n, "results": r} for n, r in zip(names, results)], sys.stdout, indent=1)
+        print()
+    else:
+        for name, hits in zip(names, results):
+            print(format_table(name, hits))
+    return 0
+
+
+def _has(store, id_: int) -> bool:
+    try:
+        store.row_of(id_)
+        return True
+    except KeyError:
+        return False
+
+
+def format_table(name: str, hits: list[dict]) -> str:
+    """Results of one query as an aligned text table."""
+    lines = [f"query: {name}", f"{'rank':>4}  {'score':>7}  {'id':>20}  {'set':<14} location"]
+    for h in hits:
+        where = f"{h['source']}::{h['key']}" if h.get("kind") == "tar" else (
+            str(Path(h["source"]) / h["key"]) if h.get("source") and h.get("key") else "-")
+        lines.append(f"{h['rank']:>4}  {h['score']:>7.4f}  {h['id']:>20}  {h.get('set') or '-':<14} {where}")
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_serve(args) -> int:
+    from .ann import parse_bytes
+    from .service import ServeOptions, make_server
+    from .store import IndexStore
+
+    store = IndexStore.open(args.index_dir)
+    opts = ServeOptions(max_upload_bytes=parse_bytes(args.max_upload), max_k=args.max_k,
+                        max_concurrent_searches=args.concurrency, device=args.device)
+    server = make_server(store, args.host, args.port, opts)
+    host, port = server.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who can reach this address can search the index and see its images",
+                    args.host)
+    print(f"serving {len(store)} vectors on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lvd index", description="Nearest-neighbour image lookup.")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""Flat k-means: Faiss `Kmeans`, or Lloyd's algorithm over any vector backend, on one process
+or on many (torch.distributed ranks, each holding a slice of the rows).
+
+Choices that make runs comparable and repeatable:
+
+* Initial centroids are k distinct rows drawn with `seed` (or `init`), the same for every
+  backend and every rank count, so backends can be compared iteration for iteration.
+* Faiss never sub-samples silently: `max_points_per_centroid` is set from the data so every
+  row takes part; a caller that sets it lower gets a warning that says how many rows are used.
+* Lloyd's update sums in float64 (order-insensitive enough that 1 rank and N ranks agree).
+  An empty cluster takes the row farthest from its centroid (scikit-learn's rule).
+* With `checkpoint=PATH` the centroids are saved every `checkpoint_every` iterations (atomic
+  write); a rerun with the same data, k and init resumes there and ends with the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from index.backends import FaissBackend, VectorBackend, _as_f32, get_backend
+
+log = logging.getLogger(__name__)
+
+# Rows summed per chunk in the centroid update (bounds the float64 copy).
+UPDATE_CHUNK = 65536
+
+
+@dataclass
+class KMeansResult:
+    """Centroids and the final assignment (of this rank's rows when distributed)."""
+
+    centroids: np.ndarray  # (k, d) float32
+    assign: np.ndarray  # (n,) int64 index of the nearest centroid
+    distance: np.ndarray  # (n,) float32 squared L2 distance to it
+    inertia: float  # sum of `distance` over all rows (all ranks)
+    objective: list[float] = field(default_factory=list)  # inertia of each iteration's assignment
+
+
+def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, backend="auto", device="cpu",
+           init=None, *, dtype: str = "auto", distributed: bool = False, checkpoint: str | os.PathLike | None = None,
+           checkpoint_every: int = 5, max_points_per_centroid: int | None = None,
+           progress: bool | None = None) -> KMeansResult:
+    """k-means of the rows of x (float32 [n, d]) into k clusters, `niter` Lloyd iterations.
+
+    backend: "faiss" (Faiss `Kmeans`), "torch" (Lloyd with the torch backend's exact
+    assignment), "auto" (Faiss on the CPU, see `index.backends.get_backend`) or a
+    `VectorBackend`. `distributed=True` runs Lloyd over the initialised torch.distributed
+    group: x is this rank's slice, centroid sums are all-reduced, and the result's
+    assign/distance cover this rank's rows. spherical=True L2-normalises the centroids after
+    each update (for cosine clustering of normalised embeddings).
+    """
+    x = _as_f32(x)
+    comm = _Comm(distributed)
+    n_total, offset = comm.sizes(len(x))
+    if not 0 < k <= n_total:
+        raise ValueError(f"cannot make {k} clusters of {n_total} rows")
+    centroids = _initial_centroids(x, k, seed, init, comm, offset, n_total)
+    engine = get_backend(backend, device, dtype)
+    store = _Checkpoint(checkpoint, checkpoint_every, _fingerprint(n_total, x.shape[1], k, spherical, centroids), comm)
+    if isinstance(engine, FaissBackend) and not comm.active:
+        return _faiss_kmeans(x, centroids, niter, seed, spherical, engine, store, max_points_per_centroid)
+    return _lloyd(x, centroids, niter, spherical, engine, comm, store, progress)
+
+
+def _initial_centroids(x, k, seed, init, comm: "_Comm", offset: int, n_total: int) -> np.ndarray:
+    """`init`, or k distinct rows drawn with `seed` from the rows of all ranks."""
+    if init is not None:
+        init = _as_f32(init)
+        if init.shape != (k, x.shape[1]):
+            raise ValueError(f"init has shape {init.shape}, expected {(k, x.shape[1])}")
+        return init.copy()
+    picked = np.random.default_rng(seed).choice(n_total, k, replace=False)
+    centroids = np.zeros((k, x.shape[1]), np.float64)
+    mine = (picked >= offset) & (picked < offset + len(x))
+    centroids[mine] = x[picked[mine] - offset]
+    return comm.sum(centroids).astype(np.float32)
+
+
+def _faiss_kmeans(x, centroids, niter, seed, spherical, engine: FaissBackend, store: "_Checkpoint",
+                  max_points_per_centroid) -> KMeansResult:
+    import faiss
+
+    n, d = x.shape
+    k = len(centroids)
+    every_row = math.ceil(n / k)
+    if max_points_per_centroid is None:
+        max_points_per_centroid = every_row
+    elif max_points_per_centroid < every_row:
+        log.warning("faiss k-means trains on %d of %d rows (max_points_per_centroid=%d)",
+                    k * max_points_per_centroid, n, max_points_per_centroid)
+    start, centroids, objective = store.resume(centroids)
+    step = store.every if store.path is not None else max(1, niter)
+    for it in range(start, niter, step):
+        seg = min(step, niter - it)
+        km = faiss.Kmeans(d, k, niter=seg, seed=seed + it, spherical=spherical, gpu=engine.use_gpu,
+                          max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
+        km.train(x, init_centroids=centroids)
+        centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+        objective += [float(v) for v in km.obj]
+        store.save(it + seg, centroids, objective)
+    distance, assign = engine.assign(x, centroids)
+    return KMeansResult(centroids, assign.astype(np.int64), distance, float(distance.sum(dtype=np.float64)),
+                        objective)
+
+
+def _lloyd(x, centroids, niter, spherical, engine: VectorBackend, comm: "_Comm", store: "_Checkpoint",
+           progress) -> KMeansResult:
+    start, centroids, objective = store.resume(centroids)
+    for it in tqdm(range(start, niter), desc="k-means", leave=False, disable=_quiet(progress)):
+        distance, assign = engine.assign(x, centroids)
+        objective.append(comm.sum(np.float64(distance.sum(dtype=np.float64))).item())
+        centroids = _update(x, assign, distance, centroids, comm)
+        if spherical:
+            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        store.save(it + 1, centroids, objective)
+    distance, assign = engine.assign(x, centroids)
+    inertia = comm.sum(np.float64(distance.sum(dtype=np.float64))).item()
+    return KMeansResult(centroids, assign.astype(np.int64), distance, float(inertia), objective)
+
+
+def _update(x, assign, distance, centroids, comm: "_Comm") -> np.ndarray:
+    """Mean of each cluster's rows; an empty cluster moves to the farthest row of all ranks."""
+    k, d = centroids.shape
+    sums = torch.zeros((k, d), dtype=torch.float64)
+    index = torch.from_numpy(np.ascontiguousarray(assign, dtype=np.int64))
+    for start in range(0, len(x), UPDATE_CHUNK):
+        rows = torch.from_numpy(x[start : start + UPDATE_CHUNK]).double()
+        sums.index_add_(0, index[start : start + UPDATE_CHUNK], rows)
+    counts = np.bincount(assign, minlength=k).astype(np.float64)
+    sums, counts = comm.sum(sums.numpy()), comm.sum(counts)
+    new = centroids.astype(np.float64)
+    filled = counts > 0
+    new[filled] = sums[filled] / counts[filled, None]
+    empty = np.flatnonzero(~filled)
+    if len(empty):
+        log.info("k-means: %d empty clusters moved to the farthest rows", len(empty))
+        new[empty] = comm.farthest_rows(x, distance, len(empty))
+    return new.astype(np.float32)
+
+
+class _Comm:
+    """The few collective operations distributed k-means needs (no-ops on one process)."""
+
+    def __init__(self, distributed: bool):
+        self.active = bool(distributed)
+        if self.active:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                raise RuntimeError("distributed k-means needs torch.distributed.init_process_group first")
+            self.dist = dist
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world = 0, 1
+
+    def sum(self, array):
+        """Element-wise sum over ranks (float64 on the wire)."""
+        if not self.active:
+            return np.asarray(array)
+        tensor = torch.from_numpy(np.array(array, dtype=np.float64, ndmin=1))
+        self.dist.all_reduce(tensor)
+        return tensor.numpy().reshape(np.shape(array))
+
+    def sizes(self, n_local: int) -> tuple[int, int]:
+        """(rows over all ranks, index of this rank's first row in rank order)."""
+        if not self.active:
+            return n_local, 0
+        counts = np.zeros(self.world, np.float64)
+        counts[self.rank] = n_local
+        counts = self.sum(counts).astype(np.int64)
+        return int(counts.sum()), int(counts[: self.rank].sum())
+
+    def farthest_rows(self, x, distance, count: int) -> np.ndarray:
+        """The `count` rows of all ranks farthest from their centroid (ties: lower rank, row)."""
+        local = np.argsort(-distance, kind="stable")[:count]
+        if not self.active:
+            return x[local].astype(np.float64)
+        width = 2 + x.shape[1]
+        offered = np.full((count, width), -np.inf)
+        offered[: len(local), 0] = distance[local]
+        offered[: len(local), 1] = self.rank
+        offered[: len(local), 2:] = x[local]
+        gathered = [torch.zeros((count, width), dtype=torch.float64) for _ in range(self.world)]
+        self.dist.all_gather(gathered, torch.from_numpy(offered))
+        rows = torch.cat(gathered).numpy()
+        order = np.lexsort((rows[:, 1], -rows[:, 0]))[:count]
+        return rows[order, 2:]
+
+
+class _Checkpoint:
+    """Centroids every few iterations in one .npz, replaced atomically; rank 0 writes."""
+
+    def __init__(self, path, every: int, fingerprint: str, comm: _Comm):
+        self.path = None if path is None else Path(path)
+        self.every = max(1, int(every))
+        self.fingerprint = fingerprint
+        self.writer = comm.rank == 0
+
+    def resume(self, centroids: np.ndarray) -> tuple[int, np.ndarray, list[float]]:
+        """(iterations done, centroids, objective so far): from the file when it matches."""
+        if self.path is None or not self.path.exists():
+            return 0, centroids, []
+        with np.load(self.path, allow_pickle=False) as saved:
+            if str(saved["fingerprint"]) != self.fingerprint:
+                log.warning("k-means checkpoint %s is for other data or settings; starting over", self.path)
+                return 0, centroids, []
+            done = int(saved["iteration"])
+            log.info("k-means: resuming from %s after %d iterations", self.path, done)
+            return done, saved["centroids"].astype(np.float32), [float(v) for v in saved["objective"]]
+
+    def save(self, iteration: int, centroids: np.ndarray, objective: list[float]) -> None:
+        if self.path is None or not self.writer or iteration % self.every:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, iteration=np.int64(iteration), centroids=centroids,
+                     objective=np.asarray(objective, np.float64), fingerprint=np.str_(self.fingerprint))
+        os.replace(tmp, self.path)
+
+
+def _fingerprint(n: int, d: int, k: int, spherical: bool, init: np.ndarray) -> str:
+    """What a checkpoint must match to be resumed: the problem and its starting point."""
+    digest = hashlib.sha1(np.ascontiguousarray(init).tobytes()).hexdigest()
+    return json.dumps({"n": n, "d": d, "k": k, "spherical": spherical, "init_sha1": digest}, sort_keys=True)
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress
+
+
+__all__ = ["KMeansResult", "kmeans"]

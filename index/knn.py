@@ -1,0 +1,149 @@
+"""k-NN graphs (every row against every other) and searches of queries against a base.
+
+Exact search costs n^2 d; past a size it is replaced by an inverted-file index (Faiss IVF),
+whose cost grows as n^1.5. Which one runs is decided by `plan_knn` from the number of rows,
+the device and a memory budget, and logged, so a run says how its graph was made.
+Both paths batch the queries, so memory stays bounded by the index plus one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.backends import FaissBackend, _as_f32, _check_metric, _drop_self, _empty_result, get_backend, resolve_device
+
+log = logging.getLogger(__name__)
+
+# Largest pool searched exactly on a CPU (about 8 TFLOP at d=384: a few minutes on 2 cores).
+EXACT_MAX_CPU = 100_000
+# Largest pool searched exactly on an accelerator (tensor-core matmul makes n^2 affordable).
+EXACT_MAX_ACCELERATOR = 2_000_000
+# Memory the IVF index may take; above it the vectors are stored compressed (SQ8, then PQ).
+DEFAULT_MEMORY_BUDGET = 8 << 30
+# Vectors per inverted list aimed at: nlist = IVF_LIST_FACTOR * sqrt(n) (Faiss's guideline).
+IVF_LIST_FACTOR = 4
+# Lists visited per query; near-duplicates sit in their query's own list or the next ones.
+DEFAULT_NPROBE = 32
+# Training points per list for the coarse quantizer (Faiss warns below 39).
+IVF_TRAIN_PER_LIST = 64
+
+
+@dataclass(frozen=True)
+class KnnPlan:
+    """How a k-NN graph will be computed, and why."""
+
+    method: str  # "exact" or "ivf"
+    factory: str | None  # Faiss index factory string for "ivf"
+    nlist: int
+    nprobe: int
+    reason: str
+
+
+def plan_knn(n: int, d: int, *, device="cpu", method: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+             exact_max: int | None = None, nprobe: int | None = None, nlist: int | None = None) -> KnnPlan:
+    """Exact below `exact_max` rows, IVF above; IVF storage shrinks to fit `memory_budget`."""
+    device = resolve_device(device)
+    if exact_max is None:
+        exact_max = EXACT_MAX_CPU if device.type == "cpu" else EXACT_MAX_ACCELERATOR
+    if method not in ("auto", "exact", "ivf"):
+        raise ValueError(f"unknown k-NN method {method!r}; expected auto, exact or ivf")
+    if method == "exact" or (method == "auto" and n <= exact_max):
+        reason = "requested" if method == "exact" else f"{n} rows <= exact_max {exact_max}"
+        return KnnPlan("exact", None, 0, 0, reason)
+    nlist = int(nlist or max(1, min(n // 8, round(IVF_LIST_FACTOR * math.sqrt(n)))))
+    nprobe = int(min(nlist, nprobe or DEFAULT_NPROBE))
+    flat_bytes = n * (4 * d + 8)
+    if flat_bytes <= memory_budget:
+        storage, why = "Flat", "fits the memory budget uncompressed"
+    elif n * (d + 8) <= memory_budget:
+        storage, why = "SQ8", f"{flat_bytes / 2**30:.1f} GiB uncompressed exceeds the budget"
+    else:
+        m = next(m for m in (64, 48, 32, 24, 16, 8, 4, 2, 1) if d % m == 0)
+        storage, why = f"PQ{m}", "8-bit scalar codes still exceed the budget"
+    reason = ("requested" if method == "ivf" else f"{n} rows > exact_max {exact_max}") + f"; {storage}: {why}"
+    return KnnPlan("ivf", f"IVF{nlist},{storage}", nlist, nprobe, reason)
+
+
+def knn_graph(x, k: int = 64, *, metric: str = "ip", method: str = "auto", backend="auto", device="cpu",
+              dtype: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET, exact_max: int | None = None,
+              nprobe: int | None = None, nlist: int | None = None, seed: int = 0):
+    """(D, I) of the k nearest other rows of every row of x (self excluded).
+
+    D is the similarity (metric "ip", descending) or squared distance ("l2", ascending);
+    ids are row numbers of x, -1 where fewer than k other rows exist.
+    """
+    x = _as_f32(x)
+    _check_metric(metric)
+    plan = plan_knn(len(x), x.shape[1], device=device, method=method, memory_budget=memory_budget,
+                    exact_max=exact_max, nprobe=nprobe, nlist=nlist)
+    if plan.method == "ivf" and backend == "torch":
+        log.info("k-NN graph: the torch backend has no IVF; searching %d rows exactly", len(x))
+        plan = KnnPlan("exact", None, 0, 0, "torch backend")
+    log.info("k-NN graph of %d x %d, k=%d: %s (%s)", len(x), x.shape[1], k, plan.factory or "exact", plan.reason)
+    if plan.method == "exact":
+        engine = get_backend(backend, device, dtype)
+        return engine.search(x, x, k, metric=metric, exclude_self=True)
+    return ivf_search(x, x, k, plan, metric=metric, exclude_self=True, device=device, seed=seed)
+
+
+def search(xb, xq, k: int, *, metric: str = "ip", method: str = "exact", backend="auto", device="cpu",
+           dtype: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET, exact_max: int | None = None,
+           nprobe: int | None = None, nlist: int | None = None, seed: int = 0):
+    """(D, I) of the k best rows of the base `xb` for every query row of `xq`.
+
+    Exact by default (retrieval and decontamination want every neighbour); `method="auto"`
+    lets `plan_knn` switch to IVF for a large base.
+    """
+    xb, xq = _as_f32(xb), _as_f32(xq)
+    _check_metric(metric)
+    plan = plan_knn(len(xb), xb.shape[1], device=device, method=method, memory_budget=memory_budget,
+                    exact_max=exact_max, nprobe=nprobe, nlist=nlist)
+    if plan.method == "exact" or backend == "torch":
+        return get_backend(backend, device, dtype).search(xb, xq, k, metric=metric)
+    return ivf_search(xb, xq, k, plan, metric=metric, device=device, seed=seed)
+
+
+def ivf_search(xb, xq, k: int, plan: KnnPlan, *, metric: str = "ip", exclude_self: bool = False, device="cpu",
+               seed: int = 0, query_batch: int = 16384):
+    """Approximate search with a Faiss inverted-file index built for this call."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    xb, xq = _as_f32(xb), _as_f32(xq)
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    index = faiss.index_factory(xb.shape[1], plan.factory, faiss_metric)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.seed = seed
+    ivf.cp.min_points_per_centroid = 1  # small pools train on every row they have; no warning
+    rng = np.random.default_rng(seed)
+    n_train = min(len(xb), plan.nlist * IVF_TRAIN_PER_LIST)
+    train = xb if n_train == len(xb) else xb[np.sort(rng.choice(len(xb), n_train, replace=False))]
+    engine = FaissBackend(device)
+    if engine.use_gpu:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), engine.device.index or 0, index)
+    index.train(train)
+    index.add(xb)
+    faiss.ParameterSpace().set_index_parameter(index, "nprobe", plan.nprobe)
+    available = len(xb) - (1 if exclude_self else 0)
+    kk = min(k, available)
+    D, I = _empty_result(len(xq), k, metric)
+    if kk <= 0:
+        return D, I
+    extra = 1 if exclude_self else 0
+    for start in tqdm(range(0, len(xq), query_batch), desc="ivf search", leave=False, disable=None):
+        stop = min(start + query_batch, len(xq))
+        d, i = index.search(xq[start:stop], kk + extra)
+        if exclude_self:
+            d, i = _drop_self(d, i, np.arange(start, stop))
+        D[start:stop, :kk], I[start:stop, :kk] = d, i
+    # IVF leaves -1 where fewer than k rows were probed; give those the "missing" score.
+    missing = I < 0
+    D[missing] = -np.inf if metric == "ip" else np.inf
+    return D, I
+
+
+__all__ = ["KnnPlan", "plan_knn", "knn_graph", "search", "ivf_search"]

@@ -1,0 +1,554 @@
+"""An index folder: the Faiss index, the manifest id of every row, and what is needed to show it.
+
+```
+INDEX_DIR/
+  info.json            the commit point: plan, tuned search parameters, measured recall,
+                       the embedder (model, weights, resolution, mean, std), parts added
+  gen-000001/
+    index.faiss        row r of the index ...
+    ids.npy            ... is manifest id ids[r] (int64) ...
+    meta.parquet       ... and meta row r: id, set, source, kind, key, label
+```
+
+A build or an `add` writes a complete new generation folder and only then replaces
+`info.json` (atomically) to point at it, so a killed run leaves the previous index intact.
+Embeddings come from an embed stage folder (`part-*.npy` float16 rows, `ids-*.npy`,
+`_SUCCESS.json`), metadata from its sibling `manifest/` parquet parts; `index/` reads those
+files directly rather than importing `curate/` (dependencies go curate -> index).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from . import ann
+
+log = logging.getLogger(__name__)
+
+INFO_NAME = "info.json"
+FORMAT = "lvd-index"
+FORMAT_VERSION = 1
+META_COLUMNS = ("id", "set", "source", "kind", "key", "label")
+# embed/_SUCCESS.json fields that define the embedding space; vectors from two different
+# spaces must never share an index.
+EMBEDDER_KEYS = ("model", "weights", "resolution", "mean", "std", "dim", "cls_and_mean_patch")
+_PART_RE = re.compile(r"part-(\d+)\.npy$")
+
+
+class IndexFolderError(RuntimeError):
+    """A missing, inconsistent or incompatible index folder; the message says which."""
+
+
+# --------------------------------------------------------------------------- embed folder
+
+
+@dataclass(frozen=True)
+class EmbedPart:
+    name: str  # "part-00000"
+    vectors: Path
+    ids: Path
+    rows: int
+
+
+def list_parts(embed_dir: Path) -> list[EmbedPart]:
+    """The finished part files of an embed folder, in name order (never the copy/ sub-folder)."""
+    embed_dir = Path(embed_dir)
+    if not embed_dir.is_dir():
+        raise FileNotFoundError(f"embed folder not found: {embed_dir}")
+    parts = []
+    for path in sorted(embed_dir.glob("part-*.npy")):
+        m = _PART_RE.search(path.name)
+        if not m:
+            continue
+        ids_path = embed_dir / f"ids-{m.group(1)}.npy"
+        if not ids_path.is_file():
+            log.warning("%s has no %s; skipped", path, ids_path.name)
+            continue
+        rows = np.load(path, mmap_mode="r").shape[0]
+        if np.load(ids_path, mmap_mode="r").shape[0] != rows:
+            raise IndexFolderError(f"{path} and {ids_path.name} differ in length")
+        parts.append(EmbedPart(path.stem, path, ids_path, rows))
+    return parts
+
+
+def read_part(part: EmbedPart) -> tuple[np.ndarray, np.ndarray]:
+    x = np.load(part.vectors, mmap_mode="r")
+    ids = np.load(part.ids).astype(np.int64, copy=False)
+    if x.ndim != 2:
+        raise IndexFolderError(f"{part.vectors} is not a 2-D array")
+    return ids, x
+
+
+def embedder_info(embed_dir: Path) -> dict:
+    """Model and preprocessing recorded by the embed stage (empty when it did not finish)."""
+    path = Path(embed_dir) / "_SUCCESS.json"
+    if not path.is_file():
+        log.warning("%s missing: the index will not know its model, so search by image is unavailable", path)
+        return {}
+    record = json.loads(path.read_text())
+    return {key: record.get(key) for key in EMBEDDER_KEYS if key in record}
+
+
+def read_manifest_meta(embed_dir: Path, ids: np.ndarray) -> pd.DataFrame:
+    """Metadata rows aligned with `ids`, from RUN/manifest (NaN where the manifest lacks an id)."""
+    manifest = Path(embed_dir).resolve().parent / "manifest"
+    frames = []
+    if manifest.is_dir():
+        for path in sorted(manifest.glob("*.parquet")):
+            df = pd.read_parquet(path)
+            keep = [c for c in META_COLUMNS if c in df.columns]
+            if "status" in df.columns:
+                df = df[df["status"] == "ok"]
+            frames.append(df[keep])
+    else:
+        log.warning("no manifest next to %s: results will have ids and scores only", embed_dir)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"id": pd.Series([], dtype="int64")})
+    table = table.drop_duplicates("id", keep="last").set_index("id")
+    meta = table.reindex(ids).reset_index()
+    for col in META_COLUMNS:
+        if col not in meta.columns:
+            meta[col] = None
+    missing = int(meta["source"].isna().sum())
+    if missing:
+        log.warning("%d of %d ids have no manifest row (no thumbnail for them)", missing, len(ids))
+    return meta[list(META_COLUMNS)].astype({"id": "int64"})
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------- the index folder
+
+
+class IndexStore:
+    """An opened index folder: search by vector, look up rows by id, read indexed image bytes."""
+
+    def __init__(self, path: Path, info: dict, index: faiss.Index, ids: np.ndarray, meta: pd.DataFrame):
+        self.path, self.info, self.index, self.ids, self.meta = Path(path), info, index, ids, meta
+        if not (index.ntotal == len(ids) == len(meta)):
+            raise IndexFolderError(f"{path}: index has {index.ntotal} rows, ids {len(ids)}, metadata {len(meta)}")
+        self._order = np.argsort(ids, kind="stable")
+        ann.set_search_params(index, info.get("search_params", {}))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "IndexStore":
+        path = Path(path)
+        info_path = path / INFO_NAME
+        if not info_path.is_file():
+            raise IndexFolderError(f"{path} is not an lvd index folder (no {INFO_NAME}); build one with `lvd index build`")
+        info = json.loads(info_path.read_text())
+        if info.get("format") != FORMAT:
+            raise IndexFolderError(f"{info_path} is not an lvd index ({info.get('format')!r})")
+        gen = path / info["generation"]
+        index = faiss.read_index(str(gen / "index.faiss"))
+        ids = np.load(gen / "ids.npy")
+        meta = pd.read_parquet(gen / "meta.parquet")
+        return cls(path, info, index, ids, meta)
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def row_of(self, id_: int) -> int:
+        """Index row of a manifest id; KeyError when it is not indexed."""
+        pos = np.searchsorted(self.ids, id_, sorter=self._order)
+        if pos < len(self.ids) and self.ids[self._order[pos]] == id_:
+            return int(self._order[pos])
+        raise KeyError(id_)
+
+    def vector_of(self, id_: int) -> np.ndarray:
+        """The stored vector of an indexed id (exact for Flat/HNSW/IVF-Flat, decoded for PQ)."""
+        return self.index.reconstruct(self.row_of(id_))
+
+    def search(self, xq: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) for float32 queries; rows are -1 where fewer than k results exist."""
+        xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
+        if xq.shape[1] != self.dim:
+            raise ValueError(f"query dimension {xq.shape[1]} does not match the index ({self.dim})")
+        if not np.all(np.isfinite(xq)):
+            raise ValueError("query vector has NaN or infinite values")
+        norms = np.linalg.norm(xq, axis=1, keepdims=True)
+        xq = xq / np.where(norms > 0, norms, 1)
+        return self.index.search(xq, min(k, len(self)) if len(self) else k)
+
+    def results(self, scores: np.ndarray, rows: np.ndarray) -> list[list[dict]]:
+        """Search output as records: rank, id, score and the manifest metadata of each hit."""
+        out = []
+        for srow, rrow in zip(scores, rows):
+            hits = []
+            for rank, (score, row) in enumerate(((s, r) for s, r in zip(srow, rrow) if r >= 0), start=1):
+                m = self.meta.iloc[int(row)]
+                hits.append({"rank": rank, "id": int(self.ids[row]), "score": float(score),
+                             **{c: (None if pd.isna(m[c]) else str(m[c])) for c in META_COLUMNS if c != "id"}})
+            out.append(hits)
+        return out
+
+    def image_bytes(self, id_: int, max_bytes: int = 256 * 2**20) -> bytes:
+        """Raw bytes of an indexed image, located only through its manifest row (never a request path)."""
+        m = self.meta.iloc[self.row_of(id_)]
+        if pd.isna(m["source"]) or pd.isna(m["key"]):
+            raise FileNotFoundError(f"id {id_} has no manifest source")
+        return read_source_bytes(str(m["kind"]), str(m["source"]), str(m["key"]), max_bytes)
+
+    def embedder(self, device: str = "cpu"):
+        """The model that made the index's vectors, to embed query images the same way."""
+        spec = self.info.get("embedder") or {}
+        if not spec.get("model"):
+            raise IndexFolderError("this index does not record its model (embed/_SUCCESS.json was missing at build time)")
+        import inspect
+
+        from pretrain.models.embedder import Embedder
+
+        kwargs = {"resolution": spec.get("resolution"), "device": device,
+                  "cls_and_mean_patch": bool(spec.get("cls_and_mean_patch", False))}
+        if spec.get("weights") is None and "allow_random" in inspect.signature(Embedder).parameters:
+            kwargs["allow_random"] = True  # the index itself was built from a random model
+        return Embedder(spec["model"], spec.get("weights"), **kwargs)
+
+
+def read_source_bytes(kind: str, source: str, key: str, max_bytes: int = 256 * 2**20) -> bytes:
+    """Bytes of one manifest entry: a file under a folder / list, or a member of a local tar."""
+    if kind == "tar":
+        with tarfile.open(source, "r:*") as tar:
+            member = tar.getmember(key)
+            if not member.isfile() or member.size > max_bytes:
+                raise FileNotFoundError(f"{key} in {source} is not a readable file")
+            return tar.extractfile(member).read()
+    src = Path(source)
+    path = Path(key) if Path(key).is_absolute() else (src.parent if src.is_file() else src) / key
+    if path.stat().st_size > max_bytes:
+        raise FileNotFoundError(f"{path} is larger than {max_bytes} bytes")
+    return path.read_bytes()
+
+
+# --------------------------------------------------------------------------- build and add
+
+
+def _next_generation(path: Path, info: dict | None) -> str:
+    last = int(info["generation"].split("-")[1]) if info else 0
+    return f"gen-{last + 1:06d}"
+
+
+def _write_generation(path: Path, name: str, index: faiss.Index, ids: np.ndarray, meta: pd.DataFrame) -> None:
+    gen = path / name
+    if gen.exists():  # left by a killed run: never pointed at by info.json
+        shutil.rmtree(gen)
+    tmp = path / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    faiss.write_index(index, str(tmp / "index.faiss"))
+    np.save(tmp / "ids.npy", ids.astype(np.int64))
+    meta.to_parquet(tmp / "meta.parquet", index=False)
+    os.replace(tmp, gen)
+
+
+def _commit(path: Path, info: dict, previous: dict | None) -> None:
+    _write_json(path / INFO_NAME, info)
+    if previous and previous.get("generation") != info["generation"]:
+        shutil.rmtree(path / previous["generation"], ignore_errors=True)
+
+
+class _Rows:
+    """Every indexed vector in index order, read part by part from the embed folders.
+
+    The first occurrence of an id wins (as in the index); `hold` ids are left out, so
+    exact search over this stream is exact search over what the index holds.
+    """
+
+    def __init__(self, sources: list[dict], batch: int = 65536):
+        self.sources, self.batch = sources, batch
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        seen: set[int] = set()
+        for src in self.sources:
+            for name in src["parts"]:
+                part = _part(src["embed_dir"], name)
+                ids, x = read_part(part)
+                first = np.fromiter((i not in seen for i in ids.tolist()), bool, len(ids))
+                seen.update(ids.tolist())
+                for start in range(0, len(ids), self.batch):
+                    keep = first[start:start + self.batch]
+                    yield ids[start:start + self.batch][keep], np.asarray(x[start:start + self.batch][keep], np.float32)
+
+
+def _part(embed_dir: str, name: str) -> EmbedPart:
+    folder = Path(embed_dir)
+    return EmbedPart(name, folder / f"{name}.npy", folder / f"ids-{name.split('-')[1]}.npy", -1)
+
+
+def _exact_truth(rows: Iterator[tuple[np.ndarray, np.ndarray]], xq: np.ndarray, k: int,
+                 leave_out: np.ndarray) -> np.ndarray:
+    """Ids of the exact k nearest of each query among the streamed rows (queries left out)."""
+    heap = faiss.ResultHeap(len(xq), k, keep_max=True)
+    leave_out = set(leave_out.tolist())
+    for ids, x in rows:
+        keep = np.fromiter((i not in leave_out for i in ids.tolist()), bool, len(ids))
+        ids, x = ids[keep], x[keep]
+        if not len(ids):
+            continue
+        kk = min(k, len(ids))
+        d, i = ann.exact_search(x, xq, kk)
+        labels = np.where(i >= 0, ids[np.maximum(i, 0)], -1)
+        if kk < k:
+            d = np.pad(d, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+            labels = np.pad(labels, ((0, 0), (0, k - kk)), constant_values=-1)
+        heap.add_result(np.ascontiguousarray(d, np.float32), np.ascontiguousarray(labels, np.int64))
+    heap.finalize()
+    return heap.I
+
+
+class _Adder:
+    """Adds new rows to an index, holding back a calibration sample until the parameter is tuned.
+
+    Tuning needs queries the index does not contain; a sample of the new rows serves, and is
+    added last, after tuning. Index row order = the order rows were added (kept in `ids`).
+    """
+
+    def __init__(self, index: faiss.Index, ids: np.ndarray, hold: np.ndarray, progress: bool | None, total: int):
+        self.index, self.hold = index, set(hold.tolist())
+        self.ids = [ids]
+        self.held_ids: list[np.ndarray] = []
+        self.held_x: list[np.ndarray] = []
+        self.bar = ann.tqdm(total=total, unit="vec", desc="add", disable=None if progress is None else not progress)
+
+    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
+        held = np.fromiter((i in self.hold for i in ids.tolist()), bool, len(ids))
+        if (~held).any():
+            self.index.add(np.ascontiguousarray(x[~held], np.float32))
+            self.ids.append(ids[~held])
+        if held.any():
+            self.held_ids.append(ids[held])
+            self.held_x.append(np.asarray(x[held], np.float32))
+        self.bar.update(len(ids))
+
+    def held(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.held_ids:
+            return np.zeros(0, np.int64), np.zeros((0, self.index.d), np.float32)
+        return np.concatenate(self.held_ids), np.concatenate(self.held_x)
+
+    def finish(self) -> np.ndarray:
+        held_ids, held_x = self.held()
+        if len(held_ids):
+            self.index.add(held_x)
+            self.ids.append(held_ids)
+        self.bar.close()
+        return np.concatenate(self.ids).astype(np.int64)
+
+
+def _tune_and_finish(adder: _Adder, sources: list[dict], k: int, target: float) -> tuple[np.ndarray, dict, float, int]:
+    held_ids, held_x = adder.held()
+    if ann.is_exact(adder.index):
+        params, recall = {}, 1.0
+    elif len(held_ids) == 0:
+        params, recall = None, None
+    else:
+        truth = _exact_truth(iter(_Rows(sources)), held_x, k, leave_out=held_ids)
+        labels = np.concatenate(adder.ids)
+        params, recall = ann.tune(adder.index, held_x, truth, k=k, target=target, labels=labels)
+    return adder.finish(), params, recall, len(held_ids)
+
+
+@dataclass
+class BuildOptions:
+    factory: str = "auto"
+    memory_budget: str | int = "8G"
+    target_recall: float = 0.95
+    k: int = 10
+    calibration_queries: int = 1000
+    device: str = "auto"
+    seed: int = 0
+    progress: bool | None = None
+
+
+def build(embed_dir: str | os.PathLike, out: str | os.PathLike, opts: BuildOptions = BuildOptions(),
+          overwrite: bool = False) -> dict:
+    """Build an index over every part of an embed folder; returns the info written to info.json."""
+    embed_dir, out = Path(embed_dir).resolve(), Path(out)
+    previous = _read_info(out)
+    if previous and not overwrite:
+        raise IndexFolderError(f"{out} already holds an index; use `lvd index add` to extend it or --overwrite to rebuild")
+    parts = list_parts(embed_dir)
+    if not parts:
+        raise IndexFolderError(f"no part-*.npy files in {embed_dir}")
+    sources = [{"embed_dir": str(embed_dir), "parts": [p.name for p in parts]}]
+    all_ids = np.concatenate([read_part(p)[0] for p in parts])
+    _check_unique(all_ids)
+    n, d = len(all_ids), int(np.load(parts[0].vectors, mmap_mode="r").shape[1])
+    t0 = time.perf_counter()
+    budget = ann.parse_bytes(opts.memory_budget)
+    if opts.factory in (None, "", "auto"):
+        plan = ann.choose_index(n, d, budget, k=opts.k)
+    else:
+        plan = ann.plan_from_factory(opts.factory, n, d)
+    print(f"building {plan.factory} over {n} x {d} vectors: {plan.reason}", flush=True)
+    sample = None
+    if plan.train_size:
+        sample = np.concatenate([x for _, x in _select(_Rows(sources), all_ids, ann.sample_rows(n, plan.train_size, opts.seed))])
+    index = ann.trained_index(plan, d, sample, device=opts.device or "auto")
+    del sample
+    tunable = not ann.is_exact(index)
+    # at most a tenth of the data held back for calibration, so the tuned index is the real one
+    hold = all_ids[ann.sample_rows(n, min(opts.calibration_queries, n // 10), opts.seed + 1)] if tunable else np.zeros(0, np.int64)
+    adder = _Adder(index, np.zeros(0, np.int64), hold, opts.progress, n)
+    for ids, x in _Rows(sources):
+        adder.add(ids, x)
+    ids, params, recall, n_queries = _tune_and_finish(adder, sources, opts.k, opts.target_recall)
+    if params is None:
+        log.warning("too few vectors to measure recall; search parameters left at Faiss defaults")
+        params = {}
+    _enable_lookup(index)
+    plan.search_params = params
+    info = {
+        "format": FORMAT, "version": FORMAT_VERSION, "generation": _next_generation(out, previous),
+        "n": n, "dim": d, "metric": "inner_product", "plan": plan.to_dict(), "factory": plan.factory,
+        "search_params": params,
+        "expected_recall": {"k": opts.k, "recall": recall, "target": opts.target_recall, "queries": n_queries,
+                            "how": "exact" if not tunable else "held-out indexed vectors vs exact search"},
+        "calibration_queries": opts.calibration_queries,
+        "memory_budget": budget, "embedder": embedder_info(embed_dir), "sources": sources,
+        "seed": opts.seed, "build_seconds": round(time.perf_counter() - t0, 3),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_generation(out, info["generation"], index, ids, read_manifest_meta(embed_dir, ids))
+    _commit(out, info, previous)
+    return info
+
+
+def _select(rows: _Rows, all_ids: np.ndarray, wanted_rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The vectors of some row numbers (training sample), streamed."""
+    wanted = set(all_ids[wanted_rows].tolist())
+    for ids, x in rows:
+        keep = np.fromiter((i in wanted for i in ids.tolist()), bool, len(ids))
+        if keep.any():
+            yield ids[keep], x[keep]
+
+
+def add(index_dir: str | os.PathLike, embed_dir: str | os.PathLike, opts: BuildOptions | None = None) -> dict:
+    """Add the parts of `embed_dir` that the index does not hold yet, without retraining.
+
+    Ids already indexed are skipped (an image is never indexed twice). When enough new rows
+    arrive, the search parameter is re-tuned on a held-back sample of them so that
+    `expected_recall` stays true for the grown index.
+    """
+    index_dir, embed_dir = Path(index_dir), Path(embed_dir).resolve()
+    store = IndexStore.open(index_dir)
+    info = json.loads(json.dumps(store.info))
+    opts = opts or BuildOptions(k=info["expected_recall"]["k"], target_recall=info["expected_recall"]["target"],
+                                calibration_queries=info.get("calibration_queries", 1000), seed=info.get("seed", 0))
+    emb = embedder_info(embed_dir)
+    old = info.get("embedder") or {}
+    clash = {k: (old.get(k), emb.get(k)) for k in EMBEDDER_KEYS if k in old and k in emb and old[k] != emb[k]}
+    if clash:
+        raise IndexFolderError(f"{embed_dir} was embedded differently from the index (index, new): {clash}")
+    sources = info["sources"]
+    entry = next((s for s in sources if s["embed_dir"] == str(embed_dir)), None)
+    if entry is None:
+        entry = {"embed_dir": str(embed_dir), "parts": []}
+        sources.append(entry)
+    new_parts = [p for p in list_parts(embed_dir) if p.name not in set(entry["parts"])]
+    if not new_parts:
+        print(f"nothing to add: every part of {embed_dir} is indexed")
+        return info
+    index = store.index
+    known = set(store.ids.tolist())
+    new_ids = []
+    for p in new_parts:
+        pid, x = read_part(p)
+        if x.shape[1] != index.d:
+            raise IndexFolderError(f"{p.vectors} has dimension {x.shape[1]}, the index {index.d}")
+        new_ids.append(pid)
+    new_ids = np.concatenate(new_ids)
+    fresh = np.fromiter((i not in known for i in new_ids.tolist()), bool, len(new_ids))
+    _check_unique(new_ids[fresh])
+    if (~fresh).any():
+        log.warning("%d ids of %s are already indexed and are skipped", int((~fresh).sum()), embed_dir)
+    fresh_ids = new_ids[fresh]
+    tunable = not ann.is_exact(index)
+    n_hold = min(opts.calibration_queries, len(fresh_ids) // 10) if tunable else 0
+    # a few new rows do not change the recall measured before; re-tune only on a fair sample
+    if n_hold < 100:
+        n_hold = 0
+    hold = fresh_ids[ann.sample_rows(len(fresh_ids), n_hold, opts.seed + 1)] if n_hold else np.zeros(0, np.int64)
+    adder = _Adder(index, store.ids, hold, opts.progress, len(new_ids))
+    entry["parts"].extend(p.name for p in new_parts)
+    new_sources = [{"embed_dir": str(embed_dir), "parts": [p.name for p in new_parts]}]
+    for ids, x in _Rows(new_sources):
+        keep = np.fromiter((i not in known for i in ids.tolist()), bool, len(ids))
+        adder.add(ids[keep], x[keep])
+    ids, params, recall, n_queries = _tune_and_finish(adder, sources, opts.k, opts.target_recall)
+    if params is None:  # nothing held back: keep what was measured before
+        params, recall, n_queries = info["search_params"], info["expected_recall"]["recall"], info["expected_recall"]["queries"]
+    ann.set_search_params(index, params)
+    meta = pd.concat([store.meta, read_manifest_meta(embed_dir, ids[len(store.ids):])], ignore_index=True)
+    info.update(
+        generation=_next_generation(index_dir, store.info), n=len(ids), sources=sources, search_params=params,
+        expected_recall={**info["expected_recall"], "recall": recall, "queries": n_queries},
+        embedder=old or emb, updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    info["plan"]["search_params"] = params
+    _write_generation(index_dir, info["generation"], index, ids, meta)
+    _commit(index_dir, info, store.info)
+    return info
+
+
+def _read_info(path: Path) -> dict | None:
+    p = Path(path) / INFO_NAME
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _check_unique(ids: np.ndarray) -> None:
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise IndexFolderError(f"ids repeat in the embeddings (e.g. {uniq[counts > 1][:5].tolist()})")
+
+
+def _enable_lookup(index: faiss.Index) -> None:
+    """IVF indexes need a direct map to reconstruct a vector by row (search by id)."""
+    ivf = ann._ivf_of(index)
+    if ivf is not None:
+        ivf.make_direct_map()
+

@@ -1,0 +1,148 @@
+"""Config -> backbone and labelled features, and results -> JSON: what `lvd eval` and `lvd viz` share.
+
+The numeric parts (`knn`, `linear`) take arrays; this module is the thin reader/writer around
+them: it builds the backbone named in the config, reads the labelled train and test sources,
+maps their labels onto one vocabulary, and writes a results file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from pretrain.data.labelled import encode_labels, iter_labelled, label_vocabulary
+from pretrain.eval.features import Preprocessing, extract_labelled_features, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def plain(value):
+    """A config node as plain Python (lists, dicts), anything else unchanged."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def load_model(
+    model: str,
+    weights: str | None,
+    resolution: int | None,
+    device: torch.device,
+    overrides: dict | None = None,
+    resize_ratio: float = 1.0,
+):
+    """The backbone named in a config, in eval mode on `device`, with its preprocessing.
+
+    `weights: null` gives random weights: that is the baseline a pretraining run is compared
+    with, so it is allowed, and logged loudly.
+    """
+    from pretrain.models import build_backbone
+    from pretrain.models.registry import get_spec
+
+    spec = get_spec(model)
+    if weights is None:
+        log.warning("%s: no weights given, evaluating RANDOM weights", model)
+    backbone = build_backbone(model, weights=weights, **(overrides or {})).to(device).eval()
+    res = int(resolution or spec.resolution)
+    if res % backbone.patch_size:
+        raise ValueError(f"resolution {res} is not a multiple of the patch size {backbone.patch_size} of {model}")
+    return backbone, Preprocessing(res, tuple(spec.mean), tuple(spec.std), float(resize_ratio))
+
+
+@dataclass
+class LabelledFeatures:
+    """Train and test features with labels on one shared class vocabulary."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: list[str]
+    device: torch.device
+    meta: dict
+
+    def info(self) -> dict:
+        return {
+            **self.meta,
+            "n_train": int(len(self.train_y)),
+            "n_test": int(len(self.test_y)),
+            "n_classes": len(self.classes),
+            "classes": self.classes,
+        }
+
+
+def labelled_features(cfg) -> LabelledFeatures:
+    """Run the configured backbone over `eval.train` and `eval.test`."""
+    c = cfg.eval
+    if c.train is None or c.test is None:
+        raise ValueError("eval.train and eval.test must both name a labelled source")
+    torch.manual_seed(int(c.seed))  # random-weight baselines are reproducible too
+    device = resolve_device(str(c.device))
+    model, prep = load_model(
+        c.model, c.weights, c.resolution, device, plain(c.get("overrides")), float(c.resize_ratio)
+    )
+    common = dict(
+        batch_size=int(c.batch_size), device=device, dtype=str(c.dtype), pooling=str(c.pooling),
+        workers=int(c.workers),
+    )
+    train, test = plain(c.train), plain(c.test)
+    start = time.time()
+    tr_x, tr_labels, _ = extract_labelled_features(
+        model, iter_labelled(train, c.get("limit_train")), prep, desc="train features", **common
+    )
+    te_x, te_labels, _ = extract_labelled_features(
+        model, iter_labelled(test, c.get("limit_test")), prep, desc="test features", **common
+    )
+    classes = label_vocabulary(tr_labels, te_labels)
+    unseen = sorted(set(te_labels) - set(tr_labels))
+    if unseen:
+        log.warning("test classes absent from the training source (always wrong): %s", unseen)
+    meta = {
+        "model": c.model,
+        "weights": None if c.weights is None else str(c.weights),
+        "resolution": prep.resolution,
+        "resize_ratio": prep.resize_ratio,
+        "pooling": str(c.pooling),
+        "train": train,
+        "test": test,
+        "feature_dim": int(tr_x.shape[1]),
+        "feature_seconds": round(time.time() - start, 3),
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    return LabelledFeatures(
+        tr_x, encode_labels(tr_labels, classes), te_x, encode_labels(te_labels, classes),
+        classes, device, meta,
+    )
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(cfg, name: str, results: dict) -> Path:
+    """`eval.output_dir/NAME.json` (plus the merged config beside it); returns the JSON path."""
+    out_dir = Path(cfg.eval.output_dir)
+    path = out_dir / f"{name}.json"
+    atomic_write_bytes(path, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out_dir / f"{name}.config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    log.info("wrote %s", path)
+    return path

@@ -1,0 +1,104 @@
+"""Read backbone weights from every supported local format into the DINOv2 hub layout.
+
+Formats: a hub `.pth` state dict; a Hugging Face folder or `model.safetensors`; an lvd
+training checkpoint (teacher backbone); a torch.onnx export of a Hugging Face Dinov2Model.
+`load_weights` returns the tensors and the architecture facts the file implies (its stored
+position grid, how it resamples position embeddings), which `build_backbone` applies before
+strict loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .hub import grid_side, to_hub_layout
+from .huggingface import hf_to_hub, hints_from_hf_config, looks_like_hf, read_hf_config
+from .lvd_checkpoint import is_lvd_checkpoint, teacher_from_checkpoint
+from .resolve import resolve_weights
+from .strict import WeightsError, check_state_dict, load_strict
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LoadedWeights",
+    "WeightsError",
+    "check_state_dict",
+    "load_strict",
+    "load_weights",
+    "resolve_weights",
+]
+
+
+@dataclass
+class LoadedWeights:
+    state_dict: dict[str, torch.Tensor]
+    source: str  # resolved path
+    format: str  # hub | huggingface | lvd-pretrain | onnx
+    hints: dict = field(default_factory=dict)  # architecture arguments implied by the file
+    arch_name: str | None = None  # the architecture the file says it is, when it says
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+def _from_huggingface(sd: dict, config: dict) -> tuple[dict, dict]:
+    hub = hf_to_hub(sd)
+    with_registers = "register_tokens" in hub or config.get("model_type") == "dinov2_with_registers"
+    # Hugging Face resamples position embeddings to the exact grid (antialiased with registers)
+    hints = {"interpolate_offset": 0.0, "interpolate_antialias": bool(with_registers)}
+    hints.update(hints_from_hf_config(config))
+    return hub, hints
+
+
+def _read(path: Path) -> LoadedWeights:
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise WeightsError(f"{path}: expected exactly one .safetensors file, found {[f.name for f in files]}")
+        sd, hints = _from_huggingface(_read_safetensors(files[0]), read_hf_config(path))
+        return LoadedWeights(sd, str(path), "huggingface", hints)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        from .onnx_import import state_dict_from_onnx
+
+        hints = {"interpolate_offset": 0.0, "interpolate_antialias": False}  # a Dinov2Model export
+        return LoadedWeights(state_dict_from_onnx(path), str(path), "onnx", hints)
+    if suffix == ".safetensors":
+        sd = _read_safetensors(path)
+        if looks_like_hf(sd):
+            sd, hints = _from_huggingface(sd, read_hf_config(path.parent))
+            return LoadedWeights(sd, str(path), "huggingface", hints)
+        return LoadedWeights(to_hub_layout(sd), str(path), "hub")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read {path} as a weights-only torch file: {exc}") from exc
+    if is_lvd_checkpoint(obj):
+        sd, name, overrides = teacher_from_checkpoint(obj)
+        return LoadedWeights(to_hub_layout(sd), str(path), "lvd-pretrain", dict(overrides), name)
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors nor an lvd checkpoint")
+    if looks_like_hf(obj):
+        sd, hints = _from_huggingface(obj, {})
+        return LoadedWeights(sd, str(path), "huggingface", hints)
+    return LoadedWeights(to_hub_layout(obj), str(path), "hub")
+
+
+def load_weights(spec: str | os.PathLike, patch_size: int | None = None) -> LoadedWeights:
+    """Resolve `spec` (path or pkg://) and read it; `patch_size` lets the stored grid set img_size."""
+    path = resolve_weights(spec)
+    loaded = _read(path)
+    side = grid_side(loaded.state_dict)
+    patch = loaded.state_dict.get("patch_embed.proj.weight")
+    if side is not None and patch is not None:
+        loaded.hints.setdefault("img_size", side * int(patch.shape[-1]))
+    log.info("read %s weights from %s (%d tensors)", loaded.format, path, len(loaded.state_dict))
+    return loaded

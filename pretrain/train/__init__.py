@@ -1,0 +1,6 @@
+"""DINOv2 self-supervised pretraining: heads, losses, masking, multi-crop, data stream, trainer."""
+
+from .checkpoint import export_teacher, load_checkpoint
+from .trainer import run_pretrain
+
+__all__ = ["export_teacher", "load_checkpoint", "run_pretrain"]

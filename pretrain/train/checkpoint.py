@@ -1,0 +1,66 @@
+"""lvd training checkpoints and the teacher export.
+
+A checkpoint is a plain dict saved with torch.save and loadable with weights_only=True:
+`format` "lvd-pretrain", `arch` {name, overrides}, `teacher_backbone` (DINOv2 hub key layout,
+what `build_backbone` and `lvd embed` load), and the resume state (student, teacher, optimiser,
+loss centres, iteration, data-stream positions, config). Files are written to a temporary name
+and renamed, so a killed run never leaves a truncated checkpoint that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+FORMAT = "lvd-pretrain"
+_NAME = re.compile(r"^iter-(\d+)\.pth$")
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save to `path` via a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def checkpoint_path(folder: str | os.PathLike, iteration: int) -> Path:
+    return Path(folder) / f"iter-{iteration:08d}.pth"
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(iteration, path) of the finished checkpoints in `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / p) for p in os.listdir(folder) if (m := _NAME.match(p))]
+    return sorted(found)
+
+
+def prune_checkpoints(folder: str | os.PathLike, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints."""
+    for _, path in list_checkpoints(folder)[: -keep if keep > 0 else None]:
+        path.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint without unpickling code (weights_only) and check its format."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an {FORMAT} checkpoint")
+    return ckpt
+
+
+def export_teacher(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the teacher backbone of checkpoint `ckpt` as a plain hub-layout state_dict `.pth`."""
+    state = load_checkpoint(ckpt)["teacher_backbone"]
+    return atomic_save({k: v.detach().clone().contiguous() for k, v in state.items()}, out)

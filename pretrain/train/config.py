@@ -1,0 +1,55 @@
+"""The pretrain configuration: defaults from configs/pretrain.yaml, file and `a.b=v` overrides.
+
+The lead's CLI (`lvd pretrain CONFIG [k=v]`) does the same merge; this loader serves
+scripts, tests and benchmarks that call `run_pretrain` directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def default_config_path() -> Path:
+    """configs/pretrain.yaml of a checkout, else the copy installed as curate package data."""
+    here = Path(__file__).resolve().parents[2] / "configs" / "pretrain.yaml"
+    if here.is_file():
+        return here
+    spec = importlib.util.find_spec("curate")  # locates the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidate = Path(loc) / "configs" / "pretrain.yaml"
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError("configs/pretrain.yaml not found")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> DictConfig:
+    """defaults <- file <- overrides; keys absent from the defaults are errors."""
+    cfg = OmegaConf.load(default_config_path())
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.model.overrides, False)  # build_backbone's overrides are open-ended
+    if path is not None:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+    if isinstance(overrides, dict):
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+    elif overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return cfg
+
+
+def effective_loss_settings(cfg: DictConfig) -> dict:
+    """What the losses and masking really use once `mode` is applied (dino = DINO v1)."""
+    dino_v1 = cfg.mode == "dino"
+    if cfg.mode not in ("dino", "dinov2"):
+        raise ValueError(f"mode must be dino or dinov2, not {cfg.mode!r}")
+    return {
+        "centering": "softmax" if dino_v1 else cfg.loss.centering,
+        "ibot": (not dino_v1) and cfg.loss.ibot_weight > 0,
+        "ibot_weight": 0.0 if dino_v1 else float(cfg.loss.ibot_weight),
+        "koleo_weight": 0.0 if dino_v1 else float(cfg.loss.koleo_weight),
+        "dino_weight": float(cfg.loss.dino_weight),
+    }

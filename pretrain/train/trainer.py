@@ -1,0 +1,351 @@
+"""`run_pretrain(cfg) -> Path`: the DINOv2 training loop on WebDataset shards.
+
+One process or one process per rank under torchrun (DDP, or FSDP for large models). Every
+iteration reseeds torch from (seed, rank, iteration), the data stream position travels in the
+checkpoint and schedules are indexed by iteration, so a killed run resumed from its last
+checkpoint repeats the uninterrupted run's numbers (on CPU; GPU kernels may differ in the
+last bits). Writes RUN/pretrain/{config.yaml, metrics.jsonl, checkpoints/, teacher_backbone.pth,
+_SUCCESS.json}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import distributed as D
+from .augment import MultiCrop
+from .checkpoint import FORMAT, atomic_save, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints
+from .config import effective_loss_settings
+from .masking import batch_masks
+from .metrics import MetricsLog
+from .param_groups import param_groups
+from .schedules import build_schedules
+from .ssl import MaskInfo, SSLModel, SSLObjective, ema_update
+from .stream import ShardStream, expand_shards
+
+log = logging.getLogger(__name__)
+N_GLOBAL = 2
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; None = full float32."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bfloat16": torch.bfloat16, "float32": None}[name]
+
+
+def step_seed(seed: int, rank: int, iteration: int) -> int:
+    """A 63-bit seed that depends on (seed, rank, iteration) alone: resume needs no RNG state."""
+    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def build_models(cfg: DictConfig, settings: dict, device: torch.device) -> tuple[SSLModel, SSLModel]:
+    """Student (with drop-path) and teacher (without), starting from identical weights."""
+    from ..models import build_backbone
+
+    overrides = dict(OmegaConf.to_container(cfg.model.overrides, resolve=True))
+    heads = lambda h: dict(out_dim=h.prototypes, hidden_dim=h.hidden_dim,  # noqa: E731
+                           bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers)
+    ibot = heads(cfg.ibot_head) if settings["ibot"] else None
+    torch.manual_seed(cfg.seed)
+    student = SSLModel(build_backbone(cfg.model.arch, weights=cfg.model.weights,
+                                      drop_path_rate=cfg.model.drop_path_rate, **overrides),
+                       heads(cfg.dino_head), ibot)
+    teacher = SSLModel(build_backbone(cfg.model.arch, weights=None, drop_path_rate=0.0, **overrides),
+                       heads(cfg.dino_head), ibot)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student.to(device).train(), teacher.to(device).eval()
+
+
+def forward_losses(student: nn.Module, teacher: nn.Module, objective: SSLObjective,
+                   global_crops: torch.Tensor, local_crops: torch.Tensor | None, mask: MaskInfo | None,
+                   teacher_temp: float, amp: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Teacher targets (no grad) + student forward + the weighted losses, for one batch."""
+    ctx = torch.autocast(global_crops.device.type, dtype=amp) if amp is not None else nullcontext()
+    indices = mask.indices if mask is not None else None
+    with ctx:
+        with torch.no_grad():
+            t_out = teacher(global_crops, None, None, indices)
+        s_out = student(global_crops, local_crops, mask.masks if mask is not None else None, indices)
+    return objective(s_out, t_out, N_GLOBAL, teacher_temp, mask)
+
+
+class Pretrainer:
+    """Holds the models, optimiser, schedules and stream of one training run."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.run_dir) / "pretrain"
+        self.device = resolve_device(cfg.train.device)
+        D.init_from_env(self.device)
+        self.rank, self.world = D.rank(), D.world_size()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.amp = autocast_dtype(cfg.train.dtype, self.device)
+        self.settings = effective_loss_settings(cfg)
+        self.student, self.teacher = build_models(cfg, self.settings, self.device)
+        self.n_blocks = int(getattr(self.student.backbone, "n_blocks", len(getattr(self.student.backbone, "blocks", []))))
+        self.patch = int(self.student.backbone.patch_size)
+        self.objective = SSLObjective(
+            cfg.dino_head.prototypes, cfg.ibot_head.prototypes if self.settings["ibot"] else None,
+            centering=self.settings["centering"], center_momentum=cfg.loss.center_momentum,
+            sinkhorn_iters=cfg.loss.sinkhorn_iters, student_temp=cfg.loss.student_temp,
+            dino_weight=self.settings["dino_weight"], ibot_weight=self.settings["ibot_weight"],
+            koleo_weight=self.settings["koleo_weight"]).to(self.device)
+        self.train_module = self._wrap()
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.student, self.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
+            lr=0.0, betas=tuple(cfg.optim.adamw_betas))
+        self.total = int(cfg.optim.epochs * cfg.optim.iters_per_epoch)
+        self.global_batch = cfg.data.batch_size_per_rank * self.world
+        self.schedules = build_schedules(cfg.optim, self.total, cfg.optim.iters_per_epoch, self.global_batch)
+        self.multicrop = MultiCrop(cfg.crops.global_size, cfg.crops.local_size, cfg.crops.n_local,
+                                   tuple(cfg.crops.global_scale), tuple(cfg.crops.local_scale),
+                                   tuple(cfg.crops.mean), tuple(cfg.crops.std)).to(self.device)
+        for size in (cfg.crops.global_size, cfg.crops.local_size):
+            if size % self.patch:
+                raise ValueError(f"crop size {size} is not a multiple of the patch size {self.patch}")
+        self.grid = (cfg.crops.global_size // self.patch,) * 2
+        self.n_streams = max(1, int(cfg.data.num_workers))
+        self.start, self.positions = 0, [(0, 0)] * self.n_streams
+
+    # -- set-up ------------------------------------------------------------------------
+    def _wrap(self) -> nn.Module:
+        if not D.is_distributed():
+            return self.student
+        if self.cfg.train.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for model in (self.student, self.teacher):
+                for block in getattr(model.backbone, "blocks", []):
+                    fully_shard(block)
+                fully_shard(model)
+            return self.student
+        if self.cfg.train.parallel != "ddp":
+            raise ValueError(f"train.parallel must be ddp or fsdp, not {self.cfg.train.parallel!r}")
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # DINO v1 mode never uses the backbone's mask token.
+        return DistributedDataParallel(self.student, device_ids=ids, find_unused_parameters=not self.settings["ibot"])
+
+    def _fsdp(self) -> bool:
+        return D.is_distributed() and self.cfg.train.parallel == "fsdp"
+
+    def _loader(self) -> DataLoader:
+        cfg = self.cfg
+        shards = expand_shards(cfg.data.shards if cfg.data.shards is not None
+                               else str(Path(cfg.run_dir) / "shards" / "*.tar"))
+        stream = ShardStream(shards, cfg.data.image_size, cfg.data.batch_size_per_rank, seed=cfg.seed,
+                             rank=self.rank, num_streams=self.n_streams, positions=self.positions,
+                             batches_consumed=self.start, shards_per_cycle=cfg.data.shards_per_cycle,
+                             shuffle_buffer=cfg.data.shuffle_buffer, max_pixels=cfg.data.max_pixels)
+        workers = int(cfg.data.num_workers)
+        return DataLoader(stream, batch_size=None, num_workers=workers,
+                          pin_memory=self.device.type == "cuda",
+                          worker_init_fn=_single_thread if workers else None,
+                          prefetch_factor=2 if workers else None)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _state_dicts(self) -> tuple[dict, dict, dict]:
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return (get_model_state_dict(self.student, options=opts), get_model_state_dict(self.teacher, options=opts),
+                    get_optimizer_state_dict(self.student, self.optimizer, options=opts))
+        return self.student.state_dict(), self.teacher.state_dict(), self.optimizer.state_dict()
+
+    def save(self, next_iteration: int) -> None:
+        pos = torch.tensor(self.positions, dtype=torch.int64)
+        all_pos = [torch.zeros_like(pos) for _ in range(self.world)]
+        if D.is_distributed():
+            torch.distributed.all_gather(all_pos, pos)
+        else:
+            all_pos = [pos]
+        student, teacher, optim = self._state_dicts()
+        if self.rank == 0:
+            overrides = OmegaConf.to_container(self.cfg.model.overrides, resolve=True)
+            ckpt = {
+                "format": FORMAT,
+                "arch": {"name": self.cfg.model.arch, "overrides": overrides},
+                "teacher_backbone": {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")},
+                "student": student, "teacher": teacher, "optimizer": optim,
+                "objective": self.objective.state_dict(),
+                "iteration": next_iteration,
+                "data": {"positions": [p.tolist() for p in all_pos], "num_streams": self.n_streams,
+                         "world_size": self.world},
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+            }
+            atomic_save(ckpt, checkpoint_path(self.out / "checkpoints", next_iteration))
+            prune_checkpoints(self.out / "checkpoints", self.cfg.train.keep_checkpoints)
+        D.barrier()
+
+    def resume(self) -> None:
+        found = list_checkpoints(self.out / "checkpoints")
+        if not found:
+            return
+        it, path = found[-1]
+        ckpt = load_checkpoint(path, map_location=self.device)
+        data = ckpt["data"]
+        if data["world_size"] != self.world or data["num_streams"] != self.n_streams:
+            raise ValueError(f"{path} was written by {data['world_size']} ranks x {data['num_streams']} streams; "
+                             f"this run has {self.world} x {self.n_streams}: keep them unchanged to resume")
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.student, ckpt["student"], options=opts)
+            set_model_state_dict(self.teacher, ckpt["teacher"], options=opts)
+            set_optimizer_state_dict(self.student, self.optimizer, ckpt["optimizer"], options=opts)
+        else:
+            self.student.load_state_dict(ckpt["student"])
+            self.teacher.load_state_dict(ckpt["teacher"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.objective.load_state_dict(ckpt["objective"])
+        self.start = int(ckpt["iteration"])
+        self.positions = [tuple(p) for p in data["positions"][self.rank]]
+        log.info("resumed from %s at iteration %d", path, self.start)
+
+    # -- one iteration -----------------------------------------------------------------
+    def _apply_schedules(self, it: int) -> None:
+        s = self.schedules
+        for g in self.optimizer.param_groups:
+            lr = s["last_layer_lr"][it] if g["is_last_layer"] else s["lr"][it]
+            g["lr"] = float(lr * g["lr_multiplier"])
+            g["weight_decay"] = float(s["wd"][it] * g["wd_multiplier"])
+
+    def step(self, it: int, images: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        torch.manual_seed(step_seed(cfg.seed, self.rank, it))
+        crops = self.multicrop(images.to(self.device, non_blocking=True))
+        global_crops = torch.cat(crops.global_crops)
+        local_crops = torch.cat(crops.local_crops) if crops.local_crops else None
+        mask = None
+        if self.settings["ibot"]:
+            rng = np.random.default_rng([cfg.seed, self.rank, it, 1])
+            masks = batch_masks(global_crops.shape[0], self.grid, (cfg.masking.ratio_min, cfg.masking.ratio_max),
+                                cfg.masking.sample_probability, rng, cfg.masking.min_block)
+            mask = MaskInfo.from_masks(masks.to(self.device))
+        temp = float(self.schedules["teacher_temp"][it])
+        losses = forward_losses(self.train_module, self.teacher, self.objective, global_crops, local_crops,
+                                mask, temp, self.amp)
+        if not torch.isfinite(losses["total"]):
+            raise FloatingPointError(f"non-finite loss at iteration {it}: {({k: float(v) for k, v in losses.items()})}")
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if cfg.optim.clip_grad > 0:
+            for part in (self.student.backbone, self.student.dino_head, self.student.ibot_head):
+                if part is not None:
+                    torch.nn.utils.clip_grad_norm_(part.parameters(), cfg.optim.clip_grad)
+        self._apply_schedules(it)
+        self.optimizer.step()
+        ema_update(self.teacher, self.student, float(self.schedules["momentum"][it]))
+        return {k: v.detach() for k, v in losses.items()}
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        if cfg.train.overwrite and self.rank == 0 and self.out.exists():
+            for name in ("checkpoints", "metrics.jsonl", "teacher_backbone.pth", "_SUCCESS.json"):
+                p = self.out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        D.barrier()
+        if (self.out / "_SUCCESS.json").exists():
+            log.info("%s is finished (_SUCCESS.json); train.overwrite=true trains again", self.out)
+            return self.out
+        self.resume()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = self.out / ".config.yaml.tmp"
+            OmegaConf.save(cfg, tmp)
+            os.replace(tmp, self.out / "config.yaml")
+        metrics = MetricsLog(self.out / "metrics.jsonl", self.start) if self.rank == 0 else None
+        stop = self.total if cfg.train.stop_after is None else min(self.total, int(cfg.train.stop_after))
+        show = (sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)) and self.rank == 0
+        bar = tqdm(total=self.total, initial=self.start, disable=not show, desc="pretrain", unit="it")
+        batches = iter(self._loader()) if self.start < stop else iter(())
+        t0, last = time.perf_counter(), self.start
+        for it in range(self.start, stop):
+            batch = next(batches)
+            self.positions[batch["stream"]] = tuple(int(x) for x in batch["position"])
+            losses = self.step(it, batch["images"])
+            if (it + 1) % cfg.train.log_every == 0 or it + 1 == stop:
+                now = time.perf_counter()
+                self._log(metrics, it, losses, it + 1 - last, now - t0)
+                t0, last = now, it + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(losses['total']):.4f}", refresh=False)
+            if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == stop:
+                self.save(it + 1)
+        bar.close()
+        if stop < self.total:
+            log.info("stopped after iteration %d of %d (train.stop_after); run again to resume", stop, self.total)
+            return self.out
+        self._finish()
+        return self.out
+
+    def _log(self, metrics: MetricsLog | None, it: int, losses: dict, steps: int, elapsed: float) -> None:
+        names = sorted(losses)
+        vals = torch.stack([losses[k].float() for k in names])
+        D.all_reduce_sum(vals)
+        vals /= self.world
+        if metrics is None:
+            return
+        row = {"iteration": it, **{k: float(v) for k, v in zip(names, vals)},
+               "lr": float(self.schedules["lr"][it]), "wd": float(self.schedules["wd"][it]),
+               "momentum": float(self.schedules["momentum"][it]),
+               "teacher_temp": float(self.schedules["teacher_temp"][it]),
+               "images_per_s": round(steps * self.global_batch / max(elapsed, 1e-9), 3)}
+        metrics.write(row)
+        log.debug("iteration %d: %s", it, row)
+
+    def _finish(self) -> None:
+        found = list_checkpoints(self.out / "checkpoints")
+        if self.rank == 0:
+            ckpt = load_checkpoint(found[-1][1])
+            atomic_save(ckpt["teacher_backbone"], self.out / "teacher_backbone.pth")
+            info = {"iterations": self.total, "images_seen": self.total * self.global_batch,
+                    "arch": ckpt["arch"], "checkpoint": str(found[-1][1]),
+                    "teacher_backbone": str(self.out / "teacher_backbone.pth"),
+                    "world_size": self.world, "device": str(self.device),
+                    "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+            tmp = self.out / "._SUCCESS.json.tmp"
+            tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+            os.replace(tmp, self.out / "_SUCCESS.json")
+        D.barrier()
+
+
+def _single_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def run_pretrain(cfg: DictConfig) -> Path:
+    """Train (or resume) DINOv2 on the configured shards; returns RUN/pretrain."""
+    return Pretrainer(cfg).run()

@@ -1,0 +1,246 @@
+"""The dedup stage on a synthetic run directory, against brute-force numpy; resumability."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import curate.dedup as dedup
+from curate.config import load_config
+from curate.manifest import write_part
+from curate.runio import write_success
+
+DIM = 64
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def write_run(run_dir, rows, vectors, *, copy_vectors=None, parts=2, seed=0):
+    """A run folder as the manifest and embed stages leave it (see the shared contracts).
+
+    rows: dicts with id, set, sha1, width, height; vectors[i] belongs to rows[i].
+    Rows and embedding parts are written in shuffled order: stages must join on id.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(rows))
+    manifest_rows = [
+        {"id": r["id"], "set": r["set"], "source": "synthetic", "kind": "folder", "key": f"{r['id']}.jpg",
+         "label": None, "bytes": 100, "sha1": r["sha1"], "width": r.get("width", 64), "height": r.get("height", 64),
+         "format": "JPEG", "mode": "RGB", "frames": 1, "status": "ok", "error": None}
+        for r in (rows[i] for i in order)
+    ]
+    write_part(run_dir / "manifest" / "part-00000.parquet", manifest_rows, "synthetic")
+    write_success(run_dir / "manifest")
+    ids = np.array([rows[i]["id"] for i in order], np.int64)
+
+    def write_embeddings(folder, vecs):
+        vecs = np.asarray(vecs)[order]
+        for p, chunk in enumerate(np.array_split(np.arange(len(ids)), parts)):
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(folder / f"part-{p:05d}.npy", vecs[chunk].astype(np.float16))
+            np.save(folder / f"ids-{p:05d}.npy", ids[chunk])
+
+    write_embeddings(run_dir / "embed", vectors)
+    if copy_vectors is not None:
+        write_embeddings(run_dir / "embed" / "copy", copy_vectors)
+    write_success(run_dir / "embed", model="synthetic", dim=DIM)
+
+
+def synthetic_pool(seed=0, n_pool=200, n_eval=20):
+    """Random pool + planted exact copies, near-copy groups, chains and eval look-alikes."""
+    rng = np.random.default_rng(seed)
+    rows, vecs = [], []
+
+    def add(id_, set_, vec, sha1=None, pixels=(64, 64), chain=-1):
+        rows.append({"id": id_, "set": set_, "sha1": sha1 or f"{id_:040x}", "width": pixels[0], "height": pixels[1],
+                     "chain": chain})
+        vecs.append(vec)
+
+    base = unit(rng.normal(size=(n_pool, DIM)))
+    for i in range(n_pool):
+        add(10_000 + 7 * i, "pool", base[i], pixels=(64 + i % 5, 64), chain=i if 60 <= i < 64 else -1)
+    next_id = 50_000
+    for i in range(0, 30, 3):  # exact copies: same bytes, same vector
+        add(next_id, "pool", base[i], sha1=f"{10_000 + 7 * i:040x}")
+        next_id += 1
+    for i in range(30, 60, 2):  # near copies (1-3 of each), some larger than the original
+        for j in range(1 + i % 3):
+            add(next_id, "pool", unit(base[i] + rng.normal(scale=0.03, size=DIM)), pixels=(80 if j == 0 else 50, 64))
+            next_id += 1
+    for i in range(60, 64):  # a chain: each link close to the previous one only
+        v = base[i]
+        for _ in range(4):
+            v = unit(v + rng.normal(scale=0.04, size=DIM))
+            add(next_id, "pool", v, chain=i)
+            next_id += 1
+    evals = unit(rng.normal(size=(n_eval, DIM)))
+    for j in range(n_eval):
+        add(90_000 + j, f"eval:{'a' if j % 2 else 'b'}", evals[j])
+    for j in range(0, n_eval, 4):  # pool images that are eval look-alikes
+        add(next_id, "pool", unit(evals[j] + rng.normal(scale=0.05, size=DIM)))
+        next_id += 1
+    return rows, np.stack(vecs)
+
+
+def config(run_dir, *extra):
+    return load_config(None, [f"run_dir={run_dir}", "progress=false", "dedup.threshold=0.9", "decontam.threshold=0.85",
+                              "dedup.k=8", *extra])
+
+
+def brute_force(rows, vecs, threshold, decontam_threshold):
+    """Expected exact / near / decontam tables from first principles (all pairs, union-find)."""
+    frame = pd.DataFrame(rows)
+    frame["row"] = np.arange(len(frame))
+    pool = frame[frame["set"] == "pool"].sort_values("id")
+    first = pool.groupby("sha1")["id"].transform("min")
+    exact = {int(i): int(f) for i, f in zip(pool["id"], first) if i != f}
+    survivors = pool[~pool["id"].isin(exact)]
+    x = vecs[survivors["row"].to_numpy()].astype(np.float16).astype(np.float32)  # what the stage reads
+    sims = x @ x.T
+    parent = list(range(len(x)))
+
+    def find(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for a, b in zip(*np.nonzero(np.triu(sims >= threshold, 1))):
+        parent[find(a)] = find(b)
+    roots = np.array([find(a) for a in range(len(x))])
+    pixels = (survivors["width"] * survivors["height"]).to_numpy()
+    ids = survivors["id"].to_numpy()
+    kept = set()
+    for r in np.unique(roots):
+        members = np.flatnonzero(roots == r)
+        best = max(members, key=lambda m: (pixels[m], -ids[m]))
+        kept.add(int(ids[best]))
+    evals = frame[frame["set"].str.startswith("eval:")]
+    px = vecs[pool["row"].to_numpy()].astype(np.float16).astype(np.float32)
+    ex = vecs[evals["row"].to_numpy()].astype(np.float16).astype(np.float32)
+    s = px @ ex.T
+    pairs = {(int(pool["id"].iloc[a]), evals["set"].iloc[b][5:], int(evals["id"].iloc[b])) for a, b in zip(*np.nonzero(s >= decontam_threshold))}
+    return exact, ids, roots, kept, pairs
+
+
+def same_partition(a, b):
+    return len(set(zip(a, b))) == len(set(a)) == len(set(b))
+
+
+@pytest.mark.parametrize("mode", ["knn", "semdedup"])
+def test_dedup_stage_matches_brute_force(tmp_path, mode):
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path, rows, vecs)
+    out = dedup.run_dedup(config(tmp_path, f"dedup.mode={mode}", "dedup.semdedup_clusters=4"))
+    exact_ref, ids, roots, kept, pairs = brute_force(rows, vecs, 0.9, 0.85)
+
+    exact = pd.read_parquet(out / "exact.parquet")
+    assert dict(zip(exact["id"], exact["dup_of"])) == exact_ref and len(exact_ref) == 10
+
+    near = pd.read_parquet(out / "near.parquet").set_index("id").loc[ids]
+    assert same_partition(near["component"].tolist(), roots.tolist())
+    assert set(near.index[near["keep"]]) == kept
+    assert (~near["keep"]).sum() > 20  # the planted near copies and chains were found
+    # a chain whose ends are below the threshold is still one component (transitivity)
+    chains = pd.DataFrame(rows).query("chain >= 0").groupby("chain")["id"].apply(list)
+    for members in chains:
+        assert near.loc[members, "component"].nunique() == 1 and near.loc[members, "keep"].sum() == 1
+        first, last = vecs[[r["id"] for r in rows].index(members[0])], vecs[[r["id"] for r in rows].index(members[-1])]
+        assert first @ last < 0.9
+
+    decontam = pd.read_parquet(out / "decontam.parquet")
+    assert set(zip(decontam["id"], decontam["eval_set"], decontam["eval_id"])) == pairs and len(pairs) >= 5
+    assert (decontam["similarity"] >= 0.85).all()
+
+    success = json.loads((out / "_SUCCESS.json").read_text())
+    expected_kept = sorted(kept - {p[0] for p in pairs})
+    assert success["counts"]["kept"] == len(expected_kept)
+    np.testing.assert_array_equal(dedup.curated_pool_ids(tmp_path), expected_kept)
+
+
+def test_copy_detection_embeddings_are_used_when_configured(tmp_path):
+    rows, vecs = synthetic_pool()
+    rng = np.random.default_rng(9)
+    copy_vecs = unit(rng.normal(size=vecs.shape))  # unrelated space: no near duplicates at all
+    write_run(tmp_path, rows, vecs, copy_vectors=copy_vecs)
+    out = dedup.run_dedup(config(tmp_path, "embed.copy_detection.weights=/models/sscd.pt"))
+    near = pd.read_parquet(out / "near.parquet")
+    assert near["keep"].all()
+    assert json.loads((out / "_SUCCESS.json").read_text())["embeddings"] == "embed/copy"
+
+
+def test_rerun_skips_finished_files_and_redoes_changed_ones(tmp_path, monkeypatch):
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path, rows, vecs)
+    out = dedup.run_dedup(config(tmp_path))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed a finished part")
+
+    # nothing changed: nothing is recomputed or rewritten
+    monkeypatch.setattr(dedup, "exact_duplicates", boom)
+    monkeypatch.setattr(dedup, "near_duplicates_knn", boom)
+    monkeypatch.setattr(dedup, "contamination_pairs", boom)
+    dedup.run_dedup(config(tmp_path))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == stamps
+
+    # a new decontamination threshold redoes that file only
+    monkeypatch.undo()
+    monkeypatch.setattr(dedup, "exact_duplicates", boom)
+    monkeypatch.setattr(dedup, "near_duplicates_knn", boom)
+    dedup.run_dedup(config(tmp_path, "decontam.threshold=0.95"))
+    assert (out / "near.parquet").stat().st_mtime_ns == stamps["near.parquet"]
+    assert (out / "decontam.parquet").stat().st_mtime_ns != stamps["decontam.parquet"]
+    *_, pairs = brute_force(rows, vecs, 0.9, 0.95)
+    decontam = pd.read_parquet(out / "decontam.parquet")
+    assert set(zip(decontam["id"], decontam["eval_set"], decontam["eval_id"])) == pairs
+
+    # overwrite=true recomputes everything
+    monkeypatch.undo()
+    calls = []
+    real = dedup.exact_duplicates
+    monkeypatch.setattr(dedup, "exact_duplicates", lambda *a: calls.append(1) or real(*a))
+    dedup.run_dedup(config(tmp_path, "decontam.threshold=0.95", "overwrite=true"))
+    assert calls == [1]
+
+
+def test_killed_run_resumes_to_the_same_output(tmp_path, monkeypatch):
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path / "a", rows, vecs)
+    write_run(tmp_path / "b", rows, vecs)
+    reference = dedup.run_dedup(config(tmp_path / "a"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dedup, "contamination_pairs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dedup.run_dedup(config(tmp_path / "b"))
+    out = tmp_path / "b" / "dedup"
+    assert not (out / "_SUCCESS.json").exists() and not (out / "decontam.parquet").exists()
+    assert not list(out.glob(".*tmp*"))
+    monkeypatch.undo()
+    dedup.run_dedup(config(tmp_path / "b"))
+    for name in ("exact.parquet", "near.parquet", "decontam.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(reference / name))
+
+
+def test_missing_embeddings_is_an_error(tmp_path):
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path, rows, vecs)
+    (tmp_path / "embed" / "_SUCCESS.json").unlink()
+    with pytest.raises(FileNotFoundError, match="lvd embed"):
+        dedup.run_dedup(config(tmp_path))
+
+
+def test_single_image_pool_without_eval_sets(tmp_path):
+    write_run(tmp_path, [{"id": 3, "set": "pool", "sha1": "a" * 40}], unit(np.ones((1, DIM))), parts=1)
+    for mode in ("knn", "semdedup"):
+        out = dedup.run_dedup(config(tmp_path, f"dedup.mode={mode}"))
+        near = pd.read_parquet(out / "near.parquet")
+        assert near["id"].tolist() == [3] and near["keep"].tolist() == [True]
+        assert len(pd.read_parquet(out / "exact.parquet")) == 0 and len(pd.read_parquet(out / "decontam.parquet")) == 0
+        np.testing.assert_array_equal(dedup.curated_pool_ids(tmp_path), [3])

@@ -1,0 +1,45 @@
+"""Reading embedding parts written as the embed stage writes them."""
+
+import numpy as np
+import pytest
+
+from index.io import iter_embeddings, load_embeddings
+
+
+def write_part(folder, number, ids, vectors):
+    np.save(folder / f"part-{number:05d}.npy", vectors.astype(np.float16))
+    np.save(folder / f"ids-{number:05d}.npy", np.asarray(ids, np.int64))
+
+
+def test_parts_concatenate_in_part_order(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((2, 4))
+    write_part(tmp_path, 1, [7, 8], b)
+    write_part(tmp_path, 0, [10, 2, 5], a)
+    (tmp_path / "_SUCCESS.json").write_text("{}")
+    ids, x = load_embeddings(tmp_path)
+    assert ids.dtype == np.int64 and x.dtype == np.float32
+    np.testing.assert_array_equal(ids, [10, 2, 5, 7, 8])
+    np.testing.assert_array_equal(x, np.concatenate([a, b]).astype(np.float16).astype(np.float32))
+    assert [len(i) for i, _ in iter_embeddings(tmp_path)] == [3, 2]
+
+
+def test_mismatches_are_errors(tmp_path):
+    write_part(tmp_path, 0, [1, 2], np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="ids"):
+        load_embeddings(tmp_path)
+    (tmp_path / "ids-00000.npy").unlink()
+    with pytest.raises(FileNotFoundError):
+        load_embeddings(tmp_path)
+
+
+def test_repeated_ids_are_errors(tmp_path):
+    write_part(tmp_path, 0, [1, 2], np.zeros((2, 4)))
+    write_part(tmp_path, 1, [2], np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="repeated"):
+        load_embeddings(tmp_path)
+
+
+def test_empty_folder(tmp_path):
+    ids, x = load_embeddings(tmp_path)
+    assert ids.shape == (0,) and x.shape == (0, 0)

@@ -1,0 +1,246 @@
+"""The trainer end to end on CPU: exact resume after a kill, DINO v1 mode, 2 gloo ranks equal 1
+rank, and the exported teacher reloading bit-exactly through build_backbone."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import webdataset as wds
+from PIL import Image
+
+from pretrain.models import build_backbone
+from pretrain.train import export_teacher, load_checkpoint, run_pretrain
+from pretrain.train.checkpoint import list_checkpoints
+from pretrain.train.config import load_config
+from pretrain.train.metrics import read_metrics
+from pretrain.train.ssl import MaskInfo, SSLModel, SSLObjective
+from pretrain.train.trainer import forward_losses
+
+HEAD = dict(out_dim=32, hidden_dim=24, bottleneck_dim=8, nlayers=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Three shards of small random-texture images (PNG and JPEG)."""
+    folder = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        with wds.TarWriter(str(folder / f"s-{s:06d}.tar")) as w:
+            for i in range(10):
+                arr = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+                buf = io.BytesIO()
+                fmt = "PNG" if i % 2 else "JPEG"
+                Image.fromarray(arr).save(buf, fmt)
+                w.write({"__key__": f"{s}-{i}", "png" if i % 2 else "jpg": buf.getvalue()})
+    return str(folder / "*.tar")
+
+
+def tiny_config(run_dir, shards, **extra):
+    over = {
+        "run_dir": str(run_dir), "model.arch": "vit_tiny_p4", "model.drop_path_rate": 0.1,
+        "data.shards": shards, "data.batch_size_per_rank": 4, "data.num_workers": 0, "data.image_size": 40,
+        "data.shuffle_buffer": 8, "data.shards_per_cycle": 2,
+        "crops.global_size": 32, "crops.local_size": 16, "crops.n_local": 2,
+        "dino_head.prototypes": 32, "dino_head.hidden_dim": 24, "dino_head.bottleneck_dim": 8,
+        "ibot_head.prototypes": 32, "ibot_head.hidden_dim": 24, "ibot_head.bottleneck_dim": 8,
+        "optim.epochs": 3, "optim.iters_per_epoch": 3, "optim.warmup_epochs": 1,
+        "optim.warmup_teacher_temp_epochs": 1, "optim.freeze_last_layer_epochs": 1, "optim.lr": 0.05,
+        "train.log_every": 1, "train.checkpoint_every": 4, "progress": False,
+    }
+    over.update(extra)
+    return load_config(overrides=[f"{k}={v}" for k, v in over.items()])
+
+
+def _losses(run_dir):
+    rows = read_metrics(run_dir / "pretrain" / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+
+
+# One uninterrupted reference run (9 iterations, a checkpoint after each, one loader worker)
+# serves the resume, kill, last-layer and export tests.
+REF = {"data.num_workers": 1, "train.checkpoint_every": 1, "train.keep_checkpoints": 20}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards):
+    run_dir = tmp_path_factory.mktemp("reference")
+    run_pretrain(tiny_config(run_dir, shards, **REF))
+    return run_dir
+
+
+def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, shards, reference):
+    run_pretrain(tiny_config(tmp_path, shards, **REF, **{"train.stop_after": 4}))
+    assert not (tmp_path / "pretrain" / "_SUCCESS.json").exists()
+    assert list_checkpoints(tmp_path / "pretrain" / "checkpoints")[-1][0] == 4
+    run_pretrain(tiny_config(tmp_path, shards, **REF))
+    a, b = _losses(reference), _losses(tmp_path)
+    assert len(a) == 9 and a == b
+    assert len({r["total"] for r in a}) > 1
+    ta = torch.load(reference / "pretrain" / "teacher_backbone.pth", weights_only=True)
+    tb = torch.load(tmp_path / "pretrain" / "teacher_backbone.pth", weights_only=True)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path, shards, reference):
+    """SIGKILL a training process once a checkpoint exists, run again, compare with a clean run."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        import torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import test_train
+        from pretrain.train import trainer
+        step = trainer.Pretrainer.step
+        def slow_step(self, it, images):
+            time.sleep(0.5)  # leave the test time to kill us mid-run
+            return step(self, it, images)
+        trainer.Pretrainer.step = slow_step
+        trainer.run_pretrain(test_train.tiny_config({str(tmp_path)!r}, {shards!r}, **test_train.REF))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    ckpts = tmp_path / "pretrain" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list_checkpoints(ckpts) and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "pretrain" / "_SUCCESS.json").exists()
+    assert 1 <= list_checkpoints(ckpts)[-1][0] < 9
+    run_pretrain(tiny_config(tmp_path, shards, **REF))
+    assert _losses(tmp_path) == _losses(reference)
+
+
+def test_dino_v1_mode(tmp_path, shards):
+    out = run_pretrain(tiny_config(tmp_path, shards, **{"mode": "dino", "optim.epochs": 1}))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert set(rows[0]) >= {"dino", "total"} and "ibot" not in rows[0] and "koleo" not in rows[0]
+    ckpt = load_checkpoint(list_checkpoints(out / "checkpoints")[-1][1])
+    assert not any(k.startswith("ibot_head") for k in ckpt["student"])
+    assert ckpt["config"]["mode"] == "dino"
+
+
+def test_last_layer_frozen_in_the_first_epoch(reference):
+    ck = {i: load_checkpoint(p)["student"] for i, p in list_checkpoints(reference / "pretrain" / "checkpoints")}
+    for key in ("dino_head.last_layer.weight", "ibot_head.last_layer.weight"):
+        assert torch.equal(ck[1][key], ck[3][key])          # frozen through epoch 0 (iterations 0-2)
+        assert not torch.equal(ck[3][key], ck[5][key])      # trained afterwards
+    assert not torch.equal(ck[1]["dino_head.mlp.0.weight"], ck[3]["dino_head.mlp.0.weight"])
+
+
+def test_exported_teacher_reloads_bit_exactly(tmp_path, reference):
+    out = reference / "pretrain"
+    ckpt_path = list_checkpoints(out / "checkpoints")[-1][1]
+    ckpt = load_checkpoint(ckpt_path)
+    assert ckpt["arch"] == {"name": "vit_tiny_p4", "overrides": {}}
+    exported = export_teacher(ckpt_path, tmp_path / "teacher.pth")
+    model = build_backbone("vit_tiny_p4", weights=str(exported))
+    sd = model.state_dict()
+    assert set(sd) == set(ckpt["teacher_backbone"])
+    for k, v in sd.items():
+        assert torch.equal(v, ckpt["teacher_backbone"][k]), k
+    # the student moved away from the teacher: we did export the teacher, not the student
+    assert any(not torch.equal(ckpt["student"]["backbone." + k], v) for k, v in ckpt["teacher_backbone"].items())
+    final = torch.load(out / "teacher_backbone.pth", weights_only=True)
+    assert all(torch.equal(final[k], v) for k, v in sd.items())
+    x = torch.randn(2, 3, 32, 32)
+    ref = build_backbone("vit_tiny_p4")
+    ref.load_state_dict(ckpt["teacher_backbone"])
+    assert torch.equal(model.eval()(x), ref.eval()(x))
+
+
+# -- 2 gloo ranks against 1 rank ------------------------------------------------------------
+
+def _batch(seed=0, b=4):
+    g = torch.Generator().manual_seed(seed)
+    global_crops = torch.randn(2 * b, 3, 32, 32, generator=g)
+    local_crops = torch.randn(2 * b, 3, 16, 16, generator=g)  # 2 local views
+    masks = torch.rand(2 * b, 64, generator=g) < 0.3
+    masks[1] = False  # an image without masked patches
+    return global_crops, local_crops, masks
+
+
+def _rows(x, n_views, rank, world):
+    """This rank's share of each view (views are stacked along dim 0)."""
+    return torch.cat([v.chunk(world)[rank] for v in x.chunk(n_views)])
+
+
+def _models(centering):
+    torch.manual_seed(0)
+    student = SSLModel(build_backbone("vit_tiny_p4"), HEAD, HEAD)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    objective = SSLObjective(32, 32, centering=centering, koleo_weight=0.0)
+    return student, teacher, objective
+
+
+def _step(student, teacher, objective, global_crops, local_crops, masks):
+    losses = forward_losses(student, teacher, objective, global_crops, local_crops,
+                            MaskInfo.from_masks(masks), 0.05, None)
+    losses["total"].backward()
+    return losses
+
+
+CENTERINGS = ("sinkhorn_knopp", "softmax")
+
+
+def _rank_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)  # first: a forked child must not use the parent's OpenMP pool
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    for centering in CENTERINGS:
+        student, teacher, objective = _models(centering)
+        ddp = torch.nn.parallel.DistributedDataParallel(student)
+        g, l, m = _batch()
+        losses = _step(ddp, teacher, objective, _rows(g, 2, rank, world), _rows(l, 2, rank, world),
+                       _rows(m, 2, rank, world))
+        grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+        torch.save({"grads": grads, "centers": objective.state_dict(),
+                    "losses": {k: v.detach() for k, v in losses.items()}},
+                   os.path.join(out_dir, f"{centering}-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gloo")
+    # fork: a spawned child would spend seconds importing torch and this module again
+    mp.start_processes(_rank_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True,
+                       start_method="fork")
+    return out
+
+
+@pytest.mark.parametrize("centering", CENTERINGS)
+def test_two_gloo_ranks_equal_one_rank_gradients(two_rank_results, centering):
+    student, teacher, objective = _models(centering)
+    losses = _step(student, teacher, objective, *_batch())
+    ranks = [torch.load(two_rank_results / f"{centering}-rank{r}.pt", weights_only=True) for r in range(2)]
+    ref = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert set(ranks[0]["grads"]) == set(ref) and len(ref) > 10
+    for name, grad in ref.items():
+        for r in ranks:
+            torch.testing.assert_close(r["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for key, val in objective.state_dict().items():
+        torch.testing.assert_close(ranks[0]["centers"][key], val, rtol=1e-5, atol=1e-6)
+    mean_loss = (ranks[0]["losses"]["total"] + ranks[1]["losses"]["total"]) / 2
+    torch.testing.assert_close(mean_loss, losses["total"].detach(), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,116 @@
+"""Attention maps and patch PCA, with a stand-in ViT whose tokens are built from the pixels."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.filters import threshold_otsu
+
+from pretrain.eval.features import Preprocessing
+from pretrain.viz import cls_attention, otsu_threshold, patch_pca, visualise
+
+PATCH = 4
+
+
+class PixelTokenViT(torch.nn.Module):
+    """dinov2's API over hand-made features: a patch's token encodes its mean brightness.
+
+    Bright patches get direction `u`, dark ones direction `v`, plus a little fixed noise, so
+    the object (bright) and the background (dark) are the main axis of variation. The CLS
+    row of head i attends to patch j in proportion to exp((i + 1) * brightness_j).
+    """
+
+    patch_size = PATCH
+    num_register_tokens = 1
+    embed_dim = 12
+    num_heads = 3
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.u = torch.randn(self.embed_dim, generator=gen)
+        self.v = torch.randn(self.embed_dim, generator=gen)
+        self.noise = torch.randn(4096, self.embed_dim, generator=gen) * 0.05
+
+    def _brightness(self, x):
+        return torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), PATCH).flatten(1)  # B × N
+
+    def forward_features(self, x, masks=None):
+        b = self._brightness(x)
+        b = (b - b.min()) / (b.max() - b.min())
+        tokens = b[..., None] * self.u + (1 - b[..., None]) * self.v + self.noise[: b.shape[1]]
+        return {"x_norm_clstoken": tokens.mean(1), "x_norm_patchtokens": tokens,
+                "x_norm_regtokens": tokens[:, :1], "x_prenorm": None, "masks": masks}
+
+    def get_last_selfattention(self, x):
+        b = self._brightness(x)
+        n, bsz, t = b.shape[1], len(x), b.shape[1] + 2
+        attn = torch.full((bsz, self.num_heads, t, t), 1.0 / t)
+        for h in range(self.num_heads):
+            logits = torch.cat([torch.zeros(bsz, 2), (h + 1) * b], dim=1)  # CLS, register, patches
+            attn[:, h, 0] = logits.softmax(-1)
+        return attn
+
+
+def _square_image(h=32, w=40, box=(8, 24, 12, 28)):
+    img = np.full((h, w, 3), 30, dtype=np.uint8)
+    top, bottom, left, right = box
+    img[top:bottom, left:right] = 220
+    return img
+
+
+PREP = Preprocessing(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def test_cls_attention_drops_cls_and_registers_and_keeps_the_grid():
+    model = PixelTokenViT()
+    x = torch.from_numpy(_square_image()).permute(2, 0, 1)[None].float() / 255
+    maps = cls_attention(model, x)
+    assert maps.shape == (1, 3, 8, 10)
+    ref = model.get_last_selfattention(x)[0, :, 0, 2:].reshape(3, 8, 10).numpy()
+    np.testing.assert_allclose(maps[0], ref)
+    # The object's patches (rows 2..5, cols 3..6) get the most attention in every head.
+    for head in maps[0]:
+        assert head[2:6, 3:7].min() > head[0].max()
+
+
+def test_pca_foreground_mask_is_the_object_whatever_the_sign():
+    model = PixelTokenViT()
+    images = [_square_image(), _square_image(box=(4, 16, 4, 20))]
+    grids = []
+    for img in images:
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+        grids.append(model.forward_features(x)["x_norm_patchtokens"][0].reshape(8, 10, -1).numpy())
+    for sign in (1.0, -1.0):  # negated features flip the first component: the mask must not flip
+        pca = patch_pca([sign * g for g in grids])
+        for img, mask in zip(images, pca.masks):
+            object_patches = img[::PATCH, ::PATCH, 0] > 128
+            np.testing.assert_array_equal(mask, object_patches)
+        for mask, rgb in zip(pca.masks, pca.colours):
+            assert rgb.shape == (8, 10, 3)
+            assert (rgb[~mask] == 0).all() and rgb.min() >= 0 and rgb.max() <= 1
+        assert max(rgb[mask].max() for mask, rgb in zip(pca.masks, pca.colours)) == pytest.approx(1.0)
+
+
+def test_otsu_threshold_matches_scikit_image():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.2, 0.05, 700), rng.normal(0.7, 0.1, 300)])
+    assert otsu_threshold(values) == pytest.approx(threshold_otsu(values, nbins=256), abs=np.ptp(values) / 256 * 1.01)  # one bin
+
+
+def test_visualise_writes_pngs_of_the_input_size(tmp_path):
+    images = {"a": _square_image(), "b": _square_image(h=24, w=24, box=(8, 16, 8, 16))}
+    written = visualise(PixelTokenViT(), images, PREP, tmp_path)
+    names = sorted(p.name for p in written)
+    expected = sorted(
+        f"{n}_{kind}.png" for n in images
+        for kind in ["input", "attn_head0", "attn_head1", "attn_head2", "attn_mean", "pca", "pca_mask"]
+    )
+    assert names == expected and sorted(p.name for p in tmp_path.iterdir()) == expected
+    for name, img in images.items():
+        for kind in ["input", "attn_head1", "pca", "pca_mask"]:
+            with Image.open(tmp_path / f"{name}_{kind}.png") as png:
+                assert png.size == (img.shape[1], img.shape[0])
+    mask = np.asarray(Image.open(tmp_path / "a_pca_mask.png")) > 0
+    np.testing.assert_array_equal(mask, _square_image()[..., 0] > 128)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a_input.png")), images["a"])
