@@ -205,8 +205,11 @@ def _iter_tar_rows(source: str, keys: list[str]) -> Iterator[bytes]:
 
 
 def iter_bytes(rows) -> Iterator[tuple[int, bytes]]:
-    """(id, bytes) for each manifest row, in the frame's order; each shard is opened once per run of rows."""
-    kinds, sources, keys, ids = rows["kind"].tolist(), rows["source"].tolist(), rows["key"].tolist(), rows["id"].tolist()
+    """(id, bytes) for each manifest row, in the frame's order; each shard is opened once per run of rows.
+
+    `rows` is a DataFrame or any mapping of equal-length sequences (kind, source, key, id).
+    """
+    kinds, sources, keys, ids = (list(rows[c]) for c in ("kind", "source", "key", "id"))
     i = 0
     while i < len(ids):
         if kinds[i] != TAR:

@@ -140,11 +140,18 @@ def _cmd_search(args) -> int:
         xq = np.stack([store.vector_of(i) for i in args.id])
         names = [f"id {i}" for i in args.id]
     else:
-        from pretrain.data.decode import decode
+        from pretrain.data.decode import DecodeError
+
+        from .store import embed_query_bytes
 
         embedder = store.embedder(args.device)
-        images = [decode(path.read_bytes()) for path in args.image]
-        xq = np.asarray(embedder.embed_pil(images), dtype=np.float32)
+        xq = []
+        for path in args.image:
+            try:
+                xq.append(embed_query_bytes(embedder, [path.read_bytes()])[0])
+            except DecodeError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+        xq = np.stack(xq)
         names = [str(p) for p in args.image]
     scores, rows = store.search(xq, args.k)
     results = store.results(scores, rows)

@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .store import IndexStore
+from .store import IndexStore, embed_query_bytes
 from .webpage import PAGE
 
 log = logging.getLogger(__name__)
@@ -194,18 +194,18 @@ class SearchApp:
 
     def search_image(self, headers, read_body, query) -> Response:
         data = self._image_upload(headers, self._body(headers, read_body))
+        k = self._k(query.get("k"))
         embedder = self._get_embedder()
-        from pretrain.data.decode import DecodeError, decode
+        from pretrain.data.decode import DecodeError
 
         with self._search_slots:
             try:
-                img = decode(data, max_pixels=self.opts.max_pixels)
+                with self._embedder_lock:
+                    vec = embed_query_bytes(embedder, [data], max_pixels=self.opts.max_pixels)
             except DecodeError as exc:
                 raise HTTPError(400, f"cannot read the uploaded image: {exc}") from None
-            with self._embedder_lock:
-                vec = embedder.embed_pil([img])
-        hits, ms = self._search(np.asarray(vec, dtype=np.float32), self._k(query.get("k")))
-        return _json({"results": hits, "took_ms": ms, "query": {"width": img.width, "height": img.height}})
+        hits, ms = self._search(vec, k)
+        return _json({"results": hits, "took_ms": ms})
 
     @staticmethod
     def _image_upload(headers, body: bytes) -> bytes:

@@ -46,7 +46,9 @@ FORMAT_VERSION = 1
 META_COLUMNS = ("id", "set", "source", "kind", "key", "label")
 # embed/_SUCCESS.json fields that define the embedding space; vectors from two different
 # spaces must never share an index.
-EMBEDDER_KEYS = ("model", "weights", "resolution", "mean", "std", "dim", "cls_and_mean_patch")
+EMBEDDER_KEYS = ("model", "weights", "resolution", "resize_ratio", "mean", "std", "dim", "cls_and_mean_patch")
+# recorded too, but not part of the space: a bf16 and an fp32 run of one model are comparable
+EMBEDDER_EXTRA_KEYS = ("dtype",)
 _PART_RE = re.compile(r"part-(\d+)\.npy$")
 
 
@@ -101,7 +103,7 @@ def embedder_info(embed_dir: Path) -> dict:
         log.warning("%s missing: the index will not know its model, so search by image is unavailable", path)
         return {}
     record = json.loads(path.read_text())
-    return {key: record.get(key) for key in EMBEDDER_KEYS if key in record}
+    return {key: record.get(key) for key in EMBEDDER_KEYS + EMBEDDER_EXTRA_KEYS if key in record}
 
 
 def read_manifest_meta(embed_dir: Path, ids: np.ndarray) -> pd.DataFrame:
@@ -232,8 +234,11 @@ class IndexStore:
             raise FileNotFoundError(f"id {id_} has no manifest source")
         return read_source_bytes(str(m["kind"]), str(m["source"]), str(m["key"]), max_bytes)
 
-    def embedder(self, device: str = "cpu"):
-        """The model that made the index's vectors, to embed query images the same way."""
+    def embedder(self, device: str = "cpu", dtype: str | None = None):
+        """The model that made the index's vectors, to embed query images the same way.
+
+        The compute dtype defaults to the one the embed stage used (float16 only on a GPU).
+        """
         spec = self.info.get("embedder") or {}
         if not spec.get("model"):
             raise IndexFolderError("this index does not record its model (embed/_SUCCESS.json was missing at build time)")
@@ -241,11 +246,26 @@ class IndexStore:
 
         from pretrain.models.embedder import Embedder
 
-        kwargs = {"resolution": spec.get("resolution"), "device": device,
+        dtype = dtype or spec.get("dtype") or "auto"
+        if dtype in ("float16", "fp16") and not str(device).startswith("cuda"):
+            dtype = "auto"
+        kwargs = {"resolution": spec.get("resolution"), "device": device, "dtype": dtype,
                   "cls_and_mean_patch": bool(spec.get("cls_and_mean_patch", False))}
-        if spec.get("weights") is None and "allow_random" in inspect.signature(Embedder).parameters:
+        accepted = inspect.signature(Embedder).parameters
+        if spec.get("resize_ratio") is not None and "resize_ratio" in accepted:
+            kwargs["resize_ratio"] = float(spec["resize_ratio"])
+        if spec.get("weights") is None and "allow_random" in accepted:
             kwargs["allow_random"] = True  # the index itself was built from a random model
         return Embedder(spec["model"], spec.get("weights"), **kwargs)
+
+
+def embed_query_bytes(embedder, blobs: list[bytes], max_pixels: int | None = None) -> np.ndarray:
+    """Query images through the embed stage's own path: decode + resize + crop, then the model.
+
+    Raises `pretrain.data.decode.DecodeError` for bytes that are not a usable image.
+    """
+    squares = [embedder.prepare_bytes(b, max_pixels=max_pixels) for b in blobs]
+    return np.asarray(embedder.embed_uint8(np.stack(squares)), dtype=np.float32)
 
 
 def read_source_bytes(kind: str, source: str, key: str, max_bytes: int = 256 * 2**20) -> bytes:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.data.decode import load_resized
+from pretrain.data.decode import DecodeError, load_resized
 from pretrain.eval.features import Preprocessing, autocast_context, images_to_tensor, resolve_device
 
 log = logging.getLogger(__name__)
@@ -219,8 +219,14 @@ def run_viz(cfg) -> Path:
         raise ValueError("viz.images names no image")
     images = {}
     for i, f in enumerate(files):
-        img = np.asarray(load_resized(f.read_bytes(), prep.resolution, crop=bool(c.crop)))
+        try:
+            img = np.asarray(load_resized(f.read_bytes(), prep.resolution, crop=bool(c.crop)))
+        except DecodeError as exc:
+            log.warning("skipping %s: %s", f, exc)
+            continue
         images[f"{i:03d}_{f.stem}"] = _patch_aligned(img, int(model.patch_size))
+    if not images:
+        raise ValueError("viz.images: no image could be decoded")
     out_dir = Path(c.output_dir)
     visualise(model, images, prep, out_dir, device=device, dtype=str(c.dtype), threshold=c.threshold)
     return out_dir

@@ -92,3 +92,43 @@ def photo_run(run: Path, size: int = 96) -> tuple[list[dict], dict[int, bytes]]:
             rows.append({"id": id_, "set": "seed:demo", "source": str(tar_path), "kind": "tar", "key": key})
     write_manifest(run, rows)
     return rows, data
+
+
+def embedded_photo_run(run: Path, model: str = "vit_tiny_p14") -> tuple[list[dict], dict[int, bytes], np.ndarray]:
+    """`photo_run` plus the embed stage's files, made with the real Embedder (random tiny ViT).
+
+    A random model still maps an identical image to an identical vector, which is all the
+    search-by-image tests need. With DINOv2's tiny LayerScale init a random model's CLS token
+    is the same for every image, so CLS + mean patch token is used: the patch half differs.
+    """
+    from pretrain.models.embedder import Embedder
+
+    rows, data = photo_run(run)
+    embedder = Embedder(model, None, dtype="float32", cls_and_mean_patch=True)
+    ids = np.array([r["id"] for r in rows], dtype=np.int64)
+    squares = np.stack([embedder.prepare_bytes(data[i]) for i in ids.tolist()])
+    x = embedder.embed_uint8(squares)
+    write_embed(run / "embed", ids, x, part_rows=8, success={**embedder.info(), "counts": {"ok": len(ids)}})
+    return rows, data, x
+
+
+class running_server:
+    """`with running_server(store, opts) as url:` a real HTTP server on a free loopback port."""
+
+    def __init__(self, store, opts=None, **kwargs):
+        from index.service import make_server
+
+        self.server = make_server(store, "127.0.0.1", 0, opts, **kwargs)
+
+    def __enter__(self) -> str:
+        import threading
+
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)

@@ -62,6 +62,7 @@ def sources(tmp_path, monkeypatch):
         (tmp_path / "train" / name).mkdir(parents=True)
         for i in range(12):
             (tmp_path / "train" / name / f"{i:02d}.png").write_bytes(_png(rgb, rng))
+    (tmp_path / "train" / "red" / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with wds.TarWriter(str(tmp_path / "test-000000.tar")) as sink:
         for i in range(30):
             name = sorted(COLOURS)[i % 3]
@@ -87,7 +88,7 @@ def _mean_colours(folder_or_tar_samples):
 
 
 def _reference_data(tmp_path):
-    train_files = sorted((tmp_path / "train").rglob("*.png"))
+    train_files = sorted(p for p in (tmp_path / "train").rglob("*.png") if "broken" not in p.name)
     train_y = np.array([sorted(COLOURS).index(p.parent.name) for p in train_files])
     test = list(wds.WebDataset(str(tmp_path / "test-000000.tar"), shardshuffle=False))
     test_y = np.array([sorted(COLOURS).index(s["cls"].decode()) for s in test])
@@ -100,6 +101,7 @@ def test_run_knn_writes_accuracies_equal_to_sklearn_on_the_same_features(sources
     path = run_knn(cfg)
     result = json.loads(path.read_text())
     assert result["n_train"] == 36 and result["n_test"] == 30 and result["classes"] == sorted(COLOURS)
+    assert result["skipped_undecodable"] == {"train": ["red/zz-broken.png"], "test": []}
     assert set(result["accuracy"]) == {"1", "5", "50"}
     tr_x, tr_y, te_x, te_y = _reference_data(tmp_path)
     # k=1: the weighting cannot matter, so plain 1-NN on cosine distance is the reference.

@@ -89,15 +89,16 @@ def test_build_refuses_to_overwrite_and_reports_missing_input(tmp_path, photo_in
         IndexStore.open(tmp_path)
 
 
-def _two_halves(tmp_path, n=6000, d=24):
-    x = clustered_unit_vectors(n, d, n_clusters=30, spread=1.3, seed=4)
+def _two_halves(tmp_path, n=6000, d=24, queries=300):
+    """Vectors to index and held-out queries from the same distribution."""
+    x = clustered_unit_vectors(n + queries, d, n_clusters=30, spread=1.3, seed=4)
     ids = np.arange(n, dtype=np.int64) * 2 + 100
-    return ids, x
+    return ids, x[:n], x[n:]
 
 
 def test_incremental_add_equals_a_full_build(tmp_path):
     """Parts appearing later in the same embed folder, and a second embed folder, added without rebuild."""
-    ids, x = _two_halves(tmp_path)
+    ids, x, q = _two_halves(tmp_path)
     write_embed(tmp_path / "full", ids, x, part_rows=1000, success=EMBEDDER)
     write_embed(tmp_path / "grow", ids[:3000], x[:3000], part_rows=1000, success=EMBEDDER)
     build(tmp_path / "full", tmp_path / "i_full", BuildOptions(progress=False))
@@ -109,7 +110,6 @@ def test_incremental_add_equals_a_full_build(tmp_path):
     assert info["n"] == len(ids) and info["generation"] == "gen-000003"
     assert not (tmp_path / "i_inc" / "gen-000001").exists()  # superseded generations are removed
     full, inc = IndexStore.open(tmp_path / "i_full"), IndexStore.open(tmp_path / "i_inc")
-    q = clustered_unit_vectors(200, 24, n_clusters=30, spread=1.3, seed=11)
     (sf, rf), (si, ri) = full.search(q, 10), inc.search(q, 10)
     np.testing.assert_array_equal(full.ids[rf], inc.ids[ri])
     np.testing.assert_allclose(sf, si, atol=1e-6)
@@ -119,7 +119,7 @@ def test_incremental_add_equals_a_full_build(tmp_path):
 
 
 def test_incremental_add_to_an_ivf_index_keeps_its_training_and_its_recall(tmp_path):
-    ids, x = _two_halves(tmp_path, n=12_000, d=24)
+    ids, x, q = _two_halves(tmp_path, n=12_000, d=24)
     write_embed(tmp_path / "a", ids[:6000], x[:6000], part_rows=3000, success=EMBEDDER)
     write_embed(tmp_path / "b", ids[6000:], x[6000:], part_rows=3000, success=EMBEDDER)
     before = build(tmp_path / "a", tmp_path / "idx", BuildOptions(factory="IVF32,Flat", calibration_queries=300,
@@ -128,7 +128,6 @@ def test_incremental_add_to_an_ivf_index_keeps_its_training_and_its_recall(tmp_p
     assert after["n"] == 12_000 and after["factory"] == before["factory"]
     assert after["expected_recall"]["queries"] == 300 and after["expected_recall"]["recall"] >= 0.95
     store = IndexStore.open(tmp_path / "idx")
-    q = clustered_unit_vectors(300, 24, n_clusters=30, spread=1.3, seed=12)
     truth = numpy_topk_ids(ids, as_stored(x), q, 10)
     _, rows = store.search(q, 10)  # with the re-tuned nprobe
     assert ann.recall_at_k(store.ids[rows], truth) >= 0.93
@@ -138,7 +137,7 @@ def test_incremental_add_to_an_ivf_index_keeps_its_training_and_its_recall(tmp_p
 
 
 def test_add_skips_ids_already_indexed_and_refuses_another_model(tmp_path):
-    ids, x = _two_halves(tmp_path, n=300, d=16)
+    ids, x, _ = _two_halves(tmp_path, n=300, d=16)
     write_embed(tmp_path / "a", ids[:200], x[:200], part_rows=100, success=EMBEDDER)
     write_embed(tmp_path / "b", ids[150:], x[150:], part_rows=100, success=EMBEDDER)
     build(tmp_path / "a", tmp_path / "idx", BuildOptions(progress=False))
@@ -151,7 +150,7 @@ def test_add_skips_ids_already_indexed_and_refuses_another_model(tmp_path):
 
 
 def test_a_killed_add_leaves_the_previous_index_usable(tmp_path, monkeypatch):
-    ids, x = _two_halves(tmp_path, n=400, d=16)
+    ids, x, _ = _two_halves(tmp_path, n=400, d=16)
     write_embed(tmp_path / "a", ids[:200], x[:200], part_rows=100, success=EMBEDDER)
     write_embed(tmp_path / "b", ids[200:], x[200:], part_rows=100, success=EMBEDDER)
     build(tmp_path / "a", tmp_path / "idx", BuildOptions(progress=False))

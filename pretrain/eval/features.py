@@ -90,6 +90,16 @@ def _decode_or_none(data: bytes, prep: Preprocessing) -> np.ndarray | None:
         return None
 
 
+@dataclass
+class LabelledFeatures:
+    """Features (float32, not normalised) of the decodable samples, and the keys skipped."""
+
+    x: np.ndarray
+    labels: list[str]
+    keys: list[str]
+    skipped: list[str]
+
+
 @torch.no_grad()
 def extract_labelled_features(
     model: torch.nn.Module,
@@ -103,17 +113,17 @@ def extract_labelled_features(
     workers: int = 0,
     desc: str = "features",
     progress: bool | None = None,
-) -> tuple[np.ndarray, list[str], list[str]]:
-    """Features (float32, not normalised), labels and keys of every decodable sample.
+) -> LabelledFeatures:
+    """Run `model` over every sample; undecodable images are logged and listed as skipped.
 
-    Undecodable images are logged and left out (their keys are absent from the returned
-    keys); decoding runs on `workers` threads (Pillow releases the GIL while it decodes).
+    Decoding runs on `workers` threads (Pillow releases the GIL while it decodes).
     """
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     model.eval()
     feats: list[np.ndarray] = []
     labels: list[str] = []
     keys: list[str] = []
+    skipped: list[str] = []
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
     bar = tqdm(desc=desc, unit="img", disable=None if progress is None else not progress)
     try:
@@ -121,6 +131,7 @@ def extract_labelled_features(
             datas = [s.data for s in batch]
             decoded = list((pool.map if pool else map)(_decode_or_none, datas, [prep] * len(datas)))
             kept = [(s, img) for s, img in zip(batch, decoded) if img is not None]
+            skipped.extend(s.key for s, img in zip(batch, decoded) if img is None)
             bar.update(len(batch))
             if not kept:
                 continue
@@ -136,4 +147,6 @@ def extract_labelled_features(
             pool.shutdown()
     if not feats:
         raise ValueError(f"{desc}: no decodable image in the source")
-    return np.concatenate(feats).astype(np.float32, copy=False), labels, keys
+    if skipped:
+        log.warning("%s: %d undecodable images left out", desc, len(skipped))
+    return LabelledFeatures(np.concatenate(feats).astype(np.float32, copy=False), labels, keys, skipped)

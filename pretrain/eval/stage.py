@@ -58,7 +58,7 @@ def load_model(
 
 
 @dataclass
-class LabelledFeatures:
+class EvalData:
     """Train and test features with labels on one shared class vocabulary."""
 
     train_x: np.ndarray
@@ -79,7 +79,12 @@ class LabelledFeatures:
         }
 
 
-def labelled_features(cfg) -> LabelledFeatures:
+def _progress(cfg) -> bool | None:
+    value = cfg.get("progress", "auto")
+    return None if value == "auto" else bool(value)
+
+
+def labelled_features(cfg) -> EvalData:
     """Run the configured backbone over `eval.train` and `eval.test`."""
     c = cfg.eval
     if c.train is None or c.test is None:
@@ -91,18 +96,18 @@ def labelled_features(cfg) -> LabelledFeatures:
     )
     common = dict(
         batch_size=int(c.batch_size), device=device, dtype=str(c.dtype), pooling=str(c.pooling),
-        workers=int(c.workers),
+        workers=int(c.workers), progress=_progress(cfg),
     )
     train, test = plain(c.train), plain(c.test)
     start = time.time()
-    tr_x, tr_labels, _ = extract_labelled_features(
+    tr = extract_labelled_features(
         model, iter_labelled(train, c.get("limit_train")), prep, desc="train features", **common
     )
-    te_x, te_labels, _ = extract_labelled_features(
+    te = extract_labelled_features(
         model, iter_labelled(test, c.get("limit_test")), prep, desc="test features", **common
     )
-    classes = label_vocabulary(tr_labels, te_labels)
-    unseen = sorted(set(te_labels) - set(tr_labels))
+    classes = label_vocabulary(tr.labels, te.labels)
+    unseen = sorted(set(te.labels) - set(tr.labels))
     if unseen:
         log.warning("test classes absent from the training source (always wrong): %s", unseen)
     meta = {
@@ -113,14 +118,15 @@ def labelled_features(cfg) -> LabelledFeatures:
         "pooling": str(c.pooling),
         "train": train,
         "test": test,
-        "feature_dim": int(tr_x.shape[1]),
+        "feature_dim": int(tr.x.shape[1]),
+        "skipped_undecodable": {"train": tr.skipped, "test": te.skipped},
         "feature_seconds": round(time.time() - start, 3),
         "device": str(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    return LabelledFeatures(
-        tr_x, encode_labels(tr_labels, classes), te_x, encode_labels(te_labels, classes),
+    return EvalData(
+        tr.x, encode_labels(tr.labels, classes), te.x, encode_labels(te.labels, classes),
         classes, device, meta,
     )
 

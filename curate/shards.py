@@ -1,0 +1,249 @@
+"""The shards stage: the curated images as WebDataset tars with their provenance.
+
+reader : retrieve/neighbors.parquet (who retrieved what) and the manifest (where the bytes are);
+mapper : one sample per distinct image, every retrieval that chose it merged into its JSON;
+         samples shuffled with the run's seed, then cut into shards by count and bytes;
+writer : worker processes write shards/PREFIX-NNNNNN.tar (`curate.shard_writer`), and the
+         parent writes a parquet beside each tar (one row per sample) once its tar is in place.
+
+The shard plan depends only on the inputs and the config, so a rerun rewrites exactly the
+shards whose parquet is missing or out of date, byte for byte as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from curate.config import save_config
+from curate.manifest import read_manifest, resolve_workers, show_progress
+from curate.retrieve import read_neighbors
+from curate.runio import atomic_path, atomic_write_json, clear_success, is_done, remove_stale_temps, write_success
+from curate.shard_writer import ShardSpec, write_shard
+
+log = logging.getLogger(__name__)
+
+STAGE = "shards"
+FINGERPRINT_KEY = b"lvd.fingerprint"
+# Bytes a sample adds beyond its image: three 512-byte tar headers, JSON, padding.
+SAMPLE_OVERHEAD = 2048
+
+
+def merge_provenance(neighbors: pd.DataFrame) -> dict[int, list[dict]]:
+    """Every retrieval of each image (seed set, seed, rank, similarity, cluster, mode), sorted."""
+    out: dict[int, list[dict]] = {}
+    ordered = neighbors.sort_values(["id", "seed_set", "seed_id", "rank"], kind="stable")
+    for row in ordered.itertuples(index=False):
+        out.setdefault(int(row.id), []).append(
+            {
+                "seed_set": row.seed_set,
+                "seed_id": int(row.seed_id),
+                "rank": int(row.rank),
+                "similarity": round(float(row.similarity), 6),
+                "cluster": int(row.cluster),
+                "mode": row.mode,
+            }
+        )
+    return out
+
+
+def class_index(manifest: pd.DataFrame) -> list[str]:
+    """The labels of all seed sets, sorted: `.cls` holds an index into this list."""
+    seeds = manifest[manifest["set"].str.startswith("seed:")]
+    return sorted({str(v) for v in seeds["label"].dropna().unique()})
+
+
+def sample_label(retrievals: list[dict], own_label, seed_labels: dict[int, str]) -> str | None:
+    """A seed image keeps its own label; a retrieved image takes its most similar seed's."""
+    if own_label is not None and any(r["mode"] == "seed" for r in retrievals):
+        return str(own_label)
+    best = max(retrievals, key=lambda r: (r["similarity"], -r["seed_id"]))
+    return seed_labels.get(best["seed_id"])
+
+
+def plan_shards(sizes: np.ndarray, max_count: int, max_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) ranges: a shard closes before it would pass either limit (never empty)."""
+    ranges, start, used = [], 0, 0
+    for i, size in enumerate(sizes):
+        cost = int(size) + SAMPLE_OVERHEAD
+        if i > start and (i - start >= max_count or used + cost > max_bytes):
+            ranges.append((start, i))
+            start, used = i, 0
+        used += cost
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
+def _ext(key: str) -> str:
+    ext = key.rsplit(".", 1)[-1].lower() if "." in key else "img"
+    return "jpg" if ext == "jpeg" else ext
+
+
+def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """One row per curated image with everything its sample needs, in shard order."""
+    manifest = read_manifest(run_dir, status=None).set_index("id")
+    neighbors = read_neighbors(run_dir)
+    provenance = merge_provenance(neighbors)
+    classes = class_index(manifest.reset_index())
+    cls_of = {name: i for i, name in enumerate(classes)}
+    seeds = manifest[manifest["set"].str.startswith("seed:")]
+    seed_labels = {int(i): str(v) for i, v in seeds["label"].dropna().items()}
+    ids = np.array(sorted(provenance), dtype=np.int64)
+    if cfg.shards.shuffle:
+        ids = ids[np.random.default_rng(int(cfg.seed)).permutation(len(ids))]
+    rows = []
+    for id_ in ids.tolist():
+        m = manifest.loc[id_]
+        if m["status"] != "ok":
+            raise RuntimeError(f"retrieved image {id_} is quarantined in the manifest: {m['error']}")
+        retrievals = provenance[id_]
+        own = None if pd.isna(m["label"]) else m["label"]
+        label = sample_label(retrievals, own, seed_labels)
+        meta = {
+            "id": id_,
+            "set": m["set"],
+            "source": m["source"],
+            "key": m["key"],
+            "sha1": m["sha1"],
+            "width": int(m["width"]),
+            "height": int(m["height"]),
+            "label": label,
+            "retrieved": retrievals,
+        }
+        rows.append(
+            {
+                "__key__": f"{id_:019d}",
+                "id": id_,
+                "set": m["set"],
+                "kind": m["kind"],
+                "source": m["source"],
+                "source_key": m["key"],
+                "sha1": m["sha1"],
+                "bytes": int(m["bytes"]),
+                "width": int(m["width"]),
+                "height": int(m["height"]),
+                "ext": _ext(m["key"]),
+                "label": label,
+                "cls": cls_of.get(label) if label is not None else None,
+                "seed_sets": ",".join(sorted({r["seed_set"] for r in retrievals})),
+                "best_similarity": max(r["similarity"] for r in retrievals),
+                "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
+            }
+        )
+    return pd.DataFrame(rows), classes
+
+
+PARQUET_COLUMNS = ["__key__", "id", "set", "source", "source_key", "sha1", "bytes", "width", "height", "ext", "label", "cls", "seed_sets", "best_similarity"]
+
+
+def _fingerprint(frame: pd.DataFrame, cfg) -> str:
+    h = hashlib.sha1()
+    h.update(repr((cfg.shards.resize, cfg.shards.quality, cfg.shards.mtime)).encode())
+    for key, sha, blob, cls in zip(frame["__key__"], frame["sha1"], frame["json"], frame["cls"]):
+        h.update(f"{key}\0{sha}\0{cls}\0".encode() + blob + b"\n")
+    return h.hexdigest()
+
+
+def _stored_fingerprint(path: Path) -> str | None:
+    try:
+        value = (pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY)
+    except Exception:
+        return None
+    return value.decode() if value else None
+
+
+def _write_index(path: Path, frame: pd.DataFrame, fp: str) -> None:
+    table = pa.Table.from_pandas(frame[PARQUET_COLUMNS].astype({"cls": "Int64"}), preserve_index=False)
+    table = table.replace_schema_metadata({FINGERPRINT_KEY: fp.encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _spec(path: Path, frame: pd.DataFrame, cfg) -> ShardSpec:
+    return ShardSpec(
+        path=str(path),
+        keys=frame["__key__"].tolist(),
+        ids=[int(i) for i in frame["id"]],
+        kinds=frame["kind"].tolist(),
+        sources=frame["source"].tolist(),
+        source_keys=frame["source_key"].tolist(),
+        sha1s=frame["sha1"].tolist(),
+        exts=frame["ext"].tolist(),
+        jsons=frame["json"].tolist(),
+        classes=[None if pd.isna(c) else int(c) for c in frame["cls"]],
+        mtime=int(cfg.shards.mtime),
+        resize=int(cfg.shards.resize) if cfg.shards.resize else None,
+        quality=int(cfg.shards.quality),
+    )
+
+
+def run_shards(cfg) -> Path:
+    """Write every shard whose parquet is missing or stale; then _SUCCESS.json."""
+    started = time.time()
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / STAGE
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    save_config(cfg, run_dir)
+    samples, classes = build_samples(cfg, run_dir)
+    ranges = plan_shards(samples["bytes"].to_numpy() if len(samples) else np.zeros(0), int(cfg.shards.max_count), int(cfg.shards.max_bytes))
+    prefix = str(cfg.shards.prefix)
+    jobs = []
+    for n, (a, b) in enumerate(ranges):
+        frame = samples.iloc[a:b]
+        tar_path, index_path = out / f"{prefix}-{n:06d}.tar", out / f"{prefix}-{n:06d}.parquet"
+        fp = _fingerprint(frame, cfg)
+        if cfg.overwrite or not tar_path.is_file() or _stored_fingerprint(index_path) != fp:
+            jobs.append((tar_path, index_path, frame, fp))
+    expected = {f"{prefix}-{n:06d}.{ext}" for n in range(len(ranges)) for ext in ("tar", "parquet")}
+    stale = [p for p in out.glob(f"{prefix}-*") if p.name not in expected]
+    if not jobs and not stale and is_done(out):
+        log.info("shards: %d shards up to date", len(ranges))
+        return out
+    clear_success(out)
+    for path in stale:
+        path.unlink()
+    for tar_path, index_path, _, _ in jobs:  # a tar is only trusted once its parquet matches
+        index_path.unlink(missing_ok=True)
+    workers = resolve_workers(cfg.workers)
+    specs = [_spec(tar_path, frame, cfg) for tar_path, _, frame, _ in jobs]
+    by_path = {str(tar_path): (index_path, frame, fp) for tar_path, index_path, frame, fp in jobs}
+    written = 0
+    with tqdm(total=len(specs), unit="shard", desc="shards", disable=not show_progress(cfg.progress)) as bar:
+        for path, count, size in _map(write_shard, specs, workers):
+            index_path, frame, fp = by_path[path]
+            _write_index(index_path, frame, fp)
+            written += size
+            bar.update(1)
+    atomic_write_json(out / "classes.json", {"classes": classes})
+    write_success(
+        out,
+        shards=len(ranges),
+        shards_written=len(jobs),
+        samples=int(len(samples)),
+        bytes_written=int(written),
+        classes=len(classes),
+        seconds=round(time.time() - started, 3),
+    )
+    log.info("shards: %d samples in %d shards (%d written) in %.1f s", len(samples), len(ranges), len(jobs), time.time() - started)
+    return out
+
+
+def _map(fn, specs, workers: int):
+    if workers <= 1 or len(specs) <= 1:
+        yield from map(fn, specs)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        yield from pool.map(fn, specs)
