@@ -98,13 +98,21 @@ def embedded_photo_run(run: Path, model: str = "vit_tiny_p14") -> tuple[list[dic
     """`photo_run` plus the embed stage's files, made with the real Embedder (random tiny ViT).
 
     A random model still maps an identical image to an identical vector, which is all the
-    search-by-image tests need. With DINOv2's tiny LayerScale init a random model's CLS token
-    is the same for every image, so CLS + mean patch token is used: the patch half differs.
+    search-by-image tests need; its weights are saved as a hub-layout .pth so that the index
+    (and the server) load the very same model. With DINOv2's tiny LayerScale init a random
+    model's CLS token is the same for every image, so CLS + mean patch token is used.
     """
+    import torch
+
+    from pretrain.models import build_backbone
     from pretrain.models.embedder import Embedder
 
     rows, data = photo_run(run)
-    embedder = Embedder(model, None, dtype="float32", cls_and_mean_patch=True)
+    torch.manual_seed(0)
+    weights = run / "weights" / f"{model}.pth"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(build_backbone(model).state_dict(), weights)
+    embedder = Embedder(model, weights, dtype="float32", cls_and_mean_patch=True)
     ids = np.array([r["id"] for r in rows], dtype=np.int64)
     squares = np.stack([embedder.prepare_bytes(data[i]) for i in ids.tolist()])
     x = embedder.embed_uint8(squares)

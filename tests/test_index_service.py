@@ -49,6 +49,17 @@ def call_json(*args, **kwargs):
     return status, json.loads(body)
 
 
+def raw_request(served, data: bytes) -> tuple[bytes, bytes]:
+    """Send bytes as they are (urllib would normalise paths and always frame bodies); read to EOF."""
+    with socket.create_connection(("127.0.0.1", int(served["url"].rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(data)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return head, body
+
+
 def numpy_neighbours(s, q, k=K):
     sims = np.asarray(q, np.float64) @ s["x"].astype(np.float64).T
     return s["ids"][np.argsort(-sims, kind="stable")[:k]].tolist()
@@ -123,13 +134,7 @@ def test_thumbnails_are_the_indexed_images(served):
     ("/api/search/image", 405),
 ])
 def test_bad_gets_get_a_4xx_with_a_message(served, path, status):
-    with socket.create_connection(("127.0.0.1", int(served["url"].rsplit(":", 1)[1])), timeout=10) as sock:
-        # raw request line: urllib would normalise the dots away before sending
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        raw = b""
-        while chunk := sock.recv(65536):
-            raw += chunk
-    head, _, body = raw.partition(b"\r\n\r\n")
+    head, body = raw_request(served, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     assert head.split()[1] == str(status).encode(), head
     assert b"root:" not in body and json.loads(body)["error"]
 
@@ -151,17 +156,13 @@ def test_bad_posts_get_a_4xx_with_a_message(served, route, body, ctype, status, 
 
 
 def test_upload_limit_is_checked_before_reading(served):
-    port = int(served["url"].rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        # announces 50 MB, sends none of it: the answer must come at once
-        sock.sendall(b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                     b"Content-Length: 50000000\r\n\r\n")
-        raw = sock.recv(65536)
-    assert raw.split()[1] == b"413" and b"exceeds the limit" in raw
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
-        raw = sock.recv(65536)
-    assert raw.split()[1] == b"411"
+    # announces 50 MB, sends none of it: the answer must come at once, and the connection close
+    head, body = raw_request(served, b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                     b"Content-Length: 50000000\r\n\r\n")
+    assert head.split()[1] == b"413" and b"exceeds the limit" in body
+    head, body = raw_request(served, b"POST /api/search/image HTTP/1.1\r\nHost: x\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert head.split()[1] == b"411" and b"Content-Length" in body
     status, _, _ = call(served["url"] + "/api/search/image", "POST", b"x" * (2**20 + 1), {"Content-Type": "image/png"})
     assert status == 413
     assert call_json(served["url"] + "/api/health")[0] == 200  # still serving

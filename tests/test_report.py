@@ -1,0 +1,79 @@
+"""The report renders in headless Chromium with every picture loaded."""
+
+import io
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from curate.config import load_config
+from curate.manifest import read_manifest, run_manifest
+from curate.report import run_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--allow-file-access-from-files"]
+
+
+def _write(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), color).save(path)
+
+
+@pytest.fixture()
+def run(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        _write(tmp_path / "pool" / f"{i:02d}.png", tuple(int(v) for v in rng.integers(0, 256, 3)))
+    _write(tmp_path / "eval" / "shoe" / "e0.png", (250, 0, 0))
+    _write(tmp_path / "seeds" / "shoe" / "s0.png", (0, 0, 250))
+    (tmp_path / "pool" / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"sources.pool=[{tmp_path / 'pool'}]", f"sources.eval.ev={tmp_path / 'eval'}", f"sources.seeds.s={tmp_path / 'seeds'}", "workers=0", "progress=false"])
+    run_manifest(cfg)
+    m = read_manifest(cfg.run_dir)
+    pool = m[m.set == "pool"]["id"].to_numpy()
+    ev = m[m.set == "eval:ev"]["id"].iloc[0]
+    seed = m[m.set == "seed:s"]["id"].iloc[0]
+    run = tmp_path / "run"
+    (run / "dedup").mkdir()
+    comp = np.arange(len(pool))
+    comp[1:4] = 0  # one group of four
+    keep = np.ones(len(pool), bool)
+    keep[1:4] = False
+    pd.DataFrame({"id": pool, "component": comp, "keep": keep}).to_parquet(run / "dedup" / "near.parquet")
+    pd.DataFrame({"id": pool[5:6], "dup_of": pool[6:7]}).to_parquet(run / "dedup" / "exact.parquet")
+    pd.DataFrame({"id": pool[7:8], "eval_set": ["ev"], "eval_id": [ev], "similarity": [0.91]}).to_parquet(run / "dedup" / "decontam.parquet")
+    (run / "cluster").mkdir()
+    pd.DataFrame({"id": pool, "cluster": np.arange(len(pool)) % 3, "distance": np.linspace(0, 1, len(pool), dtype=np.float32)}).to_parquet(run / "cluster" / "assign.parquet")
+    (run / "retrieve").mkdir()
+    pd.DataFrame({"seed_set": "s", "seed_id": seed, "id": pool[10:14], "rank": [1, 2, 3, 4], "similarity": [0.9, 0.8, 0.7, 0.6], "mode": "sample", "cluster": 0}).to_parquet(run / "retrieve" / "neighbors.parquet")
+    return cfg
+
+
+def test_report_lists_every_decision(run):
+    page = run_report(run).read_text()
+    for text in ("Duplicate groups", "1 near-duplicate groups", "Decontamination", "sim 0.910", "Clusters", "3 clusters", "Retrieval per seed set", "#1 sim 0.900", "Quarantined inputs", "not an image"):
+        assert text in page, text
+    assert "<svg" in page
+
+
+def test_report_renders_in_headless_chromium_with_all_pictures(run, tmp_path):
+    assert CHROMIUM, "Debian chromium is needed (make system-deps installs it)"
+    index = run_report(run)
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=120)
+    total = int(re.search(r'data-images-total="(\d+)"', dom.stdout).group(1))
+    loaded = int(re.search(r'data-images-loaded="(\d+)"', dom.stdout).group(1))
+    assert total >= 20 and loaded == total
+    shot = tmp_path / "report.png"
+    import os
+    if os.environ.get("LVD_KEEP_SCREENSHOT"):
+        shot = __import__("pathlib").Path(os.environ["LVD_KEEP_SCREENSHOT"])
+    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1200,2400", "--virtual-time-budget=10000", f"--screenshot={shot}", index.as_uri()], capture_output=True, timeout=120, check=True)
+    arr = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # the planted pure-red eval image and blue seed image appear as thumbnails on the page
+    red = ((arr[..., 0] > 230) & (arr[..., 1] < 30) & (arr[..., 2] < 30)).sum()
+    blue = ((arr[..., 2] > 230) & (arr[..., 0] < 30) & (arr[..., 1] < 30)).sum()
+    assert red > 500 and blue > 500
