@@ -167,6 +167,7 @@ def run_cluster(cfg) -> Path:
         fingerprint=balanced_fp,
         settings=settings,
         images=int(len(x)),
+        k=ks[-1],
         distance="squared_l2",
         levels=stats,
         balanced_sample=int(c.balanced_sample),

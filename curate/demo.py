@@ -51,3 +51,22 @@ def _summary(run_dir: Path, finished: list[str]) -> None:
         print("manifest rows by set and status:")
         for (set_name, status), n in counts.items():
             print(f"  {set_name:24s} {status:12s} {n:6d}")
+    from curate.demo_quality import measure
+    from curate.runio import atomic_write_json
+
+    quality = measure(run_dir)
+    if not quality:
+        return
+    atomic_write_json(run_dir / "quality.json", quality)
+    if "near_duplicates" in quality:
+        nd, dc = quality["near_duplicates"], quality["decontamination"]
+        print(f"near-duplicates: recall {_pct(nd['recall'])} ({nd['pairs_found']}/{nd['planted_pairs']} planted pairs), precision {_pct(nd['precision'])} of {nd['removed']} removed")
+        print(f"decontamination: recall {_pct(dc['recall'])} ({dc['found']}/{dc['planted_copies']} planted eval copies), precision {_pct(dc['precision'])} of {dc['removed']} removed")
+    for cls, stats in quality.get("retrieval_by_class", {}).items():
+        print(f"retrieval precision for seed class {cls}: {_pct(stats['precision'])} of {stats['retrieved']} images")
+    if (run_dir / "report" / "index.html").is_file():
+        print(f"report: {run_dir / 'report' / 'index.html'}")
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"

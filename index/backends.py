@@ -168,6 +168,8 @@ class TorchBackend(VectorBackend):
         self.dtype = resolve_dtype(dtype, self.device)
         self.block_bytes = int(block_bytes)
         self.extra_candidates = extra_candidates
+        #: rows per block of the k-NN graph's half-matrix sweep
+        self.graph_rows = 4096
         self._fp32_out = None  # whether torch.mm(..., out_dtype=float32) works here
         #: rows whose low-precision candidates could not be proven and were recomputed in fp32
         self.last_fallback_rows = 0
@@ -187,21 +189,75 @@ class TorchBackend(VectorBackend):
         queries = base if exclude_self else torch.from_numpy(xq).to(self.device)
         bias = -0.5 * (base * base).sum(1) if metric == "l2" else None
         self.last_fallback_rows = 0
-        rows_per_chunk = max(1, self.block_bytes // (4 * min(len(xb), self._block_cols(len(xb)))))
         lowp = None if self.dtype == "fp32" else _LowPrecision(base, self.dtype)
-        for start in range(0, len(xq), rows_per_chunk):
-            q = queries[start : start + rows_per_chunk]
-            own = torch.arange(start, start + len(q), device=self.device) if exclude_self else None
-            if lowp is None:
-                scores, index = self._topk(q, base, bias, kk, own, self._mm_fp32)
-            else:
-                scores, index = self._certified_topk(q, base, bias, kk, own, lowp)
+        if exclude_self:
+            chunks = [(0, *self._graph(base, bias, kk, lowp))]
+        else:
+            chunks = self._query_chunks(queries, base, bias, kk, lowp)
+        for start, scores, index in chunks:
             if metric == "l2":
-                scores = (q * q).sum(1, keepdim=True) - 2 * scores
-                scores = scores.clamp_min_(0)
-            D[start : start + len(q), :kk] = scores.cpu().numpy()
-            I[start : start + len(q), :kk] = index.cpu().numpy()
+                q = queries[start : start + len(scores)]
+                scores = ((q * q).sum(1, keepdim=True) - 2 * scores).clamp_min_(0)
+            D[start : start + len(scores), :kk] = scores.cpu().numpy()
+            I[start : start + len(scores), :kk] = index.cpu().numpy()
         return D, I
+
+    def _query_chunks(self, queries, base, bias, k, lowp):
+        """(first row, scores, ids) for successive chunks of queries against the whole base."""
+        rows_per_chunk = max(1, self.block_bytes // (4 * self._block_cols(len(base))))
+        for start in range(0, len(queries), rows_per_chunk):
+            q = queries[start : start + rows_per_chunk]
+            if lowp is None:
+                yield (start, *self._topk(q, base, bias, k, None, self._mm_fp32))
+            else:
+                yield (start, *self._certified_topk(q, base, bias, k, None, lowp))
+
+    def _graph(self, base, bias, k, lowp):
+        """Top-k of every row among the other rows, from one half of the score matrix."""
+        if lowp is None:
+            return self._symmetric_topk(base, bias, k, self._mm_fp32)
+        n = len(base)
+        m = min(n - 1, k + self._extra(k))
+        approx, cand = self._symmetric_topk(lowp.base, bias, m, self._mm_lowp)
+        best_s = torch.empty((n, k), device=base.device)
+        best_i = torch.empty((n, k), dtype=torch.int64, device=base.device)
+        step = max(1, self.block_bytes // (4 * base.shape[1] * m))
+        for r0 in range(0, n, step):
+            r1 = min(r0 + step, n)
+            own = torch.arange(r0, r1, device=base.device)
+            best_s[r0:r1], best_i[r0:r1] = self._prove(base[r0:r1], base, bias, k, own, approx[r0:r1],
+                                                       cand[r0:r1], lowp, n - 1)
+        return best_s, best_i
+
+    def _symmetric_topk(self, base, bias, k, matmul):
+        """Exact top-k over the other rows, computing each pair's score once.
+
+        Row block I meets column blocks J >= I; one product gives I's candidates among J
+        (row-wise top-k) and J's among I (column-wise top-k), merged into running results.
+        """
+        n = len(base)
+        rows = min(n, self.graph_rows)
+        cols = max(rows, self.block_bytes // (4 * rows) // rows * rows)
+        best_s = torch.full((n, k), -torch.inf, device=base.device)
+        best_i = torch.full((n, k), -1, dtype=torch.int64, device=base.device)
+        for i0 in range(0, n, rows):
+            i1 = min(i0 + rows, n)
+            for j0 in range(i0, n, cols):
+                j1 = min(j0 + cols, n)
+                g = matmul(base[i0:i1], base[j0:j1])
+                s = g if bias is None else g + bias[j0:j1]
+                if j0 == i0:
+                    diag = torch.arange(min(i1 - i0, j1 - j0), device=base.device)
+                    s[diag, diag] = -torch.inf
+                v, j = torch.topk(s, min(k, j1 - j0), dim=1)
+                _merge_into(best_s, best_i, i0, v, j + j0)
+                c0 = max(j0, i1)  # columns inside block I were rows of this block: done above
+                if c0 < j1:
+                    t = g[:, c0 - j0 :].T
+                    t = t.contiguous() if bias is None else t + bias[i0:i1]
+                    v, j = torch.topk(t, min(k, i1 - i0), dim=1)
+                    _merge_into(best_s, best_i, c0, v, j + i0)
+        return best_s, best_i
 
     # -- building blocks -------------------------------------------------------------------
     def _block_cols(self, n: int) -> int:
@@ -248,24 +304,29 @@ class TorchBackend(VectorBackend):
                 self._fp32_out = False
         return (a @ b.T).float()
 
+    def _extra(self, k: int) -> int:
+        return self.extra_candidates if self.extra_candidates is not None else max(8, k)
+
     def _certified_topk(self, q, base, bias, k, own, lowp: "_LowPrecision"):
         n_avail = len(base) - (1 if own is not None else 0)
-        extra = self.extra_candidates if self.extra_candidates is not None else max(8, k)
-        m = min(n_avail, k + extra)
-        q_low, q_res = lowp.convert(q)
+        m = min(n_avail, k + self._extra(k))
+        q_low, _ = lowp.convert(q)
         approx, cand = self._topk(q_low, lowp.base, bias, m, own, self._mm_lowp)
-        # Re-score the candidates in fp32 (a batched dot product, m rows per query).
-        exact = torch.einsum("rd,rmd->rm", q, base[cand])
+        return self._prove(q, base, bias, k, own, approx, cand, lowp, n_avail)
+
+    def _prove(self, q, base, bias, k, own, approx, cand, lowp: "_LowPrecision", n_avail):
+        """Exact top-k from low-precision candidates, recomputing rows the bound cannot clear."""
+        exact = torch.einsum("rd,rmd->rm", q, base[cand])  # fp32 re-scoring, m rows per query
         if bias is not None:
             exact += bias[cand]
         best_s, pos = torch.topk(exact, k, dim=1)
         best_i = torch.gather(cand, 1, pos)
-        if m == n_avail:
+        if cand.shape[1] == n_avail:
             return best_s, best_i  # every row was a candidate: nothing to prove
         # Any non-candidate has an approximate score <= the m-th one, hence an exact score
         # <= that + bound; the k-th re-scored score must clear it.
-        q_norm = q_low.float().norm(dim=1)
-        bound = lowp.error_bound(q_norm, q_res, self._fp32_out is True or self.dtype == "tf32")
+        q_low, q_res = lowp.convert(q)
+        bound = lowp.error_bound(q_low.float().norm(dim=1), q_res, self._fp32_out is True or self.dtype == "tf32")
         proven = best_s[:, -1] >= approx[:, -1] + bound
         if not bool(proven.all()):
             redo = torch.nonzero(~proven).squeeze(1)
@@ -273,6 +334,15 @@ class TorchBackend(VectorBackend):
             s, i = self._topk(q[redo], base, bias, k, None if own is None else own[redo], self._mm_fp32)
             best_s[redo], best_i[redo] = s, i
         return best_s, best_i
+
+
+def _merge_into(best_s, best_i, r0, v, j) -> None:
+    """Merge candidate (scores v, ids j) into the running top-k of rows r0 .. r0 + len(v)."""
+    r1 = r0 + len(v)
+    k = best_s.shape[1]
+    merged, pos = torch.topk(torch.cat([best_s[r0:r1], v], 1), k, dim=1)
+    best_i[r0:r1] = torch.gather(torch.cat([best_i[r0:r1], j], 1), 1, pos)
+    best_s[r0:r1] = merged
 
 
 def _mask_columns(scores: torch.Tensor, cols: torch.Tensor) -> None:

@@ -7,7 +7,8 @@ Choices that make runs comparable and repeatable:
   backend and every rank count, so backends can be compared iteration for iteration.
 * Faiss never sub-samples silently: `max_points_per_centroid` is set from the data so every
   row takes part; a caller that sets it lower gets a warning that says how many rows are used.
-* Lloyd's update sums in float64 (order-insensitive enough that 1 rank and N ranks agree).
+* Lloyd's update sums chunks in float32 and adds chunks and ranks in float64, so 1 rank and
+  N ranks agree to float32 rounding.
   An empty cluster takes the row farthest from its centroid (scikit-learn's rule).
 * With `checkpoint=PATH` the centroids are saved every `checkpoint_every` iterations (atomic
   write); a rerun with the same data, k and init resumes there and ends with the same result.
@@ -48,7 +49,7 @@ class KMeansResult:
 
 def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, backend="auto", device="cpu",
            init=None, *, dtype: str = "auto", distributed: bool = False, checkpoint: str | os.PathLike | None = None,
-           checkpoint_every: int = 5, max_points_per_centroid: int | None = None,
+           checkpoint_every: int = 5, max_points_per_centroid: int | None = None, prune: bool = True,
            progress: bool | None = None) -> KMeansResult:
     """k-means of the rows of x (float32 [n, d]) into k clusters, `niter` Lloyd iterations.
 
@@ -57,7 +58,8 @@ def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, b
     `VectorBackend`. `distributed=True` runs Lloyd over the initialised torch.distributed
     group: x is this rank's slice, centroid sums are all-reduced, and the result's
     assign/distance cover this rank's rows. spherical=True L2-normalises the centroids after
-    each update (for cosine clustering of normalised embeddings).
+    each update (for cosine clustering of normalised embeddings). prune=False makes the
+    Lloyd path search every row at every iteration (same result, slower; see `_Bounds`).
     """
     x = _as_f32(x)
     comm = _Comm(distributed)
@@ -69,7 +71,7 @@ def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, b
     store = _Checkpoint(checkpoint, checkpoint_every, _fingerprint(n_total, x.shape[1], k, spherical, centroids), comm)
     if isinstance(engine, FaissBackend) and not comm.active:
         return _faiss_kmeans(x, centroids, niter, seed, spherical, engine, store, max_points_per_centroid)
-    return _lloyd(x, centroids, niter, spherical, engine, comm, store, progress)
+    return _lloyd(x, centroids, niter, spherical, engine, comm, store, progress, prune)
 
 
 def _initial_centroids(x, k, seed, init, comm: "_Comm", offset: int, n_total: int) -> np.ndarray:
@@ -114,30 +116,103 @@ def _faiss_kmeans(x, centroids, niter, seed, spherical, engine: FaissBackend, st
 
 
 def _lloyd(x, centroids, niter, spherical, engine: VectorBackend, comm: "_Comm", store: "_Checkpoint",
-           progress) -> KMeansResult:
+           progress, prune: bool = True) -> KMeansResult:
     start, centroids, objective = store.resume(centroids)
+    bounds = _Bounds(x, engine)
+    bounds.full(centroids)
     for it in tqdm(range(start, niter), desc="k-means", leave=False, disable=_quiet(progress)):
-        distance, assign = engine.assign(x, centroids)
-        objective.append(comm.sum(np.float64(distance.sum(dtype=np.float64))).item())
-        centroids = _update(x, assign, distance, centroids, comm)
+        objective.append(float(comm.sum(bounds.sq_distance.sum(dtype=np.float64))))
+        updated = _update(x, bounds.assign, bounds.sq_distance, centroids, comm)
         if spherical:
-            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+            updated /= np.maximum(np.linalg.norm(updated, axis=1, keepdims=True), 1e-12)
+        if prune:
+            bounds.refresh(centroids, updated)
+        else:
+            bounds.full(updated)
+        centroids = updated
         store.save(it + 1, centroids, objective)
-    distance, assign = engine.assign(x, centroids)
-    inertia = comm.sum(np.float64(distance.sum(dtype=np.float64))).item()
-    return KMeansResult(centroids, assign.astype(np.int64), distance, float(inertia), objective)
+    inertia = float(comm.sum(bounds.sq_distance.sum(dtype=np.float64)))
+    return KMeansResult(centroids, bounds.assign, bounds.sq_distance.astype(np.float32), inertia, objective)
+
+
+class _Bounds:
+    """Nearest-centroid assignment kept up to date with bounds, so unchanged rows cost O(d).
+
+    Each row keeps its centroid `assign` and a lower bound `lower` on its distance to every
+    other centroid. After an update only the centroids that moved can come closer, so the
+    bound becomes min(old bound, exact distance to the moved centroids); a row whose own
+    (exact) distance stays below it provably keeps its centroid. The rest are searched in
+    full. Late iterations move few centroids, so most rows skip the k x d search, and the
+    result is Lloyd's, not an approximation of it.
+    """
+
+    # Above this fraction of moved centroids the bounds cost more than a full search.
+    MAX_MOVED = 0.6
+
+    def __init__(self, x: np.ndarray, engine: VectorBackend):
+        self.x, self.engine = x, engine
+        self.sq_norm = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+        self.assign = np.zeros(len(x), np.int64)
+        self.lower = np.full(len(x), np.inf)
+        self.sq_distance = np.zeros(len(x), np.float64)
+        #: rows searched in full by the last refresh (for benchmarks and tests)
+        self.searched = 0
+
+    def full(self, centroids: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Search `rows` (default: all) against every centroid, keeping the two nearest."""
+        xs = self.x if rows is None else self.x[rows]
+        top = min(2, len(centroids))
+        d2, nearest = self.engine.search(centroids, xs, top, metric="l2")
+        sel = slice(None) if rows is None else rows
+        self.assign[sel] = nearest[:, 0]
+        self.lower[sel] = np.sqrt(d2[:, 1]) if top == 2 else np.inf
+        self.sq_distance[sel] = self._own_sq_distance(centroids, rows)
+        self.searched = len(xs)
+
+    def refresh(self, old: np.ndarray, new: np.ndarray) -> None:
+        """Assignment to `new` centroids, searching only rows whose bound does not hold."""
+        moved = np.flatnonzero(np.any(old != new, axis=1))
+        if len(moved) > self.MAX_MOVED * len(new) or not np.isfinite(self.lower).any():
+            self.full(new)
+            return
+        if len(moved):
+            top = min(2, len(moved))
+            d2, nearest = self.engine.search(new[moved], self.x, top, metric="l2")
+            own = moved[nearest[:, 0]] == self.assign
+            other = np.where(own, d2[:, 1] if top == 2 else np.inf, d2[:, 0])
+            self.lower = np.minimum(self.lower, np.sqrt(other))
+        self.sq_distance = self._own_sq_distance(new)
+        # A margin for the rounding of squared distances computed as |x|^2 + |c|^2 - 2 x.c.
+        slack = 1e-5 * (self.sq_norm + float(np.einsum("ij,ij->i", new, new).max()))
+        unsure = np.flatnonzero(self.sq_distance + slack >= self.lower**2)
+        if len(unsure):
+            self.full(new, unsure)
+        self.searched = len(unsure)
+
+    def _own_sq_distance(self, centroids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Exact squared distance of each row to its assigned centroid (computed directly)."""
+        xs = self.x if rows is None else self.x[rows]
+        assign = self.assign if rows is None else self.assign[rows]
+        out = np.empty(len(xs), np.float64)
+        for start in range(0, len(xs), UPDATE_CHUNK):
+            diff = xs[start : start + UPDATE_CHUNK] - centroids[assign[start : start + UPDATE_CHUNK]]
+            out[start : start + len(diff)] = np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
+        return out
 
 
 def _update(x, assign, distance, centroids, comm: "_Comm") -> np.ndarray:
     """Mean of each cluster's rows; an empty cluster moves to the farthest row of all ranks."""
     k, d = centroids.shape
-    sums = torch.zeros((k, d), dtype=torch.float64)
+    # float32 partial sums per chunk (one pass over the data), accumulated across chunks and
+    # ranks in float64.
+    sums = np.zeros((k, d), np.float64)
     index = torch.from_numpy(np.ascontiguousarray(assign, dtype=np.int64))
     for start in range(0, len(x), UPDATE_CHUNK):
-        rows = torch.from_numpy(x[start : start + UPDATE_CHUNK]).double()
-        sums.index_add_(0, index[start : start + UPDATE_CHUNK], rows)
+        part = torch.zeros((k, d), dtype=torch.float32)
+        part.index_add_(0, index[start : start + UPDATE_CHUNK], torch.from_numpy(x[start : start + UPDATE_CHUNK]))
+        sums += part.numpy()
     counts = np.bincount(assign, minlength=k).astype(np.float64)
-    sums, counts = comm.sum(sums.numpy()), comm.sum(counts)
+    sums, counts = comm.sum(sums), comm.sum(counts)
     new = centroids.astype(np.float64)
     filled = counts > 0
     new[filled] = sums[filled] / counts[filled, None]

@@ -268,8 +268,8 @@ class _Handler(BaseHTTPRequestHandler):
             resp = self.app.handle(method, self.path, self.headers, self.rfile.read)
         except Exception as exc:  # pragma: no cover - handle() already catches
             resp = _json({"error": str(exc)}, 500)
-        if resp.status >= 400 and self.headers.get("Content-Length"):
-            # a refused body is not read; close so it is not taken for the next request
+        if resp.status >= 400:
+            # a refused body may be unread; close so it is never taken for the next request
             self.close_connection = True
         self.send_response(resp.status)
         self.send_header("Content-Type", resp.content_type)

@@ -101,3 +101,16 @@ def test_names_are_checked():
     with pytest.raises(ValueError):
         get_backend("torch").search(unit_rows(3, 2, 0), unit_rows(3, 2, 0), 1, metric="cosine")
     assert resolve_dtype("tf32", resolve_device("cpu")) == "fp32"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_half_matrix_graph_in_small_blocks(dtype, metric):
+    """The graph sweep computes each pair once; with many tiny blocks every merge is exercised."""
+    x = unit_rows(1000, 12, 11) * np.random.default_rng(12).uniform(0.5, 2, (1000, 1)).astype(np.float32)
+    engine = TorchBackend("cpu", dtype, block_bytes=4 * 64 * 200)
+    engine.graph_rows = 64
+    D, I = engine.search(x, x, 9, metric=metric, exclude_self=True)
+    D_ref, I_ref = brute_force(x, x, 9, metric, exclude_self=True)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-5, atol=1e-4)

@@ -27,10 +27,11 @@ def _brute_force_scores(train_x, train_y, test_x, k, n_classes, temperature, uni
     return out
 
 
-def test_topk_cosine_matches_brute_force_across_chunk_boundaries():
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_topk_cosine_matches_brute_force_across_chunk_boundaries(backend):
     xb, _ = _clusters(300, seed=1)
     xq, _ = _clusters(37, seed=2)
-    sims, idx = topk_cosine(xb, xq, 25, query_chunk=8, base_chunk=64)
+    sims, idx = topk_cosine(xb, xq, 25, backend=backend, query_chunk=8, base_chunk=64)
     nb = xb / np.linalg.norm(xb, axis=1, keepdims=True)
     nq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
     full = nq.astype(np.float64) @ nb.T.astype(np.float64)
@@ -100,3 +101,15 @@ def test_topk_accuracy_against_hand_computed_values():
     # Row 3 ties classes 0 and 1 for second place; the lower class wins, so it misses.
     assert topk_accuracy(scores, y, 2) == pytest.approx(2 / 3)
     assert topk_accuracy(scores, y, 3) == pytest.approx(1.0)
+
+
+def test_chunked_accuracy_equals_brute_force_top1_and_top5():
+    x, y = _clusters(345, n_classes=8, spread=2.5, seed=10)
+    train_x, train_y, test_x, test_y = x[:300], y[:300], x[300:], y[300:]
+    acc = knn_accuracy(train_x, train_y, test_x, test_y, (10, 50), backend="torch", query_chunk=7, base_chunk=50)
+    for k in (10, 50):
+        ref = _brute_force_scores(train_x, train_y, test_x, k, 8, 0.07)
+        top5 = np.argsort(-ref, axis=1, kind="stable")[:, :5]
+        assert acc[k]["top1"] == pytest.approx(float((ref.argmax(1) == test_y).mean()))
+        assert acc[k]["top5"] == pytest.approx(float((top5 == test_y[:, None]).any(1).mean()))
+        assert 0.2 < acc[k]["top1"] < acc[k]["top5"] < 1.0  # a case where the two differ

@@ -130,3 +130,10 @@ def test_run_viz_writes_pngs_for_each_image(sources):
     assert len(pngs) == 12 * 6  # input, 2 heads, mean, pca, pca mask
     with Image.open(out / "000_00_attn_head1.png") as im:
         assert im.size == (16, 16)
+
+
+def test_cls_plus_mean_pooling_concatenates_the_mean_patch_token(sources):
+    cfg, tmp_path = sources
+    cfg.eval.pooling = "cls+mean"
+    result = json.loads(run_knn(cfg).read_text())
+    assert result["feature_dim"] == 6 and result["pooling"] == "cls+mean"

@@ -7,7 +7,7 @@ from PIL import Image
 from skimage.filters import threshold_otsu
 
 from pretrain.eval.features import Preprocessing
-from pretrain.viz import cls_attention, otsu_threshold, patch_pca, visualise
+from pretrain.viz import attention_mass_mask, cls_attention, otsu_threshold, patch_pca, visualise
 
 PATCH = 4
 
@@ -95,7 +95,8 @@ def test_pca_foreground_mask_is_the_object_whatever_the_sign():
 def test_otsu_threshold_matches_scikit_image():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(0.2, 0.05, 700), rng.normal(0.7, 0.1, 300)])
-    assert otsu_threshold(values) == pytest.approx(threshold_otsu(values, nbins=256), abs=np.ptp(values) / 256 * 1.01)  # one bin
+    one_bin = np.ptp(values) / 256 * 1.01  # skimage returns a bin centre, we return its upper edge
+    assert otsu_threshold(values) == pytest.approx(threshold_otsu(values, nbins=256), abs=one_bin)
 
 
 def test_visualise_writes_pngs_of_the_input_size(tmp_path):
@@ -114,3 +115,40 @@ def test_visualise_writes_pngs_of_the_input_size(tmp_path):
     mask = np.asarray(Image.open(tmp_path / "a_pca_mask.png")) > 0
     np.testing.assert_array_equal(mask, _square_image()[..., 0] > 128)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a_input.png")), images["a"])
+
+
+def test_attention_mass_keeps_the_fewest_top_patches_reaching_the_mass():
+    head = np.array([[0.05, 0.5], [0.3, 0.15]])
+    np.testing.assert_array_equal(attention_mass_mask(head, 0.6), [[False, True], [True, False]])
+    np.testing.assert_array_equal(attention_mass_mask(head, 0.5), [[False, True], [False, False]])
+    assert attention_mass_mask(head, 1.0).all()
+    rng = np.random.default_rng(0)
+    big = rng.random((7, 9))
+    for mass in (0.1, 0.37, 0.9):  # brute force: grow the set from the top until it holds the mass
+        kept, total = np.zeros(big.size, bool), 0.0
+        for i in np.argsort(-big.ravel()):
+            if total >= mass * big.sum():
+                break
+            kept[i], total = True, total + big.ravel()[i]
+        np.testing.assert_array_equal(attention_mass_mask(big, mass).ravel(), kept)
+
+
+def test_visualise_draws_attention_mass_masks_when_asked(tmp_path):
+    visualise(PixelTokenViT(), {"a": _square_image()}, PREP, tmp_path, attention_mass=0.6)
+    obj = np.zeros((32, 40), bool)
+    obj[8:24, 12:28] = True
+    # Below 60% of a head's attention on the object, its mask must cover the object and more;
+    # above, it must hold object patches only.
+    x = ((torch.from_numpy(_square_image()).permute(2, 0, 1)[None].float() / 255) - 0.5) / 0.25
+    maps = cls_attention(PixelTokenViT(), x)[0]
+    on_object = maps[:, 2:6, 3:7].sum((1, 2)) / maps.sum((1, 2))
+    assert on_object.min() < 0.6 < on_object.max()  # both cases occur
+    for i, fraction in enumerate(on_object):
+        covers_object = fraction < 0.6
+        with Image.open(tmp_path / f"a_attn_head{i}_mass.png") as im:
+            assert im.size == (40, 32)
+            kept = np.asarray(im) > 0
+        if covers_object:
+            assert kept[obj].all() and kept[~obj].any()
+        else:
+            assert kept.any() and not kept[~obj].any()

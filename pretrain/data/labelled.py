@@ -39,7 +39,9 @@ def _is_image_name(name: str, extensions: Sequence[str]) -> bool:
     return name.rsplit(".", 1)[-1].lower() in extensions if "." in name else False
 
 
-def iter_class_folder(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Iterator[LabelledSample]:
+def iter_class_folder(
+    root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> Iterator[LabelledSample]:
     """Images under `root/CLASS/...` (searched recursively), labelled CLASS, in sorted order."""
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

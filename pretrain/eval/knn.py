@@ -3,12 +3,14 @@
 Each test vector takes its k most cosine-similar training vectors; neighbour j votes for its
 class with weight exp(sim_j / T) (T = 0.07 in the papers), so close neighbours dominate and the
 vote degrades gracefully as k grows. The neighbours are found once for the largest k and
-reused for the smaller ones. Search is exact and chunked on both sides, so memory stays
-bounded by `query_chunk × base_chunk` similarities whatever the set sizes.
+reused for the smaller ones. The search is exact: Faiss's flat inner-product search on the
+CPU, or a torch matmul + top-k chunked on both sides (any device, memory bounded by
+`query_chunk × base_chunk` similarities whatever the set sizes).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -21,9 +23,45 @@ log = logging.getLogger(__name__)
 WEIGHTINGS = ("exp", "uniform")
 
 
-def _normalized(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+def _normalized(x: np.ndarray, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
     return torch.nn.functional.normalize(t, dim=1)
+
+
+def _faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def _topk_faiss(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    sims, idx = faiss.knn(
+        np.ascontiguousarray(xq), np.ascontiguousarray(xb), k, metric=faiss.METRIC_INNER_PRODUCT
+    )
+    return sims, idx.astype(np.int64, copy=False)
+
+
+def _topk_torch(
+    xb: torch.Tensor, xq: torch.Tensor, k: int, query_chunk: int, base_chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    device = xb.device
+    sims = np.empty((len(xq), k), dtype=np.float32)
+    idx = np.empty((len(xq), k), dtype=np.int64)
+    for q0 in range(0, len(xq), query_chunk):
+        q = xq[q0 : q0 + query_chunk]
+        best_s = torch.empty((len(q), 0), device=device)
+        best_i = torch.empty((len(q), 0), dtype=torch.long, device=device)
+        for b0 in range(0, len(xb), base_chunk):
+            s = q @ xb[b0 : b0 + base_chunk].T
+            # The running best concatenated with this chunk, top k kept: an exact merge.
+            cand_s = torch.cat([best_s, s], dim=1)
+            ids = torch.arange(b0, b0 + s.shape[1], device=device).expand(len(q), -1)
+            cand_i = torch.cat([best_i, ids], dim=1)
+            best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+            best_i = cand_i.gather(1, pos)
+        sims[q0 : q0 + len(q)] = best_s.cpu().numpy()
+        idx[q0 : q0 + len(q)] = best_i.cpu().numpy()
+    return sims, idx
 
 
 def topk_cosine(
@@ -31,31 +69,30 @@ def topk_cosine(
     queries: np.ndarray,
     k: int,
     *,
+    backend: str = "auto",
     query_chunk: int = 1024,
     base_chunk: int = 16384,
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k most cosine-similar base rows of every query: (similarities, indices), best first."""
+    """Exact k most cosine-similar base rows of every query: (similarities, indices), best first.
+
+    backend: `faiss` (exact flat inner-product search, CPU), `torch` (chunked matmul + top-k
+    on `device`, memory bounded by query_chunk × base_chunk), or `auto` (Faiss on the CPU when
+    it is installed, torch otherwise).
+    """
     device = torch.device(device)
+    if backend == "auto":
+        backend = "faiss" if device.type == "cpu" and _faiss_available() else "torch"
     k = min(k, len(base))
     xb = _normalized(base, device)
     xq = _normalized(queries, device)
-    sims = np.empty((len(xq), k), dtype=np.float32)
-    idx = np.empty((len(xq), k), dtype=np.int64)
-    for q0 in range(0, len(xq), query_chunk):
-        q = xq[q0 : q0 + query_chunk]
-        best_s = torch.full((len(q), 0), -torch.inf, device=device)
-        best_i = torch.empty((len(q), 0), dtype=torch.long, device=device)
-        for b0 in range(0, len(xb), base_chunk):
-            s = q @ xb[b0 : b0 + base_chunk].T
-            # Concatenate the running best with this chunk, keep the top k: exact merge.
-            cand_s = torch.cat([best_s, s], dim=1)
-            cand_i = torch.cat([best_i, torch.arange(b0, b0 + s.shape[1], device=device).expand(len(q), -1)], dim=1)
-            best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
-            best_i = cand_i.gather(1, pos)
-        sims[q0 : q0 + len(q)] = best_s.cpu().numpy()
-        idx[q0 : q0 + len(q)] = best_i.cpu().numpy()
-    return sims, idx
+    if backend == "faiss":
+        if device.type != "cpu":
+            raise ValueError("the faiss backend searches on the CPU; use backend='torch' on other devices")
+        return _topk_faiss(xb.numpy(), xq.numpy(), k)
+    if backend == "torch":
+        return _topk_torch(xb, xq, k, query_chunk, base_chunk)
+    raise ValueError(f"backend must be auto, faiss or torch, not {backend!r}")
 
 
 def vote(
@@ -73,10 +110,9 @@ def vote(
         weights = np.ones(neighbor_sims.shape, dtype=np.float64)
     else:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, not {weighting!r}")
-    scores = np.zeros((len(neighbor_labels), n_classes), dtype=np.float64)
-    rows = np.broadcast_to(np.arange(len(neighbor_labels))[:, None], neighbor_labels.shape)
-    np.add.at(scores, (rows, neighbor_labels), weights)
-    return scores
+    n = len(neighbor_labels)
+    flat = (np.arange(n)[:, None] * n_classes + neighbor_labels).ravel()
+    return np.bincount(flat, weights=weights.ravel(), minlength=n * n_classes).reshape(n, n_classes)
 
 
 def knn_scores(
@@ -89,6 +125,7 @@ def knn_scores(
     weighting: str = "exp",
     n_classes: int | None = None,
     device: str | torch.device = "cpu",
+    backend: str = "auto",
     query_chunk: int = 1024,
     base_chunk: int = 16384,
 ) -> dict[int, np.ndarray]:
@@ -96,7 +133,8 @@ def knn_scores(
     train_y = np.asarray(train_y, dtype=np.int64)
     n_classes = int(train_y.max()) + 1 if n_classes is None else n_classes
     sims, idx = topk_cosine(
-        train_x, test_x, max(ks), query_chunk=query_chunk, base_chunk=base_chunk, device=device
+        train_x, test_x, max(ks),
+        backend=backend, query_chunk=query_chunk, base_chunk=base_chunk, device=device,
     )
     labels = train_y[idx]
     return {
@@ -117,16 +155,39 @@ def knn_accuracy(
     test_x: np.ndarray,
     test_y: np.ndarray,
     ks: Sequence[int] = (10, 20, 100, 200),
-    **kwargs,
+    *,
+    temperature: float = 0.07,
+    weighting: str = "exp",
+    n_classes: int | None = None,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    query_chunk: int = 1024,
+    base_chunk: int = 16384,
 ) -> dict[int, dict[str, float]]:
-    """Top-1 (and top-5 when there are more than 5 classes) accuracy for each k."""
-    scores = knn_scores(train_x, train_y, test_x, ks, **kwargs)
-    result = {}
-    for k, s in scores.items():
-        result[k] = {"top1": topk_accuracy(s, test_y, 1)}
-        if s.shape[1] > 5:
-            result[k]["top5"] = topk_accuracy(s, test_y, 5)
-    return result
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy for each k.
+
+    Votes are counted a chunk of queries at a time, so 50,000 queries × 1,000 classes never
+    sit in memory as one score matrix per k.
+    """
+    train_y = np.asarray(train_y, dtype=np.int64)
+    test_y = np.asarray(test_y, dtype=np.int64)
+    n_classes = int(max(train_y.max(), test_y.max())) + 1 if n_classes is None else n_classes
+    sims, idx = topk_cosine(
+        train_x, test_x, max(ks),
+        backend=backend, query_chunk=query_chunk, base_chunk=base_chunk, device=device,
+    )
+    labels = train_y[idx]
+    tops = (1, 5) if n_classes > 5 else (1,)
+    hits = {k: dict.fromkeys(tops, 0.0) for k in ks}
+    for q0 in range(0, len(test_y), query_chunk):
+        rows = slice(q0, q0 + query_chunk)
+        for k in ks:
+            scores = vote(
+                sims[rows, :k], labels[rows, :k], n_classes, temperature=temperature, weighting=weighting
+            )
+            for t in tops:
+                hits[k][t] += topk_accuracy(scores, test_y[rows], t) * len(scores)
+    return {k: {f"top{t}": hits[k][t] / len(test_y) for t in tops} for k in ks}
 
 
 def run_knn(cfg) -> Path:
@@ -139,6 +200,7 @@ def run_knn(cfg) -> Path:
     acc = knn_accuracy(
         data.train_x, data.train_y, data.test_x, data.test_y, ks,
         temperature=float(c.knn.temperature), n_classes=len(data.classes), device=data.device,
+        backend=str(c.knn.backend),
     )
     for k in ks:
         log.info("k-NN k=%d: top-1 %.4f", k, acc[k]["top1"])

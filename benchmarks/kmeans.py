@@ -1,0 +1,93 @@
+"""Flat k-means: lvd (torch backend, pruned Lloyd) vs Faiss `Kmeans` vs scikit-learn `KMeans`.
+
+Same process, same threads, same data and the same initial centroids for everyone, so the
+inertias are comparable iteration for iteration. Every method does `niter` updates and ends
+with the assignment to the final centroids (Faiss: `Kmeans.train` then one search; sklearn:
+`fit`, which stops early only if the assignment stops changing). Faiss is told to use every
+row (`max_points_per_centroid` from the data), as lvd does. GFLOP/s counts the dense
+assignment work 2 n k d (niter + 1), which is what an unpruned Lloyd performs.
+
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/kmeans.py --n 100000 --d 384 --k 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from index.kmeans import kmeans  # noqa: E402
+from knn_graph import embedding_like, fashion_mnist  # noqa: E402
+
+
+def faiss_kmeans(x, init, niter, spherical):
+    n, d = x.shape
+    k = len(init)
+    km = faiss.Kmeans(d, k, niter=niter, seed=0, spherical=spherical, min_points_per_centroid=1,
+                      max_points_per_centroid=math.ceil(n / k))
+    km.train(x, init_centroids=init)
+    dist, _ = km.index.search(x, 1)
+    return float(dist.sum(dtype=np.float64))
+
+
+def sklearn_kmeans(x, init, niter):
+    from sklearn.cluster import KMeans
+
+    model = KMeans(len(init), init=init, n_init=1, max_iter=niter, tol=0, algorithm="lloyd").fit(x)
+    return float(model.inertia_)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--d", type=int, default=384)
+    parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--niter", type=int, default=20)
+    parser.add_argument("--data", choices=["synthetic", "fmnist"], default="synthetic")
+    parser.add_argument("--spherical", action="store_true")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32"], help="torch backend dtypes to time")
+    parser.add_argument("--no-sklearn", action="store_true")
+    parser.add_argument("--unpruned", action="store_true", help="also time lvd's Lloyd without bounds")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    x = fashion_mnist(args.n) if args.data == "fmnist" else embedding_like(args.n, args.d, args.seed, copies=0)
+    n, d = x.shape
+    init = x[np.random.default_rng(args.seed).choice(n, args.k, replace=False)].copy()
+    flops = 2.0 * n * args.k * d * (args.niter + 1)
+    print(f"k-means {n} x {d} -> {args.k}, {args.niter} iterations, data {args.data}, "
+          f"threads {torch.get_num_threads()}, faiss {faiss.__version__}, torch {torch.__version__}")
+    print(f"{'method':<32} {'time':>9} {'GFLOP/s':>9} {'vs faiss':>9} {'inertia':>16} {'/ faiss':>9}")
+
+    def report(name, seconds, inertia):
+        print(f"{name:<32} {seconds:8.2f}s {flops / seconds / 1e9:9.1f} {t_faiss / seconds:8.2f}x "
+              f"{inertia:16.2f} {inertia / inertia_faiss:9.5f}")
+
+    t0 = time.perf_counter()
+    inertia_faiss = faiss_kmeans(x, init, args.niter, args.spherical)
+    t_faiss = time.perf_counter() - t0
+    report("faiss Kmeans", t_faiss, inertia_faiss)
+    variants = [(dtype, True) for dtype in args.dtypes] + ([("fp32", False)] if args.unpruned else [])
+    for dtype, prune in variants:
+        t0 = time.perf_counter()
+        result = kmeans(x, args.k, niter=args.niter, init=init, spherical=args.spherical, backend="torch",
+                        dtype=dtype, prune=prune)
+        label = f"lvd torch {dtype}" + (" pruned" if prune else " unpruned")
+        report(label, time.perf_counter() - t0, result.inertia)
+    if not args.no_sklearn:
+        t0 = time.perf_counter()
+        inertia = sklearn_kmeans(x, init, args.niter)
+        report("scikit-learn KMeans (lloyd)", time.perf_counter() - t0, inertia)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Curation quality of a demo run, measured against the truth planted in its data.
+
+near-duplicates : a planted pair (augmented copy, original) is found when both land in one
+                  component of dedup/near.parquet; precision counts every removed image that
+                  is not part of a found planted pair as a false positive (a lower bound:
+                  Fashion-MNIST has real look-alikes too);
+decontamination : a planted copy of an eval image is found when decontam.parquet pairs it with
+                  that eval image; precision is over all removed pool images;
+retrieval       : per seed class, the share of retrieved images (credited to their most similar
+                  seed) whose true class is the seed's class.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from curate.manifest import read_manifest
+
+
+def _ids(manifest: pd.DataFrame) -> dict[tuple[str, str], int]:
+    return {(s, k): int(i) for s, k, i in zip(manifest["set"], manifest["key"], manifest["id"])}
+
+
+def near_duplicate_quality(run_dir: Path, truth: dict, ids: dict) -> dict:
+    near = pq.read_table(run_dir / "dedup" / "near.parquet").to_pandas()
+    component = dict(zip(near["id"].astype(int), near["component"].astype(int)))
+    found, members_found = 0, set()
+    for copy, original in truth["near_dup_of"].items():
+        a, b = ids.get(("pool", copy)), ids.get(("pool", original))
+        if a is not None and b is not None and a in component and component.get(a) == component.get(b):
+            found += 1
+            members_found.update((a, b))
+    removed = set(near.loc[~near["keep"], "id"].astype(int))
+    true_removed = len(removed & members_found)
+    planted = len(truth["near_dup_of"])
+    return {
+        "planted_pairs": planted,
+        "pairs_found": found,
+        "recall": found / planted if planted else None,
+        "removed": len(removed),
+        "precision": true_removed / len(removed) if removed else None,
+    }
+
+
+def decontamination_quality(run_dir: Path, truth: dict, ids: dict, eval_set: str) -> dict:
+    pairs = pq.read_table(run_dir / "dedup" / "decontam.parquet").to_pandas()
+    found_pairs = set(zip(pairs["id"].astype(int), pairs["eval_id"].astype(int)))
+    hits, planted_ids = 0, set()
+    for copy, original in truth["eval_copy_of"].items():
+        a, b = ids.get(("pool", copy)), ids.get((f"eval:{eval_set}", original))
+        planted_ids.add(a)
+        hits += (a, b) in found_pairs
+    removed = set(pairs["id"].astype(int))
+    planted = len(truth["eval_copy_of"])
+    return {
+        "planted_copies": planted,
+        "found": hits,
+        "recall": hits / planted if planted else None,
+        "removed": len(removed),
+        "precision": len(removed & planted_ids) / len(removed) if removed else None,
+    }
+
+
+def retrieval_quality(run_dir: Path, truth: dict, manifest: pd.DataFrame) -> dict:
+    neighbors = pq.read_table(run_dir / "retrieve" / "neighbors.parquet").to_pandas()
+    neighbors = neighbors[neighbors["mode"] != "seed"]
+    by_id = manifest.set_index("id")
+    best = neighbors.sort_values("similarity", ascending=False, kind="stable").drop_duplicates("id")
+    out = {}
+    for row in best.itertuples():
+        seed_class = by_id.at[row.seed_id, "label"]
+        true_class = truth["pool"].get(by_id.at[row.id, "key"])
+        stats = out.setdefault(seed_class, {"retrieved": 0, "correct": 0})
+        stats["retrieved"] += 1
+        stats["correct"] += int(true_class == seed_class)
+    for stats in out.values():
+        stats["precision"] = stats["correct"] / stats["retrieved"] if stats["retrieved"] else None
+    return dict(sorted(out.items()))
+
+
+def measure(run_dir: str | Path, eval_set: str = "fmnist_test") -> dict:
+    """Every figure that the finished stages of a demo run allow."""
+    run_dir = Path(run_dir)
+    truth = json.loads((run_dir / "data" / "truth.json").read_text())
+    manifest = read_manifest(run_dir, status=None)
+    ids = _ids(manifest)
+    result = {}
+    if (run_dir / "dedup" / "near.parquet").is_file():
+        result["near_duplicates"] = near_duplicate_quality(run_dir, truth, ids)
+        result["decontamination"] = decontamination_quality(run_dir, truth, ids, eval_set)
+    if (run_dir / "retrieve" / "neighbors.parquet").is_file():
+        result["retrieval_by_class"] = retrieval_quality(run_dir, truth, manifest)
+    return result

@@ -1,0 +1,88 @@
+"""`lvd run`: the whole chain, killed with SIGKILL at several points and resumed, gives the
+same shards byte for byte as an uninterrupted run."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pretrain.models import build_backbone
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    rng = np.random.default_rng(0)
+    protos = rng.integers(0, 256, (4, 24, 24, 3))
+    def write(path, base):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(path)
+    for i in range(48):
+        write(root / "pool" / f"{i:03d}.png", protos[i % 4])
+    for c in range(2):
+        for j in range(3):
+            write(root / "seeds" / f"class{c}" / f"{j}.png", protos[c])
+    for j in range(4):
+        write(root / "eval" / "e" / f"{j}.png", protos[3])
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny_p4")
+    torch.save(model.state_dict(), root / "tiny.pth")
+    args = [
+        f"sources.pool=[{root / 'pool'}]",
+        f"sources.seeds.s={root / 'seeds'}",
+        f"sources.eval.e={root / 'eval'}",
+        "embed.model=vit_tiny_p4",
+        f"embed.weights={root / 'tiny.pth'}",
+        "embed.resolution=32",
+        "embed.batch_size=8",
+        "embed.dtype=float32",
+        "dedup.k=4",
+        "dedup.threshold=0.999",
+        "decontam.threshold=0.999",
+        "cluster.k=4",
+        "retrieve.n=3",
+        "shards.max_count=5",
+        "workers=0",
+        "progress=false",
+    ]
+    return root, args
+
+
+def _start(run_dir, args):
+    return subprocess.Popen([sys.executable, "-m", "curate.cli", "run", "default", f"run_dir={run_dir}", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _shards(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "shards").glob("curated-*"))}
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_gives_identical_shards(setup):
+    root, args = setup
+    ref = _start(root / "ref", args)
+    assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()[-3000:]
+    expected = _shards(root / "ref")
+    assert expected and (root / "ref" / "report" / "index.html").is_file()
+
+    run_dir = root / "killed"
+    kills = 0
+    for marker in ("embed", "cluster", "shards"):
+        proc = _start(run_dir, args)
+        deadline = time.time() + 300
+        while not (run_dir / marker).exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2, "the kills must land while the run is going for this test to mean anything"
+    final = _start(run_dir, args)
+    assert final.wait(timeout=600) == 0, final.stderr.read().decode()[-3000:]
+    assert _shards(run_dir) == expected
