@@ -7,13 +7,15 @@ and achieved GFLOP/s against a 2048^3 matmul measured in the same run (the machi
 roofline). bf16 runs only where the CPU has native bf16 (AVX512_BF16 / AMX) or on a GPU,
 unless --force-bf16: emulated bf16 is not a configuration anyone should use.
 
-    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/embed.py [--batch 16] [--iters 4]
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/embed.py [--batch 16] [--iters 2] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,13 +61,16 @@ def photo_batch(batch: int, side: int = 224) -> torch.Tensor:
     return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).astype(np.float32))
 
 
-def build_transformers(device: torch.device):
+def build_transformers(device: torch.device, folder: Path):
+    """transformers' own loader reads the weights (it maps saved names to its module names)."""
     import transformers
+    from safetensors.torch import save_file
 
     config = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
                                        patch_size=14, image_size=518, layerscale_value=1e-5)
-    model = transformers.Dinov2Model(config)
-    model.load_state_dict(hf_state_dict_from_onnx(resolve_weights(WEIGHTS)), strict=True)
+    config.save_pretrained(folder)
+    save_file(hf_state_dict_from_onnx(resolve_weights(WEIGHTS)), str(folder / "model.safetensors"))
+    model = transformers.Dinov2Model.from_pretrained(folder)
     return model.eval().to(device)
 
 
@@ -85,15 +90,20 @@ def timed(fn, x: torch.Tensor, iters: int, device: torch.device) -> tuple[float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=2, help="timed batches per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time lvd under torch.compile (embed.compile)")
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 even on a CPU without native bf16")
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
 
     ours = build_backbone("dinov2_vits14", WEIGHTS).eval().to(device)
-    theirs = build_transformers(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = build_transformers(device, Path(tmp))
+    print(f"transformers attention implementation: {theirs.config._attn_implementation}")
     x = photo_batch(args.batch).to(device)
     gflop = vit_gflop_per_image(384, 12, 257, 3 * 14 * 14)
     native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
@@ -102,6 +112,10 @@ def main() -> None:
 
     run_ours = lambda inp: ours(inp)  # noqa: E731
     run_theirs = lambda inp: theirs(pixel_values=inp).pooler_output  # noqa: E731
+    runners = [("transformers", run_theirs), ("lvd", run_ours)]
+    if args.compile:  # inductor with frozen weights: fused elementwise ops, pre-packed GEMM weights
+        compiled = torch.compile(ours, options={"freezing": True})
+        runners.append(("lvd+compile", lambda inp: compiled(inp)))
     _, reference = timed(run_theirs, x, 0, device)
 
     precisions = [torch.float32] + ([torch.bfloat16] if native_bf16 or args.force_bf16 else [])
@@ -110,16 +124,20 @@ def main() -> None:
               "matmuls are orders of magnitude slower, so `embed.dtype: auto` picks float32 here")
     for dtype in precisions:
         peak = matmul_gflops(dtype, device)
-        rates = {}
-        for name, fn in (("transformers", run_theirs), ("lvd", run_ours)):
-            with autocast(device, dtype):
-                rate, out = timed(fn, x, args.iters, device)
-            cosine = F.cosine_similarity(out, reference, dim=-1).min().item()
-            rates[name] = rate
+        rates, outputs = {name: 0.0 for name, _ in runners}, {}
+        for _ in range(args.rounds):  # interleaved rounds, best of each: fair under a shared, noisy CPU
+            for name, fn in runners:
+                with autocast(device, dtype):
+                    rate, outputs[name] = timed(fn, x, args.iters, device)
+                rates[name] = max(rates[name], rate)
+        for name, _ in runners:
+            rate = rates[name]
+            cosine = F.cosine_similarity(outputs[name], reference, dim=-1).min().item()
             achieved = rate * gflop
-            print(f"{str(dtype)[6:]:>8} {name:>12}: {rate:7.2f} img/s  {achieved:7.1f} GFLOP/s "
+            print(f"{str(dtype)[6:]:>8} {name:>13}: {rate:7.2f} img/s  {achieved:7.1f} GFLOP/s "
                   f"({100 * achieved / peak:5.1f}% of the {peak:.0f} GFLOP/s matmul)  min cosine to fp32 {cosine:.6f}")
-        print(f"{str(dtype)[6:]:>8} lvd / transformers: {rates['lvd'] / rates['transformers']:.2f}x")
+        for name, _ in runners[1:]:
+            print(f"{str(dtype)[6:]:>8} {name} / transformers: {rates[name] / rates['transformers']:.2f}x")
 
 
 if __name__ == "__main__":

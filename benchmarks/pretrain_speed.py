@@ -8,9 +8,10 @@ Rows (images per second, one image = 2 global 224 px + 8 local 98 px crops):
   HF backbone        transformers' Dinov2Model ViT-S/14 (the peer): forward + backward of the
                      same crops
 The ratios say what the SSL machinery costs on top of the backbone and how our backbone
-compares with the peer's. Timed in one process, float32 and bf16 autocast (the CPU has bf16).
+compares with the peer's. Timed in one process; float32 by default, `--dtypes float32 bfloat16`
+adds CPU bf16 autocast.
 
-    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/pretrain_speed.py [--batch 8 --steps 3]
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/pretrain_speed.py [--batch 4 --steps 2]
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ class HFBackbone(torch.nn.Module):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=8, help="images per step")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up)")
+    ap.add_argument("--batch", type=int, default=4, help="images per step")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="compute dtypes to time (bfloat16 = CPU autocast)")
     args = ap.parse_args()
     b = args.batch
     torch.manual_seed(0)
@@ -74,8 +77,8 @@ def main() -> None:
     peer = HFBackbone().train()
     print(f"ViT-S/14, batch {b} images (2 x 224 px + 8 x 98 px crops each), {torch.get_num_threads()} threads")
     print(f"{'row':<18}{'dtype':<10}{'s/step':>9}{'img/s':>9}")
-    for amp in (False, True):
-        dtype = "bfloat16" if amp else "float32"
+    for dtype in args.dtypes:
+        amp = dtype == "bfloat16"
         with tempfile.TemporaryDirectory() as tmp:
             cfg = load_config(overrides=[f"run_dir={tmp}", "model.arch=dinov2_vits14", "data.shards=unused",
                                          f"data.batch_size_per_rank={b}", "train.device=cpu", f"train.dtype={dtype}",

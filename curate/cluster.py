@@ -24,6 +24,7 @@ rest, with the same per-level seeds, so its output equals an uninterrupted run's
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -72,6 +73,14 @@ def _write_clustering(folder: Path, ids, centroids, labels, distance, fp: str) -
     write_table(folder / "assign.parquet", _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
 
 
+def _remove_stale_levels(out: Path, n_levels: int) -> None:
+    """Delete level folders beyond the configured levels (left by a run with more levels)."""
+    for folder in out.glob("level*"):
+        suffix = folder.name[len("level"):]
+        if folder.is_dir() and suffix.isdigit() and int(suffix) > n_levels:
+            shutil.rmtree(folder)
+
+
 def _finished_levels(out: Path, n_levels: int, fp: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The consecutive levels (from 1) that an earlier run finished with the same fingerprint."""
     done = []
@@ -113,6 +122,7 @@ def run_cluster(cfg) -> Path:
         return out
     clear_success(out)
 
+    _remove_stale_levels(out, len(ks) if c.method == "hierarchical" else 0)
     emb_ids, x = load_embeddings(run_dir / "embed")
     rows = rows_of(ids, emb_ids)
     if (rows < 0).any():
@@ -120,17 +130,21 @@ def run_cluster(cfg) -> Path:
         ids, rows = ids[rows >= 0], rows[rows >= 0]
     x = np.ascontiguousarray(x[rows], dtype=np.float32)
     if len(x) < ks[0]:
-        raise ValueError(f"cannot make {ks[0]} clusters of {len(x)} curated images; lower cluster.k")
+        clamped = [min(k, len(x)) for k in ks]
+        log.warning("cluster: only %d curated images for levels %s; using %s", len(x), ks, clamped)
+        ks = clamped
+    if len(x) == 0:
+        return _write_empty(out, x.shape[1], fp, balanced_fp, settings, started)
     device = str(resolve_device(str(c.device)))
     log.info("cluster: %s k-means of %d images, levels %s", c.method, len(x), ks)
 
     if c.method == "flat":
         checkpoint = out / "kmeans-checkpoint.npz"
-        centroids, labels, _ = resampled_kmeans(x, ks[0], niter=int(c.niter), seed=int(cfg.seed),
-                                                spherical=bool(c.spherical), backend=str(c.backend), device=device,
-                                                checkpoint=None if cfg.get("overwrite", False) else checkpoint)
-        distance = squared_distances(x, centroids, labels)
+        centroids, labels, distance = resampled_kmeans(
+            x, ks[0], niter=int(c.niter), seed=int(cfg.seed), spherical=bool(c.spherical), backend=str(c.backend),
+            device=device, checkpoint=None if cfg.get("overwrite", False) else checkpoint)
         _write_clustering(out, ids, centroids, labels, distance, fp)
+        checkpoint.unlink(missing_ok=True)  # finished: a later run with other settings must start afresh
         hierarchy = Hierarchy([centroids], [labels], [distance])
         stats = [_level_stats(1, labels, len(centroids), distance)]
     else:
@@ -174,6 +188,16 @@ def run_cluster(cfg) -> Path:
         seconds=round(time.time() - started, 3),
     )
     log.info("cluster: done in %.1f s", time.time() - started)
+    return out
+
+
+def _write_empty(out: Path, dim: int, fp: str, balanced_fp: str, settings: dict, started: float) -> Path:
+    """Nothing survived dedup: empty but well-formed outputs, so later stages see zero images."""
+    empty = np.zeros(0, np.int64)
+    _write_clustering(out, empty, np.zeros((0, dim), np.float32), empty, np.zeros(0, np.float32), fp)
+    write_table(out / "balanced.parquet", pd.DataFrame({"id": empty}), BALANCED_SCHEMA, balanced_fp)
+    write_success(out, fingerprint=balanced_fp, settings=settings, images=0, k=0, distance="squared_l2", levels=[],
+                  seconds=round(time.time() - started, 3))
     return out
 
 

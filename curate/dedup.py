@@ -11,6 +11,8 @@ mapper : exact      - pool rows with equal sha1: the lowest id is kept, the othe
                       exactly (blocked matmul), so that the removal can be audited;
 writer : dedup/exact.parquet (id, dup_of), dedup/near.parquet (id, component, keep),
          dedup/decontam.parquet (id, eval_set, eval_id, similarity), then _SUCCESS.json.
+         The curated pool (`curated_pool_ids`) is near.parquet's kept ids minus the ids in
+         decontam.parquet; exact duplicates never reach near.parquet.
 
 Keep rule inside a near-duplicate component: the copy with the most pixels, then the lowest
 id (`index.components.keep_one`), so the result depends on the data only, not on order.
@@ -54,6 +56,9 @@ NEAR_SCHEMA = pa.schema([("id", pa.int64()), ("component", pa.int64()), ("keep",
 DECONTAM_SCHEMA = pa.schema(
     [("id", pa.int64()), ("eval_set", pa.string()), ("eval_id", pa.int64()), ("similarity", pa.float32())]
 )
+# Share of the pool whose removal by one near-duplicate component, or by decontamination,
+# suggests a threshold too low for the embedding space (a warning, not an error).
+SUSPICIOUS_FRACTION = 0.1
 # SemDeDup mode without dedup.semdedup_clusters: about this many images per cluster.
 SEMDEDUP_CLUSTER_SIZE = 1000
 
@@ -149,6 +154,22 @@ def contamination_pairs(pool_ids: np.ndarray, pool_x: np.ndarray, eval_ids: np.n
     return frame.sort_values(["id", "eval_set", "eval_id"], kind="stable").reset_index(drop=True)
 
 
+def warn_if_indiscriminate(component: np.ndarray, threshold: float, space: str) -> None:
+    """Warn when one component swallows a large part of the pool: a threshold too low for the space.
+
+    Connected components chain: in an embedding space where unrelated images are close (main
+    embeddings rather than a copy-detection model), a threshold tuned for SSCD links nearly
+    everything into one group and dedup would keep one image.
+    """
+    if len(component) < 100:
+        return
+    largest = int(np.bincount(component).max())
+    if largest > SUSPICIOUS_FRACTION * len(component):
+        log.warning("dedup: one near-duplicate component holds %d of %d images at threshold %.3g in %s/; the "
+                    "threshold is probably too low for these embeddings (DINOv2's 0.6 is for SSCD copy-detection "
+                    "descriptors)", largest, len(component), threshold, space)
+
+
 # ---------------------------------------------------------------- readers
 
 
@@ -162,6 +183,8 @@ def embedding_folder(cfg) -> Path:
         if not any(copy.glob("part-*.npy")):
             raise FileNotFoundError(f"embed.copy_detection is configured but {copy} holds no embeddings")
         return copy
+    log.info("dedup: no copy-detection model configured; near-duplicates and decontamination use the main "
+             "embeddings (set dedup.threshold and decontam.threshold for that space)")
     return embed
 
 
@@ -240,6 +263,7 @@ def run_dedup(cfg) -> Path:
                 progress=show_progress(cfg.progress))
         else:
             raise ValueError(f"dedup.mode must be knn or semdedup, got {cfg.dedup.mode!r}")
+        warn_if_indiscriminate(component, float(cfg.dedup.threshold), folder.name)
         near = pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep})
         write_table(out / "near.parquet", near, NEAR_SCHEMA, near_fp)
         log.info("dedup: %d near-duplicates removed from %d images (%d components)",
@@ -256,6 +280,10 @@ def run_dedup(cfg) -> Path:
                                     eval_sets[e_ok], float(cfg.decontam.threshold))
         write_table(out / "decontam.parquet", pairs, DECONTAM_SCHEMA, decontam_fp)
         log.info("dedup: %d pool images match an eval image (%d pairs)", pairs["id"].nunique(), len(pairs))
+        if len(pool) >= 100 and pairs["id"].nunique() > SUSPICIOUS_FRACTION * len(pool):
+            log.warning("decontam: %d of %d pool images are within %.3g of an eval image; the threshold is "
+                        "probably too low for these embeddings", pairs["id"].nunique(), len(pool),
+                        float(cfg.decontam.threshold))
     decontam = pq.read_table(out / "decontam.parquet").to_pandas()
 
     kept = curated_pool_ids(run_dir, near=near, decontam=decontam)

@@ -18,7 +18,6 @@ writes `_SUCCESS.json` once every rank has finished.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -213,6 +212,8 @@ def join_ranks(device_pref) -> Ranks:
     owns = False
     if not dist.is_initialized():
         use_cuda = resolve_device(device_pref).type == "cuda"
+        if use_cuda:  # one GPU per rank on each host; NCCL needs it chosen before the group forms
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # long parts: ranks may wait on each other far longer than the default 30 minutes
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=12))
         owns = True

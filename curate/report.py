@@ -166,6 +166,8 @@ def _section_clusters(run_dir: Path, thumbs: Thumbnails, seed: int) -> str:
     if assign is None:
         return "<h2>Clusters</h2><p>cluster has not run.</p>"
     sizes = assign.groupby("cluster").size().sort_values(ascending=False, kind="stable")
+    if sizes.empty:
+        return "<h2>Clusters</h2><p>no pool image survived deduplication, so there are no clusters.</p>"
     out = [f"<h2>Clusters</h2><p>{len(sizes)} clusters; sizes from {sizes.min()} to {sizes.max()} (median {int(sizes.median())}).</p>", histogram_svg(sizes.to_numpy())]
     rng = np.random.default_rng(seed)
     shown = sizes.index[:MAX_CLUSTERS // 2].tolist() + sizes.index[-(MAX_CLUSTERS // 2):].tolist()

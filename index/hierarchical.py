@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from index.backends import get_backend
 from index.kmeans import kmeans
-
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 KMEANSPP_POINTS_PER_CENTROID = 16
 # Above this many clusters seeding costs more than it saves (k sequential passes): the
 # levels start from random rows instead, as flat k-means does.
-KMEANSPP_MAX_K = 4096
+KMEANSPP_MAX_K = 2048
+# Up to this many seeding points, all their squared distances are computed at once (64 MiB).
+KMEANSPP_FULL_MATRIX_ROWS = 4096
 
 
 @dataclass
@@ -90,26 +92,36 @@ def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int = 0, max_points: int | N
     rng = np.random.default_rng(seed)
     if max_points is not None and len(x) > max_points:
         x = x[np.sort(rng.choice(len(x), max_points, replace=False))]
-    x = np.asarray(x, dtype=np.float64)
-    sq_norms = (x * x).sum(1)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    sq_norms = np.einsum("ij,ij->i", x, x)
     trials = 2 + int(np.log(k))
+    if len(x) <= KMEANSPP_FULL_MATRIX_ROWS:
+        # one square product up front; each step then only gathers rows (k thin products would
+        # each pay a threaded-BLAS start-up that dominates at this size)
+        full = np.maximum(sq_norms[:, None] - 2 * (x @ x.T) + sq_norms[None, :], 0)
 
-    def sq_dist_to(rows):
-        return np.maximum(sq_norms[:, None] - 2 * x @ x[rows].T + sq_norms[rows][None, :], 0)
+        def sq_dist_to(rows):
+            return full[rows]
+    else:
+        base_t = torch.from_numpy(x).T.contiguous()
+
+        def sq_dist_to(rows):  # (len(rows), n)
+            dots = (torch.from_numpy(x[rows]) @ base_t).numpy()
+            return np.maximum(sq_norms[rows][:, None] - 2 * dots + sq_norms[None, :], 0)
 
     chosen = [int(rng.integers(len(x)))]
-    d2 = sq_dist_to([chosen[0]])[:, 0]
+    d2 = sq_dist_to([chosen[0]])[0].astype(np.float64)
     for _ in range(1, k):
         total = d2.sum()
         if total <= 0:
             candidates = rng.integers(len(x), size=trials)
         else:
             candidates = np.searchsorted(np.cumsum(d2), rng.random(trials) * total).clip(max=len(x) - 1)
-        new_d2 = np.minimum(d2[:, None], sq_dist_to(candidates))
-        best = int(np.argmin(new_d2.sum(0)))
+        new_d2 = np.minimum(d2[None, :], sq_dist_to(candidates))
+        best = int(np.argmin(new_d2.sum(1)))
         chosen.append(int(candidates[best]))
-        d2 = new_d2[:, best]
-    return x[chosen].astype(np.float32)
+        d2 = new_d2[best]
+    return x[chosen].copy()
 
 
 def _seeded_kmeans(x, k, *, niter, seed, spherical, backend, device, checkpoint=None):

@@ -3,12 +3,15 @@ or on many (torch.distributed ranks, each holding a slice of the rows).
 
 Choices that make runs comparable and repeatable:
 
+* Lloyd's assignment step keeps bounds (see `_Assignment`): rows that provably keep their
+  centroid skip the search, which is where the speed over Faiss's `Kmeans` comes from; the
+  result is the same as searching every row.
 * Initial centroids are k distinct rows drawn with `seed` (or `init`), the same for every
   backend and every rank count, so backends can be compared iteration for iteration.
 * Faiss never sub-samples silently: `max_points_per_centroid` is set from the data so every
   row takes part; a caller that sets it lower gets a warning that says how many rows are used.
-* Lloyd's update sums chunks in float32 and adds chunks and ranks in float64, so 1 rank and
-  N ranks agree to float32 rounding.
+* Lloyd's update sums each cluster in row order (float32) and adds ranks in float64, so 1
+  rank and N ranks agree to float32 rounding.
   An empty cluster takes the row farthest from its centroid (scikit-learn's rule).
 * With `checkpoint=PATH` the centroids are saved every `checkpoint_every` iterations (atomic
   write); a rerun with the same data, k and init resumes there and ends with the same result.
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse
 import torch
 from tqdm.auto import tqdm
 
@@ -32,7 +36,7 @@ from index.backends import FaissBackend, VectorBackend, _as_f32, get_backend
 
 log = logging.getLogger(__name__)
 
-# Rows summed per chunk in the centroid update (bounds the float64 copy).
+# Rows per chunk when computing distances to assigned centroids (bounds the temporary).
 UPDATE_CHUNK = 65536
 
 
@@ -50,16 +54,19 @@ class KMeansResult:
 def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, backend="auto", device="cpu",
            init=None, *, dtype: str = "auto", distributed: bool = False, checkpoint: str | os.PathLike | None = None,
            checkpoint_every: int = 5, max_points_per_centroid: int | None = None, prune: bool = True,
-           progress: bool | None = None) -> KMeansResult:
+           algorithm: str = "auto", progress: bool | None = None) -> KMeansResult:
     """k-means of the rows of x (float32 [n, d]) into k clusters, `niter` Lloyd iterations.
 
-    backend: "faiss" (Faiss `Kmeans`), "torch" (Lloyd with the torch backend's exact
-    assignment), "auto" (Faiss on the CPU, see `index.backends.get_backend`) or a
-    `VectorBackend`. `distributed=True` runs Lloyd over the initialised torch.distributed
+    backend: "faiss", "torch", "auto" or a `VectorBackend`: the engine of the nearest-centroid
+    searches; "auto" is torch, whose Lloyd with bounds measured faster than Faiss's `Kmeans`
+    on CPU (benchmarks/kmeans.py) and runs on any accelerator. algorithm: "faiss" (Faiss's own
+    `Kmeans`, needs the faiss backend, one process), "lloyd" (lvd's Lloyd with bounds, any
+    backend, any number of ranks) or "auto" (Faiss's `Kmeans` with the faiss backend on one
+    process, else Lloyd). `distributed=True` runs Lloyd over the initialised torch.distributed
     group: x is this rank's slice, centroid sums are all-reduced, and the result's
     assign/distance cover this rank's rows. spherical=True L2-normalises the centroids after
     each update (for cosine clustering of normalised embeddings). prune=False makes the
-    Lloyd path search every row at every iteration (same result, slower; see `_Bounds`).
+    Lloyd path search every row at every iteration (same result, slower; see `_Assignment`).
     """
     x = _as_f32(x)
     comm = _Comm(distributed)
@@ -67,9 +74,13 @@ def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, b
     if not 0 < k <= n_total:
         raise ValueError(f"cannot make {k} clusters of {n_total} rows")
     centroids = _initial_centroids(x, k, seed, init, comm, offset, n_total)
-    engine = get_backend(backend, device, dtype)
+    engine = get_backend("torch" if backend == "auto" else backend, device, dtype)
     store = _Checkpoint(checkpoint, checkpoint_every, _fingerprint(n_total, x.shape[1], k, spherical, centroids), comm)
-    if isinstance(engine, FaissBackend) and not comm.active:
+    if algorithm not in ("auto", "faiss", "lloyd"):
+        raise ValueError(f"unknown k-means algorithm {algorithm!r}; expected auto, faiss or lloyd")
+    if algorithm == "faiss" and (comm.active or not isinstance(engine, FaissBackend)):
+        raise ValueError("algorithm='faiss' needs backend='faiss' and a single process")
+    if algorithm == "faiss" or (algorithm == "auto" and isinstance(engine, FaissBackend) and not comm.active):
         return _faiss_kmeans(x, centroids, niter, seed, spherical, engine, store, max_points_per_centroid)
     return _lloyd(x, centroids, niter, spherical, engine, comm, store, progress, prune)
 
@@ -118,32 +129,34 @@ def _faiss_kmeans(x, centroids, niter, seed, spherical, engine: FaissBackend, st
 def _lloyd(x, centroids, niter, spherical, engine: VectorBackend, comm: "_Comm", store: "_Checkpoint",
            progress, prune: bool = True) -> KMeansResult:
     start, centroids, objective = store.resume(centroids)
-    bounds = _Bounds(x, engine)
-    bounds.full(centroids)
+    state = _Assignment(x, engine)
+    state.full(centroids)
     for it in tqdm(range(start, niter), desc="k-means", leave=False, disable=_quiet(progress)):
-        objective.append(float(comm.sum(bounds.sq_distance.sum(dtype=np.float64))))
-        updated = _update(x, bounds.assign, bounds.sq_distance, centroids, comm)
+        objective.append(float(comm.sum(state.sq_distance.sum(dtype=np.float64))))
+        updated = _means(state, centroids, comm)
         if spherical:
             updated /= np.maximum(np.linalg.norm(updated, axis=1, keepdims=True), 1e-12)
         if prune:
-            bounds.refresh(centroids, updated)
+            state.refresh(centroids, updated)
         else:
-            bounds.full(updated)
+            state.full(updated)
         centroids = updated
         store.save(it + 1, centroids, objective)
-    inertia = float(comm.sum(bounds.sq_distance.sum(dtype=np.float64)))
-    return KMeansResult(centroids, bounds.assign, bounds.sq_distance.astype(np.float32), inertia, objective)
+    inertia = float(comm.sum(state.sq_distance.sum(dtype=np.float64)))
+    return KMeansResult(centroids, state.assign.copy(), state.sq_distance.astype(np.float32), inertia, objective)
 
 
-class _Bounds:
-    """Nearest-centroid assignment kept up to date with bounds, so unchanged rows cost O(d).
+class _Assignment:
+    """Nearest-centroid assignment kept up to date at O(d) per row that provably stays put.
 
     Each row keeps its centroid `assign` and a lower bound `lower` on its distance to every
     other centroid. After an update only the centroids that moved can come closer, so the
     bound becomes min(old bound, exact distance to the moved centroids); a row whose own
     (exact) distance stays below it provably keeps its centroid. The rest are searched in
     full. Late iterations move few centroids, so most rows skip the k x d search, and the
-    result is Lloyd's, not an approximation of it.
+    result is Lloyd's, not an approximation of it. Cluster sums are recomputed in row order
+    every iteration, so a cluster that no row left or joined gets a bit-identical centroid
+    (which is what "moved" tests) and the result does not depend on where a run resumed.
     """
 
     # Above this fraction of moved centroids the bounds cost more than a full search.
@@ -152,27 +165,28 @@ class _Bounds:
     def __init__(self, x: np.ndarray, engine: VectorBackend):
         self.x, self.engine = x, engine
         self.sq_norm = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-        self.assign = np.zeros(len(x), np.int64)
+        self.assign = np.full(len(x), -1, np.int64)
         self.lower = np.full(len(x), np.inf)
         self.sq_distance = np.zeros(len(x), np.float64)
-        #: rows searched in full by the last refresh (for benchmarks and tests)
+        #: rows searched in full by the last full()/refresh() (for benchmarks and tests)
         self.searched = 0
 
     def full(self, centroids: np.ndarray, rows: np.ndarray | None = None) -> None:
         """Search `rows` (default: all) against every centroid, keeping the two nearest."""
-        xs = self.x if rows is None else self.x[rows]
+        rows = np.arange(len(self.x)) if rows is None else rows
+        xs = self.x if len(rows) == len(self.x) else self.x[rows]
         top = min(2, len(centroids))
         d2, nearest = self.engine.search(centroids, xs, top, metric="l2")
-        sel = slice(None) if rows is None else rows
-        self.assign[sel] = nearest[:, 0]
-        self.lower[sel] = np.sqrt(d2[:, 1]) if top == 2 else np.inf
-        self.sq_distance[sel] = self._own_sq_distance(centroids, rows)
-        self.searched = len(xs)
+        self.assign[rows] = nearest[:, 0]
+        self.lower[rows] = np.sqrt(d2[:, 1]) if top == 2 else np.inf
+        self.sq_distance[rows] = d2[:, 0]
+        self.searched = len(rows)
 
     def refresh(self, old: np.ndarray, new: np.ndarray) -> None:
         """Assignment to `new` centroids, searching only rows whose bound does not hold."""
-        moved = np.flatnonzero(np.any(old != new, axis=1))
-        if len(moved) > self.MAX_MOVED * len(new) or not np.isfinite(self.lower).any():
+        moved_mask = np.any(old != new, axis=1)
+        moved = np.flatnonzero(moved_mask)
+        if len(moved) > self.MAX_MOVED * len(new):
             self.full(new)
             return
         if len(moved):
@@ -181,7 +195,8 @@ class _Bounds:
             own = moved[nearest[:, 0]] == self.assign
             other = np.where(own, d2[:, 1] if top == 2 else np.inf, d2[:, 0])
             self.lower = np.minimum(self.lower, np.sqrt(other))
-        self.sq_distance = self._own_sq_distance(new)
+            followed = np.flatnonzero(moved_mask[self.assign])  # rows whose own centroid moved
+            self.sq_distance[followed] = self._own_sq_distance(new, followed)
         # A margin for the rounding of squared distances computed as |x|^2 + |c|^2 - 2 x.c.
         slack = 1e-5 * (self.sq_norm + float(np.einsum("ij,ij->i", new, new).max()))
         unsure = np.flatnonzero(self.sq_distance + slack >= self.lower**2)
@@ -189,37 +204,34 @@ class _Bounds:
             self.full(new, unsure)
         self.searched = len(unsure)
 
-    def _own_sq_distance(self, centroids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """Exact squared distance of each row to its assigned centroid (computed directly)."""
-        xs = self.x if rows is None else self.x[rows]
-        assign = self.assign if rows is None else self.assign[rows]
-        out = np.empty(len(xs), np.float64)
-        for start in range(0, len(xs), UPDATE_CHUNK):
-            diff = xs[start : start + UPDATE_CHUNK] - centroids[assign[start : start + UPDATE_CHUNK]]
-            out[start : start + len(diff)] = np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
+    def _own_sq_distance(self, centroids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Squared distance of `rows` to their assigned centroid, computed directly."""
+        out = np.empty(len(rows), np.float64)
+        for start in range(0, len(rows), UPDATE_CHUNK):
+            part = rows[start : start + UPDATE_CHUNK]
+            diff = torch.from_numpy(self.x[part] - centroids[self.assign[part]])
+            out[start : start + len(part)] = torch.linalg.vector_norm(diff, dim=1).double().square().numpy()
         return out
 
 
-def _update(x, assign, distance, centroids, comm: "_Comm") -> np.ndarray:
-    """Mean of each cluster's rows; an empty cluster moves to the farthest row of all ranks."""
-    k, d = centroids.shape
-    # float32 partial sums per chunk (one pass over the data), accumulated across chunks and
-    # ranks in float64.
-    sums = np.zeros((k, d), np.float64)
-    index = torch.from_numpy(np.ascontiguousarray(assign, dtype=np.int64))
-    for start in range(0, len(x), UPDATE_CHUNK):
-        part = torch.zeros((k, d), dtype=torch.float32)
-        part.index_add_(0, index[start : start + UPDATE_CHUNK], torch.from_numpy(x[start : start + UPDATE_CHUNK]))
-        sums += part.numpy()
-    counts = np.bincount(assign, minlength=k).astype(np.float64)
-    sums, counts = comm.sum(sums), comm.sum(counts)
+def _cluster_sums(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
+    """Per-cluster sums of rows, each summed in row order (a sparse one-hot product)."""
+    one_hot = scipy.sparse.csr_matrix((np.ones(len(x), np.float32), (assign, np.arange(len(x)))), shape=(k, len(x)))
+    return np.asarray(one_hot @ x, dtype=np.float64)
+
+
+def _means(state: _Assignment, centroids: np.ndarray, comm: "_Comm") -> np.ndarray:
+    """Mean of each cluster's rows over all ranks; an empty cluster takes the farthest row."""
+    k = len(centroids)
+    sums = comm.sum(_cluster_sums(state.x, state.assign, k))
+    counts = comm.sum(np.bincount(state.assign, minlength=k).astype(np.float64))
     new = centroids.astype(np.float64)
     filled = counts > 0
     new[filled] = sums[filled] / counts[filled, None]
     empty = np.flatnonzero(~filled)
     if len(empty):
         log.info("k-means: %d empty clusters moved to the farthest rows", len(empty))
-        new[empty] = comm.farthest_rows(x, distance, len(empty))
+        new[empty] = comm.farthest_rows(state.x, state.sq_distance, len(empty))
     return new.astype(np.float32)
 
 
@@ -273,7 +285,11 @@ class _Comm:
 
 
 class _Checkpoint:
-    """Centroids every few iterations in one .npz, replaced atomically; rank 0 writes."""
+    """Centroids every few iterations in one .npz, replaced atomically.
+
+    Rank 0 writes and every rank reads, so several machines need the path on a shared file
+    system. Only centroids are saved: the assignment is recomputed from them on resume.
+    """
 
     def __init__(self, path, every: int, fingerprint: str, comm: _Comm):
         self.path = None if path is None else Path(path)

@@ -32,7 +32,6 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -43,6 +42,9 @@ from .webpage import PAGE
 
 log = logging.getLogger(__name__)
 
+# Bodies up to this many times the upload limit are read (and dropped) before a 413 answer;
+# larger ones are refused unread and the connection closed.
+DRAIN_FACTOR = 4
 _ID_ROUTE = re.compile(r"^/api/search/id/(-?\d+)$")
 _THUMB_ROUTE = re.compile(r"^/thumb/(-?\d+)$")
 
@@ -98,6 +100,7 @@ class SearchApp:
     def handle(self, method: str, target: str, headers, read_body) -> Response:
         url = urlsplit(target)
         path, query = url.path, parse_qs(url.query)
+        method = "GET" if method == "HEAD" else method  # the handler drops the body
         try:
             if method == "GET" and path in ("/", "/index.html"):
                 return Response(200, _page(), "text/html; charset=utf-8")
@@ -151,6 +154,10 @@ class SearchApp:
         except ValueError:
             raise HTTPError(400, "invalid Content-Length") from None
         if length > self.opts.max_upload_bytes:
+            if length <= DRAIN_FACTOR * self.opts.max_upload_bytes:
+                # read and drop a moderately large body, so a browser sees this answer, not a reset
+                for start in range(0, length, 2**20):
+                    read_body(min(2**20, length - start))
             raise HTTPError(413, f"upload of {length} bytes exceeds the limit of {self.opts.max_upload_bytes} bytes")
         if length <= 0:
             raise HTTPError(400, "empty request body")
@@ -162,6 +169,7 @@ class SearchApp:
             scores, rows = self.store.search(xq, k)
         hits = self.store.results(scores, rows)[0]
         for hit in hits:
+            hit["id_str"] = str(hit["id"])  # ids are 64-bit; JavaScript numbers keep 53 bits
             hit["thumbnail"] = f"/thumb/{hit['id']}" if hit.get("source") else None
         return hits, round(1000 * (time.perf_counter() - t0), 3)
 

@@ -20,7 +20,6 @@ files directly rather than importing `curate/` (dependencies go curate -> index)
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Iterator
 import faiss
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from . import ann
 
@@ -242,6 +242,9 @@ class IndexStore:
         spec = self.info.get("embedder") or {}
         if not spec.get("model"):
             raise IndexFolderError("this index does not record its model (embed/_SUCCESS.json was missing at build time)")
+        if spec.get("weights") is None:
+            raise IndexFolderError(f"this index was embedded with randomly initialised {spec['model']} weights, which "
+                                   "cannot be recreated to embed a query; search by id or by vector instead")
         import inspect
 
         from pretrain.models.embedder import Embedder
@@ -254,8 +257,6 @@ class IndexStore:
         accepted = inspect.signature(Embedder).parameters
         if spec.get("resize_ratio") is not None and "resize_ratio" in accepted:
             kwargs["resize_ratio"] = float(spec["resize_ratio"])
-        if spec.get("weights") is None and "allow_random" in accepted:
-            kwargs["allow_random"] = True  # the index itself was built from a random model
         return Embedder(spec["model"], spec.get("weights"), **kwargs)
 
 
@@ -372,7 +373,7 @@ class _Adder:
         self.ids = [ids]
         self.held_ids: list[np.ndarray] = []
         self.held_x: list[np.ndarray] = []
-        self.bar = ann.tqdm(total=total, unit="vec", desc="add", disable=None if progress is None else not progress)
+        self.bar = tqdm(total=total, unit="vec", desc="add", disable=None if progress is None else not progress)
 
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
         held = np.fromiter((i in self.hold for i in ids.tolist()), bool, len(ids))
@@ -439,23 +440,22 @@ def build(embed_dir: str | os.PathLike, out: str | os.PathLike, opts: BuildOptio
     n, d = len(all_ids), int(np.load(parts[0].vectors, mmap_mode="r").shape[1])
     t0 = time.perf_counter()
     budget = ann.parse_bytes(opts.memory_budget)
-    if opts.factory in (None, "", "auto"):
-        plan = ann.choose_index(n, d, budget, k=opts.k)
-    else:
-        plan = ann.plan_from_factory(opts.factory, n, d)
-    print(f"building {plan.factory} over {n} x {d} vectors: {plan.reason}", flush=True)
-    sample = None
-    if plan.train_size:
-        sample = np.concatenate([x for _, x in _select(_Rows(sources), all_ids, ann.sample_rows(n, plan.train_size, opts.seed))])
-    index = ann.trained_index(plan, d, sample, device=opts.device or "auto")
-    del sample
+    auto = opts.factory in (None, "", "auto")
+    plan = ann.choose_index(n, d, budget) if auto else ann.plan_from_factory(opts.factory, n, d)
+    index, ids, params, recall, n_queries = _fill(plan, d, sources, all_ids, opts)
+    if auto and plan.family == "ivf_flat":
+        # measured at full scale: how much must IVF scan on this data? weakly clustered data
+        # (IVF scanning much of it) gets a graph instead, when one fits the budget
+        nlist = ann._ivf_of(index).nlist
+        scan = params.get("nprobe", nlist) / nlist if recall is not None else None
+        alternative = ann.choose_index(n, d, budget, ivf_scan=scan)
+        if alternative.family == "hnsw":
+            plan = alternative
+            del index
+            index, ids, params, recall, n_queries = _fill(plan, d, sources, all_ids, opts)
+        else:
+            plan = alternative  # same index, with the measured scan in its reason
     tunable = not ann.is_exact(index)
-    # at most a tenth of the data held back for calibration, so the tuned index is the real one
-    hold = all_ids[ann.sample_rows(n, min(opts.calibration_queries, n // 10), opts.seed + 1)] if tunable else np.zeros(0, np.int64)
-    adder = _Adder(index, np.zeros(0, np.int64), hold, opts.progress, n)
-    for ids, x in _Rows(sources):
-        adder.add(ids, x)
-    ids, params, recall, n_queries = _tune_and_finish(adder, sources, opts.k, opts.target_recall)
     if params is None:
         log.warning("too few vectors to measure recall; search parameters left at Faiss defaults")
         params = {}
@@ -476,6 +476,26 @@ def build(embed_dir: str | os.PathLike, out: str | os.PathLike, opts: BuildOptio
     _write_generation(out, info["generation"], index, ids, read_manifest_meta(embed_dir, ids))
     _commit(out, info, previous)
     return info
+
+
+def _fill(plan: ann.IndexPlan, d: int, sources: list[dict], all_ids: np.ndarray, opts: BuildOptions):
+    """Train (on a sample), add every row, tune on held-back rows: (index, ids, params, recall, n_queries)."""
+    n = len(all_ids)
+    print(f"building {plan.factory} over {n} x {d} vectors: {plan.reason}", flush=True)
+    sample = None
+    if plan.train_size:
+        rows = ann.sample_rows(n, plan.train_size, opts.seed)
+        sample = np.concatenate([x for _, x in _select(_Rows(sources), all_ids, rows)])
+    index = ann.trained_index(plan, d, sample, device=opts.device or "auto", seed=opts.seed)
+    del sample
+    # at most a tenth of the data held back for calibration, so the tuned index is the real one
+    n_hold = 0 if ann.is_exact(index) else min(opts.calibration_queries, n // 10)
+    hold = all_ids[ann.sample_rows(n, n_hold, opts.seed + 1)] if n_hold else np.zeros(0, np.int64)
+    adder = _Adder(index, np.zeros(0, np.int64), hold, opts.progress, n)
+    for ids, x in _Rows(sources):
+        adder.add(ids, x)
+    ids, params, recall, n_queries = _tune_and_finish(adder, sources, opts.k, opts.target_recall)
+    return index, ids, params, recall, n_queries
 
 
 def _select(rows: _Rows, all_ids: np.ndarray, wanted_rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -64,7 +64,7 @@ function render(results) {
     fig.className = "hit";
     fig.title = "search with this image";
     const img = document.createElement("img");
-    img.alt = `id ${hit.id}`;
+    img.alt = `id ${hit.id_str}`;
     img.loading = "lazy";
     if (hit.thumbnail) img.src = hit.thumbnail;
     const cap = document.createElement("figcaption");
@@ -73,11 +73,11 @@ function render(results) {
     score.textContent = hit.score.toFixed(3);
     const meta = document.createElement("span");
     meta.className = "meta";
-    meta.textContent = ` #${hit.rank} id ${hit.id}` + (hit.set ? ` \\u00b7 ${hit.set}` : "") +
+    meta.textContent = ` #${hit.rank} id ${hit.id_str}` + (hit.set ? ` \\u00b7 ${hit.set}` : "") +
                        (hit.key ? ` \\u00b7 ${hit.key}` : "");
     cap.append(score, meta);
     fig.append(img, cap);
-    fig.addEventListener("click", () => searchById(hit.id));
+    fig.addEventListener("click", () => searchById(hit.id_str));
     grid.append(fig);
   }
 }

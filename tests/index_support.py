@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+# Manifest ids are 64-bit hashes; ids above 2**53 catch any place (JavaScript!) that rounds them.
+FIRST_ID = 7_000_000_000_000_000_001
 PHOTO_NAMES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "page", "brick", "grass",
                "gravel", "moon", "hubble_deep_field", "immunohistochemistry", "text", "clock")
 
@@ -75,7 +77,7 @@ def photo_run(run: Path, size: int = 96) -> tuple[list[dict], dict[int, bytes]]:
         buf = io.BytesIO()
         img.save(buf, format="PNG" if i % 2 else "JPEG")
         ext = "png" if i % 2 else "jpg"
-        id_ = 1000 + i
+        id_ = FIRST_ID + i
         data[id_] = buf.getvalue()
         if i < 12:
             key = f"sub/{name}.{ext}" if i % 3 == 0 else f"{name}.{ext}"

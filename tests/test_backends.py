@@ -109,7 +109,7 @@ def test_half_matrix_graph_in_small_blocks(dtype, metric):
     """The graph sweep computes each pair once; with many tiny blocks every merge is exercised."""
     x = unit_rows(1000, 12, 11) * np.random.default_rng(12).uniform(0.5, 2, (1000, 1)).astype(np.float32)
     engine = TorchBackend("cpu", dtype, block_bytes=4 * 64 * 200)
-    engine.graph_rows = 64
+    engine.half_matrix, engine.graph_rows = True, 64
     D, I = engine.search(x, x, 9, metric=metric, exclude_self=True)
     D_ref, I_ref = brute_force(x, x, 9, metric, exclude_self=True)
     np.testing.assert_array_equal(I, I_ref)

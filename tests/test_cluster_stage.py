@@ -131,8 +131,34 @@ def test_killed_hierarchical_run_resumes_from_finished_levels(tmp_path, monkeypa
     assert computed == []
     cluster.run_cluster(cluster_config(tmp_path / "b", *settings[:-1], "cluster.niter=9"))
     assert computed == [12, 6, 3]
+    # fewer levels: the old level3/ goes; flat: all level folders go
+    cluster.run_cluster(cluster_config(tmp_path / "b", "cluster.method=hierarchical", "cluster.level_ks=[12]",
+                                       "cluster.k=3"))
+    assert sorted(p.name for p in out.glob("level*")) == ["level1", "level2"]
+    cluster.run_cluster(cluster_config(tmp_path / "b", "cluster.k=3"))
+    assert not list(out.glob("level*")) and not (out / "kmeans-checkpoint.npz").exists()
 
 
 def test_cluster_needs_dedup(tmp_path):
     with pytest.raises(FileNotFoundError, match="lvd dedup"):
         cluster.run_cluster(cluster_config(tmp_path))
+
+
+def test_fewer_curated_images_than_clusters(tmp_path):
+    planted_run(tmp_path)
+    n = len(curated_pool_ids(tmp_path))
+    out = cluster.run_cluster(cluster_config(tmp_path, "cluster.method=hierarchical", f"cluster.level_ks=[{n + 50}]",
+                                             f"cluster.k={n + 10}", "cluster.niter=2"))
+    assert len(np.load(out / "level1" / "centroids.npy")) == n
+    assign = pd.read_parquet(out / "level1" / "assign.parquet")
+    assert assign["cluster"].nunique() == n and np.allclose(assign["distance"], 0, atol=1e-6)
+
+
+def test_nothing_left_after_dedup_gives_empty_outputs(tmp_path):
+    planted_run(tmp_path)
+    run_dedup(config(tmp_path, "dedup.threshold=-1", "overwrite=true"))  # everything is one component ...
+    run_dedup(config(tmp_path, "dedup.threshold=-1", "decontam.threshold=-1"))  # ... and contaminated
+    assert len(curated_pool_ids(tmp_path)) == 0
+    out = cluster.run_cluster(config(tmp_path, "dedup.threshold=-1", "decontam.threshold=-1"))
+    assert len(pd.read_parquet(out / "assign.parquet")) == 0 and np.load(out / "centroids.npy").shape == (0, DIM)
+    assert json.loads((out / "_SUCCESS.json").read_text())["images"] == 0

@@ -244,3 +244,11 @@ def test_single_image_pool_without_eval_sets(tmp_path):
         assert near["id"].tolist() == [3] and near["keep"].tolist() == [True]
         assert len(pd.read_parquet(out / "exact.parquet")) == 0 and len(pd.read_parquet(out / "decontam.parquet")) == 0
         np.testing.assert_array_equal(dedup.curated_pool_ids(tmp_path), [3])
+
+
+def test_threshold_too_low_for_the_space_is_reported(tmp_path, caplog):
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path, rows, vecs)
+    dedup.run_dedup(config(tmp_path, "dedup.threshold=-1", "decontam.threshold=-1"))
+    messages = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "one near-duplicate component holds" in messages and "decontam:" in messages

@@ -84,7 +84,7 @@ def test_embed_stage_matches_a_plain_reference_and_covers_every_set(tmp_path, ti
     _write_images(tmp_path / "seeds" / "cats", 3, seed=1)
     cfg = _cfg(tmp_path / "run", tmp_path / "pool", f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
                "embed.part_size=4", "embed.batch_size=3", "embed.dtype=float32", "embed.cls_and_mean_patch=true",
-               seeds=tmp_path / "seeds")
+               "workers=2", seeds=tmp_path / "seeds")  # DataLoader worker processes decode
     run_manifest(cfg)
     out = run_embed(cfg)
     frame = read_manifest(cfg.run_dir, status="ok")

@@ -137,3 +137,19 @@ def test_cls_plus_mean_pooling_concatenates_the_mean_patch_token(sources):
     cfg.eval.pooling = "cls+mean"
     result = json.loads(run_knn(cfg).read_text())
     assert result["feature_dim"] == 6 and result["pooling"] == "cls+mean"
+
+
+def test_features_are_cached_between_protocols_and_refreshed_when_a_source_changes(sources, monkeypatch):
+    cfg, tmp_path = sources
+    calls = []
+    monkeypatch.setattr("pretrain.eval.stage.load_model", lambda *a, **k: calls.append(1) or (MeanColourViT(), PREP))
+    knn = json.loads(run_knn(cfg).read_text())
+    linear = json.loads(run_linear(cfg).read_text())
+    assert len(calls) == 1 and knn["feature_cache"] == linear["feature_cache"]
+    assert Path(knn["feature_cache"]).exists()
+    (tmp_path / "train" / "blue" / "99.png").write_bytes(_png(COLOURS["blue"], np.random.default_rng(1)))
+    again = json.loads(run_knn(cfg).read_text())
+    assert len(calls) == 2 and again["n_train"] == knn["n_train"] + 1
+    cfg.eval.cache_features = False
+    run_knn(cfg)
+    assert len(calls) == 3

@@ -135,3 +135,19 @@ def test_balanced_sample_from_kmeans_evens_out_planted_groups():
 def test_hierarchical_kmeans_rejects_growing_levels():
     with pytest.raises(ValueError):
         hierarchical_kmeans(np.zeros((10, 2), np.float32), [2, 5])
+
+
+@pytest.mark.parametrize("full_matrix_rows", [10_000, 10])
+def test_kmeans_plusplus_seeds_one_centroid_per_separated_blob(monkeypatch, full_matrix_rows):
+    import index.hierarchical as hierarchical
+
+    monkeypatch.setattr(hierarchical, "KMEANSPP_FULL_MATRIX_ROWS", full_matrix_rows)  # both code paths
+    rng = np.random.default_rng(6)
+    centres = rng.normal(scale=20.0, size=(12, 8))
+    labels = rng.integers(0, 12, size=1200)
+    x = (centres[labels] + rng.normal(scale=0.3, size=(1200, 8))).astype(np.float32)
+    seeds = hierarchical.kmeans_plusplus(x, 12, seed=0)
+    nearest_centre = ((seeds[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    assert sorted(nearest_centre) == list(range(12))
+    # seeds are rows of x
+    assert all((np.abs(x - s).sum(1) < 1e-6).any() for s in seeds)

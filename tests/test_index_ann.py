@@ -23,21 +23,34 @@ def numpy_recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]))
 
 
-@pytest.mark.parametrize("n,d,budget,family,factory_prefix", [
-    (5_000, 64, 2**30, "flat", "Flat"),
-    (50_000, 64, 2**30, "hnsw", "HNSW32"),
-    (1_000_000, 128, 8 * 2**30, "ivf_flat", "IVF4096,Flat"),
-    (10_000_000, 768, 8 * 2**30, "ivf_pq", "IVF16384,PQ"),
-    (1_000_000, 768, 400 * 2**20, "ivf_pq", "IVF4096,PQ"),
+@pytest.mark.parametrize("n,d,budget,scan,family,factory_prefix", [
+    (5_000, 64, 2**30, None, "flat", "Flat"),
+    (50_000, 64, 2**30, 0.01, "ivf_flat", "IVF512,Flat"),
+    (50_000, 64, 2**30, 0.10, "hnsw", "HNSW32"),  # weakly clustered data: IVF would scan 5000 vectors
+    (50_000, 64, 8 * 2**20, 0.10, "ivf_pq", "IVF512,PQ"),  # ... but the graph does not fit
+    (1_000_000, 128, 8 * 2**30, None, "ivf_flat", "IVF4096,Flat"),
+    (1_000_000, 128, 8 * 2**30, 0.001, "ivf_flat", "IVF4096,Flat"),
+    (10_000_000, 768, 8 * 2**30, None, "ivf_pq", "IVF16384,PQ"),
+    (1_000_000, 768, 400 * 2**20, None, "ivf_pq", "IVF4096,PQ"),
 ])
-def test_choice_follows_size_dimension_and_budget(n, d, budget, family, factory_prefix):
-    plan = ann.choose_index(n, d, budget)
-    assert plan.family == family
+def test_choice_follows_size_dimension_budget_and_clustering(n, d, budget, scan, family, factory_prefix):
+    plan = ann.choose_index(n, d, budget, ivf_scan=scan)
+    assert plan.family == family, plan
     assert plan.factory.startswith(factory_prefix)
     assert plan.bytes_per_vector * n <= budget  # what was chosen fits
     faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)  # and Faiss can build it
-    if plan.family != "flat" and plan.family != "hnsw":
+    if plan.family not in ("flat", "hnsw"):
         assert 0 < plan.train_size <= n
+
+
+@pytest.mark.parametrize("spread,family", [(0.5, "ivf_flat"), (3.0, "hnsw")])
+def test_auto_build_turns_to_a_graph_when_ivf_must_scan_too_much(tmp_path, spread, family):
+    """Tight clusters: IVF probes a few lists. Diffuse data: IVF would scan most lists, HNSW wins."""
+    x = clustered_unit_vectors(25_000, 16, n_clusters=100, spread=spread, seed=1)
+    write_embed(tmp_path / "embed", np.arange(len(x)), x, part_rows=25_000)
+    info = build(tmp_path / "embed", tmp_path / "index", BuildOptions(calibration_queries=200, progress=False))
+    assert info["plan"]["family"] == family, info["plan"]
+    assert "IVF" in info["plan"]["reason"] and info["expected_recall"]["recall"] >= 0.95
 
 
 def test_choice_refuses_an_impossible_budget():
@@ -89,6 +102,7 @@ def test_built_index_reaches_target_recall_on_held_out_queries(tmp_path, factory
     info = build(tmp_path / "embed", tmp_path / "index",
                  BuildOptions(factory=factory, calibration_queries=400, progress=False))
     expected = info["expected_recall"]["recall"]
+    assert "NaN" not in (tmp_path / "index" / "info.json").read_text()  # strict JSON: the page parses it
     assert expected >= 0.95 and info["search_params"] and info["expected_recall"]["queries"] == 400
     store = IndexStore.open(tmp_path / "index")
     _, rows = store.search(xq, 10)
@@ -119,3 +133,26 @@ def test_labels_map_rows_to_ids_when_tuning():
     labels = np.arange(400) * 3 + 11
     _, recall = ann.tune(index, x[400:], numpy_topk(x[:400], x[400:], 5) * 3 + 11, k=5, labels=labels)
     assert recall == 1.0
+
+
+def test_coarse_training_through_torch_kmeans_gives_a_working_ivf():
+    """The GPU training path (torch k-means places the lists), run here on the CPU."""
+    x = clustered_unit_vectors(6200, 16, n_clusters=30, spread=1.3, seed=6)
+    xb, xq = x[:6000], x[6000:]
+    index = faiss.index_factory(16, "IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
+    ann.train_coarse_with_torch(index, xb, device="cpu")
+    centroids = index.quantizer.reconstruct_n(0, 32)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-4)  # spherical, as Faiss does
+    index.train(xb)  # Faiss sees a trained quantizer and keeps it
+    np.testing.assert_array_equal(index.quantizer.reconstruct_n(0, 32), centroids)
+    index.add(xb)
+    index.nprobe = 8
+    assert numpy_recall(index.search(xq, 10)[1], numpy_topk(xb, xq, 10)) > 0.9
+
+
+def test_training_stays_on_the_cpu_when_asked_or_when_no_gpu():
+    assert ann.training_device("cpu") == "cpu"
+    import torch
+
+    if not torch.cuda.is_available() and faiss.get_num_gpus() == 0:
+        assert ann.training_device("auto") == "cpu"

@@ -43,7 +43,6 @@ def browser():
 
 def test_drop_page_shows_neighbours_grid(tmp_path, browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     run = tmp_path / "run"

@@ -17,7 +17,7 @@ from PIL import Image
 from index.cli import main
 from index.service import SearchApp, ServeOptions, make_server
 from index.store import BuildOptions, IndexStore, build
-from index_support import embedded_photo_run, running_server
+from index_support import FIRST_ID, embedded_photo_run, running_server
 
 K = 5
 
@@ -126,11 +126,11 @@ def test_thumbnails_are_the_indexed_images(served):
     ("/thumb/../../../../etc/passwd", 404),
     ("/thumb/%2e%2e%2f%2e%2e%2fetc%2fpasswd", 404),
     ("/../../etc/passwd", 404),
-    ("/thumb/1000/../../../etc/passwd", 404),
+    (f"/thumb/{FIRST_ID}/../../../etc/passwd", 404),
     ("/api/search/id/424242", 404),
-    ("/api/search/id/1000?k=0", 400),
-    ("/api/search/id/1000?k=abc", 400),
-    ("/api/search/id/1000?k=1000000", 400),
+    (f"/api/search/id/{FIRST_ID}?k=0", 400),
+    (f"/api/search/id/{FIRST_ID}?k=abc", 400),
+    (f"/api/search/id/{FIRST_ID}?k=1000000", 400),
     ("/api/search/image", 405),
 ])
 def test_bad_gets_get_a_4xx_with_a_message(served, path, status):
@@ -217,7 +217,7 @@ def test_search_by_image_without_a_model_is_503_and_the_rest_still_works(served)
     headers = {"Content-Length": "3", "Content-Type": "image/png"}
     resp = app.handle("POST", "/api/search/image", headers, lambda n: b"abc")
     assert resp.status == 503 and b"weights file gone" in resp.body
-    assert app.handle("GET", "/api/search/id/1000", {}, None).status == 200
+    assert app.handle("GET", f"/api/search/id/{FIRST_ID}", {}, None).status == 200
 
 
 def test_binds_loopback_by_default(served):

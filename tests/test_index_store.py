@@ -11,7 +11,7 @@ import pytest
 from index import ann
 from index.cli import add_subcommands, main
 from index.store import BuildOptions, IndexFolderError, IndexStore, add, build
-from index_support import clustered_unit_vectors, photo_run, write_embed, write_manifest
+from index_support import FIRST_ID, clustered_unit_vectors, photo_run, write_embed
 
 EMBEDDER = {"model": "vit_tiny_p4", "weights": None, "resolution": 32, "mean": [0.485, 0.456, 0.406],
             "std": [0.229, 0.224, 0.225], "dim": 16, "cls_and_mean_patch": False}
@@ -63,7 +63,7 @@ def test_search_by_vector_and_id_match_numpy(photo_index):
     np.testing.assert_allclose(scores, np.sort(q @ x.T, axis=1)[:, ::-1][:, :5], atol=1e-5)
     for id_, v in zip(ids, x):
         np.testing.assert_array_equal(store.vector_of(int(id_)), v)
-    assert store.results(*store.search(store.vector_of(1004), 1))[0][0]["id"] == 1004
+    assert store.results(*store.search(store.vector_of(FIRST_ID + 4), 1))[0][0]["id"] == FIRST_ID + 4
     with pytest.raises(KeyError):
         store.row_of(12345)
     with pytest.raises(ValueError, match="dimension"):

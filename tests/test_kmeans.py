@@ -134,7 +134,7 @@ def test_bad_arguments():
 
 def test_pruned_lloyd_equals_plain_lloyd_and_skips_rows():
     """The bounds must change nothing but the work: same centroids as searching every row."""
-    from index.kmeans import _Bounds
+    from index.kmeans import _Assignment
 
     x = blobs(4000, 16, 40, seed=10, spread=1.5)
     init = x[:40].copy()
@@ -142,10 +142,21 @@ def test_pruned_lloyd_equals_plain_lloyd_and_skips_rows():
     pruned = kmeans(x, 40, niter=15, backend="torch", init=init)
     np.testing.assert_allclose(pruned.centroids, plain.centroids, atol=1e-6)
     np.testing.assert_array_equal(pruned.assign, plain.assign)
-    np.testing.assert_allclose(pruned.objective, plain.objective, rtol=1e-9)
-    bounds = _Bounds(x, TorchBackend("cpu", "fp32"))
+    np.testing.assert_allclose(pruned.objective, plain.objective, rtol=1e-6)
+    bounds = _Assignment(x, TorchBackend("cpu", "fp32"))
     bounds.full(plain.centroids)
     nudged = plain.centroids.copy()
     nudged[0] += 1e-3
     bounds.refresh(plain.centroids, nudged)
     assert bounds.searched < len(x) // 4
+
+
+def test_lloyd_over_faiss_searches_matches_faiss_kmeans():
+    x = blobs(2000, 10, 8, seed=11, spread=2.0)
+    init = x[:8].copy()
+    ours = kmeans(x, 8, niter=8, backend="faiss", algorithm="lloyd", init=init)
+    theirs = kmeans(x, 8, niter=8, backend="faiss", algorithm="faiss", init=init)
+    np.testing.assert_allclose(ours.centroids, theirs.centroids, atol=1e-4)
+    assert ours.inertia == pytest.approx(theirs.inertia, rel=1e-5)
+    with pytest.raises(ValueError):
+        kmeans(x, 8, backend="torch", algorithm="faiss")

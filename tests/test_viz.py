@@ -134,17 +134,17 @@ def test_attention_mass_keeps_the_fewest_top_patches_reaching_the_mass():
 
 
 def test_visualise_draws_attention_mass_masks_when_asked(tmp_path):
-    visualise(PixelTokenViT(), {"a": _square_image()}, PREP, tmp_path, attention_mass=0.6)
+    visualise(PixelTokenViT(), {"a": _square_image()}, PREP, tmp_path, attention_mass=0.9)
     obj = np.zeros((32, 40), bool)
     obj[8:24, 12:28] = True
-    # Below 60% of a head's attention on the object, its mask must cover the object and more;
+    # Below 90% of a head's attention on the object, its mask must cover the object and more;
     # above, it must hold object patches only.
     x = ((torch.from_numpy(_square_image()).permute(2, 0, 1)[None].float() / 255) - 0.5) / 0.25
     maps = cls_attention(PixelTokenViT(), x)[0]
     on_object = maps[:, 2:6, 3:7].sum((1, 2)) / maps.sum((1, 2))
-    assert on_object.min() < 0.6 < on_object.max()  # both cases occur
+    assert on_object.min() < 0.9 < on_object.max()  # both cases occur
     for i, fraction in enumerate(on_object):
-        covers_object = fraction < 0.6
+        covers_object = fraction < 0.9
         with Image.open(tmp_path / f"a_attn_head{i}_mass.png") as im:
             assert im.size == (40, 32)
             kept = np.asarray(im) > 0

@@ -57,6 +57,10 @@ def test_huggingface_dinov2_folder_matches_transformers(tmp_path, swiglu):
     # the safetensors file alone loads the same way
     alone = build_backbone("vit_tiny_p4", tmp_path / "model.safetensors", **overrides).eval()
     _compare(hf, alone, 40)
+    # transformers >= 5 in-memory names (q_proj/…, gate_proj/…), as torch.save(state_dict()) stores them
+    torch.save(hf.state_dict(), tmp_path / "in_memory.pth")
+    in_memory = build_backbone("vit_tiny_p4", tmp_path / "in_memory.pth", **overrides).eval()
+    _compare(hf, in_memory, 36)
 
 
 def test_huggingface_dinov2_with_registers_matches_transformers(tmp_path):

@@ -7,6 +7,9 @@ maps their labels onto one vocabulary, and writes a results file atomically.
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import io
 import json
 import logging
 import os
@@ -84,13 +87,37 @@ def _progress(cfg) -> bool | None:
     return None if value == "auto" else bool(value)
 
 
-def labelled_features(cfg) -> EvalData:
-    """Run the configured backbone over `eval.train` and `eval.test`."""
+def _path_stamp(spec) -> object:
+    """What changes when a local source or weights file changes: sizes and mtimes."""
+    if isinstance(spec, (list, tuple)):
+        return [_path_stamp(s) for s in spec]
+    if spec is None or str(spec).startswith("pkg://"):
+        return spec
+    paths = [Path(p) for p in sorted(glob.glob(str(spec)))] or [Path(str(spec))]
+    stamp = []
+    for p in paths:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+        stamp.append([str(p), len(files), sum(f.stat().st_size for f in files),
+                      max((f.stat().st_mtime_ns for f in files), default=0)])
+    return stamp
+
+
+def feature_cache_path(cfg) -> Path:
+    """`eval.output_dir/features/KEY.npz`, KEY a hash of everything the features depend on."""
     c = cfg.eval
-    if c.train is None or c.test is None:
-        raise ValueError("eval.train and eval.test must both name a labelled source")
+    key = {
+        name: plain(c.get(name))
+        for name in ("model", "overrides", "weights", "resolution", "resize_ratio", "pooling", "dtype",
+                     "train", "test", "limit_train", "limit_test", "seed")
+    }
+    key["stamps"] = [_path_stamp(plain(c.weights)), _path_stamp(plain(c.train)), _path_stamp(plain(c.test))]
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(c.output_dir) / "features" / f"{digest}.npz"
+
+
+def _extract(cfg, device: torch.device) -> tuple[dict, Preprocessing]:
+    c = cfg.eval
     torch.manual_seed(int(c.seed))  # random-weight baselines are reproducible too
-    device = resolve_device(str(c.device))
     model, prep = load_model(
         c.model, c.weights, c.resolution, device, plain(c.get("overrides")), float(c.resize_ratio)
     )
@@ -98,35 +125,68 @@ def labelled_features(cfg) -> EvalData:
         batch_size=int(c.batch_size), device=device, dtype=str(c.dtype), pooling=str(c.pooling),
         workers=int(c.workers), progress=_progress(cfg),
     )
-    train, test = plain(c.train), plain(c.test)
     start = time.time()
     tr = extract_labelled_features(
-        model, iter_labelled(train, c.get("limit_train")), prep, desc="train features", **common
+        model, iter_labelled(plain(c.train), c.get("limit_train")), prep, desc="train features", **common
     )
     te = extract_labelled_features(
-        model, iter_labelled(test, c.get("limit_test")), prep, desc="test features", **common
+        model, iter_labelled(plain(c.test), c.get("limit_test")), prep, desc="test features", **common
     )
-    classes = label_vocabulary(tr.labels, te.labels)
-    unseen = sorted(set(te.labels) - set(tr.labels))
+    arrays = {
+        "train_x": tr.x, "train_labels": np.array(tr.labels), "train_skipped": np.array(tr.skipped, dtype=str),
+        "test_x": te.x, "test_labels": np.array(te.labels), "test_skipped": np.array(te.skipped, dtype=str),
+        "seconds": np.array(time.time() - start), "resolution": np.array(prep.resolution),
+    }
+    return arrays, prep
+
+
+def labelled_features(cfg) -> EvalData:
+    """Features of `eval.train` and `eval.test` from the configured backbone.
+
+    With `eval.cache_features`, they are kept in `eval.output_dir/features/` under a key of
+    the model, weights, preprocessing and sources (their sizes and mtimes included), so that
+    `lvd eval linear` after `lvd eval knn` does not run the backbone twice.
+    """
+    c = cfg.eval
+    if c.train is None or c.test is None:
+        raise ValueError("eval.train and eval.test must both name a labelled source")
+    device = resolve_device(str(c.device))
+    cache = feature_cache_path(cfg) if c.get("cache_features", False) else None
+    if cache is not None and cache.exists():
+        with np.load(cache, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        log.info("features read from the cache %s", cache)
+    else:
+        arrays, _ = _extract(cfg, device)
+        if cache is not None:
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            atomic_write_bytes(cache, buf.getvalue())
+    tr_labels, te_labels = arrays["train_labels"].tolist(), arrays["test_labels"].tolist()
+    classes = label_vocabulary(tr_labels, te_labels)
+    unseen = sorted(set(te_labels) - set(tr_labels))
     if unseen:
         log.warning("test classes absent from the training source (always wrong): %s", unseen)
     meta = {
         "model": c.model,
         "weights": None if c.weights is None else str(c.weights),
-        "resolution": prep.resolution,
-        "resize_ratio": prep.resize_ratio,
+        "resolution": int(arrays["resolution"]),
+        "resize_ratio": float(c.resize_ratio),
         "pooling": str(c.pooling),
-        "train": train,
-        "test": test,
-        "feature_dim": int(tr.x.shape[1]),
-        "skipped_undecodable": {"train": tr.skipped, "test": te.skipped},
-        "feature_seconds": round(time.time() - start, 3),
+        "train": plain(c.train),
+        "test": plain(c.test),
+        "feature_dim": int(arrays["train_x"].shape[1]),
+        "skipped_undecodable": {
+            "train": arrays["train_skipped"].tolist(), "test": arrays["test_skipped"].tolist()
+        },
+        "feature_seconds": round(float(arrays["seconds"]), 3),
+        "feature_cache": None if cache is None else str(cache),
         "device": str(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
     return EvalData(
-        tr.x, encode_labels(tr.labels, classes), te.x, encode_labels(te.labels, classes),
+        arrays["train_x"], encode_labels(tr_labels, classes), arrays["test_x"], encode_labels(te_labels, classes),
         classes, device, meta,
     )
 

@@ -45,13 +45,20 @@ class SSLModel(nn.Module):
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
+
+    Under FSDP both models are sharded alike, so each rank updates its local shards.
+    """
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731 - DTensor shard
+    for model in (teacher, student):
+        if hasattr(model, "reshard"):  # an FSDP2 root keeps its parameters gathered after forward
+            model.reshard()
     t_params, s_params = [], []
     for (tn, tp), (sn, sp) in zip(teacher.named_parameters(), student.named_parameters()):
         if tn != sn:
             raise RuntimeError(f"teacher and student differ: {tn} vs {sn}")
-        t_params.append(tp)
-        s_params.append(sp.detach())
+        t_params.append(local(tp))
+        s_params.append(local(sp.detach()))
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 

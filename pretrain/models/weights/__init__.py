@@ -60,10 +60,13 @@ def _from_huggingface(sd: dict, config: dict) -> tuple[dict, dict]:
 
 def _read(path: Path) -> LoadedWeights:
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise WeightsError(f"{path}: expected exactly one .safetensors file, found {[f.name for f in files]}")
-        sd, hints = _from_huggingface(_read_safetensors(files[0]), read_hf_config(path))
+        files = sorted(path.glob("*.safetensors"))  # one model.safetensors, or its shards
+        if not files:
+            raise WeightsError(f"{path}: a Hugging Face folder needs model.safetensors (pickled .bin files are not read)")
+        merged: dict[str, torch.Tensor] = {}
+        for file in files:
+            merged.update(_read_safetensors(file))
+        sd, hints = _from_huggingface(merged, read_hf_config(path))
         return LoadedWeights(sd, str(path), "huggingface", hints)
     suffix = path.suffix.lower()
     if suffix == ".onnx":

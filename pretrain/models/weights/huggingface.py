@@ -1,8 +1,10 @@
 """Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel` keys -> the DINOv2 hub layout.
 
-Hugging Face keeps separate query/key/value projections (concatenated here into `attn.qkv`),
-calls LayerScale `lambda1`, and names the SwiGLU projections `weights_in/weights_out`
-(older releases) or `gate_proj/up_proj/down_proj` (newer ones).
+Hugging Face keeps separate query/key/value projections (concatenated here into `attn.qkv`)
+and calls LayerScale `lambda1`. Saved checkpoints use the long-standing names
+(`attention.attention.query`, `mlp.weights_in/weights_out`); transformers >= 5 names its
+modules `attention.q_proj/…/o_proj` and `mlp.gate_proj/up_proj/down_proj` in memory, which is
+what a `torch.save(model.state_dict())` holds. Both are accepted.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _RENAMES = (
     (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
     (r"^encoder\.layer\.(\d+)\.norm(\d)\.", r"blocks.\1.norm\2."),
     (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
     (r"^encoder\.layer\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
     (r"^encoder\.layer\.(\d+)\.mlp\.fc(\d)\.", r"blocks.\1.mlp.fc\2."),
     (r"^encoder\.layer\.(\d+)\.mlp\.weights_in\.", r"blocks.\1.mlp.w12."),
@@ -33,7 +36,10 @@ _RENAMES = (
     (r"^encoder\.layer\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.w3."),
     (r"^layernorm\.", "norm."),
 )
-_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+# saved checkpoints use attention.attention.{query,key,value}; transformers >= 5 modules are
+# named attention.{q,k,v}_proj in memory (a state_dict() saved with torch.save has those)
+_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.(?:attention\.)?(query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)$")
+_QKV_PART = {"query": "query", "key": "key", "value": "value", "q_proj": "query", "k_proj": "key", "v_proj": "value"}
 _GATE_UP = re.compile(r"^encoder\.layer\.(\d+)\.mlp\.(gate_proj|up_proj)\.(weight|bias)$")
 
 
@@ -60,7 +66,7 @@ def hf_to_hub(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     gate_up: dict = {}
     for key, tensor in state_dict.items():
         if m := _QKV.match(key):
-            qkv.setdefault((m[1], m[3]), {})[m[2]] = (key, tensor)
+            qkv.setdefault((m[1], m[3]), {})[_QKV_PART[m[2]]] = (key, tensor)
             continue
         if m := _GATE_UP.match(key):
             gate_up.setdefault((m[1], m[3]), {})[m[2]] = (key, tensor)

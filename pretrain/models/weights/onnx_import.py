@@ -95,4 +95,4 @@ def hf_state_dict_from_onnx(path: str | Path, scope: str = "backbone") -> dict[s
     hf["embeddings.position_embeddings"] = _position_embedding(graph, inits, scope, dim)
     hf.setdefault("embeddings.mask_token", np.zeros((1, dim), dtype=np.float32))
     log.info("imported %d tensors from ONNX graph %s", len(hf), path)
-    return {k: torch.from_numpy(np.array(v, dtype=v.dtype, copy=True)) for k, v in hf.items()}
+    return {k: torch.from_numpy(np.array(v, dtype=v.dtype, order="C", copy=True)) for k, v in hf.items()}

@@ -1,0 +1,74 @@
+"""The Embedder API used outside the stage (lookup service, tests): PIL and bytes in, unit rows out."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pretrain.models import build_backbone
+from pretrain.models.embedder import Embedder
+from pretrain.models.precision import resolve_dtype
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny_p14")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path_factory.mktemp("w") / "tiny14.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _photos(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, size=(40 + 7 * i, 50, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_pil_and_png_bytes_give_the_same_unit_vectors(weights):
+    embedder = Embedder("vit_tiny_p14", weights, resolution=42, dtype="float32")
+    photos = _photos()
+    blobs = []
+    for img in photos:
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    a, b = embedder.embed_pil(photos, batch_size=2), embedder.embed_bytes(blobs)
+    assert a.shape == (3, 32) and a.dtype == np.float32
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    info = embedder.info()
+    assert (info["model"], info["resolution"], info["dim"], info["dtype"]) == ("vit_tiny_p14", 42, 32, "float32")
+    assert embedder.embed_pil([]).shape == (0, 32)
+
+
+def test_resolution_must_be_a_multiple_of_the_patch(weights):
+    with pytest.raises(ValueError, match="multiple of the patch size 14"):
+        Embedder("vit_tiny_p14", weights, resolution=40)
+
+
+def test_bf16_autocast_stays_close_to_float32(weights):
+    fp32 = Embedder("vit_tiny_p14", weights, dtype="float32").embed_pil(_photos())
+    bf16 = Embedder("vit_tiny_p14", weights, dtype="bfloat16").embed_pil(_photos())
+    assert (fp32 * bf16).sum(1).min() > 0.99
+
+
+def test_dtype_policy(monkeypatch):
+    from pretrain.models import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+    assert resolve_dtype("float32", cuda) == torch.float32
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto", cpu) == torch.float32  # emulated bf16 is far slower than fp32
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8", cpu)
