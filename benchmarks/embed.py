@@ -7,7 +7,7 @@ and achieved GFLOP/s against a 2048^3 matmul measured in the same run (the machi
 roofline). bf16 runs only where the CPU has native bf16 (AVX512_BF16 / AMX) or on a GPU,
 unless --force-bf16: emulated bf16 is not a configuration anyone should use.
 
-    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/embed.py [--batch 16] [--iters 2] [--rounds 3]
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/embed.py [--batch 16] [--iters 2] [--rounds 3] [--compile]
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2, help="timed batches per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time lvd under torch.compile (embed.compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time lvd under torch.compile with frozen weights (adds 1-2 min of compilation)")
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 even on a CPU without native bf16")
     args = parser.parse_args()
     device = resolve_device(args.device)
