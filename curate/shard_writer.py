@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 from dataclasses import dataclass
 
 from curate import sources as src
@@ -48,40 +49,93 @@ def reencode(data: bytes, shorter_side: int, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _fetch(spec: ShardSpec) -> dict[int, bytes]:
-    """Bytes of every sample, read in source order (each source tar opened once) and checked."""
-    order = sorted(range(len(spec.ids)), key=lambda i: (spec.kinds[i], spec.sources[i], spec.source_keys[i]))
-    rows = {
-        "id": [spec.ids[i] for i in order],
-        "kind": [spec.kinds[i] for i in order],
-        "source": [spec.sources[i] for i in order],
-        "key": [spec.source_keys[i] for i in order],
-    }
-    expected = dict(zip(spec.ids, spec.sha1s))
-    out = {}
-    for id_, data in src.iter_bytes(rows):
-        if hashlib.sha1(data).hexdigest() != expected[id_]:
-            raise RuntimeError(f"image {id_} changed since the manifest was made (sha1 differs); rerun `lvd manifest`")
-        out[id_] = data
-    return out
+class _Prefetch:
+    """Reads and checks the samples' bytes on a thread while the tar is being written.
+
+    Reading (in source order, each source tar opened once) and hashing release the GIL, so
+    they overlap with the writes; the writer takes each sample as soon as it has arrived.
+    """
+
+    def __init__(self, spec: ShardSpec):
+        order = sorted(range(len(spec.ids)), key=lambda i: (spec.kinds[i], spec.sources[i], spec.source_keys[i]))
+        self.rows = {
+            "id": [spec.ids[i] for i in order],
+            "kind": [spec.kinds[i] for i in order],
+            "source": [spec.sources[i] for i in order],
+            "key": [spec.source_keys[i] for i in order],
+        }
+        self.expected = dict(zip(spec.ids, spec.sha1s))
+        self.ready: dict[int, bytes] = {}
+        self.error: BaseException | None = None
+        self.finished = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for id_, data in src.iter_bytes(self.rows):
+                if hashlib.sha1(data).hexdigest() != self.expected[id_]:
+                    raise RuntimeError(f"image {id_} changed since the manifest was made (sha1 differs); rerun `lvd manifest`")
+                with self.cond:
+                    self.ready[id_] = data
+                    self.cond.notify_all()
+        except BaseException as exc:  # handed to the writer, which re-raises it
+            with self.cond:
+                self.error = exc
+        finally:
+            with self.cond:
+                self.finished = True
+                self.cond.notify_all()
+
+    def take(self, id_: int) -> bytes:
+        with self.cond:
+            while id_ not in self.ready and self.error is None and not self.finished:
+                self.cond.wait()
+            if id_ in self.ready:
+                return self.ready.pop(id_)
+            raise self.error or KeyError(f"image {id_} was not read")
 
 
-def _member(name: str, size: int, mtime: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, mtime, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
+def _octal(value: int, width: int) -> bytes:
+    """A ustar number field: zero-padded octal digits and a NUL."""
+    digits = b"%o" % value
+    if len(digits) > width - 1:
+        raise ValueError(f"{value} does not fit a {width}-byte ustar field")
+    return digits.rjust(width - 1, b"0") + b"\0"
+
+
+def ustar_header(name: str, size: int, mtime: int) -> bytes:
+    """The 512-byte ustar header of a regular file owned by 0:0 with mode 0444.
+
+    Written here rather than with `tarfile.TarInfo.tobuf`, which spends about 40 µs a member
+    (a fifth of the writer's time on 100 kB images); tests check it is byte-identical to
+    tarfile's own encoding.
+    """
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"member name longer than 100 bytes: {name!r}")
+    head = encoded.ljust(100, b"\0") + _octal(0o444, 8) + _octal(0, 8) + _octal(0, 8) + _octal(size, 12) + _octal(mtime, 12)
+    tail = b"0" + bytes(100) + b"ustar\x0000" + bytes(32) + bytes(32) + bytes(16) + bytes(155)  # no device numbers
+    checksum = sum(head) + 8 * 32 + sum(tail)
+    block = head + b"%06o\0 " % checksum + tail
+    return block + bytes(tarfile.BLOCKSIZE - len(block))
 
 
 def write_shard(spec: ShardSpec) -> tuple[str, int, int]:
-    """Write the tar; returns (path, samples, bytes)."""
-    payload = _fetch(spec)
+    """Write the tar; returns (path, samples, bytes).
+
+    Members go straight to the file (header, data, zero padding to 512 bytes) instead of
+    through `TarFile.addfile`, which copies every payload again in 16 kB chunks; the result is
+    the same ustar archive, ending in two zero blocks padded to a 10 kB record like GNU tar.
+    """
+    payload = _Prefetch(spec)
     tmp = f"{os.path.dirname(spec.path)}/.{os.path.basename(spec.path)}.tmp-{os.getpid()}"
+    written = 0
     try:
-        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with open(tmp, "wb", buffering=1 << 20) as f:
             for i, key in enumerate(spec.keys):
-                image = payload[spec.ids[i]]
+                image = payload.take(spec.ids[i])
                 ext = spec.exts[i]
                 if spec.resize:
                     image, ext = reencode(image, spec.resize, spec.quality), "jpg"
@@ -89,9 +143,16 @@ def write_shard(spec: ShardSpec) -> tuple[str, int, int]:
                 if spec.classes[i] is not None:
                     members.append((f"{key}.cls", str(spec.classes[i]).encode()))
                 for name, data in members:
-                    tar.addfile(_member(name, len(data), spec.mtime), io.BytesIO(data))
-            raw.flush()
-            os.fsync(raw.fileno())
+                    pad = -len(data) % tarfile.BLOCKSIZE
+                    f.write(ustar_header(name, len(data), spec.mtime))
+                    f.write(data)
+                    f.write(bytes(pad))
+                    written += tarfile.BLOCKSIZE + len(data) + pad
+            end = 2 * tarfile.BLOCKSIZE
+            end += -(written + end) % tarfile.RECORDSIZE
+            f.write(bytes(end))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, spec.path)
     finally:
         if os.path.exists(tmp):

@@ -109,7 +109,7 @@ class FaissBackend(VectorBackend):
         self.faiss = faiss
         self.device = resolve_device(device)
         self.query_batch = int(query_batch)
-        self.use_gpu = self.device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        self.use_gpu = self.device.type == "cuda" and _faiss_has_gpu()
         if self.device.type == "cuda" and not self.use_gpu:
             log.warning("this Faiss build has no GPU support; the faiss backend runs on the CPU")
         self._gpu_resources = None

@@ -151,3 +151,23 @@ def test_plan_respects_count_and_bytes():
     ranges = plan_shards(sizes, max_count=3, max_bytes=100 + 2048 + 100 + 2048 + 1)
     assert ranges == [(0, 2), (2, 3), (3, 5), (5, 6)]
     assert plan_shards(np.array([10**9]), 10, 10) == [(0, 1)]  # an oversized sample still gets a shard
+
+
+@pytest.mark.parametrize("name,size,mtime", [("0000000000000000001.jpg", 123, 0), ("a.json", 0, 1_700_000_000), ("x" * 100, 8**11 - 1, 5)])
+def test_ustar_header_is_byte_identical_to_tarfiles(name, size, mtime):
+    from curate.shard_writer import ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, mtime, 0o444, 0, 0, "", ""
+    assert ustar_header(name, size, mtime) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def test_a_source_changed_since_the_manifest_stops_the_shard(run):
+    cfg, manifest, neighbors = run
+    victim = manifest.set_index("id").loc[int(neighbors["id"].iloc[0])]
+    if victim.kind == "tar":
+        victim = manifest[(manifest.kind == "folder") & manifest.id.isin(neighbors.id)].iloc[0]
+    (Path(victim.source) / victim.key).write_bytes(_img(999, "PNG"))
+    with pytest.raises(RuntimeError, match="changed since the manifest"):
+        run_shards(cfg)
+    assert not list(Path(cfg.run_dir, "shards").glob(".*tmp*"))
