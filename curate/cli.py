@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-size", type=int, default=1000, help="Fashion-MNIST test images in the eval set")
     demo.add_argument("--seed", type=int, default=0, help="seed for the planted duplicates and sampling")
     demo.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist", help="folder with the Fashion-MNIST IDX files")
+    demo.add_argument("--no-pretrain", action="store_true", help="skip the short pretraining on the curated shards")
     demo.add_argument("overrides", metavar="KEY=VALUE", nargs="*", default=[], help="config overrides")
     demo.set_defaults(func=cmd_demo)
 

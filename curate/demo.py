@@ -6,6 +6,7 @@ as `lvd run configs/demo.yaml run_dir=OUT`, then measures what it can against th
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -38,8 +39,37 @@ def run_demo(args) -> int:
         finished.append(name)
         print(f"{name}: done in {time.time() - stage_started:.1f} s")
     _summary(out, finished)
+    if "shards" in finished and not args.no_pretrain:
+        _short_pretrain(out)
     print(f"total: {time.time() - started:.1f} s; run folder: {out}")
     return 0
+
+
+def _short_pretrain(run_dir: Path) -> None:
+    """About a minute of DINOv2 training on the curated shards (configs/demo_pretrain.yaml)."""
+    try:
+        run_pretrain = _resolve_pretrain()
+    except NotImplementedYet as exc:
+        print(f"pretrain: {exc}")
+        return
+    started = time.time()
+    cfg = load_config("demo_pretrain", [f"run_dir={run_dir}"], defaults="pretrain")
+    out = Path(run_pretrain(cfg))
+    metrics = out / "metrics.jsonl"
+    last = None
+    if metrics.is_file():
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        last = json.loads(lines[-1]) if lines else None
+    print(f"pretrain: done in {time.time() - started:.1f} s; {out}")
+    if last:
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items() if k in ("iteration", "loss", "dino_loss", "ibot_loss", "koleo_loss")}
+        print(f"pretrain: last metrics {shown}")
+
+
+def _resolve_pretrain():
+    from curate.cli import _resolve
+
+    return _resolve("pretrain.train:run_pretrain", "lvd pretrain")
 
 
 def _summary(run_dir: Path, finished: list[str]) -> None:
