@@ -62,7 +62,7 @@ def _short_pretrain(run_dir: Path) -> None:
         last = json.loads(lines[-1]) if lines else None
     print(f"pretrain: done in {time.time() - started:.1f} s; {out}")
     if last:
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items() if k in ("iteration", "loss", "dino_loss", "ibot_loss", "koleo_loss")}
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items() if k in ("iteration", "total", "dino", "ibot", "koleo", "images_per_s")}
         print(f"pretrain: last metrics {shown}")
 
 
