@@ -33,10 +33,10 @@ import pandas as pd
 import pyarrow as pa
 from omegaconf import ListConfig
 
-from curate.config import as_list, save_config
-from curate.dedup import curated_pool_ids, fingerprint, rows_of, write_table
+from curate.config import as_list
+from curate.dedup import curated_pool_ids, rows_of
 from index.backends import resolve_device
-from curate.runio import atomic_path, clear_success, is_done, read_success, remove_stale_temps, write_success
+from curate.runio import atomic_path, clear_success, fingerprint, is_done, open_stage, read_success, write_frame, write_success
 from index.hierarchical import Hierarchy, balanced_sample, hierarchical_kmeans, resampled_kmeans
 from index.io import load_embeddings
 
@@ -70,7 +70,7 @@ def _assign_frame(ids: np.ndarray, labels: np.ndarray, distance: np.ndarray) -> 
 
 def _write_clustering(folder: Path, ids, centroids, labels, distance, fp: str) -> None:
     save_npy(folder / "centroids.npy", np.asarray(centroids, np.float32))
-    write_table(folder / "assign.parquet", _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
+    write_frame(folder / "assign.parquet", _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
 
 
 def _remove_stale_levels(out: Path, n_levels: int) -> None:
@@ -97,10 +97,7 @@ def run_cluster(cfg) -> Path:
     """Cluster the curated pool; see the module docstring for the files written."""
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    out = run_dir / STAGE
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    save_config(cfg, run_dir)
+    out = open_stage(cfg, STAGE)
     c = cfg.cluster
     if not is_done(run_dir / "dedup"):
         raise FileNotFoundError(f"no finished dedup in {run_dir / 'dedup'}: run `lvd dedup` first")
@@ -167,12 +164,12 @@ def run_cluster(cfg) -> Path:
             labels = hierarchy.labels(t)
             distance = squared_distances(x, hierarchy.centroids[t - 1], labels)
             stats.append(_level_stats(t, labels, ks[t - 1], distance))
-            write_table(out / f"level{t}" / "assign.parquet", _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
+            write_frame(out / f"level{t}" / "assign.parquet", _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
         _write_clustering(out, ids, hierarchy.centroids[-1], labels, distance, fp)
 
     if int(c.balanced_sample) > 0:
         picked = balanced_sample(hierarchy, int(c.balanced_sample), seed=int(cfg.seed))
-        write_table(out / "balanced.parquet", pd.DataFrame({"id": ids[picked]}), BALANCED_SCHEMA, balanced_fp)
+        write_frame(out / "balanced.parquet", pd.DataFrame({"id": ids[picked]}), BALANCED_SCHEMA, balanced_fp)
     elif (out / "balanced.parquet").exists():
         (out / "balanced.parquet").unlink()
 
@@ -195,7 +192,7 @@ def _write_empty(out: Path, dim: int, fp: str, balanced_fp: str, settings: dict,
     """Nothing survived dedup: empty but well-formed outputs, so later stages see zero images."""
     empty = np.zeros(0, np.int64)
     _write_clustering(out, empty, np.zeros((0, dim), np.float32), empty, np.zeros(0, np.float32), fp)
-    write_table(out / "balanced.parquet", pd.DataFrame({"id": empty}), BALANCED_SCHEMA, balanced_fp)
+    write_frame(out / "balanced.parquet", pd.DataFrame({"id": empty}), BALANCED_SCHEMA, balanced_fp)
     write_success(out, fingerprint=balanced_fp, settings=settings, images=0, k=0, distance="squared_l2", levels=[],
                   seconds=round(time.time() - started, 3))
     return out

@@ -23,8 +23,6 @@ redoes only the files whose fingerprint changed (all of them with `overwrite=tru
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -35,9 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from curate.config import save_config
 from curate.manifest import read_manifest, show_progress
-from curate.runio import atomic_path, clear_success, is_done, read_success, remove_stale_temps, write_success
+from curate.runio import clear_success, fingerprint, is_done, open_stage, parquet_fingerprint, read_success, write_frame, write_success
 from index.backends import resolve_device
 from index.components import connected_components, duplicate_groups, keep_one, pairs_above
 from index.io import load_embeddings
@@ -49,7 +46,6 @@ log = logging.getLogger(__name__)
 STAGE = "dedup"
 POOL = "pool"
 EVAL_PREFIX = "eval:"
-FINGERPRINT_KEY = b"lvd.fingerprint"
 
 EXACT_SCHEMA = pa.schema([("id", pa.int64()), ("dup_of", pa.int64())])
 NEAR_SCHEMA = pa.schema([("id", pa.int64()), ("component", pa.int64()), ("keep", pa.bool_())])
@@ -61,36 +57,6 @@ DECONTAM_SCHEMA = pa.schema(
 SUSPICIOUS_FRACTION = 0.1
 # SemDeDup mode without dedup.semdedup_clusters: about this many images per cluster.
 SEMDEDUP_CLUSTER_SIZE = 1000
-
-
-# ---------------------------------------------------------------- parquet with a fingerprint
-
-
-def fingerprint(*parts) -> str:
-    """Stable hash of JSON-able settings and of numpy arrays (by content)."""
-    h = hashlib.sha1()
-    for part in parts:
-        if isinstance(part, np.ndarray):
-            h.update(np.ascontiguousarray(part).tobytes())
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def table_fingerprint(path: Path) -> str | None:
-    """Fingerprint stored in a parquet file, None if the file is missing or unreadable."""
-    try:
-        value = (pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY)
-    except Exception:
-        return None
-    return value.decode() if value else None
-
-
-def write_table(path: Path, frame: pd.DataFrame, schema: pa.Schema, fp: str) -> None:
-    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
-    table = table.replace_schema_metadata({FINGERPRINT_KEY: fp.encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
 
 
 # ---------------------------------------------------------------- mappers (arrays in, frames out)
@@ -208,10 +174,7 @@ def run_dedup(cfg) -> Path:
     """Write exact.parquet, near.parquet and decontam.parquet for the run's pool."""
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    out = run_dir / STAGE
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    save_config(cfg, run_dir)
+    out = open_stage(cfg, STAGE)
     overwrite = bool(cfg.get("overwrite", False))
     device = str(resolve_device(str(cfg.dedup.device)))
 
@@ -222,7 +185,7 @@ def run_dedup(cfg) -> Path:
     embed_fp = fingerprint((read_success(folder) or read_success(run_dir / "embed")))
 
     def todo(name: str, fp: str) -> bool:
-        return overwrite or table_fingerprint(out / name) != fp
+        return overwrite or parquet_fingerprint(out / name) != fp
 
     pool_ids, pool_sha1 = _int64(pool["id"]), pool["sha1"].to_numpy(str)
     exact_fp = fingerprint("exact", pool_ids, pool_sha1.astype("S40"))
@@ -239,7 +202,7 @@ def run_dedup(cfg) -> Path:
 
     if todo("exact.parquet", exact_fp):
         exact = exact_duplicates(pool_ids, pool_sha1)
-        write_table(out / "exact.parquet", exact, EXACT_SCHEMA, exact_fp)
+        write_frame(out / "exact.parquet", exact, EXACT_SCHEMA, exact_fp)
         log.info("dedup: %d exact duplicates among %d pool images", len(exact), len(pool))
     exact = pq.read_table(out / "exact.parquet").to_pandas()
 
@@ -265,7 +228,7 @@ def run_dedup(cfg) -> Path:
             raise ValueError(f"dedup.mode must be knn or semdedup, got {cfg.dedup.mode!r}")
         warn_if_indiscriminate(component, float(cfg.dedup.threshold), folder.name)
         near = pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep})
-        write_table(out / "near.parquet", near, NEAR_SCHEMA, near_fp)
+        write_frame(out / "near.parquet", near, NEAR_SCHEMA, near_fp)
         log.info("dedup: %d near-duplicates removed from %d images (%d components)",
                  int((~keep).sum()), len(near), int(component.max() + 1) if len(component) else 0)
     near = pq.read_table(out / "near.parquet").to_pandas()
@@ -278,7 +241,7 @@ def run_dedup(cfg) -> Path:
         eval_sets = evals["set"].str.slice(len(EVAL_PREFIX)).to_numpy(object)
         pairs = contamination_pairs(pool_ids[p_ok], x[p_rows[p_ok]], eval_ids[e_ok], x[e_rows[e_ok]],
                                     eval_sets[e_ok], float(cfg.decontam.threshold))
-        write_table(out / "decontam.parquet", pairs, DECONTAM_SCHEMA, decontam_fp)
+        write_frame(out / "decontam.parquet", pairs, DECONTAM_SCHEMA, decontam_fp)
         log.info("dedup: %d pool images match an eval image (%d pairs)", pairs["id"].nunique(), len(pairs))
         if len(pool) >= 100 and pairs["id"].nunique() > SUSPICIOUS_FRACTION * len(pool):
             log.warning("decontam: %d of %d pool images are within %.3g of an eval image; the threshold is "

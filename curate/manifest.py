@@ -31,14 +31,13 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from curate import sources as src
-from curate.config import as_list, named_sources, save_config
+from curate.config import as_list, named_sources
 from curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
-from curate.runio import atomic_path, clear_success, is_done, read_success, remove_stale_temps, write_success
+from curate.runio import clear_success, is_done, open_stage, parquet_fingerprint, write_parquet, write_success
 
 log = logging.getLogger(__name__)
 
 STAGE = "manifest"
-FINGERPRINT_KEY = b"lvd.task_fingerprint"
 # Files per work unit handed to a worker: small enough to balance, large enough to amortise.
 UNIT_SIZE = 32
 
@@ -172,20 +171,9 @@ def _listed_keys(list_file: str) -> tuple[list[str], list[str | None]]:
 # ---------------------------------------------------------------- writer: rows -> parts
 
 
-def _part_fingerprint(path: Path) -> str | None:
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except Exception:
-        return None
-    value = meta.get(FINGERPRINT_KEY)
-    return value.decode() if value else None
-
-
 def write_part(path: Path, rows: list[dict], fingerprint: str) -> None:
     table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA)
-    table = table.replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(path, table, fingerprint)
 
 
 def _units(tasks: list[Task], settings: DecodeSettings) -> Iterator[tuple]:
@@ -225,10 +213,7 @@ def run_manifest(cfg) -> Path:
     """List, read, hash and decode every input; write manifest parts and _SUCCESS.json."""
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    out = run_dir / STAGE
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    save_config(cfg, run_dir)
+    out = open_stage(cfg, STAGE)
     settings = DecodeSettings(
         max_pixels=int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None,
         max_bytes=int(cfg.decode.max_bytes) if cfg.decode.max_bytes else None,
@@ -236,7 +221,7 @@ def run_manifest(cfg) -> Path:
     )
     tasks = plan_tasks(cfg, settings, int(cfg.manifest.part_size))
     overwrite = bool(cfg.get("overwrite", False))
-    todo = [t for t in tasks if overwrite or _part_fingerprint(out / t.part_name) != t.fingerprint]
+    todo = [t for t in tasks if overwrite or parquet_fingerprint(out / t.part_name) != t.fingerprint]
     stale = sorted(p for p in out.glob("part-*.parquet") if int(p.stem.split("-")[1]) >= len(tasks))
     if not todo and not stale and is_done(out):
         log.info("manifest: %d parts up to date, nothing to do", len(tasks))
@@ -306,4 +291,4 @@ def read_manifest(run_dir: str | os.PathLike, status: str | None = OK, sets: Ite
     return frame.reset_index(drop=True)
 
 
-__all__ = ["run_manifest", "read_manifest", "manifest_parts", "stable_id", "inspect_bytes", "SCHEMA", "read_success"]
+__all__ = ["run_manifest", "read_manifest", "manifest_parts", "stable_id", "SCHEMA", "OK", "QUARANTINED"]

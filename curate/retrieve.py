@@ -25,16 +25,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.config import save_config
 from curate.manifest import read_manifest
-from curate.runio import atomic_path, clear_success, is_done, read_success, write_success
+from curate.runio import clear_success, is_done, open_stage, parquet_fingerprint, read_success, write_parquet, write_success
 
 log = logging.getLogger(__name__)
 
 STAGE = "retrieve"
 MODES = ("sample", "cluster")
 PER_SET_KEYS = {"mode", "n", "m", "target"}
-FINGERPRINT_KEY = b"lvd.fingerprint"
 SCHEMA = pa.schema(
     [
         ("seed_set", pa.string()),
@@ -173,12 +171,10 @@ def run_retrieve(cfg) -> Path:
 
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    out = run_dir / STAGE
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
+    out = open_stage(cfg, STAGE)
     fp = _stage_fingerprint(cfg, run_dir)
     target = out / "neighbors.parquet"
-    if not cfg.overwrite and is_done(out) and _stored_fingerprint(target) == fp:
+    if not cfg.overwrite and is_done(out) and parquet_fingerprint(target) == fp:
         log.info("retrieve: up to date")
         return out
     clear_success(out)
@@ -221,9 +217,7 @@ def run_retrieve(cfg) -> Path:
     neighbors = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCHEMA.names)
     neighbors = neighbors.sort_values(["seed_set", "seed_id", "rank", "id"], kind="stable").reset_index(drop=True)
     table = pa.Table.from_pandas(neighbors[SCHEMA.names].astype({"cluster": "int64", "rank": "int32", "similarity": "float32"}), schema=SCHEMA, preserve_index=False)
-    table = table.replace_schema_metadata({FINGERPRINT_KEY: fp.encode()})
-    with atomic_path(target) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(target, table, fp)
     write_success(
         out,
         seed_sets={p.name: {"mode": p.mode, "n": p.n, "m": p.m, "target": p.target} for p in plans},
@@ -233,14 +227,6 @@ def run_retrieve(cfg) -> Path:
         seconds=round(time.time() - started, 3),
     )
     return out
-
-
-def _stored_fingerprint(path: Path) -> str | None:
-    try:
-        value = (pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY)
-    except Exception:
-        return None
-    return value.decode() if value else None
 
 
 def read_neighbors(run_dir) -> pd.DataFrame:

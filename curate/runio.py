@@ -8,6 +8,7 @@ a stage's `_SUCCESS.json` is written last, so its presence means the stage finis
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -16,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 SUCCESS_NAME = "_SUCCESS.json"
 
@@ -106,3 +109,59 @@ def clear_success(stage_dir: str | os.PathLike) -> None:
     path = Path(stage_dir) / SUCCESS_NAME
     if path.exists():
         path.unlink()
+
+
+# ---------------------------------------------------------------- stage folders and fingerprints
+
+FINGERPRINT_KEY = b"lvd.fingerprint"
+
+
+def open_stage(cfg, name: str) -> Path:
+    """RUN/<name>/, created, cleared of a killed run's temporary files; the config saved."""
+    from curate.config import save_config
+
+    out = Path(cfg.run_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    save_config(cfg, cfg.run_dir)
+    return out
+
+
+def fingerprint(*parts) -> str:
+    """Stable hash of JSON-able settings and of numpy arrays (by content)."""
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def parquet_fingerprint(path: str | os.PathLike) -> str | None:
+    """The fingerprint stored in a parquet file's metadata; None if missing or unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        value = (pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY)
+    except Exception:
+        return None
+    return value.decode() if value else None
+
+
+def write_parquet(path: str | os.PathLike, table, fp: str | None = None) -> Path:
+    """Write a pyarrow table atomically, with `fp` stored as its fingerprint."""
+    import pyarrow.parquet as pq
+
+    if fp is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), FINGERPRINT_KEY: fp.encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def write_frame(path: str | os.PathLike, frame, schema, fp: str | None = None) -> Path:
+    """A pandas frame as parquet with an explicit schema (columns in the schema's order)."""
+    import pyarrow as pa
+
+    return write_parquet(path, pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False), fp)

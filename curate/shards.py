@@ -23,19 +23,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from curate.config import save_config
 from curate.manifest import read_manifest, resolve_workers, show_progress
 from curate.retrieve import read_neighbors
-from curate.runio import atomic_path, atomic_write_json, clear_success, is_done, remove_stale_temps, write_success
+from curate.runio import atomic_write_json, clear_success, is_done, open_stage, parquet_fingerprint, write_parquet, write_success
 from curate.shard_writer import ShardSpec, write_shard
 
 log = logging.getLogger(__name__)
 
 STAGE = "shards"
-FINGERPRINT_KEY = b"lvd.fingerprint"
 # Bytes a sample adds beyond its image: three 512-byte tar headers, JSON, padding.
 SAMPLE_OVERHEAD = 2048
 
@@ -156,19 +153,9 @@ def _fingerprint(frame: pd.DataFrame, cfg) -> str:
     return h.hexdigest()
 
 
-def _stored_fingerprint(path: Path) -> str | None:
-    try:
-        value = (pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY)
-    except Exception:
-        return None
-    return value.decode() if value else None
-
-
 def _write_index(path: Path, frame: pd.DataFrame, fp: str) -> None:
     table = pa.Table.from_pandas(frame[PARQUET_COLUMNS].astype({"cls": "Int64"}), preserve_index=False)
-    table = table.replace_schema_metadata({FINGERPRINT_KEY: fp.encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(path, table, fp)
 
 
 def _spec(path: Path, frame: pd.DataFrame, cfg) -> ShardSpec:
@@ -193,10 +180,7 @@ def run_shards(cfg) -> Path:
     """Write every shard whose parquet is missing or stale; then _SUCCESS.json."""
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    out = run_dir / STAGE
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    save_config(cfg, run_dir)
+    out = open_stage(cfg, STAGE)
     samples, classes = build_samples(cfg, run_dir)
     ranges = plan_shards(samples["bytes"].to_numpy() if len(samples) else np.zeros(0), int(cfg.shards.max_count), int(cfg.shards.max_bytes))
     prefix = str(cfg.shards.prefix)
@@ -205,7 +189,7 @@ def run_shards(cfg) -> Path:
         frame = samples.iloc[a:b]
         tar_path, index_path = out / f"{prefix}-{n:06d}.tar", out / f"{prefix}-{n:06d}.parquet"
         fp = _fingerprint(frame, cfg)
-        if cfg.overwrite or not tar_path.is_file() or _stored_fingerprint(index_path) != fp:
+        if cfg.overwrite or not tar_path.is_file() or parquet_fingerprint(index_path) != fp:
             jobs.append((tar_path, index_path, frame, fp))
     expected = {f"{prefix}-{n:06d}.{ext}" for n in range(len(ranges)) for ext in ("tar", "parquet")}
     stale = [p for p in out.glob(f"{prefix}-*") if p.name not in expected]
