@@ -90,7 +90,9 @@ def main() -> None:
     torch.manual_seed(0)
     models = {"random init": build_backbone(ARCH, **OVERRIDES)}
     t0 = time.time()
-    models["pretrained on curated shards"] = pretrain(work / "run-curated", str(curated / "shards" / "curated-{000000..%06d}.tar" % (len(list((curated / "shards").glob("*.tar"))) - 1)), args.iters)
+    n_tars = len(list((curated / "shards").glob("curated-*.tar")))
+    curated_shards = str(curated / "shards") + "/curated-{000000..%06d}.tar" % (n_tars - 1)
+    models["pretrained on curated shards"] = pretrain(work / "run-curated", curated_shards, args.iters)
     models["pretrained on a random pool sample"] = pretrain(work / "run-random", rand, args.iters)
     print(f"pretraining: 2 x {args.iters} iterations of 64 images in {time.time() - t0:.0f} s")
 
