@@ -92,6 +92,17 @@ class VectorBackend(abc.ABC):
         `exclude_self=True` means xq is xb (a k-NN graph): query i never returns base row i.
         """
 
+    @staticmethod
+    def _prepare(xb, xq, k: int, metric: str, exclude_self: bool):
+        """Checked float32 inputs, the k that can be filled, and the (D, I) result to fill."""
+        _check_metric(metric)
+        xb, xq = _as_f32(xb), _as_f32(xq)
+        if exclude_self and xb.shape != xq.shape:
+            raise ValueError("exclude_self needs the queries to be the base itself")
+        kk = min(k, len(xb) - (1 if exclude_self else 0))
+        D, I = _empty_result(len(xq), k, metric)
+        return xb, xq, kk, D, I
+
     def assign(self, x, centroids) -> tuple[np.ndarray, np.ndarray]:
         """(squared distance [n], index [n]) of the nearest centroid of every row of x."""
         distance, index = self.search(centroids, x, 1, metric="l2")
@@ -125,13 +136,7 @@ class FaissBackend(VectorBackend):
         return index
 
     def search(self, xb, xq, k: int, *, metric: str = "ip", exclude_self: bool = False):
-        _check_metric(metric)
-        xb, xq = _as_f32(xb), _as_f32(xq)
-        if exclude_self and xb.shape != xq.shape:
-            raise ValueError("exclude_self needs the queries to be the base itself")
-        available = len(xb) - (1 if exclude_self else 0)
-        kk = min(k, available)
-        D, I = _empty_result(len(xq), k, metric)
+        xb, xq, kk, D, I = self._prepare(xb, xq, k, metric, exclude_self)
         if kk <= 0 or len(xq) == 0:
             return D, I
         index = self._flat_index(xb, metric)
@@ -182,13 +187,7 @@ class TorchBackend(VectorBackend):
 
     # -- public --------------------------------------------------------------------------
     def search(self, xb, xq, k: int, *, metric: str = "ip", exclude_self: bool = False):
-        _check_metric(metric)
-        xb, xq = _as_f32(xb), _as_f32(xq)
-        if exclude_self and xb.shape != xq.shape:
-            raise ValueError("exclude_self needs the queries to be the base itself")
-        available = len(xb) - (1 if exclude_self else 0)
-        kk = min(k, available)
-        D, I = _empty_result(len(xq), k, metric)
+        xb, xq, kk, D, I = self._prepare(xb, xq, k, metric, exclude_self)
         if kk <= 0 or len(xq) == 0:
             return D, I
         base = torch.from_numpy(xb).to(self.device)
