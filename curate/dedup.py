@@ -33,7 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from curate.manifest import read_manifest, show_progress
+from curate.manifest import read_manifest
+from curate.workers import show_progress
 from curate.runio import clear_success, fingerprint, is_done, open_stage, parquet_fingerprint, read_success, write_frame, write_success
 from index.backends import resolve_device
 from index.components import connected_components, duplicate_groups, keep_one, pairs_above

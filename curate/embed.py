@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from curate.config import save_config
-from curate.manifest import read_manifest, resolve_workers, show_progress
+from curate.manifest import read_manifest
+from curate.workers import resolve_workers, show_progress
 from curate.runio import atomic_path, atomic_write_json, clear_success, is_done, remove_stale_temps, write_success
 from curate.sources import iter_bytes
 from pretrain.data.decode import DecodeError

@@ -17,11 +17,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -33,6 +30,7 @@ from tqdm.auto import tqdm
 from curate import sources as src
 from curate.config import as_list, named_sources
 from curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
+from curate.workers import process_map, resolve_workers, show_progress
 from curate.runio import clear_success, is_done, open_stage, parquet_fingerprint, write_parquet, write_success
 
 log = logging.getLogger(__name__)
@@ -189,26 +187,6 @@ def _unit_count(task: Task) -> int:
     return 1 if task.kind == src.TAR else max(1, -(-len(task.keys) // UNIT_SIZE))
 
 
-def resolve_workers(value) -> int:
-    if value in (None, "auto"):
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, int(value))
-
-
-def show_progress(value) -> bool:
-    if value in (None, "auto"):
-        return sys.stderr.isatty()
-    return bool(value)
-
-
-def _run_units(units: list[tuple], workers: int) -> Iterator[tuple[int, int, list[dict]]]:
-    if workers == 0 or len(units) <= 1:
-        yield from map(process_unit, units)
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        yield from pool.map(process_unit, units, chunksize=1)
-
-
 def run_manifest(cfg) -> Path:
     """List, read, hash and decode every input; write manifest parts and _SUCCESS.json."""
     started = time.time()
@@ -238,7 +216,7 @@ def run_manifest(cfg) -> Path:
     workers = resolve_workers(cfg.workers)
     decoded = 0
     with tqdm(total=sum(len(t.keys) for t in todo if t.kind != src.TAR) or None, unit="img", desc="manifest", disable=not show_progress(cfg.progress)) as bar:
-        for task_index, unit_no, rows in _run_units(units, workers):
+        for task_index, unit_no, rows in process_map(process_unit, units, workers):
             collected[task_index][unit_no] = rows
             remaining[task_index] -= 1
             decoded += len(rows)

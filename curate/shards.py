@@ -16,8 +16,6 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,8 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from curate.manifest import read_manifest, resolve_workers, show_progress
+from curate.manifest import read_manifest
+from curate.workers import process_map, resolve_workers, show_progress
 from curate.retrieve import read_neighbors
 from curate.runio import atomic_write_json, clear_success, is_done, open_stage, parquet_fingerprint, write_parquet, write_success
 from curate.shard_writer import ShardSpec, write_shard
@@ -206,7 +205,7 @@ def run_shards(cfg) -> Path:
     by_path = {str(tar_path): (index_path, frame, fp) for tar_path, index_path, frame, fp in jobs}
     written = 0
     with tqdm(total=len(specs), unit="shard", desc="shards", disable=not show_progress(cfg.progress)) as bar:
-        for path, count, size in _map(write_shard, specs, workers):
+        for path, count, size in process_map(write_shard, specs, workers):
             index_path, frame, fp = by_path[path]
             _write_index(index_path, frame, fp)
             written += size
@@ -223,11 +222,3 @@ def run_shards(cfg) -> Path:
     )
     log.info("shards: %d samples in %d shards (%d written) in %.1f s", len(samples), len(ranges), len(jobs), time.time() - started)
     return out
-
-
-def _map(fn, specs, workers: int):
-    if workers <= 1 or len(specs) <= 1:
-        yield from map(fn, specs)
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        yield from pool.map(fn, specs)
