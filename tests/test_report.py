@@ -1,9 +1,10 @@
 """The report renders in headless Chromium with every picture loaded."""
 
-import io
+import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -67,10 +68,7 @@ def test_report_renders_in_headless_chromium_with_all_pictures(run, tmp_path):
     total = int(re.search(r'data-images-total="(\d+)"', dom.stdout).group(1))
     loaded = int(re.search(r'data-images-loaded="(\d+)"', dom.stdout).group(1))
     assert total >= 20 and loaded == total
-    shot = tmp_path / "report.png"
-    import os
-    if os.environ.get("LVD_KEEP_SCREENSHOT"):
-        shot = __import__("pathlib").Path(os.environ["LVD_KEEP_SCREENSHOT"])
+    shot = Path(os.environ.get("LVD_KEEP_SCREENSHOT") or tmp_path / "report.png")  # keep it to look at
     subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1200,2400", "--virtual-time-budget=10000", f"--screenshot={shot}", index.as_uri()], capture_output=True, timeout=120, check=True)
     arr = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     # the planted pure-red eval image and blue seed image appear as thumbnails on the page

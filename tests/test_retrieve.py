@@ -1,7 +1,5 @@
 """The retrieve stage against brute-force numpy on a synthetic run directory."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
