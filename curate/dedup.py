@@ -7,6 +7,8 @@ mapper : exact      - pool rows with equal sha1: the lowest id is kept, the othe
                       dedup, connected components, one kept per component (`mode: knn`, as in
                       DINOv2), or the same components built from all pairs inside each
                       spherical k-means cluster (`mode: semdedup`, after SemDeDup);
+                      `grouping: star` keeps instead every image that is not a direct
+                      near-duplicate of a kept one (no chains);
          decontam   - every (pool, eval) pair with cosine >= decontam.threshold, found
                       exactly (blocked matmul), so that the removal can be audited;
 writer : dedup/exact.parquet (id, dup_of), dedup/near.parquet (id, component, keep),
@@ -37,7 +39,7 @@ from curate.manifest import read_manifest
 from curate.workers import show_progress
 from curate.runio import clear_success, fingerprint, is_done, open_stage, parquet_fingerprint, read_success, write_frame, write_success
 from index.backends import resolve_device
-from index.components import connected_components, duplicate_groups, keep_one, pairs_above
+from index.components import duplicate_groups, group_duplicates, pairs_above
 from index.io import load_embeddings
 from index.kmeans import kmeans
 from index.knn import knn_graph
@@ -71,21 +73,23 @@ def exact_duplicates(ids: np.ndarray, sha1: np.ndarray) -> pd.DataFrame:
 
 
 def near_duplicates_knn(x: np.ndarray, priority: np.ndarray, *, k: int, threshold: float, backend: str = "auto",
-                        device: str = "cpu", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                        device: str = "cpu", seed: int = 0, grouping: str = "components") -> tuple[np.ndarray, np.ndarray]:
     """(component, keep) per row from the k-NN graph thresholded at `threshold` (DINOv2).
 
     The graph is exact for small pools and IVF for large ones (`index.knn.plan_knn` decides by
-    size and memory budget); edges below the threshold are dropped before the components.
+    size and memory budget); edges below the threshold are dropped before the grouping
+    (`index.components.group_duplicates`).
     """
     if len(x) < 2:
         return np.arange(len(x), dtype=np.int64), np.ones(len(x), bool)
     sims, neighbors = knn_graph(x, min(k, len(x) - 1), backend=backend, device=device, seed=seed)
-    return duplicate_groups(sims, neighbors, threshold, priority)
+    return duplicate_groups(sims, neighbors, threshold, priority, grouping)
 
 
 def near_duplicates_semdedup(x: np.ndarray, priority: np.ndarray, *, threshold: float, clusters: int | None,
                              niter: int = 20, seed: int = 0, backend: str = "auto",
-                             device: str = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                             device: str = "cpu", progress: bool = False,
+                             grouping: str = "components") -> tuple[np.ndarray, np.ndarray]:
     """(component, keep) per row from all pairs >= threshold inside each spherical k-means cluster.
 
     SemDeDup (Abbas et al. 2023) compares only images of the same cluster, which makes all
@@ -109,8 +113,7 @@ def near_duplicates_semdedup(x: np.ndarray, priority: np.ndarray, *, threshold: 
         cols.append(members[b])
     rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    labels = connected_components(n, rows, cols)
-    return labels, keep_one(labels, priority)
+    return group_duplicates(n, rows, cols, priority, grouping)
 
 
 def contamination_pairs(pool_ids: np.ndarray, pool_x: np.ndarray, eval_ids: np.ndarray, eval_x: np.ndarray,
@@ -190,7 +193,7 @@ def run_dedup(cfg) -> Path:
 
     pool_ids, pool_sha1 = _int64(pool["id"]), pool["sha1"].to_numpy(str)
     exact_fp = fingerprint("exact", pool_ids, pool_sha1.astype("S40"))
-    near_settings = {k: cfg.dedup[k] for k in ("mode", "k", "threshold", "semdedup_clusters", "niter")}
+    near_settings = {k: cfg.dedup[k] for k in ("mode", "k", "threshold", "semdedup_clusters", "niter", "grouping")}
     near_fp = fingerprint("near", exact_fp, embed_fp, near_settings, int(cfg.seed), _pixels(pool))
     eval_ids = _int64(evals["id"])
     decontam_fp = fingerprint("decontam", pool_ids, eval_ids, evals["set"].tolist(), embed_fp,
@@ -219,15 +222,17 @@ def run_dedup(cfg) -> Path:
         sx, prio = x[rows], _pixels(survivors)
         if cfg.dedup.mode == "knn":
             component, keep = near_duplicates_knn(sx, prio, k=int(cfg.dedup.k), threshold=float(cfg.dedup.threshold),
-                                                  backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed))
+                                                  backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed),
+                                                  grouping=str(cfg.dedup.grouping))
         elif cfg.dedup.mode == "semdedup":
             component, keep = near_duplicates_semdedup(
                 sx, prio, threshold=float(cfg.dedup.threshold), clusters=cfg.dedup.semdedup_clusters,
                 niter=int(cfg.dedup.niter), seed=int(cfg.seed), backend=str(cfg.dedup.backend), device=device,
-                progress=show_progress(cfg.progress))
+                progress=show_progress(cfg.progress), grouping=str(cfg.dedup.grouping))
         else:
             raise ValueError(f"dedup.mode must be knn or semdedup, got {cfg.dedup.mode!r}")
-        warn_if_indiscriminate(component, float(cfg.dedup.threshold), folder.name)
+        if cfg.dedup.grouping == "components":  # star groups cannot chain
+            warn_if_indiscriminate(component, float(cfg.dedup.threshold), folder.name)
         near = pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep})
         write_frame(out / "near.parquet", near, NEAR_SCHEMA, near_fp)
         log.info("dedup: %d near-duplicates removed from %d images (%d components)",

@@ -105,13 +105,66 @@ def keep_one(labels: np.ndarray, priority: np.ndarray | None = None) -> np.ndarr
     return keep
 
 
+def star_groups(n: int, rows: np.ndarray, cols: np.ndarray, priority: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(group, keep) of n nodes: each kept node takes only its own direct neighbours, no chains.
+
+    Nodes are visited in keep order (highest priority, then lowest index); a node no group
+    has taken yet is kept, and its neighbours not yet taken join its group. The kept nodes are
+    the greedy maximal independent set of the graph in that order, and every removed node is
+    a direct neighbour of its group's kept node. Connected components instead merge chains
+    of look-alikes (A~B~C with A far from C) into one group that keeps one image, which in
+    an embedding that is not a copy-detector's can swallow hundreds of distinct images.
+    Groups are numbered like `connected_components`, by their lowest node index.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, bool)
+    graph = scipy.sparse.coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n)).tocsr()
+    graph = (graph + graph.T).tocsr()
+    prio = np.zeros(n) if priority is None else np.asarray(priority, dtype=np.float64)
+    group = np.arange(n, dtype=np.int64)  # a node without edges is its own group
+    keep = np.ones(n, bool)
+    linked = np.flatnonzero(np.diff(graph.indptr) > 0)
+    taken = np.zeros(n, bool)
+    indptr, indices = graph.indptr, graph.indices
+    for node in linked[np.lexsort((linked, -prio[linked]))]:
+        if taken[node]:
+            continue
+        taken[node] = True
+        members = indices[indptr[node] : indptr[node + 1]]
+        members = members[~taken[members]]
+        taken[members] = True
+        group[members] = node
+        keep[members] = False
+    _, first = np.unique(group, return_index=True)
+    renumber = np.zeros(n, np.int64)
+    renumber[group[np.sort(first)]] = np.arange(len(first))
+    return renumber[group], keep
+
+
+GROUPINGS = ("components", "star")
+
+
+def group_duplicates(
+    n: int, rows: np.ndarray, cols: np.ndarray, priority: np.ndarray | None = None, grouping: str = "components"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(group, keep) of n nodes linked by the edges (rows, cols): `components` (DINOv2) or `star`."""
+    if grouping == "components":
+        labels = connected_components(n, rows, cols)
+        return labels, keep_one(labels, priority)
+    if grouping == "star":
+        return star_groups(n, rows, cols, priority)
+    raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
+
+
 def duplicate_groups(
     similarities: np.ndarray,
     neighbors: np.ndarray,
     threshold: float,
     priority: np.ndarray | None = None,
+    grouping: str = "components",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(component, keep) of every row of a k-NN graph thresholded at `threshold`."""
+    """(group, keep) of every row of a k-NN graph thresholded at `threshold`."""
     rows, cols = knn_edges(similarities, neighbors, threshold)
-    labels = connected_components(len(similarities), rows, cols)
-    return labels, keep_one(labels, priority)
+    return group_duplicates(len(similarities), rows, cols, priority, grouping)

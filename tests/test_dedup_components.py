@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from index.components import connected_components, duplicate_groups, keep_one, knn_edges, pairs_above
+from index.components import connected_components, duplicate_groups, group_duplicates, keep_one, knn_edges, pairs_above, star_groups
 
 
 def union_find_labels(n, rows, cols):
@@ -89,3 +89,53 @@ def test_duplicate_groups_from_knn_graph():
     assert keep.sum() == 30
     rows, cols = knn_edges(D, neighbors, 0.9)
     assert (cols >= 0).all() and (D[rows, np.argmax(neighbors[rows] == cols[:, None], axis=1)] >= 0.9).all()
+
+
+def greedy_independent_set(n, rows, cols, priority):
+    """By definition: in keep order, a node is kept unless an already kept node is its neighbour;
+    a removed node belongs to the first kept neighbour in that order."""
+    adjacent = [set() for _ in range(n)]
+    for a, b in zip(rows.tolist(), cols.tolist()):
+        if a != b:
+            adjacent[a].add(b)
+            adjacent[b].add(a)
+    order = sorted(range(n), key=lambda i: (-priority[i], i))
+    rank = {node: r for r, node in enumerate(order)}
+    kept = set()
+    for node in order:
+        if not adjacent[node] & kept:
+            kept.add(node)
+    owner = [node if node in kept else min(adjacent[node] & kept, key=rank.get) for node in range(n)]
+    return kept, np.array(owner)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_star_groups_are_the_greedy_maximal_independent_set(seed):
+    rng = np.random.default_rng(seed)
+    n = 200
+    rows, cols = rng.integers(0, n, size=300), rng.integers(0, n, size=300)
+    priority = rng.integers(0, 4, size=n)  # ties resolved by index
+    labels, keep = star_groups(n, rows, cols, priority)
+    kept, owner = greedy_independent_set(n, rows, cols, priority)
+    assert set(np.flatnonzero(keep)) == kept
+    assert same_partition(labels, owner)
+    assert keep.sum() == len(np.unique(labels))  # one kept node per group
+    edges = set(zip(rows.tolist(), cols.tolist())) | set(zip(cols.tolist(), rows.tolist()))
+    keeper = {int(labels[k]): int(k) for k in np.flatnonzero(keep)}
+    assert all((int(node), keeper[int(labels[node])]) in edges for node in np.flatnonzero(~keep))  # direct copies only
+    _, first = np.unique(labels, return_index=True)  # numbered like connected_components
+    assert (np.diff(labels[np.sort(first)]) == 1).all() and labels[0] == 0
+
+
+def test_star_groups_do_not_chain_where_components_do():
+    # 0 ~ 1 ~ 2 ~ 3 (a chain of look-alikes; 0 and 3 are not close), 4 alone
+    rows, cols = np.array([0, 1, 2]), np.array([1, 2, 3])
+    labels, keep = group_duplicates(5, rows, cols, grouping="components")
+    assert keep.tolist() == [True, False, False, False, True]
+    labels, keep = group_duplicates(5, rows, cols, grouping="star")
+    assert keep.tolist() == [True, False, True, False, True] and labels.tolist() == [0, 0, 1, 1, 2]
+    # priority (pixels) picks the kept copy: node 1 first, it takes 0 and 2; 3 stays
+    _, keep = group_duplicates(5, rows, cols, np.array([1, 9, 1, 1, 1]), grouping="star")
+    assert keep.tolist() == [False, True, False, True, True]
+    with pytest.raises(ValueError, match="grouping"):
+        group_duplicates(5, rows, cols, grouping="stars")

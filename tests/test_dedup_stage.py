@@ -160,6 +160,31 @@ def test_dedup_stage_matches_brute_force(tmp_path, mode):
     np.testing.assert_array_equal(dedup.curated_pool_ids(tmp_path), expected_kept)
 
 
+def test_star_grouping_removes_only_direct_copies_of_kept_images(tmp_path):
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path, rows, vecs)
+    # one SemDeDup cluster = every pair above the threshold, so the graph is exactly known
+    out = dedup.run_dedup(config(tmp_path, "dedup.mode=semdedup", "dedup.semdedup_clusters=1", "dedup.grouping=star"))
+    frame = pd.DataFrame(rows)
+    pool = frame[frame["set"] == "pool"].sort_values("id")
+    survivors = pool[~pool["id"].isin(pd.read_parquet(out / "exact.parquet")["id"])]
+    x = vecs[survivors.index.to_numpy()].astype(np.float16).astype(np.float32)
+    ids, pixels = survivors["id"].to_numpy(), (survivors["width"] * survivors["height"]).to_numpy()
+    kept = []  # by definition: most pixels first, then lowest id; kept unless a kept image is >= 0.9
+    for i in sorted(range(len(ids)), key=lambda i: (-pixels[i], ids[i])):
+        if not kept or (x[kept] @ x[i]).max() < 0.9:
+            kept.append(i)
+    near = pd.read_parquet(out / "near.parquet").set_index("id").loc[ids]
+    assert set(near.index[near["keep"]]) == set(ids[kept])
+    for group, members in near.groupby("component"):
+        keeper = x[ids.tolist().index(members.index[members["keep"]][0])]
+        assert members["keep"].sum() == 1
+        assert all(x[ids.tolist().index(m)] @ keeper >= 0.9 - 1e-6 for m in members.index)
+    # a chain whose ends are below the threshold is not one group any more
+    chains = frame.query("chain >= 0").groupby("chain")["id"].apply(list)
+    assert all(near.loc[members, "keep"].sum() >= 2 for members in chains)
+
+
 def test_copy_detection_embeddings_are_used_when_configured(tmp_path):
     rows, vecs = synthetic_pool()
     rng = np.random.default_rng(9)

@@ -220,7 +220,10 @@ def _rank_worker(rank, world, init_file, out_dir):
         torch.save({"grads": grads, "centers": objective.state_dict(),
                     "losses": {k: v.detach() for k, v in losses.items()}},
                    os.path.join(out_dir, f"{centering}-rank{rank}.pt"))
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks' results are saved
+    # No destroy_process_group(): in this forked child it once deadlocked (its main thread, holding
+    # the GIL, joined a gloo run-loop thread that waited for the GIL); the child exits with os._exit,
+    # which ends those threads.
 
 
 @pytest.fixture(scope="module")
