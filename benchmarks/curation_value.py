@@ -14,7 +14,6 @@ Usage: python benchmarks/curation_value.py [--pool 6000] [--iters 120] [--work D
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import shutil

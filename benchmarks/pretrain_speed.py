@@ -84,10 +84,9 @@ def main() -> None:
                                          f"data.batch_size_per_rank={b}", "train.device=cpu", f"train.dtype={dtype}",
                                          "optim.epochs=1", "optim.iters_per_epoch=100", "optim.warmup_epochs=0",
                                          "optim.freeze_last_layer_epochs=0"])
-            trainer = Pretrainer(cfg)
+            step = Pretrainer(cfg).step
             it = iter(range(10 ** 6))
-            full = timed(lambda: trainer.step(next(it), images), args.steps)
-            del trainer
+            full = timed(lambda: step(next(it), images), args.steps)
         mine = timed(backbone_step(ours, (g, l), amp), args.steps)
         theirs = timed(backbone_step(peer, (g, l), amp), args.steps)
         for name, s in (("lvd full step", full), ("lvd backbone", mine), ("HF backbone", theirs)):

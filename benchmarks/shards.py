@@ -64,7 +64,6 @@ def wds_writer(paths, out: Path, per_shard: int) -> int:
 
 
 def lvd_writer(paths, out: Path, per_shard: int, sha1s: list[str]) -> int:
-    total = 0
     for n, start in enumerate(range(0, len(paths), per_shard)):
         chunk = paths[start : start + per_shard]
         idx = range(start, start + len(chunk))

@@ -25,19 +25,22 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch.distributed as dist
 from omegaconf import ListConfig
 
 from curate.config import as_list
 from curate.dedup import curated_pool_ids, rows_of
-from index.backends import resolve_device
+from curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice
 from curate.runio import atomic_path, clear_success, fingerprint, is_done, open_stage, read_success, write_frame, write_success
-from index.hierarchical import Hierarchy, balanced_sample, hierarchical_kmeans, resampled_kmeans
+from index.hierarchical import Hierarchy, balanced_sample, hierarchical_kmeans, resampled_kmeans, seed_centroids
+from index.kmeans import kmeans
 from index.io import load_embeddings
 
 log = logging.getLogger(__name__)
@@ -94,15 +97,34 @@ def _finished_levels(out: Path, n_levels: int, fp: str) -> list[tuple[np.ndarray
 
 
 def run_cluster(cfg) -> Path:
-    """Cluster the curated pool; see the module docstring for the files written."""
+    """Cluster the curated pool; see the module docstring for the files written.
+
+    Under torchrun (`python -m curate.cluster CONFIG`) flat k-means runs over all ranks: each
+    rank iterates over its slice of the rows, centroid sums are all-reduced, and rank 0 writes
+    the same files as one process would. Hierarchical k-means runs on one process.
+    """
+    ranks = join_ranks(cfg.cluster.device)
+    try:
+        return _run_cluster(cfg, ranks)
+    finally:
+        if ranks.owns_group:
+            dist.destroy_process_group()
+
+
+def _run_cluster(cfg, ranks: Ranks) -> Path:
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    out = open_stage(cfg, STAGE)
     c = cfg.cluster
     if not is_done(run_dir / "dedup"):
         raise FileNotFoundError(f"no finished dedup in {run_dir / 'dedup'}: run `lvd dedup` first")
     if c.method not in ("flat", "hierarchical"):
         raise ValueError(f"cluster.method must be flat or hierarchical, got {c.method!r}")
+    if c.method != "flat" and ranks.world > 1:
+        raise ValueError(f"cluster.method {c.method} runs on one process; only flat k-means runs over torchrun ranks")
+    out = run_dir / STAGE
+    if ranks.rank == 0:
+        open_stage(cfg, STAGE)
+    ranks.barrier()
     ids = curated_pool_ids(run_dir)
     embed_info = read_success(run_dir / "embed")
     ks = [int(k) for k in as_list(c.level_ks)] + [int(c.k)] if c.method == "hierarchical" else [int(c.k)]
@@ -117,9 +139,10 @@ def run_cluster(cfg) -> Path:
     if info and info.get("fingerprint") == balanced_fp and not cfg.get("overwrite", False):
         log.info("cluster: up to date, nothing to do")
         return out
-    clear_success(out)
-
-    _remove_stale_levels(out, len(ks) if c.method == "hierarchical" else 0)
+    ranks.barrier()  # every rank has read the old _SUCCESS.json before rank 0 clears it
+    if ranks.rank == 0:
+        clear_success(out)
+        _remove_stale_levels(out, len(ks) if c.method == "hierarchical" else 0)
     emb_ids, x = load_embeddings(run_dir / "embed")
     rows = rows_of(ids, emb_ids)
     if (rows < 0).any():
@@ -131,15 +154,26 @@ def run_cluster(cfg) -> Path:
         log.warning("cluster: only %d curated images for levels %s; using %s", len(x), ks, clamped)
         ks = clamped
     if len(x) == 0:
-        return _write_empty(out, x.shape[1], fp, balanced_fp, settings, started)
-    device = str(resolve_device(str(c.device)))
-    log.info("cluster: %s k-means of %d images, levels %s", c.method, len(x), ks)
+        if ranks.rank == 0:
+            _write_empty(out, x.shape[1], fp, balanced_fp, settings, started)
+        ranks.barrier()
+        return out
+    device = str(rank_device(str(c.device), ranks))
+    log.info("cluster: %s k-means of %d images, levels %s%s", c.method, len(x), ks,
+             f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "")
 
     if c.method == "flat":
         checkpoint = out / "kmeans-checkpoint.npz"
-        centroids, labels, distance = resampled_kmeans(
-            x, ks[0], niter=int(c.niter), seed=int(cfg.seed), spherical=bool(c.spherical), backend=str(c.backend),
-            device=device, checkpoint=None if cfg.get("overwrite", False) else checkpoint)
+        kwargs = dict(niter=int(c.niter), seed=int(cfg.seed), spherical=bool(c.spherical), backend=str(c.backend),
+                      device=device, checkpoint=None if cfg.get("overwrite", False) else checkpoint)
+        if ranks.world > 1:
+            centroids, labels, distance = distributed_kmeans(x, ks[0], ranks, **kwargs)
+        else:
+            centroids, labels, distance = resampled_kmeans(x, ks[0], **kwargs)
+        ranks.barrier()  # every rank is done with the checkpoint
+        if ranks.rank != 0:
+            ranks.barrier()  # rank 0 writes
+            return out
         _write_clustering(out, ids, centroids, labels, distance, fp)
         checkpoint.unlink(missing_ok=True)  # finished: a later run with other settings must start afresh
         hierarchy = Hierarchy([centroids], [labels], [distance])
@@ -182,10 +216,42 @@ def run_cluster(cfg) -> Path:
         distance="squared_l2",
         levels=stats,
         balanced_sample=int(c.balanced_sample),
+        world_size=ranks.world,
         seconds=round(time.time() - started, 3),
     )
     log.info("cluster: done in %.1f s", time.time() - started)
+    ranks.barrier()
     return out
+
+
+def distributed_kmeans(x: np.ndarray, k: int, ranks: Ranks, *, niter: int, seed: int, spherical: bool, backend: str,
+                       device: str, checkpoint) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat k-means of x over the torchrun ranks, each iterating over its `rank_slice` of the rows.
+
+    Every rank holds all of x and draws the same k-means++ seeds from it (same rows, same
+    seed), so the result is the single-process one: (centroids, assign, squared distance) of
+    all rows, on every rank.
+    """
+    init = seed_centroids(x, k, seed=seed, spherical=spherical)
+    result = kmeans(x[rank_slice(len(x), ranks)], k, niter=niter, seed=seed, spherical=spherical, backend=backend,
+                    device=device, init=init, distributed=True, checkpoint=checkpoint)
+    return (np.asarray(result.centroids, np.float32), gather_rows(np.asarray(result.assign, np.int64), ranks),
+            gather_rows(np.asarray(result.distance, np.float32), ranks))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m curate.cluster CONFIG [key=value ...]`: the entry point for torchrun."""
+    from curate.config import load_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print("usage: python -m curate.cluster CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    cfg = load_config(args[0], args[1:])
+    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(run_cluster(cfg))
+    return 0
 
 
 def _write_empty(out: Path, dim: int, fp: str, balanced_fp: str, settings: dict, started: float) -> Path:
@@ -207,3 +273,7 @@ def _level_stats(level: int, labels: np.ndarray, k: int, distance: np.ndarray) -
     sizes = np.bincount(labels, minlength=k)
     return {"level": level, "k": k, "empty": int((sizes == 0).sum()), "largest": int(sizes.max()),
             "inertia": float(distance.sum(dtype=np.float64))}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

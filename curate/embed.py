@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +36,11 @@ from tqdm.auto import tqdm
 from curate.config import save_config
 from curate.manifest import read_manifest
 from curate.workers import resolve_workers, show_progress
+from curate.ranks import Ranks, join_ranks, rank_device
 from curate.runio import atomic_path, atomic_write_json, clear_success, is_done, remove_stale_temps, write_success
 from curate.sources import iter_bytes
 from pretrain.data.decode import DecodeError
 from pretrain.models.embedder import CopyDetectionEmbedder, Embedder
-from pretrain.models.precision import resolve_device
 from pretrain.models.preprocess import auto_resolution, bytes_to_square
 from pretrain.models.registry import get_spec
 from pretrain.models.weights import resolve_weights
@@ -189,44 +188,6 @@ def remove_parts_beyond(out: Path, n_parts: int) -> int:
                 path.unlink()
                 removed += 1
     return removed
-
-
-# -- distributed -----------------------------------------------------------------------------
-
-
-@dataclass
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def join_ranks(device_pref) -> Ranks:
-    """Join the torchrun process group when there is one (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    owns = False
-    if not dist.is_initialized():
-        use_cuda = resolve_device(device_pref).type == "cuda"
-        if use_cuda:  # one GPU per rank on each host; NCCL needs it chosen before the group forms
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # long parts: ranks may wait on each other far longer than the default 30 minutes
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=12))
-        owns = True
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
-
-
-def rank_device(device_pref, ranks: Ranks) -> torch.device:
-    device = resolve_device(device_pref)
-    if device.type == "cuda" and device.index is None and ranks.world > 1:
-        return torch.device("cuda", ranks.local_rank)
-    return device
 
 
 # -- stage -----------------------------------------------------------------------------------

@@ -124,12 +124,18 @@ def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int = 0, max_points: int | N
     return x[chosen].copy()
 
 
+def seed_centroids(x: np.ndarray, k: int, *, seed: int, spherical: bool) -> np.ndarray | None:
+    """k-means++ seeds of x (unit rows when spherical), or None above KMEANSPP_MAX_K (random rows)."""
+    if k > KMEANSPP_MAX_K:
+        return None
+    init = kmeans_plusplus(x, k, seed=seed, max_points=KMEANSPP_POINTS_PER_CENTROID * k)
+    if spherical:
+        init /= np.maximum(np.linalg.norm(init, axis=1, keepdims=True), 1e-12)
+    return init
+
+
 def _seeded_kmeans(x, k, *, niter, seed, spherical, backend, device, checkpoint=None):
-    init = None
-    if k <= KMEANSPP_MAX_K:
-        init = kmeans_plusplus(x, k, seed=seed, max_points=KMEANSPP_POINTS_PER_CENTROID * k)
-        if spherical:
-            init /= np.maximum(np.linalg.norm(init, axis=1, keepdims=True), 1e-12)
+    init = seed_centroids(x, k, seed=seed, spherical=spherical)
     return kmeans(x, k, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device, init=init,
                   checkpoint=checkpoint)
 

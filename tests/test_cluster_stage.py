@@ -162,3 +162,43 @@ def test_nothing_left_after_dedup_gives_empty_outputs(tmp_path):
     out = cluster.run_cluster(config(tmp_path, "dedup.threshold=-1", "decontam.threshold=-1"))
     assert len(pd.read_parquet(out / "assign.parquet")) == 0 and np.load(out / "centroids.npy").shape == (0, DIM)
     assert json.loads((out / "_SUCCESS.json").read_text())["images"] == 0
+
+
+def test_two_torchrun_ranks_cluster_like_one_process(tmp_path):
+    """`python -m curate.cluster` under torchrun: 2 gloo ranks, each iterating over half the rows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    settings = ("cluster.k=12", "cluster.niter=8", "cluster.device=cpu")
+    for name in ("one", "two"):
+        planted_run(tmp_path / name)
+    one = cluster.run_cluster(cluster_config(tmp_path / "one", *settings))
+    config_file = tmp_path / "two.yaml"
+    OmegaConf.save(cluster_config(tmp_path / "two", *settings), config_file)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "curate.cluster",
+           str(config_file)]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two" / "cluster"
+    a, b = pd.read_parquet(one / "assign.parquet"), pd.read_parquet(two / "assign.parquet")
+    assert len(a) > 300 and a["cluster"].nunique() == 12
+    np.testing.assert_array_equal(b["id"], a["id"])
+    np.testing.assert_array_equal(b["cluster"], a["cluster"])
+    np.testing.assert_allclose(b["distance"], a["distance"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.load(two / "centroids.npy"), np.load(one / "centroids.npy"), atol=1e-5)
+    success = json.loads((two / "_SUCCESS.json").read_text())
+    assert success["world_size"] == 2 and success["images"] == len(a)
+    assert not (two / "kmeans-checkpoint.npz").exists()
+
+
+def test_hierarchical_refuses_torchrun_ranks(tmp_path, monkeypatch):
+    planted_run(tmp_path)
+    monkeypatch.setattr(cluster, "join_ranks", lambda device: cluster.Ranks(rank=0, world=2))
+    with pytest.raises(ValueError, match="only flat k-means"):
+        cluster.run_cluster(cluster_config(tmp_path, "cluster.method=hierarchical", "cluster.k=3"))

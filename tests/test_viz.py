@@ -44,7 +44,7 @@ class PixelTokenViT(torch.nn.Module):
 
     def get_last_selfattention(self, x):
         b = self._brightness(x)
-        n, bsz, t = b.shape[1], len(x), b.shape[1] + 2
+        bsz, t = len(x), b.shape[1] + 2
         attn = torch.full((bsz, self.num_heads, t, t), 1.0 / t)
         for h in range(self.num_heads):
             logits = torch.cat([torch.zeros(bsz, 2), (h + 1) * b], dim=1)  # CLS, register, patches
