@@ -41,7 +41,7 @@ from curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice
 from curate.runio import atomic_path, clear_success, fingerprint, is_done, open_stage, read_success, write_frame, write_success
 from index.hierarchical import Hierarchy, balanced_sample, hierarchical_kmeans, resampled_kmeans, seed_centroids
 from index.kmeans import kmeans
-from index.io import load_embeddings
+from index.io import EmbeddingRows, load_embedding_ids
 
 log = logging.getLogger(__name__)
 
@@ -143,23 +143,24 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
     if ranks.rank == 0:
         clear_success(out)
         _remove_stale_levels(out, len(ks) if c.method == "hierarchical" else 0)
-    emb_ids, x = load_embeddings(run_dir / "embed")
-    rows = rows_of(ids, emb_ids)
+    rows = rows_of(ids, load_embedding_ids(run_dir / "embed"))
     if (rows < 0).any():
         log.warning("cluster: %d curated images have no main embedding; they are left out", int((rows < 0).sum()))
         ids, rows = ids[rows >= 0], rows[rows >= 0]
-    x = np.ascontiguousarray(x[rows], dtype=np.float32)
-    if len(x) < ks[0]:
-        clamped = [min(k, len(x)) for k in ks]
-        log.warning("cluster: only %d curated images for levels %s; using %s", len(x), ks, clamped)
+    view = EmbeddingRows(run_dir / "embed", rows)  # a rank of many reads only its slice and a seeding sample
+    n = len(view)
+    if n < ks[0]:
+        clamped = [min(k, n) for k in ks]
+        log.warning("cluster: only %d curated images for levels %s; using %s", n, ks, clamped)
         ks = clamped
-    if len(x) == 0:
+    if n == 0:
         if ranks.rank == 0:
-            _write_empty(out, x.shape[1], fp, balanced_fp, settings, started)
+            _write_empty(out, view.dim, fp, balanced_fp, settings, started)
         ranks.barrier()
         return out
+    x = np.asarray(view) if ranks.world == 1 else None
     device = str(rank_device(str(c.device), ranks))
-    log.info("cluster: %s k-means of %d images, levels %s%s", c.method, len(x), ks,
+    log.info("cluster: %s k-means of %d images, levels %s%s", c.method, n, ks,
              f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "")
 
     if c.method == "flat":
@@ -167,7 +168,7 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
         kwargs = dict(niter=int(c.niter), seed=int(cfg.seed), spherical=bool(c.spherical), backend=str(c.backend),
                       device=device, checkpoint=None if cfg.get("overwrite", False) else checkpoint)
         if ranks.world > 1:
-            centroids, labels, distance = distributed_kmeans(x, ks[0], ranks, **kwargs)
+            centroids, labels, distance = distributed_kmeans(view, ks[0], ranks, **kwargs)
         else:
             centroids, labels, distance = resampled_kmeans(x, ks[0], **kwargs)
         ranks.barrier()  # every rank is done with the checkpoint
@@ -211,7 +212,7 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
         out,
         fingerprint=balanced_fp,
         settings=settings,
-        images=int(len(x)),
+        images=int(n),
         k=ks[-1],
         distance="squared_l2",
         levels=stats,
@@ -224,13 +225,14 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
     return out
 
 
-def distributed_kmeans(x: np.ndarray, k: int, ranks: Ranks, *, niter: int, seed: int, spherical: bool, backend: str,
+def distributed_kmeans(x, k: int, ranks: Ranks, *, niter: int, seed: int, spherical: bool, backend: str,
                        device: str, checkpoint) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flat k-means of x over the torchrun ranks, each iterating over its `rank_slice` of the rows.
 
-    Every rank holds all of x and draws the same k-means++ seeds from it (same rows, same
-    seed), so the result is the single-process one: (centroids, assign, squared distance) of
-    all rows, on every rank.
+    x is an array or an `index.io.EmbeddingRows` view, from which a rank reads only its slice
+    and the k-means++ sample. Every rank draws the same seeds (same rows, same seed), so the
+    result is the single-process one: (centroids, assign, squared distance) of all rows, on
+    every rank.
     """
     init = seed_centroids(x, k, seed=seed, spherical=spherical)
     result = kmeans(x[rank_slice(len(x), ranks)], k, niter=niter, seed=seed, spherical=spherical, backend=backend,

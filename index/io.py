@@ -79,3 +79,49 @@ def load_embeddings(folder: str | os.PathLike, *, dtype=np.float32) -> tuple[np.
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"{folder} holds repeated ids")
     return ids, out
+
+
+class EmbeddingRows:
+    """Chosen rows of an embedding folder, read from the memory-mapped parts only when indexed.
+
+    `view[idx]` (an index array or a slice) gives float32 rows; `len(view)` the row count;
+    `np.asarray(view)` all of them. A torchrun rank reads its own slice and a k-means++
+    sample this way instead of the whole matrix.
+    """
+
+    def __init__(self, folder: str | os.PathLike, rows: np.ndarray):
+        pairs = list_parts(folder)
+        self._parts = [read_part(v, i, dtype=None, mmap=True)[1] for v, i in pairs]
+        sizes = np.array([len(p) for p in self._parts], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.rows = np.asarray(rows, np.int64)
+        if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self._starts[-1]):
+            raise IndexError(f"rows outside the {int(self._starts[-1])} rows of {folder}")
+        dims = {p.shape[1] for p in self._parts}
+        if len(dims) > 1:
+            raise ValueError(f"parts of {folder} have different dimensions: {sorted(dims)}")
+        self.dim = dims.pop() if dims else 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        wanted = self.rows[index]
+        out = np.empty((len(wanted), self.dim), np.float32)
+        part = np.searchsorted(self._starts, wanted, side="right") - 1
+        for p in np.unique(part):
+            hit = np.flatnonzero(part == p)
+            out[hit] = self._parts[p][wanted[hit] - self._starts[p]]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[slice(None)]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+def load_embedding_ids(folder: str | os.PathLike) -> np.ndarray:
+    """The ids of every row of an embedding folder, in part order, without reading the vectors."""
+    pairs = list_parts(folder)
+    if not pairs:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.load(i, allow_pickle=False).astype(np.int64, copy=False) for _, i in pairs])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from index.io import iter_embeddings, load_embeddings
+from index.io import EmbeddingRows, iter_embeddings, load_embedding_ids, load_embeddings
 
 
 def write_part(folder, number, ids, vectors):
@@ -43,3 +43,21 @@ def test_repeated_ids_are_errors(tmp_path):
 def test_empty_folder(tmp_path):
     ids, x = load_embeddings(tmp_path)
     assert ids.shape == (0,) and x.shape == (0, 0)
+
+
+def test_embedding_rows_read_chosen_rows_across_parts(tmp_path):
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(size=(n, 6)).astype(np.float16) for n in (5, 1, 7)]
+    for number, part in enumerate(parts):
+        write_part(tmp_path, number, list(range(100 * number, 100 * number + len(part))), part)
+    whole = np.concatenate(parts).astype(np.float32)  # rows in part order
+    rows = np.array([12, 0, 5, 7, 5, 4])  # across all three parts, unsorted, one repeated
+    view = EmbeddingRows(tmp_path, rows)
+    assert len(view) == 6 and view.dim == 6
+    np.testing.assert_array_equal(view[np.array([3, 0])], whole[[7, 12]])
+    np.testing.assert_array_equal(view[1:4], whole[[0, 5, 7]])
+    np.testing.assert_array_equal(np.asarray(view), whole[rows])
+    assert view[np.array([0])].dtype == np.float32
+    np.testing.assert_array_equal(load_embedding_ids(tmp_path), load_embeddings(tmp_path)[0])
+    with pytest.raises(IndexError):
+        EmbeddingRows(tmp_path, np.array([13]))
