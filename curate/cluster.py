@@ -27,6 +27,7 @@ import logging
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,15 @@ from curate.config import as_list
 from curate.dedup import curated_pool_ids, rows_of
 from curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice
 from curate.runio import atomic_path, clear_success, fingerprint, is_done, open_stage, read_success, write_frame, write_success
-from index.hierarchical import Hierarchy, balanced_sample, hierarchical_kmeans, resampled_kmeans, seed_centroids
+from index.hierarchical import (
+    Hierarchy,
+    balanced_sample,
+    closest_per_cluster,
+    hierarchical_kmeans,
+    nearest_centroids,
+    resampled_kmeans,
+    seed_centroids,
+)
 from index.kmeans import kmeans
 from index.io import EmbeddingRows, load_embedding_ids
 
@@ -99,9 +108,11 @@ def _finished_levels(out: Path, n_levels: int, fp: str) -> list[tuple[np.ndarray
 def run_cluster(cfg) -> Path:
     """Cluster the curated pool; see the module docstring for the files written.
 
-    Under torchrun (`python -m curate.cluster CONFIG`) flat k-means runs over all ranks: each
-    rank iterates over its slice of the rows, centroid sums are all-reduced, and rank 0 writes
-    the same files as one process would. Hierarchical k-means runs on one process.
+    Under torchrun (`python -m curate.cluster CONFIG`) the k-means over every image (flat, or
+    level 1 of hierarchical with its resampling steps) runs over all ranks: each rank reads and
+    iterates over its slice of the rows, centroid sums are all-reduced, and rank 0 writes the
+    same files as one process would. Levels above the first cluster centroids (few rows) and
+    run the same on every rank.
     """
     ranks = join_ranks(cfg.cluster.device)
     try:
@@ -119,8 +130,6 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
         raise FileNotFoundError(f"no finished dedup in {run_dir / 'dedup'}: run `lvd dedup` first")
     if c.method not in ("flat", "hierarchical"):
         raise ValueError(f"cluster.method must be flat or hierarchical, got {c.method!r}")
-    if c.method != "flat" and ranks.world > 1:
-        raise ValueError(f"cluster.method {c.method} runs on one process; only flat k-means runs over torchrun ranks")
     out = run_dir / STAGE
     if ranks.rank == 0:
         open_stage(cfg, STAGE)
@@ -181,6 +190,8 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
         stats = [_level_stats(1, labels, len(centroids), distance)]
     else:
         def save_level(level: int, centroids, parents, parent_distance) -> None:
+            if ranks.rank != 0:
+                return
             folder = out / f"level{level}"
             save_npy(folder / "centroids.npy", np.asarray(centroids, np.float32))
             save_npy(folder / "parents.npy", np.asarray(parents, np.int64))
@@ -190,14 +201,26 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
         done = [] if cfg.get("overwrite", False) else _finished_levels(out, len(ks), fp)
         if done:
             log.info("cluster: reusing %d finished level(s)", len(done))
+        first_level = None
+        if ranks.world > 1:  # level 1 clusters every image: spread it over the ranks; the levels above are small
+            first_level = partial(distributed_resampled_kmeans, view, ranks=ranks, niter=int(c.niter),
+                                  spherical=bool(c.spherical), backend=str(c.backend), device=device)
         hierarchy = hierarchical_kmeans(
-            x, ks, niter=int(c.niter), resampling_steps=_plain(c.resample_steps),
-            sample_size=_plain(c.resample_size), seed=int(cfg.seed),
-            spherical=bool(c.spherical), backend=str(c.backend), device=device, done=done, on_level=save_level)
+            view if x is None else x, ks, niter=int(c.niter), resampling_steps=_plain(c.resample_steps),
+            sample_size=_plain(c.resample_size), seed=int(cfg.seed), spherical=bool(c.spherical),
+            backend=str(c.backend), device=device, done=done, on_level=save_level, first_level=first_level)
+        levels = [(hierarchy.labels(t), hierarchy.centroids[t - 1]) for t in range(1, len(ks) + 1)]
+        if ranks.world > 1:
+            mine = rank_slice(n, ranks)
+            local = view[mine]
+            distances = [gather_rows(squared_distances(local, cents, labels[mine]), ranks) for labels, cents in levels]
+            if ranks.rank != 0:
+                ranks.barrier()  # rank 0 writes
+                return out
+        else:
+            distances = [squared_distances(x, cents, labels) for labels, cents in levels]
         stats = []
-        for t in range(1, len(ks) + 1):
-            labels = hierarchy.labels(t)
-            distance = squared_distances(x, hierarchy.centroids[t - 1], labels)
+        for t, ((labels, _), distance) in enumerate(zip(levels, distances), start=1):
             stats.append(_level_stats(t, labels, ks[t - 1], distance))
             write_frame(out / f"level{t}" / "assign.parquet", _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
         _write_clustering(out, ids, hierarchy.centroids[-1], labels, distance, fp)
@@ -239,6 +262,29 @@ def distributed_kmeans(x, k: int, ranks: Ranks, *, niter: int, seed: int, spheri
                     device=device, init=init, distributed=True, checkpoint=checkpoint)
     return (np.asarray(result.centroids, np.float32), gather_rows(np.asarray(result.assign, np.int64), ranks),
             gather_rows(np.asarray(result.distance, np.float32), ranks))
+
+
+def distributed_resampled_kmeans(x, k: int, *, ranks: Ranks, resampling_steps: int = 0, sample_size: int | None = None,
+                                 niter: int, seed: int, spherical: bool, backend: str, device: str,
+                                 checkpoint=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`index.hierarchical.resampled_kmeans` over the torchrun ranks (same steps, same seeds).
+
+    The resampled points are chosen from the gathered assignments, identically on every rank,
+    and clustered as a view (`EmbeddingRows.subset`); each rank re-assigns its own slice.
+    """
+    centroids, assign, distance = distributed_kmeans(x, k, ranks, niter=niter, seed=seed, spherical=spherical,
+                                                     backend=backend, device=device, checkpoint=checkpoint)
+    size = sample_size or max(1, len(x) // k)
+    for step in range(resampling_steps):
+        picked = closest_per_cluster(assign, distance, size)
+        if len(picked) < k:
+            break  # fewer resampled points than clusters: nothing left to balance
+        subset = x.subset(picked) if hasattr(x, "subset") else x[picked]
+        centroids, _, _ = distributed_kmeans(subset, k, ranks, niter=niter, seed=seed + step + 1, spherical=spherical,
+                                             backend=backend, device=device, checkpoint=None)
+        local_assign, local_distance = nearest_centroids(x[rank_slice(len(x), ranks)], centroids, backend, device)
+        assign, distance = gather_rows(local_assign, ranks), gather_rows(local_distance, ranks)
+    return centroids, assign, distance
 
 
 def main(argv: list[str] | None = None) -> int:

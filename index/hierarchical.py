@@ -140,7 +140,7 @@ def _seeded_kmeans(x, k, *, niter, seed, spherical, backend, device, checkpoint=
                   checkpoint=checkpoint)
 
 
-def _nearest(x: np.ndarray, centroids: np.ndarray, backend: str, device: str) -> tuple[np.ndarray, np.ndarray]:
+def nearest_centroids(x: np.ndarray, centroids: np.ndarray, backend: str, device: str) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid (squared L2) of every row of x: (assign, distance)."""
     distance, assign = get_backend(backend, device).assign(x, centroids)
     return np.asarray(assign, np.int64), np.asarray(distance, np.float32)
@@ -198,7 +198,7 @@ def resampled_kmeans(
         result = _seeded_kmeans(x[picked], k, niter=niter, seed=seed + step + 1, spherical=spherical,
                                 backend=backend, device=device)
         centroids = result.centroids
-        assign, distance = _nearest(x, centroids, backend, device)
+        assign, distance = nearest_centroids(x, centroids, backend, device)
         logger.debug("resampling step %d: %d points, inertia %.4g", step + 1, len(picked), float(distance.sum()))
     return np.asarray(centroids, np.float32), np.asarray(assign, np.int64), np.asarray(distance, np.float32)
 
@@ -216,20 +216,24 @@ def hierarchical_kmeans(
     device: str = "cpu",
     done: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = (),
     on_level: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+    first_level: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> Hierarchy:
     """Levels of (resampled) k-means, level 1 on `x` with ks[0] clusters, level t on level t-1's centroids.
 
     `done` holds the (centroids, assign, distance) of levels finished by an earlier, killed
     run; they are reused, not recomputed. `on_level(level, centroids, assign, distance)` is
     called after each computed level so that a caller can save it. Level t uses the seed
-    `seed + 1000 * (t - 1)`, so a resumed run equals an uninterrupted one.
+    `seed + 1000 * (t - 1)`, so a resumed run equals an uninterrupted one. `first_level`, when
+    given, computes level 1 instead of `resampled_kmeans`, with the same arguments but x
+    (`first_level(k, resampling_steps=, sample_size=, seed=)`): the cluster stage spreads that
+    level, the one over every image, across torchrun ranks; then x need not be an array.
     """
     ks = [int(k) for k in ks]
     if not ks or any(b > a for a, b in zip(ks, ks[1:])):
         raise ValueError(f"ks must be a non-empty, non-increasing list of cluster counts, got {ks}")
     steps = _per_level(resampling_steps, len(ks), "resampling_steps")
     sizes = _per_level(sample_size, len(ks), "sample_size")
-    inputs = np.ascontiguousarray(x, dtype=np.float32)
+    inputs = x
     centroids, parents, distances = [], [], []
     for t, k in enumerate(ks):
         if t < len(done):
@@ -238,8 +242,12 @@ def hierarchical_kmeans(
                 raise ValueError(f"saved level {t + 1} does not fit: {len(c)} centroids for {len(a)} inputs")
         else:
             logger.info("hierarchical k-means level %d: %d inputs -> %d clusters", t + 1, len(inputs), k)
-            c, a, d = resampled_kmeans(inputs, k, niter=niter, resampling_steps=steps[t], sample_size=sizes[t],
-                                       seed=seed + 1000 * t, spherical=spherical, backend=backend, device=device)
+            if t == 0 and first_level is not None:
+                c, a, d = first_level(k, resampling_steps=steps[t], sample_size=sizes[t], seed=seed)
+            else:
+                c, a, d = resampled_kmeans(np.asarray(inputs, dtype=np.float32), k, niter=niter,
+                                           resampling_steps=steps[t], sample_size=sizes[t], seed=seed + 1000 * t,
+                                           spherical=spherical, backend=backend, device=device)
             if on_level is not None:
                 on_level(t + 1, c, a, d)
         centroids.append(c)

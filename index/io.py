@@ -8,6 +8,7 @@ listing order, and every mismatch is an error rather than a silent truncation.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -104,6 +105,12 @@ class EmbeddingRows:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def subset(self, index) -> "EmbeddingRows":
+        """A view of some of these rows (`index` into them); nothing is read."""
+        view = copy.copy(self)
+        view.rows = self.rows[index]
+        return view
 
     def __getitem__(self, index) -> np.ndarray:
         wanted = self.rows[index]

@@ -164,8 +164,14 @@ def test_nothing_left_after_dedup_gives_empty_outputs(tmp_path):
     assert json.loads((out / "_SUCCESS.json").read_text())["images"] == 0
 
 
-def test_two_torchrun_ranks_cluster_like_one_process(tmp_path):
-    """`python -m curate.cluster` under torchrun: 2 gloo ranks, each iterating over half the rows."""
+FLAT = ("cluster.k=12", "cluster.niter=8", "cluster.device=cpu")
+HIERARCHICAL = ("cluster.method=hierarchical", "cluster.level_ks=[12]", "cluster.k=3", "cluster.resample_steps=[2,1]",
+                "cluster.balanced_sample=60", "cluster.niter=8", "cluster.device=cpu")
+
+
+@pytest.mark.parametrize("settings", [FLAT, HIERARCHICAL], ids=["flat", "hierarchical"])
+def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings):
+    """`python -m curate.cluster` under torchrun: 2 gloo ranks, each reading and iterating over half the rows."""
     import os
     import subprocess
     import sys
@@ -173,7 +179,6 @@ def test_two_torchrun_ranks_cluster_like_one_process(tmp_path):
 
     from omegaconf import OmegaConf
 
-    settings = ("cluster.k=12", "cluster.niter=8", "cluster.device=cpu")
     for name in ("one", "two"):
         planted_run(tmp_path / name)
     one = cluster.run_cluster(cluster_config(tmp_path / "one", *settings))
@@ -185,20 +190,22 @@ def test_two_torchrun_ranks_cluster_like_one_process(tmp_path):
            str(config_file)]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1 of 2" in done.stderr  # both ranks took part
     two = tmp_path / "two" / "cluster"
-    a, b = pd.read_parquet(one / "assign.parquet"), pd.read_parquet(two / "assign.parquet")
-    assert len(a) > 300 and a["cluster"].nunique() == 12
-    np.testing.assert_array_equal(b["id"], a["id"])
-    np.testing.assert_array_equal(b["cluster"], a["cluster"])
-    np.testing.assert_allclose(b["distance"], a["distance"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.load(two / "centroids.npy"), np.load(one / "centroids.npy"), atol=1e-5)
+    hierarchical = "cluster.method=hierarchical" in settings
+    folders = ["", "level1", "level2"] if hierarchical else [""]
+    for folder in folders:
+        a, b = pd.read_parquet(one / folder / "assign.parquet"), pd.read_parquet(two / folder / "assign.parquet")
+        assert len(a) > 300
+        np.testing.assert_array_equal(b["id"], a["id"])
+        np.testing.assert_array_equal(b["cluster"], a["cluster"])
+        np.testing.assert_allclose(b["distance"], a["distance"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.load(two / folder / "centroids.npy"), np.load(one / folder / "centroids.npy"),
+                                   atol=1e-5)
+    assert pd.read_parquet(one / "assign.parquet")["cluster"].nunique() == (3 if hierarchical else 12)
+    if hierarchical:
+        pd.testing.assert_frame_equal(pd.read_parquet(two / "balanced.parquet"), pd.read_parquet(one / "balanced.parquet"))
+        np.testing.assert_array_equal(np.load(two / "level2" / "parents.npy"), np.load(one / "level2" / "parents.npy"))
     success = json.loads((two / "_SUCCESS.json").read_text())
-    assert success["world_size"] == 2 and success["images"] == len(a)
+    assert success["world_size"] == 2 and success["images"] == len(pd.read_parquet(one / "assign.parquet"))
     assert not (two / "kmeans-checkpoint.npz").exists()
-
-
-def test_hierarchical_refuses_torchrun_ranks(tmp_path, monkeypatch):
-    planted_run(tmp_path)
-    monkeypatch.setattr(cluster, "join_ranks", lambda device: cluster.Ranks(rank=0, world=2))
-    with pytest.raises(ValueError, match="only flat k-means"):
-        cluster.run_cluster(cluster_config(tmp_path, "cluster.method=hierarchical", "cluster.k=3"))
