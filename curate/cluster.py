@@ -38,7 +38,7 @@ from omegaconf import ListConfig
 
 from curate.config import as_list
 from curate.dedup import curated_pool_ids, rows_of
-from curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice
+from curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice, torchrun_main
 from curate.runio import atomic_path, clear_success, fingerprint, is_done, open_stage, read_success, write_frame, write_success
 from index.hierarchical import (
     Hierarchy,
@@ -289,17 +289,7 @@ def distributed_resampled_kmeans(x, k: int, *, ranks: Ranks, resampling_steps: i
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m curate.cluster CONFIG [key=value ...]`: the entry point for torchrun."""
-    from curate.config import load_config
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        print("usage: python -m curate.cluster CONFIG [key=value ...]", file=sys.stderr)
-        return 2
-    cfg = load_config(args[0], args[1:])
-    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(run_cluster(cfg))
-    return 0
+    return torchrun_main(run_cluster, "curate.cluster", argv)
 
 
 def _write_empty(out: Path, dim: int, fp: str, balanced_fp: str, settings: dict, started: float) -> Path:

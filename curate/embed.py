@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from curate.config import save_config
 from curate.manifest import read_manifest
 from curate.workers import resolve_workers, show_progress
-from curate.ranks import Ranks, join_ranks, rank_device
+from curate.ranks import Ranks, join_ranks, rank_device, torchrun_main
 from curate.runio import atomic_path, atomic_write_json, clear_success, is_done, remove_stale_temps, write_success
 from curate.sources import iter_bytes
 from pretrain.data.decode import DecodeError
@@ -381,18 +381,8 @@ def run_embed(cfg) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m curate.embed CONFIG [key=value ...]` — the entry point for torchrun."""
-    from curate.config import load_config
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        print("usage: python -m curate.embed CONFIG [key=value ...]", file=sys.stderr)
-        return 2
-    cfg = load_config(args[0], args[1:])
-    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(run_embed(cfg))
-    return 0
+    """`python -m curate.embed CONFIG [key=value ...]`: the entry point for torchrun."""
+    return torchrun_main(run_embed, "curate.embed", argv)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,24 @@ def rank_device(device_pref, ranks: Ranks) -> torch.device:
     return device
 
 
+def torchrun_main(run_stage, module: str, argv: list[str] | None = None) -> int:
+    """`python -m <module> CONFIG [key=value ...]`: a stage as torchrun starts it on every rank."""
+    import logging
+    import sys
+
+    from curate.config import load_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print(f"usage: python -m {module} CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    cfg = load_config(args[0], args[1:])
+    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(run_stage(cfg))
+    return 0
+
+
 def rank_slice(n: int, ranks: Ranks) -> slice:
     """This rank's contiguous share of n rows (the first n % world ranks get one more)."""
     base, extra = divmod(n, ranks.world)
