@@ -6,7 +6,9 @@ touches torch.distributed.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from curate.config import load_config
 from pretrain.models.precision import resolve_device
 
 
@@ -54,11 +57,6 @@ def rank_device(device_pref, ranks: Ranks) -> torch.device:
 
 def torchrun_main(run_stage, module: str, argv: list[str] | None = None) -> int:
     """`python -m <module> CONFIG [key=value ...]`: a stage as torchrun starts it on every rank."""
-    import logging
-    import sys
-
-    from curate.config import load_config
-
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         print(f"usage: python -m {module} CONFIG [key=value ...]", file=sys.stderr)

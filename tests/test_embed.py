@@ -20,6 +20,7 @@ from curate.manifest import read_manifest, run_manifest
 from index.io import load_embeddings
 from pretrain.models import build_backbone
 from pretrain.models.preprocess import auto_resolution
+from conftest import save_tiny_weights
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -45,14 +46,7 @@ def _cfg(run_dir: Path, pool: Path, *extra: str, seeds: Path | None = None):
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_backbone("vit_tiny_p4")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    return save_tiny_weights("vit_tiny_p4", tmp_path_factory.mktemp("weights") / "tiny.pth")
 
 
 def _reference_square(path: str, side: int) -> np.ndarray:

@@ -9,21 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.models import build_backbone
 from pretrain.models.embedder import Embedder
 from pretrain.models.precision import resolve_dtype
+from conftest import save_tiny_weights
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_backbone("vit_tiny_p14")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    path = tmp_path_factory.mktemp("w") / "tiny14.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    return save_tiny_weights("vit_tiny_p14", tmp_path_factory.mktemp("w") / "tiny14.pth")
 
 
 def _photos(n=3, seed=0):

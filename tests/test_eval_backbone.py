@@ -19,13 +19,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml"
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # the registry's
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: on a shared 2-core machine, thread hand-offs cost more than the maths."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(n, seed):

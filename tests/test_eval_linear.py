@@ -2,20 +2,13 @@
 
 import numpy as np
 import pytest
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from pretrain.eval.linear import fit_linear_probe, stratified_split
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These problems are tiny: on a shared 2-core machine, thread hand-offs cost more than the maths."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gaussians(n, d, n_classes, spread, seed):

@@ -22,13 +22,7 @@ COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 PREP = Preprocessing(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These problems are tiny: on a shared 2-core machine, thread hand-offs cost more than the maths."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class MeanColourViT(torch.nn.Module):

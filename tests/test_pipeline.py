@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from pretrain.models import build_backbone
+from conftest import save_tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +30,7 @@ def setup(tmp_path_factory):
             write(root / "seeds" / f"class{c}" / f"{j}.png", protos[c])
     for j in range(4):
         write(root / "eval" / "e" / f"{j}.png", protos[3])
-    torch.manual_seed(0)
-    model = build_backbone("vit_tiny_p4")
-    with torch.no_grad():  # DINOv2's init (LayerScale 1e-5) makes a fresh CLS ignore the image
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    torch.save(model.state_dict(), root / "tiny.pth")
+    save_tiny_weights("vit_tiny_p4", root / "tiny.pth")
     args = [
         f"sources.pool=[{root / 'pool'}]",
         f"sources.seeds.s={root / 'seeds'}",
