@@ -95,6 +95,10 @@ def cmd_stage(args) -> int:
 def cmd_run(args) -> int:
     cfg = _pipeline_config(args)
     stages = STAGES[: STAGES.index(args.until) + 1] if args.until else STAGES
+    if "dedup" in stages:  # stop now, not after hours of embedding, when dedup would lack a threshold
+        from curate.dedup_space import check_before_run
+
+        check_before_run(cfg)
     for name in stages:
         out = run_stage(name, cfg)
         print(f"{name}: {out}")

@@ -1,7 +1,8 @@
 """The dedup stage: exact duplicates, near-duplicates and eval-set decontamination of the pool.
 
 reader : the manifest's ok pool and eval rows; the copy-detection embeddings (`embed/copy/`)
-         when `embed.copy_detection.weights` is set, else the main ones (`embed/`);
+         when a copy-detection model is configured (`auto`: SSCD when installed), else the main
+         ones (`embed/`); thresholds are those of that space (`curate.dedup_space`);
 mapper : exact      - pool rows with equal sha1: the lowest id is kept, the others point to it;
          near       - k-NN graph (cosine >= dedup.threshold) over the pool rows left by exact
                       dedup, connected components, one kept per component (`mode: knn`, as in
@@ -12,7 +13,8 @@ mapper : exact      - pool rows with equal sha1: the lowest id is kept, the othe
          decontam   - every (pool, eval) pair with cosine >= decontam.threshold, found
                       exactly (blocked matmul), so that the removal can be audited;
 writer : dedup/exact.parquet (id, dup_of), dedup/near.parquet (id, component, keep),
-         dedup/decontam.parquet (id, eval_set, eval_id, similarity), then _SUCCESS.json.
+         dedup/decontam.parquet (id, eval_set, eval_id, similarity), then _SUCCESS.json, which
+         records the space and the thresholds applied (and where each came from).
          The curated pool (`curated_pool_ids`) is near.parquet's kept ids minus the ids in
          decontam.parquet; exact duplicates never reach near.parquet.
 
@@ -35,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from curate.dedup_space import DedupSpace, resolve_thresholds
 from curate.manifest import read_manifest
 from curate.workers import show_progress
 from curate.runio import clear_success, fingerprint, is_done, open_stage, parquet_fingerprint, read_success, write_frame, write_success
@@ -135,27 +138,36 @@ def warn_if_indiscriminate(component: np.ndarray, threshold: float, space: str) 
         return
     largest = int(np.bincount(component).max())
     if largest > SUSPICIOUS_FRACTION * len(component):
-        log.warning("dedup: one near-duplicate component holds %d of %d images at threshold %.3g in %s/; the "
-                    "threshold is probably too low for these embeddings (DINOv2's 0.6 is for SSCD copy-detection "
+        log.warning("dedup: one near-duplicate component holds %d of %d images at threshold %.3g in %s; the "
+                    "threshold is probably too low for this space (DINOv2's 0.6 is for SSCD copy-detection "
                     "descriptors)", largest, len(component), threshold, space)
 
 
 # ---------------------------------------------------------------- readers
 
 
-def embedding_folder(cfg) -> Path:
-    """Where the dedup embeddings are: embed/copy/ when a copy-detection model is configured."""
-    embed = Path(cfg.run_dir) / "embed"
-    if not is_done(embed):
+def _weights_as_recorded(weights: str) -> str:
+    """How the embed stage records a weights spec: pkg:// as given, a path made absolute."""
+    return weights if weights.startswith("pkg://") else str(Path(weights).expanduser().resolve())
+
+
+def embedding_folder(run_dir: Path, space: DedupSpace) -> Path:
+    """Where the dedup embeddings are; they must come from the copy-detection model the config names."""
+    embed = run_dir / "embed"
+    record = read_success(embed)
+    if record is None:
         raise FileNotFoundError(f"no finished embeddings in {embed}: run `lvd embed` first")
-    if cfg.embed.copy_detection.weights:
-        copy = embed / "copy"
-        if not any(copy.glob("part-*.npy")):
-            raise FileNotFoundError(f"embed.copy_detection is configured but {copy} holds no embeddings")
-        return copy
-    log.info("dedup: no copy-detection model configured; near-duplicates and decontamination use the main "
-             "embeddings (set dedup.threshold and decontam.threshold for that space)")
-    return embed
+    if space.copy_detector is None:
+        return embed
+    copy = run_dir / space.folder
+    made_with = (record.get("copy_detection") or {}).get("weights")
+    wanted = _weights_as_recorded(space.copy_detector.weights)
+    if made_with is None or not any(copy.glob("part-*.npy")):
+        raise FileNotFoundError(f"the copy-detection model {space.copy_detector.describe()} is configured, but {embed} "
+                                f"holds no copy-detection embeddings: run `lvd embed` again")
+    if made_with != wanted:
+        raise FileNotFoundError(f"{copy} was embedded with {made_with}, but the config names {wanted}: run `lvd embed` again")
+    return copy
 
 
 def rows_of(ids: np.ndarray, emb_ids: np.ndarray) -> np.ndarray:
@@ -185,19 +197,25 @@ def run_dedup(cfg) -> Path:
     manifest = read_manifest(run_dir).sort_values("id", kind="stable").reset_index(drop=True)
     pool = manifest[manifest["set"] == POOL].reset_index(drop=True)
     evals = manifest[manifest["set"].str.startswith(EVAL_PREFIX)].reset_index(drop=True)
-    folder = embedding_folder(cfg)
+    space, near_t, decontam_t = resolve_thresholds(cfg, decontaminate=len(evals) > 0)
+    threshold = near_t.value
+    decontam_threshold = decontam_t.value if decontam_t is not None else None
+    folder = embedding_folder(run_dir, space)
     embed_fp = fingerprint((read_success(folder) or read_success(run_dir / "embed")))
+    log.info("dedup: near-copies judged in %s; dedup threshold %.3g (%s)%s", space.description, threshold,
+             near_t.source, f", decontamination threshold {decontam_threshold:.3g} ({decontam_t.source})"
+             if decontam_t is not None else "")
 
     def todo(name: str, fp: str) -> bool:
         return overwrite or parquet_fingerprint(out / name) != fp
 
     pool_ids, pool_sha1 = _int64(pool["id"]), pool["sha1"].to_numpy(str)
     exact_fp = fingerprint("exact", pool_ids, pool_sha1.astype("S40"))
-    near_settings = {k: cfg.dedup[k] for k in ("mode", "k", "threshold", "semdedup_clusters", "niter", "grouping")}
+    near_settings = {k: cfg.dedup[k] for k in ("mode", "k", "semdedup_clusters", "niter", "grouping")}
+    near_settings["threshold"] = threshold
     near_fp = fingerprint("near", exact_fp, embed_fp, near_settings, int(cfg.seed), _pixels(pool))
     eval_ids = _int64(evals["id"])
-    decontam_fp = fingerprint("decontam", pool_ids, eval_ids, evals["set"].tolist(), embed_fp,
-                              float(cfg.decontam.threshold))
+    decontam_fp = fingerprint("decontam", pool_ids, eval_ids, evals["set"].tolist(), embed_fp, decontam_threshold)
     fps = {"exact.parquet": exact_fp, "near.parquet": near_fp, "decontam.parquet": decontam_fp}
     if is_done(out) and not any(todo(n, fp) for n, fp in fps.items()):
         log.info("dedup: up to date, nothing to do")
@@ -221,18 +239,18 @@ def run_dedup(cfg) -> Path:
             survivors, rows = survivors[rows >= 0].reset_index(drop=True), rows[rows >= 0]
         sx, prio = x[rows], _pixels(survivors)
         if cfg.dedup.mode == "knn":
-            component, keep = near_duplicates_knn(sx, prio, k=int(cfg.dedup.k), threshold=float(cfg.dedup.threshold),
+            component, keep = near_duplicates_knn(sx, prio, k=int(cfg.dedup.k), threshold=threshold,
                                                   backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed),
                                                   grouping=str(cfg.dedup.grouping))
         elif cfg.dedup.mode == "semdedup":
             component, keep = near_duplicates_semdedup(
-                sx, prio, threshold=float(cfg.dedup.threshold), clusters=cfg.dedup.semdedup_clusters,
+                sx, prio, threshold=threshold, clusters=cfg.dedup.semdedup_clusters,
                 niter=int(cfg.dedup.niter), seed=int(cfg.seed), backend=str(cfg.dedup.backend), device=device,
                 progress=show_progress(cfg.progress), grouping=str(cfg.dedup.grouping))
         else:
             raise ValueError(f"dedup.mode must be knn or semdedup, got {cfg.dedup.mode!r}")
         if cfg.dedup.grouping == "components":  # star groups cannot chain
-            warn_if_indiscriminate(component, float(cfg.dedup.threshold), folder.name)
+            warn_if_indiscriminate(component, threshold, space.description)
         near = pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep})
         write_frame(out / "near.parquet", near, NEAR_SCHEMA, near_fp)
         log.info("dedup: %d near-duplicates removed from %d images (%d components)",
@@ -246,20 +264,22 @@ def run_dedup(cfg) -> Path:
         p_ok, e_ok = p_rows >= 0, e_rows >= 0
         eval_sets = evals["set"].str.slice(len(EVAL_PREFIX)).to_numpy(object)
         pairs = contamination_pairs(pool_ids[p_ok], x[p_rows[p_ok]], eval_ids[e_ok], x[e_rows[e_ok]],
-                                    eval_sets[e_ok], float(cfg.decontam.threshold))
+                                    eval_sets[e_ok], decontam_threshold if decontam_threshold is not None else np.inf)
         write_frame(out / "decontam.parquet", pairs, DECONTAM_SCHEMA, decontam_fp)
         log.info("dedup: %d pool images match an eval image (%d pairs)", pairs["id"].nunique(), len(pairs))
         if len(pool) >= 100 and pairs["id"].nunique() > SUSPICIOUS_FRACTION * len(pool):
             log.warning("decontam: %d of %d pool images are within %.3g of an eval image; the threshold is "
-                        "probably too low for these embeddings", pairs["id"].nunique(), len(pool),
-                        float(cfg.decontam.threshold))
+                        "probably too low for these embeddings", pairs["id"].nunique(), len(pool), decontam_threshold)
     decontam = pq.read_table(out / "decontam.parquet").to_pandas()
 
     kept = curated_pool_ids(run_dir, near=near, decontam=decontam)
     write_success(
         out,
         embeddings=str(folder.relative_to(run_dir)),
-        settings={"dedup": near_settings, "decontam_threshold": float(cfg.decontam.threshold)},
+        space={"name": space.space, "description": space.description,
+               "copy_detector": space.copy_detector.describe() if space.copy_detector else None},
+        thresholds={"dedup": near_t.record(), "decontam": decontam_t.record() if decontam_t else None},
+        settings={"dedup": near_settings, "decontam_threshold": decontam_threshold},
         pool=int(len(pool)),
         exact_duplicates=int(len(exact)),
         near_checked=int(len(near)),

@@ -4,12 +4,14 @@ reader : the manifest's ok rows, in manifest order, cut into parts of `embed.par
          DataLoader workers read the bytes (`curate.sources.iter_bytes`) and decode each image
          to a uint8 square (shorter side resized, centre cropped) — one batch per work item,
          so a batch never spans two parts;
-mapper : the backbone (and the optional TorchScript copy-detection model) embeds each batch
-         under the configured precision;
+mapper : the backbone embeds each batch under the configured precision, and the copy-detection
+         model (SSCD as ONNX through onnxruntime, or TorchScript) embeds its own squares;
 writer : a finished part is written atomically as part-NNNNN.npy (float16 rows), then
          ids-NNNNN.npy (int64 manifest ids), then done-NNNNN.json (its fingerprint and the rows
-         that failed to decode). A rerun skips parts whose fingerprint matches, so a killed run
-         resumes where it stopped.
+         that failed to decode); copy-detection rows go to copy/ under the same names, with a
+         copy/_SUCCESS.json that describes their model (so `lvd index build RUN/embed/copy`
+         works). A rerun skips parts whose fingerprint matches, so a killed run resumes where
+         it stopped.
 
 Under `torchrun` the ranks split the parts round-robin (gloo on CPU, NCCL on GPUs); rank 0
 writes `_SUCCESS.json` once every rank has finished.
@@ -40,7 +42,8 @@ from curate.ranks import Ranks, join_ranks, rank_device, torchrun_main
 from curate.runio import atomic_path, atomic_write_json, clear_success, is_done, remove_stale_temps, write_success
 from curate.sources import iter_bytes
 from pretrain.data.decode import DecodeError
-from pretrain.models.embedder import CopyDetectionEmbedder, Embedder
+from pretrain.models.copy_detection import build_copy_detector, resolve_copy_detector
+from pretrain.models.embedder import Embedder
 from pretrain.models.preprocess import auto_resolution, bytes_to_square
 from pretrain.models.registry import get_spec
 from pretrain.models.weights import resolve_weights
@@ -215,7 +218,21 @@ def embed_resolution(settings, frame: pd.DataFrame) -> int | None:
     return side
 
 
-def _build_embedders(cfg, device: torch.device, resolution: int | None):
+def model_threads(setting, ranks: Ranks) -> int:
+    """`embed.threads`: a number, or auto = the cores this process may use, shared by the host's ranks."""
+    if str(setting) != "auto":
+        try:
+            threads = int(setting)
+        except (TypeError, ValueError):
+            raise ValueError(f"embed.threads must be auto or a positive number, got {setting!r}") from None
+        if threads <= 0:
+            raise ValueError(f"embed.threads must be auto or a positive number, got {setting!r}")
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)))
+
+
+def _build_embedders(cfg, device: torch.device, resolution: int | None, threads: int):
     e = cfg.embed
     if e.weights is None and not e.allow_random:
         raise ValueError(
@@ -232,15 +249,22 @@ def _build_embedders(cfg, device: torch.device, resolution: int | None):
         cls_and_mean_patch=bool(e.cls_and_mean_patch),
         resize_ratio=float(e.resize_ratio),
     )
-    copy = None
-    if e.copy_detection.weights:
-        copy = CopyDetectionEmbedder(
-            e.copy_detection.weights,
-            resolution=int(e.copy_detection.resolution),
-            device=device,
-            dtype=str(e.dtype),
-        )
-    return main, copy
+    choice = resolve_copy_detector(e.copy_detection.weights, e.copy_detection.space)
+    if choice is None:
+        log.info("embed: no copy-detection model (embed.copy_detection.weights=%s)", e.copy_detection.weights)
+        return main, None, None
+    copy = build_copy_detector(
+        choice.weights,
+        resolution=int(e.copy_detection.resolution),
+        device=device,
+        dtype=str(e.dtype),
+        threads=threads,
+        mean=tuple(e.copy_detection.mean),
+        std=tuple(e.copy_detection.std),
+    )
+    log.info("embed: copy detection with %s (%s, %d px, space %s)", choice.describe(), copy.info()["kind"],
+             copy.resolution, choice.space or "unknown")
+    return main, copy, choice
 
 
 def _loader(batches, squares, cfg, workers: int) -> DataLoader:
@@ -325,16 +349,17 @@ def run_embed(cfg) -> Path:
     ranks = join_ranks(cfg.embed.device)
     try:
         device = rank_device(cfg.embed.device, ranks)
-        if device.type == "cpu" and ranks.world > 1:  # ranks on one host share its cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))))
+        threads = model_threads(cfg.embed.threads, ranks)
+        if device.type == "cpu" and (ranks.world > 1 or str(cfg.embed.threads) != "auto"):
+            torch.set_num_threads(threads)  # ranks on one host share its cores
         frame = read_manifest(run_dir, status="ok")
-        main, copy = _build_embedders(cfg, device, embed_resolution(cfg.embed, frame))
+        main, copy, choice = _build_embedders(cfg, device, embed_resolution(cfg.embed, frame), threads)
         info = main.info()
         info["weights"] = weights_record(cfg.embed.weights)
-        copy_info = copy.info() if copy is not None else None
-        if copy_info is not None:
-            copy_info["weights"] = weights_record(cfg.embed.copy_detection.weights)
-        settings = settings_fingerprint(info, copy_info, cfg.embed.weights, cfg.embed.copy_detection.weights)
+        copy_info = None
+        if copy is not None:
+            copy_info = {**copy.info(), "weights": weights_record(choice.weights), "name": choice.name, "space": choice.space}
+        settings = settings_fingerprint(info, copy_info, cfg.embed.weights, choice.weights if choice else None)
 
         parts = plan_parts(frame, int(cfg.embed.part_size))
         fingerprints = {p.index: p.fingerprint(settings) for p in parts}
@@ -348,9 +373,10 @@ def run_embed(cfg) -> Path:
             stale = remove_parts_beyond(out, len(parts))
             if todo or stale or not is_done(out):
                 clear_success(out)
+                clear_success(out / COPY)
                 save_config(cfg, run_dir)
         ranks.barrier()
-        if not todo and is_done(out):
+        if not todo and is_done(out) and (copy is None or is_done(out / COPY)):
             log.info("embed: %d parts up to date, nothing to do", len(parts))
             return out
         mine = todo[ranks.rank :: ranks.world]
@@ -360,6 +386,9 @@ def run_embed(cfg) -> Path:
         ranks.barrier()
         if ranks.rank == 0:
             seconds = time.time() - started
+            summary = _summary(out, parts, frame)
+            if copy_info is not None:  # the copy space on its own, for readers of embed/copy alone
+                write_success(out / COPY, **copy_info, settings_fingerprint=settings, parts=len(parts), **summary)
             write_success(
                 out,
                 **info,
@@ -370,7 +399,7 @@ def run_embed(cfg) -> Path:
                 world_size=ranks.world,
                 embedded_this_run_rank0=embedded,
                 seconds=round(seconds, 3),
-                **_summary(out, parts, frame),
+                **summary,
             )
             log.info("embed: %d parts written in %.1f s (rank 0: %.1f img/s)", len(todo), seconds, embedded / max(seconds, 1e-9))
         ranks.barrier()

@@ -136,6 +136,7 @@ def _section_duplicates(run_dir: Path, thumbs: Thumbnails) -> str:
     parts = ["<h2>Duplicate groups</h2>"]
     if near is None:
         return parts[0] + "<p>dedup has not run.</p>"
+    parts.append(_space_line(read_success(run_dir / "dedup")))
     sizes = near.groupby("component").size()
     groups = sizes[sizes > 1].sort_values(ascending=False, kind="stable")
     parts.append(f"<p>{len(groups)} near-duplicate groups ({int(groups.sum()) - len(groups)} images removed); {0 if exact is None else len(exact)} exact duplicates. Kept image outlined green, removed red.</p>")
@@ -148,6 +149,20 @@ def _section_duplicates(run_dir: Path, thumbs: Thumbnails) -> str:
         for r in exact.head(MAX_GROUPS).itertuples():
             parts.append(f'<div class="pair">{_figure(thumbs, r.dup_of, f"kept {r.dup_of}", "seed")}{_figure(thumbs, r.id, f"removed {r.id}", "removed")}</div>')
     return "".join(parts)
+
+
+def _space_line(success: dict | None) -> str:
+    """Where near-copies were judged and at which thresholds: a threshold means nothing without its space."""
+    if not success or "space" not in success:
+        return ""
+    thresholds = success.get("thresholds") or {}
+    shown = []
+    for name in ("dedup", "decontam"):
+        t = thresholds.get(name)
+        if t:
+            shown.append(f"{name} threshold {t['value']:.3g} ({html.escape(str(t['source']))})")
+    return (f"<p>Judged in {html.escape(str(success['space'].get('description')))}: "
+            f"{'; '.join(shown) or 'no thresholds'}.</p>")
 
 
 def _section_decontam(run_dir: Path, thumbs: Thumbnails) -> str:

@@ -46,7 +46,8 @@ FORMAT_VERSION = 1
 META_COLUMNS = ("id", "set", "source", "kind", "key", "label")
 # embed/_SUCCESS.json fields that define the embedding space; vectors from two different
 # spaces must never share an index.
-EMBEDDER_KEYS = ("model", "weights", "resolution", "resize_ratio", "mean", "std", "dim", "cls_and_mean_patch")
+EMBEDDER_KEYS = ("kind", "model", "weights", "resolution", "resize_ratio", "mean", "std", "dim", "cls_and_mean_patch",
+                 "layout", "output", "space")
 # recorded too, but not part of the space: a bf16 and an fp32 run of one model are comparable
 EMBEDDER_EXTRA_KEYS = ("dtype",)
 _PART_RE = re.compile(r"part-(\d+)\.npy$")
@@ -107,8 +108,13 @@ def embedder_info(embed_dir: Path) -> dict:
 
 
 def read_manifest_meta(embed_dir: Path, ids: np.ndarray) -> pd.DataFrame:
-    """Metadata rows aligned with `ids`, from RUN/manifest (NaN where the manifest lacks an id)."""
-    manifest = Path(embed_dir).resolve().parent / "manifest"
+    """Metadata rows aligned with `ids`, from RUN/manifest (NaN where the manifest lacks an id).
+
+    The embed folder is RUN/embed, or RUN/embed/copy for the copy-detection space.
+    """
+    embed_dir = Path(embed_dir).resolve()
+    run_dir = embed_dir.parent.parent if embed_dir.name == "copy" and embed_dir.parent.name == "embed" else embed_dir.parent
+    manifest = run_dir / "manifest"
     frames = []
     if manifest.is_dir():
         for path in sorted(manifest.glob("*.parquet")):
@@ -237,27 +243,22 @@ class IndexStore:
     def embedder(self, device: str = "cpu", dtype: str | None = None):
         """The model that made the index's vectors, to embed query images the same way.
 
-        The compute dtype defaults to the one the embed stage used (float16 only on a GPU).
+        A registry ViT, or a copy-detection model (ONNX through onnxruntime, or TorchScript) for
+        an index built from RUN/embed/copy. The compute dtype defaults to the one the embed
+        stage used (float16 only on a GPU).
         """
         spec = self.info.get("embedder") or {}
-        if not spec.get("model"):
+        if not spec.get("model") and not spec.get("kind"):
             raise IndexFolderError("this index does not record its model (embed/_SUCCESS.json was missing at build time)")
         if spec.get("weights") is None:
-            raise IndexFolderError(f"this index was embedded with randomly initialised {spec['model']} weights, which "
+            raise IndexFolderError(f"this index was embedded with randomly initialised {spec.get('model')} weights, which "
                                    "cannot be recreated to embed a query; search by id or by vector instead")
-        import inspect
-
-        from pretrain.models.embedder import Embedder
+        from pretrain.models.embedder import embedder_from_info
 
         dtype = dtype or spec.get("dtype") or "auto"
         if dtype in ("float16", "fp16") and not str(device).startswith("cuda"):
             dtype = "auto"
-        kwargs = {"resolution": spec.get("resolution"), "device": device, "dtype": dtype,
-                  "cls_and_mean_patch": bool(spec.get("cls_and_mean_patch", False))}
-        accepted = inspect.signature(Embedder).parameters
-        if spec.get("resize_ratio") is not None and "resize_ratio" in accepted:
-            kwargs["resize_ratio"] = float(spec["resize_ratio"])
-        return Embedder(spec["model"], spec.get("weights"), **kwargs)
+        return embedder_from_info(spec, device=device, dtype=dtype)
 
 
 def embed_query_bytes(embedder, blobs: list[bytes], max_pixels: int | None = None) -> np.ndarray:

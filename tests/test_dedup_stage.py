@@ -18,7 +18,7 @@ def unit(x):
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def write_run(run_dir, rows, vectors, *, copy_vectors=None, parts=2, seed=0):
+def write_run(run_dir, rows, vectors, *, copy_vectors=None, copy_weights="/models/sscd.pt", parts=2, seed=0):
     """A run folder as the manifest and embed stages leave it (see the shared contracts).
 
     rows: dicts with id, set, sha1, width, height; vectors[i] belongs to rows[i].
@@ -44,9 +44,11 @@ def write_run(run_dir, rows, vectors, *, copy_vectors=None, parts=2, seed=0):
             np.save(folder / f"ids-{p:05d}.npy", ids[chunk])
 
     write_embeddings(run_dir / "embed", vectors)
+    copy_record = None
     if copy_vectors is not None:
         write_embeddings(run_dir / "embed" / "copy", copy_vectors)
-    write_success(run_dir / "embed", model="synthetic", dim=DIM)
+        copy_record = {"kind": "torchscript", "weights": copy_weights, "dim": DIM}
+    write_success(run_dir / "embed", model="synthetic", dim=DIM, copy_detection=copy_record)
 
 
 def synthetic_pool(seed=0, n_pool=200, n_eval=20):
@@ -87,7 +89,7 @@ def synthetic_pool(seed=0, n_pool=200, n_eval=20):
 
 def config(run_dir, *extra):
     return load_config(None, [f"run_dir={run_dir}", "progress=false", "dedup.threshold=0.9", "decontam.threshold=0.85",
-                              "dedup.k=8", *extra])
+                              "dedup.k=8", "embed.copy_detection.weights=null", *extra])
 
 
 def brute_force(rows, vecs, threshold, decontam_threshold):

@@ -38,7 +38,8 @@ def _write_images(folder: Path, n: int, seed: int = 0) -> None:
 
 
 def _cfg(run_dir: Path, pool: Path, *extra: str, seeds: Path | None = None):
-    overrides = [f"run_dir={run_dir}", f'sources.pool=["{pool}"]', "progress=false", "workers=0"]
+    overrides = [f"run_dir={run_dir}", f'sources.pool=["{pool}"]', "progress=false", "workers=0",
+                 "embed.copy_detection.weights=null"]
     if seeds is not None:
         overrides.append(f"sources.seeds.fav={seeds}")
     return load_config(None, overrides + list(extra))

@@ -40,6 +40,7 @@ def setup(tmp_path_factory):
         "embed.resolution=32",
         "embed.batch_size=8",
         "embed.dtype=float32",
+        "embed.copy_detection.weights=null",
         "dedup.k=4",
         "dedup.threshold=0.98",
         "decontam.threshold=0.98",

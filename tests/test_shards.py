@@ -38,7 +38,8 @@ def run(tmp_path):
         (seeds / cls).mkdir(parents=True)
         for j in range(2):
             (seeds / cls / f"{j}.png").write_bytes(_img(hash((cls, j)) % 1000, "PNG"))
-    overrides = [f"run_dir={tmp_path / 'run'}", f'sources.pool=["{pool}","{tmp_path / "extra.tar"}"]', f"sources.seeds.insects={seeds}", "workers=0", "progress=false", "shards.max_count=7"]
+    overrides = [f"run_dir={tmp_path / 'run'}", f'sources.pool=["{pool}","{tmp_path / "extra.tar"}"]', f"sources.seeds.insects={seeds}", "workers=0", "progress=false", "shards.max_count=7",
+                 "embed.copy_detection.weights=null"]
     cfg = load_config(None, overrides)
     run_manifest(cfg)
     manifest = read_manifest(cfg.run_dir)

