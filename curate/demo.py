@@ -2,6 +2,9 @@
 
 The demo does nothing a user's run does not: after writing its data it runs the same stages
 as `lvd run configs/demo.yaml run_dir=OUT`, then measures what it can against the planted truth.
+Its photo part does the same with `configs/demo_photos.yaml` in OUT/photos: real photos with
+planted web-style copies, deduplicated and decontaminated in SSCD's space at the paper's
+thresholds (`curate.demo_photos`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from pathlib import Path
 from curate.cli import STAGES, NotImplementedYet, run_stage
 from curate.config import load_config
 from curate.demo_data import FASHION_MNIST_DIR, MissingDataError, prepare_demo_data
+from curate.photo_edits import MissingPhotosError
+
+PHOTO_STAGES = ("manifest", "embed", "dedup", "report")
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +45,40 @@ def run_demo(args) -> int:
         finished.append(name)
         print(f"{name}: done in {time.time() - stage_started:.1f} s")
     _summary(out, finished)
+    _photo_part(out / "photos", args)
     if "shards" in finished and not args.no_pretrain:
         _short_pretrain(out)
     print(f"total: {time.time() - started:.1f} s; run folder: {out}")
     return 0
+
+
+def _photo_part(run_dir: Path, args) -> None:
+    """Copy detection on real photos: SSCD's space, the paper's thresholds, figures against the planted truth."""
+    from curate.config import ConfigError
+    from curate.demo_photos import EVAL_SET, prepare_photo_demo
+    from curate.dedup_space import check_before_run
+
+    started = time.time()
+    cfg = load_config("demo_photos", [f"run_dir={run_dir}", f"seed={args.seed}"])
+    try:
+        check_before_run(cfg)
+        prepare_photo_demo(run_dir, seed=args.seed)
+    except (ConfigError, MissingPhotosError) as exc:
+        print(f"photo part skipped: {exc}")
+        return
+    for name in PHOTO_STAGES:
+        run_stage(name, cfg)
+    from curate.demo_quality import measure
+    from curate.runio import atomic_write_json, read_success
+
+    quality = measure(run_dir, EVAL_SET)
+    atomic_write_json(run_dir / "quality.json", quality)
+    info = read_success(run_dir / "dedup") or {}
+    thresholds = info.get("thresholds") or {}
+    shown = ", ".join(f"{k} {thresholds[k]['value']:g}" for k in ("dedup", "decontam") if thresholds.get(k))
+    print(f"photo part ({time.time() - started:.1f} s): {info.get('space', {}).get('description')}, thresholds {shown}")
+    _print_quality(quality, "photo ")
+    print(f"photo report: {run_dir / 'report' / 'index.html'}")
 
 
 def _short_pretrain(run_dir: Path) -> None:
@@ -88,14 +124,19 @@ def _summary(run_dir: Path, finished: list[str]) -> None:
     if not quality:
         return
     atomic_write_json(run_dir / "quality.json", quality)
-    if "near_duplicates" in quality:
-        nd, dc = quality["near_duplicates"], quality["decontamination"]
-        print(f"near-duplicates: recall {_pct(nd['recall'])} ({nd['pairs_found']}/{nd['planted_pairs']} planted pairs), precision {_pct(nd['precision'])} of {nd['removed']} removed")
-        print(f"decontamination: recall {_pct(dc['recall'])} ({dc['found']}/{dc['planted_copies']} planted eval copies), precision {_pct(dc['precision'])} of {dc['removed']} removed")
+    _print_quality(quality, "")
     for cls, stats in quality.get("retrieval_by_class", {}).items():
         print(f"retrieval precision for seed class {cls}: {_pct(stats['precision'])} of {stats['retrieved']} images")
     if (run_dir / "report" / "index.html").is_file():
         print(f"report: {run_dir / 'report' / 'index.html'}")
+
+
+def _print_quality(quality: dict, prefix: str) -> None:
+    if "near_duplicates" not in quality:
+        return
+    nd, dc = quality["near_duplicates"], quality["decontamination"]
+    print(f"{prefix}near-duplicates: recall {_pct(nd['recall'])} ({nd['pairs_found']}/{nd['planted_pairs']} planted pairs), precision {_pct(nd['precision'])} of {nd['removed']} removed")
+    print(f"{prefix}decontamination: recall {_pct(dc['recall'])} ({dc['found']}/{dc['planted_copies']} planted eval copies), precision {_pct(dc['precision'])} of {dc['removed']} removed")
 
 
 def _pct(value) -> str:

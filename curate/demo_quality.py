@@ -1,9 +1,11 @@
 """Curation quality of a demo run, measured against the truth planted in its data.
 
 near-duplicates : a planted pair (augmented copy, original) is found when both land in one
-                  component of dedup/near.parquet; precision counts every removed image that
-                  is not part of a found planted pair as a false positive (a lower bound:
-                  Fashion-MNIST has real look-alikes too);
+                  component of dedup/near.parquet; a removed image is a true positive when its
+                  component holds another image of the same origin (its original, or another
+                  copy of that original or of the same eval image), and every other removal
+                  counts as a false positive (a lower bound: Fashion-MNIST has real look-alikes
+                  too);
 decontamination : a planted copy of an eval image is found when decontam.parquet pairs it with
                   that eval image; precision is over all removed pool images;
 retrieval       : per seed class, the share of retrieved images (credited to their most similar
@@ -28,21 +30,25 @@ def _ids(manifest: pd.DataFrame) -> dict[tuple[str, str], int]:
 def near_duplicate_quality(run_dir: Path, truth: dict, ids: dict) -> dict:
     near = pq.read_table(run_dir / "dedup" / "near.parquet").to_pandas()
     component = dict(zip(near["id"].astype(int), near["component"].astype(int)))
-    found, members_found = 0, set()
+    found = 0
     for copy, original in truth["near_dup_of"].items():
         a, b = ids.get(("pool", copy)), ids.get(("pool", original))
         if a is not None and b is not None and a in component and component.get(a) == component.get(b):
             found += 1
-            members_found.update((a, b))
-    removed = set(near.loc[~near["keep"], "id"].astype(int))
-    true_removed = len(removed & members_found)
+    origin = {key: key for key in truth["pool"]}
+    origin.update(truth["near_dup_of"])
+    origin.update({copy: f"eval:{original}" for copy, original in truth["eval_copy_of"].items()})
+    key_of = {i: key for (set_name, key), i in ids.items() if set_name == "pool"}
+    near["origin"] = [origin.get(key_of.get(int(i)), f"unknown:{i}") for i in near["id"]]
+    shared = near.groupby(["component", "origin"])["id"].transform("size") > 1
+    removed = ~near["keep"]
     planted = len(truth["near_dup_of"])
     return {
         "planted_pairs": planted,
         "pairs_found": found,
         "recall": found / planted if planted else None,
-        "removed": len(removed),
-        "precision": true_removed / len(removed) if removed else None,
+        "removed": int(removed.sum()),
+        "precision": float((removed & shared).sum() / removed.sum()) if removed.any() else None,
     }
 
 
