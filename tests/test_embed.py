@@ -174,9 +174,11 @@ def test_embed_resumes_only_unfinished_parts(tmp_path, tiny_weights):
 
 
 def test_two_torchrun_ranks_write_the_same_files_as_one(tmp_path, tiny_weights):
+    """Main and copy-detection (SSCD-distilled, ONNX) parts alike."""
     _write_images(tmp_path / "pool", 11)
     extra = (f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4", "embed.part_size=2", "embed.batch_size=2",
-             "embed.dtype=float32", "embed.device=cpu")
+             "embed.dtype=float32", "embed.device=cpu", "embed.copy_detection.weights=sscd_distilled",
+             "embed.copy_detection.resolution=64")
     one = _cfg(tmp_path / "one", tmp_path / "pool", *extra)
     run_manifest(one)
     run_embed(one)
@@ -189,8 +191,10 @@ def test_two_torchrun_ranks_write_the_same_files_as_one(tmp_path, tiny_weights):
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     files = lambda run: {p.name: p.read_bytes() for p in sorted((run / "embed").glob("*.npy"))}  # noqa: E731
-    assert len(files(tmp_path / "one")) == 12  # 6 parts x (vectors, ids)
+    copies = lambda run: {p.name: p.read_bytes() for p in sorted((run / "embed" / "copy").glob("*.npy"))}  # noqa: E731
+    assert len(files(tmp_path / "one")) == len(copies(tmp_path / "one")) == 12  # 6 parts x (vectors, ids)
     assert files(tmp_path / "two") == files(tmp_path / "one")
+    assert copies(tmp_path / "two") == copies(tmp_path / "one")
     success = json.loads((tmp_path / "two" / "embed" / "_SUCCESS.json").read_text())
     assert success["world_size"] == 2 and success["rows"] == 11
 
