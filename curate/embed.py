@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from curate.config import save_config
+from curate.config import ConfigError, save_config
 from curate.manifest import read_manifest
 from curate.workers import resolve_workers, show_progress
 from curate.ranks import Ranks, join_ranks, rank_device, torchrun_main
@@ -249,7 +249,10 @@ def _build_embedders(cfg, device: torch.device, resolution: int | None, threads:
         cls_and_mean_patch=bool(e.cls_and_mean_patch),
         resize_ratio=float(e.resize_ratio),
     )
-    choice = resolve_copy_detector(e.copy_detection.weights, e.copy_detection.space)
+    try:
+        choice = resolve_copy_detector(e.copy_detection.weights, e.copy_detection.space)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"embed.copy_detection: {exc}") from None
     if choice is None:
         log.info("embed: no copy-detection model (embed.copy_detection.weights=%s)", e.copy_detection.weights)
         return main, None, None
