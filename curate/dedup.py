@@ -18,8 +18,11 @@ writer : dedup/exact.parquet (id, dup_of), dedup/near.parquet (id, component, ke
          The curated pool (`curated_pool_ids`) is near.parquet's kept ids minus the ids in
          decontam.parquet; exact duplicates never reach near.parquet.
 
-Keep rule inside a near-duplicate component: the copy with the most pixels, then the lowest
-id (`index.components.keep_one`), so the result depends on the data only, not on order.
+Keep rule inside a near-duplicate group (`dedup.keep`, `index.keep_rule`): `quality` keeps the
+copy with the most pixels, then a lossless format over a lossy one, then the most bytes per
+pixel, then the lowest id; `pixels` only the first and the last. Everything it needs is in the
+manifest, and the result depends on the data only, not on order. near.parquet's `reason` says
+which criterion made each kept image win.
 
 Each file records a fingerprint of its inputs and settings in its parquet metadata; a rerun
 redoes only the files whose fingerprint changed (all of them with `overwrite=true`).
@@ -45,6 +48,7 @@ from index.backends import resolve_device
 from index.components import duplicate_groups, group_duplicates, pairs_above
 from index.io import load_embeddings
 from index.kmeans import kmeans
+from index.keep_rule import keep_priority, keep_reasons, quality_keys
 from index.knn import knn_graph
 
 log = logging.getLogger(__name__)
@@ -54,7 +58,7 @@ POOL = "pool"
 EVAL_PREFIX = "eval:"
 
 EXACT_SCHEMA = pa.schema([("id", pa.int64()), ("dup_of", pa.int64())])
-NEAR_SCHEMA = pa.schema([("id", pa.int64()), ("component", pa.int64()), ("keep", pa.bool_())])
+NEAR_SCHEMA = pa.schema([("id", pa.int64()), ("component", pa.int64()), ("keep", pa.bool_()), ("reason", pa.string())])
 DECONTAM_SCHEMA = pa.schema(
     [("id", pa.int64()), ("eval_set", pa.string()), ("eval_id", pa.int64()), ("similarity", pa.float32())]
 )
@@ -183,6 +187,11 @@ def _pixels(frame: pd.DataFrame) -> np.ndarray:
     return frame["width"].fillna(0).to_numpy(np.int64) * frame["height"].fillna(0).to_numpy(np.int64)
 
 
+def _keep_keys(frame: pd.DataFrame) -> np.ndarray:
+    """The keep rule's keys of manifest rows (pixels, lossless, bytes per pixel)."""
+    return quality_keys(_pixels(frame), frame["format"].fillna("").astype(str), frame["bytes"].fillna(0))
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -211,9 +220,9 @@ def run_dedup(cfg) -> Path:
 
     pool_ids, pool_sha1 = _int64(pool["id"]), pool["sha1"].to_numpy(str)
     exact_fp = fingerprint("exact", pool_ids, pool_sha1.astype("S40"))
-    near_settings = {k: cfg.dedup[k] for k in ("mode", "k", "semdedup_clusters", "niter", "grouping")}
+    near_settings = {k: cfg.dedup[k] for k in ("mode", "k", "semdedup_clusters", "niter", "grouping", "keep")}
     near_settings["threshold"] = threshold
-    near_fp = fingerprint("near", exact_fp, embed_fp, near_settings, int(cfg.seed), _pixels(pool))
+    near_fp = fingerprint("near", exact_fp, embed_fp, near_settings, int(cfg.seed), _keep_keys(pool))
     eval_ids = _int64(evals["id"])
     decontam_fp = fingerprint("decontam", pool_ids, eval_ids, evals["set"].tolist(), embed_fp, decontam_threshold)
     fps = {"exact.parquet": exact_fp, "near.parquet": near_fp, "decontam.parquet": decontam_fp}
@@ -237,7 +246,8 @@ def run_dedup(cfg) -> Path:
         if (rows < 0).any():
             log.warning("dedup: %d pool images have no embedding; they are left out", int((rows < 0).sum()))
             survivors, rows = survivors[rows >= 0].reset_index(drop=True), rows[rows >= 0]
-        sx, prio = x[rows], _pixels(survivors)
+        keys = _keep_keys(survivors)
+        sx, prio = x[rows], keep_priority(keys, str(cfg.dedup.keep))
         if cfg.dedup.mode == "knn":
             component, keep = near_duplicates_knn(sx, prio, k=int(cfg.dedup.k), threshold=threshold,
                                                   backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed),
@@ -251,7 +261,8 @@ def run_dedup(cfg) -> Path:
             raise ValueError(f"dedup.mode must be knn or semdedup, got {cfg.dedup.mode!r}")
         if cfg.dedup.grouping == "components":  # star groups cannot chain
             warn_if_indiscriminate(component, threshold, space.description)
-        near = pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep})
+        reason = keep_reasons(component, keep, keys, str(cfg.dedup.keep))
+        near = pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep, "reason": reason})
         write_frame(out / "near.parquet", near, NEAR_SCHEMA, near_fp)
         log.info("dedup: %d near-duplicates removed from %d images (%d components)",
                  int((~keep).sum()), len(near), int(component.max() + 1) if len(component) else 0)

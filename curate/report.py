@@ -142,13 +142,20 @@ def _section_duplicates(run_dir: Path, thumbs: Thumbnails) -> str:
     parts.append(f"<p>{len(groups)} near-duplicate groups ({int(groups.sum()) - len(groups)} images removed); {0 if exact is None else len(exact)} exact duplicates. Kept image outlined green, removed red.</p>")
     for component in groups.index[:MAX_GROUPS]:
         members = near[near.component == component].sort_values(["keep", "id"], ascending=[False, True])
-        figs = [_figure(thumbs, r.id, "kept" if r.keep else "removed", "seed" if r.keep else "removed") for r in members.head(12).itertuples()]
+        figs = [_figure(thumbs, r.id, _kept_caption(r) if r.keep else "removed", "seed" if r.keep else "removed")
+                for r in members.head(12).itertuples()]
         parts.append(f'<div class="label">group {int(component)} · {len(members)} images</div><div class="row">{"".join(figs)}</div>')
     if exact is not None and len(exact):
         parts.append("<h3>Exact duplicates (same bytes)</h3>")
         for r in exact.head(MAX_GROUPS).itertuples():
             parts.append(f'<div class="pair">{_figure(thumbs, r.dup_of, f"kept {r.dup_of}", "seed")}{_figure(thumbs, r.id, f"removed {r.id}", "removed")}</div>')
     return "".join(parts)
+
+
+def _kept_caption(row) -> str:
+    """'kept' and, where near.parquet says, the keep rule's criterion that decided."""
+    reason = getattr(row, "reason", None)
+    return f"kept: {reason}" if isinstance(reason, str) and reason else "kept"
 
 
 def _space_line(success: dict | None) -> str:
@@ -199,14 +206,27 @@ def _section_retrieval(run_dir: Path, thumbs: Thumbnails) -> str:
     if neighbors is None:
         return "<h2>Retrieval</h2><p>retrieve has not run.</p>"
     out = ["<h2>Retrieval per seed set</h2>"]
+    floors = (read_success(run_dir / "retrieve") or {}).get("seed_sets") or {}
     for set_name, rows in neighbors.groupby("seed_set", sort=True):
         modes = ", ".join(sorted(rows["mode"].unique()))
-        out.append(f"<h3>{html.escape(set_name)}</h3><p>{rows['id'].nunique()} distinct images from {rows['seed_id'].nunique()} seeds ({html.escape(modes)}).</p>")
+        out.append(f"<h3>{html.escape(set_name)}</h3><p>{rows['id'].nunique()} distinct images from {rows['seed_id'].nunique()} seeds ({html.escape(modes)}).{_floor_line(floors.get(set_name))}</p>")
         for seed_id in sorted(rows["seed_id"].unique())[:MAX_SEEDS]:
             mine = rows[(rows.seed_id == seed_id) & (rows["mode"] != "seed")].sort_values(["rank", "id"]).head(10)
             figs = [_figure(thumbs, seed_id, f"seed {seed_id}", "seed")] + [_figure(thumbs, r.id, f"#{r.rank} sim {r.similarity:.3f}") for r in mine.itertuples()]
             out.append(f'<div class="row">{"".join(figs)}</div>')
     return "".join(out)
+
+
+def _floor_line(info: dict | None) -> str:
+    """The set's similarity floor(s) and what they rejected."""
+    if not info or "min_similarity" not in info:
+        return ""
+    floors = {k: v for k, v in (info["min_similarity"] or {}).items() if v is not None}
+    if not floors:
+        return " No similarity floor: retrieved images get no label."
+    shown = ", ".join(f"{html.escape(k if k != '*' else 'any label')} {v:.3f}" for k, v in sorted(floors.items()))
+    return (f" Similarity floor ({html.escape(str(info.get('setting')))}): {shown}; it rejected "
+            f"{info.get('rejected_by_floor', 0)} of {info.get('candidates', 0)} candidate images.")
 
 
 def _section_quarantine(manifest_all: pd.DataFrame) -> str:

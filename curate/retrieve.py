@@ -5,10 +5,12 @@ reader : embeddings (embed/), the surviving pool (dedup/), clusters (cluster/) a
 mapper : per seed set, `sample` mode takes the n nearest pool images of every seed image;
          `cluster` mode finds the clusters the seed images fall in and draws m pool images
          from each (each drawn image is credited to its most similar seed in that cluster);
-         a target size keeps the set's best images by similarity;
+         a target size keeps the set's best images by similarity; a similarity floor
+         (`min_similarity`, measured from the seeds themselves by default) rejects candidates
+         that are not close enough to any seed to be like the seed set;
 writer : retrieve/neighbors.parquet, one row per (seed set, seed, retrieved image) with rank,
-         similarity, cluster and mode, so overlaps between seeds and sets stay visible and the
-         shards stage can merge them.
+         similarity, cluster, mode and the floor it cleared, so overlaps between seeds and sets
+         stay visible and the shards stage can merge them (and label only what a floor vouches for).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ log = logging.getLogger(__name__)
 
 STAGE = "retrieve"
 MODES = ("sample", "cluster")
-PER_SET_KEYS = {"mode", "n", "m", "target"}
+PER_SET_KEYS = {"mode", "n", "m", "target", "min_similarity"}
+# `auto` floors are measured on at most this many seeds of a set (a seeded sample).
+FLOOR_SAMPLE = 4096
 SCHEMA = pa.schema(
     [
         ("seed_set", pa.string()),
@@ -42,6 +46,7 @@ SCHEMA = pa.schema(
         ("similarity", pa.float32()),
         ("mode", pa.string()),
         ("cluster", pa.int64()),
+        ("floor", pa.float32()),  # the similarity floor the row cleared (null: none applied)
     ]
 )
 
@@ -55,6 +60,7 @@ class SetPlan:
     n: int
     m: int
     target: int | None
+    min_similarity: str | float | None  # auto, a number, or None (no floor)
 
 
 def set_plans(cfg, names: list[str]) -> list[SetPlan]:
@@ -73,8 +79,72 @@ def set_plans(cfg, names: list[str]) -> list[SetPlan]:
         if mode not in MODES:
             raise ValueError(f"retrieve mode {mode!r} for seed set {name!r}; expected one of {MODES}")
         target = own.get("target", cfg.retrieve.target)
-        plans.append(SetPlan(name, mode, int(own.get("n", cfg.retrieve.n)), int(own.get("m", cfg.retrieve.m)), None if target is None else int(target)))
+        floor = _floor_setting(own.get("min_similarity", cfg.retrieve.min_similarity), name)
+        plans.append(SetPlan(name, mode, int(own.get("n", cfg.retrieve.n)), int(own.get("m", cfg.retrieve.m)),
+                             None if target is None else int(target), floor))
     return plans
+
+
+def _floor_setting(value, name: str) -> str | float | None:
+    if value is None or str(value).strip().lower() in ("none", "null"):
+        return None
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"min_similarity of seed set {name!r} must be auto, null or a number, got {value!r}") from None
+
+
+def seed_floor(seed_x: np.ndarray, quantile: float, rng: np.random.Generator) -> float | None:
+    """The `quantile` of each seed's cosine to its nearest fellow seed (None for a single seed).
+
+    A retrieved image should be at least as close to a seed as the seeds of one class are to
+    each other: an image further from every seed than all but the loosest seeds are from
+    their nearest fellow is not like the seed set.
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"retrieve.floor_quantile must be within [0, 1], got {quantile}")
+    n = len(seed_x)
+    if n < 2:
+        return None
+    pick = np.sort(rng.choice(n, size=FLOOR_SAMPLE, replace=False)) if n > FLOOR_SAMPLE else np.arange(n)
+    x = np.asarray(seed_x[pick], np.float32)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return float(np.quantile(sims.max(axis=1), quantile))
+
+
+def seed_floors(seed_x: np.ndarray, labels, quantile: float, rng: np.random.Generator) -> dict:
+    """{label: floor} measured per label of a labelled seed set, and {None: floor} over all its seeds.
+
+    Classes differ in how tight they are (in the demo, trousers far more than bags), so each
+    label gets its own floor; a label with a single seed falls back to the set-wide one.
+    """
+    floors = {None: seed_floor(seed_x, quantile, rng)}
+    if labels is not None:
+        labels = np.asarray(labels, dtype=object)
+        for label in sorted({str(v) for v in labels if not pd.isna(v)}):
+            floors[label] = seed_floor(seed_x[labels == label], quantile, rng)
+    return floors
+
+
+def row_floors(rows: pd.DataFrame, seed_label: dict, floors: dict) -> np.ndarray:
+    """The floor each row must clear: that of its seed's label, else the set-wide one (NaN: none)."""
+    default = floors.get(None)
+    per_seed = {seed: (floors.get(label) if floors.get(label) is not None else default) for seed, label in seed_label.items()}
+    per_seed = {seed: (np.nan if v is None else float(v)) for seed, v in per_seed.items()}
+    fallback = np.nan if default is None else float(default)
+    return rows["seed_id"].astype(np.int64).map(per_seed).fillna(fallback).to_numpy(np.float64)
+
+
+def apply_floor(rows: pd.DataFrame, floors: np.ndarray) -> tuple[pd.DataFrame, int]:
+    """Rows at or above their floor (NaN = no floor), and how many distinct candidates were rejected."""
+    if rows.empty:
+        return rows, 0
+    floors = np.where(np.isnan(floors), -np.inf, floors)
+    kept = rows[rows["similarity"].to_numpy(np.float64) >= floors]
+    return kept, int(np.setdiff1d(rows["id"].unique(), kept["id"].unique()).size)
 
 
 def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -192,7 +262,7 @@ def run_retrieve(cfg) -> Path:
         pool_cluster = cluster_by_id.reindex(pool_ids).fillna(-1).astype(np.int64).to_numpy()
     device = str(resolve_device(cfg.retrieve.device))
 
-    frames = []
+    frames, set_floors = [], {}
     for plan in plans:
         seed_rows = manifest[manifest["set"] == f"seed:{plan.name}"]
         seed_ids = np.intersect1d(seed_rows["id"].to_numpy(np.int64), emb_ids)
@@ -206,21 +276,43 @@ def run_retrieve(cfg) -> Path:
             centroids = np.load(run_dir / "cluster" / "centroids.npy")
             rng = np.random.default_rng([int(cfg.seed), int(hashlib.sha1(plan.name.encode()).hexdigest()[:8], 16)])
             rows = cluster_draws(pool_x, pool_ids, pool_cluster, seed_x, seed_ids, nearest_centroid(seed_x, centroids), plan.m, rng)
+        seed_label = {int(i): (None if pd.isna(v) else str(v)) for i, v in zip(seed_rows["id"], seed_rows["label"])}
+        if plan.min_similarity == "auto":
+            # byte-identical seeds say nothing about how spread out a class is: one of each counts
+            sha1 = seed_rows.set_index("id")["sha1"].reindex(seed_ids)
+            distinct = ~(sha1.duplicated() & sha1.notna()).to_numpy()
+            labels = np.array([seed_label.get(int(i)) for i in seed_ids[distinct]], dtype=object)
+            rng = np.random.default_rng([int(cfg.seed), 7, int(hashlib.sha1(plan.name.encode()).hexdigest()[:8], 16)])
+            floors = seed_floors(seed_x[distinct], labels if any(v is not None for v in labels) else None,
+                                 float(cfg.retrieve.floor_quantile), rng)
+            if floors[None] is None:
+                log.warning("retrieve: seed set %s has one seed, so no floor can be measured; set "
+                            "retrieve.per_set.%s.min_similarity (its retrieved images get no label)", plan.name, plan.name)
+        else:
+            floors = {None: plan.min_similarity}
+        candidates = int(rows["id"].nunique()) if len(rows) else 0
+        rows = rows.assign(floor=row_floors(rows, seed_label, floors))
+        rows, rejected = apply_floor(rows, rows["floor"].to_numpy(np.float64))
+        set_floors[plan.name] = {"min_similarity": {("*" if k is None else k): v for k, v in floors.items()},
+                                 "setting": plan.min_similarity, "candidates": candidates, "rejected_by_floor": rejected}
         rows = apply_target(rows, plan.target)
         rows.insert(0, "seed_set", plan.name)
         rows["mode"] = plan.mode
         if cfg.retrieve.include_seeds:
-            seeds = pd.DataFrame({"seed_set": plan.name, "seed_id": seed_ids, "id": seed_ids, "rank": 0, "similarity": 1.0, "mode": "seed", "cluster": -1})
+            seeds = pd.DataFrame({"seed_set": plan.name, "seed_id": seed_ids, "id": seed_ids, "rank": 0, "similarity": 1.0, "mode": "seed", "cluster": -1, "floor": np.nan})
             rows = pd.concat([seeds, rows], ignore_index=True)
-        log.info("retrieve: seed set %s (%s): %d seeds -> %d rows, %d distinct images", plan.name, plan.mode, len(seed_ids), len(rows), rows["id"].nunique())
+        log.info("retrieve: seed set %s (%s): %d seeds -> %d rows, %d distinct images; floors %s rejected %d of %d "
+                 "candidates", plan.name, plan.mode, len(seed_ids), len(rows), rows["id"].nunique(),
+                 {k: (None if v is None else round(v, 4)) for k, v in set_floors[plan.name]["min_similarity"].items()},
+                 rejected, candidates)
         frames.append(rows)
     neighbors = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCHEMA.names)
     neighbors = neighbors.sort_values(["seed_set", "seed_id", "rank", "id"], kind="stable").reset_index(drop=True)
-    table = pa.Table.from_pandas(neighbors[SCHEMA.names].astype({"cluster": "int64", "rank": "int32", "similarity": "float32"}), schema=SCHEMA, preserve_index=False)
+    table = pa.Table.from_pandas(neighbors[SCHEMA.names].astype({"cluster": "int64", "rank": "int32", "similarity": "float32", "floor": "float32"}), schema=SCHEMA, preserve_index=False)
     write_parquet(target, table, fp)
     write_success(
         out,
-        seed_sets={p.name: {"mode": p.mode, "n": p.n, "m": p.m, "target": p.target} for p in plans},
+        seed_sets={p.name: {"mode": p.mode, "n": p.n, "m": p.m, "target": p.target, **set_floors[p.name]} for p in plans},
         pool_candidates=int(len(pool_ids)),
         rows=int(len(neighbors)),
         distinct_images=int(neighbors["id"].nunique()) if len(neighbors) else 0,

@@ -37,7 +37,7 @@ SAMPLE_OVERHEAD = 2048
 
 
 def merge_provenance(neighbors: pd.DataFrame) -> dict[int, list[dict]]:
-    """Every retrieval of each image (seed set, seed, rank, similarity, cluster, mode), sorted."""
+    """Every retrieval of each image (seed set, seed, rank, similarity, cluster, mode, floor), sorted."""
     out: dict[int, list[dict]] = {}
     ordered = neighbors.sort_values(["id", "seed_set", "seed_id", "rank"], kind="stable")
     for row in ordered.itertuples(index=False):
@@ -49,6 +49,7 @@ def merge_provenance(neighbors: pd.DataFrame) -> dict[int, list[dict]]:
                 "similarity": round(float(row.similarity), 6),
                 "cluster": int(row.cluster),
                 "mode": row.mode,
+                "floor": None if pd.isna(getattr(row, "floor", None)) else round(float(row.floor), 6),
             }
         )
     return out
@@ -60,12 +61,21 @@ def class_index(manifest: pd.DataFrame) -> list[str]:
     return sorted({str(v) for v in seeds["label"].dropna().unique()})
 
 
-def sample_label(retrievals: list[dict], own_label, seed_labels: dict[int, str]) -> str | None:
-    """A seed image keeps its own label; a retrieved image takes its most similar seed's."""
+def sample_label(retrievals: list[dict], own_label, seed_labels: dict[int, str]) -> tuple[str | None, dict]:
+    """(label, how it was given). A seed image keeps its own label; a retrieved image takes the
+    label of its most similar seed among the retrievals that cleared a similarity floor: a
+    neighbour that no floor vouches for gets no label."""
     if own_label is not None and any(r["mode"] == "seed" for r in retrievals):
-        return str(own_label)
-    best = max(retrievals, key=lambda r: (r["similarity"], -r["seed_id"]))
-    return seed_labels.get(best["seed_id"])
+        return str(own_label), {"from": "own"}
+    eligible = [r for r in retrievals if r.get("floor") is not None and r["mode"] != "seed"]
+    if not eligible:
+        return None, {"from": None, "why": "retrieved without a similarity floor"}
+    best = max(eligible, key=lambda r: (r["similarity"], -r["seed_id"]))
+    label = seed_labels.get(best["seed_id"])
+    if label is None:
+        return None, {"from": None, "why": "the most similar seed has no label"}
+    return label, {"from": "nearest seed", "seed_set": best["seed_set"], "seed_id": best["seed_id"],
+                   "similarity": best["similarity"], "floor": best["floor"]}
 
 
 def plan_shards(sizes: np.ndarray, max_count: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -106,7 +116,7 @@ def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
             raise RuntimeError(f"retrieved image {id_} is quarantined in the manifest: {m['error']}")
         retrievals = provenance[id_]
         own = None if pd.isna(m["label"]) else m["label"]
-        label = sample_label(retrievals, own, seed_labels)
+        label, label_from = sample_label(retrievals, own, seed_labels)
         meta = {
             "id": id_,
             "set": m["set"],
@@ -116,6 +126,7 @@ def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
             "width": int(m["width"]),
             "height": int(m["height"]),
             "label": label,
+            "label_from": label_from,
             "retrieved": retrievals,
         }
         rows.append(

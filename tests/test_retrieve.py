@@ -62,7 +62,8 @@ def run_dir(tmp_path):
 
 def test_sample_mode_matches_brute_force(run_dir):
     run, all_ids, all_x, pool_c = run_dir
-    cfg = load_config(None, [f"run_dir={run}", "retrieve.mode=sample", "retrieve.n=5", "progress=false"])
+    cfg = load_config(None, [f"run_dir={run}", "retrieve.mode=sample", "retrieve.n=5", "progress=false",
+                             "retrieve.min_similarity=null"])
     run_retrieve(cfg)
     got = read_neighbors(run)
     surviving = (all_ids >= 1011) & (all_ids < 5000)
@@ -82,7 +83,8 @@ def test_sample_mode_matches_brute_force(run_dir):
 
 def test_cluster_mode_draws_from_the_seed_clusters_only(run_dir):
     run, all_ids, all_x, pool_c = run_dir
-    cfg = load_config(None, [f"run_dir={run}", "retrieve.per_set.alpha.mode=cluster", "retrieve.per_set.alpha.m=20", "progress=false"])
+    cfg = load_config(None, [f"run_dir={run}", "retrieve.per_set.alpha.mode=cluster", "retrieve.per_set.alpha.m=20", "progress=false",
+                             "retrieve.min_similarity=null"])
     run_retrieve(cfg)
     got = read_neighbors(run)
     alpha = got[got.seed_set == "alpha"]
@@ -117,3 +119,69 @@ def test_unknown_per_set_key_is_an_error(run_dir):
     cfg = load_config(None, [f"run_dir={run}", "retrieve.per_set.alpha.nn=3"])
     with pytest.raises(ValueError, match="nn"):
         run_retrieve(cfg)
+
+
+def _reference_floor(x: np.ndarray, quantile: float) -> float:
+    """Brute force: the quantile of every seed's cosine to its nearest other seed."""
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return float(np.quantile(sims.max(axis=1), quantile))
+
+
+@pytest.mark.parametrize("mode", ["sample", "cluster"])
+def test_similarity_floor_removes_far_neighbours_and_keeps_near_ones(run_dir, mode):
+    run, all_ids, all_x, pool_c = run_dir
+    common = [f"run_dir={run}", f"retrieve.mode={mode}", "retrieve.n=40", "retrieve.m=40", "progress=false"]
+    run_retrieve(load_config(None, [*common, "retrieve.min_similarity=null"]))
+    unfloored = read_neighbors(run)
+    floor = 0.8
+    run_retrieve(load_config(None, [*common, f"retrieve.min_similarity={floor}"]))
+    got = read_neighbors(run)
+    expected = unfloored[unfloored["similarity"] >= floor]
+    assert 0 < len(expected) < len(unfloored)  # the floor bites, and keeps something
+    cols = ["seed_set", "seed_id", "id", "rank"]
+    assert got[cols].values.tolist() == expected[cols].values.tolist()
+    assert (got["floor"] == np.float32(floor)).all()
+    info = __import__("json").loads((run / "retrieve" / "_SUCCESS.json").read_text())["seed_sets"]
+    for name, rows in unfloored.groupby("seed_set"):
+        rejected = len(set(rows["id"]) - set(rows.loc[rows["similarity"] >= floor, "id"]))
+        assert info[name]["rejected_by_floor"] == rejected and info[name]["candidates"] == rows["id"].nunique()
+
+
+def test_auto_floor_is_measured_per_label_from_the_seeds(run_dir):
+    run, all_ids, all_x, pool_c = run_dir
+    run_retrieve(load_config(None, [f"run_dir={run}", "retrieve.n=60", "retrieve.floor_quantile=0.5", "progress=false"]))
+    got = read_neighbors(run)
+    x = {i: all_x[all_ids == i][0] for i in range(5000, 5005)}
+    # alpha: labels c0 (5000, 5001) and c1 (5002, alone: the set-wide floor); beta: c3 (5003, 5004)
+    c0 = _reference_floor(np.stack([x[5000], x[5001]]), 0.5)
+    alpha_all = _reference_floor(np.stack([x[5000], x[5001], x[5002]]), 0.5)
+    c3 = _reference_floor(np.stack([x[5003], x[5004]]), 0.5)
+    expect = {5000: c0, 5001: c0, 5002: alpha_all, 5003: c3, 5004: c3}
+    for seed_id, floor in expect.items():
+        mine = got[got.seed_id == seed_id]
+        assert np.allclose(mine["floor"], floor, atol=1e-6)
+        q = x[seed_id]
+        surviving = (all_ids >= 1011) & (all_ids < 5000)
+        sims = all_x[surviving] @ q
+        top = all_ids[surviving][np.argsort(-sims, kind="stable")[:60]]
+        near = set(top[np.sort(sims)[::-1][:60] >= floor - 1e-6])
+        assert set(mine["id"]) == near  # far neighbours gone, near ones kept
+
+
+def test_byte_identical_seeds_do_not_raise_the_auto_floor(run_dir):
+    """Two copies of one seed file would put its nearest fellow at cosine 1 and the floor with it."""
+    run, all_ids, all_x, pool_c = run_dir
+    path = next((run / "manifest").glob("*.parquet"))
+    manifest = pd.read_parquet(path)
+    manifest["sha1"] = [f"{i:040x}" for i in manifest["id"]]
+    manifest.loc[manifest["id"] == 5004, "sha1"] = f"{5003:040x}"  # beta's two seeds: one file twice
+    manifest.to_parquet(path, index=False)
+    x = all_x[all_ids == 5003][0]
+    emb = np.load(run / "embed" / "part-00000.npy")
+    emb[all_ids == 5004] = emb[all_ids == 5003]
+    np.save(run / "embed" / "part-00000.npy", emb)
+    run_retrieve(load_config(None, [f"run_dir={run}", "retrieve.n=5", "progress=false"]))
+    beta = read_neighbors(run).query("seed_set == 'beta'")
+    assert beta["floor"].isna().all() and len(beta) == 10  # one distinct seed: no floor, nothing rejected
+    assert np.allclose(np.sort(beta["similarity"].to_numpy())[-1], np.max(all_x[(all_ids >= 1011) & (all_ids < 5000)] @ x), atol=1e-3)

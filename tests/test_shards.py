@@ -49,7 +49,8 @@ def run(tmp_path):
     rows = []
     for s, seed_id in enumerate(seed_rows["id"]):
         for rank, pid in enumerate(rng.choice(pool_ids, size=6, replace=False), start=1):  # overlaps between seeds
-            rows.append({"seed_set": "insects", "seed_id": int(seed_id), "id": int(pid), "rank": rank, "similarity": float(1 - rank / 10 - s / 100), "mode": "sample", "cluster": int(rank % 3)})
+            rows.append({"seed_set": "insects", "seed_id": int(seed_id), "id": int(pid), "rank": rank, "similarity": float(1 - rank / 10 - s / 100), "mode": "sample", "cluster": int(rank % 3),
+                         "floor": 0.0})
     neighbors = pd.DataFrame(rows)
     (Path(cfg.run_dir) / "retrieve").mkdir(parents=True)
     neighbors.to_parquet(Path(cfg.run_dir) / "retrieve" / "neighbors.parquet", index=False)
@@ -87,6 +88,30 @@ def test_shards_read_back_with_webdataset_match_the_sources(run):
         best = neighbors[neighbors.id == meta["id"]].sort_values("similarity").iloc[-1]
         assert meta["label"] == seed_label[best.seed_id]
         assert int(s["cls"]) == classes.index(meta["label"])
+        assert meta["label_from"] == {"from": "nearest seed", "seed_set": "insects", "seed_id": int(best.seed_id),
+                                      "similarity": round(float(best.similarity), 6), "floor": 0.0}
+
+
+def test_no_label_without_a_floor_that_vouches_for_it(run):
+    """Rows retrieved without a floor give no `.cls`; a floored retrieval of the same image does."""
+    cfg, manifest, neighbors = run
+    unfloored_seed = int(neighbors["seed_id"].iloc[0])
+    neighbors.loc[neighbors["seed_id"] == unfloored_seed, "floor"] = np.nan
+    neighbors.to_parquet(Path(cfg.run_dir) / "retrieve" / "neighbors.parquet", index=False)
+    out = run_shards(cfg)
+    samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("curated-*.tar")), shardshuffle=False))
+    seed_label = manifest.set_index("id")["label"].to_dict()
+    checked = 0
+    for s in samples:
+        meta = json.loads(s["json"])
+        floored = neighbors[(neighbors.id == meta["id"]) & neighbors["floor"].notna()]
+        if floored.empty:
+            assert meta["label"] is None and "cls" not in s
+            assert meta["label_from"] == {"from": None, "why": "retrieved without a similarity floor"}
+            checked += 1
+        else:
+            assert meta["label"] == seed_label[floored.sort_values("similarity").iloc[-1].seed_id]
+    assert checked > 0
 
 
 def test_parquet_beside_each_tar_lists_its_samples_in_order(run):
