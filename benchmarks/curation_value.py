@@ -24,13 +24,13 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from curate.cli import STAGES, run_stage
-from curate.config import load_config
-from curate.demo_data import CLASSES, SEED_CLASSES, load_fashion_mnist, prepare_demo_data
-from curate.manifest import read_manifest
-from curate.sources import iter_bytes
-from pretrain.models import build_backbone
-from pretrain.train import run_pretrain
+from lvd.curate.cli import STAGES, run_stage
+from lvd.curate.config import load_config
+from lvd.curate.demo_data import CLASSES, SEED_CLASSES, load_fashion_mnist, prepare_demo_data
+from lvd.curate.manifest import read_manifest
+from lvd.curate.sources import iter_bytes
+from lvd.pretrain.models import build_backbone
+from lvd.pretrain.train import run_pretrain
 from pretrain_learns import ARCH, OVERRIDES, features, knn_table, train_config
 
 

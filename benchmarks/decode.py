@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pretrain.data.decode import load_resized
+from lvd.pretrain.data.decode import load_resized
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "page", "brick", "grass", "gravel", "hubble_deep_field")
 TARGET_PIXELS = 1_900_000

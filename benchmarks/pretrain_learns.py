@@ -26,11 +26,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pretrain.eval.knn import knn_accuracy
-from pretrain.models import build_backbone
-from pretrain.train import run_pretrain
-from pretrain.train.config import load_config
-from pretrain.train.metrics import read_metrics
+from lvd.pretrain.eval.knn import knn_accuracy
+from lvd.pretrain.models import build_backbone
+from lvd.pretrain.train import run_pretrain
+from lvd.pretrain.train.config import load_config
+from lvd.pretrain.train.metrics import read_metrics
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 ARCH = "vit_tiny_p4"

@@ -23,9 +23,9 @@ from contextlib import nullcontext
 
 import torch
 
-from pretrain.models import build_backbone
-from pretrain.train.config import load_config
-from pretrain.train.trainer import Pretrainer
+from lvd.pretrain.models import build_backbone
+from lvd.pretrain.train.config import load_config
+from lvd.pretrain.train.trainer import Pretrainer
 
 
 def timed(fn, steps: int) -> float:

@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index import ann  # noqa: E402
-from index.store import BuildOptions, IndexStore, build  # noqa: E402
+from lvd.index import ann  # noqa: E402
+from lvd.index.store import BuildOptions, IndexStore, build  # noqa: E402
 
 
 def clustered_unit_vectors(n: int, d: int, n_clusters: int, spread: float, seed: int) -> np.ndarray:

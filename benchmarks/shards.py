@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from curate.shard_writer import ShardSpec, write_shard
+from lvd.curate.shard_writer import ShardSpec, write_shard
 
 
 def make_files(folder: Path, count: int) -> list[Path]:

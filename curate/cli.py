@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from curate.config import ConfigError, load_config
+from lvd.curate.config import ConfigError, load_config
 
 # The pipeline, in order. `lvd run` goes through them all, skipping finished ones.
 STAGES = ("manifest", "embed", "dedup", "cluster", "retrieve", "shards", "report")
@@ -76,7 +76,7 @@ def _pipeline_config(args, defaults: str = "default"):
 
 
 # Where each stage's code lives; tests point a name elsewhere to check the dispatch itself.
-STAGE_TARGETS = {name: f"curate.{name}:run_{name}" for name in STAGES}
+STAGE_TARGETS = {name: f"lvd.curate.{name}:run_{name}" for name in STAGES}
 
 
 def run_stage(name: str, cfg):
@@ -96,7 +96,7 @@ def cmd_run(args) -> int:
     cfg = _pipeline_config(args)
     stages = STAGES[: STAGES.index(args.until) + 1] if args.until else STAGES
     if "dedup" in stages:  # stop now, not after hours of embedding, when dedup would lack a threshold
-        from curate.dedup_space import check_before_run
+        from lvd.curate.dedup_space import check_before_run
 
         check_before_run(cfg)
     for name in stages:
@@ -114,21 +114,21 @@ def cmd_config(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    func = _resolve("curate.demo:run_demo", "lvd demo")
+    func = _resolve("lvd.curate.demo:run_demo", "lvd demo")
     _setup_logging()
     return int(func(args) or EXIT_OK)
 
 
 def cmd_pretrain(args) -> int:
     cfg = _pipeline_config(args, defaults="pretrain")
-    out = _resolve("pretrain.train:run_pretrain", "lvd pretrain")(cfg)
+    out = _resolve("lvd.pretrain.train:run_pretrain", "lvd pretrain")(cfg)
     print(out)
     return EXIT_OK
 
 
 def cmd_eval(args) -> int:
     cfg = _pipeline_config(args, defaults="pretrain")
-    target = {"knn": "pretrain.eval.knn:run_knn", "linear": "pretrain.eval.linear:run_linear"}[args.protocol]
+    target = {"knn": "lvd.pretrain.eval.knn:run_knn", "linear": "lvd.pretrain.eval.linear:run_linear"}[args.protocol]
     out = _resolve(target, f"lvd eval {args.protocol}")(cfg)
     print(out)
     return EXIT_OK
@@ -136,7 +136,7 @@ def cmd_eval(args) -> int:
 
 def cmd_viz(args) -> int:
     cfg = _pipeline_config(args, defaults="pretrain")
-    out = _resolve("pretrain.viz:run_viz", "lvd viz")(cfg)
+    out = _resolve("lvd.pretrain.viz:run_viz", "lvd viz")(cfg)
     print(out)
     return EXIT_OK
 
@@ -144,7 +144,7 @@ def cmd_viz(args) -> int:
 def _add_index(sub) -> None:
     parser = sub.add_parser("index", help="nearest-neighbour image lookup: build, add, search, serve", formatter_class=_formatter)
     try:
-        add_subcommands = _resolve("index.cli:add_subcommands", "lvd index")
+        add_subcommands = _resolve("lvd.index.cli:add_subcommands", "lvd index")
     except NotImplementedYet as exc:
         message = str(exc)
 
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--version", action="version", version=f"lvd {version('lvd')}")
     except PackageNotFoundError:
         pass
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="every stage in order, skipping finished ones", formatter_class=_formatter)
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every command's errors take one path: a user error is one line on stderr and exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -223,12 +225,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotImplementedYet as exc:
         print(f"lvd: {exc}", file=sys.stderr)
         return EXIT_NOT_IMPLEMENTED
-    except ConfigError as exc:
-        print(f"lvd: config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("lvd: interrupted", file=sys.stderr)
         return 130
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        kind = "config error" if isinstance(exc, ConfigError) else "error"
+        print(f"lvd: {kind}: {_error_line(exc)} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from lvd.index.cli import user_errors
+
+    return (ConfigError, *user_errors())
+
+
+def _error_line(exc: BaseException) -> str:
+    from lvd.index.cli import error_line
+
+    return error_line(exc)
 
 
 if __name__ == "__main__":

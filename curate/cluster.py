@@ -36,11 +36,11 @@ import pyarrow as pa
 import torch.distributed as dist
 from omegaconf import ListConfig
 
-from curate.config import as_list
-from curate.dedup import curated_pool_ids, rows_of
-from curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice, torchrun_main
-from curate.runio import atomic_path, clear_success, fingerprint, is_done, open_stage, read_success, write_frame, write_success
-from index.hierarchical import (
+from lvd.curate.config import as_list
+from lvd.curate.dedup import curated_pool_ids, rows_of
+from lvd.curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice, torchrun_main
+from lvd.curate.runio import atomic_path, clear_success, fingerprint, is_done, open_stage, read_success, write_frame, write_success
+from lvd.index.hierarchical import (
     Hierarchy,
     balanced_sample,
     closest_per_cluster,
@@ -49,8 +49,8 @@ from index.hierarchical import (
     resampled_kmeans,
     seed_centroids,
 )
-from index.kmeans import kmeans
-from index.io import EmbeddingRows, load_embedding_ids
+from lvd.index.kmeans import kmeans
+from lvd.index.io import EmbeddingRows, load_embedding_ids
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _finished_levels(out: Path, n_levels: int, fp: str) -> list[tuple[np.ndarray
 def run_cluster(cfg) -> Path:
     """Cluster the curated pool; see the module docstring for the files written.
 
-    Under torchrun (`python -m curate.cluster CONFIG`) the k-means over every image (flat, or
+    Under torchrun (`python -m lvd.curate.cluster CONFIG`) the k-means over every image (flat, or
     level 1 of hierarchical with its resampling steps) runs over all ranks: each rank reads and
     iterates over its slice of the rows, centroid sums are all-reduced, and rank 0 writes the
     same files as one process would. Levels above the first cluster centroids (few rows) and
@@ -288,8 +288,8 @@ def distributed_resampled_kmeans(x, k: int, *, ranks: Ranks, resampling_steps: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m curate.cluster CONFIG [key=value ...]`: the entry point for torchrun."""
-    return torchrun_main(run_cluster, "curate.cluster", argv)
+    """`python -m lvd.curate.cluster CONFIG [key=value ...]`: the entry point for torchrun."""
+    return torchrun_main(run_cluster, "lvd.curate.cluster", argv)
 
 
 def _write_empty(out: Path, dim: int, fp: str, balanced_fp: str, settings: dict, started: float) -> Path:

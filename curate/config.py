@@ -18,6 +18,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
 
+_ABSENT = object()
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
@@ -25,7 +28,7 @@ class ConfigError(ValueError):
 def packaged_config_path(name: str) -> Path:
     """Path of a config shipped with lvd (`default`, `demo`, `lvd142m`)."""
     stem = name[:-5] if name.endswith(".yaml") else name
-    path = Path(str(resources.files("curate").joinpath("configs", f"{stem}.yaml")))
+    path = Path(str(resources.files("lvd.curate").joinpath("configs", f"{stem}.yaml")))
     if not path.is_file():
         raise ConfigError(f"no packaged config named {name!r}")
     return path
@@ -87,6 +90,12 @@ def load_config(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if value in ("{}", "[]") and OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            # merging an empty value would keep the file's entries: replace instead
+            OmegaConf.update(cfg, key, {} if value == "{}" else [], merge=False)
+            continue
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except ConfigKeyError as exc:
@@ -97,6 +106,12 @@ def load_config(
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot resolve config: {exc}") from None
+    if defaults == "default":
+        from lvd.curate.config_checks import config_problems
+
+        problems = config_problems(cfg)
+        if problems:
+            raise ConfigError("; ".join(problems))
     return cfg
 
 

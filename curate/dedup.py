@@ -40,16 +40,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from curate.dedup_space import DedupSpace, resolve_thresholds
-from curate.manifest import read_manifest
-from curate.workers import show_progress
-from curate.runio import clear_success, fingerprint, is_done, open_stage, parquet_fingerprint, read_success, write_frame, write_success
-from index.backends import resolve_device
-from index.components import duplicate_groups, group_duplicates, pairs_above
-from index.io import load_embeddings
-from index.kmeans import kmeans
-from index.keep_rule import keep_priority, keep_reasons, quality_keys
-from index.knn import knn_graph
+from lvd.curate.dedup_space import DedupSpace, resolve_thresholds
+from lvd.curate.manifest import read_manifest
+from lvd.curate.workers import show_progress
+from lvd.curate.runio import clear_success, fingerprint, is_done, open_stage, parquet_fingerprint, read_success, write_frame, write_success
+from lvd.index.backends import resolve_device
+from lvd.index.components import duplicate_groups, group_duplicates, pairs_above
+from lvd.index.io import load_embeddings
+from lvd.index.kmeans import kmeans
+from lvd.index.keep_rule import keep_priority, keep_reasons, quality_keys
+from lvd.index.knn import knn_graph
 
 log = logging.getLogger(__name__)
 

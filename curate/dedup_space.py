@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from curate.config import ConfigError
-from pretrain.models.copy_detection import (SPACE_THRESHOLDS, SSCD_INSTALL_HINT, CopyDetectorChoice, known_threshold,
+from lvd.curate.config import ConfigError
+from lvd.pretrain.models.copy_detection import (SPACE_THRESHOLDS, SSCD_INSTALL_HINT, CopyDetectorChoice, known_threshold,
                                             resolve_copy_detector)
 
 # The demo's measured values for the ViT-S/14 CLS space, quoted in the error as an example.
-CLS_EXAMPLE = "configs/demo.yaml measured dedup.threshold=0.99 and decontam.threshold=0.985 for a ViT-S/14's CLS embeddings"
+CLS_EXAMPLE = "the packaged demo config uses dedup.threshold=0.99 and decontam.threshold=0.985 measured for a ViT-S/14's CLS embeddings"
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ import logging
 import time
 from pathlib import Path
 
-from curate.cli import STAGES, NotImplementedYet, run_stage
-from curate.config import load_config
-from curate.demo_data import FASHION_MNIST_DIR, MissingDataError, prepare_demo_data
-from curate.photo_edits import MissingPhotosError
+from lvd.curate.cli import STAGES, NotImplementedYet, run_stage
+from lvd.curate.config import load_config
+from lvd.curate.demo_data import FASHION_MNIST_DIR, MissingDataError, prepare_demo_data
+from lvd.curate.photo_edits import MissingPhotosError
 
 PHOTO_STAGES = ("manifest", "embed", "dedup", "report")
 
@@ -54,9 +54,9 @@ def run_demo(args) -> int:
 
 def _photo_part(run_dir: Path, args) -> None:
     """Copy detection on real photos: SSCD's space, the paper's thresholds, figures against the planted truth."""
-    from curate.config import ConfigError
-    from curate.demo_photos import EVAL_SET, prepare_photo_demo
-    from curate.dedup_space import check_before_run
+    from lvd.curate.config import ConfigError
+    from lvd.curate.demo_photos import EVAL_SET, prepare_photo_demo
+    from lvd.curate.dedup_space import check_before_run
 
     started = time.time()
     cfg = load_config("demo_photos", [f"run_dir={run_dir}", f"seed={args.seed}"])
@@ -68,8 +68,8 @@ def _photo_part(run_dir: Path, args) -> None:
         return
     for name in PHOTO_STAGES:
         run_stage(name, cfg)
-    from curate.demo_quality import measure
-    from curate.runio import atomic_write_json, read_success
+    from lvd.curate.demo_quality import measure
+    from lvd.curate.runio import atomic_write_json, read_success
 
     quality = measure(run_dir, EVAL_SET)
     atomic_write_json(run_dir / "quality.json", quality)
@@ -103,22 +103,22 @@ def _short_pretrain(run_dir: Path) -> None:
 
 
 def _resolve_pretrain():
-    from curate.cli import _resolve
+    from lvd.curate.cli import _resolve
 
-    return _resolve("pretrain.train:run_pretrain", "lvd pretrain")
+    return _resolve("lvd.pretrain.train:run_pretrain", "lvd pretrain")
 
 
 def _summary(run_dir: Path, finished: list[str]) -> None:
     if "manifest" in finished:
-        from curate.manifest import read_manifest
+        from lvd.curate.manifest import read_manifest
 
         frame = read_manifest(run_dir, status=None)
         counts = frame.groupby(["set", "status"]).size()
         print("manifest rows by set and status:")
         for (set_name, status), n in counts.items():
             print(f"  {set_name:24s} {status:12s} {n:6d}")
-    from curate.demo_quality import measure
-    from curate.runio import atomic_write_json
+    from lvd.curate.demo_quality import measure
+    from lvd.curate.runio import atomic_write_json
 
     quality = measure(run_dir)
     if not quality:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from curate.manifest import read_manifest
+from lvd.curate.manifest import read_manifest
 
 
 def _ids(manifest: pd.DataFrame) -> dict[tuple[str, str], int]:

@@ -35,18 +35,18 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from curate.config import ConfigError, save_config
-from curate.manifest import read_manifest
-from curate.workers import resolve_workers, show_progress
-from curate.ranks import Ranks, join_ranks, rank_device, torchrun_main
-from curate.runio import atomic_path, atomic_write_json, clear_success, is_done, remove_stale_temps, write_success
-from curate.sources import iter_bytes
-from pretrain.data.decode import DecodeError
-from pretrain.models.copy_detection import build_copy_detector, resolve_copy_detector
-from pretrain.models.embedder import Embedder
-from pretrain.models.preprocess import auto_resolution, bytes_to_square
-from pretrain.models.registry import get_spec
-from pretrain.models.weights import resolve_weights
+from lvd.curate.config import ConfigError, save_config
+from lvd.curate.manifest import read_manifest
+from lvd.curate.workers import resolve_workers, show_progress
+from lvd.curate.ranks import Ranks, join_ranks, rank_device, torchrun_main
+from lvd.curate.runio import atomic_path, atomic_write_json, clear_success, is_done, remove_stale_temps, write_success
+from lvd.curate.sources import iter_bytes
+from lvd.pretrain.data.decode import DecodeError
+from lvd.pretrain.models.copy_detection import build_copy_detector, resolve_copy_detector
+from lvd.pretrain.models.embedder import Embedder
+from lvd.pretrain.models.preprocess import auto_resolution, bytes_to_square
+from lvd.pretrain.models.registry import get_spec
+from lvd.pretrain.models.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -413,8 +413,8 @@ def run_embed(cfg) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m curate.embed CONFIG [key=value ...]`: the entry point for torchrun."""
-    return torchrun_main(run_embed, "curate.embed", argv)
+    """`python -m lvd.curate.embed CONFIG [key=value ...]`: the entry point for torchrun."""
+    return torchrun_main(run_embed, "lvd.curate.embed", argv)
 
 
 if __name__ == "__main__":

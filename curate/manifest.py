@@ -27,11 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from curate import sources as src
-from curate.config import as_list, named_sources
-from curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
-from curate.workers import process_map, resolve_workers, show_progress
-from curate.runio import clear_success, is_done, open_stage, parquet_fingerprint, write_parquet, write_success
+from lvd.curate import sources as src
+from lvd.curate.config import as_list, named_sources
+from lvd.curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
+from lvd.curate.workers import process_map, resolve_workers, show_progress
+from lvd.curate.runio import clear_success, is_done, open_stage, parquet_fingerprint, write_parquet, write_success
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from curate import sources as src
+from lvd.curate import sources as src
 
 OK, QUARANTINED = "ok", "quarantined"
 
@@ -29,7 +29,7 @@ def stable_id(set_name: str, source: str, key: str) -> int:
 
 def inspect_bytes(data: bytes, settings: DecodeSettings) -> dict:
     """sha1, size and a full decode of one file's bytes; a failure becomes a quarantine reason."""
-    from pretrain.data.decode import DecodeError, decode, probe
+    from lvd.pretrain.data.decode import DecodeError, decode, probe
 
     row = {"bytes": len(data), "sha1": hashlib.sha1(data).hexdigest()}
     try:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from curate.config import load_config
-from pretrain.models.precision import resolve_device
+from lvd.curate.config import load_config
+from lvd.pretrain.models.precision import resolve_device
 
 
 @dataclass

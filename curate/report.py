@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from curate.config import save_config
-from curate.manifest import read_manifest
-from curate.runio import atomic_path, atomic_write_text, clear_success, read_success, write_success
-from curate.sources import read_row_bytes
+from lvd.curate.config import save_config
+from lvd.curate.manifest import read_manifest
+from lvd.curate.runio import atomic_path, atomic_write_text, clear_success, read_success, write_success
+from lvd.curate.sources import read_row_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Thumbnails:
         return self.done[id_]
 
     def _make(self, id_: int) -> str | None:
-        from pretrain.data.decode import decode
+        from lvd.pretrain.data.decode import decode
 
         if id_ not in self.rows.index:
             return None

@@ -27,8 +27,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.manifest import read_manifest
-from curate.runio import clear_success, is_done, open_stage, parquet_fingerprint, read_success, write_parquet, write_success
+from lvd.curate.manifest import read_manifest
+from lvd.curate.runio import clear_success, is_done, open_stage, parquet_fingerprint, read_success, write_parquet, write_success
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 def sample_neighbors(pool_x, pool_ids, seed_x, seed_ids, n: int, *, backend="auto", device="cpu"):
     """(seed_id, id, rank, similarity) of the n nearest pool images of every seed image."""
-    from index.knn import search
+    from lvd.index.knn import search
 
     k = min(n, len(pool_ids))
     if k == 0 or len(seed_ids) == 0:
@@ -235,9 +235,9 @@ def _cluster_of(run_dir: Path) -> pd.DataFrame | None:
 
 def run_retrieve(cfg) -> Path:
     """Write retrieve/neighbors.parquet for every configured seed set."""
-    from curate.dedup import curated_pool_ids
-    from index.backends import resolve_device
-    from index.io import load_embeddings
+    from lvd.curate.dedup import curated_pool_ids
+    from lvd.index.backends import resolve_device
+    from lvd.index.io import load_embeddings
 
     started = time.time()
     run_dir = Path(cfg.run_dir)

@@ -118,7 +118,7 @@ FINGERPRINT_KEY = b"lvd.fingerprint"
 
 def open_stage(cfg, name: str) -> Path:
     """RUN/<name>/, created, cleared of a killed run's temporary files; the config saved."""
-    from curate.config import save_config
+    from lvd.curate.config import save_config
 
     out = Path(cfg.run_dir) / name
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import tarfile
 import threading
 from dataclasses import dataclass
 
-from curate import sources as src
+from lvd.curate import sources as src
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class ShardSpec:
 
 def reencode(data: bytes, shorter_side: int, quality: int) -> bytes:
     """An upright RGB JPEG whose shorter side is at most `shorter_side`."""
-    from pretrain.data.decode import decode, resize_shorter
+    from lvd.pretrain.data.decode import decode, resize_shorter
 
     img = decode(data)
     if min(img.size) > shorter_side:

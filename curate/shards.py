@@ -23,11 +23,11 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from curate.manifest import read_manifest
-from curate.workers import process_map, resolve_workers, show_progress
-from curate.retrieve import read_neighbors
-from curate.runio import atomic_write_json, clear_success, is_done, open_stage, parquet_fingerprint, write_parquet, write_success
-from curate.shard_writer import ShardSpec, write_shard
+from lvd.curate.manifest import read_manifest
+from lvd.curate.workers import process_map, resolve_workers, show_progress
+from lvd.curate.retrieve import read_neighbors
+from lvd.curate.runio import atomic_write_json, clear_success, is_done, open_stage, parquet_fingerprint, write_parquet, write_success
+from lvd.curate.shard_writer import ShardSpec, write_shard
 
 log = logging.getLogger(__name__)
 

@@ -2,12 +2,13 @@
 
 `curate/cli.py` calls `add_subcommands(subparsers)` under its `index` command; each
 sub-command sets `func(args) -> int` (the exit status). `main(argv)` runs the same commands
-on their own (`python -m index.cli build ...`).
+on their own (`python -m lvd.index.cli build ...`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -30,14 +31,14 @@ def add_subcommands(subparsers) -> None:
                    help="auto (choose from size, dimension and memory budget) or a Faiss factory string")
     _add_tuning_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing index in INDEX_DIR")
-    p.set_defaults(func=_reported(_cmd_build))
+    p.set_defaults(func=_cmd_build)
 
     p = subparsers.add_parser("add", formatter_class=fmt, help="add new embed parts to an index",
                               description="Add the parts of EMBED_DIR that the index does not hold yet (no retraining).")
     p.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
     p.add_argument("embed_dir", type=Path, metavar="EMBED_DIR")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_reported(_cmd_add))
+    p.set_defaults(func=_cmd_add)
 
     p = subparsers.add_parser("search", formatter_class=fmt, help="search an index from the shell",
                               description="Nearest neighbours of images, vectors or indexed ids.")
@@ -49,7 +50,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("-k", type=int, default=10, help="neighbours per query")
     p.add_argument("--json", action="store_true", help="JSON output for programs instead of a table")
     p.add_argument("--device", default="cpu", help="torch device for embedding query images")
-    p.set_defaults(func=_reported(_cmd_search))
+    p.set_defaults(func=_cmd_search)
 
     p = subparsers.add_parser("serve", formatter_class=fmt, help="HTTP API and web page",
                               description="Serve the index over HTTP: a JSON API and a drop-an-image web page.")
@@ -60,23 +61,25 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
     p.add_argument("--concurrency", type=int, default=4, help="searches running at once")
     p.add_argument("--device", default="cpu", help="torch device for embedding uploaded images")
-    p.set_defaults(func=_reported(_cmd_serve))
+    p.set_defaults(func=_cmd_serve)
 
 
-def _reported(command):
-    """Errors a user can fix (missing folder, bad id, bad factory) become one line and exit 2."""
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something that cannot be done (not a bug in lvd).
+
+    `lvd` and `lvd index` print such an error as one line and exit 2; `--debug` shows the traceback.
+    """
     from .store import IndexFolderError
 
-    def run(args) -> int:
-        try:
-            return command(args)
-        except (IndexFolderError, FileNotFoundError, KeyError, ValueError) as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"lvd index: error: {message}", file=sys.stderr)
-            return 2
+    return (IndexFolderError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError, ValueError)
 
-    run.__name__ = command.__name__
-    return run
+
+def error_line(exc: BaseException) -> str:
+    """The message of an error on one line (a KeyError's repr quotes are dropped)."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return " ".join(str(message).split())
+
+
 
 
 def _add_tuning_args(p: argparse.ArgumentParser) -> None:
@@ -140,7 +143,7 @@ def _cmd_search(args) -> int:
         xq = np.stack([store.vector_of(i) for i in args.id])
         names = [f"id {i}" for i in args.id]
     else:
-        from pretrain.data.decode import DecodeError
+        from lvd.pretrain.data.decode import DecodeError
 
         from .store import embed_query_bytes
 
@@ -190,7 +193,12 @@ def _cmd_serve(args) -> int:
     store = IndexStore.open(args.index_dir)
     opts = ServeOptions(max_upload_bytes=parse_bytes(args.max_upload), max_k=args.max_k,
                         max_concurrent_searches=args.concurrency, device=args.device)
-    server = make_server(store, args.host, args.port, opts)
+    try:
+        server = make_server(store, args.host, args.port, opts)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise ValueError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); choose another with --port") from None
+        raise
     host, port = server.server_address[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this address can search the index and see its images",
@@ -207,10 +215,17 @@ def _cmd_serve(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lvd index", description="Nearest-neighbour image lookup.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except user_errors() as exc:
+        if args.debug:
+            raise
+        print(f"lvd index: error: {error_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from index.backends import get_backend
-from index.kmeans import kmeans
+from lvd.index.backends import get_backend
+from lvd.index.kmeans import kmeans
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import scipy.sparse
 import torch
 from tqdm.auto import tqdm
 
-from index.backends import FaissBackend, VectorBackend, _as_f32, get_backend
+from lvd.index.backends import FaissBackend, VectorBackend, _as_f32, get_backend
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.backends import FaissBackend, _as_f32, _check_metric, _drop_self, _empty_result, get_backend, resolve_device
+from lvd.index.backends import FaissBackend, _as_f32, _check_metric, _drop_self, _empty_result, get_backend, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -204,7 +204,7 @@ class SearchApp:
         data = self._image_upload(headers, self._body(headers, read_body))
         k = self._k(query.get("k"))
         embedder = self._get_embedder()
-        from pretrain.data.decode import DecodeError
+        from lvd.pretrain.data.decode import DecodeError
 
         with self._search_slots:
             try:
@@ -242,7 +242,7 @@ class SearchApp:
             return self._embedder
 
     def _thumbnail(self, id_: int) -> bytes:
-        from pretrain.data.decode import DecodeError, decode
+        from lvd.pretrain.data.decode import DecodeError, decode
 
         try:
             data = self.store.image_bytes(id_)

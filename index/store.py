@@ -253,7 +253,7 @@ class IndexStore:
         if spec.get("weights") is None:
             raise IndexFolderError(f"this index was embedded with randomly initialised {spec.get('model')} weights, which "
                                    "cannot be recreated to embed a query; search by id or by vector instead")
-        from pretrain.models.embedder import embedder_from_info
+        from lvd.pretrain.models.embedder import embedder_from_info
 
         dtype = dtype or spec.get("dtype") or "auto"
         if dtype in ("float16", "fp16") and not str(device).startswith("cuda"):

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.data.decode import DecodeError, load_resized
-from pretrain.eval.features import Preprocessing, autocast_context, images_to_tensor, resolve_device
+from lvd.pretrain.data.decode import DecodeError, load_resized
+from lvd.pretrain.eval.features import Preprocessing, autocast_context, images_to_tensor, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def visualise(
     `images` maps a name to an H × W × 3 uint8 array whose sides are multiples of the patch
     size. Every PNG has the input's size: maps are upsampled patch by patch (nearest).
     """
-    from pretrain.eval.stage import atomic_write_bytes
+    from lvd.pretrain.eval.stage import atomic_write_bytes
 
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     model.eval()
@@ -229,7 +229,7 @@ def image_files(specs: Sequence[str | os.PathLike]) -> list[Path]:
 
 def run_viz(cfg) -> Path:
     """`lvd viz CONFIG`: attention and PCA pictures of `viz.images`, into `viz.output_dir`."""
-    from pretrain.eval.stage import load_model, plain
+    from lvd.pretrain.eval.stage import load_model, plain
 
     c = cfg.viz
     device = resolve_device(str(c.device))

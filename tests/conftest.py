@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.models import build_backbone
+from lvd.pretrain.models import build_backbone
 
 
 @pytest.fixture

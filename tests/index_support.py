@@ -106,8 +106,8 @@ def embedded_photo_run(run: Path, model: str = "vit_tiny_p14") -> tuple[list[dic
     """
     import torch
 
-    from pretrain.models import build_backbone
-    from pretrain.models.embedder import Embedder
+    from lvd.pretrain.models import build_backbone
+    from lvd.pretrain.models.embedder import Embedder
 
     rows, data = photo_run(run)
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ class running_server:
     """`with running_server(store, opts) as url:` a real HTTP server on a free loopback port."""
 
     def __init__(self, store, opts=None, **kwargs):
-        from index.service import make_server
+        from lvd.index.service import make_server
 
         self.server = make_server(store, "127.0.0.1", 0, opts, **kwargs)
 

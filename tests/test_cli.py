@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from curate import cli
+from lvd.curate import cli
 
 
 def _help(*args):
-    out = subprocess.run([sys.executable, "-m", "curate.cli", *args, "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "lvd.curate.cli", *args, "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -33,7 +33,7 @@ def test_console_script_is_installed():
 
 
 def test_a_stage_that_is_not_built_exits_nonzero_with_a_message(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(cli.STAGE_TARGETS, "report", "curate._no_such_stage_module:run_report")
+    monkeypatch.setitem(cli.STAGE_TARGETS, "report", "lvd.curate._no_such_stage_module:run_report")
     code = cli.main(["report", "default", f"run_dir={tmp_path}"])
     assert code == cli.EXIT_NOT_IMPLEMENTED
     assert "not implemented yet" in capsys.readouterr().err
@@ -56,6 +56,59 @@ def test_manifest_through_the_cli(tmp_path, capsys):
     code = cli.main(["manifest", "default", f"run_dir={tmp_path / 'run'}", f"sources.pool=[{tmp_path / 'imgs'}]", "workers=0"])
     assert code == 0
     assert (tmp_path / "run" / "config.yaml").is_file()
-    from curate.manifest import read_manifest
+    from lvd.curate.manifest import read_manifest
 
     assert len(read_manifest(tmp_path / "run", status=None)) == len(cases)
+
+
+def _lvd(*args, cwd=None):
+    """`lvd ...` as a user runs it: a new process, stderr as text."""
+    return subprocess.run([str(Path(sys.executable).parent / "lvd"), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lvd")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    (tmp_path / "pool").mkdir()
+    Image = pytest.importorskip("PIL.Image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "pool" / "a.png")
+    run = [f"run_dir={tmp_path / 'run'}", "progress=false", "workers=0", "embed.copy_detection.weights=null"]
+    # a source folder that does not exist
+    _one_line_error(_lvd("manifest", "default", *run, f"sources.pool=[{tmp_path / 'missing'}]"), "missing")
+    # a later stage before the earlier one
+    _one_line_error(_lvd("dedup", "default", *run, "dedup.threshold=0.9"), "run `lvd manifest` first")
+    # weights that are not there, and weights that are garbage (no weights_only=False advice)
+    assert _lvd("manifest", "default", *run, f"sources.pool=[{tmp_path / 'pool'}]").returncode == 0
+    _one_line_error(_lvd("embed", "default", *run, f"sources.pool=[{tmp_path / 'pool'}]",
+                         f"embed.weights={tmp_path / 'none.pth'}"), "weights not found")
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x02not a pickle at all")
+    proc = _lvd("embed", "default", *run, f"sources.pool=[{tmp_path / 'pool'}]", f"embed.weights={tmp_path / 'garbage.pth'}")
+    _one_line_error(proc, "not a readable weights file")
+    assert "weights_only=False" not in proc.stderr
+    # a bad value, and the index command's errors take the same path
+    _one_line_error(_lvd("dedup", "default", *run, "dedup.threshold=abc"), "dedup.threshold must be auto or a number")
+    _one_line_error(_lvd("index", "search", tmp_path / "no-index", "--vector", tmp_path / "v.npy"), "lvd: error")
+    # --debug shows the traceback instead
+    debug = _lvd("--debug", "dedup", "default", *run, "dedup.threshold=abc")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_failed_invocation_leaves_the_finished_stage_as_it_was(tmp_path):
+    """`lvd dedup CONFIG dedup.threshold=abc` after a finished dedup must not invalidate it."""
+    from test_dedup_stage import synthetic_pool, write_run
+
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path, rows, vecs)
+    good = [f"run_dir={tmp_path}", "progress=false", "embed.copy_detection.weights=null", "dedup.threshold=0.9",
+            "decontam.threshold=0.85"]
+    assert _lvd("dedup", "default", *good).returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "dedup").iterdir()}
+    _one_line_error(_lvd("dedup", "default", *good, "dedup.threshold=abc"), "dedup.threshold")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "dedup").iterdir()} == before

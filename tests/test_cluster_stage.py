@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-import curate.cluster as cluster
-import index.hierarchical as hierarchical
-from curate.dedup import curated_pool_ids, run_dedup
+import lvd.curate.cluster as cluster
+import lvd.index.hierarchical as hierarchical
+from lvd.curate.dedup import curated_pool_ids, run_dedup
 from test_dedup_stage import config, unit, write_run
 
 DIM = 64
@@ -171,11 +171,10 @@ HIERARCHICAL = ("cluster.method=hierarchical", "cluster.level_ks=[12]", "cluster
 
 @pytest.mark.parametrize("settings", [FLAT, HIERARCHICAL], ids=["flat", "hierarchical"])
 def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings):
-    """`python -m curate.cluster` under torchrun: 2 gloo ranks, each reading and iterating over half the rows."""
+    """`python -m lvd.curate.cluster` under torchrun: 2 gloo ranks, each reading and iterating over half the rows."""
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     from omegaconf import OmegaConf
 
@@ -184,9 +183,8 @@ def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings):
     one = cluster.run_cluster(cluster_config(tmp_path / "one", *settings))
     config_file = tmp_path / "two.yaml"
     OmegaConf.save(cluster_config(tmp_path / "two", *settings), config_file)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "curate.cluster",
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lvd.curate.cluster",
            str(config_file)]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from curate.config import ConfigError, iter_keys, load_config, packaged_config_path, save_config
+from lvd.curate.config import ConfigError, iter_keys, load_config, packaged_config_path, save_config
 
 
 def _commented_keys(path):
@@ -84,3 +84,34 @@ def test_merged_config_is_saved_and_reloads_equal(tmp_path):
     assert saved == tmp_path / "config.yaml"
     again = load_config(saved)
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dedup.threshold=abc", "dedup.threshold must be auto or a number, got 'abc'"),
+    ("cluster.k=-5", "cluster.k must be >= 1, got -5"),
+    ("embed.model=dinov2_vitz14", "embed.model must name a registry model"),
+    ("dedup.k=0", "dedup.k must be >= 1, got 0"),
+    ("retrieve.floor_quantile=1.5", "retrieve.floor_quantile must be within [0.0, 1.0]"),
+    ("dedup.keep=largest", "dedup.keep must be one of ['quality', 'pixels']"),
+    ("shards.quality=0", "shards.quality must be within [1, 100]"),
+    ("embed.copy_detection.space=clip", "embed.copy_detection.space must be null or one of ['sscd']"),
+])
+def test_bad_values_are_rejected_when_the_config_is_loaded(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_an_override_can_empty_a_mapping_or_a_list():
+    cfg = load_config("demo", ["run_dir=/r", "sources.seeds={}", "sources.pool=[]"])
+    assert dict(cfg.sources.seeds) == {} and list(cfg.sources.pool) == []
+    assert dict(cfg.sources.eval) == {"fmnist_test": "/r/data/eval/fmnist_test"}  # the rest stays
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(None, ["no_such_section={}"])
+
+
+@pytest.mark.parametrize("name", ["default", "demo", "demo_photos", "lvd142m"])
+def test_every_packaged_config_passes_the_value_checks(name):
+    from lvd.curate.config_checks import config_problems
+
+    assert config_problems(load_config(name)) == []

@@ -12,14 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from curate.config import ConfigError, load_config
-from curate.dedup_space import resolve_thresholds
-from curate.photo_edits import apply_edits, package_photos, photo_tiles
-from pretrain.models import copy_detection
-from pretrain.models.copy_detection import build_copy_detector, resolve_copy_detector
-from pretrain.models.embedder import embedder_from_info
-from pretrain.models.onnx_embedder import OnnxEmbedder, OnnxModelError
-from pretrain.models.weights import resolve_weights
+from lvd.curate.config import ConfigError, load_config
+from lvd.curate.dedup_space import resolve_thresholds
+from lvd.curate.photo_edits import apply_edits, package_photos, photo_tiles
+from lvd.pretrain.models import copy_detection
+from lvd.pretrain.models.copy_detection import build_copy_detector, resolve_copy_detector
+from lvd.pretrain.models.embedder import embedder_from_info
+from lvd.pretrain.models.onnx_embedder import OnnxEmbedder, OnnxModelError
+from lvd.pretrain.models.weights import resolve_weights
 
 MEAN = np.array([0.5, 0.4, 0.3], np.float32)
 STD = np.array([0.2, 0.25, 0.3], np.float32)
@@ -207,7 +207,7 @@ def test_lvd_run_without_copy_detector_or_threshold_stops_before_any_work(tmp_pa
     pool = tmp_path / "pool"
     pool.mkdir()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(pool / "a.png")
-    proc = subprocess.run([sys.executable, "-m", "curate.cli", "run", "default", f"run_dir={tmp_path / 'run'}",
+    proc = subprocess.run([sys.executable, "-m", "lvd.curate.cli", "run", "default", f"run_dir={tmp_path / 'run'}",
                            f"sources.pool=[{pool}]", "embed.copy_detection.weights=null"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -218,7 +218,7 @@ def test_lvd_run_without_copy_detector_or_threshold_stops_before_any_work(tmp_pa
 def test_dedup_stage_without_copy_detector_or_threshold_stops_with_the_message(tmp_path):
     from test_dedup_stage import synthetic_pool, write_run
 
-    import curate.dedup as dedup
+    import lvd.curate.dedup as dedup
 
     rows, vecs = synthetic_pool()
     write_run(tmp_path, rows, vecs)
@@ -244,13 +244,13 @@ def tiny_weights(tmp_path_factory):
 
 def test_photo_copies_curated_in_the_sscd_space_and_looked_up_through_it(tmp_path, tiny_weights):
     """manifest -> embed (tiny ViT + SSCD auto) -> dedup at auto thresholds -> index of embed/copy."""
-    from curate.demo_photos import EVAL_SET, prepare_photo_demo
-    from curate.demo_quality import measure
-    from curate.dedup import run_dedup
-    from curate.embed import run_embed
-    from curate.manifest import read_manifest, run_manifest
-    from curate.report import run_report
-    from index.store import IndexStore, build, embed_query_bytes
+    from lvd.curate.demo_photos import EVAL_SET, prepare_photo_demo
+    from lvd.curate.demo_quality import measure
+    from lvd.curate.dedup import run_dedup
+    from lvd.curate.embed import run_embed
+    from lvd.curate.manifest import read_manifest, run_manifest
+    from lvd.curate.report import run_report
+    from lvd.index.store import IndexStore, build, embed_query_bytes
 
     data = prepare_photo_demo(tmp_path, seed=0)
     cfg = load_config("demo_photos", [f"run_dir={tmp_path}", "progress=false", "workers=0", "embed.model=vit_tiny_p4",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain.data.decode import DecodeError, decode, load_resized, probe
+from lvd.pretrain.data.decode import DecodeError, decode, load_resized, probe
 from zoo import exif_rotated_jpeg, noise_image, zoo_cases
 
 CASES = zoo_cases()

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import curate.dedup as dedup
-from curate.config import load_config
-from curate.manifest import write_part
-from curate.runio import write_success
+import lvd.curate.dedup as dedup
+from lvd.curate.config import load_config
+from lvd.curate.manifest import write_part
+from lvd.curate.runio import write_success
 
 DIM = 64
 

@@ -14,17 +14,16 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageEnhance, ImageOps
 
-from curate.config import load_config
-from curate.embed import run_embed
-from curate.manifest import read_manifest, run_manifest
-from index.io import load_embeddings
-from pretrain.models import build_backbone
-from pretrain.models.preprocess import auto_resolution
+from lvd.curate.config import load_config
+from lvd.curate.embed import run_embed
+from lvd.curate.manifest import read_manifest, run_manifest
+from lvd.index.io import load_embeddings
+from lvd.pretrain.models import build_backbone
+from lvd.pretrain.models.preprocess import auto_resolution
 from conftest import save_tiny_weights
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_images(folder: Path, n: int, seed: int = 0) -> None:
@@ -186,8 +185,8 @@ def test_two_torchrun_ranks_write_the_same_files_as_one(tmp_path, tiny_weights):
     run_manifest(two)
     config = tmp_path / "two.yaml"
     OmegaConf.save(two, config)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "curate.embed", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lvd.curate.embed", str(config)]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     files = lambda run: {p.name: p.read_bytes() for p in sorted((run / "embed").glob("*.npy"))}  # noqa: E731

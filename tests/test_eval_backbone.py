@@ -11,11 +11,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 
-from pretrain.eval import run_knn
-from pretrain.models import build_backbone
-from pretrain.viz import run_viz
+from lvd.pretrain.eval import run_knn
+from lvd.pretrain.models import build_backbone
+from lvd.pretrain.viz import run_viz
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "curate" / "configs" / "pretrain.yaml"
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # the registry's
 
 
@@ -69,8 +69,11 @@ def test_run_knn_with_saved_tiny_vit_weights_equals_sklearn_on_its_own_cls_token
             return model.forward_features(x.permute(0, 3, 1, 2))["x_norm_clstoken"].numpy()
 
     # Class-folder order is sorted by class, then by file name.
-    order = lambda arrays: [arrays[i] for c in range(3) for i in range(len(arrays)) if i % 3 == c]
-    y = lambda n: np.array([c for c in range(3) for i in range(n) if i % 3 == c])
+    def order(arrays):
+        return [arrays[i] for c in range(3) for i in range(len(arrays)) if i % 3 == c]
+
+    def y(n):
+        return np.array([c for c in range(3) for i in range(n) if i % 3 == c])
     ref = KNeighborsClassifier(1, metric="cosine", algorithm="brute").fit(cls_tokens(order(train)), y(24))
     assert result["accuracy"]["1"]["top1"] == pytest.approx(ref.score(cls_tokens(order(test)), y(10)))
     assert result["accuracy"]["1"]["top1"] > 0.5  # the bands are visible even to random weights

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
-from pretrain.eval.knn import knn_accuracy, knn_scores, topk_accuracy, topk_cosine
+from lvd.pretrain.eval.knn import knn_accuracy, knn_scores, topk_accuracy, topk_cosine
 
 
 def _clusters(n, d=16, n_classes=5, spread=1.2, seed=0):

@@ -7,7 +7,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pretrain.data.labelled import encode_labels, iter_labelled, label_vocabulary
+from lvd.pretrain.data.labelled import encode_labels, iter_labelled, label_vocabulary
 
 
 def _png(value: int) -> bytes:

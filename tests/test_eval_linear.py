@@ -5,7 +5,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from pretrain.eval.linear import fit_linear_probe, stratified_split
+from lvd.pretrain.eval.linear import fit_linear_probe, stratified_split
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -13,11 +13,11 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
-from pretrain.eval import run_knn, run_linear
-from pretrain.eval.features import Preprocessing
-from pretrain.viz import run_viz
+from lvd.pretrain.eval import run_knn, run_linear
+from lvd.pretrain.eval.features import Preprocessing
+from lvd.pretrain.viz import run_viz
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "curate" / "configs" / "pretrain.yaml"
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 PREP = Preprocessing(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -61,7 +61,7 @@ def sources(tmp_path, monkeypatch):
         for i in range(30):
             name = sorted(COLOURS)[i % 3]
             sink.write({"__key__": f"t{i:03d}", "png": _png(COLOURS[name], rng), "cls": name.encode()})
-    monkeypatch.setattr("pretrain.eval.stage.load_model", lambda *a, **k: (MeanColourViT(), PREP))
+    monkeypatch.setattr("lvd.pretrain.eval.stage.load_model", lambda *a, **k: (MeanColourViT(), PREP))
     cfg = OmegaConf.load(CONFIG)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
         f"eval.train={tmp_path / 'train'}", f"eval.test={tmp_path / 'test-000000.tar'}",
@@ -73,7 +73,7 @@ def sources(tmp_path, monkeypatch):
 
 def _mean_colours(folder_or_tar_samples):
     """Reference features computed independently: mean of the normalised 16 px centre crop."""
-    from pretrain.data.decode import load_resized
+    from lvd.pretrain.data.decode import load_resized
 
     return np.stack([
         ((np.asarray(load_resized(d, 16), dtype=np.float32) / 255 - 0.5) / 0.25).mean((0, 1))
@@ -136,7 +136,7 @@ def test_cls_plus_mean_pooling_concatenates_the_mean_patch_token(sources):
 def test_features_are_cached_between_protocols_and_refreshed_when_a_source_changes(sources, monkeypatch):
     cfg, tmp_path = sources
     calls = []
-    monkeypatch.setattr("pretrain.eval.stage.load_model", lambda *a, **k: calls.append(1) or (MeanColourViT(), PREP))
+    monkeypatch.setattr("lvd.pretrain.eval.stage.load_model", lambda *a, **k: calls.append(1) or (MeanColourViT(), PREP))
     knn = json.loads(run_knn(cfg).read_text())
     linear = json.loads(run_linear(cfg).read_text())
     assert len(calls) == 1 and knn["feature_cache"] == linear["feature_cache"]

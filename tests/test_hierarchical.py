@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from index.hierarchical import (
+from lvd.index.hierarchical import (
     Hierarchy,
     balanced_quota,
     balanced_sample,
@@ -139,7 +139,7 @@ def test_hierarchical_kmeans_rejects_growing_levels():
 
 @pytest.mark.parametrize("full_matrix_rows", [10_000, 10])
 def test_kmeans_plusplus_seeds_one_centroid_per_separated_blob(monkeypatch, full_matrix_rows):
-    import index.hierarchical as hierarchical
+    import lvd.index.hierarchical as hierarchical
 
     monkeypatch.setattr(hierarchical, "KMEANSPP_FULL_MATRIX_ROWS", full_matrix_rows)  # both code paths
     rng = np.random.default_rng(6)

@@ -6,8 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from index import ann
-from index.store import BuildOptions, IndexStore, build
+from lvd.index import ann
+from lvd.index.store import BuildOptions, IndexStore, build
 from index_support import clustered_unit_vectors, write_embed
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.service import ServeOptions
-from index.store import BuildOptions, IndexStore, build
+from lvd.index.service import ServeOptions
+from lvd.index.store import BuildOptions, IndexStore, build
 from index_support import embedded_photo_run, running_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

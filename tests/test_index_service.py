@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.cli import main
-from index.service import SearchApp, ServeOptions, make_server
-from index.store import BuildOptions, IndexStore, build
+from lvd.index.cli import main
+from lvd.index.service import SearchApp, ServeOptions, make_server
+from lvd.index.store import BuildOptions, IndexStore, build
 from index_support import FIRST_ID, embedded_photo_run, running_server
 
 K = 5

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from index import ann
-from index.cli import add_subcommands, main
-from index.store import BuildOptions, IndexFolderError, IndexStore, add, build
+from lvd.index import ann
+from lvd.index.cli import add_subcommands, main
+from lvd.index.store import BuildOptions, IndexFolderError, IndexStore, add, build
 from index_support import FIRST_ID, clustered_unit_vectors, photo_run, write_embed
 
 EMBEDDER = {"model": "vit_tiny_p4", "weights": None, "resolution": 32, "mean": [0.485, 0.456, 0.406],
@@ -154,7 +154,7 @@ def test_a_killed_add_leaves_the_previous_index_usable(tmp_path, monkeypatch):
     write_embed(tmp_path / "a", ids[:200], x[:200], part_rows=100, success=EMBEDDER)
     write_embed(tmp_path / "b", ids[200:], x[200:], part_rows=100, success=EMBEDDER)
     build(tmp_path / "a", tmp_path / "idx", BuildOptions(progress=False))
-    import index.store as store_mod
+    import lvd.index.store as store_mod
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt

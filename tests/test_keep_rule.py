@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
-from index.components import keep_one
-from index.keep_rule import keep_priority, keep_reasons, quality_keys
+from lvd.index.components import keep_one
+from lvd.index.keep_rule import keep_priority, keep_reasons, quality_keys
 
 LOSSLESS = {"PNG", "BMP", "TIFF"}
 
@@ -73,11 +73,11 @@ def test_dedup_stage_keeps_the_original_png_over_its_degraded_copies(tmp_path):
     """Real photos in SSCD's space: the PNG original, a JPEG q40, a brightened re-save, a half-size copy."""
     from conftest import save_tiny_weights
 
-    from curate.config import load_config
-    from curate.dedup import run_dedup
-    from curate.embed import run_embed
-    from curate.manifest import read_manifest, run_manifest
-    from curate.photo_edits import package_photos
+    from lvd.curate.config import load_config
+    from lvd.curate.dedup import run_dedup
+    from lvd.curate.embed import run_embed
+    from lvd.curate.manifest import read_manifest, run_manifest
+    from lvd.curate.photo_edits import package_photos
 
     photos = package_photos()
     pool = tmp_path / "pool"

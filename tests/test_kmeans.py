@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from index.backends import TorchBackend
-from index.kmeans import kmeans
+from lvd.index.backends import TorchBackend
+from lvd.index.kmeans import kmeans
 
 
 def blobs(n, d, centres, seed, spread=1.0):
@@ -134,7 +134,7 @@ def test_bad_arguments():
 
 def test_pruned_lloyd_equals_plain_lloyd_and_skips_rows():
     """The bounds must change nothing but the work: same centroids as searching every row."""
-    from index.kmeans import _Assignment
+    from lvd.index.kmeans import _Assignment
 
     x = blobs(4000, 16, 40, seed=10, spread=1.5)
     init = x[:40].copy()

@@ -5,7 +5,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from index.kmeans import kmeans
+from lvd.index.kmeans import kmeans
 
 N, D, K = 1201, 8, 9  # an odd count: the ranks hold slices of different sizes
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from index.knn import knn_graph, plan_knn, search
+from lvd.index.knn import knn_graph, plan_knn, search
 
 
 def unit(x):

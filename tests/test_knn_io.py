@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from index.io import EmbeddingRows, iter_embeddings, load_embedding_ids, load_embeddings
+from lvd.index.io import EmbeddingRows, iter_embeddings, load_embedding_ids, load_embeddings
 
 
 def write_part(folder, number, ids, vectors):

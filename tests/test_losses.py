@@ -10,10 +10,10 @@ import torch
 from scipy.spatial.distance import cdist
 from scipy.special import log_softmax, softmax
 
-from pretrain.train.centering import CenterEMA, sinkhorn_knopp, softmax_center
-from pretrain.train.heads import DINOHead
-from pretrain.train.losses import dino_loss, ibot_patch_loss, koleo_loss
-from pretrain.train.ssl import MaskInfo, SSLObjective, ema_update
+from lvd.pretrain.train.centering import CenterEMA, sinkhorn_knopp, softmax_center
+from lvd.pretrain.train.heads import DINOHead
+from lvd.pretrain.train.losses import dino_loss, ibot_patch_loss, koleo_loss
+from lvd.pretrain.train.ssl import MaskInfo, SSLObjective, ema_update
 
 
 def t(x):

@@ -16,8 +16,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from curate.config import load_config
-from curate.manifest import read_manifest, run_manifest, stable_id
+from lvd.curate.config import load_config
+from lvd.curate.manifest import read_manifest, run_manifest, stable_id
 from zoo import noise_image, rgb_jpeg, write_zoo
 
 

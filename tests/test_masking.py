@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pretrain.train.masking import batch_masks, block_mask
+from lvd.pretrain.train.masking import batch_masks, block_mask
 
 
 @pytest.mark.parametrize("grid", [(16, 16), (8, 8), (7, 5)])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.models import build_backbone, get_spec, list_models
-from pretrain.models.layers import Attention, DropPath, SwiGLUFFN, swiglu_hidden_features
+from lvd.pretrain.models import build_backbone, get_spec, list_models
+from lvd.pretrain.models.layers import Attention, DropPath, SwiGLUFFN, swiglu_hidden_features
 
 
 def _images(n=2, side=32, seed=0):

@@ -54,7 +54,7 @@ def setup(tmp_path_factory):
 
 
 def _start(run_dir, args):
-    return subprocess.Popen([sys.executable, "-m", "curate.cli", "run", "default", f"run_dir={run_dir}", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "lvd.curate.cli", "run", "default", f"run_dir={run_dir}", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _shards(run_dir: Path) -> dict[str, bytes]:

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from curate.config import load_config
-from curate.manifest import read_manifest, run_manifest
-from curate.report import run_report
+from lvd.curate.config import load_config
+from lvd.curate.manifest import read_manifest, run_manifest
+from lvd.curate.report import run_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--allow-file-access-from-files"]
@@ -32,7 +32,9 @@ def run(tmp_path):
     _write(tmp_path / "eval" / "shoe" / "e0.png", (250, 0, 0))
     _write(tmp_path / "seeds" / "shoe" / "s0.png", (0, 0, 250))
     (tmp_path / "pool" / "broken.jpg").write_bytes(b"<html>not an image</html>")
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"sources.pool=[{tmp_path / 'pool'}]", f"sources.eval.ev={tmp_path / 'eval'}", f"sources.seeds.s={tmp_path / 'seeds'}", "workers=0", "progress=false", "embed.copy_detection.weights=null", "dedup.threshold=0.99", "decontam.threshold=0.99"])
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"sources.pool=[{tmp_path / 'pool'}]", f"sources.eval.ev={tmp_path / 'eval'}",
+                             f"sources.seeds.s={tmp_path / 'seeds'}", "workers=0", "progress=false",
+                             "embed.copy_detection.weights=null", "dedup.threshold=0.99", "decontam.threshold=0.99"])
     run_manifest(cfg)
     m = read_manifest(cfg.run_dir)
     pool = m[m.set == "pool"]["id"].to_numpy()

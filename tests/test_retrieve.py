@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from curate.config import load_config
-from curate.manifest import SCHEMA
-from curate.retrieve import read_neighbors, run_retrieve
+from lvd.curate.config import load_config
+from lvd.curate.manifest import SCHEMA
+from lvd.curate.retrieve import read_neighbors, run_retrieve
 
 
 def _unit(x):

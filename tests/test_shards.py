@@ -12,9 +12,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from curate.config import load_config
-from curate.manifest import read_manifest, run_manifest
-from curate.shards import plan_shards, run_shards
+from lvd.curate.config import load_config
+from lvd.curate.manifest import read_manifest, run_manifest
+from lvd.curate.shards import plan_shards, run_shards
 
 
 def _img(seed, fmt, size=(24, 16)):
@@ -180,7 +180,7 @@ def test_plan_respects_count_and_bytes():
 
 @pytest.mark.parametrize("name,size,mtime", [("0000000000000000001.jpg", 123, 0), ("a.json", 0, 1_700_000_000), ("x" * 100, 8**11 - 1, 5)])
 def test_ustar_header_is_byte_identical_to_tarfiles(name, size, mtime):
-    from curate.shard_writer import ustar_header
+    from lvd.curate.shard_writer import ustar_header
 
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, mtime, 0o444, 0, 0, "", ""

@@ -8,7 +8,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from curate import sources as src
+from lvd.curate import sources as src
 
 
 def _png(v):

@@ -20,13 +20,13 @@ import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
 
-from pretrain.models import build_backbone
-from pretrain.train import export_teacher, load_checkpoint, run_pretrain
-from pretrain.train.checkpoint import list_checkpoints
-from pretrain.train.config import load_config
-from pretrain.train.metrics import read_metrics
-from pretrain.train.ssl import MaskInfo, SSLModel, SSLObjective
-from pretrain.train.trainer import forward_losses
+from lvd.pretrain.models import build_backbone
+from lvd.pretrain.train import export_teacher, load_checkpoint, run_pretrain
+from lvd.pretrain.train.checkpoint import list_checkpoints
+from lvd.pretrain.train.config import load_config
+from lvd.pretrain.train.metrics import read_metrics
+from lvd.pretrain.train.ssl import MaskInfo, SSLModel, SSLObjective
+from lvd.pretrain.train.trainer import forward_losses
 
 HEAD = dict(out_dim=32, hidden_dim=24, bottleneck_dim=8, nlayers=3)
 
@@ -110,7 +110,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, shards, reference):
         torch.set_num_threads(1)
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import test_train
-        from pretrain.train import trainer
+        from lvd.pretrain.train import trainer
         step = trainer.Pretrainer.step
         def slow_step(self, it, images):
             time.sleep(0.5)  # leave the test time to kill us mid-run
@@ -259,7 +259,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 import test_train
-from pretrain.train import run_pretrain
+from lvd.pretrain.train import run_pretrain
 # No KoLeo here: it is -log of nearest-neighbour distances, and this tiny model's features are
 # nearly identical, so rounding-level differences between DDP and FSDP (seen on an AVX-512 BF16
 # CPU: 19.152 vs 18.984 at the resumed iteration) become visible in it and in the weights.

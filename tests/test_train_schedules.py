@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 import torch
 from torch import nn
 
-from pretrain.train.param_groups import layer_id, param_groups
-from pretrain.train.schedules import build_schedules, cosine_schedule, linear_warmup_constant
+from lvd.pretrain.train.param_groups import layer_id, param_groups
+from lvd.pretrain.train.schedules import build_schedules, cosine_schedule, linear_warmup_constant
 
 
 def test_cosine_schedule_closed_form():

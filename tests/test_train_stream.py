@@ -10,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pretrain.train.stream import ShardStream, expand_shards, image_field
+from lvd.pretrain.train.stream import ShardStream, expand_shards, image_field
 
 FORMATS = [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"), ("JPEG", "JPEG"), ("bmp", "BMP")]
 

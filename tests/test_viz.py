@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from skimage.filters import threshold_otsu
 
-from pretrain.eval.features import Preprocessing
-from pretrain.viz import attention_mass_mask, cls_attention, otsu_threshold, patch_pca, visualise
+from lvd.pretrain.eval.features import Preprocessing
+from lvd.pretrain.viz import attention_mass_mask, cls_attention, otsu_threshold, patch_pca, visualise
 
 PATCH = 4
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.models import WeightsError, build_backbone
-from pretrain.models.weights import resolve_weights
+from lvd.pretrain.models import WeightsError, build_backbone
+from lvd.pretrain.models.weights import resolve_weights
 
 import transformers  # a test dependency: a missing one must fail, not skip
 

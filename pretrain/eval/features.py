@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pretrain.data.decode import DecodeError
-from pretrain.data.labelled import LabelledSample
-from pretrain.models.preprocess import bytes_to_square, normalise
+from lvd.pretrain.data.decode import DecodeError
+from lvd.pretrain.data.labelled import LabelledSample
+from lvd.pretrain.models.preprocess import bytes_to_square, normalise
 
 log = logging.getLogger(__name__)
 

@@ -192,7 +192,7 @@ def knn_accuracy(
 
 def run_knn(cfg) -> Path:
     """`lvd eval knn CONFIG`: features of `eval.train` and `eval.test`, k-NN accuracies to JSON."""
-    from pretrain.eval.stage import labelled_features, write_results
+    from lvd.pretrain.eval.stage import labelled_features, write_results
 
     c = cfg.eval
     data = labelled_features(cfg)

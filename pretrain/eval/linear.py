@@ -157,8 +157,8 @@ def fit_linear_probe(
 
 def run_linear(cfg) -> Path:
     """`lvd eval linear CONFIG`: features of `eval.train` / `eval.test`, a probe, accuracy to JSON."""
-    from pretrain.eval.knn import topk_accuracy
-    from pretrain.eval.stage import labelled_features, write_results
+    from lvd.pretrain.eval.knn import topk_accuracy
+    from lvd.pretrain.eval.stage import labelled_features, write_results
 
     c = cfg.eval
     data = labelled_features(cfg)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.data.labelled import encode_labels, iter_labelled, label_vocabulary
-from pretrain.eval.features import Preprocessing, extract_labelled_features, resolve_device
+from lvd.pretrain.data.labelled import encode_labels, iter_labelled, label_vocabulary
+from lvd.pretrain.eval.features import Preprocessing, extract_labelled_features, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ def load_model(
     `weights: null` gives random weights: that is the baseline a pretraining run is compared
     with, so it is allowed, and logged loudly.
     """
-    from pretrain.models import build_backbone
-    from pretrain.models.registry import get_spec
+    from lvd.pretrain.models import build_backbone
+    from lvd.pretrain.models.registry import get_spec
 
     spec = get_spec(model)
     if weights is None:

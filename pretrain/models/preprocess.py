@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.data.decode import center_crop, load_resized, resize_shorter
+from lvd.pretrain.data.decode import center_crop, load_resized, resize_shorter
 
 
 def check_resolution(resolution: int, patch_size: int) -> int:

@@ -6,7 +6,6 @@ scripts, tests and benchmarks that call `run_pretrain` directly.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -14,17 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def default_config_path() -> Path:
-    """configs/pretrain.yaml of a checkout, else the copy installed as curate package data."""
-    here = Path(__file__).resolve().parents[2] / "configs" / "pretrain.yaml"
-    if here.is_file():
-        return here
-    spec = importlib.util.find_spec("curate")  # locates the package without importing it
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            candidate = Path(loc) / "configs" / "pretrain.yaml"
-            if candidate.is_file():
-                return candidate
-    raise FileNotFoundError("configs/pretrain.yaml not found")
+    """curate/configs/pretrain.yaml: beside this package in a checkout and in an installed `lvd` alike.
+
+    Only the file is read; nothing of `curate` is imported (pretrain depends on no other package of ours).
+    """
+    path = Path(__file__).resolve().parents[2] / "curate" / "configs" / "pretrain.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the lvd installation is incomplete")
+    return path
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> DictConfig:

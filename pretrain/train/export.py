@@ -1,4 +1,4 @@
-"""`python -m pretrain.train.export CHECKPOINT OUT.pth`: the teacher backbone as a hub-layout .pth.
+"""`python -m lvd.pretrain.train.export CHECKPOINT OUT.pth`: the teacher backbone as a hub-layout .pth.
 
 The output loads with `build_backbone(ARCH, weights=OUT.pth)` and so with `lvd embed`.
 """

@@ -43,10 +43,16 @@ class LoadedWeights:
     arch_name: str | None = None  # the architecture the file says it is, when it says
 
 
+FORMATS_HINT = "lvd reads hub .pth state dicts, lvd checkpoints, .safetensors, Hugging Face folders and .onnx exports"
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(path), device="cpu")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        raise WeightsError(f"{path} is not a readable safetensors file ({type(exc).__name__}); {FORMATS_HINT}") from exc
 
 
 def _from_huggingface(sd: dict, config: dict) -> tuple[dict, dict]:
@@ -73,7 +79,13 @@ def _read(path: Path) -> LoadedWeights:
         from .onnx_import import state_dict_from_onnx
 
         hints = {"interpolate_offset": 0.0, "interpolate_antialias": False}  # a Dinov2Model export
-        return LoadedWeights(state_dict_from_onnx(path), str(path), "onnx", hints)
+        try:
+            sd = state_dict_from_onnx(path)
+        except WeightsError:
+            raise
+        except Exception as exc:  # onnx raises protobuf errors for a damaged file
+            raise WeightsError(f"{path} is not a readable ONNX export ({type(exc).__name__}); {FORMATS_HINT}") from exc
+        return LoadedWeights(sd, str(path), "onnx", hints)
     if suffix == ".safetensors":
         sd = _read_safetensors(path)
         if looks_like_hf(sd):
@@ -83,7 +95,8 @@ def _read(path: Path) -> LoadedWeights:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot read {path} as a weights-only torch file: {exc}") from exc
+        # torch's own message suggests weights_only=False, which would run code from an untrusted file
+        raise WeightsError(f"{path} is not a readable weights file ({type(exc).__name__}); {FORMATS_HINT}") from exc
     if is_lvd_checkpoint(obj):
         sd, name, overrides = teacher_from_checkpoint(obj)
         return LoadedWeights(to_hub_layout(sd), str(path), "lvd-pretrain", dict(overrides), name)

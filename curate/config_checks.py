@@ -1,0 +1,149 @@
+"""Value checks for the pipeline config, run when it is loaded.
+
+The defaults fix which keys exist; these checks fix what each may hold (type, range, choice,
+registry name), so `lvd config` rejects what a run would reject, before any stage starts.
+One table, one line per key: a check returns an error message, or None when the value is fine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+Check = Callable[[object], str | None]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def integer(lo: int | None = None, hi: int | None = None, nullable: bool = False) -> Check:
+    def check(value):
+        if value is None and nullable:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be an integer{' or null' if nullable else ''}, got {value!r}"
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            return f"must be {_range(lo, hi)}, got {value}"
+        return None
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, words: tuple[str, ...] = (), nullable: bool = False) -> Check:
+    def check(value):
+        if value is None and nullable:
+            return None
+        if isinstance(value, str) and value in words:
+            return None
+        if not _is_number(value):
+            allowed = " or ".join([*words, "a number", *(["null"] if nullable else [])])
+            return f"must be {allowed}, got {value!r}"
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            return f"must be {_range(lo, hi)}, got {value}"
+        return None
+    return check
+
+
+def choice(*options) -> Check:
+    def check(value):
+        return None if value in options else f"must be one of {list(options)}, got {value!r}"
+    return check
+
+
+def boolean(value) -> str | None:
+    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+
+def _range(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f"within [{lo}, {hi}]"
+    return f">= {lo}" if lo is not None else f"<= {hi}"
+
+
+def registry_model(value) -> str | None:
+    from lvd.pretrain.models.registry import list_models
+
+    names = list_models()
+    return None if value in names else f"must name a registry model ({', '.join(names)}), got {value!r}"
+
+
+def copy_space(value) -> str | None:
+    from lvd.pretrain.models.copy_detection import SPACE_THRESHOLDS
+
+    return None if value is None or value in SPACE_THRESHOLDS else f"must be null or one of {sorted(SPACE_THRESHOLDS)}, got {value!r}"
+
+
+def resolution(value) -> str | None:
+    if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return None
+    return f"must be null, auto or a number of pixels, got {value!r}"
+
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+BACKENDS = ("auto", "faiss", "torch")
+
+CHECKS: dict[str, Check] = {
+    "seed": integer(lo=0),
+    "workers": number(lo=0, words=("auto",)),
+    "progress": lambda v: None if v in (True, False, "auto") else f"must be true, false or auto, got {v!r}",
+    "overwrite": boolean,
+    "decode.max_pixels": integer(lo=1, nullable=True),
+    "decode.max_bytes": integer(lo=1, nullable=True),
+    "manifest.part_size": integer(lo=1),
+    "manifest.follow_symlinks": boolean,
+    "embed.model": registry_model,
+    "embed.allow_random": boolean,
+    "embed.resolution": resolution,
+    "embed.max_upscale": number(lo=1e-9),
+    "embed.batch_size": integer(lo=1),
+    "embed.dtype": choice(*DTYPES),
+    "embed.cls_and_mean_patch": boolean,
+    "embed.resize_ratio": number(lo=1.0),
+    "embed.part_size": integer(lo=1),
+    "embed.threads": number(lo=1, words=("auto",)),
+    "embed.copy_detection.space": copy_space,
+    "embed.copy_detection.resolution": integer(lo=1),
+    "dedup.k": integer(lo=1),
+    "dedup.threshold": number(words=("auto",)),
+    "dedup.backend": choice(*BACKENDS),
+    "dedup.mode": choice("knn", "semdedup"),
+    "dedup.grouping": choice("components", "star"),
+    "dedup.keep": choice("quality", "pixels"),
+    "dedup.semdedup_clusters": integer(lo=1, nullable=True),
+    "dedup.niter": integer(lo=1),
+    "decontam.threshold": number(words=("auto",)),
+    "cluster.k": integer(lo=1),
+    "cluster.method": choice("flat", "hierarchical"),
+    "cluster.niter": integer(lo=1),
+    "cluster.spherical": boolean,
+    "cluster.balanced_sample": integer(lo=0),
+    "cluster.backend": choice(*BACKENDS),
+    "retrieve.mode": choice("sample", "cluster"),
+    "retrieve.n": integer(lo=1),
+    "retrieve.m": integer(lo=1),
+    "retrieve.target": integer(lo=1, nullable=True),
+    "retrieve.min_similarity": number(words=("auto",), nullable=True),
+    "retrieve.floor_quantile": number(lo=0.0, hi=1.0),
+    "retrieve.include_seeds": boolean,
+    "retrieve.backend": choice(*BACKENDS),
+    "shards.max_count": integer(lo=1),
+    "shards.max_bytes": integer(lo=1),
+    "shards.shuffle": boolean,
+    "shards.resize": integer(lo=1, nullable=True),
+    "shards.quality": integer(lo=1, hi=100),
+    "shards.mtime": integer(lo=0),
+}
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """`key: message` for every value the table rejects (keys the config lacks are skipped)."""
+    problems = []
+    for key, check in CHECKS.items():
+        node = OmegaConf.select(cfg, key, default="\0missing")
+        if node == "\0missing":
+            continue
+        message = check(node)
+        if message:
+            problems.append(f"{key} {message}")
+    return problems
