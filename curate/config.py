@@ -119,11 +119,9 @@ def save_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
     """Write the merged config as RUN/config.yaml (atomically)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg))
-    os.replace(tmp, out)
-    return out
+    from lvd.common.atomic import atomic_write_text
+
+    return atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
 def as_list(value) -> list:

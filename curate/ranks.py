@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lvd.curate.config import load_config
-from lvd.pretrain.models.precision import resolve_device
+from lvd.common.devices import resolve_device
 
 
 @dataclass

@@ -7,7 +7,6 @@ a stage's `_SUCCESS.json` is written last, so its presence means the stage finis
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -16,55 +15,13 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from lvd.common.atomic import (atomic_path, atomic_write_bytes, atomic_write_json,  # noqa: F401 (the stages' import point)
+                              atomic_write_text, remove_stale_temps)
+
 SUCCESS_NAME = "_SUCCESS.json"
-
-
-def remove_stale_temps(folder: str | os.PathLike) -> int:
-    """Delete temporary files that a killed run left behind in `folder`; returns how many."""
-    removed = 0
-    for tmp in Path(folder).glob(".*.tmp-*"):
-        tmp.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    return Path(path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _versions() -> dict:

@@ -8,18 +8,19 @@ later stages. Every listing is sorted so that reruns see the same order.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import tarfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from lvd.common import media
+from lvd.common.media import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
+
 
 FOLDER, TAR, LIST = "folder", "tar", "list"
-DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS
 # Members of a WebDataset sample that carry its class label.
-LABEL_EXTENSIONS = ("cls", "label", "class")
 
 
 class SourceError(ValueError):
@@ -100,21 +101,11 @@ def resolve_listed_path(list_file: str, path: str) -> str:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Brace patterns and (for local paths) globs, expanded to a sorted list of shard URLs."""
-    from braceexpand import braceexpand  # a dependency of webdataset
-
-    urls: list[str] = []
-    for url in braceexpand(spec):
-        if "://" in url or url.startswith("pipe:") or not any(c in url for c in "*?["):
-            urls.append(url)
-        else:
-            urls.extend(sorted(glob.glob(url)))
-    local_missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
-    if local_missing:
-        raise SourceError(f"tar shards not found: {', '.join(local_missing[:5])}")
-    if not urls:
-        raise SourceError(f"no tar shards match {spec!r}")
-    return urls
+    """Brace patterns and (for local paths) globs, expanded to the list of shard URLs."""
+    try:
+        return media.expand_shards(spec)
+    except FileNotFoundError as exc:
+        raise SourceError(str(exc)) from None
 
 
 def _sample_key(name: str) -> str:

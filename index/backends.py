@@ -25,6 +25,8 @@ import logging
 import numpy as np
 import torch
 
+from lvd.common.devices import has_native_bf16, resolve_device  # noqa: F401 (resolve_device: part of this module's interface)
+
 log = logging.getLogger(__name__)
 
 METRICS = ("ip", "l2")
@@ -40,13 +42,6 @@ _FP32_ROUNDOFF = 2.0**-24
 DEFAULT_BLOCK_BYTES = {"cpu": 64 << 20, "other": 256 << 20}
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> the first CUDA device when torch sees one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     """Compute dtype for the torch backend; 'auto' picks bf16 only where it is fast."""
     if dtype not in _DTYPE_ALIASES:
@@ -55,8 +50,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype == "auto":
         if device.type == "cuda":
             return "bf16"
-        fast_bf16 = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return "bf16" if fast_bf16 else "fp32"
+        return "bf16" if has_native_bf16(device) else "fp32"
     if dtype == "tf32" and device.type != "cuda":
         log.info("tf32 exists only on CUDA devices; computing in fp32 on %s", device)
         return "fp32"

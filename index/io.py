@@ -23,7 +23,7 @@ def list_parts(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
     """(vectors, ids) file pairs of an embedding folder, in part-number order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no embedding folder at {folder}")
+        raise FileNotFoundError(f"embedding folder not found: {folder}")
     pairs = []
     for path in sorted(folder.iterdir()):
         match = _PART.match(path.name)

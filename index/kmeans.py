@@ -32,6 +32,7 @@ import scipy.sparse
 import torch
 from tqdm.auto import tqdm
 
+from lvd.common.atomic import atomic_path
 from lvd.index.backends import FaissBackend, VectorBackend, _as_f32, get_backend
 
 log = logging.getLogger(__name__)
@@ -312,12 +313,9 @@ class _Checkpoint:
     def save(self, iteration: int, centroids: np.ndarray, objective: list[float]) -> None:
         if self.path is None or not self.writer or iteration % self.every:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
             np.savez(f, iteration=np.int64(iteration), centroids=centroids,
                      objective=np.asarray(objective, np.float64), fingerprint=np.str_(self.fingerprint))
-        os.replace(tmp, self.path)
 
 
 def _fingerprint(n: int, d: int, k: int, spherical: bool, init: np.ndarray) -> str:

@@ -19,11 +19,9 @@ files directly rather than importing `curate/` (dependencies go curate -> index)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import tarfile
 import time
@@ -36,7 +34,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import ann
+from lvd.common.atomic import atomic_write_json
+
+from . import ann, io
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ EMBEDDER_KEYS = ("kind", "model", "weights", "resolution", "resize_ratio", "mean
                  "layout", "output", "space")
 # recorded too, but not part of the space: a bf16 and an fp32 run of one model are comparable
 EMBEDDER_EXTRA_KEYS = ("dtype",)
-_PART_RE = re.compile(r"part-(\d+)\.npy$")
 
 
 class IndexFolderError(RuntimeError):
@@ -69,23 +68,16 @@ class EmbedPart:
 
 
 def list_parts(embed_dir: Path) -> list[EmbedPart]:
-    """The finished part files of an embed folder, in name order (never the copy/ sub-folder)."""
-    embed_dir = Path(embed_dir)
-    if not embed_dir.is_dir():
-        raise FileNotFoundError(f"embed folder not found: {embed_dir}")
+    """The finished part files of an embed folder, in name order (never the copy/ sub-folder).
+
+    The pairing rules are `index.io.list_parts`'s: a part without its ids file is an error.
+    """
     parts = []
-    for path in sorted(embed_dir.glob("part-*.npy")):
-        m = _PART_RE.search(path.name)
-        if not m:
-            continue
-        ids_path = embed_dir / f"ids-{m.group(1)}.npy"
-        if not ids_path.is_file():
-            log.warning("%s has no %s; skipped", path, ids_path.name)
-            continue
-        rows = np.load(path, mmap_mode="r").shape[0]
+    for vectors, ids_path in io.list_parts(embed_dir):
+        rows = np.load(vectors, mmap_mode="r").shape[0]
         if np.load(ids_path, mmap_mode="r").shape[0] != rows:
-            raise IndexFolderError(f"{path} and {ids_path.name} differ in length")
-        parts.append(EmbedPart(path.stem, path, ids_path, rows))
+            raise IndexFolderError(f"{vectors} and {ids_path.name} differ in length")
+        parts.append(EmbedPart(vectors.stem, vectors, ids_path, rows))
     return parts
 
 
@@ -140,20 +132,8 @@ def read_manifest_meta(embed_dir: Path, ids: np.ndarray) -> pd.DataFrame:
 # --------------------------------------------------------------------------- atomic files
 
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    with _atomic(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_json(path, obj, default=_json_default)
 
 
 def _json_default(value):

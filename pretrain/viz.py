@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from lvd.pretrain.data.decode import DecodeError, load_resized
+from lvd.common.media import is_image_name
 from lvd.pretrain.eval.features import Preprocessing, autocast_context, images_to_tensor, resolve_device
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 _VIRIDIS_ANCHORS = np.array(
     [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
 )
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -219,7 +219,7 @@ def image_files(specs: Sequence[str | os.PathLike]) -> list[Path]:
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+            files.extend(sorted(f for f in p.rglob("*") if is_image_name(f.name)))
         elif p.is_file():
             files.append(p)
         else:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lvd.pretrain.models.embedder import Embedder
-from lvd.pretrain.models.precision import resolve_dtype
+from lvd.common.devices import resolve_dtype
 from conftest import save_tiny_weights
 
 
@@ -53,7 +53,7 @@ def test_bf16_autocast_stays_close_to_float32(weights):
 
 
 def test_dtype_policy(monkeypatch):
-    from lvd.pretrain.models import precision
+    from lvd.common import devices as precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_dtype("auto", cuda) == torch.bfloat16

@@ -9,7 +9,6 @@ over the train and test sources so that both sides share class indices.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -20,10 +19,10 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import webdataset as wds
 
+from lvd.common.media import IMAGE_EXTENSIONS, expand_shards, is_image_name
+
 log = logging.getLogger(__name__)
 
-# File name extensions taken as images, in class folders and as shard members.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,6 @@ class LabelledSample:
     key: str  # path relative to the class-folder root, or the shard sample's __key__
     data: bytes
     label: str
-
-
-def _is_image_name(name: str, extensions: Sequence[str]) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in extensions if "." in name else False
 
 
 def iter_class_folder(
@@ -49,20 +44,14 @@ def iter_class_folder(
         raise ValueError(f"{root}: no class sub-folders (expected ROOT/CLASS/image files)")
     for cls in classes:
         files = sorted(
-            p for p in (root / cls).rglob("*") if p.is_file() and _is_image_name(p.name, extensions)
+            p for p in (root / cls).rglob("*") if p.is_file() and is_image_name(p.name, extensions)
         )
         for path in files:
             yield LabelledSample(path.relative_to(root).as_posix(), path.read_bytes(), cls)
 
 
-def _shard_urls(pattern: str) -> str | list[str]:
-    """Local glob patterns are expanded here; brace patterns and URLs are left to webdataset."""
-    if any(ch in pattern for ch in "*?[") and "://" not in pattern:
-        urls = sorted(glob.glob(pattern))
-        if not urls:
-            raise FileNotFoundError(f"no shard matches {pattern!r}")
-        return urls
-    return pattern  # a string, so that webdataset expands its braces
+def _shard_urls(pattern: str) -> list[str]:
+    return expand_shards(pattern, sort=True)
 
 
 def _image_member(sample: dict, extensions: Sequence[str]) -> str | None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lvd.common.devices import resolve_device  # noqa: F401 (imported from here by the eval stage and viz)
 from lvd.pretrain.data.decode import DecodeError
 from lvd.pretrain.data.labelled import LabelledSample
 from lvd.pretrain.models.preprocess import bytes_to_square, normalise
@@ -39,13 +40,6 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resize_ratio: float = 1.0
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def autocast_context(device: torch.device, dtype: str):

@@ -12,9 +12,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lvd.pretrain.data.labelled import encode_labels, iter_labelled, label_vocabulary
+from lvd.common.atomic import atomic_write_bytes
 from lvd.pretrain.eval.features import Preprocessing, extract_labelled_features, resolve_device
 
 log = logging.getLogger(__name__)
@@ -189,19 +188,6 @@ def labelled_features(cfg) -> EvalData:
         arrays["train_x"], encode_labels(tr_labels, classes), arrays["test_x"], encode_labels(te_labels, classes),
         classes, device, meta,
     )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_results(cfg, name: str, results: dict) -> Path:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .build import build_backbone
-from .precision import autocast, resolve_device, resolve_dtype
+from lvd.common.devices import autocast, resolve_device, resolve_dtype
 from .preprocess import bytes_to_square, check_resolution, normalise, pil_to_square
 from .registry import IMAGENET_MEAN, IMAGENET_STD, get_spec
 from .weights import resolve_weights

@@ -15,22 +15,17 @@ from pathlib import Path
 
 import torch
 
+from lvd.common.atomic import atomic_path
+
 FORMAT = "lvd-pretrain"
 _NAME = re.compile(r"^iter-(\d+)\.pth$")
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """torch.save to `path` via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def checkpoint_path(folder: str | os.PathLike, iteration: int) -> Path:

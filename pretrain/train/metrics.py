@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from lvd.common.atomic import atomic_write_text
+
 
 class MetricsLog:
     """Append-only `metrics.jsonl`, one object per logged iteration."""
@@ -28,9 +30,7 @@ class MetricsLog:
                 continue
             if row.get("iteration", -1) < resume_from:
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:

@@ -17,46 +17,25 @@ workers are served round-robin, so on resume physical worker w takes over logica
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from itertools import count
 from typing import Iterator
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lvd.common import media
+from lvd.common.media import IMAGE_EXTENSIONS
+
 from ..data.decode import DecodeError, load_resized
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(
-    "jpg jpeg jpe jfif png webp bmp gif tif tiff ppm pgm pbm pnm jp2 j2k avif heic heif ico tga".split()
-)
-
-
 def expand_shards(spec: str | list[str]) -> list[str]:
     """Brace patterns and (for local paths) globs -> sorted, de-duplicated shard list."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for s in specs:
-        for item in braceexpand.braceexpand(str(s)):
-            if "://" in item or item.startswith("pipe:"):
-                out.append(item)
-            elif any(ch in item for ch in "*?["):
-                out.extend(glob.glob(item))
-            else:
-                out.append(item)
-    out = sorted(set(out))
-    if not out:
-        raise FileNotFoundError(f"no shards match {spec!r}")
-    missing = [u for u in out if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
-    if missing:
-        raise FileNotFoundError(f"shards not found: {missing[:5]}")
-    return out
+    return media.expand_shards(spec, sort=True)
 
 
 def image_field(sample: dict) -> bytes | None:

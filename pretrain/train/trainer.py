@@ -10,9 +10,7 @@ _SUCCESS.json}.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import platform
 import shutil
 import sys
@@ -28,6 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lvd.common.atomic import atomic_path, atomic_write_json
+from lvd.common.devices import resolve_device
+
 from . import distributed as D
 from .augment import MultiCrop
 from .checkpoint import FORMAT, atomic_save, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints
@@ -41,15 +42,6 @@ from .stream import ShardStream, expand_shards
 
 log = logging.getLogger(__name__)
 N_GLOBAL = 2
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -283,9 +275,8 @@ class Pretrainer:
         self.resume()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            tmp = self.out / ".config.yaml.tmp"
-            OmegaConf.save(cfg, tmp)
-            os.replace(tmp, self.out / "config.yaml")
+            with atomic_path(self.out / "config.yaml") as tmp:
+                OmegaConf.save(cfg, tmp)
         metrics = MetricsLog(self.out / "metrics.jsonl", self.start) if self.rank == 0 else None
         stop = self.total if cfg.train.stop_after is None else min(self.total, int(cfg.train.stop_after))
         show = (sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)) and self.rank == 0
@@ -336,9 +327,7 @@ class Pretrainer:
                     "teacher_backbone": str(self.out / "teacher_backbone.pth"),
                     "world_size": self.world, "device": str(self.device),
                     "versions": {"python": platform.python_version(), "torch": torch.__version__}}
-            tmp = self.out / "._SUCCESS.json.tmp"
-            tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-            os.replace(tmp, self.out / "_SUCCESS.json")
+            atomic_write_json(self.out / "_SUCCESS.json", info)
         D.barrier()
 
 
