@@ -83,6 +83,25 @@ class _TorchEmbedder(PixelEmbedder):
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    kind: str
+    weights: str | None
+
+    def _extra_info(self) -> dict:
+        return {}
+
+    def info(self) -> dict:
+        return {
+            "kind": self.kind,
+            "weights": self.weights,
+            "resolution": self.resolution,
+            "resize_ratio": self.resize_ratio,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "dim": self.dim,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            **self._extra_info(),
+        }
+
     @torch.inference_mode()
     def embed_uint8(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         batch = torch.as_tensor(batch)
@@ -133,19 +152,10 @@ class Embedder(_TorchEmbedder):
         halves = (F.normalize(cls.float(), dim=-1), F.normalize(patch.float(), dim=-1))
         return torch.cat(halves, dim=-1) / np.sqrt(2.0)
 
-    def info(self) -> dict:
-        return {
-            "kind": "vit",
-            "model": self.name,
-            "weights": self.weights,
-            "resolution": self.resolution,
-            "resize_ratio": self.resize_ratio,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "dim": self.dim,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "cls_and_mean_patch": self.cls_and_mean_patch,
-        }
+    kind = "vit"
+
+    def _extra_info(self) -> dict:
+        return {"model": self.name, "cls_and_mean_patch": self.cls_and_mean_patch}
 
 
 class CopyDetectionEmbedder(_TorchEmbedder):
@@ -184,17 +194,7 @@ class CopyDetectionEmbedder(_TorchEmbedder):
             raise ValueError(f"copy-detection model returned shape {tuple(out.shape)}, expected B x dim")
         return out
 
-    def info(self) -> dict:
-        return {
-            "kind": "torchscript",
-            "weights": self.weights,
-            "resolution": self.resolution,
-            "resize_ratio": self.resize_ratio,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "dim": self.dim,
-            "dtype": str(self.dtype).replace("torch.", ""),
-        }
+    kind = "torchscript"
 
 
 def embedder_from_info(info: dict, device: str | torch.device = "cpu", dtype: str | None = None,
