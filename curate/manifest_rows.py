@@ -100,6 +100,10 @@ def _tar_rows(set_name: str, url: str, settings: DecodeSettings) -> list[dict]:
         flush()
         if src.is_local(url) and url.endswith(".tar") and not src.tar_has_end_marker(url):
             raise OSError("the tar has no end-of-archive marker: it was cut short after its last whole member")
+        if src.is_local(url):
+            for name, target in src.tar_link_members(url):
+                rows.append({**_base_row(set_name, src.TAR, url, name, None), "status": QUARANTINED,
+                             "error": f"link member (to {target!r}): links in shards are not followed"})
     except Exception as exc:
         flush()
         key = f"#tar-error-after-{count}-members"

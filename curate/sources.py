@@ -8,6 +8,7 @@ later stages. Every listing is sorted so that reruns see the same order.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tarfile
@@ -19,6 +20,8 @@ from lvd.common.media import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
 
 
 FOLDER, TAR, LIST = "folder", "tar", "list"
+log = logging.getLogger(__name__)
+
 DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS
 # Members of a WebDataset sample that carry its class label.
 
@@ -53,11 +56,31 @@ def _ext_ok(name: str, extensions: Iterable[str]) -> bool:
 
 
 def list_folder(root: str, extensions: Iterable[str] = DEFAULT_EXTENSIONS, follow_symlinks: bool = False) -> list[str]:
-    """Relative posix paths of the image files under `root`, sorted."""
+    """Relative posix paths of the image files under `root`, sorted.
+
+    With `follow_symlinks`, linked folders are walked only when they resolve inside `root` and
+    were not walked before: a link loop or a link to `/` would otherwise list files again and
+    again, or the whole filesystem. Skipped links are logged.
+    """
     extensions = {e.lower().lstrip(".") for e in extensions}
+    top = os.path.realpath(root)
+    seen = {top}
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            full = os.path.join(dirpath, d)
+            if follow_symlinks:
+                real = os.path.realpath(full)
+                inside = real == top or real.startswith(top + os.sep)
+                if real in seen or not inside:
+                    if os.path.islink(full):
+                        why = "it points outside the source folder" if not inside else "that folder is walked already"
+                        log.warning("not following the folder link %s -> %s: %s", full, real, why)
+                    continue
+                seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep
         rel_dir = os.path.relpath(dirpath, root)
         for name in filenames:
             if name.startswith(".") or not _ext_ok(name, extensions):
@@ -137,6 +160,16 @@ def iter_tar_members(url: str, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -
             continue
         ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
         yield Member(name=name, data=record["data"] if ext in wanted else None, sample_key=_sample_key(name))
+
+
+def tar_link_members(path: str) -> list[tuple[str, str]]:
+    """(name, target) of the symbolic and hard link members of a local tar.
+
+    WebDataset reads regular files only and passes links over without a word; the manifest
+    lists them as quarantined rows so that nothing in a shard goes unaccounted for.
+    """
+    with tarfile.open(path, "r:*") as tar:
+        return [(m.name, m.linkname) for m in tar if m.issym() or m.islnk()]
 
 
 def is_local(url: str) -> bool:

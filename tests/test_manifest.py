@@ -213,3 +213,22 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     assert not list((killed_dir / "manifest").glob(".*tmp*"))
     frame = read_manifest(killed_dir, status=None)
     assert len(frame) == 1201 and (frame.status == "quarantined").sum() == 1
+
+
+def test_link_members_of_a_tar_are_quarantined_rows(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (6, 6), (9, 9, 9)).save(buf, "PNG")
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("s0.png")
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+        link = tarfile.TarInfo("s1.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    cfg = _cfg(tmp_path / "run", [str(path)])
+    run_manifest(cfg)
+    rows = read_manifest(cfg.run_dir, status=None).set_index("key")
+    assert rows.at["s0.png", "status"] == "ok"
+    assert rows.at["s1.png", "status"] == "quarantined" and "link member" in rows.at["s1.png", "error"]
+    assert "/etc/passwd" in rows.at["s1.png", "error"]

@@ -91,3 +91,23 @@ def test_tar_members_streamed_with_webdataset_keep_sample_keys(tmp_path):
         sink.write({"__key__": "dir/a.b", "jpg": b"J", "json": b"{}"})
     members = list(src.iter_tar_members(str(tar_path)))
     assert [(m.name, m.sample_key, m.data) for m in members] == [("dir/a.b.jpg", "dir/a", b"J"), ("dir/a.b.json", "dir/a", None)]
+
+
+def test_followed_folder_links_stay_inside_the_source_and_never_loop(tmp_path):
+    import os
+
+    root = tmp_path / "pool"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "other").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "a" / "b" / "x.png")
+    Image.new("RGB", (4, 4)).save(root / "other" / "y.png")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (4, 4)).save(outside / "z.png")
+    os.symlink(root / "a", root / "a" / "b" / "loop")  # a loop back up the tree
+    os.symlink("/", root / "everything")  # the whole filesystem
+    os.symlink(outside, root / "elsewhere")  # a folder outside the source
+    os.symlink(root / "other", root / "alias")  # a link inside the source: walked once
+    listed = src.list_folder(str(root), follow_symlinks=True)
+    assert listed == ["a/b/x.png", "alias/y.png"] or listed == ["a/b/x.png", "other/y.png"]
+    assert src.list_folder(str(root), follow_symlinks=False) == ["a/b/x.png", "other/y.png"]
