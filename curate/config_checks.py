@@ -65,7 +65,9 @@ def registry_model(value) -> str | None:
     from lvd.pretrain.models.registry import list_models
 
     names = list_models()
-    return None if value in names else f"must name a registry model ({', '.join(names)}), got {value!r}"
+    if value == "auto" or value in names:
+        return None
+    return f"must be auto (the architecture the weights file records) or a registry model ({', '.join(names)}), got {value!r}"
 
 
 def copy_space(value) -> str | None:

@@ -45,6 +45,7 @@ from lvd.pretrain.data.decode import DecodeError
 from lvd.pretrain.models.copy_detection import build_copy_detector, resolve_copy_detector
 from lvd.pretrain.models.embedder import Embedder
 from lvd.pretrain.models.preprocess import auto_resolution, bytes_to_square
+from lvd.pretrain.models.build import model_name
 from lvd.pretrain.models.registry import get_spec
 from lvd.pretrain.models.weights import resolve_weights
 
@@ -210,7 +211,7 @@ def embed_resolution(settings, frame: pd.DataFrame) -> int | None:
             return int(value)
         except (TypeError, ValueError):
             raise ValueError(f"embed.resolution must be null, auto or a number of pixels, got {value!r}") from None
-    spec = get_spec(str(settings.model))
+    spec = get_spec(model_name(str(settings.model), settings.weights))
     shorter = np.minimum(frame["width"].to_numpy(dtype=np.float64), frame["height"].to_numpy(dtype=np.float64))
     side = auto_resolution(shorter, spec.patch_size, spec.resolution, float(settings.max_upscale))
     log.info("embed.resolution=auto: median shorter side %s px, at most %gx upscaled -> %d px (model's own %d)",

@@ -89,7 +89,7 @@ def test_merged_config_is_saved_and_reloads_equal(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("dedup.threshold=abc", "dedup.threshold must be auto or a number, got 'abc'"),
     ("cluster.k=-5", "cluster.k must be >= 1, got -5"),
-    ("embed.model=dinov2_vitz14", "embed.model must name a registry model"),
+    ("embed.model=dinov2_vitz14", "embed.model must be auto (the architecture the weights file records) or a registry model"),
     ("dedup.k=0", "dedup.k must be >= 1, got 0"),
     ("retrieve.floor_quantile=1.5", "retrieve.floor_quantile must be within [0.0, 1.0]"),
     ("dedup.keep=largest", "dedup.keep must be one of ['quality', 'pixels']"),

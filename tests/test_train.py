@@ -301,3 +301,29 @@ def test_torchrun_ddp_equals_fsdp_and_fsdp_resumes(tmp_path, shards):
     # to rounding (about 1e-13 has been seen), not necessarily bit for bit.
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-8, msg=k)
+
+
+def test_a_self_describing_export_loads_with_model_auto_and_no_overrides(tmp_path):
+    """An lvd checkpoint trained with architecture overrides, exported as .safetensors, needs none of them."""
+    from lvd.pretrain.models.embedder import Embedder
+    from lvd.pretrain.models.weights import WeightsError
+    from lvd.pretrain.train.checkpoint import FORMAT, atomic_save
+
+    torch.manual_seed(0)
+    overrides = {"num_register_tokens": 2, "embed_dim": 48, "num_heads": 4}
+    trained = build_backbone("vit_tiny_p4", **overrides)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ckpt = tmp_path / "iter-1.pth"
+    atomic_save({"format": FORMAT, "arch": {"name": "vit_tiny_p4", "overrides": overrides},
+                 "teacher_backbone": trained.state_dict()}, ckpt)
+    exported = export_teacher(ckpt, tmp_path / "teacher.safetensors")
+    model = build_backbone("auto", weights=str(exported))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), trained.eval()(x))
+    assert Embedder("auto", exported, dtype="float32").info()["model"] == "vit_tiny_p4"
+    with pytest.raises(WeightsError, match="shape"):  # the plain hub-layout export needs the overrides spelled out
+        build_backbone("vit_tiny_p4", weights=str(export_teacher(ckpt, tmp_path / "teacher.pth")))
+    with pytest.raises(WeightsError, match="names its architecture"):
+        build_backbone("auto", weights=str(tmp_path / "teacher.pth"))

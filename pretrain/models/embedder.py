@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .build import build_backbone
+from .build import build_backbone, model_name
 from lvd.common.devices import autocast, resolve_device, resolve_dtype
 from .preprocess import bytes_to_square, check_resolution, normalise, pil_to_square
 from .registry import IMAGENET_MEAN, IMAGENET_STD, get_spec
@@ -129,6 +129,7 @@ class Embedder(_TorchEmbedder):
         cls_and_mean_patch: bool = False,
         resize_ratio: float = 1.0,
     ) -> None:
+        name = model_name(name, weights)  # "auto": the architecture a self-describing file records
         spec = get_spec(name)
         self.name = name
         self.weights = str(weights) if weights is not None else None

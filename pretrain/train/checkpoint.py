@@ -56,6 +56,24 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def export_teacher(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the teacher backbone of checkpoint `ckpt` as a plain hub-layout state_dict `.pth`."""
-    state = load_checkpoint(ckpt)["teacher_backbone"]
-    return atomic_save({k: v.detach().clone().contiguous() for k, v in state.items()}, out)
+    """Write the teacher backbone of checkpoint `ckpt`: `.safetensors` carries its architecture in
+    its metadata (loads with `build_backbone("auto", ...)`), anything else is a plain hub-layout
+    state_dict `.pth` (loads wherever DINOv2 hub weights do, given the architecture)."""
+    loaded = load_checkpoint(ckpt)
+    arch = loaded.get("arch") or {}
+    return export_backbone(loaded["teacher_backbone"], out, arch.get("name"), arch.get("overrides") or {})
+
+
+def export_backbone(state: dict, out: str | os.PathLike, name: str | None, overrides: dict) -> Path:
+    tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    if str(out).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        from lvd.pretrain.models.weights.lvd_checkpoint import backbone_metadata
+
+        if name is None:
+            raise ValueError("a self-describing export needs the architecture name")
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata=backbone_metadata(name, overrides))
+        return Path(out)
+    return atomic_save(tensors, out)

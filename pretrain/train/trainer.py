@@ -31,7 +31,7 @@ from lvd.common.devices import resolve_device
 
 from . import distributed as D
 from .augment import MultiCrop
-from .checkpoint import FORMAT, atomic_save, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints
+from .checkpoint import FORMAT, atomic_save, checkpoint_path, export_backbone, list_checkpoints, load_checkpoint, prune_checkpoints
 from .config import effective_loss_settings
 from .masking import batch_masks
 from .metrics import MetricsLog
@@ -265,7 +265,7 @@ class Pretrainer:
     def run(self) -> Path:
         cfg = self.cfg
         if cfg.train.overwrite and self.rank == 0 and self.out.exists():
-            for name in ("checkpoints", "metrics.jsonl", "teacher_backbone.pth", "_SUCCESS.json"):
+            for name in ("checkpoints", "metrics.jsonl", "teacher_backbone.pth", "teacher_backbone.safetensors", "_SUCCESS.json"):
                 p = self.out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         D.barrier()
@@ -321,10 +321,14 @@ class Pretrainer:
         found = list_checkpoints(self.out / "checkpoints")
         if self.rank == 0:
             ckpt = load_checkpoint(found[-1][1])
-            atomic_save(ckpt["teacher_backbone"], self.out / "teacher_backbone.pth")
+            atomic_save(ckpt["teacher_backbone"], self.out / "teacher_backbone.pth")  # hub layout
+            arch = ckpt["arch"]
+            export_backbone(ckpt["teacher_backbone"], self.out / "teacher_backbone.safetensors", arch["name"],
+                            arch.get("overrides") or {})  # self-describing
             info = {"iterations": self.total, "images_seen": self.total * self.global_batch,
                     "arch": ckpt["arch"], "checkpoint": str(found[-1][1]),
                     "teacher_backbone": str(self.out / "teacher_backbone.pth"),
+                    "teacher_backbone_self_describing": str(self.out / "teacher_backbone.safetensors"),
                     "world_size": self.world, "device": str(self.device),
                     "versions": {"python": platform.python_version(), "torch": torch.__version__}}
             atomic_write_json(self.out / "_SUCCESS.json", info)

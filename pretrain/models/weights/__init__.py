@@ -18,7 +18,7 @@ import torch
 
 from .hub import grid_side, to_hub_layout
 from .huggingface import hf_to_hub, hints_from_hf_config, looks_like_hf, read_hf_config
-from .lvd_checkpoint import is_lvd_checkpoint, teacher_from_checkpoint
+from .lvd_checkpoint import arch_from_metadata, is_lvd_checkpoint, teacher_from_checkpoint
 from .resolve import resolve_weights
 from .strict import WeightsError, check_state_dict, load_strict
 
@@ -46,13 +46,16 @@ class LoadedWeights:
 FORMATS_HINT = "lvd reads hub .pth state dicts, lvd checkpoints, .safetensors, Hugging Face folders and .onnx exports"
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_safetensors(path: Path, with_metadata: bool = False):
+    from safetensors import safe_open
 
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error type for a damaged header
         raise WeightsError(f"{path} is not a readable safetensors file ({type(exc).__name__}); {FORMATS_HINT}") from exc
+    return (tensors, metadata) if with_metadata else tensors
 
 
 def _from_huggingface(sd: dict, config: dict) -> tuple[dict, dict]:
@@ -87,7 +90,10 @@ def _read(path: Path) -> LoadedWeights:
             raise WeightsError(f"{path} is not a readable ONNX export ({type(exc).__name__}); {FORMATS_HINT}") from exc
         return LoadedWeights(sd, str(path), "onnx", hints)
     if suffix == ".safetensors":
-        sd = _read_safetensors(path)
+        sd, metadata = _read_safetensors(path, with_metadata=True)
+        name, overrides = arch_from_metadata(metadata)
+        if name is not None:
+            return LoadedWeights(to_hub_layout(sd), str(path), "lvd-backbone", overrides, name)
         if looks_like_hf(sd):
             sd, hints = _from_huggingface(sd, read_hf_config(path.parent))
             return LoadedWeights(sd, str(path), "huggingface", hints)

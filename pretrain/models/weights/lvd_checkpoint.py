@@ -20,3 +20,25 @@ def teacher_from_checkpoint(ckpt: Mapping) -> tuple[dict, str | None, dict]:
         raise KeyError("lvd checkpoint has no 'teacher_backbone' entry")
     arch = ckpt.get("arch") or {}
     return dict(ckpt["teacher_backbone"]), arch.get("name"), dict(arch.get("overrides") or {})
+
+
+# A backbone exported by lvd: safetensors (no pickle) whose metadata names the architecture, so
+# `build_backbone("auto", weights=FILE)` and `embed.model: auto` need no overrides. The hub-layout
+# tensors are unchanged, so the file also loads wherever a DINOv2 safetensors file does.
+BACKBONE_ARCH_KEY = "lvd.arch"
+BACKBONE_OVERRIDES_KEY = "lvd.overrides"
+
+
+def backbone_metadata(name: str, overrides: Mapping) -> dict[str, str]:
+    import json
+
+    return {BACKBONE_ARCH_KEY: str(name), BACKBONE_OVERRIDES_KEY: json.dumps(dict(overrides), sort_keys=True)}
+
+
+def arch_from_metadata(metadata: Mapping[str, str] | None) -> tuple[str | None, dict]:
+    """(architecture name, overrides) recorded in a safetensors file's metadata, or (None, {})."""
+    import json
+
+    if not metadata or BACKBONE_ARCH_KEY not in metadata:
+        return None, {}
+    return metadata[BACKBONE_ARCH_KEY], dict(json.loads(metadata.get(BACKBONE_OVERRIDES_KEY) or "{}"))
