@@ -2,13 +2,14 @@
 
 A person should be able to check a curation run by looking: which images were merged as
 duplicates, which pool images were dropped as copies of evaluation images, what the clusters
-look like, and what each seed image pulled in. The page is plain HTML with thumbnails beside
-it (report/img/), so it opens from disk, from a file server, or as a CI artifact.
+look like, and what each seed image pulled in. The readers below gather plain values from the
+run folder; `templates/report.html` (Jinja2, autoescaped) lays them out. Thumbnails sit beside
+the page (report/img/), so it opens from disk, from a file server, or as a CI artifact. Every
+section that shows a part says so ("showing N of M") and links the parquet with all of it.
 """
 
 from __future__ import annotations
 
-import html
 import logging
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from lvd.curate.config import save_config
 from lvd.curate.manifest import read_manifest
@@ -27,26 +29,15 @@ log = logging.getLogger(__name__)
 STAGE = "report"
 THUMB = 128
 MAX_GROUPS = 24
+MAX_MEMBERS = 12
 MAX_CLUSTERS = 16
 PER_CLUSTER = 10
 MAX_SEEDS = 8
+PER_SEED = 10
 MAX_PAIRS = 24
 MAX_QUARANTINED = 50
-
-CSS = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{margin-top:0} h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:36px}
-table.counts{border-collapse:collapse} table.counts td,table.counts th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-table.counts td:first-child,table.counts th:first-child{text-align:left}
-.row{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start;margin:8px 0 16px}
-figure{margin:0;width:%dpx;font-size:11px;text-align:center}
-figure img{width:%dpx;height:%dpx;object-fit:contain;background:#eee;display:block}
-figure.seed img{outline:3px solid #2a7} figure.removed img{outline:3px solid #c33}
-.label{font-size:13px;margin:12px 0 2px;color:#555}
-.pair{display:flex;gap:6px;margin:6px 16px 6px 0;align-items:center}
-.pairs{display:flex;flex-wrap:wrap}
-svg text{font-size:10px}
-""" % (THUMB, THUMB, THUMB)
+COUNT_KEYS = ("rows", "images", "embedded", "exact_duplicates", "near_duplicates_removed", "decontaminated", "pool_kept",
+              "clusters", "k", "distinct_images", "samples", "shards")
 
 
 class Thumbnails:
@@ -85,19 +76,24 @@ class Thumbnails:
         return f"img/{name}"
 
 
-def _figure(thumbs: Thumbnails, id_, caption: str, cls: str = "") -> str:
-    src = thumbs.path(id_)
-    img = f'<img src="{html.escape(src)}" alt="{int(id_)}" loading="lazy">' if src else '<div style="width:128px;height:128px;background:#fdd">missing</div>'
-    return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+class Figures:
+    """One thumbnail with its caption lines: what the image is, and its file name."""
+
+    def __init__(self, thumbs: Thumbnails, manifest: pd.DataFrame):
+        self.thumbs = thumbs
+        self.rows = manifest.set_index("id")
+
+    def __call__(self, id_, role: str, cls: str = "") -> dict:
+        id_ = int(id_)
+        caption = [role]
+        if id_ in self.rows.index:
+            row = self.rows.loc[id_]
+            caption.append(str(row["key"]).rsplit("/", 1)[-1])
+        return {"id": id_, "src": self.thumbs.path(id_), "caption": caption, "cls": cls}
 
 
 def _read(path: Path) -> pd.DataFrame | None:
     return pq.read_table(path).to_pandas() if path.is_file() else None
-
-
-def _counts_table(rows: list[tuple[str, str]]) -> str:
-    body = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(str(b))}</td></tr>" for a, b in rows)
-    return f'<table class="counts"><tr><th>what</th><th>count</th></tr>{body}</table>'
 
 
 def histogram_svg(sizes: np.ndarray, bins: int = 30, width: int = 640, height: int = 160) -> str:
@@ -115,41 +111,25 @@ def histogram_svg(sizes: np.ndarray, bins: int = 30, width: int = 640, height: i
     return f'<svg width="{width}" height="{height}" role="img" aria-label="cluster sizes">{"".join(bars)}{axis}</svg>'
 
 
-def _section_counts(run_dir: Path, manifest: pd.DataFrame) -> str:
-    rows = []
-    for (set_name, status), n in manifest.groupby(["set", "status"]).size().items():
-        rows.append((f"manifest {set_name} {status}", n))
+def read_counts(run_dir: Path, manifest: pd.DataFrame) -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = [(f"manifest {s} {status}", int(n)) for (s, status), n in manifest.groupby(["set", "status"]).size().items()]
     for stage in ("embed", "dedup", "cluster", "retrieve", "shards"):
         info = read_success(run_dir / stage)
         if info is None:
-            rows.append((f"{stage}", "not run"))
+            rows.append((stage, "not run"))
             continue
-        for key in ("rows", "images", "embedded", "exact_duplicates", "near_duplicates_removed", "decontaminated", "pool_kept", "clusters", "k", "distinct_images", "samples", "shards"):
-            if key in info and not isinstance(info[key], (dict, list)):
-                rows.append((f"{stage} {key.replace('_', ' ')}", info[key]))
-    return "<h2>Counts per stage</h2>" + _counts_table(rows)
+        rows += [(f"{stage} {key.replace('_', ' ')}", info[key]) for key in COUNT_KEYS
+                 if key in info and not isinstance(info[key], (dict, list))]
+    return rows
 
 
-def _section_duplicates(run_dir: Path, thumbs: Thumbnails) -> str:
-    near = _read(run_dir / "dedup" / "near.parquet")
-    exact = _read(run_dir / "dedup" / "exact.parquet")
-    parts = ["<h2>Duplicate groups</h2>"]
-    if near is None:
-        return parts[0] + "<p>dedup has not run.</p>"
-    parts.append(_space_line(read_success(run_dir / "dedup")))
-    sizes = near.groupby("component").size()
-    groups = sizes[sizes > 1].sort_values(ascending=False, kind="stable")
-    parts.append(f"<p>{len(groups)} near-duplicate groups ({int(groups.sum()) - len(groups)} images removed); {0 if exact is None else len(exact)} exact duplicates. Kept image outlined green, removed red.</p>")
-    for component in groups.index[:MAX_GROUPS]:
-        members = near[near.component == component].sort_values(["keep", "id"], ascending=[False, True])
-        figs = [_figure(thumbs, r.id, _kept_caption(r) if r.keep else "removed", "seed" if r.keep else "removed")
-                for r in members.head(12).itertuples()]
-        parts.append(f'<div class="label">group {int(component)} · {len(members)} images</div><div class="row">{"".join(figs)}</div>')
-    if exact is not None and len(exact):
-        parts.append("<h3>Exact duplicates (same bytes)</h3>")
-        for r in exact.head(MAX_GROUPS).itertuples():
-            parts.append(f'<div class="pair">{_figure(thumbs, r.dup_of, f"kept {r.dup_of}", "seed")}{_figure(thumbs, r.id, f"removed {r.id}", "removed")}</div>')
-    return "".join(parts)
+def _space_line(success: dict | None) -> tuple[str | None, str]:
+    """Where near-copies were judged and at which thresholds: a threshold means nothing without its space."""
+    if not success or "space" not in success:
+        return None, ""
+    shown = [f"{name} threshold {t['value']:.3g} ({t['source']})" for name in ("dedup", "decontam")
+             if (t := (success.get("thresholds") or {}).get(name))]
+    return str(success["space"].get("description")), "; ".join(shown)
 
 
 def _kept_caption(row) -> str:
@@ -158,63 +138,52 @@ def _kept_caption(row) -> str:
     return f"kept: {reason}" if isinstance(reason, str) and reason else "kept"
 
 
-def _space_line(success: dict | None) -> str:
-    """Where near-copies were judged and at which thresholds: a threshold means nothing without its space."""
-    if not success or "space" not in success:
-        return ""
-    thresholds = success.get("thresholds") or {}
+def read_duplicates(run_dir: Path, fig: Figures) -> dict | None:
+    near = _read(run_dir / "dedup" / "near.parquet")
+    if near is None:
+        return None
+    exact = _read(run_dir / "dedup" / "exact.parquet")
+    sizes = near.groupby("component").size()
+    groups = sizes[sizes > 1].sort_values(ascending=False, kind="stable")
     shown = []
-    for name in ("dedup", "decontam"):
-        t = thresholds.get(name)
-        if t:
-            shown.append(f"{name} threshold {t['value']:.3g} ({html.escape(str(t['source']))})")
-    return (f"<p>Judged in {html.escape(str(success['space'].get('description')))}: "
-            f"{'; '.join(shown) or 'no thresholds'}.</p>")
+    for component in groups.index[:MAX_GROUPS]:
+        members = near[near.component == component].sort_values(["keep", "id"], ascending=[False, True])
+        shown.append({"component": int(component), "size": len(members),
+                      "members": [fig(r.id, _kept_caption(r) if r.keep else "removed", "seed" if r.keep else "removed")
+                                  for r in members.head(MAX_MEMBERS).itertuples()]})
+    space, thresholds = _space_line(read_success(run_dir / "dedup"))
+    pairs = [] if exact is None else [(fig(r.dup_of, f"kept {r.dup_of}", "seed"), fig(r.id, f"removed {r.id}", "removed"))
+                                      for r in exact.head(MAX_GROUPS).itertuples()]
+    return {"space": space, "thresholds": thresholds, "n_groups": len(groups), "removed": int(groups.sum()) - len(groups),
+            "groups": shown, "n_exact": 0 if exact is None else len(exact), "exact": pairs}
 
 
-def _section_decontam(run_dir: Path, thumbs: Thumbnails) -> str:
+def read_decontamination(run_dir: Path, fig: Figures) -> dict | None:
     pairs = _read(run_dir / "dedup" / "decontam.parquet")
     if pairs is None:
-        return "<h2>Decontamination</h2><p>dedup has not run.</p>"
+        return None
     pairs = pairs.sort_values("similarity", ascending=False, kind="stable")
-    out = [f"<h2>Decontamination</h2><p>{pairs['id'].nunique()} pool images removed as near-copies of evaluation images ({len(pairs)} pairs). Pool image (removed) beside the evaluation image.</p><div class=\"pairs\">"]
-    for r in pairs.head(MAX_PAIRS).itertuples():
-        out.append(f'<div class="pair">{_figure(thumbs, r.id, f"pool {r.id}", "removed")}{_figure(thumbs, r.eval_id, f"{r.eval_set} · sim {r.similarity:.3f}")}</div>')
-    return "".join(out) + "</div>"
+    shown = [(fig(r.id, f"pool {r.id}", "removed"), fig(r.eval_id, f"{r.eval_set} · sim {r.similarity:.3f}"))
+             for r in pairs.head(MAX_PAIRS).itertuples()]
+    return {"n_images": int(pairs["id"].nunique()), "n_pairs": len(pairs), "pairs": shown}
 
 
-def _section_clusters(run_dir: Path, thumbs: Thumbnails, seed: int) -> str:
+def read_clusters(run_dir: Path, fig: Figures, seed: int) -> dict | None:
     assign = _read(run_dir / "cluster" / "assign.parquet")
     if assign is None:
-        return "<h2>Clusters</h2><p>cluster has not run.</p>"
+        return None
     sizes = assign.groupby("cluster").size().sort_values(ascending=False, kind="stable")
     if sizes.empty:
-        return "<h2>Clusters</h2><p>no pool image survived deduplication, so there are no clusters.</p>"
-    out = [f"<h2>Clusters</h2><p>{len(sizes)} clusters; sizes from {sizes.min()} to {sizes.max()} (median {int(sizes.median())}).</p>", histogram_svg(sizes.to_numpy())]
+        return {"n": 0}
     rng = np.random.default_rng(seed)
-    shown = sizes.index[:MAX_CLUSTERS // 2].tolist() + sizes.index[-(MAX_CLUSTERS // 2):].tolist()
-    for c in dict.fromkeys(shown):
+    picked = dict.fromkeys(sizes.index[:MAX_CLUSTERS // 2].tolist() + sizes.index[-(MAX_CLUSTERS // 2):].tolist())
+    shown = []
+    for c in picked:
         members = assign[assign.cluster == c].sort_values("distance", kind="stable")
-        pick = members.head(PER_CLUSTER) if len(members) <= PER_CLUSTER else members.iloc[np.sort(rng.choice(len(members), PER_CLUSTER, replace=False))]
-        figs = [_figure(thumbs, r.id, f"d {r.distance:.3f}") for r in pick.itertuples()]
-        out.append(f'<div class="label">cluster {int(c)} · {len(members)} images</div><div class="row">{"".join(figs)}</div>')
-    return "".join(out)
-
-
-def _section_retrieval(run_dir: Path, thumbs: Thumbnails) -> str:
-    neighbors = _read(run_dir / "retrieve" / "neighbors.parquet")
-    if neighbors is None:
-        return "<h2>Retrieval</h2><p>retrieve has not run.</p>"
-    out = ["<h2>Retrieval per seed set</h2>"]
-    floors = (read_success(run_dir / "retrieve") or {}).get("seed_sets") or {}
-    for set_name, rows in neighbors.groupby("seed_set", sort=True):
-        modes = ", ".join(sorted(rows["mode"].unique()))
-        out.append(f"<h3>{html.escape(set_name)}</h3><p>{rows['id'].nunique()} distinct images from {rows['seed_id'].nunique()} seeds ({html.escape(modes)}).{_floor_line(floors.get(set_name))}</p>")
-        for seed_id in sorted(rows["seed_id"].unique())[:MAX_SEEDS]:
-            mine = rows[(rows.seed_id == seed_id) & (rows["mode"] != "seed")].sort_values(["rank", "id"]).head(10)
-            figs = [_figure(thumbs, seed_id, f"seed {seed_id}", "seed")] + [_figure(thumbs, r.id, f"#{r.rank} sim {r.similarity:.3f}") for r in mine.itertuples()]
-            out.append(f'<div class="row">{"".join(figs)}</div>')
-    return "".join(out)
+        pick = members if len(members) <= PER_CLUSTER else members.iloc[np.sort(rng.choice(len(members), PER_CLUSTER, replace=False))]
+        shown.append({"cluster": int(c), "size": len(members), "members": [fig(r.id, f"d {r.distance:.3f}") for r in pick.itertuples()]})
+    return {"n": len(sizes), "min": int(sizes.min()), "max": int(sizes.max()), "median": int(sizes.median()),
+            "svg": histogram_svg(sizes.to_numpy()), "shown": shown}
 
 
 def _floor_line(info: dict | None) -> str:
@@ -223,28 +192,43 @@ def _floor_line(info: dict | None) -> str:
         return ""
     floors = {k: v for k, v in (info["min_similarity"] or {}).items() if v is not None}
     if not floors:
-        return " No similarity floor: retrieved images get no label."
-    shown = ", ".join(f"{html.escape(k if k != '*' else 'any label')} {v:.3f}" for k, v in sorted(floors.items()))
-    return (f" Similarity floor ({html.escape(str(info.get('setting')))}): {shown}; it rejected "
-            f"{info.get('rejected_by_floor', 0)} of {info.get('candidates', 0)} candidate images.")
+        return "No similarity floor: retrieved images get no label."
+    shown = ", ".join(f"{k if k != '*' else 'any label'} {v:.3f}" for k, v in sorted(floors.items()))
+    return (f"Similarity floor ({info.get('setting')}): {shown}; it rejected {info.get('rejected_by_floor', 0)} of "
+            f"{info.get('candidates', 0)} candidate images.")
 
 
-def _section_quarantine(manifest_all: pd.DataFrame) -> str:
+def read_retrieval(run_dir: Path, fig: Figures, manifest: pd.DataFrame) -> list[dict] | None:
+    neighbors = _read(run_dir / "retrieve" / "neighbors.parquet")
+    if neighbors is None:
+        return None
+    floors = (read_success(run_dir / "retrieve") or {}).get("seed_sets") or {}
+    labels = manifest.set_index("id")["label"]
+    out = []
+    for set_name, rows in neighbors.groupby("seed_set", sort=True):
+        seeds = sorted(rows["seed_id"].unique())
+        shown = []
+        for seed_id in seeds[:MAX_SEEDS]:
+            label = labels.get(seed_id)
+            role = f"seed {seed_id}" + (f" · {label}" if isinstance(label, str) else "")
+            mine = rows[(rows.seed_id == seed_id) & (rows["mode"] != "seed")].sort_values(["rank", "id"]).head(PER_SEED)
+            shown.append([fig(seed_id, role, "seed")] + [fig(r.id, f"#{r.rank} sim {r.similarity:.3f}") for r in mine.itertuples()])
+        out.append({"name": set_name, "n_images": int(rows["id"].nunique()), "n_seeds": len(seeds),
+                    "modes": ", ".join(sorted(rows["mode"].unique())), "floor": _floor_line(floors.get(set_name)), "seeds": shown})
+    return out
+
+
+def read_quarantine(manifest_all: pd.DataFrame) -> dict:
     bad = manifest_all[manifest_all.status != "ok"]
-    rows = "".join(f"<tr><td>{html.escape(r.set)}</td><td>{html.escape(str(r.key))}</td><td>{html.escape(str(r.error))}</td></tr>" for r in bad.head(MAX_QUARANTINED).itertuples())
-    return f'<h2>Quarantined inputs</h2><p>{len(bad)} inputs could not be used; the first {min(len(bad), MAX_QUARANTINED)}:</p><table class="counts"><tr><th>set</th><th>key</th><th>reason</th></tr>{rows}</table>'
+    by_source = bad.groupby("source").size().sort_values(ascending=False, kind="stable")
+    rows = [{"set": r.set, "source": r.source, "key": r.key, "error": r.error} for r in bad.head(MAX_QUARANTINED).itertuples()]
+    return {"total": len(bad), "by_source": [(str(k), int(v)) for k, v in by_source.items()], "rows": rows}
 
 
-# A small check the page runs on itself: how many thumbnails loaded (read by tests and people).
-IMAGE_CHECK = """<script>
-window.addEventListener('load', () => {
-  const imgs = [...document.images];
-  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.imagesTotal = imgs.length;
-  document.body.dataset.imagesLoaded = ok;
-  document.getElementById('imgcheck').textContent = ok + ' of ' + imgs.length + ' pictures loaded';
-});
-</script>"""
+def render(context: dict) -> str:
+    env = Environment(loader=PackageLoader("lvd.curate", "templates"), autoescape=select_autoescape(["html"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html").render(**context)
 
 
 def run_report(cfg) -> Path:
@@ -256,26 +240,21 @@ def run_report(cfg) -> Path:
     save_config(cfg, run_dir)
     clear_success(out)
     manifest_all = read_manifest(run_dir, status=None)
-    thumbs = Thumbnails(out / "img", manifest_all[manifest_all.status == "ok"], int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None)
+    ok = manifest_all[manifest_all.status == "ok"]
+    thumbs = Thumbnails(out / "img", ok, int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None)
     for stale in (out / "img").glob("*.jpg"):  # thumbnails are rewritten only when shown again
         stale.unlink()
-    sections = [
-        _section_counts(run_dir, manifest_all),
-        _section_duplicates(run_dir, thumbs),
-        _section_decontam(run_dir, thumbs),
-        _section_clusters(run_dir, thumbs, int(cfg.seed)),
-        _section_retrieval(run_dir, thumbs),
-        _section_quarantine(manifest_all),
-    ]
-    page = (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>lvd report · {html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>"
-        f"<h1>lvd curation report</h1><p>run folder <code>{html.escape(str(run_dir.resolve()))}</code> · "
-        f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · <span id=\"imgcheck\"></span></p>"
-        + "".join(sections)
-        + IMAGE_CHECK
-        + "</body></html>"
-    )
+    fig = Figures(thumbs, ok)
+    page = render({
+        "run_name": run_dir.name, "run_dir": str(run_dir.resolve()), "thumb": THUMB,
+        "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "counts": read_counts(run_dir, manifest_all),
+        "dup": read_duplicates(run_dir, fig),
+        "decontam": read_decontamination(run_dir, fig),
+        "clusters": read_clusters(run_dir, fig, int(cfg.seed)),
+        "retrieval": read_retrieval(run_dir, fig, manifest_all),
+        "quarantine": read_quarantine(manifest_all),
+    })
     atomic_write_text(out / "index.html", page)
     write_success(out, thumbnails=sum(1 for v in thumbs.done.values() if v), seconds=round(time.time() - started, 3))
     log.info("report: %s", out / "index.html")

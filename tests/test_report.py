@@ -77,3 +77,29 @@ def test_report_renders_in_headless_chromium_with_all_pictures(run, tmp_path):
     red = ((arr[..., 0] > 230) & (arr[..., 1] < 30) & (arr[..., 2] < 30)).sum()
     blue = ((arr[..., 2] > 230) & (arr[..., 0] < 30) & (arr[..., 1] < 30)).sum()
     assert red > 500 and blue > 500
+
+
+def test_report_escapes_names_says_what_it_truncates_and_names_files(run, tmp_path):
+    """Jinja2 autoescaping: a file name with markup is shown as text; truncation is announced."""
+    run_dir = Path(run.run_dir)
+    near = pd.read_parquet(run_dir / "dedup" / "near.parquet")
+    pool = near["id"].to_numpy()
+    comp = np.arange(len(pool)) // 2  # 12 groups of two ...
+    import lvd.curate.report as report
+
+    pd.DataFrame({"id": pool, "component": comp, "keep": np.arange(len(pool)) % 2 == 0}).to_parquet(run_dir / "dedup" / "near.parquet")
+    part = next((run_dir / "manifest").glob("*.parquet"))
+    m = pd.read_parquet(part)
+    m.loc[m["id"] == pool[0], "key"] = "<img src=x onerror=alert(1)>.png"  # a hostile file name, shown in group 0
+    m.to_parquet(part, index=False)
+    old = report.MAX_GROUPS
+    report.MAX_GROUPS = 5  # ... of which 5 are shown
+    try:
+        page = report.run_report(run).read_text()
+    finally:
+        report.MAX_GROUPS = old
+    assert "showing 5 of 12 groups" in page and 'href="../dedup/near.parquet"' in page
+    assert "00.png" in page  # file names under the thumbnails
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in page and "<img src=x onerror" not in page
+    manifest = read_manifest(run_dir, status=None)
+    assert manifest[manifest.status != "ok"]["source"].iloc[0] in page  # quarantine by source
