@@ -88,10 +88,10 @@ def test_report_escapes_names_says_what_it_truncates_and_names_files(run, tmp_pa
     import lvd.curate.report as report
 
     pd.DataFrame({"id": pool, "component": comp, "keep": np.arange(len(pool)) % 2 == 0}).to_parquet(run_dir / "dedup" / "near.parquet")
-    part = next((run_dir / "manifest").glob("*.parquet"))
-    m = pd.read_parquet(part)
-    m.loc[m["id"] == pool[0], "key"] = "<img src=x onerror=alert(1)>.png"  # a hostile file name, shown in group 0
-    m.to_parquet(part, index=False)
+    for part in (run_dir / "manifest").glob("*.parquet"):
+        m = pd.read_parquet(part)
+        m.loc[m["id"] == pool[0], "key"] = "<img src=x onerror=alert(1)>.png"  # a hostile file name, shown in group 0
+        m.to_parquet(part, index=False)
     old = report.MAX_GROUPS
     report.MAX_GROUPS = 5  # ... of which 5 are shown
     try:
@@ -99,7 +99,7 @@ def test_report_escapes_names_says_what_it_truncates_and_names_files(run, tmp_pa
     finally:
         report.MAX_GROUPS = old
     assert "showing 5 of 12 groups" in page and 'href="../dedup/near.parquet"' in page
-    assert "00.png" in page  # file names under the thumbnails
+    assert "01.png" in page  # file names under the thumbnails
     assert "&lt;img src=x onerror=alert(1)&gt;.png" in page and "<img src=x onerror" not in page
     manifest = read_manifest(run_dir, status=None)
     assert manifest[manifest.status != "ok"]["source"].iloc[0] in page  # quarantine by source
