@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_OUT ?= demo-run
-# torch 2.13.0: on these machines pip takes a local CPU build; elsewhere the registry's build.
+# torch 2.13.0 by default; TORCH_SPEC=... picks another build (a CUDA one, say).
 TORCH_SPEC ?= torch==2.13.0
 FAISS_EXTRA ?= cpu
 

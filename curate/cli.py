@@ -1,4 +1,4 @@
-"""The `lvd` command line (the contract of DESIGN.md, "Configuration and CLI").
+"""The `lvd` command line (the contract of docs/architecture.md and the README's command table).
 
 Each pipeline stage is `curate.<stage>.run_<stage>(cfg) -> Path`; this module only parses
 arguments, merges the config and dispatches. Stage modules are imported when a stage runs, so

@@ -39,7 +39,8 @@ from omegaconf import ListConfig
 from lvd.curate.config import as_list
 from lvd.curate.dedup import curated_pool_ids, rows_of
 from lvd.curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice, torchrun_main
-from lvd.curate.runio import atomic_path, clear_success, fingerprint, is_done, open_stage, read_success, write_frame, write_success
+from lvd.curate.runio import (atomic_path, clear_success, fingerprint, is_done, open_stage, read_success,
+                              stage_fingerprint, write_frame, write_success)
 from lvd.index.hierarchical import (
     Hierarchy,
     balanced_sample,
@@ -135,7 +136,7 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
         open_stage(cfg, STAGE)
     ranks.barrier()
     ids = curated_pool_ids(run_dir)
-    embed_info = read_success(run_dir / "embed")
+    embed_info = stage_fingerprint(run_dir / "embed")
     ks = [int(k) for k in as_list(c.level_ks)] + [int(c.k)] if c.method == "hierarchical" else [int(c.k)]
     settings = {
         "method": str(c.method), "ks": ks, "niter": int(c.niter), "spherical": bool(c.spherical),

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from lvd.curate.dedup_space import DedupSpace, resolve_thresholds
 from lvd.curate.manifest import read_manifest
 from lvd.curate.workers import show_progress
-from lvd.curate.runio import clear_success, fingerprint, is_done, open_stage, parquet_fingerprint, read_success, write_frame, write_success
+from lvd.curate.runio import (clear_success, fingerprint, is_done, open_stage, parquet_fingerprint, read_success,
+                              stage_fingerprint, write_frame, write_success)
 from lvd.index.backends import resolve_device
 from lvd.index.components import duplicate_groups, group_duplicates, pairs_above
 from lvd.index.io import load_embeddings
@@ -210,7 +211,7 @@ def run_dedup(cfg) -> Path:
     threshold = near_t.value
     decontam_threshold = decontam_t.value if decontam_t is not None else None
     folder = embedding_folder(run_dir, space)
-    embed_fp = fingerprint((read_success(folder) or read_success(run_dir / "embed")))
+    embed_fp = stage_fingerprint(folder) or stage_fingerprint(run_dir / "embed")
     log.info("dedup: near-copies judged in %s; dedup threshold %.3g (%s)%s", space.description, threshold,
              near_t.source, f", decontamination threshold {decontam_threshold:.3g} ({decontam_t.source})"
              if decontam_t is not None else "")

@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lvd.curate.manifest import read_manifest
-from lvd.curate.runio import clear_success, is_done, open_stage, parquet_fingerprint, read_success, write_parquet, write_success
+from lvd.curate.runio import (clear_success, is_done, open_stage, parquet_fingerprint, stage_fingerprint,
+                              write_parquet, write_success)
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def apply_target(rows: pd.DataFrame, target: int | None) -> pd.DataFrame:
 
 
 def _stage_fingerprint(cfg, run_dir: Path) -> str:
-    parts = [json.dumps(read_success(run_dir / s), sort_keys=True, default=str) for s in ("embed", "dedup", "cluster")]
+    parts = [str(stage_fingerprint(run_dir / s)) for s in ("embed", "dedup", "cluster")]
     settings = {k: cfg.retrieve[k] for k in cfg.retrieve}
     parts.append(json.dumps(settings, sort_keys=True, default=str))
     parts.append(str(cfg.seed))

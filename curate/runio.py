@@ -95,6 +95,22 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
+# _SUCCESS.json fields that describe the invocation, not the result: where and when it ran, how
+# long, on how many ranks, with which library versions, how much of it was redone. A stage's
+# output is the same whatever they say, so fingerprints of it leave them out, and a run folder
+# moved to another machine is still up to date there.
+VOLATILE_SUCCESS_KEYS = frozenset({"finished_at", "host", "versions", "seconds", "world_size", "parts_written",
+                                   "shards_written", "embedded_this_run_rank0", "thumbnails"})
+
+
+def stage_fingerprint(stage_dir: str | os.PathLike) -> str | None:
+    """Content fingerprint of a finished stage, from its _SUCCESS.json without the volatile fields."""
+    record = read_success(stage_dir)
+    if record is None:
+        return None
+    return fingerprint({k: v for k, v in record.items() if k not in VOLATILE_SUCCESS_KEYS})
+
+
 def parquet_fingerprint(path: str | os.PathLike) -> str | None:
     """The fingerprint stored in a parquet file's metadata; None if missing or unreadable."""
     import pyarrow.parquet as pq

@@ -409,7 +409,7 @@ def get_backend(backend: str | VectorBackend = "auto", device: str | torch.devic
     """A backend by name: 'faiss', 'torch', or 'auto'.
 
     'auto' takes Faiss on the CPU and on GPUs its build supports, and torch on any other
-    accelerator (the lent CUDA 13 machines cannot load the Faiss GPU wheels).
+    accelerator, and on CUDA stacks the Faiss GPU wheels were not built for (CUDA 13, say).
     """
     if isinstance(backend, VectorBackend):
         return backend

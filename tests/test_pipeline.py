@@ -84,3 +84,27 @@ def test_killed_and_resumed_run_gives_identical_shards(setup):
     final = _start(run_dir, args)
     assert final.wait(timeout=600) == 0, final.stderr.read().decode()[-3000:]
     assert _shards(run_dir) == expected
+
+
+def test_a_run_folder_moved_to_another_machine_is_still_up_to_date(setup, tmp_path):
+    """Only where, when and how long a stage ran differs: nothing downstream is recomputed."""
+    import json
+    import shutil
+
+    from lvd.curate import cli
+
+    root, args = setup
+    ref = _start(root / "moved-src", args)
+    assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()[-3000:]
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root / "moved-src", moved)
+    for success in moved.glob("*/_SUCCESS.json"):
+        record = json.loads(success.read_text())
+        record.update(host="another-host", finished_at="2030-01-01T00:00:00Z", seconds=123.0,
+                      versions={"python": "3.99"})
+        success.write_text(json.dumps(record))
+    outputs = [p for stage in ("embed", "dedup", "cluster", "retrieve", "shards") for p in (moved / stage).rglob("*")
+               if p.is_file() and p.name != "_SUCCESS.json"]
+    stamps = {p: p.stat().st_mtime_ns for p in outputs}
+    assert cli.main(["run", "default", f"run_dir={moved}", *args, "--until", "shards"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in outputs} == stamps

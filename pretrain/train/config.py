@@ -1,6 +1,6 @@
 """The pretrain configuration: defaults from configs/pretrain.yaml, file and `a.b=v` overrides.
 
-The lead's CLI (`lvd pretrain CONFIG [k=v]`) does the same merge; this loader serves
+`lvd pretrain CONFIG [k=v]` does the same merge; this loader serves
 scripts, tests and benchmarks that call `run_pretrain` directly.
 """
 
