@@ -42,9 +42,10 @@ from tqdm.auto import tqdm
 
 from lvd.curate.dedup_space import DedupSpace, resolve_thresholds
 from lvd.curate.manifest import read_manifest
+from lvd.curate.stage import StageOutputs
 from lvd.curate.workers import show_progress
-from lvd.curate.runio import (clear_success, fingerprint, is_done, open_stage, parquet_fingerprint, read_success,
-                              stage_fingerprint, write_frame, write_success)
+from lvd.curate.runio import (fingerprint, is_done, open_stage, parquet_fingerprint, read_success,
+                              stage_fingerprint, write_frame)
 from lvd.index.backends import resolve_device
 from lvd.index.components import duplicate_groups, group_duplicates, pairs_above
 from lvd.index.io import load_embeddings
@@ -230,80 +231,87 @@ def run_dedup(cfg) -> Path:
     if is_done(out) and not any(todo(n, fp) for n, fp in fps.items()):
         log.info("dedup: up to date, nothing to do")
         return out
-    clear_success(out)
 
-    if todo("exact.parquet", exact_fp):
-        exact = exact_duplicates(pool_ids, pool_sha1)
-        write_frame(out / "exact.parquet", exact, EXACT_SCHEMA, exact_fp)
-        log.info("dedup: %d exact duplicates among %d pool images", len(exact), len(pool))
-    exact = pq.read_table(out / "exact.parquet").to_pandas()
+    with StageOutputs(out) as staged:  # the last finished outputs stay as they are until commit
+        if todo("exact.parquet", exact_fp):
+            exact = exact_duplicates(pool_ids, pool_sha1)
+            write_frame(staged.path("exact.parquet"), exact, EXACT_SCHEMA, exact_fp)
+            log.info("dedup: %d exact duplicates among %d pool images", len(exact), len(pool))
+        exact = pq.read_table(staged.current("exact.parquet")).to_pandas()
 
-    need_near, need_decontam = todo("near.parquet", near_fp), todo("decontam.parquet", decontam_fp)
-    emb_ids, x = load_embeddings(folder) if (need_near or need_decontam) else (None, None)
-
-    if need_near:
-        survivors = pool[~pool["id"].isin(exact["id"])].reset_index(drop=True)
-        rows = rows_of(_int64(survivors["id"]), emb_ids)
-        if (rows < 0).any():
-            log.warning("dedup: %d pool images have no embedding; they are left out", int((rows < 0).sum()))
-            survivors, rows = survivors[rows >= 0].reset_index(drop=True), rows[rows >= 0]
-        keys = _keep_keys(survivors)
-        sx, prio = x[rows], keep_priority(keys, str(cfg.dedup.keep))
-        if cfg.dedup.mode == "knn":
-            component, keep = near_duplicates_knn(sx, prio, k=int(cfg.dedup.k), threshold=threshold,
-                                                  backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed),
-                                                  grouping=str(cfg.dedup.grouping))
-        elif cfg.dedup.mode == "semdedup":
-            component, keep = near_duplicates_semdedup(
-                sx, prio, threshold=threshold, clusters=cfg.dedup.semdedup_clusters,
-                niter=int(cfg.dedup.niter), seed=int(cfg.seed), backend=str(cfg.dedup.backend), device=device,
-                progress=show_progress(cfg.progress), grouping=str(cfg.dedup.grouping))
-        else:
-            raise ValueError(f"dedup.mode must be knn or semdedup, got {cfg.dedup.mode!r}")
-        if cfg.dedup.grouping == "components":  # star groups cannot chain
-            warn_if_indiscriminate(component, threshold, space.description)
-        reason = keep_reasons(component, keep, keys, str(cfg.dedup.keep))
-        near = pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep, "reason": reason})
-        write_frame(out / "near.parquet", near, NEAR_SCHEMA, near_fp)
-        log.info("dedup: %d near-duplicates removed from %d images (%d components)",
-                 int((~keep).sum()), len(near), int(component.max() + 1) if len(component) else 0)
-    near = pq.read_table(out / "near.parquet").to_pandas()
-
-    if need_decontam:
-        p_rows, e_rows = rows_of(pool_ids, emb_ids), rows_of(eval_ids, emb_ids)
-        if (e_rows < 0).any():
-            log.warning("dedup: %d eval images have no embedding; they cannot be checked", int((e_rows < 0).sum()))
-        p_ok, e_ok = p_rows >= 0, e_rows >= 0
-        eval_sets = evals["set"].str.slice(len(EVAL_PREFIX)).to_numpy(object)
-        pairs = contamination_pairs(pool_ids[p_ok], x[p_rows[p_ok]], eval_ids[e_ok], x[e_rows[e_ok]],
-                                    eval_sets[e_ok], decontam_threshold if decontam_threshold is not None else np.inf)
-        write_frame(out / "decontam.parquet", pairs, DECONTAM_SCHEMA, decontam_fp)
-        log.info("dedup: %d pool images match an eval image (%d pairs)", pairs["id"].nunique(), len(pairs))
-        if len(pool) >= 100 and pairs["id"].nunique() > SUSPICIOUS_FRACTION * len(pool):
-            log.warning("decontam: %d of %d pool images are within %.3g of an eval image; the threshold is "
-                        "probably too low for these embeddings", pairs["id"].nunique(), len(pool), decontam_threshold)
-    decontam = pq.read_table(out / "decontam.parquet").to_pandas()
-
-    kept = curated_pool_ids(run_dir, near=near, decontam=decontam)
-    write_success(
-        out,
-        embeddings=str(folder.relative_to(run_dir)),
-        space={"name": space.space, "description": space.description,
-               "copy_detector": space.copy_detector.describe() if space.copy_detector else None},
-        thresholds={"dedup": near_t.record(), "decontam": decontam_t.record() if decontam_t else None},
-        settings={"dedup": near_settings, "decontam_threshold": decontam_threshold},
-        pool=int(len(pool)),
-        exact_duplicates=int(len(exact)),
-        near_checked=int(len(near)),
-        near_duplicates_removed=int((~near["keep"]).sum()),
-        decontam_pairs=int(len(decontam)),
-        decontaminated=int(decontam["id"].nunique()),
-        pool_kept=int(len(kept)),
-        fingerprints=fps,
-        seconds=round(time.time() - started, 3),
-    )
+        need_near, need_decontam = todo("near.parquet", near_fp), todo("decontam.parquet", decontam_fp)
+        emb_ids, x = load_embeddings(folder) if (need_near or need_decontam) else (None, None)
+        if need_near:
+            near = _near_frame(cfg, pool, exact, emb_ids, x, threshold, device, space)
+            write_frame(staged.path("near.parquet"), near, NEAR_SCHEMA, near_fp)
+        near = pq.read_table(staged.current("near.parquet")).to_pandas()
+        if need_decontam:
+            pairs = _decontam_frame(pool, evals, emb_ids, x, decontam_threshold)
+            write_frame(staged.path("decontam.parquet"), pairs, DECONTAM_SCHEMA, decontam_fp)
+        decontam = pq.read_table(staged.current("decontam.parquet")).to_pandas()
+        kept = curated_pool_ids(run_dir, near=near, decontam=decontam)
+        staged.commit(
+            embeddings=str(folder.relative_to(run_dir)),
+            space={"name": space.space, "description": space.description,
+                   "copy_detector": space.copy_detector.describe() if space.copy_detector else None},
+            thresholds={"dedup": near_t.record(), "decontam": decontam_t.record() if decontam_t else None},
+            settings={"dedup": near_settings, "decontam_threshold": decontam_threshold},
+            pool=int(len(pool)),
+            exact_duplicates=int(len(exact)),
+            near_checked=int(len(near)),
+            near_duplicates_removed=int((~near["keep"]).sum()),
+            decontam_pairs=int(len(decontam)),
+            decontaminated=int(decontam["id"].nunique()),
+            pool_kept=int(len(kept)),
+            fingerprints=fps,
+            seconds=round(time.time() - started, 3),
+        )
     log.info("dedup: %d of %d pool images kept, %.1f s", len(kept), len(pool), time.time() - started)
     return out
+
+
+def _near_frame(cfg, pool: pd.DataFrame, exact: pd.DataFrame, emb_ids, x, threshold: float, device: str,
+                space: DedupSpace) -> pd.DataFrame:
+    """near.parquet's rows: the pool left by exact dedup, grouped and kept by the configured rule."""
+    survivors = pool[~pool["id"].isin(exact["id"])].reset_index(drop=True)
+    rows = rows_of(_int64(survivors["id"]), emb_ids)
+    if (rows < 0).any():
+        log.warning("dedup: %d pool images have no embedding; they are left out", int((rows < 0).sum()))
+        survivors, rows = survivors[rows >= 0].reset_index(drop=True), rows[rows >= 0]
+    keys = _keep_keys(survivors)
+    sx, prio = x[rows], keep_priority(keys, str(cfg.dedup.keep))
+    if cfg.dedup.mode == "knn":
+        component, keep = near_duplicates_knn(sx, prio, k=int(cfg.dedup.k), threshold=threshold,
+                                              backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed),
+                                              grouping=str(cfg.dedup.grouping))
+    else:
+        component, keep = near_duplicates_semdedup(
+            sx, prio, threshold=threshold, clusters=cfg.dedup.semdedup_clusters,
+            niter=int(cfg.dedup.niter), seed=int(cfg.seed), backend=str(cfg.dedup.backend), device=device,
+            progress=show_progress(cfg.progress), grouping=str(cfg.dedup.grouping))
+    if cfg.dedup.grouping == "components":  # star groups cannot chain
+        warn_if_indiscriminate(component, threshold, space.description)
+    reason = keep_reasons(component, keep, keys, str(cfg.dedup.keep))
+    log.info("dedup: %d near-duplicates removed from %d images (%d components)",
+             int((~keep).sum()), len(survivors), int(component.max() + 1) if len(component) else 0)
+    return pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep, "reason": reason})
+
+
+def _decontam_frame(pool: pd.DataFrame, evals: pd.DataFrame, emb_ids, x, threshold: float | None) -> pd.DataFrame:
+    """decontam.parquet's rows: every (pool, eval) pair at or above the threshold."""
+    pool_ids, eval_ids = _int64(pool["id"]), _int64(evals["id"])
+    p_rows, e_rows = rows_of(pool_ids, emb_ids), rows_of(eval_ids, emb_ids)
+    if (e_rows < 0).any():
+        log.warning("dedup: %d eval images have no embedding; they cannot be checked", int((e_rows < 0).sum()))
+    p_ok, e_ok = p_rows >= 0, e_rows >= 0
+    eval_sets = evals["set"].str.slice(len(EVAL_PREFIX)).to_numpy(object)
+    pairs = contamination_pairs(pool_ids[p_ok], x[p_rows[p_ok]], eval_ids[e_ok], x[e_rows[e_ok]],
+                                eval_sets[e_ok], threshold if threshold is not None else np.inf)
+    log.info("dedup: %d pool images match an eval image (%d pairs)", pairs["id"].nunique(), len(pairs))
+    if len(pool) >= 100 and pairs["id"].nunique() > SUSPICIOUS_FRACTION * len(pool):
+        log.warning("decontam: %d of %d pool images are within %.3g of an eval image; the threshold is "
+                    "probably too low for these embeddings", pairs["id"].nunique(), len(pool), threshold)
+    return pairs
 
 
 def curated_pool_ids(run_dir, near: pd.DataFrame | None = None, decontam: pd.DataFrame | None = None) -> np.ndarray:

@@ -28,8 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lvd.curate.manifest import read_manifest
-from lvd.curate.runio import (clear_success, is_done, open_stage, parquet_fingerprint, stage_fingerprint,
-                              write_parquet, write_success)
+from lvd.curate.stage import StageOutputs
+from lvd.curate.runio import (is_done, open_stage, parquet_fingerprint, stage_fingerprint,
+                              write_parquet)
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,6 @@ def run_retrieve(cfg) -> Path:
     if not cfg.overwrite and is_done(out) and parquet_fingerprint(target) == fp:
         log.info("retrieve: up to date")
         return out
-    clear_success(out)
 
     manifest = read_manifest(run_dir)
     seed_sets = sorted({s.split(":", 1)[1] for s in manifest["set"].unique() if s.startswith("seed:")})
@@ -310,15 +310,15 @@ def run_retrieve(cfg) -> Path:
     neighbors = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCHEMA.names)
     neighbors = neighbors.sort_values(["seed_set", "seed_id", "rank", "id"], kind="stable").reset_index(drop=True)
     table = pa.Table.from_pandas(neighbors[SCHEMA.names].astype({"cluster": "int64", "rank": "int32", "similarity": "float32", "floor": "float32"}), schema=SCHEMA, preserve_index=False)
-    write_parquet(target, table, fp)
-    write_success(
-        out,
-        seed_sets={p.name: {"mode": p.mode, "n": p.n, "m": p.m, "target": p.target, **set_floors[p.name]} for p in plans},
-        pool_candidates=int(len(pool_ids)),
-        rows=int(len(neighbors)),
-        distinct_images=int(neighbors["id"].nunique()) if len(neighbors) else 0,
-        seconds=round(time.time() - started, 3),
-    )
+    with StageOutputs(out) as staged:  # the last finished neighbors.parquet stays until commit
+        write_parquet(staged.path(target.name), table, fp)
+        staged.commit(
+            seed_sets={p.name: {"mode": p.mode, "n": p.n, "m": p.m, "target": p.target, **set_floors[p.name]} for p in plans},
+            pool_candidates=int(len(pool_ids)),
+            rows=int(len(neighbors)),
+            distinct_images=int(neighbors["id"].nunique()) if len(neighbors) else 0,
+            seconds=round(time.time() - started, 3),
+        )
     return out
 
 

@@ -279,3 +279,60 @@ def test_threshold_too_low_for_the_space_is_reported(tmp_path, caplog):
     dedup.run_dedup(config(tmp_path, "dedup.threshold=-1", "decontam.threshold=-1"))
     messages = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert "one near-duplicate component holds" in messages and "decontam:" in messages
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_full_disk_in_the_middle_leaves_the_finished_outputs_as_they_were(tmp_path, monkeypatch):
+    import errno
+
+    import lvd.curate.dedup as dedup_module
+
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path, rows, vecs)
+    dedup.run_dedup(config(tmp_path))
+    before = _files(tmp_path / "dedup")
+    real = dedup_module.write_frame
+    calls = []
+
+    def failing(path, *args, **kwargs):  # the second file of the new run hits a full disk
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dedup_module, "write_frame", failing)
+    with pytest.raises(OSError, match="No space"):
+        dedup.run_dedup(config(tmp_path, "dedup.threshold=0.8", "decontam.threshold=0.7"))
+    assert len(calls) == 2 and _files(tmp_path / "dedup") == before  # nothing replaced, no temporary left
+
+
+def test_a_sigkill_in_the_middle_leaves_the_finished_outputs_as_they_were(tmp_path):
+    import subprocess
+    import sys
+
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path, rows, vecs)
+    dedup.run_dedup(config(tmp_path))
+    before = _files(tmp_path / "dedup")
+    script = f"""
+import os, signal
+import lvd.curate.dedup as dedup
+from lvd.curate.config import load_config
+real = dedup.write_frame
+def write_then_die(path, *args, **kwargs):
+    real(path, *args, **kwargs)
+    if "near" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)  # one new file written, the next not yet
+dedup.write_frame = write_then_die
+dedup.run_dedup(load_config(None, ["run_dir={tmp_path}", "progress=false", "embed.copy_detection.weights=null",
+                                   "dedup.threshold=0.8", "decontam.threshold=0.7", "dedup.k=8"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    after = _files(tmp_path / "dedup")
+    assert {k: v for k, v in after.items() if ".tmp-" not in k} == before  # the killed run's temporaries aside
+    dedup.run_dedup(config(tmp_path))  # and the next run clears them away
+    assert _files(tmp_path / "dedup") == before

@@ -114,11 +114,14 @@ def test_target_keeps_the_most_similar_and_seeds_can_be_included(run_dir):
     assert sorted(seeds["id"]) == list(range(5000, 5005)) and (seeds["seed_id"] == seeds["id"]).all()
 
 
-def test_unknown_per_set_key_is_an_error(run_dir):
+def test_unknown_per_set_key_is_an_error_that_leaves_the_finished_retrieval(run_dir):
     run, *_ = run_dir
+    run_retrieve(load_config(None, [f"run_dir={run}", "progress=false"]))
+    before = {p.name: p.read_bytes() for p in (run / "retrieve").iterdir()}
     cfg = load_config(None, [f"run_dir={run}", "retrieve.per_set.alpha.nn=3"])
     with pytest.raises(ValueError, match="nn"):
         run_retrieve(cfg)
+    assert {p.name: p.read_bytes() for p in (run / "retrieve").iterdir()} == before
 
 
 def _reference_floor(x: np.ndarray, quantile: float) -> float:
