@@ -24,7 +24,6 @@ rest, with the same per-level seeds, so its output equals an uninterrupted run's
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import time
 from functools import partial
@@ -38,8 +37,9 @@ from omegaconf import ListConfig
 
 from lvd.curate.config import as_list
 from lvd.curate.dedup import curated_pool_ids, rows_of
+from lvd.curate.stage import StageOutputs
 from lvd.curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice, torchrun_main
-from lvd.curate.runio import (atomic_path, clear_success, fingerprint, is_done, open_stage, read_success,
+from lvd.curate.runio import (atomic_path, fingerprint, is_done, open_stage, read_success,
                               stage_fingerprint, write_frame, write_success)
 from lvd.index.hierarchical import (
     Hierarchy,
@@ -81,24 +81,28 @@ def _assign_frame(ids: np.ndarray, labels: np.ndarray, distance: np.ndarray) -> 
     return pd.DataFrame({"id": ids, "cluster": labels.astype(np.int64), "distance": distance.astype(np.float32)})
 
 
-def _write_clustering(folder: Path, ids, centroids, labels, distance, fp: str) -> None:
-    save_npy(folder / "centroids.npy", np.asarray(centroids, np.float32))
-    write_frame(folder / "assign.parquet", _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
+def _write_clustering(staged: StageOutputs, prefix: str, ids, centroids, labels, distance, fp: str) -> None:
+    save_npy(staged.path(f"{prefix}centroids.npy"), np.asarray(centroids, np.float32))
+    write_frame(staged.path(f"{prefix}assign.parquet"), _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
 
 
-def _remove_stale_levels(out: Path, n_levels: int) -> None:
-    """Delete level folders beyond the configured levels (left by a run with more levels)."""
+# Finished levels of a hierarchical run that has not committed yet (resume state, not output).
+WORK = ".levels"
+
+
+def _remove_stale_levels(staged: StageOutputs, out: Path, n_levels: int) -> None:
+    """At commit: delete level folders beyond the configured levels (left by a run with more levels)."""
     for folder in out.glob("level*"):
         suffix = folder.name[len("level"):]
         if folder.is_dir() and suffix.isdigit() and int(suffix) > n_levels:
-            shutil.rmtree(folder)
+            staged.remove(folder.name)
 
 
 def _finished_levels(out: Path, n_levels: int, fp: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The consecutive levels (from 1) that an earlier run finished with the same fingerprint."""
     done = []
     for t in range(1, n_levels + 1):
-        level = out / f"level{t}"
+        level = out / WORK / f"level{t}"
         info = read_success(level)
         if not info or info.get("fingerprint") != fp:
             break
@@ -149,10 +153,19 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
     if info and info.get("fingerprint") == balanced_fp and not cfg.get("overwrite", False):
         log.info("cluster: up to date, nothing to do")
         return out
-    ranks.barrier()  # every rank has read the old _SUCCESS.json before rank 0 clears it
-    if ranks.rank == 0:
-        clear_success(out)
-        _remove_stale_levels(out, len(ks) if c.method == "hierarchical" else 0)
+    ranks.barrier()  # every rank has read the old _SUCCESS.json; it stays until rank 0 commits
+    staged = StageOutputs(out) if ranks.rank == 0 else None
+    try:
+        return _cluster_and_commit(cfg, ranks, out, staged, ids, ks, settings, fp, balanced_fp, started)
+    finally:
+        if staged is not None and not staged.committed:
+            staged.discard()
+
+
+def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings, fp, balanced_fp, started) -> Path:
+    """k-means of the curated rows; rank 0 stages every output and commits them together."""
+    c = cfg.cluster
+    run_dir = Path(cfg.run_dir)
     rows = rows_of(ids, load_embedding_ids(run_dir / "embed"))
     if (rows < 0).any():
         log.warning("cluster: %d curated images have no main embedding; they are left out", int((rows < 0).sum()))
@@ -165,7 +178,7 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
         ks = clamped
     if n == 0:
         if ranks.rank == 0:
-            _write_empty(out, view.dim, fp, balanced_fp, settings, started)
+            _write_empty(staged, out, view.dim, fp, balanced_fp, settings, started)
         ranks.barrier()
         return out
     x = np.asarray(view) if ranks.world == 1 else None
@@ -185,19 +198,20 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
         if ranks.rank != 0:
             ranks.barrier()  # rank 0 writes
             return out
-        _write_clustering(out, ids, centroids, labels, distance, fp)
-        checkpoint.unlink(missing_ok=True)  # finished: a later run with other settings must start afresh
+        _write_clustering(staged, "", ids, centroids, labels, distance, fp)
         hierarchy = Hierarchy([centroids], [labels], [distance])
         stats = [_level_stats(1, labels, len(centroids), distance)]
     else:
         def save_level(level: int, centroids, parents, parent_distance) -> None:
             if ranks.rank != 0:
                 return
-            folder = out / f"level{level}"
-            save_npy(folder / "centroids.npy", np.asarray(centroids, np.float32))
-            save_npy(folder / "parents.npy", np.asarray(parents, np.int64))
-            save_npy(folder / "parent_distance.npy", np.asarray(parent_distance, np.float32))
-            write_success(folder, fingerprint=fp, level=level, k=len(centroids), inputs=len(parents))
+            work = out / WORK / f"level{level}"  # resume state; the level's output is staged below
+            arrays = {"centroids.npy": np.asarray(centroids, np.float32), "parents.npy": np.asarray(parents, np.int64),
+                      "parent_distance.npy": np.asarray(parent_distance, np.float32)}
+            for name, array in arrays.items():
+                save_npy(work / name, array)
+                save_npy(staged.path(f"level{level}/{name}"), array)
+            write_success(work, fingerprint=fp, level=level, k=len(centroids), inputs=len(parents))
 
         done = [] if cfg.get("overwrite", False) else _finished_levels(out, len(ks), fp)
         if done:
@@ -223,17 +237,22 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
         stats = []
         for t, ((labels, _), distance) in enumerate(zip(levels, distances), start=1):
             stats.append(_level_stats(t, labels, ks[t - 1], distance))
-            write_frame(out / f"level{t}" / "assign.parquet", _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
-        _write_clustering(out, ids, hierarchy.centroids[-1], labels, distance, fp)
+            if t <= len(done):  # a resumed level: its arrays come from the work folder
+                for name in ("centroids.npy", "parents.npy", "parent_distance.npy"):
+                    save_npy(staged.path(f"level{t}/{name}"), np.load(out / WORK / f"level{t}" / name))
+            write_frame(staged.path(f"level{t}/assign.parquet"), _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
+        _write_clustering(staged, "", ids, hierarchy.centroids[-1], labels, distance, fp)
 
     if int(c.balanced_sample) > 0:
         picked = balanced_sample(hierarchy, int(c.balanced_sample), seed=int(cfg.seed))
-        write_frame(out / "balanced.parquet", pd.DataFrame({"id": ids[picked]}), BALANCED_SCHEMA, balanced_fp)
-    elif (out / "balanced.parquet").exists():
-        (out / "balanced.parquet").unlink()
-
-    write_success(
-        out,
+        write_frame(staged.path("balanced.parquet"), pd.DataFrame({"id": ids[picked]}), BALANCED_SCHEMA, balanced_fp)
+    else:
+        staged.remove("balanced.parquet")
+    _remove_stale_levels(staged, out, len(ks) if c.method == "hierarchical" else 0)
+    staged.remove(WORK)  # committed: the resume state has served
+    if c.method == "flat":
+        staged.remove("kmeans-checkpoint.npz")  # finished: a later run with other settings must start afresh
+    staged.commit(
         fingerprint=balanced_fp,
         settings=settings,
         images=int(n),
@@ -293,12 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     return torchrun_main(run_cluster, "lvd.curate.cluster", argv)
 
 
-def _write_empty(out: Path, dim: int, fp: str, balanced_fp: str, settings: dict, started: float) -> Path:
+def _write_empty(staged: StageOutputs, out: Path, dim: int, fp: str, balanced_fp: str, settings: dict,
+                 started: float) -> Path:
     """Nothing survived dedup: empty but well-formed outputs, so later stages see zero images."""
     empty = np.zeros(0, np.int64)
-    _write_clustering(out, empty, np.zeros((0, dim), np.float32), empty, np.zeros(0, np.float32), fp)
-    write_frame(out / "balanced.parquet", pd.DataFrame({"id": empty}), BALANCED_SCHEMA, balanced_fp)
-    write_success(out, fingerprint=balanced_fp, settings=settings, images=0, k=0, distance="squared_l2", levels=[],
+    _write_clustering(staged, "", empty, np.zeros((0, dim), np.float32), empty, np.zeros(0, np.float32), fp)
+    write_frame(staged.path("balanced.parquet"), pd.DataFrame({"id": empty}), BALANCED_SCHEMA, balanced_fp)
+    staged.commit(fingerprint=balanced_fp, settings=settings, images=0, k=0, distance="squared_l2", levels=[],
                   seconds=round(time.time() - started, 3))
     return out
 

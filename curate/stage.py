@@ -18,6 +18,7 @@ leaves a stage that says it is finished over files of two runs.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from lvd.common.atomic import remove_stale_temps
@@ -30,17 +31,28 @@ class StageOutputs:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.folder)
+        for folder in [self.folder, *(d for d in self.folder.rglob("*") if d.is_dir())]:
+            remove_stale_temps(folder)  # a killed invocation's staged files
         self._staged: dict[str, Path] = {}
+        self._removed: list[Path] = []
+        self._made: list[Path] = []
         self.committed = False
 
     def path(self, name: str) -> Path:
-        """Where to write the new `name` now; it becomes FOLDER/name at `commit`."""
-        if name == SUCCESS_NAME or "/" in name:
-            raise ValueError(f"cannot stage {name!r}: a plain file name other than {SUCCESS_NAME}")
-        tmp = self.folder / f".{name}.tmp-staged-{os.getpid()}"
+        """Where to write the new `name` (a path relative to the folder) now; it becomes FOLDER/name at `commit`."""
+        final = self.folder / name
+        if final.name == SUCCESS_NAME and final.parent == self.folder or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"cannot stage {name!r}: a path inside the stage folder other than its {SUCCESS_NAME}")
+        if not final.parent.exists():
+            final.parent.mkdir(parents=True)
+            self._made.append(final.parent)
+        tmp = final.parent / f".{final.name}.tmp-staged-{os.getpid()}"
         self._staged[name] = tmp
         return tmp
+
+    def remove(self, name: str) -> None:
+        """Delete FOLDER/name (a file or a folder) at `commit`, not before: it belongs to the last finished run."""
+        self._removed.append(self.folder / name)
 
     def current(self, name: str) -> Path:
         """The file as this invocation sees it: the staged one if written, else the finished one."""
@@ -52,6 +64,11 @@ class StageOutputs:
         if missing:
             raise RuntimeError(f"staged outputs never written: {missing}")
         clear_success(self.folder)
+        for path in self._removed:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         for name, tmp in self._staged.items():
             os.replace(tmp, self.folder / name)
         self.committed = True
@@ -60,6 +77,9 @@ class StageOutputs:
     def discard(self) -> None:
         for tmp in self._staged.values():
             tmp.unlink(missing_ok=True)
+        for folder in reversed(self._made):  # folders made for staged files only, if left empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
     def __enter__(self) -> "StageOutputs":
         return self

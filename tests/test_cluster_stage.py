@@ -111,7 +111,9 @@ def test_killed_hierarchical_run_resumes_from_finished_levels(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         cluster.run_cluster(cluster_config(tmp_path / "b", *settings))
     out = tmp_path / "b" / "cluster"
-    assert not (out / "_SUCCESS.json").exists() and (out / "level2" / "_SUCCESS.json").exists()
+    # the killed run committed nothing; its finished levels wait in the work folder
+    assert not (out / "_SUCCESS.json").exists() and (out / cluster.WORK / "level2" / "_SUCCESS.json").exists()
+    assert not (out / "level1").exists()
     monkeypatch.undo()
 
     computed = []
@@ -207,3 +209,20 @@ def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings):
     success = json.loads((two / "_SUCCESS.json").read_text())
     assert success["world_size"] == 2 and success["images"] == len(pd.read_parquet(one / "assign.parquet"))
     assert not (two / "kmeans-checkpoint.npz").exists()
+
+
+@pytest.mark.parametrize("settings", [FLAT, HIERARCHICAL], ids=["flat", "hierarchical"])
+def test_a_failed_rerun_leaves_the_finished_clustering_as_it_was(tmp_path, monkeypatch, settings):
+    planted_run(tmp_path)
+    out = cluster.run_cluster(cluster_config(tmp_path, *settings))
+    files = lambda: {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}  # noqa: E731
+    before = files()
+
+    def broken(*args, **kwargs):
+        raise MemoryError("out of memory in the middle of k-means")
+
+    monkeypatch.setattr(cluster, "resampled_kmeans", broken)
+    monkeypatch.setattr(cluster, "hierarchical_kmeans", broken)
+    with pytest.raises(MemoryError):
+        cluster.run_cluster(cluster_config(tmp_path, *settings, "cluster.niter=7"))
+    assert files() == before
