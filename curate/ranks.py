@@ -9,27 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from lvd.curate.config import load_config
 from lvd.common.devices import resolve_device
-
-
-@dataclass
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+from lvd.common.ranks import Ranks, gather_rows, rank_slice  # noqa: F401 (the stages' import point)
 
 
 def join_ranks(device_pref) -> Ranks:
@@ -66,26 +53,3 @@ def torchrun_main(run_stage, module: str, argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(run_stage(cfg))
     return 0
-
-
-def rank_slice(n: int, ranks: Ranks) -> slice:
-    """This rank's contiguous share of n rows (the first n % world ranks get one more)."""
-    base, extra = divmod(n, ranks.world)
-    start = ranks.rank * base + min(ranks.rank, extra)
-    return slice(start, start + base + (ranks.rank < extra))
-
-
-def gather_rows(array: np.ndarray, ranks: Ranks) -> np.ndarray:
-    """Every rank's rows concatenated in rank order, on every rank (shapes may differ in length)."""
-    if ranks.world == 1:
-        return array
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    local = torch.from_numpy(np.ascontiguousarray(array)).to(device)
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(ranks.world)]
-    dist.all_gather(sizes, torch.tensor([len(local)], dtype=torch.int64, device=device))
-    longest = int(max(int(n) for n in sizes))
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[: len(local)] = local
-    slots = [torch.empty_like(padded) for _ in range(ranks.world)]
-    dist.all_gather(slots, padded)
-    return np.concatenate([slot[: int(n)].cpu().numpy() for slot, n in zip(slots, sizes)])
