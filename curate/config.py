@@ -14,15 +14,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-
-
-_ABSENT = object()
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+from lvd.common.config import ConfigError, merge_config  # noqa: F401 (ConfigError: raised for the pipeline too)
 
 
 def packaged_config_path(name: str) -> Path:
@@ -45,28 +38,6 @@ def resolve_config_path(spec: str | os.PathLike) -> Path:
         raise ConfigError(f"config file not found: {spec}") from None
 
 
-def _open_empty_mappings(node: DictConfig) -> None:
-    for key in node:
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            if len(child) == 0:
-                OmegaConf.set_struct(child, False)
-            else:
-                _open_empty_mappings(child)
-
-
-def _defaults(name: str) -> DictConfig:
-    cfg = OmegaConf.load(packaged_config_path(name))
-    OmegaConf.set_struct(cfg, True)
-    _open_empty_mappings(cfg)
-    return cfg
-
-
-def _key_error(exc: OmegaConfBaseException, origin: str) -> ConfigError:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
-    return ConfigError(f"unknown config key {key!r} in {origin}; the keys lvd knows are listed in its configs/*.yaml defaults")
-
-
 def load_config(
     path: str | os.PathLike | None = None, overrides: Sequence[str] = (), defaults: str = "default"
 ) -> DictConfig:
@@ -74,38 +45,8 @@ def load_config(
 
     `defaults` names the packaged schema: `default` for the pipeline, `pretrain` for training.
     """
-    cfg = _defaults(defaults)
-    if path is not None:
-        file_path = resolve_config_path(path)
-        try:
-            file_cfg = OmegaConf.load(file_path)
-        except Exception as exc:  # yaml errors come in several types
-            raise ConfigError(f"cannot read config {file_path}: {exc}") from exc
-        try:
-            cfg = OmegaConf.merge(cfg, file_cfg)
-        except ConfigKeyError as exc:
-            raise _key_error(exc, str(file_path)) from None
-        except (OmegaConfBaseException, TypeError, ValueError) as exc:
-            raise ConfigError(f"{file_path}: {exc}") from None
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, _, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if value in ("{}", "[]") and OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
-            # merging an empty value would keep the file's entries: replace instead
-            OmegaConf.update(cfg, key, {} if value == "{}" else [], merge=False)
-            continue
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except ConfigKeyError as exc:
-            raise _key_error(exc, f"override {item!r}") from None
-        except Exception as exc:  # yaml syntax errors and type clashes alike
-            raise ConfigError(f"override {item!r}: {exc} (quote values that contain YAML syntax such as braces or colons)") from None
-    try:
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot resolve config: {exc}") from None
+    cfg = merge_config(packaged_config_path(defaults), resolve_config_path(path) if path is not None else None,
+                       overrides)
     if defaults == "default":
         from lvd.curate.config_checks import config_problems
 

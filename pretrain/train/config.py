@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from lvd.common.config import merge_config
 
 
 def default_config_path() -> Path:
@@ -24,17 +26,8 @@ def default_config_path() -> Path:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> DictConfig:
-    """defaults <- file <- overrides; keys absent from the defaults are errors."""
-    cfg = OmegaConf.load(default_config_path())
-    OmegaConf.set_struct(cfg, True)
-    OmegaConf.set_struct(cfg.model.overrides, False)  # build_backbone's overrides are open-ended
-    if path is not None:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-    if isinstance(overrides, dict):
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
-    elif overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    return cfg
+    """defaults <- file <- overrides; keys absent from the defaults are errors (`lvd.common.config`)."""
+    return merge_config(default_config_path(), path, overrides)
 
 
 def effective_loss_settings(cfg: DictConfig) -> dict:
