@@ -84,8 +84,20 @@ def plan_parts(frame: pd.DataFrame, part_size: int) -> list[Part]:
 
 
 def _file_identity(path: Path) -> list:
+    """[name, bytes, sha1] of a weights file (or of every file of a weights folder), by content.
+
+    Not the path or the modification time: a run folder and its weights copied to another
+    machine are still the same embeddings (hashing reads the file once, ~0.5 s per GB).
+    """
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    out = []
+    for f in files:
+        digest = hashlib.sha1()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(8 << 20), b""):
+                digest.update(chunk)
+        out.append([f.relative_to(path).as_posix() if path.is_dir() else "", f.stat().st_size, digest.hexdigest()])
+    return out
 
 
 def weights_record(spec) -> str | None:
@@ -98,9 +110,10 @@ def weights_record(spec) -> str | None:
 
 def settings_fingerprint(info: dict, copy_info: dict | None, weights_spec, copy_spec) -> str:
     """Everything that changes the numbers in a part (the device does not, the dtype does)."""
+    where = ("weights",)  # where the weights lie is not what they are: their content is below
     record = {
-        "embed": info,
-        "copy": copy_info,
+        "embed": {k: v for k, v in info.items() if k not in where},
+        "copy": {k: v for k, v in copy_info.items() if k not in where} if copy_info else None,
         "weights_files": _file_identity(resolve_weights(weights_spec)) if weights_spec else None,
         "copy_files": _file_identity(resolve_weights(copy_spec)) if copy_spec else None,
     }

@@ -269,3 +269,25 @@ def test_augmented_copies_of_real_photos_are_nearest_neighbours(tmp_path):
     # one miss in 39 is tolerated: with this seed, a gravel crop finds grass (two stochastic
     # textures, for a ViT fine-tuned for saliency rather than copy detection)
     assert len(misses) <= 1, misses
+
+
+def test_weights_copied_elsewhere_are_the_same_weights(tmp_path, tiny_weights):
+    """The embed fingerprint follows the weights' content, not their path or modification time."""
+    import shutil
+
+    _write_images(tmp_path / "pool", 5)
+    extra = ("embed.model=vit_tiny_p4", "embed.dtype=float32", "embed.resolution=16")
+    cfg = _cfg(tmp_path / "run", tmp_path / "pool", f"embed.weights={tiny_weights}", *extra)
+    run_manifest(cfg)
+    out = run_embed(cfg)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*-*")}
+    copied = tmp_path / "elsewhere" / "weights.pth"
+    copied.parent.mkdir()
+    shutil.copy(tiny_weights, copied)  # a new path and a new modification time, the same bytes
+    run_embed(_cfg(tmp_path / "run", tmp_path / "pool", f"embed.weights={copied}", *extra))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-*")} == stamps
+    with open(copied, "r+b") as f:  # other bytes: other weights, every part redone
+        f.seek(-8, 2)
+        f.write(b"\x00" * 8)
+    run_embed(_cfg(tmp_path / "run", tmp_path / "pool", f"embed.weights={copied}", *extra))
+    assert all(out.joinpath(name).stat().st_mtime_ns != stamp for name, stamp in stamps.items() if name.startswith("part-"))
