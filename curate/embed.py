@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 
 STAGE = "embed"
 COPY = "copy"
+# New parts of an invocation wait here until every rank has finished; then rank 0 moves them into
+# place together, so a failed or interrupted run leaves the last finished embeddings as they were
+# (and a rerun with the same settings resumes from the parts it staged).
+STAGED = ".staged"
 
 
 # -- plan ------------------------------------------------------------------------------------
@@ -193,6 +198,16 @@ def part_done(out: Path, part: Part, fingerprint: str, with_copy: bool) -> bool:
         return False
     folders = [out, out / COPY] if with_copy else [out]
     return all((f / f"part-{part.name}.npy").is_file() and (f / f"ids-{part.name}.npy").is_file() for f in folders)
+
+
+def commit_parts(out: Path, names: list[str], with_copy: bool) -> None:
+    """Move staged parts into place: vectors and ids first (copy space too), the done marker last."""
+    staged = out / STAGED
+    for name in names:
+        for folder in ([Path(), Path(COPY)] if with_copy else [Path()]):
+            for kind in ("part", "ids"):
+                os.replace(staged / folder / f"{kind}-{name}.npy", out / folder / f"{kind}-{name}.npy")
+        os.replace(staged / f"done-{name}.json", out / f"done-{name}.json")
 
 
 def remove_parts_beyond(out: Path, n_parts: int) -> int:
@@ -381,27 +396,33 @@ def run_embed(cfg) -> Path:
         parts = plan_parts(frame, int(cfg.embed.part_size))
         fingerprints = {p.index: p.fingerprint(settings) for p in parts}
         overwrite = bool(cfg.get("overwrite", False))
-        todo = [p for p in parts if overwrite or not part_done(out, p, fingerprints[p.index], copy is not None)]
-        if ranks.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            if copy is not None:
-                (out / COPY).mkdir(exist_ok=True)
-            remove_stale_temps(out)
-            stale = remove_parts_beyond(out, len(parts))
-            if todo or stale or not is_done(out):
-                clear_success(out)
-                clear_success(out / COPY)
-                save_config(cfg, run_dir)
-        ranks.barrier()
-        if not todo and is_done(out) and (copy is None or is_done(out / COPY)):
+        staging = out / STAGED
+        with_copy = copy is not None
+        fresh = [p for p in parts if overwrite or not part_done(out, p, fingerprints[p.index], with_copy)]
+        staged = [p for p in fresh if not overwrite and part_done(staging, p, fingerprints[p.index], with_copy)]
+        todo = [p for p in fresh if p not in staged]
+        stale = any(int(f.stem.split("-", 1)[1]) >= len(parts) for f in out.glob("done-*.json")
+                    if f.stem.split("-", 1)[1].isdigit())
+        if not fresh and not stale and is_done(out) and (copy is None or is_done(out / COPY)):
             log.info("embed: %d parts up to date, nothing to do", len(parts))
             return out
+        if ranks.rank == 0:
+            for folder in (out, out / COPY, staging, staging / COPY) if with_copy else (out, staging):
+                folder.mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(folder)
+            save_config(cfg, run_dir)
+        ranks.barrier()
         mine = todo[ranks.rank :: ranks.world]
         log.info("embed: %d parts, %d to (re)do, %d on rank %d/%d; %s on %s, %s, %d px",
                  len(parts), len(todo), len(mine), ranks.rank, ranks.world, info["model"], device, info["dtype"], info["resolution"])
-        embedded = _embed_parts(mine, cfg, main, copy, out, fingerprints, ranks)
+        embedded = _embed_parts(mine, cfg, main, copy, staging, fingerprints, ranks)
         ranks.barrier()
-        if ranks.rank == 0:
+        if ranks.rank == 0:  # every rank's parts are staged: commit them together
+            clear_success(out)
+            clear_success(out / COPY)
+            commit_parts(out, [p.name for p in fresh], with_copy)
+            remove_parts_beyond(out, len(parts))
+            shutil.rmtree(staging, ignore_errors=True)
             seconds = time.time() - started
             summary = _summary(out, parts, frame)
             if copy_info is not None:  # the copy space on its own, for readers of embed/copy alone
@@ -412,13 +433,13 @@ def run_embed(cfg) -> Path:
                 copy_detection=copy_info,
                 settings_fingerprint=settings,
                 parts=len(parts),
-                parts_written=len(todo),
+                parts_written=len(fresh),
                 world_size=ranks.world,
                 embedded_this_run_rank0=embedded,
                 seconds=round(seconds, 3),
                 **summary,
             )
-            log.info("embed: %d parts written in %.1f s (rank 0: %.1f img/s)", len(todo), seconds, embedded / max(seconds, 1e-9))
+            log.info("embed: %d parts written in %.1f s (rank 0: %.1f img/s)", len(fresh), seconds, embedded / max(seconds, 1e-9))
         ranks.barrier()
         return out
     finally:

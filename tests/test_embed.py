@@ -291,3 +291,41 @@ def test_weights_copied_elsewhere_are_the_same_weights(tmp_path, tiny_weights):
         f.write(b"\x00" * 8)
     run_embed(_cfg(tmp_path / "run", tmp_path / "pool", f"embed.weights={copied}", *extra))
     assert all(out.joinpath(name).stat().st_mtime_ns != stamp for name, stamp in stamps.items() if name.startswith("part-"))
+
+
+def test_a_failed_rerun_leaves_the_finished_embeddings_and_resumes_from_what_it_staged(tmp_path, tiny_weights,
+                                                                                          monkeypatch):
+    from lvd.pretrain.models.embedder import Embedder
+
+    _write_images(tmp_path / "pool", 9)
+    base = (f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4", "embed.part_size=3", "embed.batch_size=3",
+            "embed.dtype=float32")
+    cfg = _cfg(tmp_path / "run", tmp_path / "pool", *base, "embed.resolution=16")
+    run_manifest(cfg)
+    out = run_embed(cfg)
+    files = lambda: {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}  # noqa: E731
+    before = files()
+
+    real, calls = Embedder.embed_uint8, []
+
+    def fail_on_the_third_batch(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory in the middle of the run")
+        return real(self, batch)
+
+    new = _cfg(tmp_path / "run", tmp_path / "pool", *base, "embed.resolution=24")
+    monkeypatch.setattr(Embedder, "embed_uint8", fail_on_the_third_batch)
+    with pytest.raises(MemoryError):
+        run_embed(new)
+    assert files() == before  # parts, ids, markers and _SUCCESS.json of the finished run, untouched
+    monkeypatch.setattr(Embedder, "embed_uint8", lambda self, batch: calls.append(1) or real(self, batch))
+    calls.clear()
+    run_embed(new)
+    assert len(calls) == 1  # the two parts staged before the failure were not embedded again
+    fresh = _cfg(tmp_path / "ref", tmp_path / "pool", *base, "embed.resolution=24")
+    run_manifest(fresh)
+    ref = run_embed(fresh)
+    for name in ("part-00000.npy", "part-00001.npy", "part-00002.npy"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes()
+    assert not (out / ".staged").exists() and json.loads((out / "_SUCCESS.json").read_text())["resolution"] == 24
