@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,13 @@ from lvd.curate import sources as src
 from lvd.curate.config import as_list, named_sources
 from lvd.curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
 from lvd.curate.workers import process_map, resolve_workers, show_progress
-from lvd.curate.runio import clear_success, is_done, open_stage, parquet_fingerprint, write_parquet, write_success
+from lvd.curate.runio import (clear_success, is_done, open_stage, parquet_fingerprint, remove_stale_temps, write_parquet,
+                              write_success)
 
 log = logging.getLogger(__name__)
 
 STAGE = "manifest"
+STAGED = ".staged"
 # Files per work unit handed to a worker: small enough to balance, large enough to amortise.
 UNIT_SIZE = 32
 
@@ -190,7 +193,6 @@ def _unit_count(task: Task) -> int:
 def run_manifest(cfg) -> Path:
     """List, read, hash and decode every input; write manifest parts and _SUCCESS.json."""
     started = time.time()
-    run_dir = Path(cfg.run_dir)
     out = open_stage(cfg, STAGE)
     settings = DecodeSettings(
         max_pixels=int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None,
@@ -199,15 +201,17 @@ def run_manifest(cfg) -> Path:
     )
     tasks = plan_tasks(cfg, settings, int(cfg.manifest.part_size))
     overwrite = bool(cfg.get("overwrite", False))
-    todo = [t for t in tasks if overwrite or parquet_fingerprint(out / t.part_name) != t.fingerprint]
+    staging = out / STAGED  # new parts wait here; the finished manifest stays as it is until commit
+    fresh = [t for t in tasks if overwrite or parquet_fingerprint(out / t.part_name) != t.fingerprint]
+    todo = [t for t in fresh if overwrite or parquet_fingerprint(staging / t.part_name) != t.fingerprint]
     stale = sorted(p for p in out.glob("part-*.parquet") if int(p.stem.split("-")[1]) >= len(tasks))
-    if not todo and not stale and is_done(out):
+    if not fresh and not stale and is_done(out):
         log.info("manifest: %d parts up to date, nothing to do", len(tasks))
         return out
-    clear_success(out)
-    for path in stale:
-        path.unlink()
-    log.info("manifest: %d tasks, %d to (re)do", len(tasks), len(todo))
+    staging.mkdir(exist_ok=True)
+    remove_stale_temps(staging)
+    log.info("manifest: %d tasks, %d to (re)do, %d staged by an interrupted run", len(tasks), len(todo),
+             len(fresh) - len(todo))
 
     units = list(_units(todo, settings))
     remaining = {t.index: _unit_count(t) for t in todo}
@@ -225,10 +229,18 @@ def run_manifest(cfg) -> Path:
                 parts = collected.pop(task_index)
                 all_rows = [row for n in sorted(parts) for row in parts[n]]
                 task = by_index[task_index]
-                write_part(out / task.part_name, all_rows, task.fingerprint)
+                write_part(staging / task.part_name, all_rows, task.fingerprint)
 
-    frame = read_manifest(run_dir, status=None)
-    _check_unique_ids(frame)
+    renewed = {t.part_name for t in fresh}
+    frame = pd.concat([pd.read_parquet((staging if t.part_name in renewed else out) / t.part_name) for t in tasks],
+                      ignore_index=True) if tasks else pd.DataFrame(columns=SCHEMA.names)
+    _check_unique_ids(frame)  # before anything is replaced
+    clear_success(out)
+    for path in stale:
+        path.unlink()
+    for name in sorted(renewed):
+        os.replace(staging / name, out / name)
+    shutil.rmtree(staging, ignore_errors=True)
     counts = frame.groupby(["set", "status"]).size()
     write_success(
         out,

@@ -294,6 +294,10 @@ def run_retrieve(cfg) -> Path:
         candidates = int(rows["id"].nunique()) if len(rows) else 0
         rows = rows.assign(floor=row_floors(rows, seed_label, floors))
         rows, rejected = apply_floor(rows, rows["floor"].to_numpy(np.float64))
+        if candidates and rejected == candidates:
+            log.warning("retrieve: the similarity floor of seed set %s rejected all %d candidates (its seeds are closer "
+                        "to each other than any pool image is to them); set retrieve.per_set.%s.min_similarity or "
+                        "retrieve.floor_quantile lower to retrieve some", plan.name, candidates, plan.name)
         set_floors[plan.name] = {"min_similarity": {("*" if k is None else k): v for k, v in floors.items()},
                                  "setting": plan.min_similarity, "candidates": candidates, "rejected_by_floor": rejected}
         rows = apply_target(rows, plan.target)

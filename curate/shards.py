@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -26,12 +28,14 @@ from tqdm.auto import tqdm
 from lvd.curate.manifest import read_manifest
 from lvd.curate.workers import process_map, resolve_workers, show_progress
 from lvd.curate.retrieve import read_neighbors
-from lvd.curate.runio import atomic_write_json, clear_success, is_done, open_stage, parquet_fingerprint, write_parquet, write_success
+from lvd.curate.runio import (atomic_write_json, clear_success, is_done, open_stage, parquet_fingerprint, remove_stale_temps,
+                              write_parquet, write_success)
 from lvd.curate.shard_writer import ShardSpec, write_shard
 
 log = logging.getLogger(__name__)
 
 STAGE = "shards"
+STAGED = ".staged"
 # Bytes a sample adds beyond its image: three 512-byte tar headers, JSON, padding.
 SAMPLE_OVERHEAD = 2048
 
@@ -194,22 +198,26 @@ def run_shards(cfg) -> Path:
     samples, classes = build_samples(cfg, run_dir)
     ranges = plan_shards(samples["bytes"].to_numpy() if len(samples) else np.zeros(0), int(cfg.shards.max_count), int(cfg.shards.max_bytes))
     prefix = str(cfg.shards.prefix)
-    jobs = []
+    staging = out / STAGED  # new shards wait here; the finished ones stay as they are until commit
+    fresh, jobs = [], []
     for n, (a, b) in enumerate(ranges):
         frame = samples.iloc[a:b]
-        tar_path, index_path = out / f"{prefix}-{n:06d}.tar", out / f"{prefix}-{n:06d}.parquet"
+        name = f"{prefix}-{n:06d}"
         fp = _fingerprint(frame, cfg)
+        if not cfg.overwrite and (out / f"{name}.tar").is_file() and parquet_fingerprint(out / f"{name}.parquet") == fp:
+            continue
+        fresh.append(name)
+        tar_path, index_path = staging / f"{name}.tar", staging / f"{name}.parquet"
         if cfg.overwrite or not tar_path.is_file() or parquet_fingerprint(index_path) != fp:
             jobs.append((tar_path, index_path, frame, fp))
     expected = {f"{prefix}-{n:06d}.{ext}" for n in range(len(ranges)) for ext in ("tar", "parquet")}
     stale = [p for p in out.glob(f"{prefix}-*") if p.name not in expected]
-    if not jobs and not stale and is_done(out):
+    if not fresh and not stale and is_done(out):
         log.info("shards: %d shards up to date", len(ranges))
         return out
-    clear_success(out)
-    for path in stale:
-        path.unlink()
-    for tar_path, index_path, _, _ in jobs:  # a tar is only trusted once its parquet matches
+    staging.mkdir(exist_ok=True)
+    remove_stale_temps(staging)
+    for tar_path, index_path, _, _ in jobs:  # a staged tar is only trusted once its parquet matches
         index_path.unlink(missing_ok=True)
     workers = resolve_workers(cfg.workers)
     specs = [_spec(tar_path, frame, cfg) for tar_path, _, frame, _ in jobs]
@@ -221,15 +229,22 @@ def run_shards(cfg) -> Path:
             _write_index(index_path, frame, fp)
             written += size
             bar.update(1)
+    clear_success(out)  # every new shard is staged: commit them together
+    for path in stale:
+        path.unlink()
+    for name in fresh:  # the tar first, its parquet (what makes it trusted) second
+        os.replace(staging / f"{name}.tar", out / f"{name}.tar")
+        os.replace(staging / f"{name}.parquet", out / f"{name}.parquet")
+    shutil.rmtree(staging, ignore_errors=True)
     atomic_write_json(out / "classes.json", {"classes": classes})
     write_success(
         out,
         shards=len(ranges),
-        shards_written=len(jobs),
+        shards_written=len(fresh),
         samples=int(len(samples)),
         bytes_written=int(written),
         classes=len(classes),
         seconds=round(time.time() - started, 3),
     )
-    log.info("shards: %d samples in %d shards (%d written) in %.1f s", len(samples), len(ranges), len(jobs), time.time() - started)
+    log.info("shards: %d samples in %d shards (%d written) in %.1f s", len(samples), len(ranges), len(fresh), time.time() - started)
     return out

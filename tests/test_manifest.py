@@ -181,7 +181,7 @@ def _make_pool(root: Path, n: int) -> None:
 
 
 def _lvd(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "curate.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen([sys.executable, "-m", "lvd.curate.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
 
 
 @pytest.mark.slow
@@ -195,13 +195,15 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     killed_dir = tmp_path / "killed"
     proc = _lvd(["manifest", "default", f"run_dir={killed_dir}", *common])
     deadline = time.time() + 120
-    while len(list((killed_dir / "manifest").glob("part-*.parquet"))) < 4 and time.time() < deadline:
+    staged = killed_dir / "manifest" / ".staged"  # new parts wait there until the run commits them all
+    while len(list(staged.glob("part-*.parquet"))) < 4 and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before_kill = len(list((killed_dir / "manifest").glob("part-*.parquet")))
+    done_before_kill = len(list(staged.glob("part-*.parquet")))
     assert 4 <= done_before_kill < 31, "the kill must land mid-way for this test to mean anything"
     assert not (killed_dir / "manifest" / "_SUCCESS.json").exists()
+    assert not list((killed_dir / "manifest").glob("part-*.parquet"))  # nothing committed
 
     resumed = _lvd(["manifest", "default", f"run_dir={killed_dir}", *common])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()

@@ -46,6 +46,7 @@ def setup(tmp_path_factory):
         "decontam.threshold=0.98",
         "cluster.k=4",
         "retrieve.n=3",
+        "retrieve.min_similarity=null",  # this test is about kills and resumes, not the floor
         "shards.max_count=5",
         "workers=0",
         "progress=false",

@@ -196,3 +196,31 @@ def test_a_source_changed_since_the_manifest_stops_the_shard(run):
     with pytest.raises(RuntimeError, match="changed since the manifest"):
         run_shards(cfg)
     assert not list(Path(cfg.run_dir, "shards").glob(".*tmp*"))
+
+
+def test_a_failed_rerun_leaves_the_finished_shards_as_they_were(run, monkeypatch):
+    import lvd.curate.shards as shards_module
+
+    cfg, _, _ = run
+    out = run_shards(cfg)
+    files = lambda: {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}  # noqa: E731
+    before = files()
+    real, calls = shards_module.write_shard, []
+
+    def fail_on_the_second(spec):
+        calls.append(spec.path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(spec)
+
+    monkeypatch.setattr(shards_module, "write_shard", fail_on_the_second)
+    from omegaconf import OmegaConf
+
+    smaller = OmegaConf.merge(cfg, {"shards": {"max_count": 3}})
+    with pytest.raises(OSError, match="No space"):
+        run_shards(smaller)
+    assert files() == before and len(calls) == 2
+    monkeypatch.setattr(shards_module, "write_shard", lambda spec: calls.append(spec.path) or real(spec))
+    calls.clear()
+    run_shards(smaller)  # resumes: the shard staged before the failure is not written again
+    assert len(calls) == len(list(out.glob("curated-*.tar"))) - 1
