@@ -62,7 +62,7 @@ class Thumbnails:
         if id_ not in self.rows.index:
             return None
         row = self.rows.loc[id_]
-        name = f"{id_}.jpg"
+        name = f"{id_}-{str(row['sha1'])[:12]}.jpg"  # by content too: a changed file gets a new thumbnail
         target = self.folder / name
         if not target.exists():
             try:
@@ -238,12 +238,9 @@ def run_report(cfg) -> Path:
     out = run_dir / STAGE
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
-    clear_success(out)
     manifest_all = read_manifest(run_dir, status=None)
     ok = manifest_all[manifest_all.status == "ok"]
     thumbs = Thumbnails(out / "img", ok, int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None)
-    for stale in (out / "img").glob("*.jpg"):  # thumbnails are rewritten only when shown again
-        stale.unlink()
     fig = Figures(thumbs, ok)
     page = render({
         "run_name": run_dir.name, "run_dir": str(run_dir.resolve()), "thumb": THUMB,
@@ -255,7 +252,12 @@ def run_report(cfg) -> Path:
         "retrieval": read_retrieval(run_dir, fig, manifest_all),
         "quarantine": read_quarantine(manifest_all),
     })
+    clear_success(out)  # the last page stays whole until the new one replaces it
     atomic_write_text(out / "index.html", page)
+    shown = {Path(v).name for v in thumbs.done.values() if v}
+    for stale in (out / "img").glob("*.jpg"):  # thumbnails no longer shown
+        if stale.name not in shown:
+            stale.unlink()
     write_success(out, thumbnails=sum(1 for v in thumbs.done.values() if v), seconds=round(time.time() - started, 3))
     log.info("report: %s", out / "index.html")
     return out / "index.html"
