@@ -53,6 +53,10 @@ def load_config(
         problems = config_problems(cfg)
         if problems:
             raise ConfigError("; ".join(problems))
+    elif defaults == "pretrain":
+        from lvd.pretrain.train.config import check_values
+
+        check_values(cfg)
     return cfg
 
 

@@ -115,3 +115,20 @@ def test_every_packaged_config_passes_the_value_checks(name):
     from lvd.curate.config_checks import config_problems
 
     assert config_problems(load_config(name)) == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.epochs=0", "optim.epochs must be >= 1, got 0"),
+    ("mode=dino3", "mode must be one of ['dino', 'dinov2']"),
+    ("model.arch=vit_huge", "model.arch must name a registry model"),
+    ("crops.global_scale=[0.9,0.2]", "crops.global_scale must be [low, high] within [0.0, 1.0]"),
+    ("train.parallel=zero3", "train.parallel must be one of ['ddp', 'fsdp']"),
+])
+def test_bad_training_values_are_rejected_by_both_loaders(override, message):
+    from lvd.pretrain.train.config import load_config as load_training_config
+
+    with pytest.raises(ConfigError) as direct:
+        load_training_config(overrides=[override])
+    with pytest.raises(ConfigError) as through_the_cli_loader:
+        load_config(None, [override], defaults="pretrain")
+    assert message in str(direct.value) and message in str(through_the_cli_loader.value)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lvd.common.config import merge_config
+from lvd.common.config import ConfigError, merge_config
+from lvd.common.config_checks import choice, config_problems, integer, number
 
 
 def default_config_path() -> Path:
@@ -25,9 +26,78 @@ def default_config_path() -> Path:
     return path
 
 
+def _registry_model(value) -> str | None:
+    from lvd.pretrain.models.registry import list_models
+
+    names = list_models()
+    return None if value in names else f"must name a registry model ({', '.join(names)}), got {value!r}"
+
+
+def _pair(lo: float, hi: float):
+    def check(value):
+        try:
+            a, b = (float(v) for v in value)
+        except (TypeError, ValueError):
+            return f"must be a pair of numbers, got {value!r}"
+        return None if lo <= a <= b <= hi else f"must be [low, high] within [{lo}, {hi}], got {list(value)}"
+    return check
+
+
+# The training config's values, checked when it is loaded (so `lvd pretrain` rejects them before any work).
+CHECKS = {
+    "seed": integer(lo=0),
+    "mode": choice("dino", "dinov2"),
+    "model.arch": _registry_model,
+    "model.drop_path_rate": number(lo=0.0, hi=1.0),
+    "data.batch_size_per_rank": integer(lo=1),
+    "data.num_workers": integer(lo=0),
+    "data.image_size": integer(lo=1),
+    "crops.global_size": integer(lo=1),
+    "crops.local_size": integer(lo=1),
+    "crops.n_local": integer(lo=0),
+    "crops.global_scale": _pair(0.0, 1.0),
+    "crops.local_scale": _pair(0.0, 1.0),
+    "dino_head.prototypes": integer(lo=1),
+    "ibot_head.prototypes": integer(lo=1),
+    "masking.ratio_min": number(lo=0.0, hi=1.0),
+    "masking.ratio_max": number(lo=0.0, hi=1.0),
+    "masking.sample_probability": number(lo=0.0, hi=1.0),
+    "loss.centering": choice("sinkhorn_knopp", "softmax"),
+    "loss.sinkhorn_iters": integer(lo=1),
+    "loss.student_temp": number(lo=1e-9),
+    "loss.dino_weight": number(lo=0.0),
+    "loss.ibot_weight": number(lo=0.0),
+    "loss.koleo_weight": number(lo=0.0),
+    "optim.epochs": integer(lo=1),
+    "optim.iters_per_epoch": integer(lo=1),
+    "optim.lr": number(lo=0.0),
+    "optim.warmup_epochs": integer(lo=0),
+    "optim.momentum_teacher": number(lo=0.0, hi=1.0),
+    "optim.final_momentum_teacher": number(lo=0.0, hi=1.0),
+    "optim.teacher_temp": number(lo=1e-9),
+    "optim.layerwise_decay": number(lo=0.0, hi=1.0),
+    "optim.clip_grad": number(lo=0.0, nullable=True),
+    "train.dtype": choice("auto", "float32", "bfloat16"),
+    "train.parallel": choice("ddp", "fsdp"),
+    "train.checkpoint_every": integer(lo=1),
+    "train.keep_checkpoints": integer(lo=1),
+    "train.log_every": integer(lo=1),
+    "train.stop_after": integer(lo=1, nullable=True),
+}
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> DictConfig:
-    """defaults <- file <- overrides; keys absent from the defaults are errors (`lvd.common.config`)."""
-    return merge_config(default_config_path(), path, overrides)
+    """defaults <- file <- overrides; keys absent from the defaults are errors (`lvd.common.config`),
+    and so are values outside `CHECKS`."""
+    cfg = merge_config(default_config_path(), path, overrides)
+    check_values(cfg)
+    return cfg
+
+
+def check_values(cfg: DictConfig) -> None:
+    problems = config_problems(cfg, CHECKS)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def effective_loss_settings(cfg: DictConfig) -> dict:
