@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from lvd.curate.dedup_space import DedupSpace, resolve_thresholds
+from lvd.curate.embed import weights_record
 from lvd.curate.manifest import read_manifest
 from lvd.curate.stage import StageOutputs
 from lvd.curate.workers import show_progress
@@ -152,11 +153,6 @@ def warn_if_indiscriminate(component: np.ndarray, threshold: float, space: str) 
 # ---------------------------------------------------------------- readers
 
 
-def _weights_as_recorded(weights: str) -> str:
-    """How the embed stage records a weights spec: pkg:// as given, a path made absolute."""
-    return weights if weights.startswith("pkg://") else str(Path(weights).expanduser().resolve())
-
-
 def embedding_folder(run_dir: Path, space: DedupSpace) -> Path:
     """Where the dedup embeddings are; they must come from the copy-detection model the config names."""
     embed = run_dir / "embed"
@@ -167,7 +163,7 @@ def embedding_folder(run_dir: Path, space: DedupSpace) -> Path:
         return embed
     copy = run_dir / space.folder
     made_with = (record.get("copy_detection") or {}).get("weights")
-    wanted = _weights_as_recorded(space.copy_detector.weights)
+    wanted = weights_record(space.copy_detector.weights)
     if made_with is None or not any(copy.glob("part-*.npy")):
         raise FileNotFoundError(f"the copy-detection model {space.copy_detector.describe()} is configured, but {embed} "
                                 f"holds no copy-detection embeddings: run `lvd embed` again")

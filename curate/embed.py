@@ -110,7 +110,7 @@ def weights_record(spec) -> str | None:
     if spec is None:
         return None
     spec = str(spec)
-    return spec if spec.startswith("pkg://") else str(resolve_weights(spec))
+    return spec if spec.startswith("pkg://") else str(Path(spec).expanduser().resolve())
 
 
 def settings_fingerprint(info: dict, copy_info: dict | None, weights_spec, copy_spec) -> str:

@@ -42,7 +42,7 @@ def test_every_default_key_is_commented():
     assert not missing, f"keys without a comment line above them: {missing}"
 
 
-@pytest.mark.parametrize("name", ["demo", "lvd142m"])
+@pytest.mark.parametrize("name", ["demo", "demo_photos", "lvd142m"])
 def test_packaged_configs_load_and_stay_inside_the_schema(name):
     cfg = load_config(name)
     assert set(iter_keys(cfg)) >= {"run_dir", "embed.model", "dedup.k", "retrieve.n"}
@@ -108,13 +108,6 @@ def test_an_override_can_empty_a_mapping_or_a_list():
     assert dict(cfg.sources.eval) == {"fmnist_test": "/r/data/eval/fmnist_test"}  # the rest stays
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(None, ["no_such_section={}"])
-
-
-@pytest.mark.parametrize("name", ["default", "demo", "demo_photos", "lvd142m"])
-def test_every_packaged_config_passes_the_value_checks(name):
-    from lvd.curate.config_checks import config_problems
-
-    assert config_problems(load_config(name)) == []
 
 
 @pytest.mark.parametrize("override, message", [
