@@ -59,10 +59,10 @@ def keep_reasons(labels: np.ndarray, keep: np.ndarray, keys: np.ndarray, rule: s
     order = np.lexsort((np.arange(len(labels)), *[-keys[:, c] for c in reversed(range(used))], ~keep, labels))
     sorted_labels = labels[order]
     starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    for start, end in zip(starts, np.r_[starts[1:], len(order)]):
-        if end - start < 2:
-            continue
-        kept, runner_up = order[start], order[start + 1]
-        differs = np.flatnonzero(keys[kept, :used] != keys[runner_up, :used])
-        out[kept] = CRITERIA[differs[0]] if len(differs) else CRITERIA[-1]
+    sizes = np.diff(np.r_[starts, len(order)])
+    first = starts[sizes > 1]  # groups of two or more: kept row first, the best of the rest second
+    kept, runner_up = order[first], order[first + 1]
+    differs = keys[kept, :used] != keys[runner_up, :used]
+    criterion = np.where(differs.any(axis=1), differs.argmax(axis=1), len(CRITERIA) - 1)
+    out[kept] = np.asarray(CRITERIA, dtype=object)[criterion]
     return out
