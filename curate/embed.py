@@ -40,7 +40,8 @@ from lvd.curate.config import ConfigError, save_config
 from lvd.curate.manifest import read_manifest
 from lvd.curate.workers import resolve_workers, show_progress
 from lvd.curate.ranks import Ranks, join_ranks, rank_device, torchrun_main
-from lvd.curate.runio import atomic_path, atomic_write_json, clear_success, is_done, remove_stale_temps, write_success
+from lvd.curate.runio import (atomic_path, atomic_write_json, clear_success, is_done, read_success, remove_stale_temps,
+                              write_success)
 from lvd.curate.sources import iter_bytes
 from lvd.pretrain.data.decode import DecodeError
 from lvd.pretrain.models.copy_detection import build_copy_detector, resolve_copy_detector
@@ -88,20 +89,26 @@ def plan_parts(frame: pd.DataFrame, part_size: int) -> list[Part]:
     ]
 
 
-def _file_identity(path: Path) -> list:
+def _file_identity(path: Path, hashes: dict[str, str]) -> list:
     """[name, bytes, sha1] of a weights file (or of every file of a weights folder), by content.
 
     Not the path or the modification time: a run folder and its weights copied to another
-    machine are still the same embeddings (hashing reads the file once, ~0.5 s per GB).
+    machine are still the same embeddings. `hashes` maps "path size mtime_ns" to sha1: entries
+    from the last run (its _SUCCESS.json) spare reading unchanged files again (~0.5 s per GB);
+    new ones are added, for the next run.
     """
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     out = []
     for f in files:
-        digest = hashlib.sha1()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(8 << 20), b""):
-                digest.update(chunk)
-        out.append([f.relative_to(path).as_posix() if path.is_dir() else "", f.stat().st_size, digest.hexdigest()])
+        stat = f.stat()
+        key = f"{f.resolve()} {stat.st_size} {stat.st_mtime_ns}"
+        if key not in hashes:
+            digest = hashlib.sha1()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(8 << 20), b""):
+                    digest.update(chunk)
+            hashes[key] = digest.hexdigest()
+        out.append([f.relative_to(path).as_posix() if path.is_dir() else "", stat.st_size, hashes[key]])
     return out
 
 
@@ -113,14 +120,16 @@ def weights_record(spec) -> str | None:
     return spec if spec.startswith("pkg://") else str(Path(spec).expanduser().resolve())
 
 
-def settings_fingerprint(info: dict, copy_info: dict | None, weights_spec, copy_spec) -> str:
+def settings_fingerprint(info: dict, copy_info: dict | None, weights_spec, copy_spec,
+                         hashes: dict[str, str] | None = None) -> str:
     """Everything that changes the numbers in a part (the device does not, the dtype does)."""
+    hashes = {} if hashes is None else hashes
     where = ("weights",)  # where the weights lie is not what they are: their content is below
     record = {
         "embed": {k: v for k, v in info.items() if k not in where},
         "copy": {k: v for k, v in copy_info.items() if k not in where} if copy_info else None,
-        "weights_files": _file_identity(resolve_weights(weights_spec)) if weights_spec else None,
-        "copy_files": _file_identity(resolve_weights(copy_spec)) if copy_spec else None,
+        "weights_files": _file_identity(resolve_weights(weights_spec), hashes) if weights_spec else None,
+        "copy_files": _file_identity(resolve_weights(copy_spec), hashes) if copy_spec else None,
     }
     return hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -391,7 +400,8 @@ def run_embed(cfg) -> Path:
         copy_info = None
         if copy is not None:
             copy_info = {**copy.info(), "weights": weights_record(choice.weights), "name": choice.name, "space": choice.space}
-        settings = settings_fingerprint(info, copy_info, cfg.embed.weights, choice.weights if choice else None)
+        hashes = dict((read_success(out) or {}).get("weights_sha1") or {})
+        settings = settings_fingerprint(info, copy_info, cfg.embed.weights, choice.weights if choice else None, hashes)
 
         parts = plan_parts(frame, int(cfg.embed.part_size))
         fingerprints = {p.index: p.fingerprint(settings) for p in parts}
@@ -432,6 +442,7 @@ def run_embed(cfg) -> Path:
                 **info,
                 copy_detection=copy_info,
                 settings_fingerprint=settings,
+                weights_sha1=hashes,
                 parts=len(parts),
                 parts_written=len(fresh),
                 world_size=ranks.world,

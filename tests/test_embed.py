@@ -281,6 +281,10 @@ def test_weights_copied_elsewhere_are_the_same_weights(tmp_path, tiny_weights):
     run_manifest(cfg)
     out = run_embed(cfg)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*-*")}
+    import hashlib
+
+    recorded = json.loads((out / "_SUCCESS.json").read_text())["weights_sha1"]  # reused by the next run
+    assert list(recorded.values()) == [hashlib.sha1(Path(tiny_weights).read_bytes()).hexdigest()]
     copied = tmp_path / "elsewhere" / "weights.pth"
     copied.parent.mkdir()
     shutil.copy(tiny_weights, copied)  # a new path and a new modification time, the same bytes
