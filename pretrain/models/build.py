@@ -8,7 +8,7 @@ from torch import nn
 
 from .registry import get_spec
 from .vision_transformer import DinoVisionTransformer
-from .weights import WeightsError, load_strict, load_weights
+from .weights import WeightsError, load_strict, load_weights, weights_arch_name
 
 
 def build_backbone(name: str, weights: str | os.PathLike | None = None, **overrides) -> nn.Module:
@@ -45,8 +45,8 @@ def model_name(name: str, weights: str | os.PathLike | None) -> str:
         return name
     if weights is None:
         raise WeightsError("model 'auto' needs a weights file that names its architecture; name the model")
-    loaded = load_weights(weights)
-    if loaded.arch_name is None:
+    name = weights_arch_name(weights)
+    if name is None:
         raise WeightsError(f"{weights} does not name its architecture (only lvd checkpoints and lvd-exported "
                            ".safetensors do): name the model")
-    return loaded.arch_name
+    return name

@@ -30,6 +30,7 @@ __all__ = [
     "check_state_dict",
     "load_strict",
     "load_weights",
+    "weights_arch_name",
     "resolve_weights",
 ]
 
@@ -112,6 +113,23 @@ def _read(path: Path) -> LoadedWeights:
         sd, hints = _from_huggingface(obj, {})
         return LoadedWeights(sd, str(path), "huggingface", hints)
     return LoadedWeights(to_hub_layout(obj), str(path), "hub")
+
+
+def weights_arch_name(spec: str | os.PathLike) -> str | None:
+    """The architecture a weights file records (lvd exports and checkpoints), or None.
+
+    A safetensors file answers from its header alone; other formats are read whole.
+    """
+    path = resolve_weights(spec)
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return arch_from_metadata(f.metadata())[0]
+        except Exception as exc:  # a damaged header
+            raise WeightsError(f"{path} is not a readable safetensors file ({type(exc).__name__}); {FORMATS_HINT}") from exc
+    return load_weights(spec).arch_name
 
 
 def load_weights(spec: str | os.PathLike, patch_size: int | None = None) -> LoadedWeights:
