@@ -4,7 +4,7 @@ The copy-detection benchmark, the demo's photo part and the tests draw on the sa
 `package_photos` (scikit-image and scikit-learn sample photos, no download), `photo_tiles`
 (non-overlapping tiles: distinct images that share a photo's textures, i.e. hard negatives),
 and `EDITS` (resize, crop, border, text overlay, greyscale, JPEG q30, small rotation), which
-`web_copy` applies alone or combined.
+`apply_edits` applies alone or combined (`edit_menu`).
 """
 
 from __future__ import annotations
@@ -133,15 +133,8 @@ def apply_edits(img: Image.Image, names, rng: np.random.Generator) -> Image.Imag
 
 
 def edit_menu() -> list[tuple[str, ...]]:
-    """Every single edit, then the combinations: what `web_copy` chooses from."""
+    """Every single edit, then the combinations (the benchmark's queries)."""
     return [(name,) for name in EDITS] + list(COMBINATIONS)
-
-
-def web_copy(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, str]:
-    """A copy with one edit or one combination drawn at random; returns it and the edit's name."""
-    menu = edit_menu()
-    names = menu[int(rng.integers(len(menu)))]
-    return apply_edits(img, names, rng), "+".join(names)
 
 
 def encode(img: Image.Image, fmt: str = "PNG", quality: int = 90) -> bytes:
