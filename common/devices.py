@@ -18,8 +18,29 @@ DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torc
                "float16": torch.float16, "fp16": torch.float16}
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above the first with bf16 dot products.
+_ONEDNN_BF16_ISA_MARKS = ("BF16", "FP16", "AVX10", "AMX")
+
+
+def _isa_capped_below_bf16() -> bool:
+    """True when torch or oneDNN was told to stay below bf16 instructions.
+
+    `ATEN_CPU_CAPABILITY=avx2` and `ONEDNN_MAX_CPU_ISA=AVX2` make a bf16 CPU behave like an
+    AVX2-only one (bf16 matmuls fall back to emulation, ~100x slower than fp32), which is also
+    how the test suite is run as the other kind of CPU.
+    """
+    capped_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    if capped_isa and capped_isa not in ("ALL", "DEFAULT") and not any(m in capped_isa for m in _ONEDNN_BF16_ISA_MARKS):
+        return True
+    machine = os.uname().machine if hasattr(os, "uname") else ""
+    return machine in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 dot-product instructions (x86 AVX512_BF16 or AMX, Arm BF16)."""
+    """True when the CPU has bf16 dot-product instructions (x86 AVX512_BF16 or AMX, Arm BF16)
+    and neither torch nor oneDNN is capped below them."""
+    if _isa_capped_below_bf16():
+        return False
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -33,23 +32,22 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-
 from lvd.curate.config import ConfigError, save_config
 from lvd.curate.manifest import read_manifest
-from lvd.curate.workers import resolve_workers, show_progress
 from lvd.curate.ranks import Ranks, join_ranks, rank_device, torchrun_main
-from lvd.curate.runio import (atomic_path, atomic_write_json, clear_success, is_done, read_success, remove_stale_temps,
-                              write_success)
+from lvd.curate.runio import atomic_path, atomic_write_json, clear_success, is_done, read_success, remove_stale_temps, write_success
 from lvd.curate.sources import iter_bytes
+from lvd.curate.stage import STAGED, commit_staged_parts
+from lvd.curate.workers import resolve_workers, show_progress
 from lvd.pretrain.data.decode import DecodeError
+from lvd.pretrain.models.build import model_name
 from lvd.pretrain.models.copy_detection import build_copy_detector, resolve_copy_detector
 from lvd.pretrain.models.embedder import Embedder
 from lvd.pretrain.models.preprocess import auto_resolution, bytes_to_square
-from lvd.pretrain.models.build import model_name
 from lvd.pretrain.models.registry import get_spec
 from lvd.pretrain.models.weights import resolve_weights
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +56,6 @@ COPY = "copy"
 # New parts of an invocation wait here until every rank has finished; then rank 0 moves them into
 # place together, so a failed or interrupted run leaves the last finished embeddings as they were
 # (and a rerun with the same settings resumes from the parts it staged).
-STAGED = ".staged"
 
 
 # -- plan ------------------------------------------------------------------------------------
@@ -209,14 +206,11 @@ def part_done(out: Path, part: Part, fingerprint: str, with_copy: bool) -> bool:
     return all((f / f"part-{part.name}.npy").is_file() and (f / f"ids-{part.name}.npy").is_file() for f in folders)
 
 
-def commit_parts(out: Path, names: list[str], with_copy: bool) -> None:
-    """Move staged parts into place: vectors and ids first (copy space too), the done marker last."""
-    staged = out / STAGED
-    for name in names:
-        for folder in ([Path(), Path(COPY)] if with_copy else [Path()]):
-            for kind in ("part", "ids"):
-                os.replace(staged / folder / f"{kind}-{name}.npy", out / folder / f"{kind}-{name}.npy")
-        os.replace(staged / f"done-{name}.json", out / f"done-{name}.json")
+def staged_part_files(names: list[str], with_copy: bool) -> list[str]:
+    """Each part's files in commit order: vectors and ids first (copy space too), its done marker last."""
+    folders = ["", f"{COPY}/"] if with_copy else [""]
+    return [f"{folder}{kind}-{name}.npy" for name in names for folder in folders for kind in ("part", "ids")] + \
+        [f"done-{name}.json" for name in names]
 
 
 def remove_parts_beyond(out: Path, n_parts: int) -> int:
@@ -428,11 +422,9 @@ def run_embed(cfg) -> Path:
         embedded = _embed_parts(mine, cfg, main, copy, staging, fingerprints, ranks)
         ranks.barrier()
         if ranks.rank == 0:  # every rank's parts are staged: commit them together
-            clear_success(out)
             clear_success(out / COPY)
-            commit_parts(out, [p.name for p in fresh], with_copy)
+            commit_staged_parts(out, staged_part_files([p.name for p in fresh], with_copy))
             remove_parts_beyond(out, len(parts))
-            shutil.rmtree(staging, ignore_errors=True)
             seconds = time.time() - started
             summary = _summary(out, parts, frame)
             if copy_info is not None:  # the copy space on its own, for readers of embed/copy alone

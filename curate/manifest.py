@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +25,17 @@ from typing import Iterable, Iterator
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
-
 from lvd.curate import sources as src
 from lvd.curate.config import as_list, named_sources
 from lvd.curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
+from lvd.curate.runio import is_done, open_stage, parquet_fingerprint, remove_stale_temps, write_parquet, write_success
+from lvd.curate.stage import STAGED, commit_staged_parts
 from lvd.curate.workers import process_map, resolve_workers, show_progress
-from lvd.curate.runio import (clear_success, is_done, open_stage, parquet_fingerprint, remove_stale_temps, write_parquet,
-                              write_success)
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
 STAGE = "manifest"
-STAGED = ".staged"
 # Files per work unit handed to a worker: small enough to balance, large enough to amortise.
 UNIT_SIZE = 32
 
@@ -235,12 +232,7 @@ def run_manifest(cfg) -> Path:
     frame = pd.concat([pd.read_parquet((staging if t.part_name in renewed else out) / t.part_name) for t in tasks],
                       ignore_index=True) if tasks else pd.DataFrame(columns=SCHEMA.names)
     _check_unique_ids(frame)  # before anything is replaced
-    clear_success(out)
-    for path in stale:
-        path.unlink()
-    for name in sorted(renewed):
-        os.replace(staging / name, out / name)
-    shutil.rmtree(staging, ignore_errors=True)
+    commit_staged_parts(out, sorted(renewed), remove=stale)
     counts = frame.groupby(["set", "status"]).size()
     write_success(
         out,

@@ -15,27 +15,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from tqdm.auto import tqdm
-
 from lvd.curate.manifest import read_manifest
-from lvd.curate.workers import process_map, resolve_workers, show_progress
 from lvd.curate.retrieve import read_neighbors
-from lvd.curate.runio import (atomic_write_json, clear_success, is_done, open_stage, parquet_fingerprint, remove_stale_temps,
-                              write_parquet, write_success)
+from lvd.curate.runio import atomic_write_json, is_done, open_stage, parquet_fingerprint, remove_stale_temps, write_parquet, write_success
 from lvd.curate.shard_writer import ShardSpec, write_shard
+from lvd.curate.stage import STAGED, commit_staged_parts
+from lvd.curate.workers import process_map, resolve_workers, show_progress
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
 STAGE = "shards"
-STAGED = ".staged"
 # Bytes a sample adds beyond its image: three 512-byte tar headers, JSON, padding.
 SAMPLE_OVERHEAD = 2048
 
@@ -229,13 +225,8 @@ def run_shards(cfg) -> Path:
             _write_index(index_path, frame, fp)
             written += size
             bar.update(1)
-    clear_success(out)  # every new shard is staged: commit them together
-    for path in stale:
-        path.unlink()
-    for name in fresh:  # the tar first, its parquet (what makes it trusted) second
-        os.replace(staging / f"{name}.tar", out / f"{name}.tar")
-        os.replace(staging / f"{name}.parquet", out / f"{name}.parquet")
-    shutil.rmtree(staging, ignore_errors=True)
+    # every new shard is staged: commit them together, each tar before its parquet (what makes it trusted)
+    commit_staged_parts(out, [f"{name}.{ext}" for name in fresh for ext in ("tar", "parquet")], remove=stale)
     atomic_write_json(out / "classes.json", {"classes": classes})
     write_success(
         out,

@@ -13,6 +13,10 @@ leaves a stage that says it is finished over files of two runs.
         write_frame(staged.path("near.parquet"), frame, SCHEMA, fp)
         ...
         staged.commit(**success_info)
+
+Stages made of many parts (manifest, embed, shards) resume part by part, so their new parts
+live in `STAGE/.staged/` across invocations (a rerun with the same settings keeps what an
+interrupted one finished) and `commit_staged_parts` moves them into place together.
 """
 
 from __future__ import annotations
@@ -23,6 +27,27 @@ from pathlib import Path
 
 from lvd.common.atomic import remove_stale_temps
 from lvd.curate.runio import SUCCESS_NAME, clear_success, write_success
+
+
+#: Where part-wise stages keep new parts until they are committed together.
+STAGED = ".staged"
+
+
+def commit_staged_parts(folder: str | os.PathLike, names, *, remove=()) -> None:
+    """Move FOLDER/.staged/NAME to FOLDER/NAME for each name, in the order given, after taking
+    the done marker away and deleting `remove` (finished files the new run no longer has);
+    the staging folder goes last. The caller writes the done marker afterwards.
+    """
+    folder = Path(folder)
+    staging = folder / STAGED
+    clear_success(folder)
+    for path in remove:
+        Path(path).unlink(missing_ok=True)
+    for name in names:
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, target)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 class StageOutputs:

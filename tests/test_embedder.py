@@ -65,3 +65,33 @@ def test_dtype_policy(monkeypatch):
     assert resolve_dtype("auto", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int8", cpu)
+
+
+@pytest.mark.parametrize("env, expected_capped", [
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, True),
+    ({"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"}, True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, False),
+    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, False),
+])
+def test_onednn_isa_cap_turns_native_bf16_off(monkeypatch, env, expected_capped):
+    """A cap below bf16 instructions makes bf16 matmuls emulated, so `auto` must not pick bf16."""
+    from lvd.common import devices
+
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(devices.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert devices._isa_capped_below_bf16() is expected_capped
+    if expected_capped:
+        assert devices.cpu_has_native_bf16() is False
+        assert devices.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_aten_avx2_capability_turns_native_bf16_off(monkeypatch):
+    from lvd.common import devices
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(devices.os, "uname", lambda: type("U", (), {"machine": "x86_64"})())
+    monkeypatch.setattr(devices.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert devices.cpu_has_native_bf16() is False
