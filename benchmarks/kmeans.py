@@ -20,13 +20,15 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lvd.index.kmeans import kmeans  # noqa: E402
-from knn_graph import embedding_like, fashion_mnist, timed  # noqa: E402
+from knn_graph import embedding_like, fashion_mnist, machine_line, timed  # noqa: E402
+
+from lvd.common.devices import cpu_has_native_bf16  # noqa: E402
+from lvd.index.backend_choice import choose_backend  # noqa: E402
 
 
 def faiss_kmeans(x, init, niter, spherical):
@@ -54,7 +56,8 @@ def main():
     parser.add_argument("--niter", type=int, default=20)
     parser.add_argument("--data", choices=["synthetic", "fmnist"], default="synthetic")
     parser.add_argument("--spherical", action="store_true")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32"], help="torch backend dtypes to time")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"],
+                        help="torch backend dtypes to time")
     parser.add_argument("--no-sklearn", action="store_true")
     parser.add_argument("--unpruned", action="store_true", help="also time lvd's Lloyd without bounds")
     parser.add_argument("--seed", type=int, default=0)
@@ -64,8 +67,7 @@ def main():
     n, d = x.shape
     init = x[np.random.default_rng(args.seed).choice(n, args.k, replace=False)].copy()
     flops = 2.0 * n * args.k * d * (args.niter + 1)
-    print(f"k-means {n} x {d} -> {args.k}, {args.niter} iterations, data {args.data}, "
-          f"threads {torch.get_num_threads()}, faiss {faiss.__version__}, torch {torch.__version__}")
+    print(f"k-means {n} x {d} -> {args.k}, {args.niter} iterations, data {args.data}; {machine_line()}")
     print(f"{'method':<30} {'wall s':>8} {'cpu s':>8} {'GFLOP/s':>8} {'wall vs':>8} {'cpu vs':>8} "
           f"{'inertia':>14} {'/ faiss':>9}")
 
@@ -83,6 +85,10 @@ def main():
                                                backend=backend, dtype=dtype, prune=prune, algorithm="lloyd"))
         label = f"lvd lloyd, {backend} {dtype}" + (", bounds" if prune else ", no bounds")
         report(label, seconds, result.inertia)
+    chosen = choose_backend("k-means assignment", init, x, 2, metric="l2")  # what `auto` measures (then cached)
+    name = chosen.name if chosen.name == "faiss" else f"torch {chosen.dtype}"
+    seconds, result = timed(lambda: kmeans(x, args.k, niter=args.niter, init=init, spherical=args.spherical))
+    report(f"lvd auto (lloyd, {name})", seconds, result.inertia)
     if not args.no_sklearn:
         seconds, inertia = timed(lambda: sklearn_kmeans(x, init, args.niter))
         report("scikit-learn KMeans (lloyd)", seconds, inertia)

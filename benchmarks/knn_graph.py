@@ -27,7 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lvd.common.devices import cpu_has_native_bf16  # noqa: E402
+from lvd.index.backend_choice import choose_backend  # noqa: E402
 from lvd.index.knn import knn_graph, plan_knn  # noqa: E402
+
+
+def machine_line() -> str:
+    return (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}, "
+            f"threads {torch.get_num_threads()}, faiss {faiss.__version__}, torch {torch.__version__}")
 
 
 def embedding_like(n: int, d: int, seed: int, copies: float = 0.02) -> np.ndarray:
@@ -125,6 +132,11 @@ def bench_exact(x, k, dtypes, with_numpy):
         t, (D, I) = timed(lambda: knn_graph(x, k, method="exact", backend="torch", dtype=dtype))
         ident, tied = same_sets(D, I, D_ref, I_ref)
         row(f"lvd torch backend ({dtype})", t, t_faiss, flops, f"identical sets {ident:.4f}, ties aside {tied:.4f}")
+    chosen = choose_backend("k-NN graph", x, x, k, exclude_self=True)  # what `auto` measures (then cached)
+    name = chosen.name if chosen.name == "faiss" else f"torch {chosen.dtype}"
+    t, (D, I) = timed(lambda: knn_graph(x, k, method="exact"))
+    ident, tied = same_sets(D, I, D_ref, I_ref)
+    row(f"lvd auto (chose {name})", t, t_faiss, flops, f"identical sets {ident:.4f}, ties aside {tied:.4f}")
     if with_numpy:
         t, (D, I) = timed(lambda: numpy_graph(x, k))
         ident, tied = same_sets(D, I, D_ref, I_ref)
@@ -158,7 +170,8 @@ def main():
     parser.add_argument("--d", type=int, default=None)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--data", choices=["synthetic", "fmnist"], default="synthetic")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32"], help="torch backend dtypes to time")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"],
+                        help="torch backend dtypes to time")
     parser.add_argument("--no-numpy", action="store_true")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--exact-backend", default="faiss")
@@ -167,7 +180,7 @@ def main():
     n = args.n or (50_000 if args.mode == "exact" else 200_000)
     d = args.d or (512 if args.mode == "exact" else 384)
     x = fashion_mnist(n) if args.data == "fmnist" else embedding_like(n, d, args.seed)
-    print(f"faiss {faiss.__version__}, torch {torch.__version__}, data {args.data}")
+    print(f"{machine_line()}, data {args.data}")
     if args.mode == "exact":
         bench_exact(x, args.k, args.dtypes, not args.no_numpy)
     else:

@@ -320,7 +320,7 @@ class TorchBackend(VectorBackend):
 
     def _prove(self, q, base, bias, k, own, approx, cand, lowp: "_LowPrecision", n_avail):
         """Exact top-k from low-precision candidates, recomputing rows the bound cannot clear."""
-        exact = torch.einsum("rd,rmd->rm", q, base[cand])  # fp32 re-scoring, m rows per query
+        exact = _rescore(q, base, cand)
         if bias is not None:
             exact += bias[cand]
         best_s, pos = torch.topk(exact, k, dim=1)
@@ -338,6 +338,25 @@ class TorchBackend(VectorBackend):
             s, i = self._topk(q[redo], base, bias, k, None if own is None else own[redo], self._mm_fp32)
             best_s[redo], best_i[redo] = s, i
         return best_s, best_i
+
+
+# Bytes of gathered candidate rows re-scored at once: small enough to stay in the caches and
+# to be reused by the allocator (one gather of a whole chunk's candidates touched ~44 GiB of
+# fresh pages over a k-means run: 11.5M page faults, 22 s of system time).
+RESCORE_BLOCK_BYTES = 8 << 20
+
+
+def _rescore(q: torch.Tensor, base: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """fp32 q[r] . base[cand[r, j]] for every (r, j), a block of rows at a time."""
+    rows, m = cand.shape
+    d = base.shape[1]
+    out = torch.empty((rows, m), dtype=torch.float32, device=q.device)
+    step = max(1, RESCORE_BLOCK_BYTES // max(1, 4 * m * d))
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        gathered = torch.index_select(base, 0, cand[r0:r1].reshape(-1)).view(r1 - r0, m, d)
+        out[r0:r1] = torch.bmm(gathered, q[r0:r1].unsqueeze(2)).squeeze(2)
+    return out
 
 
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from lvd.index.backends import get_backend
+from lvd.index.backend_choice import choose_backend
 from lvd.index.kmeans import kmeans
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ def _seeded_kmeans(x, k, *, niter, seed, spherical, backend, device, checkpoint=
 
 def nearest_centroids(x: np.ndarray, centroids: np.ndarray, backend: str, device: str) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid (squared L2) of every row of x: (assign, distance)."""
-    distance, assign = get_backend(backend, device).assign(x, centroids)
+    engine = choose_backend("nearest centroid", centroids, x, 1, metric="l2", backend=backend, device=device)
+    distance, assign = engine.assign(x, centroids)
     return np.asarray(assign, np.int64), np.asarray(distance, np.float32)
 
 

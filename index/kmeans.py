@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lvd.common.atomic import atomic_path
-from lvd.index.backends import FaissBackend, VectorBackend, _as_f32, get_backend
+from lvd.index.backend_choice import choose_backend
+from lvd.index.backends import FaissBackend, VectorBackend, _as_f32
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,12 @@ def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, b
     """k-means of the rows of x (float32 [n, d]) into k clusters, `niter` Lloyd iterations.
 
     backend: "faiss", "torch", "auto" or a `VectorBackend`: the engine of the nearest-centroid
-    searches; "auto" is torch, whose Lloyd with bounds measured faster than Faiss's `Kmeans`
-    on CPU (benchmarks/kmeans.py) and runs on any accelerator. algorithm: "faiss" (Faiss's own
-    `Kmeans`, needs the faiss backend, one process), "lloyd" (lvd's Lloyd with bounds, any
-    backend, any number of ranks) or "auto" (Faiss's `Kmeans` with the faiss backend on one
-    process, else Lloyd). `distributed=True` runs Lloyd over the initialised torch.distributed
+    searches; "auto" is the engine and dtype measured fastest here for this assignment's shape
+    (`lvd.index.backend_choice`). algorithm: "faiss" (Faiss's own `Kmeans`, needs the faiss
+    backend, one process), "lloyd" (lvd's Lloyd with bounds, any backend, any number of ranks)
+    or "auto": Faiss's `Kmeans` when backend="faiss" is asked for on one process, else Lloyd,
+    whose bounds skip most rows' searches (benchmarks/kmeans.py: 2.1x Faiss's `Kmeans` on the
+    Faiss engine, 100k x 384 -> 1k, 2-core AVX-512 CPU). `distributed=True` runs Lloyd over the initialised torch.distributed
     group: x is this rank's slice, centroid sums are all-reduced, and the result's
     assign/distance cover this rank's rows. spherical=True L2-normalises the centroids after
     each update (for cosine clustering of normalised embeddings). prune=False makes the
@@ -75,13 +77,14 @@ def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, b
     if not 0 < k <= n_total:
         raise ValueError(f"cannot make {k} clusters of {n_total} rows")
     centroids = _initial_centroids(x, k, seed, init, comm, offset, n_total)
-    engine = get_backend("torch" if backend == "auto" else backend, device, dtype)
+    engine = choose_backend("k-means assignment", centroids, x, 2, metric="l2", backend=backend, device=device,
+                            dtype=dtype, agree=comm.agree if comm.active else None)
     store = _Checkpoint(checkpoint, checkpoint_every, _fingerprint(n_total, x.shape[1], k, spherical, centroids), comm)
     if algorithm not in ("auto", "faiss", "lloyd"):
         raise ValueError(f"unknown k-means algorithm {algorithm!r}; expected auto, faiss or lloyd")
     if algorithm == "faiss" and (comm.active or not isinstance(engine, FaissBackend)):
         raise ValueError("algorithm='faiss' needs backend='faiss' and a single process")
-    if algorithm == "faiss" or (algorithm == "auto" and isinstance(engine, FaissBackend) and not comm.active):
+    if algorithm == "faiss" or (algorithm == "auto" and backend == "faiss" and not comm.active):
         return _faiss_kmeans(x, centroids, niter, seed, spherical, engine, store, max_points_per_centroid)
     return _lloyd(x, centroids, niter, spherical, engine, comm, store, progress, prune)
 
@@ -258,6 +261,13 @@ class _Comm:
         tensor = torch.from_numpy(np.array(array, dtype=np.float64, ndmin=1))
         self.dist.all_reduce(tensor)
         return tensor.numpy().reshape(np.shape(array))
+
+    def agree(self, name: str, names: list[str]) -> str:
+        """Rank 0's `name` on every rank (each rank may have measured a different winner)."""
+        vote = np.zeros(len(names), np.float64)
+        if self.rank == 0:
+            vote[names.index(name)] = 1.0
+        return names[int(np.argmax(self.sum(vote)))]
 
     def sizes(self, n_local: int) -> tuple[int, int]:
         """(rows over all ranks, index of this rank's first row in rank order)."""

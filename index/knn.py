@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lvd.index.backends import FaissBackend, _as_f32, _check_metric, _drop_self, _empty_result, get_backend, resolve_device
+from lvd.index.backend_choice import choose_backend
+from lvd.index.backends import FaissBackend, _as_f32, _check_metric, _drop_self, _empty_result, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def knn_graph(x, k: int = 64, *, metric: str = "ip", method: str = "auto", backe
         plan = KnnPlan("exact", None, 0, 0, "torch backend")
     log.info("k-NN graph of %d x %d, k=%d: %s (%s)", len(x), x.shape[1], k, plan.factory or "exact", plan.reason)
     if plan.method == "exact":
-        engine = get_backend(backend, device, dtype)
+        engine = choose_backend("k-NN graph", x, x, k, metric=metric, exclude_self=True, backend=backend,
+                                device=device, dtype=dtype)
         return engine.search(x, x, k, metric=metric, exclude_self=True)
     return ivf_search(x, x, k, plan, metric=metric, exclude_self=True, device=device, seed=seed)
 
@@ -103,7 +105,8 @@ def search(xb, xq, k: int, *, metric: str = "ip", method: str = "exact", backend
     plan = plan_knn(len(xb), xb.shape[1], device=device, method=method, memory_budget=memory_budget,
                     exact_max=exact_max, nprobe=nprobe, nlist=nlist)
     if plan.method == "exact" or backend == "torch":
-        return get_backend(backend, device, dtype).search(xb, xq, k, metric=metric)
+        engine = choose_backend("search", xb, xq, k, metric=metric, backend=backend, device=device, dtype=dtype)
+        return engine.search(xb, xq, k, metric=metric)
     return ivf_search(xb, xq, k, plan, metric=metric, device=device, seed=seed)
 
 

@@ -1,5 +1,7 @@
 """Fixtures and helpers shared by several test files."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,8 @@ def _has_module(name: str) -> bool:
 
 
 def pytest_sessionstart(session):
+    # Measured `auto` choices are cached per test session, never in the user's cache folder.
+    os.environ.setdefault("LVD_CACHE_DIR", tempfile.mkdtemp(prefix="lvd-test-cache-"))
     missing = [what for what, present in NEEDED.items() if not present()]
     if missing:
         raise pytest.UsageError(f"missing for the test suite: {'; '.join(missing)}: {SETUP}")

@@ -67,6 +67,7 @@ def tiny_config(run_dir, shards, **extra):
         "optim.epochs": 3, "optim.iters_per_epoch": 3, "optim.warmup_epochs": 1,
         "optim.warmup_teacher_temp_epochs": 1, "optim.freeze_last_layer_epochs": 1, "optim.lr": 0.05,
         "train.log_every": 1, "train.checkpoint_every": 4, "progress": False,
+        "train.dtype": "float32",  # numbers compared across runs: never bf16, whatever the CPU
     }
     over.update(extra)
     return load_config(overrides=[f"{k}={v}" for k, v in over.items()])
@@ -327,3 +328,38 @@ def test_a_self_describing_export_loads_with_model_auto_and_no_overrides(tmp_pat
         build_backbone("vit_tiny_p4", weights=str(export_teacher(ckpt, tmp_path / "teacher.pth")))
     with pytest.raises(WeightsError, match="names its architecture"):
         build_backbone("auto", weights=str(tmp_path / "teacher.pth"))
+
+
+@pytest.mark.parametrize("bf16_faster", [True, False])
+def test_train_dtype_auto_takes_bf16_only_where_native_and_measured_faster(monkeypatch, tmp_path, bf16_faster):
+    from lvd.common import calibration
+    from lvd.pretrain.train import trainer
+
+    monkeypatch.setenv("LVD_CACHE_DIR", str(tmp_path / f"cache-{bf16_faster}"))
+    ran = []
+
+    def step(dtype):
+        ran.append(dtype)
+
+    fast, slow = (torch.bfloat16, None) if bf16_faster else (None, torch.bfloat16)
+    monkeypatch.setattr(calibration, "time_candidate", lambda job, repeats: (job(), 1.0 if ran[-1] is fast else 2.0)[1])
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer, "has_native_bf16", lambda device: True)
+    assert trainer.autocast_dtype("auto", cpu, step, {"arch": "t"}) is fast
+    assert set(ran) == {None, torch.bfloat16}  # both were timed
+    monkeypatch.setattr(trainer, "has_native_bf16", lambda device: False)
+    ran.clear()
+    assert trainer.autocast_dtype("auto", cpu, step, {"arch": "t"}) is None and ran == []  # emulated bf16: not timed
+    assert trainer.autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    assert trainer.autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+
+
+def test_a_bf16_training_step_keeps_losses_close_to_float32(tmp_path, shards):
+    """bf16 autocast changes rounding only: the first losses of the same run agree closely."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        run_pretrain(tiny_config(tmp_path / dtype, shards, **{"train.dtype": dtype, "train.stop_after": 2}))
+        losses[dtype] = _losses(tmp_path / dtype)
+    assert len(losses["float32"]) == len(losses["bfloat16"]) == 2
+    for a, b in zip(losses["float32"], losses["bfloat16"]):
+        assert b["total"] == pytest.approx(a["total"], rel=0.02)

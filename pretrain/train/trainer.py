@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lvd.common.atomic import atomic_path, atomic_write_json
-from lvd.common.devices import resolve_device
+from lvd.common.calibration import choose
+from lvd.common.devices import autocast, has_native_bf16, resolve_device
 
 from . import distributed as D
 from .augment import MultiCrop
@@ -44,11 +45,24 @@ log = logging.getLogger(__name__)
 N_GLOBAL = 2
 
 
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; None = full float32."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bfloat16": torch.bfloat16, "float32": None}[name]
+def autocast_dtype(name: str, device: torch.device, step=None, shape: dict | None = None) -> torch.dtype | None:
+    """The autocast dtype of the forward passes; None = full float32.
+
+    `auto`: bf16 on CUDA; float32 on a CPU without native bf16 (emulated bf16 is far slower);
+    on a CPU with native bf16, whichever of the two runs `step(dtype)` (one forward and
+    backward of the student on a small batch) faster, measured once per machine and shape
+    (`lvd.common.calibration`). Losses, centering and the EMA stay in float32 either way.
+    """
+    if name != "auto":
+        return {"bfloat16": torch.bfloat16, "float32": None}[name]
+    if device.type == "cuda":
+        return torch.bfloat16
+    if not has_native_bf16(device) or step is None:
+        return None
+    choice = choose("training step", shape or {}, {"float32": lambda: step(None), "bfloat16": lambda: step(torch.bfloat16)},
+                    device=device, repeats=1)
+    log.info("train.dtype auto: %s", choice.describe())
+    return torch.bfloat16 if choice.name == "bfloat16" else None
 
 
 def step_seed(seed: int, rank: int, iteration: int) -> int:
@@ -99,9 +113,9 @@ class Pretrainer:
         self.rank, self.world = D.rank(), D.world_size()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.amp = autocast_dtype(cfg.train.dtype, self.device)
         self.settings = effective_loss_settings(cfg)
         self.student, self.teacher = build_models(cfg, self.settings, self.device)
+        self.amp = self._autocast_dtype()
         self.n_blocks = int(getattr(self.student.backbone, "n_blocks", len(getattr(self.student.backbone, "blocks", []))))
         self.patch = int(self.student.backbone.patch_size)
         self.objective = SSLObjective(
@@ -128,6 +142,31 @@ class Pretrainer:
         self.start, self.positions = 0, [(0, 0)] * self.n_streams
 
     # -- set-up ------------------------------------------------------------------------
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """`train.dtype`, with `auto` measured on the student itself (every rank takes rank 0's)."""
+        cfg = self.cfg
+        size, batch = int(cfg.crops.global_size), int(cfg.data.batch_size_per_rank)
+        backbone = self.student.backbone
+
+        def step(dtype):
+            with torch.random.fork_rng(devices=[]):
+                crops = torch.randn(min(batch, 8), 3, size, size, device=self.device)
+                with autocast(self.device, dtype):
+                    out = backbone(crops)
+                out = out["x_norm_clstoken"] if isinstance(out, dict) else out
+                out.float().square().mean().backward()
+            backbone.zero_grad(set_to_none=True)
+
+        shape = {"arch": str(cfg.model.arch), "overrides": dict(OmegaConf.to_container(cfg.model.overrides)),
+                 "size": size, "batch": min(batch, 8)}
+        amp = autocast_dtype(cfg.train.dtype, self.device, step, shape)
+        if self.world > 1:  # the ranks must agree: rank 0's choice
+            flag = torch.tensor([1.0 if amp is not None else 0.0], device=self.device)
+            if self.rank != 0:
+                flag.zero_()
+            amp = torch.bfloat16 if float(D.all_reduce_sum(flag)) > 0 else None
+        return amp
+
     def _wrap(self) -> nn.Module:
         if not D.is_distributed():
             return self.student
