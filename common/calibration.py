@@ -14,6 +14,7 @@ choice: every candidate must give the same results within its documented toleran
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -60,6 +61,7 @@ def cache_folder() -> Path | None:
     return Path(base) / "lvd"
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

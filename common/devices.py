@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -32,8 +33,7 @@ def _isa_capped_below_bf16() -> bool:
     capped_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
     if capped_isa and capped_isa not in ("ALL", "DEFAULT") and not any(m in capped_isa for m in _ONEDNN_BF16_ISA_MARKS):
         return True
-    machine = os.uname().machine if hasattr(os, "uname") else ""
-    return machine in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+    return platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
 
 
 def cpu_has_native_bf16() -> bool:

@@ -32,6 +32,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
 from lvd.curate.config import ConfigError, save_config
 from lvd.curate.manifest import read_manifest
 from lvd.curate.ranks import Ranks, join_ranks, rank_device, torchrun_main
@@ -46,16 +49,11 @@ from lvd.pretrain.models.embedder import Embedder
 from lvd.pretrain.models.preprocess import auto_resolution, bytes_to_square
 from lvd.pretrain.models.registry import get_spec
 from lvd.pretrain.models.weights import resolve_weights
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
 STAGE = "embed"
 COPY = "copy"
-# New parts of an invocation wait here until every rank has finished; then rank 0 moves them into
-# place together, so a failed or interrupted run leaves the last finished embeddings as they were
-# (and a rerun with the same settings resumes from the parts it staged).
 
 
 # -- plan ------------------------------------------------------------------------------------
@@ -400,6 +398,9 @@ def run_embed(cfg) -> Path:
         parts = plan_parts(frame, int(cfg.embed.part_size))
         fingerprints = {p.index: p.fingerprint(settings) for p in parts}
         overwrite = bool(cfg.get("overwrite", False))
+        # New parts wait in STAGED until every rank has finished; then rank 0 moves them into place
+        # together, so a failed or interrupted run leaves the last finished embeddings as they were
+        # (and a rerun with the same settings resumes from the parts it staged).
         staging = out / STAGED
         with_copy = copy is not None
         fresh = [p for p in parts if overwrite or not part_done(out, p, fingerprints[p.index], with_copy)]

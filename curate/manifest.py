@@ -25,13 +25,14 @@ from typing import Iterable, Iterator
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
 from lvd.curate import sources as src
 from lvd.curate.config import as_list, named_sources
 from lvd.curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
 from lvd.curate.runio import is_done, open_stage, parquet_fingerprint, remove_stale_temps, write_parquet, write_success
 from lvd.curate.stage import STAGED, commit_staged_parts
 from lvd.curate.workers import process_map, resolve_workers, show_progress
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

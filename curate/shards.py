@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from tqdm.auto import tqdm
+
 from lvd.curate.manifest import read_manifest
 from lvd.curate.retrieve import read_neighbors
 from lvd.curate.runio import atomic_write_json, is_done, open_stage, parquet_fingerprint, remove_stale_temps, write_parquet, write_success
 from lvd.curate.shard_writer import ShardSpec, write_shard
 from lvd.curate.stage import STAGED, commit_staged_parts
 from lvd.curate.workers import process_map, resolve_workers, show_progress
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

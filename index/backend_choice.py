@@ -15,6 +15,7 @@ import functools
 import logging
 
 import numpy as np
+
 from lvd.common.calibration import choose
 from lvd.common.devices import has_native_bf16, resolve_device
 from lvd.index.backends import FaissBackend, TorchBackend, VectorBackend, _as_f32, _faiss_has_gpu, get_backend
@@ -34,7 +35,7 @@ def candidate_engines(device="cpu", backend: str = "auto", dtype: str = "auto") 
     engines: dict[str, VectorBackend] = {}
     if backend in ("auto", "faiss") and (device.type == "cpu" or _faiss_has_gpu()):
         engines["faiss"] = FaissBackend(device)
-    if backend in ("auto", "torch") or (backend == "faiss" and not engines):
+    if backend in ("auto", "torch"):
         if dtype == "auto":
             dtypes = ["fp32", "bf16"] if has_native_bf16(device) else ["fp32"]
         else:

@@ -64,9 +64,9 @@ def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, b
     (`lvd.index.backend_choice`). algorithm: "faiss" (Faiss's own `Kmeans`, needs the faiss
     backend, one process), "lloyd" (lvd's Lloyd with bounds, any backend, any number of ranks)
     or "auto": Faiss's `Kmeans` when backend="faiss" is asked for on one process, else Lloyd,
-    whose bounds skip most rows' searches (benchmarks/kmeans.py: 2.1x Faiss's `Kmeans` on the
-    Faiss engine, 100k x 384 -> 1k, 2-core AVX-512 CPU). `distributed=True` runs Lloyd over the initialised torch.distributed
-    group: x is this rank's slice, centroid sums are all-reduced, and the result's
+    whose bounds skip most rows' searches (benchmarks/kmeans.py: 1.8x Faiss's `Kmeans` on the
+    Faiss engine, 100k x 384 -> 1k, 2-core AVX-512 CPU). `distributed=True` runs Lloyd over the
+    initialised torch.distributed group: x is this rank's slice, centroid sums are all-reduced, and the result's
     assign/distance cover this rank's rows. spherical=True L2-normalises the centroids after
     each update (for cosine clustering of normalised embeddings). prune=False makes the
     Lloyd path search every row at every iteration (same result, slower; see `_Assignment`).

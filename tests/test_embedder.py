@@ -92,6 +92,6 @@ def test_aten_avx2_capability_turns_native_bf16_off(monkeypatch):
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    monkeypatch.setattr(devices.os, "uname", lambda: type("U", (), {"machine": "x86_64"})())
+    monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(devices.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert devices.cpu_has_native_bf16() is False

@@ -159,11 +159,9 @@ class Pretrainer:
 
         shape = {"arch": str(cfg.model.arch), "overrides": dict(OmegaConf.to_container(cfg.model.overrides)),
                  "size": size, "batch": min(batch, 8)}
-        amp = autocast_dtype(cfg.train.dtype, self.device, step, shape)
-        if self.world > 1:  # the ranks must agree: rank 0's choice
-            flag = torch.tensor([1.0 if amp is not None else 0.0], device=self.device)
-            if self.rank != 0:
-                flag.zero_()
+        amp = autocast_dtype(cfg.train.dtype, self.device, step if self.rank == 0 else None, shape)
+        if self.world > 1 and cfg.train.dtype == "auto":  # only rank 0 measures; every rank takes its choice
+            flag = torch.tensor([1.0 if self.rank == 0 and amp is not None else 0.0], device=self.device)
             amp = torch.bfloat16 if float(D.all_reduce_sum(flag)) > 0 else None
         return amp
 
