@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,29 +15,13 @@ from PIL import Image
 
 from lvd.index.service import ServeOptions
 from lvd.index.store import BuildOptions, IndexStore, build
+from browser_support import headless_chromium
 from index_support import embedded_photo_run, running_server
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,900")
-
 
 @pytest.fixture()
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")  # a test extra; the browser itself is checked below
-    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), \
-        "install Debian chromium and chromium-driver (make system-deps)"
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in FLAGS:
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(30)
-    try:
+    with headless_chromium(1200, 900) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_drop_page_shows_neighbours_grid(tmp_path, browser):

@@ -1,9 +1,7 @@
 """The report renders in headless Chromium with every picture loaded."""
 
+import contextlib
 import os
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from browser_support import headless_chromium
 from lvd.curate.config import load_config
 from lvd.curate.manifest import read_manifest, run_manifest
 from lvd.curate.report import run_report
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--allow-file-access-from-files"]
 
 
 def _write(path, color):
@@ -64,14 +60,27 @@ def test_report_lists_every_decision(run):
 
 
 def test_report_renders_in_headless_chromium_with_all_pictures(run, tmp_path):
-    assert CHROMIUM, "Debian chromium is needed (make system-deps installs it)"
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
     index = run_report(run)
-    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=120)
-    total = int(re.search(r'data-images-total="(\d+)"', dom.stdout).group(1))
-    loaded = int(re.search(r'data-images-loaded="(\d+)"', dom.stdout).group(1))
-    assert total >= 20 and loaded == total
-    shot = Path(os.environ.get("LVD_KEEP_SCREENSHOT") or tmp_path / "report.png")  # keep it to look at
-    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1200,2400", "--virtual-time-budget=10000", f"--screenshot={shot}", index.as_uri()], capture_output=True, timeout=120, check=True)
+    with headless_chromium(1200, 900) as browser:
+        browser.get(index.as_uri())
+        # pictures load lazily: scroll through the page as a reader would, and let the page count them
+        WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.imagesLoaded !== undefined"))
+        height = browser.execute_script("return document.body.scrollHeight")
+        for y in range(0, height + 1200, 600):
+            browser.execute_script(f"window.scrollTo(0, {y})")
+        loaded_all = "return document.body.dataset.imagesLoaded === document.body.dataset.imagesTotal"
+        with contextlib.suppress(TimeoutException):
+            WebDriverWait(browser, 60).until(lambda d: d.execute_script(loaded_all))
+        total = int(browser.execute_script("return document.body.dataset.imagesTotal"))
+        loaded = int(browser.execute_script("return document.body.dataset.imagesLoaded"))
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.set_window_size(1200, browser.execute_script("return document.body.scrollHeight") + 200)  # the whole page
+        assert total >= 20 and loaded == total
+        shot = Path(os.environ.get("LVD_KEEP_SCREENSHOT") or tmp_path / "report.png")  # keep it to look at
+        browser.save_screenshot(str(shot))
     arr = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     # the planted pure-red eval image and blue seed image appear as thumbnails on the page
     red = ((arr[..., 0] > 230) & (arr[..., 1] < 30) & (arr[..., 2] < 30)).sum()
