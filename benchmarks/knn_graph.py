@@ -2,9 +2,10 @@
 
 Everything runs in this process on the same vectors with the same threads; ratios are to
 Faiss. "exact" checks that every row's neighbour set equals Faiss's, or differs only by rows
-whose similarity ties the k-th one (the order among ties is arbitrary). "approx" builds the
-graph the dedup stage builds for a large pool (IVF chosen by `plan_knn`) and reports the
-recall of near-duplicate edges (cosine >= threshold) against the exact graph, and its speed.
+whose similarity ties the k-th one (the order among ties is arbitrary). "approx" measures the
+exact/IVF crossover on this machine, then times exact search, IVF (unchecked and checked) and
+`auto` (which switches at the crossover), with the recall of near-duplicate edges (cosine >=
+threshold) against the exact graph.
 
 Data: clustered unit vectors (like image embeddings) with planted near-duplicate copies;
 `--data fmnist` uses Fashion-MNIST pixels (Debian dataset-fashion-mnist), a real distribution.
@@ -29,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lvd.common.devices import cpu_has_native_bf16  # noqa: E402
 from lvd.index.backend_choice import choose_backend  # noqa: E402
-from lvd.index.knn import knn_graph, plan_knn  # noqa: E402
+from lvd.index.ivf_switch import measured_exact_max  # noqa: E402
+from lvd.index.knn import ivf_search, knn_graph, plan_knn  # noqa: E402
 
 
 def machine_line() -> str:
@@ -153,14 +155,25 @@ def bench_approx(x, k, threshold, exact_backend):
     n, d = x.shape
     plan = plan_knn(n, d, exact_max=0)
     print(f"dedup graph, {n} x {d}, k={k}, threshold {threshold}: {plan.factory}, nprobe {plan.nprobe}")
+    engine = choose_backend("k-NN graph", x, x, k, exclude_self=True)
+    t_cal, crossover = timed(lambda: measured_exact_max(x, k, engine, lambda m: plan_knn(m, d, method="ivf")))
+    print(f"measured exact/IVF crossover here: {crossover} rows (calibration {t_cal[0]:.2f} s wall, cached after)")
     t_exact, (D_ref, I_ref) = timed(lambda: knn_graph(x, k, method="exact", backend=exact_backend))
-    t_ivf, (D, I) = timed(lambda: knn_graph(x, k, method="ivf"))
-    truth, found = edges_above(D_ref, I_ref, threshold), edges_above(D, I, threshold)
-    hit = len(np.intersect1d(truth.view("i8,i8"), found.view("i8,i8")))
-    print(f"exact ({exact_backend}):  wall {t_exact[0]:8.2f} s, cpu {t_exact[1]:8.2f} s")
-    print(f"IVF (auto plan):   wall {t_ivf[0]:8.2f} s, cpu {t_ivf[1]:8.2f} s;  speed-up wall "
-          f"{t_exact[0] / t_ivf[0]:6.2f}x, cpu {t_exact[1] / t_ivf[1]:6.2f}x")
-    print(f"near-duplicate edges: exact {len(truth)}, found {hit}, recall {hit / max(1, len(truth)):.4f}")
+    truth = edges_above(D_ref, I_ref, threshold)
+    print(f"{'path':<34} {'wall s':>8} {'cpu s':>8} {'vs exact':>9}  near-duplicate edges ({len(truth)} exact)")
+
+    def report(name, t, D, I):
+        hit = len(np.intersect1d(truth.view("i8,i8"), edges_above(D, I, threshold).view("i8,i8")))
+        print(f"{name:<34} {t[0]:8.2f} {t[1]:8.2f} {t_exact[0] / t[0]:8.2f}x  recall {hit / max(1, len(truth)):.4f}")
+
+    report(f"exact ({exact_backend})", t_exact, D_ref, I_ref)
+    t, (D, I) = timed(lambda: ivf_search(x, x, k, plan, exclude_self=True))
+    report("IVF, unchecked", t, D, I)
+    t, (D, I) = timed(lambda: knn_graph(x, k, method="ivf", min_similarity=threshold))
+    report("IVF, checked (recall >= 0.999)", t, D, I)
+    chosen = "exact" if n <= crossover else "IVF"
+    t, (D, I) = timed(lambda: knn_graph(x, k, min_similarity=threshold))
+    report(f"lvd auto (chose {chosen})", t, D, I)
 
 
 def main():

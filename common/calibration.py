@@ -106,51 +106,62 @@ def _load(path: Path) -> dict:
         return {}
 
 
-def time_candidate(run: Callable[[], object], repeats: int) -> float:
-    """Best wall time of `repeats` calls after one warm-up call (the minimum is the steadiest
-    estimate on a shared machine: noise only ever adds time)."""
-    run()
-    best = float("inf")
+def time_interleaved(jobs: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best wall time of each job over `repeats` rounds after a warm-up round; every round runs
+    every job, so a burst of load from another process falls on all candidates, not on one."""
+    names = sorted(jobs)
+    for name in names:
+        jobs[name]()
+    best = {name: float("inf") for name in names}
     for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
+        for name in names:
+            start = time.perf_counter()
+            jobs[name]()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def timings(task: str, shape: Mapping, jobs: Mapping[str, Callable[[], object]], *, device: torch.device,
+            repeats: int = 2, measure: Callable[[Callable[[], object], int], float] | None = None
+            ) -> tuple[dict[str, float], bool]:
+    """(seconds per job, whether they came from the cache) for `task` at `shape` on this machine.
+
+    `measure(job, repeats)` returns seconds (default: `time_interleaved` over all jobs); tests pass a fake one
+    (and a fresh cache folder) to make the timings deterministic on any machine.
+    """
+    folder = cache_folder()
+    key = _entry_key(task, shape, device)
+    names = sorted(jobs)
+    if folder is not None:
+        hit = _load(folder / CACHE_FILE).get(key)
+        if hit and sorted(hit.get("seconds", {})) == names and time.time() - hit.get("at", 0) < MAX_AGE_S:
+            return {n: float(s) for n, s in hit["seconds"].items()}, True
+    if measure is None:
+        seconds = time_interleaved(jobs, repeats)
+    else:
+        seconds = {name: float(measure(jobs[name], repeats)) for name in names}
+    if folder is not None:
+        try:
+            data = _load(folder / CACHE_FILE)
+            data[key] = {"task": task, "shape": dict(shape), "seconds": seconds, "at": time.time()}
+            atomic_write_json(folder / CACHE_FILE, data)
+        except OSError as err:  # a read-only home must not stop a run
+            log.debug("calibration cache not written: %s", err)
+    return seconds, False
 
 
 def choose(task: str, shape: Mapping, candidates: Mapping[str, Callable[[], object]], *,
            device: torch.device, repeats: int = 2, measure: Callable[[Callable[[], object], int], float] | None = None
            ) -> Choice:
-    """The fastest of `candidates` (name -> job) for `task` at `shape`, measured or cached.
-
-    `measure(job, repeats)` returns seconds (default `time_candidate`); tests pass a fake one
-    (and a fresh cache folder) to make the choice deterministic on any machine.
-    """
+    """The fastest of `candidates` (name -> job) for `task` at `shape`, measured or cached."""
     if not candidates:
         raise ValueError(f"no candidate for {task}")
     if len(candidates) == 1:
         (name,) = candidates
         return Choice(name, {name: 0.0}, cached=False)
-    folder = cache_folder()
-    key = _entry_key(task, shape, device)
-    names = sorted(candidates)
-    if folder is not None:
-        hit = _load(folder / CACHE_FILE).get(key)
-        if (hit and sorted(hit.get("seconds", {})) == names and hit.get("name") in candidates
-                and time.time() - hit.get("at", 0) < MAX_AGE_S):
-            return Choice(hit["name"], {n: float(s) for n, s in hit["seconds"].items()}, cached=True)
-    measure = measure or time_candidate
-    seconds = {name: float(measure(candidates[name], repeats)) for name in names}
-    best = min(names, key=lambda n: (seconds[n], n))
-    choice = Choice(best, seconds)
-    if folder is not None:
-        try:
-            data = _load(folder / CACHE_FILE)
-            data[key] = {"task": task, "shape": dict(shape), "name": best, "seconds": seconds, "at": time.time()}
-            atomic_write_json(folder / CACHE_FILE, data)
-        except OSError as err:  # a read-only home must not stop a run
-            log.debug("calibration cache not written: %s", err)
-    return choice
+    seconds, cached = timings(task, shape, candidates, device=device, repeats=repeats, measure=measure)
+    best = min(sorted(seconds), key=lambda n: (seconds[n], n))
+    return Choice(best, seconds, cached=cached)
 
 
-__all__ = ["Choice", "choose", "cache_folder", "machine_key", "time_candidate"]
+__all__ = ["Choice", "choose", "timings", "time_interleaved", "cache_folder", "machine_key"]

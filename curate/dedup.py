@@ -86,13 +86,14 @@ def near_duplicates_knn(x: np.ndarray, priority: np.ndarray, *, k: int, threshol
                         device: str = "cpu", seed: int = 0, grouping: str = "components") -> tuple[np.ndarray, np.ndarray]:
     """(component, keep) per row from the k-NN graph thresholded at `threshold` (DINOv2).
 
-    The graph is exact for small pools and IVF for large ones (`index.knn.plan_knn` decides by
-    size and memory budget); edges below the threshold are dropped before the grouping
-    (`index.components.group_duplicates`).
+    The graph is exact for small pools and IVF past the exact/IVF crossover measured on this
+    machine (`index.ivf_switch`), checked to keep the edges at or above the threshold; edges below
+    it are dropped before the grouping (`index.components.group_duplicates`).
     """
     if len(x) < 2:
         return np.arange(len(x), dtype=np.int64), np.ones(len(x), bool)
-    sims, neighbors = knn_graph(x, min(k, len(x) - 1), backend=backend, device=device, seed=seed)
+    sims, neighbors = knn_graph(x, min(k, len(x) - 1), backend=backend, device=device, seed=seed,
+                                min_similarity=threshold)
     return duplicate_groups(sims, neighbors, threshold, priority, grouping)
 
 

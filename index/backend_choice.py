@@ -22,9 +22,13 @@ from lvd.index.backends import FaissBackend, TorchBackend, VectorBackend, _as_f3
 
 log = logging.getLogger(__name__)
 
-#: base rows and query rows a calibration searches (sampled from the job's own rows)
+#: base rows a calibration searches at most, and query rows at least / at most (sampled from the
+#: job's own rows); between them the queries fill CALIBRATION_WORK multiply-adds, so that a small
+#: base (k-means centroids) is timed on query blocks like the ones the job will run
 CALIBRATION_BASE = 8192
 CALIBRATION_QUERIES = 512
+CALIBRATION_MAX_QUERIES = 16384
+CALIBRATION_WORK = 2_000_000_000
 #: below this much work (multiply-adds) a job is too small for its timing to matter or to be measured
 MIN_CALIBRATED_WORK = 50_000_000
 
@@ -77,8 +81,10 @@ def choose_backend(task: str, base, queries, k: int, *, metric: str = "ip", excl
         return engines[names[0]]
     base = _as_f32(base)
     sample_base = _sample(base, CALIBRATION_BASE)
+    wanted = CALIBRATION_WORK // max(1, len(sample_base) * base.shape[1])
+    n_queries = int(min(max(wanted, CALIBRATION_QUERIES), CALIBRATION_MAX_QUERIES))
     # A k-NN graph is timed as a search of some of its rows: the cost per query row is the same.
-    sample_queries = sample_base[:CALIBRATION_QUERIES] if exclude_self else _sample(_as_f32(queries), CALIBRATION_QUERIES, seed=1)
+    sample_queries = sample_base[:n_queries] if exclude_self else _sample(_as_f32(queries), n_queries, seed=1)
     kk = max(1, min(k, len(sample_base)))
     nq = len(sample_queries)
     if len(sample_base) * nq * base.shape[1] < MIN_CALIBRATED_WORK:
@@ -92,7 +98,7 @@ def choose_backend(task: str, base, queries, k: int, *, metric: str = "ip", excl
     shape = {"base": _bucket(len(sample_base)), "queries": _bucket(nq), "d": int(base.shape[1]),
              "k": _bucket(kk), "metric": metric}
     choice = choose(task, shape, {n: functools.partial(job, e) for n, e in engines.items()}, device=device,
-                    measure=measure)
+                    repeats=3, measure=measure)
     name = agree(choice.name, names) if agree is not None else choice.name
     log.info("%s: %s backend, %s", task, name, choice.describe() if name == choice.name else "as rank 0 chose")
     return engines[name]

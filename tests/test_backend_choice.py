@@ -94,7 +94,7 @@ def test_a_broken_cache_file_is_measured_again(fresh_cache, bf16_machine):
 def test_every_choice_gives_the_exact_neighbours(fresh_cache, bf16_machine, monkeypatch, winner):
     """Whatever wins the timing, the k-NN graph and a search equal numpy brute force."""
     times = {"faiss": 2.0, "torch-fp32": 2.0, "torch-bf16": 2.0, winner: 1.0}
-    monkeypatch.setattr(calibration, "time_candidate", lambda job, repeats: times[_name(job.args[0])])
+    monkeypatch.setattr(calibration, "time_interleaved", lambda jobs, repeats: {n: times[_name(j.args[0])] for n, j in jobs.items()})
     x, q = _unit(3000, 96, 2), _unit(300, 96, 3)
     sims, idx = knn_graph(x, 8, method="exact")
     ref = x @ x.T
@@ -113,7 +113,7 @@ def test_kmeans_auto_is_lloyd_on_the_measured_engine_and_converges_like_sklearn(
     from sklearn.cluster import KMeans
 
     times = {"faiss": 2.0, "torch-fp32": 2.0, "torch-bf16": 2.0, winner: 1.0}
-    monkeypatch.setattr(calibration, "time_candidate", lambda job, repeats: times[_name(job.args[0])])
+    monkeypatch.setattr(calibration, "time_interleaved", lambda jobs, repeats: {n: times[_name(j.args[0])] for n, j in jobs.items()})
     monkeypatch.setattr(backend_choice, "MIN_CALIBRATED_WORK", 0)
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((2000, 16)) + 4 * rng.standard_normal((20, 16))[rng.integers(0, 20, 2000)]).astype(np.float32)

@@ -71,11 +71,12 @@ def test_ivf_is_chosen_for_large_pools_and_keeps_near_duplicates():
 
 
 def test_memory_budget_compresses_the_index():
-    assert plan_knn(10**6, 384, memory_budget=1 << 30).factory.endswith(",SQ8")
-    assert ",PQ" in plan_knn(10**7, 384, memory_budget=1 << 30).factory
+    assert plan_knn(10**6, 384, memory_budget=1 << 30, exact_max=0).factory.endswith(",SQ8")
+    assert ",PQ" in plan_knn(10**7, 384, memory_budget=1 << 30, exact_max=0).factory
     assert plan_knn(10**6, 384, method="exact").method == "exact"
     assert plan_knn(50_000, 384).method == "exact"
-    assert plan_knn(500_000, 384, device="cpu").method == "ivf"
+    assert plan_knn(500_000, 384, device="cpu", exact_max=100_000).method == "ivf"
+    assert plan_knn(500_000, 384, device="cpu").method == "exact"  # a CPU switches only at a measured crossover
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])

@@ -342,7 +342,8 @@ def test_train_dtype_auto_takes_bf16_only_where_native_and_measured_faster(monke
         ran.append(dtype)
 
     fast, slow = (torch.bfloat16, None) if bf16_faster else (None, torch.bfloat16)
-    monkeypatch.setattr(calibration, "time_candidate", lambda job, repeats: (job(), 1.0 if ran[-1] is fast else 2.0)[1])
+    monkeypatch.setattr(calibration, "time_interleaved",
+                        lambda jobs, repeats: {n: (j(), 1.0 if ran[-1] is fast else 2.0)[1] for n, j in jobs.items()})
     cpu = torch.device("cpu")
     monkeypatch.setattr(trainer, "has_native_bf16", lambda device: True)
     assert trainer.autocast_dtype("auto", cpu, step, {"arch": "t"}) is fast
