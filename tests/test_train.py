@@ -363,3 +363,20 @@ def test_a_bf16_training_step_keeps_losses_close_to_float32(tmp_path, shards):
     assert len(losses["float32"]) == len(losses["bfloat16"]) == 2
     for a, b in zip(losses["float32"], losses["bfloat16"]):
         assert b["total"] == pytest.approx(a["total"], rel=0.02)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_student_drop_path_follows_model_drop_path_uniform_and_the_teacher_never_drops(tmp_path, uniform):
+    from lvd.pretrain.train.config import effective_loss_settings
+    from lvd.pretrain.train.trainer import build_models
+
+    cfg = tiny_config(tmp_path, "unused", **{"model.drop_path_rate": 0.2, "model.drop_path_uniform": uniform,
+                                             "model.overrides.depth": 3})
+    student, teacher = build_models(cfg, effective_loss_settings(cfg), torch.device("cpu"))
+    rates = [b.drop_path1.drop_prob for b in student.backbone.blocks]
+    assert rates == pytest.approx([0.2, 0.2, 0.2] if uniform else [0.0, 0.1, 0.2], abs=1e-12)
+    assert all(b.drop_path1.drop_prob == b.drop_path2.drop_prob == 0.0 for b in teacher.backbone.blocks)
+
+
+def test_dinov2s_default_is_a_uniform_drop_path_rate():
+    assert load_config().model.drop_path_uniform is True

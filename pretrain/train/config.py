@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lvd.common.config import ConfigError, merge_config
-from lvd.common.config_checks import choice, config_problems, integer, number
+from lvd.common.config_checks import boolean, choice, config_problems, integer, number
 
 
 def default_config_path() -> Path:
@@ -49,6 +49,7 @@ CHECKS = {
     "mode": choice("dino", "dinov2"),
     "model.arch": _registry_model,
     "model.drop_path_rate": number(lo=0.0, hi=1.0),
+    "model.drop_path_uniform": boolean,
     "data.batch_size_per_rank": integer(lo=1),
     "data.num_workers": integer(lo=0),
     "data.image_size": integer(lo=1),

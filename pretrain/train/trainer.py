@@ -80,7 +80,8 @@ def build_models(cfg: DictConfig, settings: dict, device: torch.device) -> tuple
     ibot = heads(cfg.ibot_head) if settings["ibot"] else None
     torch.manual_seed(cfg.seed)
     student = SSLModel(build_backbone(cfg.model.arch, weights=cfg.model.weights,
-                                      drop_path_rate=cfg.model.drop_path_rate, **overrides),
+                                      drop_path_rate=cfg.model.drop_path_rate,
+                                      drop_path_uniform=bool(cfg.model.drop_path_uniform), **overrides),
                        heads(cfg.dino_head), ibot)
     teacher = SSLModel(build_backbone(cfg.model.arch, weights=None, drop_path_rate=0.0, **overrides),
                        heads(cfg.dino_head), ibot)
