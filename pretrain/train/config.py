@@ -60,6 +60,8 @@ CHECKS = {
     "crops.local_scale": _pair(0.0, 1.0),
     "dino_head.prototypes": integer(lo=1),
     "ibot_head.prototypes": integer(lo=1),
+    "dino_head.norm_last_layer": boolean,
+    "ibot_head.norm_last_layer": boolean,
     "masking.ratio_min": number(lo=0.0, hi=1.0),
     "masking.ratio_max": number(lo=0.0, hi=1.0),
     "masking.sample_probability": number(lo=0.0, hi=1.0),
