@@ -116,6 +116,7 @@ def test_an_override_can_empty_a_mapping_or_a_list():
     ("model.arch=vit_huge", "model.arch must name a registry model"),
     ("crops.global_scale=[0.9,0.2]", "crops.global_scale must be [low, high] within [0.0, 1.0]"),
     ("train.parallel=zero3", "train.parallel must be one of ['ddp', 'fsdp']"),
+    ("model.drop_path_uniform=2", "model.drop_path_uniform must be true or false"),
 ])
 def test_bad_training_values_are_rejected_by_both_loaders(override, message):
     from lvd.pretrain.train.config import load_config as load_training_config

@@ -150,13 +150,95 @@ def test_dino_head_prototypes_are_weight_normalised():
     head = DINOHead(8, out_dim=5, hidden_dim=16, bottleneck_dim=4, nlayers=3)
     x = torch.randn(3, 8)
     z = torch.nn.functional.normalize(head.mlp(x), dim=-1).detach().numpy()
-    w = head.last_layer.weight.detach().numpy()
-    expected = z @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    v = head.last_layer.weight_v.detach().numpy()
+    assert torch.equal(head.last_layer.weight_g, torch.ones(5, 1))  # the gain starts at 1, as in dinov2
+    expected = z @ (v / np.linalg.norm(v, axis=1, keepdims=True)).T
     np.testing.assert_allclose(head(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        head.last_layer.weight.mul_(7.0)  # the scale of a prototype does not matter
+        head.last_layer.weight_v.mul_(7.0)  # the scale of a prototype's direction does not matter
     np.testing.assert_allclose(head(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
     assert np.abs(head(x).detach().numpy()).max() <= 1.0 + 1e-6  # cosine similarities
+
+
+def _gelu(a):
+    from scipy.special import erf
+
+    return 0.5 * a * (1.0 + erf(a / np.sqrt(2.0)))
+
+
+def _dinov2_head_state(rng, in_dim=6, hidden=10, bottleneck=4, k=7):
+    """A head state dict in dinov2's layout (3-layer MLP, weight_norm prototypes), trained-looking gains."""
+    shapes = {"mlp.0": (hidden, in_dim), "mlp.2": (hidden, hidden), "mlp.4": (bottleneck, hidden)}
+    state = {}
+    for name, shape in shapes.items():
+        state[f"{name}.weight"] = rng.normal(0, 0.3, shape).astype(np.float32)
+        state[f"{name}.bias"] = rng.normal(0, 0.1, shape[0]).astype(np.float32)
+    state["last_layer.weight_g"] = rng.uniform(0.5, 3.0, (k, 1)).astype(np.float32)
+    state["last_layer.weight_v"] = rng.normal(0, 1.0, (k, bottleneck)).astype(np.float32)
+    return state
+
+
+def _numpy_head(state, x):
+    """The dinov2 head by hand in float64: Linear-GELU-Linear-GELU-Linear, L2 normalise, g * v / |v|."""
+    s = {k: v.astype(np.float64) for k, v in state.items()}
+    h = _gelu(x @ s["mlp.0.weight"].T + s["mlp.0.bias"])
+    h = _gelu(h @ s["mlp.2.weight"].T + s["mlp.2.bias"])
+    z = h @ s["mlp.4.weight"].T + s["mlp.4.bias"]
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    v = s["last_layer.weight_v"]
+    return z @ (s["last_layer.weight_g"] * v / np.linalg.norm(v, axis=1, keepdims=True)).T
+
+
+def test_a_dinov2_head_state_dict_loads_strictly_and_gives_the_hand_computed_logits():
+    rng = np.random.default_rng(0)
+    state = _dinov2_head_state(rng)
+    head = DINOHead(6, out_dim=7, hidden_dim=10, bottleneck_dim=4, nlayers=3)
+    assert set(head.state_dict()) == set(state)  # the same key names and shapes as dinov2's head
+    head.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    x = rng.normal(0, 1, (5, 6)).astype(np.float32)
+    got = head(torch.from_numpy(x)).detach().numpy()
+    want = _numpy_head(state, x.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # With the gains forced to 1 (what the fixed-gain layer computed) the logits differ: the gain matters.
+    assert np.abs(want - _numpy_head({**state, "last_layer.weight_g": np.ones((7, 1), np.float32)}, x)).max() > 0.1
+    # torch's parametrized weight_norm stores the same two tensors under other names.
+    renamed = {("last_layer.parametrizations.weight.original0" if k == "last_layer.weight_g" else
+                "last_layer.parametrizations.weight.original1" if k == "last_layer.weight_v" else k): torch.from_numpy(v)
+               for k, v in state.items()}
+    again = DINOHead(6, out_dim=7, hidden_dim=10, bottleneck_dim=4, nlayers=3)
+    again.load_state_dict(renamed, strict=True)
+    np.testing.assert_allclose(again(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_older_lvd_head_without_the_gain_loads_with_gain_one():
+    rng = np.random.default_rng(1)
+    state = _dinov2_head_state(rng)
+    old = {k: torch.from_numpy(v) for k, v in state.items() if not k.startswith("last_layer.")}
+    old["last_layer.weight"] = torch.from_numpy(state["last_layer.weight_v"])  # the fixed-gain layout
+    head = DINOHead(6, out_dim=7, hidden_dim=10, bottleneck_dim=4, nlayers=3)
+    head.load_state_dict(old, strict=True)
+    assert torch.equal(head.last_layer.weight_g, torch.ones(7, 1))
+    x = rng.normal(0, 1, (5, 6)).astype(np.float32)
+    want = _numpy_head({**state, "last_layer.weight_g": np.ones((7, 1), np.float32)}, x.astype(np.float64))
+    np.testing.assert_allclose(head(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="weight_v"):  # still strict: a missing prototype matrix is named
+        head.load_state_dict({k: v for k, v in old.items() if k != "last_layer.weight"})
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_prototype_gain_trains_unless_frozen(frozen):
+    torch.manual_seed(0)
+    head = DINOHead(6, out_dim=7, hidden_dim=10, bottleneck_dim=4, nlayers=3, norm_last_layer=frozen)
+    g = head.last_layer.weight_g
+    assert g.requires_grad is (not frozen)
+    z = torch.nn.functional.normalize(head.mlp(torch.randn(5, 6)), dim=-1).detach()
+    head.last_layer(z).square().sum().backward()
+    if frozen:
+        assert g.grad is None
+    else:  # d/dg_k sum_b (g_k u_bk)^2 = 2 g_k sum_b u_bk^2, with u the unit-prototype logits
+        v = head.last_layer.weight_v.detach()
+        u = z @ torch.nn.functional.normalize(v, dim=1).T
+        torch.testing.assert_close(g.grad, 2 * g.detach() * u.square().sum(0, keepdim=True).T)
 
 
 def test_ema_update_exact():

@@ -53,6 +53,40 @@ def test_drop_path_drops_whole_samples_and_keeps_expectation():
     assert torch.equal(layer.eval()(torch.ones(3, 2)), torch.ones(3, 2))
 
 
+def _block_rates(model):
+    return [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in model.blocks]
+
+
+def test_drop_path_uniform_gives_every_block_the_same_rate():
+    # dinov2's training config (drop_path_uniform: true): each of the 5 blocks drops at 0.2.
+    uniform = build_backbone("vit_tiny_p4", depth=5, drop_path_rate=0.2, drop_path_uniform=True)
+    assert _block_rates(uniform) == [(0.2, 0.2)] * 5
+    # The default is the linear ramp 0, 0.05, ..., 0.2 (rate * i / (depth - 1)), as the hub models.
+    ramp = build_backbone("vit_tiny_p4", depth=5, drop_path_rate=0.2)
+    for (a, b), want in zip(_block_rates(ramp), [0.0, 0.05, 0.1, 0.15, 0.2]):
+        assert a == b == pytest.approx(want, abs=1e-12)
+    one_block = build_backbone("vit_tiny_p4", depth=1, drop_path_rate=0.3, drop_path_uniform=False)
+    assert _block_rates(one_block) == [(0.0, 0.0)]
+
+
+def test_a_uniform_drop_path_rate_drops_that_share_of_samples_in_every_block():
+    # Count, per block, the samples whose attention branch was dropped (a zero branch output
+    # means the residual passes unchanged): each block's share should be near 0.3.
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny_p4", depth=4, drop_path_rate=0.3, drop_path_uniform=True).train()
+    dropped = []
+    hooks = [b.drop_path1.register_forward_hook(
+        lambda _m, _inp, out: dropped.append((out.flatten(1).abs().amax(1) == 0).float().mean().item()))
+        for b in model.blocks]
+    with torch.no_grad():
+        model(_images(n=2000, side=8))
+    for h in hooks:
+        h.remove()
+    assert len(dropped) == 4
+    # binomial(2000, 0.3): standard deviation of the share ~0.01
+    assert all(abs(d - 0.3) < 0.04 for d in dropped), dropped
+
+
 def test_registry_names_and_preprocessing():
     names = list_models()
     for size in "sblg":

@@ -145,7 +145,8 @@ def test_dino_v1_mode(tmp_path, shards):
 
 def test_last_layer_frozen_in_the_first_epoch(reference):
     ck = {i: load_checkpoint(p)["student"] for i, p in list_checkpoints(reference / "pretrain" / "checkpoints")}
-    for key in ("dino_head.last_layer.weight", "ibot_head.last_layer.weight"):
+    for key in ("dino_head.last_layer.weight_v", "ibot_head.last_layer.weight_v",
+                "dino_head.last_layer.weight_g", "ibot_head.last_layer.weight_g"):  # the gains train too
         assert torch.equal(ck[1][key], ck[3][key])          # frozen through epoch 0 (iterations 0-2)
         assert not torch.equal(ck[3][key], ck[5][key])      # trained afterwards
     assert not torch.equal(ck[1]["dino_head.mlp.0.weight"], ck[3]["dino_head.mlp.0.weight"])
@@ -364,3 +365,56 @@ def test_a_bf16_training_step_keeps_losses_close_to_float32(tmp_path, shards):
     assert len(losses["float32"]) == len(losses["bfloat16"]) == 2
     for a, b in zip(losses["float32"], losses["bfloat16"]):
         assert b["total"] == pytest.approx(a["total"], rel=0.02)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_student_drop_path_follows_model_drop_path_uniform_and_the_teacher_never_drops(tmp_path, uniform):
+    from lvd.pretrain.train.config import effective_loss_settings
+    from lvd.pretrain.train.trainer import build_models
+
+    cfg = tiny_config(tmp_path, "unused", **{"model.drop_path_rate": 0.2, "model.drop_path_uniform": uniform,
+                                             "model.overrides.depth": 3})
+    student, teacher = build_models(cfg, effective_loss_settings(cfg), torch.device("cpu"))
+    rates = [b.drop_path1.drop_prob for b in student.backbone.blocks]
+    assert rates == pytest.approx([0.2, 0.2, 0.2] if uniform else [0.0, 0.1, 0.2], abs=1e-12)
+    assert all(b.drop_path1.drop_prob == b.drop_path2.drop_prob == 0.0 for b in teacher.backbone.blocks)
+
+
+def test_dinov2s_default_is_a_uniform_drop_path_rate():
+    assert load_config().model.drop_path_uniform is True
+
+
+def test_a_checkpoint_from_before_the_trainable_gain_resumes_with_gain_one(tmp_path, shards):
+    # A run with frozen gains has exactly the older lvd optimiser layout (the gain in no group);
+    # renaming its prototypes to `weight` and dropping the gains makes its checkpoint an older one.
+    from lvd.pretrain.train.trainer import Pretrainer
+
+    frozen = {"dino_head.norm_last_layer": True, "ibot_head.norm_last_layer": True, "train.stop_after": 4}
+    run_pretrain(tiny_config(tmp_path, shards, **frozen))
+    path = list_checkpoints(tmp_path / "pretrain" / "checkpoints")[-1][1]
+    ckpt = torch.load(path, weights_only=True)
+    for part in ("student", "teacher"):
+        sd = ckpt[part]
+        for head in ("dino_head", "ibot_head"):
+            assert torch.equal(sd.pop(f"{head}.last_layer.weight_g"), torch.ones(32, 1))
+            sd[f"{head}.last_layer.weight"] = sd.pop(f"{head}.last_layer.weight_v")
+    torch.save(ckpt, path)
+
+    cfg = tiny_config(tmp_path, shards, **{"train.stop_after": 6})  # the gains train from here on
+    trainer = Pretrainer(cfg)
+    trainer.resume()
+    assert trainer.start == 4
+    named = dict(trainer.student.named_parameters())
+    gains = [named[f"{h}.last_layer.weight_g"] for h in ("dino_head", "ibot_head")]
+    for head, g in zip(("dino_head", "ibot_head"), gains):
+        assert g.requires_grad and torch.equal(g.detach(), torch.ones(32, 1)) and g not in trainer.optimizer.state
+        assert torch.equal(named[f"{head}.last_layer.weight_v"].detach(), ckpt["student"][f"{head}.last_layer.weight"])
+    # Every other parameter kept its AdamW moments: the same multiset of (shape, sum of exp_avg).
+    loaded = sorted((tuple(s["exp_avg"].shape), float(s["exp_avg"].sum())) for p, s in trainer.optimizer.state.items())
+    saved = sorted((tuple(s["exp_avg"].shape), float(s["exp_avg"].sum())) for s in ckpt["optimizer"]["state"].values())
+    assert loaded == saved and len(loaded) == sum(p.requires_grad for p in named.values()) - 2
+
+    run_pretrain(cfg)  # trains on: the gains move away from 1 (the last layer is not frozen after epoch 0)
+    final = load_checkpoint(list_checkpoints(tmp_path / "pretrain" / "checkpoints")[-1][1])
+    assert final["iteration"] == 6
+    assert not torch.equal(final["student"]["dino_head.last_layer.weight_g"], torch.ones(32, 1))

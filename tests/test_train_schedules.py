@@ -89,3 +89,25 @@ def test_param_groups_multipliers():
     assert g("dino_head.last_layer.weight")["is_last_layer"]
     assert not g("dino_head.mlp.weight")["is_last_layer"]
     assert sum(len(x["params"]) for x in groups) == len(named)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_prototype_gain_is_grouped_as_dinov2_groups_it(frozen):
+    # dinov2: every `last_layer` parameter is a last-layer one (lr 0 in the first epochs), head
+    # parameters get lr multiplier 1 whatever the layer decay, and the gain (named neither bias,
+    # norm nor gamma) is decayed. A frozen gain is in no group at all.
+    from lvd.pretrain.train.heads import DINOHead
+
+    model = _Tiny()
+    model.dino_head = DINOHead(4, out_dim=8, hidden_dim=6, bottleneck_dim=3, nlayers=2, norm_last_layer=frozen)
+    groups = param_groups(model, n_blocks=3, layer_decay=0.5, patch_embed_lr_mult=0.2)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    gain, protos = named["dino_head.last_layer.weight_g"], named["dino_head.last_layer.weight_v"]
+    assert by_param[id(protos)]["is_last_layer"] and by_param[id(protos)]["lr_multiplier"] == 1.0
+    if frozen:
+        assert id(gain) not in by_param
+    else:
+        g = by_param[id(gain)]
+        assert g["is_last_layer"] and g["lr_multiplier"] == 1.0 and g["wd_multiplier"] == 1.0
+    assert not by_param[id(named["dino_head.mlp.0.weight"])]["is_last_layer"]

@@ -51,6 +51,7 @@ _ARCH_KEYS = (
     "ffn_layer",
     "init_values",
     "drop_path_rate",
+    "drop_path_uniform",
     "num_register_tokens",
     "interpolate_offset",
     "interpolate_antialias",

@@ -16,6 +16,14 @@ from torch import nn
 from .layers import Block, LayerNorm, PatchEmbed
 
 
+def drop_path_rates(rate: float, depth: int, uniform: bool = False) -> list[float]:
+    """Stochastic-depth rate of each block: `rate` for all (dinov2's training default) or a
+    linear ramp 0 -> `rate` (the hub constructors' default), deeper blocks dropping more."""
+    if uniform:
+        return [float(rate)] * depth
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
 class DinoVisionTransformer(nn.Module):
     """ViT with a CLS token, optional register tokens and an iBOT mask token.
 
@@ -35,6 +43,7 @@ class DinoVisionTransformer(nn.Module):
         ffn_layer: str = "mlp",
         init_values: float | None = 1e-5,
         drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
         num_register_tokens: int = 0,
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
@@ -61,7 +70,7 @@ class DinoVisionTransformer(nn.Module):
             nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
         )
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # deeper blocks drop more
+        rates = drop_path_rates(drop_path_rate, depth, drop_path_uniform)
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,

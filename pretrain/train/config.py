@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lvd.common.config import ConfigError, merge_config
-from lvd.common.config_checks import choice, config_problems, integer, number
+from lvd.common.config_checks import boolean, choice, config_problems, integer, number
 
 
 def default_config_path() -> Path:
@@ -49,6 +49,7 @@ CHECKS = {
     "mode": choice("dino", "dinov2"),
     "model.arch": _registry_model,
     "model.drop_path_rate": number(lo=0.0, hi=1.0),
+    "model.drop_path_uniform": boolean,
     "data.batch_size_per_rank": integer(lo=1),
     "data.num_workers": integer(lo=0),
     "data.image_size": integer(lo=1),
@@ -59,6 +60,8 @@ CHECKS = {
     "crops.local_scale": _pair(0.0, 1.0),
     "dino_head.prototypes": integer(lo=1),
     "ibot_head.prototypes": integer(lo=1),
+    "dino_head.norm_last_layer": boolean,
+    "ibot_head.norm_last_layer": boolean,
     "masking.ratio_min": number(lo=0.0, hi=1.0),
     "masking.ratio_max": number(lo=0.0, hi=1.0),
     "masking.sample_probability": number(lo=0.0, hi=1.0),

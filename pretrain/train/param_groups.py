@@ -36,7 +36,8 @@ def param_groups(model: nn.Module, n_blocks: int, layer_decay: float = 1.0,
         lr_mult = layer_decay ** (n_blocks + 1 - layer_id(name, n_blocks))
         if ".patch_embed." in "." + name:
             lr_mult *= patch_embed_lr_mult
-        # As DINOv2: biases, norms and LayerScale gammas are not decayed (tokens are).
+        # As DINOv2: biases, norms and LayerScale gammas are not decayed (tokens are, and so is
+        # the prototypes' K x 1 gain `last_layer.weight_g`, which dinov2 decays like any weight).
         no_decay = p.ndim <= 1 or name.endswith(".bias") or "norm" in name or "gamma" in name
         wd_mult = 0.0 if no_decay else 1.0
         last = "last_layer" in name
@@ -45,3 +46,32 @@ def param_groups(model: nn.Module, n_blocks: int, layer_decay: float = 1.0,
                                     "wd_multiplier": wd_mult, "is_last_layer": last})
         g["params"].append(p)
     return [groups[k] for k in sorted(groups, key=str)]
+
+
+def optimizer_state_before(saved: dict, optimizer, model: nn.Module, added: set[str]) -> dict:
+    """An optimiser state saved before the parameters named `added` existed, laid out for
+    `optimizer` (built by `param_groups(model, ...)`); the added parameters start without state.
+
+    Without `added`, `param_groups` gives the saved run's groups and order, so the old indices
+    pair with the remaining new ones group by group (groups matched on their multipliers).
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    key = lambda g: (g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"])  # noqa: E731
+    current = optimizer.state_dict()
+    old_groups = {key(g): g for g in saved["param_groups"]}
+    state, groups = {}, []
+    for live, group in zip(optimizer.param_groups, current["param_groups"]):
+        kept = [i for p, i in zip(live["params"], group["params"]) if names[id(p)] not in added]
+        old = old_groups.pop(key(group), None)
+        if old is None:
+            if kept:
+                raise ValueError(f"the saved optimiser state has no group {key(group)}")
+            groups.append(group)
+            continue
+        if len(old["params"]) != len(kept):
+            raise ValueError(f"the saved optimiser group {key(group)} holds {len(old['params'])} parameters, not {len(kept)}")
+        state.update({new: saved["state"][i] for i, new in zip(old["params"], kept) if i in saved["state"]})
+        groups.append({**old, "params": group["params"]})
+    if old_groups:
+        raise ValueError(f"the saved optimiser state has groups {sorted(old_groups)} this model lacks")
+    return {"state": state, "param_groups": groups}

@@ -36,7 +36,7 @@ from .checkpoint import FORMAT, atomic_save, checkpoint_path, export_backbone, l
 from .config import effective_loss_settings
 from .masking import batch_masks
 from .metrics import MetricsLog
-from .param_groups import param_groups
+from .param_groups import optimizer_state_before, param_groups
 from .schedules import build_schedules
 from .ssl import MaskInfo, SSLModel, SSLObjective, ema_update
 from .stream import ShardStream, expand_shards
@@ -76,11 +76,13 @@ def build_models(cfg: DictConfig, settings: dict, device: torch.device) -> tuple
 
     overrides = dict(OmegaConf.to_container(cfg.model.overrides, resolve=True))
     heads = lambda h: dict(out_dim=h.prototypes, hidden_dim=h.hidden_dim,  # noqa: E731
-                           bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers)
+                           bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers,
+                           norm_last_layer=bool(h.norm_last_layer))
     ibot = heads(cfg.ibot_head) if settings["ibot"] else None
     torch.manual_seed(cfg.seed)
     student = SSLModel(build_backbone(cfg.model.arch, weights=cfg.model.weights,
-                                      drop_path_rate=cfg.model.drop_path_rate, **overrides),
+                                      drop_path_rate=cfg.model.drop_path_rate,
+                                      drop_path_uniform=bool(cfg.model.drop_path_uniform), **overrides),
                        heads(cfg.dino_head), ibot)
     teacher = SSLModel(build_backbone(cfg.model.arch, weights=None, drop_path_rate=0.0, **overrides),
                        heads(cfg.dino_head), ibot)
@@ -254,9 +256,14 @@ class Pretrainer:
             set_model_state_dict(self.teacher, ckpt["teacher"], options=opts)
             set_optimizer_state_dict(self.student, self.optimizer, ckpt["optimizer"], options=opts)
         else:
+            # A checkpoint from before the prototype gain was a parameter loads with gain 1;
+            # its optimiser state then lacks the gain, which starts afresh.
+            gains = {n for n, p in self.student.named_parameters()
+                     if n.endswith("last_layer.weight_g") and n not in ckpt["student"] and p.requires_grad}
             self.student.load_state_dict(ckpt["student"])
             self.teacher.load_state_dict(ckpt["teacher"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(optimizer_state_before(ckpt["optimizer"], self.optimizer, self.student, gains)
+                                           if gains else ckpt["optimizer"])
         self.objective.load_state_dict(ckpt["objective"])
         self.start = int(ckpt["iteration"])
         self.positions = [tuple(p) for p in data["positions"][self.rank]]
