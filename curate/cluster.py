@@ -13,7 +13,8 @@ writer : flat          cluster/centroids.npy, cluster/assign.parquet (id, cluste
                        level{t}/parent_distance.npy; the last level is also copied to
                        cluster/centroids.npy and cluster/assign.parquet so that readers of the
                        flat layout see the coarsest clustering;
-         both          cluster/balanced.parquet (id) when cluster.balanced_sample > 0;
+         both          cluster/balanced.parquet (id) when the balanced sample is drawn
+                       (`cluster.balanced_sample`, `curate.selection.balanced_size`);
          then cluster/_SUCCESS.json.
 
 Distances are squared L2. Resuming: every finished hierarchical level has its own
@@ -37,6 +38,7 @@ from omegaconf import ListConfig
 
 from lvd.curate.config import as_list
 from lvd.curate.dedup import curated_pool_ids, rows_of
+from lvd.curate.selection import balanced_size
 from lvd.curate.stage import StageOutputs
 from lvd.curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice, torchrun_main
 from lvd.index.kmeans_distributed import distributed_kmeans, distributed_resampled_kmeans
@@ -145,7 +147,8 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
         "seed": int(cfg.seed), "backend": str(c.backend),
     }
     fp = fingerprint("cluster", ids, embed_info, settings)
-    balanced_fp = fingerprint(fp, int(c.balanced_sample))
+    n_balanced = balanced_size(cfg, len(ids))
+    balanced_fp = fingerprint(fp, n_balanced)
     info = read_success(out)
     if info and info.get("fingerprint") == balanced_fp and not cfg.get("overwrite", False):
         log.info("cluster: up to date, nothing to do")
@@ -153,13 +156,14 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
     ranks.barrier()  # every rank has read the old _SUCCESS.json; it stays until rank 0 commits
     staged = StageOutputs(out) if ranks.rank == 0 else None
     try:
-        return _cluster_and_commit(cfg, ranks, out, staged, ids, ks, settings, fp, balanced_fp, started)
+        return _cluster_and_commit(cfg, ranks, out, staged, ids, ks, settings, fp, balanced_fp, n_balanced, started)
     finally:
         if staged is not None and not staged.committed:
             staged.discard()
 
 
-def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings, fp, balanced_fp, started) -> Path:
+def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings, fp, balanced_fp, n_balanced,
+                        started) -> Path:
     """k-means of the curated rows; rank 0 stages every output and commits them together."""
     c = cfg.cluster
     run_dir = Path(cfg.run_dir)
@@ -240,8 +244,8 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
             write_frame(staged.path(f"level{t}/assign.parquet"), _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
         _write_clustering(staged, "", ids, hierarchy.centroids[-1], labels, distance, fp)
 
-    if int(c.balanced_sample) > 0:
-        picked = balanced_sample(hierarchy, int(c.balanced_sample), seed=int(cfg.seed))
+    if n_balanced > 0:
+        picked = balanced_sample(hierarchy, min(n_balanced, n), seed=int(cfg.seed))
         write_frame(staged.path("balanced.parquet"), pd.DataFrame({"id": ids[picked]}), BALANCED_SCHEMA, balanced_fp)
     else:
         staged.remove("balanced.parquet")
@@ -256,7 +260,7 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
         k=ks[-1],
         distance="squared_l2",
         levels=stats,
-        balanced_sample=int(c.balanced_sample),
+        balanced_sample=int(n_balanced),
         world_size=ranks.world,
         seconds=round(time.time() - started, 3),
     )

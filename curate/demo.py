@@ -4,7 +4,10 @@ The demo does nothing a user's run does not: after writing its data it runs the 
 as `lvd run configs/demo.yaml run_dir=OUT`, then measures what it can against the planted truth.
 Its photo part does the same with `configs/demo_photos.yaml` in OUT/photos: real photos with
 planted web-style copies, deduplicated and decontaminated in SSCD's space at the paper's
-thresholds (`curate.demo_photos`).
+thresholds (`curate.demo_photos`). Its long-tail part curates a long-tailed, duplicated pool with
+no seed set and no label (`configs/demo_longtail.yaml` in OUT/longtail, `curate.demo_longtail`):
+dedup, hierarchical k-means, the balanced sample as shards, and the class shares of the pool, of
+a random sample and of the balanced sample (the labels are read only to show them).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def run_demo(args) -> int:
         print(f"{name}: done in {time.time() - stage_started:.1f} s")
     _summary(out, finished)
     _photo_part(out / "photos", args)
+    _longtail_part(out / "longtail", args)
     if "shards" in finished and not args.no_pretrain:
         _short_pretrain(out)
     print(f"total: {time.time() - started:.1f} s; run folder: {out}")
@@ -79,6 +83,39 @@ def _photo_part(run_dir: Path, args) -> None:
     print(f"photo part ({time.time() - started:.1f} s): {info.get('space', {}).get('description')}, thresholds {shown}")
     _print_quality(quality, "photo ")
     print(f"photo report: {run_dir / 'report' / 'index.html'}")
+
+
+def _longtail_part(run_dir: Path, args) -> None:
+    """Seedless curation (Vo et al. 2024) of a long-tailed pool: classes before and after."""
+    import numpy as np
+
+    from lvd.curate.demo_longtail import class_histogram, prepare_longtail_pool
+    from lvd.curate.manifest import read_manifest
+    from lvd.curate.selection import balanced_ids, level_assignments
+
+    started = time.time()
+    try:
+        prepare_longtail_pool(run_dir, seed=args.seed, fmnist_root=getattr(args, "fmnist", None) or FASHION_MNIST_DIR)
+    except MissingDataError as exc:
+        print(f"long-tail part skipped: {exc}")
+        return
+    cfg = load_config("demo_longtail", [f"run_dir={run_dir}", f"seed={args.seed}"])
+    for name in STAGES:
+        run_stage(name, cfg)
+    labels = read_manifest(run_dir, sets=["pool"]).set_index("id")["label"]
+    curated = level_assignments(run_dir)[0]["id"].to_numpy()
+    picked = balanced_ids(run_dir)
+    rng = np.random.default_rng(args.seed)
+    random_ids = curated[rng.choice(len(curated), len(picked), replace=False)]
+    rows = {"raw pool": labels.index.to_numpy(), "after dedup": curated, "random sample": random_ids, "balanced sample": picked}
+    hists = {name: class_histogram(labels.reindex(ids)) for name, ids in rows.items()}
+    order = sorted(hists["raw pool"], key=lambda c: -hists["raw pool"][c])
+    print(f"long-tail part ({time.time() - started:.1f} s): seedless curation, class shares (%), largest class first")
+    print(f"  {'':16s} {'images':>6s} " + " ".join(f"{c[:7]:>7s}" for c in order))
+    for name, hist in hists.items():
+        total = max(1, sum(hist.values()))
+        print(f"  {name:16s} {sum(hist.values()):6d} " + " ".join(f"{100 * hist[c] / total:7.1f}" for c in order))
+    print(f"long-tail report: {run_dir / 'report' / 'index.html'}; shards: {run_dir / 'shards'}")
 
 
 def _short_pretrain(run_dir: Path) -> None:

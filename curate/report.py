@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from lvd.curate.config import save_config
 from lvd.curate.manifest import read_manifest
+from lvd.curate.selection import balanced_ids, level_assignments, level_table
 from lvd.curate.runio import atomic_path, atomic_write_text, clear_success, read_success, write_success
 from lvd.curate.sources import read_row_bytes
 
@@ -186,6 +188,63 @@ def read_clusters(run_dir: Path, fig: Figures, seed: int) -> dict | None:
             "svg": histogram_svg(sizes.to_numpy()), "shown": shown}
 
 
+def class_shares_svg(shares: dict[str, pd.Series], width: int = 720, height: int = 200) -> str:
+    """Per-class shares (%) of several selections side by side, as an inline SVG bar chart."""
+    colours = ("#999", "#58c", "#4a7", "#c84")
+    classes = sorted(set().union(*(s.index for s in shares.values())), key=str)
+    top = max((float(s.max()) for s in shares.values() if len(s)), default=1.0) or 1.0
+    group_w = width / max(1, len(classes))
+    bar_w = (group_w - 6) / max(1, len(shares))
+    parts = []
+    for i, cls in enumerate(classes):
+        for j, (name, series) in enumerate(shares.items()):
+            v = float(series.get(cls, 0.0))
+            h = (height - 36) * v / top
+            x = i * group_w + j * bar_w
+            parts.append(f'<rect x="{x:.1f}" y="{height - 36 - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" '
+                         f'fill="{colours[j % len(colours)]}"><title>{escape(str(cls))}, {escape(name)}: {v:.1f} %</title></rect>')
+        parts.append(f'<text x="{i * group_w:.1f}" y="{height - 22}" font-size="10">{escape(str(cls))[:12]}</text>')
+    legend = "".join(f'<rect x="{k * 170}" y="{height - 14}" width="10" height="10" fill="{colours[k % len(colours)]}"/>'
+                     f'<text x="{k * 170 + 14}" y="{height - 5}" font-size="11">{escape(name)}</text>'
+                     for k, name in enumerate(shares))
+    return f'<svg width="{width}" height="{height}" role="img" aria-label="class shares">{"".join(parts)}{legend}</svg>'
+
+
+def read_balanced(run_dir: Path, manifest: pd.DataFrame, seed: int) -> dict | None:
+    """The balanced sample: cluster sizes at every level before and after it, and, where the pool's
+    sources carry labels, the class shares of the pool, a random sample of the same size and it."""
+    if not (run_dir / "cluster" / "balanced.parquet").is_file():
+        return None
+    picked = balanced_ids(run_dir)
+    if len(picked) == 0:
+        return None
+    levels = []
+    for t, assign in enumerate(level_assignments(run_dir), start=1):
+        table = level_table(assign, picked)
+        before, after = table["size"].to_numpy(), table["drawn"].to_numpy()
+        levels.append({"level": t, "clusters": len(table), "before": _spread(before), "after": _spread(after),
+                       "svg_before": histogram_svg(before), "svg_after": histogram_svg(after)})
+    pool_ids = level_assignments(run_dir)[0]["id"].to_numpy()
+    labels = manifest.set_index("id")["label"]
+    out = {"n": len(picked), "pool": len(pool_ids), "levels": levels, "classes": None}
+    pool_labels = labels.reindex(pool_ids)
+    if pool_labels.notna().mean() >= 0.5:  # enough of the pool is labelled by its sources to be worth showing
+        rng = np.random.default_rng(seed)
+        random_ids = pool_ids[rng.choice(len(pool_ids), len(picked), replace=False)]
+        selections = {"curated pool": pool_ids, "random sample": random_ids, "balanced sample": picked}
+        shares = {name: (labels.reindex(ids).value_counts(normalize=True) * 100) for name, ids in selections.items()}
+        rows = [{"label": str(c), **{name: float(v.get(c, 0.0)) for name, v in shares.items()}}
+                for c in sorted(shares["curated pool"].index, key=lambda c: -shares["curated pool"][c])]
+        out["classes"] = {"svg": class_shares_svg(shares), "names": list(selections), "rows": rows}
+    return out
+
+
+def _spread(sizes: np.ndarray) -> dict:
+    nonzero = sizes[sizes > 0]
+    return {"min": int(sizes.min()), "max": int(sizes.max()), "median": float(np.median(sizes)),
+            "ratio": float(nonzero.max() / nonzero.min()) if len(nonzero) else 0.0}
+
+
 def _floor_line(info: dict | None) -> str:
     """The set's similarity floor(s) and what they rejected."""
     if not info or "min_similarity" not in info:
@@ -250,6 +309,7 @@ def run_report(cfg) -> Path:
         "decontam": read_decontamination(run_dir, fig),
         "clusters": read_clusters(run_dir, fig, int(cfg.seed)),
         "retrieval": read_retrieval(run_dir, fig, manifest_all),
+        "balanced": read_balanced(run_dir, manifest_all, int(cfg.seed)),
         "quarantine": read_quarantine(manifest_all),
     })
     clear_success(out)  # the last page stays whole until the new one replaces it

@@ -1,7 +1,10 @@
 """The shards stage: the curated images as WebDataset tars with their provenance.
 
-reader : retrieve/neighbors.parquet (who retrieved what) and the manifest (where the bytes are);
-mapper : one sample per distinct image, every retrieval that chose it merged into its JSON;
+reader : the curated selection (`curate.selection`: retrieve/neighbors.parquet, who retrieved
+         what; cluster/balanced.parquet, the balanced sample; or both) and the manifest (where
+         the bytes are);
+mapper : one sample per distinct image, every retrieval that chose it and its clusters at every
+         level of the balanced sample merged into its JSON;
          samples shuffled with the run's seed, then cut into shards by count and bytes;
 writer : worker processes write shards/PREFIX-NNNNNN.tar (`curate.shard_writer`), and the
          parent writes a parquet beside each tar (one row per sample) once its tar is in place.
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lvd.curate.manifest import read_manifest
 from lvd.curate.retrieve import read_neighbors
+from lvd.curate.selection import balanced_provenance, resolve_select
 from lvd.curate.runio import atomic_write_json, is_done, open_stage, parquet_fingerprint, remove_stale_temps, write_parquet, write_success
 from lvd.curate.shard_writer import ShardSpec, write_shard
 from lvd.curate.stage import STAGED, commit_staged_parts
@@ -98,26 +102,32 @@ def _ext(key: str) -> str:
     return "jpg" if ext == "jpeg" else ext
 
 
+BALANCED_ONLY = {"from": None, "why": "chosen by the balanced sample; no seed set labels it"}
+
+
 def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     """One row per curated image with everything its sample needs, in shard order."""
     manifest = read_manifest(run_dir, status=None).set_index("id")
-    neighbors = read_neighbors(run_dir)
-    provenance = merge_provenance(neighbors)
+    select = resolve_select(cfg)
+    provenance = merge_provenance(read_neighbors(run_dir)) if select in ("retrieve", "both") else {}
+    balanced = balanced_provenance(run_dir) if select in ("balanced", "both") else {}
     classes = class_index(manifest.reset_index())
     cls_of = {name: i for i, name in enumerate(classes)}
     seeds = manifest[manifest["set"].str.startswith("seed:")]
     seed_labels = {int(i): str(v) for i, v in seeds["label"].dropna().items()}
-    ids = np.array(sorted(provenance), dtype=np.int64)
+    ids = np.array(sorted(set(provenance) | set(balanced)), dtype=np.int64)
     if cfg.shards.shuffle:
         ids = ids[np.random.default_rng(int(cfg.seed)).permutation(len(ids))]
     rows = []
     for id_ in ids.tolist():
         m = manifest.loc[id_]
         if m["status"] != "ok":
-            raise RuntimeError(f"retrieved image {id_} is quarantined in the manifest: {m['error']}")
-        retrievals = provenance[id_]
+            raise RuntimeError(f"curated image {id_} is quarantined in the manifest: {m['error']}")
+        retrievals = provenance.get(id_, [])
+        levels = balanced.get(id_)
         own = None if pd.isna(m["label"]) else m["label"]
-        label, label_from = sample_label(retrievals, own, seed_labels)
+        label, label_from = sample_label(retrievals, own, seed_labels) if retrievals else (None, BALANCED_ONLY)
+        selected_by = ",".join(name for name, chosen in (("retrieve", bool(retrievals)), ("balanced", levels is not None)) if chosen)
         meta = {
             "id": id_,
             "set": m["set"],
@@ -128,7 +138,10 @@ def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
             "height": int(m["height"]),
             "label": label,
             "label_from": label_from,
+            "source_label": own,
+            "selected_by": selected_by.split(","),
             "retrieved": retrievals,
+            "balanced": levels,
         }
         rows.append(
             {
@@ -146,14 +159,16 @@ def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
                 "label": label,
                 "cls": cls_of.get(label) if label is not None else None,
                 "seed_sets": ",".join(sorted({r["seed_set"] for r in retrievals})),
-                "best_similarity": max(r["similarity"] for r in retrievals),
+                "best_similarity": max((r["similarity"] for r in retrievals), default=float("nan")),
+                "selected_by": selected_by,
                 "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
             }
         )
     return pd.DataFrame(rows), classes
 
 
-PARQUET_COLUMNS = ["__key__", "id", "set", "source", "source_key", "sha1", "bytes", "width", "height", "ext", "label", "cls", "seed_sets", "best_similarity"]
+PARQUET_COLUMNS = ["__key__", "id", "set", "source", "source_key", "sha1", "bytes", "width", "height", "ext", "label", "cls",
+                   "seed_sets", "best_similarity", "selected_by"]
 
 
 def _fingerprint(frame: pd.DataFrame, cfg) -> str:
@@ -234,6 +249,9 @@ def run_shards(cfg) -> Path:
         shards=len(ranges),
         shards_written=len(fresh),
         samples=int(len(samples)),
+        select=resolve_select(cfg),
+        selected={name: int(samples["selected_by"].str.contains(name).sum()) if len(samples) else 0
+                  for name in ("retrieve", "balanced")},
         bytes_written=int(written),
         classes=len(classes),
         seconds=round(time.time() - started, 3),

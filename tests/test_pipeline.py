@@ -1,6 +1,7 @@
 """`lvd run`: the whole chain, killed with SIGKILL at several points and resumed, gives the
 same shards byte for byte as an uninterrupted run."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -62,13 +63,23 @@ def _shards(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((run_dir / "shards").glob("curated-*"))}
 
 
+SEEDLESS = ["sources.seeds={}", "cluster.method=hierarchical", "cluster.level_ks=[8]", "cluster.k=4",
+            "cluster.resample_steps=2"]
+
+
 @pytest.mark.slow
-def test_killed_and_resumed_run_gives_identical_shards(setup):
+@pytest.mark.parametrize("seeds", ["seeded", "seedless"])
+def test_killed_and_resumed_run_gives_identical_shards(setup, seeds):
+    """Seedless: shards of the balanced sample (shards.select auto), resumable the same way."""
     root, args = setup
+    if seeds == "seedless":
+        root, args = root / "seedless", [*args, *SEEDLESS]
     ref = _start(root / "ref", args)
     assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()[-3000:]
     expected = _shards(root / "ref")
     assert expected and (root / "ref" / "report" / "index.html").is_file()
+    success = json.loads((root / "ref" / "shards" / "_SUCCESS.json").read_text())
+    assert success["select"] == ("balanced" if seeds == "seedless" else "retrieve") and success["samples"] > 0
 
     run_dir = root / "killed"
     kills = 0
