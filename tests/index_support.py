@@ -123,22 +123,39 @@ def embedded_photo_run(run: Path, model: str = "vit_tiny_p14") -> tuple[list[dic
 
 
 class running_server:
-    """`with running_server(store, opts) as url:` a real HTTP server on a free loopback port."""
+    """`with running_server(store_or_catalog, opts) as url:` the real uvicorn server on a free loopback port.
 
-    def __init__(self, store, opts=None, **kwargs):
-        from lvd.index.service import make_server
+    Runs in a thread with its own event loop, so tests talk to it over real sockets.
+    """
 
-        self.server = make_server(store, "127.0.0.1", 0, opts, **kwargs)
+    def __init__(self, served, opts=None, name: str = "index"):
+        from lvd.index.http_app import create_app
+        from lvd.index.http_server import bind, server_config
+        from lvd.index.service import Catalog, IndexService, ServeOptions
+
+        import uvicorn
+
+        self.opts = opts or ServeOptions()
+        catalog = served if isinstance(served, Catalog) else Catalog([IndexService(name, served, self.opts)])
+        self.app = create_app(catalog, self.opts)
+        self.sock = bind("127.0.0.1", 0)
+        self.server = uvicorn.Server(server_config(self.app, self.opts, log_level="warning"))
 
     def __enter__(self) -> str:
         import threading
+        import time
 
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
-        host, port = self.server.server_address[:2]
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        host, port = self.sock.getsockname()[:2]
         return f"http://{host}:{port}"
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
