@@ -102,10 +102,8 @@ class IndexService:
         self.name, self.store, self.opts = name, store, opts
         self.annotations = annotations or load_annotations(store)
         meta = store.meta
-        self._set = meta["set"].astype(object).where(meta["set"].notna(), None).to_numpy()
-        self._label = meta["label"].astype(object).where(meta["label"].notna(), None).map(
-            lambda v: None if v is None else str(v)).to_numpy()
-        self._caption = meta["caption"].to_numpy() if "caption" in meta.columns else None
+        self._set, self._label = _strings(meta["set"]), _strings(meta["label"])
+        self._caption = _strings(meta["caption"]) if "caption" in meta.columns else None
         self._embedder_lock = threading.Lock()
         self._embedder = None
         self._embedder_error: str | None = None
@@ -227,8 +225,8 @@ class IndexService:
         out.update(set=self._set[row], label=self._label[row], cluster=None if cluster == NO_CLUSTER else cluster,
                    kind=None if pd.isna(m["kind"]) else str(m["kind"]), key=public_key(key),
                    thumbnail=f"/thumb/{id_}?index={self.name}" if has_source else None)
-        if self._caption is not None and not pd.isna(self._caption[row]):
-            out["caption"] = str(self._caption[row])
+        if self._caption is not None and self._caption[row] is not None:
+            out["caption"] = self._caption[row]
         if self.opts.expose_paths and has_source and key is not None:
             out.update(source=str(m["source"]), **_location(str(m["kind"]), str(m["source"]), key))
         return out
@@ -282,6 +280,11 @@ class IndexService:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)
         return buf.getvalue()
+
+
+def _strings(column: pd.Series) -> np.ndarray:
+    """A metadata column as str-or-None per row (parquet gives NaN, None or numbers for missing/labels)."""
+    return np.array([None if pd.isna(v) else str(v) for v in column], dtype=object)
 
 
 def _location(kind: str, source: str, key: str) -> dict:

@@ -159,3 +159,45 @@ class running_server:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+
+
+def curated_vector_run(run: Path, n_groups: int = 120, d: int = 16, seed: int = 0) -> dict:
+    """A run folder without images: manifest, embed parts, dedup and cluster outputs, all made up.
+
+    Near-duplicate groups are 1-4 noisy copies of a random direction (so copies are each
+    other's neighbours); a few rows are exact copies of a group's first member (exact.parquet).
+    Sets, labels and clusters are assigned at random. Returns the per-row truth the stages
+    would have written, with the vectors as the index holds them (float16-rounded).
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n_groups, d))
+    sizes = rng.integers(1, 5, n_groups)
+    group = np.repeat(np.arange(n_groups), sizes)
+    x = base[group] + 0.08 * rng.standard_normal((len(group), d))
+    exact_of = rng.choice(np.flatnonzero(np.r_[True, group[1:] != group[:-1]]), 10, replace=False)
+    # same bytes, so the same group; a touch of noise keeps brute-force ties out of the comparisons
+    x = np.concatenate([x, x[exact_of] + 0.01 * rng.standard_normal((len(exact_of), d))])
+    group = np.concatenate([group, group[exact_of]])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+    n = len(x)
+    ids = np.int64(FIRST_ID) + 1000 + rng.permutation(10 * n)[:n].astype(np.int64)
+    sets = rng.choice(np.array(["pool", "seed:birds", "eval:test"], object), n, p=[0.7, 0.2, 0.1])
+    labels = np.where(sets == "seed:birds", rng.choice(np.array(["a", "b"], object), n), None)
+    exact_rows = np.arange(n - len(exact_of), n)
+    sets[exact_rows] = sets[exact_of]  # an exact copy is in the pool with its original, or not at all
+    cluster = np.where(sets == "pool", rng.integers(0, 5, n), -1)
+    cluster[exact_rows] = -1  # the cluster stage sees the deduplicated pool only
+    write_manifest(run, [{"id": int(i), "set": s, "source": None, "kind": None, "key": None, "label": lab}
+                         for i, s, lab in zip(ids, sets, labels)])
+    write_embed(run / "embed", ids, x, part_rows=200)
+    (run / "dedup").mkdir(parents=True, exist_ok=True)
+    survivors = np.setdiff1d(np.arange(n), exact_rows)
+    pd.DataFrame({"id": ids[survivors], "component": group[survivors] + 7,
+                  "keep": np.r_[True, group[survivors][1:] != group[survivors][:-1]], "reason": "pixels"}
+                 ).to_parquet(run / "dedup" / "near.parquet", index=False)
+    pd.DataFrame({"id": ids[exact_rows], "dup_of": ids[exact_of]}).to_parquet(run / "dedup" / "exact.parquet", index=False)
+    (run / "cluster").mkdir(parents=True, exist_ok=True)
+    in_cluster = cluster >= 0
+    pd.DataFrame({"id": ids[in_cluster], "cluster": cluster[in_cluster], "distance": np.float32(0)}
+                 ).to_parquet(run / "cluster" / "assign.parquet", index=False)
+    return {"ids": ids, "x": x, "set": sets, "label": labels, "cluster": cluster, "group": group}
