@@ -264,14 +264,23 @@ def validation_message(errors) -> str:
 
 
 def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema, with validation errors documented as what they are here: 400 ErrorBody."""
+    """FastAPI's schema, with validation errors documented as what they are here (400 ErrorBody), and the
+    served index names as the values `index` / `indice_name` may take."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        names = {"anyOf": [{"type": "string", "enum": app.state.catalog.names()}, {"type": "null"}]}
         for ops in schema.get("paths", {}).values():
             for op in ops.values():
                 responses = op.get("responses", {})
                 if responses.pop("422", None) is not None and "400" not in responses:
                     responses["400"] = {"description": "Bad Request", "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+                for param in op.get("parameters", []):
+                    if param["name"] == "index":
+                        param["schema"] = {**param["schema"], **names}
+        for model in schema.get("components", {}).get("schemas", {}).values():
+            for field in ("index", "indice_name"):
+                if field in model.get("properties", {}):
+                    model["properties"][field] = {**model["properties"][field], **names}
         app.openapi_schema = schema
     return app.openapi_schema

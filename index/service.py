@@ -27,7 +27,7 @@ import pandas as pd
 
 from .public import public_info, public_key, scrub
 from .run_annotations import NO_CLUSTER, RunAnnotations
-from .store import IndexStore, embed_query_bytes, run_dir_of
+from .store import IndexFolderError, IndexStore, embed_query_bytes, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class IndexService:
         self._embedder_lock = threading.Lock()
         self._embedder = None
         self._embedder_error: str | None = None
+        self._embedder_status = 503
         device = device or opts.device
         self._embedder_factory = embedder_factory or (lambda: store.embedder(device, dtype))
         self.thumbnail = functools.lru_cache(maxsize=opts.thumb_cache)(self._thumbnail)
@@ -255,12 +256,15 @@ class IndexService:
             if self._embedder is None and self._embedder_error is None:
                 try:
                     self._embedder = self._embedder_factory()
-                except Exception as exc:
+                except IndexFolderError as exc:  # the index cannot embed queries at all: the request's fault
+                    self._embedder_error, self._embedder_status = str(exc), 400
+                except Exception as exc:  # it should, but its model does not load: the server's fault
                     log.exception("cannot load the embedder of index %r", self.name)
-                    self._embedder_error = f"{type(exc).__name__}: {exc}"
+                    self._embedder_error, self._embedder_status = f"{type(exc).__name__}: {exc}", 503
             if self._embedder is None:
                 message = self._embedder_error if self.opts.expose_paths else scrub(self._embedder_error)
-                raise ServiceError(503, f"search by image is unavailable for index {self.name!r}: {message}")
+                raise ServiceError(self._embedder_status, f"search by image is unavailable for index {self.name!r}: "
+                                                          f"{message}")
             return self._embedder
 
     def _thumbnail(self, id_: int) -> bytes:

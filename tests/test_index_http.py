@@ -126,7 +126,7 @@ def test_each_index_answers_from_its_own_vectors(site):
     # the curated index has no model: search by image says so, the photos index works
     status, out = post(site["url"], "/knn-service", {"image": base64.b64encode(site["data"][int(site["ids"][0])]).decode(),
                                                      "num_images": 3, "indice_name": "curated"})
-    assert status == 503 and "does not record its model" in out["error"]
+    assert status == 400 and "does not record its model" in out["error"]
     health = requests.get(site["url"] + "/api/health", timeout=10).json()
     assert health["indices"] == {"photos": 15, "curated": len(cur["ids"])}
 
