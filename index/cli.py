@@ -64,7 +64,9 @@ def add_subcommands(subparsers) -> None:
                    help="server processes; each maps the indexes read-only, so the vectors are shared")
     p.add_argument("--max-upload", default="20M", help="largest accepted request body")
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
-    p.add_argument("--concurrency", type=int, default=4, help="searches running at once (per worker)")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="query images embedded (and thumbnails made) at once, per worker; concurrent searches "
+                        "by vector or id share Faiss calls")
     p.add_argument("--max-connections", type=int, default=2048, help="open connections; more are answered 503")
     p.add_argument("--device", default="cpu", help="torch device for embedding uploaded images")
     p.add_argument("--expose-paths", action="store_true",

@@ -14,8 +14,9 @@ Routes (every error is a JSON `{"error": message}` with a 4xx status; see /opena
     GET  /metrics                  Prometheus metrics
 The search routes also take `index`, `set`, `label`, `cluster` and `deduplicate`.
 
-Searches are blocking (Faiss, the query-image model), so they run in a thread pool bounded by
-`max_concurrent_searches`, and the event loop stays free for health probes and slow clients.
+Searches are blocking (Faiss, the query-image model), so they run in thread pools (image work
+bounded by `max_concurrent_searches`), and the event loop stays free for health probes and
+slow clients.
 """
 
 from __future__ import annotations
@@ -49,16 +50,24 @@ ERRORS = {status: {"model": m.ErrorBody} for status in (400, 404, 408, 413)}
 
 
 class Runner:
-    """Runs a blocking service call in the bounded thread pool, counted in the metrics."""
+    """Runs a blocking service call in a bounded thread pool, counted in the metrics.
 
-    def __init__(self, metrics: ServiceMetrics, limit: int):
-        self.metrics, self.limiter = metrics, anyio.CapacityLimiter(limit)
+    Image work (decode, model, thumbnails) has `heavy` threads; searches by vector or id have
+    `light` ones, most of which only wait for a Faiss call shared with the others.
+    """
+
+    HEAVY = ("image", "thumbnail")
+
+    def __init__(self, metrics: ServiceMetrics, heavy: int, light: int):
+        self.metrics = metrics
+        self.heavy, self.light = anyio.CapacityLimiter(heavy), anyio.CapacityLimiter(light)
 
     async def __call__(self, svc: IndexService, by: str, fn, *args):
         gauge = self.metrics.in_flight.labels(svc.name)
         gauge.inc()
         try:
-            return await anyio.to_thread.run_sync(partial(fn, *args), limiter=self.limiter)
+            limiter = self.heavy if by in self.HEAVY else self.light
+            return await anyio.to_thread.run_sync(partial(fn, *args), limiter=limiter)
         finally:
             gauge.dec()
             self.metrics.searches.labels(svc.name, by).inc()
@@ -72,7 +81,7 @@ def create_app(catalog: Catalog, opts: ServeOptions | None = None) -> FastAPI:
     metrics = ServiceMetrics()
     for name, svc in catalog.services.items():
         metrics.vectors.labels(name).set(len(svc))
-    run = Runner(metrics, opts.max_concurrent_searches)
+    run = Runner(metrics, opts.max_concurrent_searches, opts.max_waiting_searches)
     app.include_router(_lvd_routes(catalog, run))
     app.include_router(_clip_routes(catalog, run))
     app.include_router(_ops_routes(catalog, metrics))

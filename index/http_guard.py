@@ -1,6 +1,7 @@
 """Request bodies bounded in size and in time, before any route reads them.
 
-A body announced larger than the limit is refused unread (413, connection closed); a body
+A body announced larger than the limit is refused (413, connection closed), unread when it is
+far larger (a moderate one is drained first, so that a browser sees the answer); a body
 that grows past the limit while streaming (chunked, or a lying Content-Length) is cut off at
 the limit; a body that does not arrive in full within `timeout` seconds of the request (a
 Content-Length larger than what is sent, a client dribbling bytes) is answered 408. The errors
@@ -13,6 +14,11 @@ from __future__ import annotations
 import anyio
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
+
+
+# Bodies announced up to this many times the limit are read (and dropped) before the 413, so a
+# browser sees the answer rather than a reset connection; larger ones are refused unread.
+DRAIN_FACTOR = 4
 
 
 class BodyGuard:
@@ -29,6 +35,8 @@ class BodyGuard:
             if not announced.isdigit():
                 return await _refuse(scope, receive, send, 400, "invalid Content-Length")
             if int(announced) > self.max_bytes:
+                if int(announced) <= DRAIN_FACTOR * self.max_bytes:
+                    await self._drain(receive)
                 return await _refuse(scope, receive, send, 413, f"a body of {int(announced)} bytes exceeds the limit "
                                                                  f"of {self.max_bytes} bytes")
         deadline = anyio.current_time() + self.timeout
@@ -55,6 +63,15 @@ class BodyGuard:
             return message
 
         await self.app(scope, guarded_receive, send)
+
+
+    async def _drain(self, receive) -> None:
+        """Read and drop a body, within the body deadline, so that the client reads our answer."""
+        with anyio.move_on_after(self.timeout):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
 
 
 async def _refuse(scope, receive, send, status: int, message: str) -> None:

@@ -27,6 +27,7 @@ import pandas as pd
 
 from .public import public_info, public_key, scrub
 from .run_annotations import NO_CLUSTER, RunAnnotations
+from .search_batch import SearchBatcher
 from .store import IndexFolderError, IndexStore, embed_query_bytes, run_dir_of
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ class ServeOptions:
     max_upload_bytes: int = 20 * 2**20
     max_k: int = 100
     default_k: int = 10
-    # searches (and image decodes/embeddings) running at once; more wait their turn
+    # image decodes/embeddings and thumbnails running at once; more wait their turn
     max_concurrent_searches: int = 4
+    # searches by vector or id waiting at once; those waiting together share one Faiss call
+    max_waiting_searches: int = 64
     # open connections at once; more are answered 503 at once instead of queueing
     max_connections: int = 2048
     thumb_size: int = 224
@@ -111,6 +114,7 @@ class IndexService:
         device = device or opts.device
         self._embedder_factory = embedder_factory or (lambda: store.embedder(device, dtype))
         self.thumbnail = functools.lru_cache(maxsize=opts.thumb_cache)(self._thumbnail)
+        self._batcher = SearchBatcher(store.search)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -170,13 +174,14 @@ class IndexService:
 
         Without filters or dedup this is one index search of k. With them, candidates are
         fetched in growing batches until k rows pass or the index has nothing more to give.
+        Concurrent searches share Faiss calls (`index/search_batch.py`).
         """
         allowed = self._allowed(query.filters)
         n = len(self.store)
         plain = allowed is None and not query.deduplicate
         fetch = min(n, query.k if plain else max(4 * query.k, 64))
         while True:
-            scores, rows = self.store.search(xq, fetch)
+            scores, rows = self._batcher.search(xq, fetch)
             picked = self._pick(scores[0], rows[0], allowed, query.deduplicate, query.k)
             if plain or len(picked) >= query.k or fetch >= n:
                 return [self.record(row, score, rank) for rank, (row, score) in enumerate(picked, start=1)]

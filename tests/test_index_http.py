@@ -87,6 +87,35 @@ def test_clip_client_contract_by_image_file_and_by_embedding(site, tmp_path):
     assert {"set", "label", "cluster"} <= set(hit) and hit["set"] in ("pool", "seed:demo")
 
 
+def real_clip_client():
+    """clip-retrieval's own ClipClient, from its installed clip_client.py.
+
+    The package's __init__ imports its whole back end (flask, torch, faiss, ...), which the
+    Makefile does not install; the client module itself needs only `requests`.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    package = importlib.util.find_spec("clip_retrieval")  # locates, does not run __init__
+    path = Path(package.submodule_search_locations[0]) / "clip_client.py"
+    spec = importlib.util.spec_from_file_location("clip_retrieval_clip_client", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ClipClient
+
+
+def test_the_real_clip_client_gets_correct_neighbours(site, tmp_path):
+    client = real_clip_client()(site["url"] + "/knn-service", indice_name="photos", num_images=K)
+    path = tmp_path / "query.jpg"
+    path.write_bytes(site["data"][int(site["ids"][4])])
+    got = client.query(image=str(path))
+    assert [h["id"] for h in got] == site["ids"][numpy_order(site["x"], site["x_raw"][4])[:K]].tolist()
+    q = np.random.default_rng(11).standard_normal(site["x"].shape[1])
+    got = client.query(embedding_input=q.tolist())
+    assert [h["id"] for h in got] == site["ids"][numpy_order(site["x"], q)[:K]].tolist()
+    assert "no text encoder" in client.query(text="a cat")["error"]
+
+
 def test_text_and_url_queries_are_refused_with_a_reason(site):
     client = ContractClient(site["url"], "photos")
     assert "no text encoder" in client.query(text="a cat")["error"]

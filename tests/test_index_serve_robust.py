@@ -216,7 +216,8 @@ def test_fuzzed_requests_never_get_a_5xx(index_dir):
         op = result.ok()
 
         @given(case=op.as_strategy())
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+                  database=None)
         def fuzz(case):
             if "id" in (case.path_parameters or {}) and not isinstance(case.path_parameters["id"], int):
                 case.path_parameters["id"] = FIRST_ID
