@@ -49,7 +49,7 @@ class ServeOptions:
     # image decodes/embeddings and thumbnails running at once; more wait their turn
     max_concurrent_searches: int = 4
     # searches by vector or id waiting at once; those waiting together share one Faiss call
-    max_waiting_searches: int = 64
+    max_waiting_searches: int = 16
     # open connections at once; more are answered 503 at once instead of queueing
     max_connections: int = 2048
     thumb_size: int = 224

@@ -166,7 +166,8 @@ def curated_vector_run(run: Path, n_groups: int = 120, d: int = 16, seed: int = 
 
     Near-duplicate groups are 1-4 noisy copies of a random direction (so copies are each
     other's neighbours); a few rows are exact copies of a group's first member (exact.parquet).
-    Sets, labels and clusters are assigned at random. Returns the per-row truth the stages
+    Sets, labels and clusters are assigned at random; every third row has a caption (as a list
+    source with a caption column would give). Returns the per-row truth the stages
     would have written, with the vectors as the index holds them (float16-rounded).
     """
     rng = np.random.default_rng(seed)
@@ -187,8 +188,9 @@ def curated_vector_run(run: Path, n_groups: int = 120, d: int = 16, seed: int = 
     sets[exact_rows] = sets[exact_of]  # an exact copy is in the pool with its original, or not at all
     cluster = np.where(sets == "pool", rng.integers(0, 5, n), -1)
     cluster[exact_rows] = -1  # the cluster stage sees the deduplicated pool only
-    write_manifest(run, [{"id": int(i), "set": s, "source": None, "kind": None, "key": None, "label": lab}
-                         for i, s, lab in zip(ids, sets, labels)])
+    captions = np.array([f"caption of row {r}" if r % 3 == 0 else None for r in range(n)], object)
+    write_manifest(run, [{"id": int(i), "set": s, "source": None, "kind": None, "key": None, "label": lab, "caption": c}
+                         for i, s, lab, c in zip(ids, sets, labels, captions)])
     write_embed(run / "embed", ids, x, part_rows=200)
     (run / "dedup").mkdir(parents=True, exist_ok=True)
     survivors = np.setdiff1d(np.arange(n), exact_rows)
@@ -200,4 +202,4 @@ def curated_vector_run(run: Path, n_groups: int = 120, d: int = 16, seed: int = 
     in_cluster = cluster >= 0
     pd.DataFrame({"id": ids[in_cluster], "cluster": cluster[in_cluster], "distance": np.float32(0)}
                  ).to_parquet(run / "cluster" / "assign.parquet", index=False)
-    return {"ids": ids, "x": x, "set": sets, "label": labels, "cluster": cluster, "group": group}
+    return {"ids": ids, "x": x, "set": sets, "label": labels, "cluster": cluster, "group": group, "caption": captions}

@@ -196,7 +196,7 @@ def test_filters_and_dedup_match_the_stage_outputs(site, filters):
         by_row = {int(i): r for r, i in enumerate(cur["ids"])}
         for h in out["results"]:
             r = by_row[h["id"]]
-            assert h["set"] == cur["set"][r] and h["label"] == cur["label"][r]
+            assert h["set"] == cur["set"][r] and h["label"] == cur["label"][r] and h.get("caption") == cur["caption"][r]
             assert h["cluster"] == (None if cur["cluster"][r] < 0 else int(cur["cluster"][r]))
     if filters.get("deduplicate"):  # the groups really collapse something here
         assert reference(cur, q, 12, dedup=False) != reference(cur, q, 12, dedup=True)
@@ -263,3 +263,38 @@ def test_openapi_schema_is_published(site):
     assert {"image", "image_url", "embedding_input", "num_images", "num_result_ids", "indice_name", "deduplicate",
             "modality"} <= set(knn)
     assert "422" not in json.dumps(schema["paths"])  # validation errors are 400 here, as documented
+
+
+def test_indexes_are_named_on_the_command_line_or_in_a_file(tmp_path):
+    from lvd.index.cli import index_specs
+
+    table = tmp_path / "indices.yaml"
+    table.write_text("birds: {path: /data/birds-index, device: cuda:1, dtype: float32}\ncopies: /data/copy-index\n")
+    specs = index_specs(["main=/data/main-index", "/data/other-index"], table)
+    assert [(s.name, str(s.path), s.device, s.dtype) for s in specs] == [
+        ("main", "/data/main-index", None, None), ("other-index", "/data/other-index", None, None),
+        ("birds", "/data/birds-index", "cuda:1", "float32"), ("copies", "/data/copy-index", None, None)]
+    with pytest.raises(ValueError, match="repeat"):
+        index_specs(["a=/x", "a=/y"], None)
+    table.write_text("birds: {path: /x, colour: red}\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        index_specs([], table)
+    with pytest.raises(ValueError, match="at least one"):
+        index_specs([], None)
+
+
+def test_each_index_embeds_queries_on_its_own_device(site):
+    """The per-index embedder settings reach the model loader (here: recorded by a stand-in store)."""
+    seen = []
+
+    class Recording(IndexStore):
+        def embedder(self, device="cpu", dtype=None):
+            seen.append((device, dtype))
+            return super().embedder(device, dtype)
+
+    store = Recording.open(site["root"] / "photos-index")
+    from lvd.index.service import Query
+
+    svc = IndexService("p", store, ServeOptions(device="cpu"), device="cpu", dtype="float32")
+    hits = svc.by_image(site["data"][int(site["ids"][2])], Query(k=1))
+    assert seen == [("cpu", "float32")] and hits[0]["id"] == site["ids"][2]
