@@ -198,7 +198,8 @@ class IndexService:
         if f.clusters:
             if not self.annotations.has_clusters:
                 raise ServiceError(400, f"index {self.name!r} has no clusters: its run folder has no cluster stage output")
-            mask &= np.isin(self.annotations.cluster, list(f.clusters))
+            wanted = [c for c in f.clusters if -(2**63) <= c < 2**63]  # others match nothing
+            mask &= np.isin(self.annotations.cluster, np.array(wanted, np.int64))
         return mask
 
     def _pick(self, scores, rows, allowed, deduplicate: bool, k: int) -> list[tuple[int, float]]:

@@ -210,6 +210,8 @@ def test_filters_by_id_in_the_query_string(site):
                                                                    "cluster": [0, 4], "deduplicate": "true"}, timeout=10)
     assert r.status_code == 200
     assert [h["id"] for h in r.json()["results"]] == reference(cur, cur["x"][row], 6, ["pool"], None, [0, 4], True)
+    r = requests.get(f"{site['url']}/api/search/id/{id_}", params={"index": "curated", "cluster": 10**30}, timeout=10)
+    assert r.status_code == 200 and r.json()["results"] == []  # a cluster no row is in
     r = requests.get(f"{site['url']}/api/search/id/{site['ids'][0]}", params={"index": "photos", "cluster": 1}, timeout=10)
     assert r.status_code == 400 and "no clusters" in r.json()["error"]
 
