@@ -76,6 +76,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send request headers")
     p.add_argument("--body-timeout", type=float, default=20.0, help="seconds a client has to send a request body")
     p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--no-access-log", action="store_true", help="do not print one JSON line per request on stderr")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -212,7 +213,7 @@ def _cmd_serve(args) -> int:
                         max_concurrent_searches=args.concurrency, max_connections=args.max_connections,
                         device=args.device, expose_paths=args.expose_paths, cors_origins=tuple(args.cors_origin),
                         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                        keep_alive_timeout=args.keep_alive)
+                        keep_alive_timeout=args.keep_alive, access_log=not args.no_access_log)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -36,6 +36,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from . import http_models as m
@@ -180,11 +181,12 @@ def image_from_upload(content_type: str, body: bytes) -> bytes:
 
 
 def _clip_routes(catalog: Catalog, run: Runner) -> APIRouter:
-    # clip-retrieval's ClipClient posts JSON without a Content-Type header
-    r = APIRouter(strict_content_type=False)
+    r = APIRouter()
 
-    @r.post("/knn-service", response_model=list[m.KnnHit], responses={**ERRORS, 503: {"model": m.ErrorBody}})
-    async def knn_service(body: m.KnnRequest):
+    @r.post("/knn-service", response_model=list[m.KnnHit], responses={**ERRORS, 503: {"model": m.ErrorBody}},
+            openapi_extra=_json_body("KnnRequest"))
+    async def knn_service(request: Request):
+        body = await json_body(request, m.KnnRequest)
         svc = catalog.get(body.indice_name)
         if body.modality != "image":
             raise ServiceError(400, f"index {svc.name!r} holds image embeddings only: use modality \"image\"")
@@ -204,8 +206,9 @@ def _clip_routes(catalog: Catalog, run: Runner) -> APIRouter:
             hits = await run(svc, "vector", svc.by_vector, body.embedding_input, query)
         return JSONResponse([{**h, "similarity": h["score"]} for h in hits])
 
-    @r.post("/metadata", response_model=list[m.MetadataItem], responses=ERRORS)
-    async def metadata(body: m.MetadataRequest):
+    @r.post("/metadata", response_model=list[m.MetadataItem], responses=ERRORS, openapi_extra=_json_body("MetadataRequest"))
+    async def metadata(request: Request):
+        body = await json_body(request, m.MetadataRequest)
         svc = catalog.get(body.indice_name)
         records = await run(svc, "metadata", svc.metadata, body.ids)
         return JSONResponse([{"id": rec["id"], "metadata": rec} for rec in records])
@@ -215,6 +218,23 @@ def _clip_routes(catalog: Catalog, run: Runner) -> APIRouter:
         return catalog.names()
 
     return r
+
+
+CLIP_BODIES = (m.KnnRequest, m.MetadataRequest)
+
+
+async def json_body(request: Request, model):
+    """The body as JSON whatever its Content-Type, as clip-retrieval's server reads it: its ClipClient
+    sends none, and curl's `-d` says form-urlencoded."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+def _json_body(name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
 
 
 def _b64(text: str) -> bytes:
@@ -287,7 +307,10 @@ def _openapi(app: FastAPI) -> dict:
                 for param in op.get("parameters", []):
                     if param["name"] == "index":
                         param["schema"] = {**param["schema"], **names}
-        for model in schema.get("components", {}).get("schemas", {}).values():
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in CLIP_BODIES:  # read by json_body, so FastAPI does not list them itself
+            components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for model in components.values():
             for field in ("index", "indice_name"):
                 if field in model.get("properties", {}):
                     model["properties"][field] = {**model["properties"][field], **names}

@@ -19,6 +19,19 @@ access_log = logging.getLogger("lvd.index.access")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+def access_log_to_stderr() -> None:
+    """Print the access log (one JSON object a line) on stderr, whatever the root logger's level.
+
+    Called by the server's entry points (each worker process too), never on import.
+    """
+    if not access_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+
+
 class ServiceMetrics:
     """The service's counters, in a registry of their own."""
 
@@ -62,7 +75,9 @@ class ObserveMiddleware:
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(route).observe(seconds)
             client = scope.get("client") or ("-", 0)
-            access_log.info(json.dumps({
-                "client": f"{client[0]}:{client[1]}", "method": scope["method"], "path": scope["path"], "route": route,
-                "status": status, "ms": round(1000 * seconds, 3), "bytes": sent,
-            }))
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(json.dumps({
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "client": f"{client[0]}:{client[1]}",
+                    "method": scope["method"], "path": scope["path"], "route": route, "status": status,
+                    "ms": round(1000 * seconds, 3), "bytes": sent,
+                }))

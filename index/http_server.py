@@ -24,6 +24,7 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .http_observe import access_log_to_stderr
 from .service import Catalog, IndexSpec, ServeOptions
 
 SPEC_ENV = "LVD_SERVE_SPEC"
@@ -128,6 +129,8 @@ def serve(specs: list[IndexSpec], opts: ServeOptions, sock: socket.socket, worke
         return
     from .http_app import create_app
 
+    if opts.access_log:
+        access_log_to_stderr()
     app = create_app(Catalog.open(specs, opts), opts)
     uvicorn.Server(server_config(app, opts)).run(sockets=[sock])
 
@@ -139,6 +142,8 @@ def app_from_environment():
     spec = json.loads(os.environ[SPEC_ENV])
     opts = ServeOptions(**{**spec["opts"], "cors_origins": tuple(spec["opts"]["cors_origins"])})
     specs = [IndexSpec(s["name"], Path(s["path"]), s.get("device"), s.get("dtype")) for s in spec["specs"]]
+    if opts.access_log:
+        access_log_to_stderr()
     return create_app(Catalog.open(specs, opts, mmap=True), opts)
 
 

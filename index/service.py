@@ -65,6 +65,7 @@ class ServeOptions:
     keep_alive_timeout: float = 5.0
     shutdown_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    access_log: bool = True  # one JSON line per request on stderr (lvd.index.access)
     max_metadata_ids: int = 1000
 
 

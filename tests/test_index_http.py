@@ -85,6 +85,10 @@ def test_clip_client_contract_by_image_file_and_by_embedding(site, tmp_path):
     np.testing.assert_allclose([h["similarity"] for h in got], sims, atol=1e-4)
     hit = got[0]
     assert {"set", "label", "cluster"} <= set(hit) and hit["set"] in ("pool", "seed:demo")
+    # as clip-retrieval's server does, the body is JSON whatever the Content-Type says (curl -d: a form)
+    r = requests.post(site["url"] + "/knn-service", data=json.dumps({"embedding_input": q.tolist(), "num_images": K}),
+                      headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=10)
+    assert r.status_code == 200 and [h["id"] for h in r.json()] == site["ids"][order].tolist()
 
 
 def real_clip_client():
