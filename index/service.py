@@ -21,6 +21,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -232,7 +233,7 @@ class IndexService:
         key = None if pd.isna(m["key"]) else str(m["key"])
         out.update(set=self._set[row], label=self._label[row], cluster=None if cluster == NO_CLUSTER else cluster,
                    kind=None if pd.isna(m["kind"]) else str(m["kind"]), key=public_key(key),
-                   thumbnail=f"/thumb/{id_}?index={self.name}" if has_source else None)
+                   thumbnail=f"/thumb/{id_}?index={quote(self.name)}" if has_source else None)
         if self._caption is not None and self._caption[row] is not None:
             out["caption"] = self._caption[row]
         if self.opts.expose_paths and has_source and key is not None:

@@ -246,11 +246,13 @@ def test_binds_loopback_by_default(served):
         assert sock.getsockname()[0] == "127.0.0.1"
     finally:
         sock.close()
-    args = main.__globals__["argparse"].ArgumentParser()
+    import argparse
+
     from lvd.index.cli import add_subcommands
 
-    add_subcommands(args.add_subparsers(dest="command"))
-    assert args.parse_args(["serve", "x"]).host == "127.0.0.1"
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["serve", "x"]).host == "127.0.0.1"
 
 
 def test_page_is_served(served):
