@@ -197,7 +197,7 @@ def test_workers_share_the_index_and_shut_down_gracefully(index_dir, tmp_path):
 # ---------------------------------------------------------------- fuzzing from the schema
 
 
-FUZZ_EXAMPLES = 30  # per operation
+FUZZ_EXAMPLES = int(os.environ.get("LVD_FUZZ_EXAMPLES", "30"))  # per operation; raise it for a longer hunt
 
 
 def test_fuzzed_requests_never_get_a_5xx(index_dir):
