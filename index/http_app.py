@@ -123,8 +123,9 @@ def _lvd_routes(catalog: Catalog, run: Runner) -> APIRouter:
     async def info(index: str | None = None) -> dict:
         return catalog.get(index).info()
 
-    @r.post("/api/search/vector", response_model=m.SearchAnswer, responses=ERRORS)
-    async def search_vector(body: m.VectorSearch):
+    @r.post("/api/search/vector", response_model=m.SearchAnswer, responses=ERRORS, openapi_extra=_json_body("VectorSearch"))
+    async def search_vector(request: Request):
+        body = await json_body(request, m.VectorSearch)
         svc = catalog.get(body.index)
         query = Query(svc.k(body.k), _filters(body.set, body.label, body.cluster), body.deduplicate)
         return await _answer(run, svc, "vector", svc.by_vector, body.vector, query)
@@ -220,12 +221,12 @@ def _clip_routes(catalog: Catalog, run: Runner) -> APIRouter:
     return r
 
 
-CLIP_BODIES = (m.KnnRequest, m.MetadataRequest)
+JSON_BODIES = (m.VectorSearch, m.KnnRequest, m.MetadataRequest)
 
 
 async def json_body(request: Request, model):
-    """The body as JSON whatever its Content-Type, as clip-retrieval's server reads it: its ClipClient
-    sends none, and curl's `-d` says form-urlencoded."""
+    """The body as JSON whatever its Content-Type, as clip-retrieval's server (and lvd's earlier one)
+    read it: its ClipClient sends none, and curl's `-d` says form-urlencoded."""
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -308,7 +309,7 @@ def _openapi(app: FastAPI) -> dict:
                     if param["name"] == "index":
                         param["schema"] = {**param["schema"], **names}
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in CLIP_BODIES:  # read by json_body, so FastAPI does not list them itself
+        for model in JSON_BODIES:  # read by json_body, so FastAPI does not list them itself
             components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for model in components.values():
             for field in ("index", "indice_name"):

@@ -254,9 +254,17 @@ def test_metrics_are_prometheus_text_in_a_registry_of_the_app(site):
 
 
 def test_access_log_is_one_json_line_per_request(site, caplog):
+    import time
+
+    def logged():
+        return [json.loads(r.getMessage()) for r in caplog.records if r.name == "lvd.index.access"]
+
     with caplog.at_level(logging.INFO, logger="lvd.index.access"):
         requests.get(site["url"] + "/api/search/id/1?index=photos", timeout=10)
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "lvd.index.access"]
+        deadline = time.monotonic() + 5  # the line is written once the answer is sent, in the server's thread
+        while not any(e["route"] == "/api/search/id/{id}" for e in logged()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = logged()
     assert any(e["route"] == "/api/search/id/{id}" and e["status"] == 404 and e["method"] == "GET" and e["ms"] >= 0
                for e in lines), lines
 
