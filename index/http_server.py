@@ -1,0 +1,151 @@
+"""Running the lookup app on uvicorn: the listening socket, timeouts for slow clients, workers.
+
+uvicorn's event loop keeps a stalled client from blocking anyone else, but it would keep such
+a connection open forever: its keep-alive timer restarts on every byte, so a client that
+never finishes its headers (or dribbles them) holds a socket. `DeadlineH11Protocol` gives a
+connection `header_timeout` seconds from opening (or from its last answer) to complete a
+request's headers, bytes or no bytes; the body then has `body_timeout` (`index/http_guard.py`).
+
+The socket is bound here, before uvicorn starts, so that a port in use is one clear error
+(ValueError, printed by the CLI) instead of a log line and an exit. With `workers > 1`, each
+worker process opens the indexes itself, memory-mapped, so the vectors sit once in the page
+cache; the catalog travels to the workers as JSON in an environment variable.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+from dataclasses import asdict
+from pathlib import Path
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .http_observe import access_log_to_stderr
+from .service import Catalog, IndexSpec, ServeOptions
+
+SPEC_ENV = "LVD_SERVE_SPEC"
+
+
+class ServeConfig(uvicorn.Config):
+    """uvicorn's Config plus the header deadline (a plain class, so workers can unpickle it)."""
+
+    def __init__(self, app, header_timeout: float = 10.0, **kwargs):
+        super().__init__(app, http=DeadlineH11Protocol, **kwargs)
+        self.header_timeout = header_timeout
+
+
+class DeadlineH11Protocol(H11Protocol):
+    """h11 protocol whose connections must complete request headers within a deadline."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self._header_timeout = getattr(config, "header_timeout", 10.0)
+        self._deadline = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._request_running():
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._request_running():
+            self._arm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _request_running(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self._header_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self._request_running() or self.transport.is_closing():
+            return
+        self.transport.write(_TIMEOUT_ANSWER)
+        self.transport.close()
+
+
+_TIMEOUT_BODY = b'{"error": "the request headers did not arrive in time"}'
+_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                   b"content-length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (0: a free port); a clear ValueError when that fails."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ValueError(f"cannot listen on {host}:{port}: the port is in use; choose another with --port") from None
+        if exc.errno == errno.EACCES:
+            raise ValueError(f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges); "
+                             "choose another with --port") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def server_config(app, opts: ServeOptions, workers: int = 1, log_level: str = "info") -> ServeConfig:
+    """uvicorn settings from ServeOptions: limits, timeouts, graceful shutdown, our access log."""
+    return ServeConfig(app, header_timeout=opts.header_timeout, workers=workers, factory=isinstance(app, str),
+                       timeout_keep_alive=opts.keep_alive_timeout, timeout_graceful_shutdown=opts.shutdown_timeout,
+                       limit_concurrency=opts.max_connections, backlog=2048, access_log=False, log_level=log_level,
+                       server_header=False, h11_max_incomplete_event_size=64 * 1024, lifespan="off")
+
+
+def serve(specs: list[IndexSpec], opts: ServeOptions, sock: socket.socket, workers: int = 1) -> None:
+    """Serve until SIGINT/SIGTERM, then finish the requests in progress (graceful shutdown)."""
+    if workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        Catalog.open(specs, opts, mmap=True)  # a bad index folder fails here, once, not in every worker
+
+        os.environ[SPEC_ENV] = json.dumps({"specs": [_spec_json(s) for s in specs], "opts": asdict(opts)})
+        config = server_config(f"{__name__}:app_from_environment", opts, workers)
+        Multiprocess(config, sockets=[sock]).run()
+        return
+    from .http_app import create_app
+
+    if opts.access_log:
+        access_log_to_stderr()
+    app = create_app(Catalog.open(specs, opts), opts)
+    uvicorn.Server(server_config(app, opts)).run(sockets=[sock])
+
+
+def app_from_environment():
+    """The app of one worker process, from the catalog the parent put in the environment."""
+    from .http_app import create_app
+
+    spec = json.loads(os.environ[SPEC_ENV])
+    opts = ServeOptions(**{**spec["opts"], "cors_origins": tuple(spec["opts"]["cors_origins"])})
+    specs = [IndexSpec(s["name"], Path(s["path"]), s.get("device"), s.get("dtype")) for s in spec["specs"]]
+    if opts.access_log:
+        access_log_to_stderr()
+    return create_app(Catalog.open(specs, opts, mmap=True), opts)
+
+
+def _spec_json(spec: IndexSpec) -> dict:
+    return {"name": spec.name, "path": str(Path(spec.path).resolve()), "device": spec.device, "dtype": spec.dtype}
