@@ -84,16 +84,19 @@ def sample_label(retrievals: list[dict], own_label, seed_labels: dict[int, str])
 
 
 def plan_shards(sizes: np.ndarray, max_count: int, max_bytes: int) -> list[tuple[int, int]]:
-    """[start, end) ranges: a shard closes before it would pass either limit (never empty)."""
-    ranges, start, used = [], 0, 0
-    for i, size in enumerate(sizes):
-        cost = int(size) + SAMPLE_OVERHEAD
-        if i > start and (i - start >= max_count or used + cost > max_bytes):
-            ranges.append((start, i))
-            start, used = i, 0
-        used += cost
-    if start < len(sizes):
-        ranges.append((start, len(sizes)))
+    """[start, end) ranges: a shard closes before it would pass either limit (never empty).
+
+    One binary search per shard on the running byte total, not a Python step per sample, so
+    planning millions of samples takes milliseconds.
+    """
+    costs = np.asarray(sizes, np.int64) + SAMPLE_OVERHEAD
+    total = np.concatenate([[0], np.cumsum(costs)])
+    n, ranges, start = len(costs), [], 0
+    while start < n:
+        by_bytes = int(np.searchsorted(total, total[start] + max_bytes, side="right")) - 1
+        end = max(start + 1, min(by_bytes, start + max_count, n))
+        ranges.append((start, end))
+        start = end
     return ranges
 
 

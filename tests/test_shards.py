@@ -176,6 +176,27 @@ def test_plan_respects_count_and_bytes():
     ranges = plan_shards(sizes, max_count=3, max_bytes=100 + 2048 + 100 + 2048 + 1)
     assert ranges == [(0, 2), (2, 3), (3, 5), (5, 6)]
     assert plan_shards(np.array([10**9]), 10, 10) == [(0, 1)]  # an oversized sample still gets a shard
+    assert plan_shards(np.zeros(0), 10, 10) == []
+
+
+def test_plan_equals_a_greedy_sample_by_sample_packing():
+    def greedy(sizes, max_count, max_bytes):
+        ranges, start, used = [], 0, 0
+        for i, size in enumerate(sizes):
+            cost = int(size) + 2048
+            if i > start and (i - start >= max_count or used + cost > max_bytes):
+                ranges.append((start, i))
+                start, used = i, 0
+            used += cost
+        return ranges + ([(start, len(sizes))] if start < len(sizes) else [])
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        sizes = rng.integers(0, 50_000, int(rng.integers(1, 400)))
+        if trial % 5 == 0:
+            sizes[rng.integers(0, len(sizes))] = 10**7  # an image larger than a whole shard
+        max_count, max_bytes = int(rng.integers(1, 40)), int(rng.integers(1, 400_000))
+        assert plan_shards(sizes, max_count, max_bytes) == greedy(sizes, max_count, max_bytes)
 
 
 @pytest.mark.parametrize("name,size,mtime", [("0000000000000000001.jpg", 123, 0), ("a.json", 0, 1_700_000_000), ("x" * 100, 8**11 - 1, 5)])
