@@ -218,13 +218,14 @@ def read_balanced(run_dir: Path, manifest: pd.DataFrame, seed: int) -> dict | No
     picked = balanced_ids(run_dir)
     if len(picked) == 0:
         return None
+    assignments = level_assignments(run_dir)
     levels = []
-    for t, assign in enumerate(level_assignments(run_dir), start=1):
+    for t, assign in enumerate(assignments, start=1):
         table = level_table(assign, picked)
         before, after = table["size"].to_numpy(), table["drawn"].to_numpy()
         levels.append({"level": t, "clusters": len(table), "before": _spread(before), "after": _spread(after),
                        "svg_before": histogram_svg(before), "svg_after": histogram_svg(after)})
-    pool_ids = level_assignments(run_dir)[0]["id"].to_numpy()
+    pool_ids = assignments[0]["id"].to_numpy()
     labels = manifest.set_index("id")["label"]
     out = {"n": len(picked), "pool": len(pool_ids), "levels": levels, "classes": None}
     pool_labels = labels.reindex(pool_ids)

@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from lvd.common.calibration import timings
+from lvd.index.backend_choice import _sample
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,6 @@ RECALL_TARGET = 0.999
 CHECK_QUERIES = 1024
 #: fewer threshold edges than this in the checked rows: their nearest neighbours are checked instead
 MIN_CHECK_EDGES = 50
-
-
-def _sample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
-    if len(x) <= n:
-        return x
-    return x[np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))]
 
 
 def crossover_rows(exact_seconds: float, exact_rows: int, ivf_seconds: tuple[float, float],

@@ -79,7 +79,7 @@ def _plan(xb, k, engine, *, device, method, memory_budget, exact_max, nprobe, nl
     """plan_knn with, on a CPU under method auto, the crossover measured here."""
     n, d = xb.shape
     options = dict(device=device, memory_budget=memory_budget, nprobe=nprobe, nlist=nlist)
-    if method == "auto" and exact_max is None and resolve_device(device).type == "cpu" and n > ivf_switch.CALIBRATION_ROWS[1]:
+    if method == "auto" and exact_max is None and resolve_device(device).type == "cpu":
         exact_max = ivf_switch.measured_exact_max(
             xb, k, engine, lambda rows: plan_knn(rows, d, method="ivf", **options), metric=metric, device=device,
             seed=seed, measure=measure)
@@ -144,13 +144,13 @@ def _checked_ivf(xb, xq, k, plan: KnnPlan, exact_engine, *, metric, device, seed
         D_ref, I_ref = exact_engine.search(xb, xq[rows], k, metric=metric)
     edges = ivf_switch.check_edges(D_ref, I_ref, min_similarity if metric == "ip" else None)
     nprobe = plan.nprobe
-    while True:
-        D, I = search_ivf(index, xq, k, nprobe, exclude_self=exclude_self)
-        recall = ivf_switch.edge_recall(edges, I[rows])
+    while True:  # only the checked rows are searched until nprobe is settled; then every row once
+        _, I_rows = search_ivf(index, xq[rows], k, nprobe, exclude_self=exclude_self, query_rows=rows)
+        recall = ivf_switch.edge_recall(edges, I_rows)
         log.info("IVF nprobe %d of %d lists: recall %.4f of %d checked edges (target %.4f)", nprobe, plan.nlist,
                  recall, len(edges[0]), ivf_switch.RECALL_TARGET)
         if recall >= ivf_switch.RECALL_TARGET or nprobe >= plan.nlist:
-            return D, I
+            return search_ivf(index, xq, k, nprobe, exclude_self=exclude_self)
         nprobe = min(plan.nlist, 2 * nprobe)
 
 
@@ -175,9 +175,10 @@ def build_ivf(xb, plan: KnnPlan, *, metric: str = "ip", device="cpu", seed: int 
     return index
 
 
-def search_ivf(index, xq, k: int, nprobe: int, *, exclude_self: bool = False, query_batch: int = 16384):
-    """(D, I) of `index` for every row of `xq`, visiting `nprobe` lists; `exclude_self` drops row
-    i from the neighbours of query i (the queries are the indexed rows)."""
+def search_ivf(index, xq, k: int, nprobe: int, *, exclude_self: bool = False, query_rows=None,
+               query_batch: int = 16384):
+    """(D, I) of `index` for every row of `xq`, visiting `nprobe` lists; `exclude_self` drops each
+    query's own row from its neighbours (the queries are indexed rows: `query_rows`, else 0..n-1)."""
     import faiss
     from tqdm.auto import tqdm
 
@@ -196,7 +197,8 @@ def search_ivf(index, xq, k: int, nprobe: int, *, exclude_self: bool = False, qu
         stop = min(start + query_batch, len(xq))
         d, i = index.search(xq[start:stop], kk + extra)
         if exclude_self:
-            d, i = _drop_self(d, i, np.arange(start, stop))
+            own = np.arange(start, stop) if query_rows is None else np.asarray(query_rows)[start:stop]
+            d, i = _drop_self(d, i, own)
         D[start:stop, :kk], I[start:stop, :kk] = d, i
     # IVF leaves -1 where fewer than k rows were probed; give those the "missing" score.
     missing = I < 0

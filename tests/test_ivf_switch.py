@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lvd.index import ivf_switch, knn
-from lvd.index.knn import KnnPlan, ivf_search, knn_graph, plan_knn
+from lvd.index.knn import KnnPlan, ivf_search, knn_graph
 
 from test_knn import clustered_with_copies, edges_above, numpy_graph
 
@@ -115,8 +115,3 @@ def test_checked_edges_are_the_threshold_edges_or_each_rows_nearest():
     q, j = ivf_switch.check_edges(D, I, 0.9)  # 3 edges: too few, each row's nearest instead
     assert q.tolist() == [0, 1, 2] and j.tolist() == [7, 9, 1]
     assert ivf_switch.edge_recall((q, j), np.array([[7, 0], [0, 0], [5, 1]])) == pytest.approx(2 / 3)
-
-
-def test_plan_without_a_crossover_is_exact_on_cpu():
-    assert plan_knn(10**7, 384).method == "exact"
-    assert plan_knn(10**7, 384, exact_max=10**6).method == "ivf"
