@@ -86,25 +86,39 @@ class EmbeddingRows:
     """Chosen rows of an embedding folder, read from the memory-mapped parts only when indexed.
 
     `view[idx]` (an index array or a slice) gives float32 rows; `len(view)` the row count;
-    `np.asarray(view)` all of them. A torchrun rank reads its own slice and a k-means++
-    sample this way instead of the whole matrix.
+    `np.asarray(view)` all of them; `view.blocks(rows)` yields them block by block. A torchrun
+    rank reads its own slice and a k-means++ sample this way instead of the whole matrix.
+
+    The parts are mapped for the duration of one read only: pages of a mapping count in the
+    process's resident memory while it is mapped, so a view held open over a pass through a
+    10M-row folder would otherwise end the pass holding the whole folder (float16 at d = 384:
+    7.7 GB). Unmapped, they stay in the page cache for the next read.
     """
 
     def __init__(self, folder: str | os.PathLike, rows: np.ndarray):
         pairs = list_parts(folder)
-        self._parts = [read_part(v, i, dtype=None, mmap=True)[1] for v, i in pairs]
-        sizes = np.array([len(p) for p in self._parts], np.int64)
+        self._paths = [v for v, _ in pairs]
+        shapes = []
+        for vectors_path, ids_path in pairs:
+            ids, vectors = read_part(vectors_path, ids_path, dtype=None, mmap=True)
+            shapes.append(vectors.shape)
+            del vectors
+        sizes = np.array([s[0] for s in shapes], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
         self.rows = np.asarray(rows, np.int64)
         if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self._starts[-1]):
             raise IndexError(f"rows outside the {int(self._starts[-1])} rows of {folder}")
-        dims = {p.shape[1] for p in self._parts}
+        dims = {s[1] for s in shapes}
         if len(dims) > 1:
             raise ValueError(f"parts of {folder} have different dimensions: {sorted(dims)}")
         self.dim = dims.pop() if dims else 0
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows), self.dim
 
     def subset(self, index) -> "EmbeddingRows":
         """A view of some of these rows (`index` into them); nothing is read."""
@@ -118,8 +132,15 @@ class EmbeddingRows:
         part = np.searchsorted(self._starts, wanted, side="right") - 1
         for p in np.unique(part):
             hit = np.flatnonzero(part == p)
-            out[hit] = self._parts[p][wanted[hit] - self._starts[p]]
+            vectors = np.load(self._paths[p], mmap_mode="r", allow_pickle=False)
+            out[hit] = vectors[wanted[hit] - self._starts[p]]
+            del vectors  # unmapped: its pages leave this process's resident set
         return out
+
+    def blocks(self, rows_per_block: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 block) over all rows, `rows_per_block` at a time."""
+        for start in range(0, len(self.rows), rows_per_block):
+            yield start, self[slice(start, start + rows_per_block)]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[slice(None)]
