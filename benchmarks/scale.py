@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -31,12 +32,15 @@ import pyarrow.parquet as pq
 import torch
 
 from lvd.common.devices import cpu_has_native_bf16
+from lvd.common.memory import memory_budget
 from lvd.curate.manifest import SCHEMA
 from lvd.curate.runio import write_success
 
 D = 384
 PART = 262_144
 THRESHOLD = 0.9
+# The same k at every n, so that the exponents measure growth in n (DINOv2 used 100k clusters on 1.2B images).
+CLUSTERS = 1000
 
 
 def vectors(n: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
@@ -50,62 +54,76 @@ def near_copy(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return y / np.linalg.norm(y, axis=1, keepdims=True)
 
 
+def _manifest_part(rows: np.ndarray, name: str) -> pa.Table:
+    n = len(rows)
+    return pa.table({"id": rows, "set": [name] * n, "source": ["synthetic"] * n, "kind": ["folder"] * n,
+                     "key": [f"{i}.jpg" for i in rows], "label": [None] * n, "bytes": np.full(n, 100),
+                     "sha1": [hashlib.sha1(str(i).encode()).hexdigest() for i in rows],
+                     "width": np.full(n, 64, np.int32), "height": np.full(n, 64, np.int32), "format": ["JPEG"] * n,
+                     "mode": ["RGB"] * n, "frames": np.ones(n, np.int32), "status": ["ok"] * n, "error": [None] * n},
+                    schema=SCHEMA)
+
+
 def write_run(run: Path, n: int, seed: int = 0) -> np.ndarray:
-    """The run folder; returns the planted pool pairs as (id, id) rows."""
+    """The run folder, written part by part (memory holds one part); returns the planted pool pairs
+    as (id, id) rows. Pool rows n_base.. are near copies of earlier pool rows, the last 50 of eval images."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(2, n // 100), D), dtype=np.float32)
+    centres = rng.standard_normal((min(max(2, n // 100), 100_000), D), dtype=np.float32)
     n_copies = n // 100
     n_base = n - n_copies - 50
-    originals = rng.choice(n_base, n_copies, replace=False)
+    originals = np.sort(rng.choice(n_base, n_copies, replace=False))
+    copy_rng = np.random.default_rng([seed, 1])
+    copy_order = copy_rng.permutation(n_copies)  # which original each copy row copies
     sets = {"pool": n, "eval:ev": 1000, **{f"seed:s{i}": 20 for i in range(3)}}
     ids = {name: np.arange(count, dtype=np.int64) + 1 + (k << 40) for k, (name, count) in enumerate(sets.items())}
     (run / "manifest").mkdir(parents=True)
     (run / "embed").mkdir()
-    part = 0
     eval_x = vectors(1000, rng, centres)
+    part = 0
     for name, count in sets.items():
         for start in range(0, count, PART):
             stop = min(start + PART, count)
             rows = ids[name][start:stop]
-            table = pa.table({"id": rows, "set": [name] * len(rows), "source": ["synthetic"] * len(rows),
-                              "kind": ["folder"] * len(rows), "key": [f"{i}.jpg" for i in rows], "label": [None] * len(rows),
-                              "bytes": np.full(len(rows), 100), "sha1": [hashlib.sha1(str(i).encode()).hexdigest() for i in rows],
-                              "width": np.full(len(rows), 64, np.int32), "height": np.full(len(rows), 64, np.int32),
-                              "format": ["JPEG"] * len(rows), "mode": ["RGB"] * len(rows), "frames": np.ones(len(rows), np.int32),
-                              "status": ["ok"] * len(rows), "error": [None] * len(rows)}, schema=SCHEMA)
-            pq.write_table(table, run / "manifest" / f"part-{part:05d}.parquet")
+            pq.write_table(_manifest_part(rows, name), run / "manifest" / f"part-{part:05d}.parquet")
             if name == "pool":
-                x = np.empty((stop - start, D), np.float32)
-                for i in range(start, stop, 65536):  # base rows, copies of earlier originals, eval copies
-                    j = min(i + 65536, stop)
-                    x[i - start : j - start] = vectors(j - i, rng, centres)
+                x = vectors(stop - start, np.random.default_rng([seed, 2, part]), centres)
                 pos = np.arange(start, stop)
-                copy = (pos >= n_base) & (pos < n_base + n_copies)
-                x[copy] = 0  # filled below, once every original exists
+                copies = np.flatnonzero((pos >= n_base) & (pos < n_base + n_copies))
+                if len(copies):  # every original is before n_base: written already, or in this part
+                    src = originals[copy_order[pos[copies] - n_base]]
+                    x[copies] = near_copy(_pool_rows(run, src, start, x), copy_rng)
+                evals = np.flatnonzero(pos >= n_base + n_copies)
+                if len(evals):
+                    x[evals] = near_copy(eval_x[pos[evals] - n_base - n_copies], copy_rng)
             elif name == "eval:ev":
-                x = eval_x
+                x = eval_x[start:stop]
             else:
                 x = vectors(stop - start, rng, centres)
             np.save(run / "embed" / f"part-{part:05d}.npy", x.astype(np.float16))
             np.save(run / "embed" / f"ids-{part:05d}.npy", rows)
             part += 1
-    # the planted copies: pool rows n_base.. get near copies of pool originals, the last 50 of eval images
-    pool_parts = sorted(run.glob("embed/part-*.npy"))[: math.ceil(n / PART)]
-    pool = np.concatenate([np.load(p).astype(np.float32) for p in pool_parts])
-    pool[n_base : n_base + n_copies] = near_copy(pool[originals], rng)
-    pool[n_base + n_copies :] = near_copy(eval_x[:50], rng)
-    for k, p in enumerate(pool_parts):
-        np.save(p, pool[k * PART : (k + 1) * PART].astype(np.float16))
     write_success(run / "manifest")
     write_success(run / "embed", model="synthetic", dim=D, copy_detection=None)
-    return np.stack([ids["pool"][originals], ids["pool"][n_base : n_base + n_copies]], 1)
+    copy_rows = n_base + np.arange(n_copies)
+    return np.stack([ids["pool"][originals[copy_order]], ids["pool"][copy_rows]], 1)
 
 
-def run_stage(stage: str, run: Path, n: int) -> tuple[float, float]:
+def _pool_rows(run: Path, rows: np.ndarray, start: int, current: np.ndarray) -> np.ndarray:
+    """float32 pool rows: those before `start` from the written parts, the others from `current`."""
+    out = np.empty((len(rows), D), np.float32)
+    here = rows >= start
+    out[here] = current[rows[here] - start]
+    for p in np.unique(rows[~here] // PART):
+        hit = np.flatnonzero(~here & (rows // PART == p))
+        out[hit] = np.load(run / "embed" / f"part-{p:05d}.npy", mmap_mode="r")[rows[hit] - p * PART]
+    return out
+
+
+def run_stage(stage: str, run: Path, extra: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS GiB) of `lvd STAGE` on the run folder."""
     args = [sys.executable, "-m", "lvd.curate.cli", stage, "default", f"run_dir={run}", "progress=false",
             f"dedup.threshold={THRESHOLD}", f"decontam.threshold={THRESHOLD}", "embed.copy_detection.weights=null",
-            f"cluster.k={max(10, n // 1000)}", "retrieve.n=100"]
+            f"cluster.k={CLUSTERS}", "retrieve.n=100", *extra]
     started = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -121,22 +139,83 @@ def pair_recall(run: Path, pairs: np.ndarray) -> float:
     return float(np.mean((a == b) & ~np.isnan(a)))
 
 
+def faiss_comparison(run: Path, pairs: np.ndarray, queries: int) -> None:
+    """Dedup's list join against Faiss's IndexIVFFlat on the same lists (centroids) and nprobe, in this process.
+
+    Faiss searches `queries` pool rows (a whole 1M pool would take it hours here); both are
+    timed on those rows' work: ours joins every list once (all rows), so its time is scaled by
+    queries / n for the per-query figure printed beside Faiss's.
+    """
+    import faiss
+
+    from lvd.index import ivf_join
+    from lvd.index.io import EmbeddingRows, load_embedding_ids
+
+    info = json.loads((run / "dedup" / "_SUCCESS.json").read_text())["near_search"]
+    if info.get("method") != "ivf-join":
+        print(f"  faiss comparison: dedup did not join lists here ({info.get('method')})")
+        return
+    near = pd.read_parquet(run / "dedup" / "near.parquet", columns=["id"])
+    emb_ids = load_embedding_ids(run / "embed")
+    rows = pd.Index(emb_ids).get_indexer(near["id"].to_numpy())
+    view = EmbeddingRows(run / "embed", rows)
+    n, nprobe = len(view), int(info["nprobe"])
+    rng = np.random.default_rng(0)  # the stage's sample and seed (seed 0)
+    train = np.sort(rng.choice(n, min(n, info["nlist"] * ivf_join.TRAIN_PER_LIST), replace=False))
+    t = time.perf_counter()
+    quantizer = ivf_join.train_quantizer(view[train], info["nlist"], seed=0)
+    probes = ivf_join.probe_lists(view, quantizer, nprobe)
+    ours_assign = time.perf_counter() - t
+    t = time.perf_counter()
+    found = sum(len(i) for i, _, _ in ivf_join.join_lists(view, probes, nprobe, THRESHOLD, k=64, nlist=quantizer.nlist,
+                                                            block_bytes=1 << 30))
+    ours_join = time.perf_counter() - t
+    x = view[:]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, quantizer.nlist, faiss.METRIC_INNER_PRODUCT)
+    index.quantizer.add(quantizer.centroids)
+    index.is_trained = True
+    t = time.perf_counter()
+    index.add(x)
+    faiss_add = time.perf_counter() - t
+    index.nprobe = nprobe
+    q = np.sort(np.random.default_rng(1).choice(n, min(n, queries), replace=False))
+    t = time.perf_counter()
+    D_f, I_f = index.search(x[q], 65)
+    faiss_search = time.perf_counter() - t
+    faiss_pairs = int(((D_f >= THRESHOLD) & (I_f >= 0) & (I_f != q[:, None])).sum())
+    per_ours = (ours_assign + ours_join) / n * 1e6
+    per_faiss = (faiss_add / n + faiss_search / len(q)) * 1e6
+    print(f"  same lists ({quantizer.nlist}, {'two levels' if quantizer.top is not None else 'flat'}), nprobe {nprobe}, "
+          f"{n} rows: lvd list join {ours_assign:.1f} s assign + {ours_join:.1f} s join = {per_ours:.1f} us/row "
+          f"({found} directed pairs >= {THRESHOLD}); Faiss IVFFlat add {faiss_add:.1f} s + search of {len(q)} rows "
+          f"{faiss_search:.1f} s = {per_faiss:.1f} us/row ({faiss_pairs} directed pairs among them, "
+          f"{faiss_pairs * n / len(q):.0f} scaled); Faiss / lvd per row: {per_faiss / per_ours:.1f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000])
     ap.add_argument("--stages", nargs="+", default=["dedup", "cluster", "retrieve"])
     ap.add_argument("--work", default="/tmp/lvd-bench-scale")
+    ap.add_argument("--faiss-at", type=int, nargs="*", default=[1_000_000],
+                    help="sizes at which dedup's join is compared with Faiss IVFFlat on the same lists")
+    ap.add_argument("--faiss-queries", type=int, default=20_000)
+    ap.add_argument("--memory-gb", default="auto", help="the stages' memory_gb (auto: a third of this machine's)")
+    ap.add_argument("--keep", action="store_true", help="keep each run folder (default: removed after its size)")
     args = ap.parse_args()
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}, "
-          f"{os.cpu_count()} cores; d = {D}, planted pairs = 1 % of n, threshold {THRESHOLD}")
+          f"{os.cpu_count()} cores; d = {D}, planted pairs = 1 % of n, threshold {THRESHOLD}, cluster.k {CLUSTERS}, "
+          f"memory_gb {args.memory_gb} = {memory_budget(args.memory_gb) / 2**30:.2f} GiB")
     print(f"{'n':>9s} {'stage':>9s} {'wall s':>9s} {'peak GiB':>9s} {'exponent':>9s}  recall of planted pairs")
     previous: dict[str, tuple[int, float]] = {}
     for n in args.sizes:
         run = Path(args.work) / f"n{n}"
         shutil.rmtree(run, ignore_errors=True)
+        t = time.perf_counter()
         pairs = write_run(run, n)
+        print(f"{n:9d} {'(write)':>9s} {time.perf_counter() - t:9.1f}", flush=True)
         for stage in args.stages:
-            wall, rss = run_stage(stage, run, n)
+            wall, rss = run_stage(stage, run, [f"memory_gb={args.memory_gb}"])
             exponent = ""
             if stage in previous:
                 n0, t0 = previous[stage]
@@ -144,6 +223,13 @@ def main() -> None:
             previous[stage] = (n, wall)
             recall = f"{pair_recall(run, pairs):.4f} of {len(pairs)}" if stage == "dedup" else ""
             print(f"{n:9d} {stage:>9s} {wall:9.1f} {rss:9.2f} {exponent:>9s}  {recall}", flush=True)
+            if stage == "dedup":
+                info = json.loads((run / "dedup" / "_SUCCESS.json").read_text()).get("near_search") or {}
+                print(f"          {json.dumps(info)}", flush=True)
+                if n in args.faiss_at:
+                    faiss_comparison(run, pairs, args.faiss_queries)
+        if not args.keep:
+            shutil.rmtree(run, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ CHECKS: dict[str, Check] = {
     "workers": number(lo=0, words=("auto",)),
     "progress": lambda v: None if v in (True, False, "auto") else f"must be true, false or auto, got {v!r}",
     "overwrite": boolean,
-    "memory_gb": number(lo=1e-3, words=("auto",)),
+    "memory_gb": number(lo=1e-9, words=("auto",)),
     "decode.max_pixels": integer(lo=1, nullable=True),
     "decode.max_bytes": integer(lo=1, nullable=True),
     "manifest.part_size": integer(lo=1),

@@ -47,12 +47,15 @@ from lvd.curate.stage import StageOutputs
 from lvd.curate.workers import show_progress
 from lvd.curate.runio import (fingerprint, is_done, open_stage, parquet_fingerprint, read_success,
                               stage_fingerprint, write_frame)
+from lvd.index import ivf_switch
 from lvd.index.backends import resolve_device
 from lvd.index.components import duplicate_groups, group_duplicates, pairs_above
-from lvd.index.io import load_embeddings
+from lvd.common.memory import memory_budget, rows_per_block
+from lvd.index import ivf_join
+from lvd.index.io import EmbeddingRows, load_embedding_ids
 from lvd.index.kmeans import kmeans
 from lvd.index.keep_rule import keep_priority, keep_reasons, quality_keys
-from lvd.index.knn import knn_graph
+from lvd.index.knn import EXACT_MAX_ACCELERATOR, knn_graph
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,33 @@ def near_duplicates_knn(x: np.ndarray, priority: np.ndarray, *, k: int, threshol
     sims, neighbors = knn_graph(x, min(k, len(x) - 1), backend=backend, device=device, seed=seed,
                                 min_similarity=threshold)
     return duplicate_groups(sims, neighbors, threshold, priority, grouping)
+
+
+def exact_graph_pays(n: int, d: int, k: int, device: str, budget: int) -> bool:
+    """Whether the in-memory k-NN graph beats the list join for n rows.
+
+    Both are matrix products at the same rate: an exact graph costs n^2 d, the join about
+    n (nprobe LIST_SIZE + CHECK_QUERIES) d with nprobe up to 16, so a CPU searches exactly up to
+    ~9k rows; an accelerator's tensor cores make n^2 affordable up to EXACT_MAX_ACCELERATOR. Past
+    the memory budget (the float32 rows, the index and the graph) the join is the only way.
+    """
+    in_memory = n * (8 * d + 12 * k)
+    if in_memory > budget:
+        return False
+    if resolve_device(device).type != "cpu":
+        return n <= EXACT_MAX_ACCELERATOR
+    return n <= ivf_join.NPROBES[-2] * ivf_join.LIST_SIZE + ivf_switch.CHECK_QUERIES
+
+
+def near_duplicates_join(view, priority: np.ndarray, *, k: int, threshold: float, budget: int, backend: str = "auto",
+                         device: str = "cpu", seed: int = 0, grouping: str = "components",
+                         progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(component, keep, join report) of the rows of an `EmbeddingRows` view, read from the parts
+    list group by list group (`index.ivf_join`): memory holds a few bytes per row, not the rows."""
+    rows, cols, report = ivf_join.near_pairs(view, threshold, k, memory_budget=budget, seed=seed, backend=backend,
+                                             device=device, spanning=grouping == "components", progress=progress)
+    component, keep = group_duplicates(len(view), rows, cols, priority, grouping)
+    return component, keep, report.record()
 
 
 def near_duplicates_semdedup(x: np.ndarray, priority: np.ndarray, *, threshold: float, clusters: int | None,
@@ -201,6 +231,7 @@ def run_dedup(cfg) -> Path:
     out = open_stage(cfg, STAGE)
     overwrite = bool(cfg.get("overwrite", False))
     device = str(resolve_device(str(cfg.dedup.device)))
+    budget = memory_budget(cfg.get("memory_gb", "auto"))
 
     manifest = read_manifest(run_dir).sort_values("id", kind="stable").reset_index(drop=True)
     pool = manifest[manifest["set"] == POOL].reset_index(drop=True)
@@ -237,13 +268,14 @@ def run_dedup(cfg) -> Path:
         exact = pq.read_table(staged.current("exact.parquet")).to_pandas()
 
         need_near, need_decontam = todo("near.parquet", near_fp), todo("decontam.parquet", decontam_fp)
-        emb_ids, x = load_embeddings(folder) if (need_near or need_decontam) else (None, None)
+        emb_ids = load_embedding_ids(folder) if (need_near or need_decontam) else None
+        how = None
         if need_near:
-            near = _near_frame(cfg, pool, exact, emb_ids, x, threshold, device, space)
+            near, how = _near_frame(cfg, pool, exact, emb_ids, folder, threshold, device, space, budget)
             write_frame(staged.path("near.parquet"), near, NEAR_SCHEMA, near_fp)
         near = pq.read_table(staged.current("near.parquet")).to_pandas()
         if need_decontam:
-            pairs = _decontam_frame(pool, evals, emb_ids, x, decontam_threshold)
+            pairs = _decontam_frame(pool, evals, emb_ids, folder, decontam_threshold, budget)
             write_frame(staged.path("decontam.parquet"), pairs, DECONTAM_SCHEMA, decontam_fp)
         decontam = pq.read_table(staged.current("decontam.parquet")).to_pandas()
         kept = curated_pool_ids(run_dir, near=near, decontam=decontam)
@@ -253,6 +285,7 @@ def run_dedup(cfg) -> Path:
                    "copy_detector": space.copy_detector.describe() if space.copy_detector else None},
             thresholds={"dedup": near_t.record(), "decontam": decontam_t.record() if decontam_t else None},
             settings={"dedup": near_settings, "decontam_threshold": decontam_threshold},
+            near_search=how if how is not None else (read_success(out) or {}).get("near_search"),
             pool=int(len(pool)),
             exact_duplicates=int(len(exact)),
             near_checked=int(len(near)),
@@ -267,43 +300,56 @@ def run_dedup(cfg) -> Path:
     return out
 
 
-def _near_frame(cfg, pool: pd.DataFrame, exact: pd.DataFrame, emb_ids, x, threshold: float, device: str,
-                space: DedupSpace) -> pd.DataFrame:
-    """near.parquet's rows: the pool left by exact dedup, grouped and kept by the configured rule."""
+def _near_frame(cfg, pool: pd.DataFrame, exact: pd.DataFrame, emb_ids, folder: Path, threshold: float, device: str,
+                space: DedupSpace, budget: int) -> tuple[pd.DataFrame, dict]:
+    """near.parquet's rows (the pool left by exact dedup, grouped and kept by the configured
+    rule), and how the near-duplicate pairs were searched."""
     survivors = pool[~pool["id"].isin(exact["id"])].reset_index(drop=True)
     rows = rows_of(_int64(survivors["id"]), emb_ids)
     if (rows < 0).any():
         log.warning("dedup: %d pool images have no embedding; they are left out", int((rows < 0).sum()))
         survivors, rows = survivors[rows >= 0].reset_index(drop=True), rows[rows >= 0]
     keys = _keep_keys(survivors)
-    sx, prio = x[rows], keep_priority(keys, str(cfg.dedup.keep))
-    if cfg.dedup.mode == "knn":
-        component, keep = near_duplicates_knn(sx, prio, k=int(cfg.dedup.k), threshold=threshold,
-                                              backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed),
-                                              grouping=str(cfg.dedup.grouping))
+    view, prio = EmbeddingRows(folder, rows), keep_priority(keys, str(cfg.dedup.keep))
+    k, grouping, progress = int(cfg.dedup.k), str(cfg.dedup.grouping), show_progress(cfg.progress)
+    common = dict(threshold=threshold, backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed),
+                  grouping=grouping)
+    if cfg.dedup.mode == "knn" and not exact_graph_pays(len(view), view.dim, k, device, budget):
+        component, keep, how = near_duplicates_join(view, prio, k=k, budget=budget, progress=progress, **common)
+    elif cfg.dedup.mode == "knn":
+        component, keep = near_duplicates_knn(np.asarray(view), prio, k=k, **common)
+        how = {"method": "knn-graph", "rows": len(view)}
     else:
-        component, keep = near_duplicates_semdedup(
-            sx, prio, threshold=threshold, clusters=cfg.dedup.semdedup_clusters,
-            niter=int(cfg.dedup.niter), seed=int(cfg.seed), backend=str(cfg.dedup.backend), device=device,
-            progress=show_progress(cfg.progress), grouping=str(cfg.dedup.grouping))
-    if cfg.dedup.grouping == "components":  # star groups cannot chain
+        component, keep = near_duplicates_semdedup(np.asarray(view), prio, clusters=cfg.dedup.semdedup_clusters,
+                                                   niter=int(cfg.dedup.niter), progress=progress, **common)
+        how = {"method": "semdedup", "rows": len(view)}
+    if grouping == "components":  # star groups cannot chain
         warn_if_indiscriminate(component, threshold, space.description)
     reason = keep_reasons(component, keep, keys, str(cfg.dedup.keep))
     log.info("dedup: %d near-duplicates removed from %d images (%d components)",
              int((~keep).sum()), len(survivors), int(component.max() + 1) if len(component) else 0)
-    return pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep, "reason": reason})
+    frame = pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep, "reason": reason})
+    return frame, how
 
 
-def _decontam_frame(pool: pd.DataFrame, evals: pd.DataFrame, emb_ids, x, threshold: float | None) -> pd.DataFrame:
-    """decontam.parquet's rows: every (pool, eval) pair at or above the threshold."""
+def _decontam_frame(pool: pd.DataFrame, evals: pd.DataFrame, emb_ids, folder: Path, threshold: float | None,
+                    budget: int) -> pd.DataFrame:
+    """decontam.parquet's rows: every (pool, eval) pair at or above the threshold, the pool read in blocks."""
     pool_ids, eval_ids = _int64(pool["id"]), _int64(evals["id"])
     p_rows, e_rows = rows_of(pool_ids, emb_ids), rows_of(eval_ids, emb_ids)
     if (e_rows < 0).any():
         log.warning("dedup: %d eval images have no embedding; they cannot be checked", int((e_rows < 0).sum()))
     p_ok, e_ok = p_rows >= 0, e_rows >= 0
     eval_sets = evals["set"].str.slice(len(EVAL_PREFIX)).to_numpy(object)
-    pairs = contamination_pairs(pool_ids[p_ok], x[p_rows[p_ok]], eval_ids[e_ok], x[e_rows[e_ok]],
-                                eval_sets[e_ok], threshold if threshold is not None else np.inf)
+    eval_x = EmbeddingRows(folder, e_rows[e_ok])[:]
+    pool_view = EmbeddingRows(folder, p_rows[p_ok])
+    frames = []
+    for start, block in pool_view.blocks(rows_per_block(budget, 4 * pool_view.dim + 4 * max(1, len(eval_x)))):
+        frames.append(contamination_pairs(pool_ids[p_ok][start : start + len(block)], block, eval_ids[e_ok], eval_x,
+                                          eval_sets[e_ok], threshold if threshold is not None else np.inf))
+    pairs = (pd.concat(frames, ignore_index=True) if frames else contamination_pairs(
+        pool_ids[:0], np.zeros((0, eval_x.shape[1]), np.float32), eval_ids[e_ok], eval_x, eval_sets[e_ok], np.inf))
+    pairs = pairs.sort_values(["id", "eval_set", "eval_id"], kind="stable").reset_index(drop=True)
     log.info("dedup: %d pool images match an eval image (%d pairs)", pairs["id"].nunique(), len(pairs))
     if len(pool) >= 100 and pairs["id"].nunique() > SUSPICIOUS_FRACTION * len(pool):
         log.warning("decontam: %d of %d pool images are within %.3g of an eval image; the threshold is "

@@ -100,7 +100,8 @@ def fingerprint(*parts) -> str:
 # output is the same whatever they say, so fingerprints of it leave them out, and a run folder
 # moved to another machine is still up to date there.
 VOLATILE_SUCCESS_KEYS = frozenset({"finished_at", "host", "versions", "seconds", "world_size", "parts_written",
-                                   "shards_written", "embedded_this_run_rank0", "thumbnails", "weights_sha1"})
+                                   "shards_written", "embedded_this_run_rank0", "thumbnails", "weights_sha1",
+                                   "near_search"})
 
 
 def stage_fingerprint(stage_dir: str | os.PathLike) -> str | None:

@@ -10,8 +10,8 @@ row count where IVF becomes cheaper. The timings are cached per machine
 Speed is not enough: `check_edges` compares the IVF neighbours of a sample of rows with an
 exact search of the same rows against the whole base. Edges that matter are those at or above
 the caller's similarity threshold (near-duplicates); where a sample holds too few, every
-sampled row's nearest neighbour stands in (the closest pair a row has is the one most like a
-near-duplicate). `knn.knn_graph` raises nprobe until the recall reaches `RECALL_TARGET`.
+sample's MIN_CHECK_EDGES most similar pairs stand in (the pairs most like near-duplicates).
+`knn.knn_graph` raises nprobe until the recall reaches `RECALL_TARGET`.
 """
 
 from __future__ import annotations
@@ -96,13 +96,19 @@ def check_rows(n: int, seed: int = 0) -> np.ndarray:
 
 def check_edges(D_exact: np.ndarray, I_exact: np.ndarray, min_similarity: float | None) -> tuple[np.ndarray, np.ndarray]:
     """(query position, neighbour id) of the edges a checked row must keep: its exact neighbours at
-    or above `min_similarity`, or its nearest one where the rows hold fewer than MIN_CHECK_EDGES."""
-    if min_similarity is not None:
-        q, j = np.nonzero((D_exact >= min_similarity) & (I_exact >= 0))
-        if len(q) >= MIN_CHECK_EDGES:
-            return q, I_exact[q, j]
-    q = np.flatnonzero(I_exact[:, 0] >= 0)
-    return q, I_exact[q, 0]
+    or above `min_similarity`; where the rows hold fewer than MIN_CHECK_EDGES of them, the
+    MIN_CHECK_EDGES most similar edges of all checked rows (the pairs most like near-duplicates);
+    without a `min_similarity` (distances), each checked row's nearest neighbour."""
+    valid = I_exact >= 0
+    if min_similarity is None:
+        q = np.flatnonzero(valid[:, 0])
+        return q, I_exact[q, 0]
+    q, j = np.nonzero((D_exact >= min_similarity) & valid)
+    if len(q) < MIN_CHECK_EDGES:
+        q, j = np.nonzero(valid)
+        best = np.argsort(-D_exact[q, j], kind="stable")[:MIN_CHECK_EDGES]
+        q, j = q[np.sort(best)], j[np.sort(best)]
+    return q, I_exact[q, j]
 
 
 def edge_recall(edges: tuple[np.ndarray, np.ndarray], I_approx: np.ndarray) -> float:

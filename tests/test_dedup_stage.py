@@ -131,11 +131,22 @@ def same_partition(a, b):
     return len(set(zip(a, b))) == len(set(a)) == len(set(b))
 
 
-@pytest.mark.parametrize("mode", ["knn", "semdedup"])
-def test_dedup_stage_matches_brute_force(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["knn", "semdedup", "join"])
+def test_dedup_stage_matches_brute_force(tmp_path, monkeypatch, mode):
+    """`join`: a memory budget too small for the rows in memory makes the stage join inverted lists
+    (lists of 16 rows here, so that there are many) reading the parts group by group."""
     rows, vecs = synthetic_pool()
     write_run(tmp_path, rows, vecs)
-    out = dedup.run_dedup(config(tmp_path, f"dedup.mode={mode}", "dedup.semdedup_clusters=4"))
+    extra = []
+    if mode == "join":
+        monkeypatch.setattr(dedup.ivf_join, "LIST_SIZE", 16)
+        mode, extra = "knn", ["memory_gb=0.0001"]
+    out = dedup.run_dedup(config(tmp_path, f"dedup.mode={mode}", "dedup.semdedup_clusters=4", *extra))
+    how = json.loads((out / "_SUCCESS.json").read_text())["near_search"]
+    if extra:
+        assert how["method"] == "ivf-join" and how["nlist"] > 10 and how["recall"] >= 0.999, how
+    else:
+        assert how["method"] == ("knn-graph" if mode == "knn" else "semdedup")
     exact_ref, ids, roots, kept, pairs = brute_force(rows, vecs, 0.9, 0.85)
 
     exact = pd.read_parquet(out / "exact.parquet")

@@ -112,6 +112,11 @@ def test_checked_edges_are_the_threshold_edges_or_each_rows_nearest():
     many = np.tile(D, (20, 1)), np.tile(I, (20, 1))  # 60 rows, 60 edges >= 0.9
     q, j = ivf_switch.check_edges(*many, 0.9)
     assert len(q) == 60 and set(j.tolist()) == {7, 1, 2}
-    q, j = ivf_switch.check_edges(D, I, 0.9)  # 3 edges: too few, each row's nearest instead
+    q, j = ivf_switch.check_edges(D, I, 0.9)  # 3 edges: too few, the MIN_CHECK_EDGES most similar instead
+    assert q.tolist() == [0, 0, 1, 1, 2, 2] and j.tolist() == [7, 8, 9, 3, 1, 2]  # all 6 (fewer than 50)
+    assert ivf_switch.edge_recall((q, j), np.array([[7, 0], [0, 0], [5, 1]])) == pytest.approx(2 / 6)
+    sims = np.linspace(0.89, 0.0, 200, dtype=np.float32).reshape(100, 2)  # no edge >= 0.9: the 50 best stand in
+    q, j = ivf_switch.check_edges(sims, np.arange(200).reshape(100, 2), 0.9)
+    assert j.tolist() == list(range(50))
+    q, j = ivf_switch.check_edges(D, I, None)  # distances: each row's nearest
     assert q.tolist() == [0, 1, 2] and j.tolist() == [7, 9, 1]
-    assert ivf_switch.edge_recall((q, j), np.array([[7, 0], [0, 0], [5, 1]])) == pytest.approx(2 / 3)

@@ -1,0 +1,363 @@
+"""Near-duplicate pairs of a pool larger than memory: an inverted-file self-join, list by list.
+
+Every row is assigned to its nearest list (a k-means centroid; two levels of centroids past
+FLAT_MAX_LISTS lists, so that assigning a row costs ~sqrt(nlist) products, not nlist) and
+probes its `nprobe` nearest lists. For each list, the rows that probe it are compared with the
+rows assigned to it by one matrix product, and the pairs at or above the threshold are kept
+with their exact float32 cosines. A pair (i, j) is compared when j's list is among i's probes
+or i's among j's, so whether an edge can be found depends on the assignments only:
+`compared` measures it on the exact near-duplicates of a sample of rows and on copies of them
+at the threshold, and the smallest nprobe that compares RECALL_TARGET of them is used
+(`choose_nprobe`).
+
+Why not a Faiss IVF search: an IVF index holds the vectors (float32: 15 GB at 10M x 384; SQ8
+codes 3.8 GB) and scans lists query by query; here the float16 parts on disk are the storage,
+a group of lists is read at a time (`EmbeddingRows`: unmapped after each read), and each list
+is one BLAS product. With lists of ~LIST_SIZE rows the join costs n * nprobe * LIST_SIZE * d,
+linear in n. `benchmarks/scale.py --faiss` compares it with Faiss's IVF-Flat on the same lists.
+
+Arrays in, arrays out; rows are positions in the view.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lvd.index import ivf_switch
+from lvd.index.kmeans import kmeans
+
+log = logging.getLogger(__name__)
+
+#: rows per inverted list aimed at (the join's cost per row is nprobe * LIST_SIZE * d)
+LIST_SIZE = 512
+#: up to this many lists every row is scored against every centroid; above, two levels
+FLAT_MAX_LISTS = 2048
+#: sample rows per list that train the centroids
+TRAIN_PER_LIST = 32
+#: top-level cells whose lists a row is scored against (two-level assignment)
+TOP_PROBE = 4
+#: nprobe values tried, smallest first; the last is the most lists a row probes
+NPROBES = (1, 2, 4, 8, 16, 32)
+#: k-means iterations of the centroids (they only partition the space; the join is exact)
+QUANTIZER_NITER = 10
+
+
+@dataclass
+class Quantizer:
+    """The lists' centroids; with two levels, `top` centroids own consecutive runs of them."""
+
+    centroids: np.ndarray  # (nlist, d) float32
+    top: np.ndarray | None = None  # (T, d) float32, None when flat
+    bounds: np.ndarray | None = None  # (T + 1,) lists of top cell t: bounds[t]:bounds[t + 1]
+
+    @property
+    def nlist(self) -> int:
+        return len(self.centroids)
+
+
+def list_count(n: int) -> int:
+    return max(1, min(n // 4, round(n / LIST_SIZE)))
+
+
+def train_quantizer(sample: np.ndarray, nlist: int, *, seed: int = 0, backend="auto", device="cpu") -> Quantizer:
+    """Centroids of `nlist` lists from a sample of rows: one spherical k-means, or a top level of
+    ~sqrt(nlist) cells each split in proportion to its share of the sample."""
+    sample = np.ascontiguousarray(sample, np.float32)
+    nlist = max(1, min(nlist, len(sample)))
+    common = dict(niter=QUANTIZER_NITER, spherical=True, backend=backend, device=device)
+    if nlist <= FLAT_MAX_LISTS:
+        return Quantizer(kmeans(sample, nlist, seed=seed, **common).centroids)
+    n_top = max(2, round(math.sqrt(nlist)))
+    top = kmeans(sample, n_top, seed=seed, **common)
+    sizes = np.bincount(top.assign, minlength=n_top)
+    share = np.maximum(1, np.round(nlist * sizes / len(sample))).astype(np.int64)
+    share = np.minimum(share, np.maximum(sizes, 1))
+    centroids, counts = [], []
+    for t in range(n_top):
+        members = sample[top.assign == t]
+        if len(members) == 0:  # an empty top cell keeps its own centroid as its only list
+            centroids.append(top.centroids[t : t + 1])
+        else:
+            centroids.append(kmeans(members, int(min(share[t], len(members))), seed=seed + 1 + t, **common).centroids)
+        counts.append(len(centroids[-1]))
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return Quantizer(np.concatenate(centroids).astype(np.float32), top.centroids.astype(np.float32), bounds)
+
+
+def nearest_lists(x: np.ndarray, quantizer: Quantizer, nprobe: int) -> np.ndarray:
+    """(len(x), nprobe) int32 lists of each row, nearest first (by inner product)."""
+    x = np.ascontiguousarray(x, np.float32)
+    nprobe = min(nprobe, quantizer.nlist)
+    if quantizer.top is None:
+        return _top_columns(x @ quantizer.centroids.T, np.arange(quantizer.nlist), nprobe)
+    bounds = quantizer.bounds
+    width = int(np.diff(bounds).max())
+    tp = min(TOP_PROBE, len(quantizer.top))
+    cells = _top_columns(x @ quantizer.top.T, np.arange(len(quantizer.top)), tp)  # (B, tp)
+    scores = np.full((len(x), tp * width), -np.inf, np.float32)
+    lists = np.zeros((len(x), tp * width), np.int64)
+    for t in np.unique(cells):
+        rows, slot = np.nonzero(cells == t)
+        own = np.arange(bounds[t], bounds[t + 1])
+        cols = slot[:, None] * width + np.arange(len(own))
+        scores[rows[:, None], cols] = x[rows] @ quantizer.centroids[own].T
+        lists[rows[:, None], cols] = own
+    return _top_columns(scores, lists, nprobe)
+
+
+def _top_columns(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """ids of each row's k best scores, best first (`ids` one row for all, or per row)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.argsort(-scores, axis=1)
+    order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable")
+    best = np.take_along_axis(part, order, 1)
+    picked = ids[best] if ids.ndim == 1 else np.take_along_axis(ids, best, 1)
+    return picked.astype(np.int32)
+
+
+def probe_lists(view, quantizer: Quantizer, nprobe: int, *, block_rows: int = 16384,
+                progress: bool = False) -> np.ndarray:
+    """(n, nprobe) int32 nearest lists of every row of `view`, read block by block."""
+    out = np.empty((len(view), min(nprobe, quantizer.nlist)), np.int32)
+    for start, block in tqdm(view.blocks(block_rows), total=math.ceil(len(view) / block_rows), desc="assign lists",
+                             unit="block", disable=not progress):
+        out[start : start + len(block)] = nearest_lists(block, quantizer, nprobe)
+    return out
+
+
+def compared(probes: np.ndarray, nprobe: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Whether the join with `nprobe` compares each pair (i[e], j[e]): one's list is among the other's probes."""
+    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
+    near = probes[:, :nprobe]
+    return (near[i] == probes[j, :1]).any(1) | (near[j] == probes[i, :1]).any(1)
+
+
+def exact_neighbors(view, rows: np.ndarray, k: int, *, block_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """(D, I) of the k most similar other rows of `view` for each of `rows`, exactly, one pass in blocks."""
+    q = view[rows]
+    k = min(k, len(view) - 1)
+    D = np.full((len(rows), k), -np.inf, np.float32)
+    I = np.full((len(rows), k), -1, np.int64)
+    for start, block in view.blocks(block_rows):
+        sims = q @ block.T
+        ids = np.arange(start, start + len(block))
+        own = (rows >= start) & (rows < start + len(block))
+        sims[np.flatnonzero(own), rows[own] - start] = -np.inf
+        both_d = np.concatenate([D, sims], 1)
+        both_i = np.concatenate([I, np.broadcast_to(ids, sims.shape)], 1)
+        best = np.argpartition(-both_d, k - 1, axis=1)[:, :k]
+        D, I = np.take_along_axis(both_d, best, 1), np.take_along_axis(both_i, best, 1)
+    order = np.argsort(-D, axis=1, kind="stable")
+    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+
+
+def threshold_copies(x: np.ndarray, threshold: float, seed: int = 0) -> np.ndarray:
+    """A copy of each row at cosine exactly `threshold`, moved in a random direction: the
+    hardest near-duplicate the threshold still links."""
+    rng = np.random.default_rng(seed)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)  # stored float16 rows are unit to ~1e-3
+    u = rng.standard_normal(x.shape).astype(np.float32)
+    u -= (u * x).sum(1, keepdims=True) * x
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    t = float(np.clip(threshold, -1.0, 1.0))
+    return (t * x + math.sqrt(1.0 - t * t) * u).astype(np.float32)
+
+
+def choose_nprobe(view, probes: np.ndarray, quantizer: Quantizer, threshold: float, k: int, *,
+                  seed: int = 0) -> tuple[int, float, int]:
+    """(nprobe, recall, edges checked): the smallest nprobe of NPROBES whose join compares
+    RECALL_TARGET of the checked edges.
+
+    The checked edges are the exact neighbours at or above the threshold of
+    `ivf_switch.check_rows` (an exact pass over the pool), and, for each checked row, a copy
+    at exactly the threshold (`threshold_copies`): a random sample of a pool holds few
+    near-duplicates, and the next most similar pairs of a sample are not near-duplicates
+    (in a clustered space, the join does not need to compare them).
+    """
+    rows = ivf_switch.check_rows(len(view), seed)
+    x = view[rows]
+    D, I = exact_neighbors(view, rows, k)
+    q, j = np.nonzero((D >= threshold) & (I >= 0))
+    copies = nearest_lists(threshold_copies(x, threshold, seed), quantizer, probes.shape[1])
+    checked = len(q) + len(rows)
+    recall = 1.0
+    for nprobe in [p for p in NPROBES if p <= probes.shape[1]]:
+        real = compared(probes, nprobe, rows[q], I[q, j])
+        mine = probes[rows]
+        planted = (mine[:, :nprobe] == copies[:, :1]).any(1) | (copies[:, :nprobe] == mine[:, :1]).any(1)
+        recall = float((real.sum() + planted.sum()) / checked)
+        log.info("list join nprobe %d: compares %.4f of %d checked edges (%d exact neighbours >= %.3g: %.4f; %d "
+                 "copies at it: %.4f; target %.4f)", nprobe, recall, checked, len(q), threshold,
+                 real.mean() if len(q) else 1.0, len(rows), planted.mean(), ivf_switch.RECALL_TARGET)
+        if recall >= ivf_switch.RECALL_TARGET:
+            return nprobe, recall, checked
+    log.warning("list join: nprobe %d compares only %.4f of the checked edges (target %.4f)", probes.shape[1],
+                recall, ivf_switch.RECALL_TARGET)
+    return probes.shape[1], recall, checked
+
+
+def _inverted(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows sorted by list, bounds): the rows of list L are rows[bounds[L]:bounds[L + 1]], ascending."""
+    flat = lists.ravel()
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(nlist + 1))
+    return (order // lists.shape[1]).astype(np.int64), bounds
+
+
+def join_lists(view, probes: np.ndarray, nprobe: int, threshold: float, *, k: int, nlist: int,
+               block_bytes: int = 1 << 28, progress: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(i, j, cosine) of every compared pair at or above `threshold`, a group of lists at a time.
+
+    Each row keeps at most `k` partners per list (its best), as a k-NN graph would; a pair may be
+    given twice (found from both sides).
+    """
+    members, m_bounds = _inverted(probes[:, :1], nlist)
+    queries, q_bounds = _inverted(probes[:, :nprobe], nlist)
+    row_bytes = 4 * view.dim
+    start = 0
+    bar = tqdm(total=nlist, desc="join lists", unit="list", disable=not progress)
+    while start < nlist:
+        stop, size = start, 0
+        while stop < nlist and (stop == start or size < block_bytes):
+            size += row_bytes * (m_bounds[stop + 1] - m_bounds[stop] + q_bounds[stop + 1] - q_bounds[stop])
+            stop += 1
+        needed = np.unique(np.concatenate([members[m_bounds[start] : m_bounds[stop]],
+                                           queries[q_bounds[start] : q_bounds[stop]]]))
+        x = view[needed]
+        for lst in range(start, stop):
+            base = members[m_bounds[lst] : m_bounds[lst + 1]]
+            query = queries[q_bounds[lst] : q_bounds[lst + 1]]
+            if len(base) == 0 or len(query) == 0:
+                continue
+            sims = x[np.searchsorted(needed, query)] @ x[np.searchsorted(needed, base)].T
+            own = np.flatnonzero(probes[query, 0] == lst)  # queries that are members: not their own pair
+            sims[own, np.searchsorted(base, query[own])] = -np.inf
+            a, b = np.nonzero(sims >= threshold)
+            if len(a) == 0:
+                continue
+            s = sims[a, b]
+            if np.bincount(a).max() > k:
+                order = np.lexsort((-s, a))
+                a, b, s = a[order], b[order], s[order]
+                first = np.searchsorted(a, a)
+                keep = np.arange(len(a)) - first < k
+                a, b, s = a[keep], b[keep], s[keep]
+            yield query[a], base[b], s.astype(np.float32)
+        bar.update(stop - start)
+        start = stop
+    bar.close()
+
+
+class EdgeForest:
+    """Edges gathered for connected components, compressed to a spanning forest when they grow
+    past `max_edges`, so that memory stays a few bytes per row however many pairs are found."""
+
+    def __init__(self, n: int, max_edges: int):
+        self.n, self.max_edges = n, max(n, max_edges)
+        self._rows: list[np.ndarray] = []
+        self._cols: list[np.ndarray] = []
+        self._count = 0
+
+    def add(self, rows: np.ndarray, cols: np.ndarray) -> None:
+        self._rows.append(np.asarray(rows, np.int64))
+        self._cols.append(np.asarray(cols, np.int64))
+        self._count += len(rows)
+        if self._count > self.max_edges:
+            self._compress()
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows, cols = np.concatenate(self._rows), np.concatenate(self._cols)
+        self._rows, self._cols = [rows], [cols]
+        return rows, cols
+
+    def _compress(self) -> None:
+        from lvd.index.components import connected_components
+
+        labels = connected_components(self.n, *self.edges())
+        first = np.full(labels.max() + 1, self.n, np.int64)
+        np.minimum.at(first, labels, np.arange(self.n))
+        linked = np.flatnonzero(first[labels] != np.arange(self.n))
+        self._rows, self._cols = [linked], [first[labels[linked]]]
+        self._count = len(linked)
+
+
+@dataclass
+class JoinReport:
+    """How a join went: logged, and recorded in dedup's _SUCCESS.json."""
+
+    rows: int
+    nlist: int
+    two_level: bool
+    nprobe: int
+    recall: float
+    checked_edges: int
+    pairs: int
+    seconds: dict
+
+    def record(self) -> dict:
+        return {"method": "ivf-join", **self.__dict__}
+
+
+def near_pairs(view, threshold: float, k: int, *, memory_budget: int, seed: int = 0, backend="auto",
+               device="cpu", spanning: bool = True, progress: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, JoinReport]:
+    """(i, j) pairs of rows of `view` at or above `threshold`, and the join's report.
+
+    `spanning`: only the connected components of the pairs are wanted, so they are kept as a
+    spanning forest (`EdgeForest`); otherwise every pair, each once (i < j).
+    """
+    import time
+
+    from lvd.common.memory import rows_per_block
+
+    n, d = len(view), view.dim
+    times, started = {}, time.perf_counter()
+    nlist = list_count(n)
+    rng = np.random.default_rng(seed)
+    train = np.sort(rng.choice(n, min(n, nlist * TRAIN_PER_LIST), replace=False))
+    quantizer = train_quantizer(view[train], nlist, seed=seed, backend=backend, device=device)
+    times["train"] = time.perf_counter() - started
+    width = 1 if quantizer.bounds is None else int(np.diff(quantizer.bounds).max()) * TOP_PROBE
+    block = rows_per_block(memory_budget, 4 * d + 12 * max(width, quantizer.nlist if quantizer.top is None else 0))
+    most = NPROBES[-1] if n * NPROBES[-1] * 4 <= memory_budget // 4 else NPROBES[-2]
+    probes = probe_lists(view, quantizer, most, block_rows=min(block, 65536), progress=progress)
+    times["assign"] = time.perf_counter() - started - times["train"]
+    nprobe, recall, checked = choose_nprobe(view, probes, quantizer, threshold, k, seed=seed)
+    times["check"] = time.perf_counter() - started - times["train"] - times["assign"]
+    forest = EdgeForest(n, max_edges=int(memory_budget // 64)) if spanning else None
+    found_i, found_j, pairs = [], [], 0
+    for i, j, _ in join_lists(view, probes[:, :nprobe], nprobe, threshold, k=k, nlist=quantizer.nlist,
+                              block_bytes=int(memory_budget // 8), progress=progress):
+        pairs += len(i)
+        if forest is not None:
+            forest.add(i, j)
+        else:
+            found_i.append(np.minimum(i, j))
+            found_j.append(np.maximum(i, j))
+    del probes
+    times["join"] = time.perf_counter() - started - sum(times.values())
+    if forest is not None:
+        rows, cols = forest.edges()
+    elif found_i:
+        both = np.unique(np.stack([np.concatenate(found_i), np.concatenate(found_j)], 1), axis=0)
+        rows, cols = both[:, 0], both[:, 1]
+    else:
+        rows = cols = np.zeros(0, np.int64)
+    report = JoinReport(n, quantizer.nlist, quantizer.top is not None, nprobe, round(recall, 6), checked, pairs,
+                        {key: round(v, 3) for key, v in times.items()})
+    log.info("list join of %d rows: %d lists%s, nprobe %d (recall %.4f of %d checked edges), %d pairs >= %.3g; "
+             "seconds %s", n, report.nlist, " (two levels)" if report.two_level else "", nprobe, recall, checked,
+             pairs, threshold, report.seconds)
+    return rows, cols, report
+
+
+__all__ = ["Quantizer", "train_quantizer", "nearest_lists", "probe_lists", "compared", "exact_neighbors",
+           "choose_nprobe", "join_lists", "EdgeForest", "list_count", "near_pairs", "JoinReport", "LIST_SIZE"]

@@ -1,0 +1,133 @@
+"""The inverted-file self-join (`index.ivf_join`) against brute-force numpy on planted near-duplicates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lvd.index import ivf_join
+from lvd.index.components import connected_components
+from lvd.index.io import EmbeddingRows
+
+
+def _folder(tmp_path, x, part=700):
+    for p, start in enumerate(range(0, len(x), part)):
+        np.save(tmp_path / f"part-{p:05d}.npy", x[start : start + part].astype(np.float16))
+        np.save(tmp_path / f"ids-{p:05d}.npy", np.arange(start, min(start + part, len(x)), dtype=np.int64))
+    return EmbeddingRows(tmp_path, np.arange(len(x)))
+
+
+def _pool(n=3000, d=32, copies=150, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((30, d)).astype(np.float32)
+    x = centres[rng.integers(0, 30, n)] + 0.8 * rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    src = rng.choice(n - copies, copies, replace=False)
+    y = x[src] + 0.05 * rng.standard_normal((copies, d)).astype(np.float32)
+    x[n - copies :] = y / np.linalg.norm(y, axis=1, keepdims=True)
+    return x.astype(np.float16).astype(np.float32)  # as stored
+
+
+def _brute_pairs(x, threshold):
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    i, j = np.nonzero(np.triu(sims >= threshold))
+    return set(zip(i.tolist(), j.tolist())), sims
+
+
+@pytest.mark.parametrize("flat_max", [4096, 2])  # one level of centroids, and two levels
+def test_join_finds_the_pairs_numpy_finds_with_exact_cosines(tmp_path, monkeypatch, flat_max):
+    monkeypatch.setattr(ivf_join, "FLAT_MAX_LISTS", flat_max)
+    x = _pool()
+    view = _folder(tmp_path, x)
+    truth, sims = _brute_pairs(x, 0.9)
+    assert len(truth) >= 150
+    nlist = 24
+    quantizer = ivf_join.train_quantizer(x[::3], nlist, seed=0)
+    if flat_max == 2:
+        assert quantizer.top is not None and quantizer.bounds[-1] == quantizer.nlist
+    probes = ivf_join.probe_lists(view, quantizer, 16, block_rows=500)
+    # the probes are each row's nearest lists, best first (flat: against numpy; two levels: the first is the nearest
+    # among the scored cells, so only check ordering and distinctness)
+    scores = x @ quantizer.centroids.T
+    got = np.take_along_axis(scores, probes.astype(np.int64), 1)
+    assert (np.diff(got, axis=1) <= 1e-6).all()
+    assert all(len(set(r)) == probes.shape[1] for r in probes[:50].tolist())
+    if quantizer.top is None:
+        np.testing.assert_array_equal(probes[:, 0], scores.argmax(1))
+    nprobe, recall, checked = ivf_join.choose_nprobe(view, probes, quantizer, 0.9, 16, seed=0)
+    assert recall >= 0.999 and checked >= 1024
+    found = {}
+    for i, j, s in ivf_join.join_lists(view, probes, nprobe, 0.9, k=16, nlist=quantizer.nlist, block_bytes=1 << 16):
+        for a, b, c in zip(i.tolist(), j.tolist(), s.tolist()):
+            found[(min(a, b), max(a, b))] = c
+    assert set(found) <= truth  # nothing below the threshold, no self pairs
+    missed = truth - set(found)
+    assert len(missed) <= 0.01 * len(truth)
+    # a missed pair is one the join never compared: neither row's list among the other's probes
+    for a, b in missed:
+        assert not ivf_join.compared(probes, nprobe, np.array([a]), np.array([b]))[0]
+    pairs = np.array(sorted(found))
+    np.testing.assert_allclose([found[p] for p in map(tuple, pairs.tolist())], sims[pairs[:, 0], pairs[:, 1]],
+                               rtol=0, atol=1e-5)
+
+
+def test_with_every_list_probed_the_join_is_exact(tmp_path):
+    x = _pool(n=1200, copies=60, seed=1)
+    view = _folder(tmp_path, x, part=500)
+    quantizer = ivf_join.train_quantizer(x, 8, seed=0)
+    probes = ivf_join.probe_lists(view, quantizer, 8)
+    truth, _ = _brute_pairs(x, 0.85)
+    found = set()
+    for i, j, _ in ivf_join.join_lists(view, probes, 8, 0.85, k=10**6, nlist=8, block_bytes=1 << 12):
+        found |= {(min(a, b), max(a, b)) for a, b in zip(i.tolist(), j.tolist())}
+    assert found == truth
+
+
+def test_at_most_k_partners_per_row_and_list_the_best(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(16).astype(np.float32)
+    x = base + 0.01 * rng.standard_normal((40, 16)).astype(np.float32)  # 40 copies of one image
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    view = _folder(tmp_path, x)
+    probes = np.zeros((40, 1), np.int32)  # one list
+    i, j, s = map(np.concatenate, zip(*ivf_join.join_lists(view, probes, 1, 0.5, k=3, nlist=1)))
+    assert np.bincount(i, minlength=40).tolist() == [3] * 40
+    stored = x.astype(np.float16).astype(np.float32)
+    sims = stored @ stored.T
+    np.fill_diagonal(sims, -np.inf)
+    for row in range(40):
+        np.testing.assert_allclose(np.sort(s[i == row]), np.sort(sims[row])[-3:], atol=1e-5)
+
+
+def test_edge_forest_keeps_the_components(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 500
+    rows, cols = rng.integers(0, n, 700), rng.integers(0, n, 700)
+    forest = ivf_join.EdgeForest(n, max_edges=0)  # compressed after every add
+    for start in range(0, 700, 50):
+        forest.add(rows[start : start + 50], cols[start : start + 50])
+    assert len(forest.edges()[0]) < n
+    np.testing.assert_array_equal(connected_components(n, *forest.edges()), connected_components(n, rows, cols))
+
+
+def test_exact_neighbors_equal_numpy(tmp_path):
+    x = _pool(n=900, copies=30)
+    view = _folder(tmp_path, x, part=250)
+    rows = np.array([0, 5, 250, 899])
+    D, I = ivf_join.exact_neighbors(view, rows, 7, block_rows=100)
+    sims = x[rows] @ x.T
+    sims[np.arange(4), rows] = -np.inf
+    np.testing.assert_allclose(D, -np.sort(-sims, axis=1)[:, :7], atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(sims, I, 1), D, atol=1e-5)
+
+
+def test_threshold_copies_sit_at_the_threshold():
+    x = _pool(n=200, copies=0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = ivf_join.threshold_copies(x, 0.8, seed=3)
+    np.testing.assert_allclose((x * y).sum(1), 0.8, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+    u = (y - 0.8 * x) / 0.6  # unit directions orthogonal to their rows, drawn independently
+    np.testing.assert_allclose((u * x).sum(1), 0.0, atol=1e-5)
+    assert abs((u @ u.T)[np.triu_indices(200, 1)].mean()) < 0.02
