@@ -46,3 +46,25 @@ def gather_rows(array: np.ndarray, ranks: Ranks) -> np.ndarray:
     slots = [torch.empty_like(padded) for _ in range(ranks.world)]
     dist.all_gather(slots, padded)
     return np.concatenate([slot[: int(n)].cpu().numpy() for slot, n in zip(slots, sizes)])
+
+
+def broadcast_array(array: np.ndarray | None, ranks: Ranks, src: int = 0) -> np.ndarray:
+    """Rank `src`'s array (any shape, a numeric dtype) on every rank; the others pass None."""
+    if ranks.world == 1:
+        return array
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    codes = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.int32): 2, np.dtype(np.int64): 3}
+    header = torch.zeros(9, dtype=torch.int64, device=device)
+    if ranks.rank == src:
+        array = np.ascontiguousarray(array)
+        if array.dtype not in codes or array.ndim > 7:
+            raise TypeError(f"cannot broadcast a {array.dtype} array of {array.ndim} dimensions")
+        header[0], header[1] = codes[array.dtype], array.ndim
+        header[2 : 2 + array.ndim] = torch.tensor(array.shape, dtype=torch.int64)
+    dist.broadcast(header, src)
+    dtype = {v: k for k, v in codes.items()}[int(header[0])]
+    shape = tuple(int(s) for s in header[2 : 2 + int(header[1])])
+    data = (torch.from_numpy(array).to(device) if ranks.rank == src
+            else torch.empty(shape, dtype=getattr(torch, dtype.name), device=device))
+    dist.broadcast(data, src)
+    return data.cpu().numpy()

@@ -38,11 +38,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from lvd.curate.dedup_space import DedupSpace, resolve_thresholds
 from lvd.curate.embed import weights_record
 from lvd.curate.manifest import read_manifest
+from lvd.curate.ranks import Ranks, gather_rows, join_ranks, rank_slice, torchrun_main
 from lvd.curate.stage import StageOutputs
 from lvd.curate.workers import show_progress
 from lvd.curate.runio import (fingerprint, is_done, open_stage, parquet_fingerprint, read_success,
@@ -68,6 +70,8 @@ NEAR_SCHEMA = pa.schema([("id", pa.int64()), ("component", pa.int64()), ("keep",
 DECONTAM_SCHEMA = pa.schema(
     [("id", pa.int64()), ("eval_set", pa.string()), ("eval_id", pa.int64()), ("similarity", pa.float32())]
 )
+# What dedup reads of the manifest (a 10M-row manifest whole is gigabytes in pandas).
+MANIFEST_COLUMNS = ("id", "set", "sha1", "width", "height", "format", "bytes")
 # Share of the pool whose removal by one near-duplicate component, or by decontamination,
 # suggests a threshold too low for the embedding space (a warning, not an error).
 SUSPICIOUS_FRACTION = 0.1
@@ -118,11 +122,12 @@ def exact_graph_pays(n: int, d: int, k: int, device: str, budget: int) -> bool:
 
 def near_duplicates_join(view, priority: np.ndarray, *, k: int, threshold: float, budget: int, backend: str = "auto",
                          device: str = "cpu", seed: int = 0, grouping: str = "components",
-                         progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+                         progress: bool = False, ranks: Ranks | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(component, keep, join report) of the rows of an `EmbeddingRows` view, read from the parts
     list group by list group (`index.ivf_join`): memory holds a few bytes per row, not the rows."""
     rows, cols, report = ivf_join.near_pairs(view, threshold, k, memory_budget=budget, seed=seed, backend=backend,
-                                             device=device, spanning=grouping == "components", progress=progress)
+                                             device=device, spanning=grouping == "components", progress=progress,
+                                             ranks=ranks)
     component, keep = group_duplicates(len(view), rows, cols, priority, grouping)
     return component, keep, report.record()
 
@@ -157,12 +162,10 @@ def near_duplicates_semdedup(x: np.ndarray, priority: np.ndarray, *, threshold: 
     return group_duplicates(n, rows, cols, priority, grouping)
 
 
-def contamination_pairs(pool_ids: np.ndarray, pool_x: np.ndarray, eval_ids: np.ndarray, eval_x: np.ndarray,
-                        eval_sets: np.ndarray, threshold: float) -> pd.DataFrame:
-    """Every (pool id, eval set, eval id, similarity) with similarity >= threshold, sorted."""
-    q, b, s = pairs_above(pool_x, eval_x, threshold)
-    frame = pd.DataFrame({"id": pool_ids[q], "eval_set": eval_sets[b], "eval_id": eval_ids[b], "similarity": s})
-    return frame.sort_values(["id", "eval_set", "eval_id"], kind="stable").reset_index(drop=True)
+def contamination_pairs(pool_x: np.ndarray, eval_x: np.ndarray, threshold: float
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool row, eval row, similarity) of every pair with similarity >= threshold, exactly."""
+    return pairs_above(pool_x, eval_x, threshold)
 
 
 def warn_if_indiscriminate(component: np.ndarray, threshold: float, space: str) -> None:
@@ -225,17 +228,35 @@ def _keep_keys(frame: pd.DataFrame) -> np.ndarray:
 
 
 def run_dedup(cfg) -> Path:
-    """Write exact.parquet, near.parquet and decontam.parquet for the run's pool."""
+    """Write exact.parquet, near.parquet and decontam.parquet for the run's pool.
+
+    Under torchrun (`python -m lvd.curate.dedup CONFIG`) every rank joins its share of the
+    inverted lists and checks its share of the pool against the eval sets; rank 0 groups the
+    pairs and writes the same files one process would.
+    """
+    ranks = join_ranks(cfg.dedup.device)
+    try:
+        return _run_dedup(cfg, ranks)
+    finally:
+        if ranks.owns_group:
+            dist.destroy_process_group()
+
+
+def _run_dedup(cfg, ranks: Ranks) -> Path:
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    out = open_stage(cfg, STAGE)
+    out = run_dir / STAGE
+    if ranks.rank == 0:
+        open_stage(cfg, STAGE)
+    ranks.barrier()
     overwrite = bool(cfg.get("overwrite", False))
     device = str(resolve_device(str(cfg.dedup.device)))
     budget = memory_budget(cfg.get("memory_gb", "auto"))
 
-    manifest = read_manifest(run_dir).sort_values("id", kind="stable").reset_index(drop=True)
+    manifest = read_manifest(run_dir, columns=MANIFEST_COLUMNS).sort_values("id", kind="stable")
     pool = manifest[manifest["set"] == POOL].reset_index(drop=True)
     evals = manifest[manifest["set"].str.startswith(EVAL_PREFIX)].reset_index(drop=True)
+    del manifest
     space, near_t, decontam_t = resolve_thresholds(cfg, decontaminate=len(evals) > 0)
     threshold = near_t.value
     decontam_threshold = decontam_t.value if decontam_t is not None else None
@@ -259,23 +280,33 @@ def run_dedup(cfg) -> Path:
     if is_done(out) and not any(todo(n, fp) for n, fp in fps.items()):
         log.info("dedup: up to date, nothing to do")
         return out
+    need_exact, need_near, need_decontam = (todo(n, fp) for n, fp in fps.items())
+    ranks.barrier()  # every rank has read the finished files' fingerprints before rank 0 replaces any
+    if ranks.rank != 0:  # a helper rank: the same collective work, nothing written
+        exact = exact_duplicates(pool_ids, pool_sha1) if need_exact else pq.read_table(out / "exact.parquet").to_pandas()
+        emb_ids = load_embedding_ids(folder)
+        if need_near:
+            _near_frame(cfg, pool, exact, emb_ids, folder, threshold, device, space, budget, ranks)
+        if need_decontam:
+            _decontam_frame(pool, evals, emb_ids, folder, decontam_threshold, budget, ranks)
+        ranks.barrier()  # rank 0 commits
+        return out
 
     with StageOutputs(out) as staged:  # the last finished outputs stay as they are until commit
-        if todo("exact.parquet", exact_fp):
+        if need_exact:
             exact = exact_duplicates(pool_ids, pool_sha1)
             write_frame(staged.path("exact.parquet"), exact, EXACT_SCHEMA, exact_fp)
             log.info("dedup: %d exact duplicates among %d pool images", len(exact), len(pool))
         exact = pq.read_table(staged.current("exact.parquet")).to_pandas()
 
-        need_near, need_decontam = todo("near.parquet", near_fp), todo("decontam.parquet", decontam_fp)
         emb_ids = load_embedding_ids(folder) if (need_near or need_decontam) else None
         how = None
         if need_near:
-            near, how = _near_frame(cfg, pool, exact, emb_ids, folder, threshold, device, space, budget)
+            near, how = _near_frame(cfg, pool, exact, emb_ids, folder, threshold, device, space, budget, ranks)
             write_frame(staged.path("near.parquet"), near, NEAR_SCHEMA, near_fp)
         near = pq.read_table(staged.current("near.parquet")).to_pandas()
         if need_decontam:
-            pairs = _decontam_frame(pool, evals, emb_ids, folder, decontam_threshold, budget)
+            pairs = _decontam_frame(pool, evals, emb_ids, folder, decontam_threshold, budget, ranks)
             write_frame(staged.path("decontam.parquet"), pairs, DECONTAM_SCHEMA, decontam_fp)
         decontam = pq.read_table(staged.current("decontam.parquet")).to_pandas()
         kept = curated_pool_ids(run_dir, near=near, decontam=decontam)
@@ -294,16 +325,18 @@ def run_dedup(cfg) -> Path:
             decontaminated=int(decontam["id"].nunique()),
             pool_kept=int(len(kept)),
             fingerprints=fps,
+            world_size=ranks.world,
             seconds=round(time.time() - started, 3),
         )
     log.info("dedup: %d of %d pool images kept, %.1f s", len(kept), len(pool), time.time() - started)
+    ranks.barrier()
     return out
 
 
 def _near_frame(cfg, pool: pd.DataFrame, exact: pd.DataFrame, emb_ids, folder: Path, threshold: float, device: str,
-                space: DedupSpace, budget: int) -> tuple[pd.DataFrame, dict]:
+                space: DedupSpace, budget: int, ranks: Ranks) -> tuple[pd.DataFrame, dict] | None:
     """near.parquet's rows (the pool left by exact dedup, grouped and kept by the configured
-    rule), and how the near-duplicate pairs were searched."""
+    rule), and how the near-duplicate pairs were searched; None on a helper rank."""
     survivors = pool[~pool["id"].isin(exact["id"])].reset_index(drop=True)
     rows = rows_of(_int64(survivors["id"]), emb_ids)
     if (rows < 0).any():
@@ -315,7 +348,12 @@ def _near_frame(cfg, pool: pd.DataFrame, exact: pd.DataFrame, emb_ids, folder: P
     common = dict(threshold=threshold, backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed),
                   grouping=grouping)
     if cfg.dedup.mode == "knn" and not exact_graph_pays(len(view), view.dim, k, device, budget):
-        component, keep, how = near_duplicates_join(view, prio, k=k, budget=budget, progress=progress, **common)
+        component, keep, how = near_duplicates_join(view, prio, k=k, budget=budget, progress=progress, ranks=ranks,
+                                                    **common)
+        if ranks.rank != 0:
+            return None
+    elif ranks.rank != 0:  # the in-memory paths run on rank 0 alone
+        return None
     elif cfg.dedup.mode == "knn":
         component, keep = near_duplicates_knn(np.asarray(view), prio, k=k, **common)
         how = {"method": "knn-graph", "rows": len(view)}
@@ -333,22 +371,29 @@ def _near_frame(cfg, pool: pd.DataFrame, exact: pd.DataFrame, emb_ids, folder: P
 
 
 def _decontam_frame(pool: pd.DataFrame, evals: pd.DataFrame, emb_ids, folder: Path, threshold: float | None,
-                    budget: int) -> pd.DataFrame:
-    """decontam.parquet's rows: every (pool, eval) pair at or above the threshold, the pool read in blocks."""
+                    budget: int, ranks: Ranks) -> pd.DataFrame | None:
+    """decontam.parquet's rows: every (pool, eval) pair at or above the threshold, the pool read in
+    blocks (each rank its slice; rank 0 gets every pair, a helper rank None)."""
     pool_ids, eval_ids = _int64(pool["id"]), _int64(evals["id"])
     p_rows, e_rows = rows_of(pool_ids, emb_ids), rows_of(eval_ids, emb_ids)
-    if (e_rows < 0).any():
+    if (e_rows < 0).any() and ranks.rank == 0:
         log.warning("dedup: %d eval images have no embedding; they cannot be checked", int((e_rows < 0).sum()))
     p_ok, e_ok = p_rows >= 0, e_rows >= 0
-    eval_sets = evals["set"].str.slice(len(EVAL_PREFIX)).to_numpy(object)
+    pool_ids, eval_ids = pool_ids[p_ok], eval_ids[e_ok]
+    eval_sets = evals["set"].str.slice(len(EVAL_PREFIX)).to_numpy(object)[e_ok]
     eval_x = EmbeddingRows(folder, e_rows[e_ok])[:]
-    pool_view = EmbeddingRows(folder, p_rows[p_ok])
-    frames = []
+    mine = rank_slice(int(p_ok.sum()), ranks)
+    pool_view = EmbeddingRows(folder, p_rows[p_ok][mine])
+    found = [np.zeros((0, 3), np.float64)]
     for start, block in pool_view.blocks(rows_per_block(budget, 4 * pool_view.dim + 4 * max(1, len(eval_x)))):
-        frames.append(contamination_pairs(pool_ids[p_ok][start : start + len(block)], block, eval_ids[e_ok], eval_x,
-                                          eval_sets[e_ok], threshold if threshold is not None else np.inf))
-    pairs = (pd.concat(frames, ignore_index=True) if frames else contamination_pairs(
-        pool_ids[:0], np.zeros((0, eval_x.shape[1]), np.float32), eval_ids[e_ok], eval_x, eval_sets[e_ok], np.inf))
+        q, b, sims = contamination_pairs(block, eval_x, threshold if threshold is not None else np.inf)
+        found.append(np.stack([q + start + mine.start, b, sims], 1).astype(np.float64))  # float64 holds the rows exactly
+    found = gather_rows(np.concatenate(found), ranks)
+    if ranks.rank != 0:
+        return None
+    q, b = found[:, 0].astype(np.int64), found[:, 1].astype(np.int64)
+    pairs = pd.DataFrame({"id": pool_ids[q], "eval_set": eval_sets[b], "eval_id": eval_ids[b],
+                          "similarity": found[:, 2].astype(np.float32)})
     pairs = pairs.sort_values(["id", "eval_set", "eval_id"], kind="stable").reset_index(drop=True)
     log.info("dedup: %d pool images match an eval image (%d pairs)", pairs["id"].nunique(), len(pairs))
     if len(pool) >= 100 and pairs["id"].nunique() > SUSPICIOUS_FRACTION * len(pool):
@@ -367,3 +412,14 @@ def curated_pool_ids(run_dir, near: pd.DataFrame | None = None, decontam: pd.Dat
     decontam = pq.read_table(out / "decontam.parquet").to_pandas() if decontam is None else decontam
     kept = _int64(near.loc[near["keep"], "id"])
     return np.setdiff1d(kept, _int64(decontam["id"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lvd.curate.dedup CONFIG [key=value ...]`: the entry point for torchrun."""
+    return torchrun_main(run_dedup, "lvd.curate.dedup", argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

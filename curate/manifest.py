@@ -260,13 +260,18 @@ def manifest_parts(run_dir: str | os.PathLike) -> list[Path]:
     return sorted((Path(run_dir) / STAGE).glob("part-*.parquet"))
 
 
-def read_manifest(run_dir: str | os.PathLike, status: str | None = OK, sets: Iterable[str] | None = None) -> pd.DataFrame:
-    """All manifest rows (or those of one status / some sets), in part order."""
+def read_manifest(run_dir: str | os.PathLike, status: str | None = OK, sets: Iterable[str] | None = None,
+                  columns: Iterable[str] | None = None) -> pd.DataFrame:
+    """All manifest rows (or those of one status / some sets), in part order; `columns`: only
+    those (and what the filters need), for readers of large manifests."""
     parts = manifest_parts(run_dir)
     if not parts:
         raise FileNotFoundError(f"no manifest in {run_dir}: run `lvd manifest` first")
     nullable = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}.get
-    frame = pd.concat([pq.read_table(p).to_pandas(types_mapper=nullable) for p in parts], ignore_index=True)
+    wanted = None if columns is None else list(dict.fromkeys([*columns, *(["status"] if status else []),
+                                                              *(["set"] if sets is not None else [])]))
+    frame = pd.concat([pq.read_table(p, columns=wanted).to_pandas(types_mapper=nullable) for p in parts],
+                      ignore_index=True)
     if status is not None:
         frame = frame[frame["status"] == status]
     if sets is not None:

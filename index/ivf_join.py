@@ -37,13 +37,18 @@ log = logging.getLogger(__name__)
 #: rows per inverted list aimed at (the join's cost per row is nprobe * LIST_SIZE * d)
 LIST_SIZE = 512
 #: up to this many lists every row is scored against every centroid; above, two levels
-FLAT_MAX_LISTS = 2048
+FLAT_MAX_LISTS = 16384
 #: sample rows per list that train the centroids
-TRAIN_PER_LIST = 32
+TRAIN_PER_LIST = 24
 #: top-level cells whose lists a row is scored against (two-level assignment)
-TOP_PROBE = 4
+TOP_PROBE = 8
 #: nprobe values tried, smallest first; the last is the most lists a row probes
-NPROBES = (1, 2, 4, 8, 16, 32)
+NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+#: Lloyd steps over all lists after the two-level training
+REFINE_ITERS = 1
+#: share of the copies at exactly the threshold (the worst case: every near-duplicate is at or above
+#: it) that the join must compare; the sample's real near-duplicates must reach ivf_switch.RECALL_TARGET
+COPY_RECALL_TARGET = 0.99
 #: k-means iterations of the centroids (they only partition the space; the join is exact)
 QUANTIZER_NITER = 10
 
@@ -62,7 +67,10 @@ class Quantizer:
 
 
 def list_count(n: int) -> int:
-    return max(1, min(n // 4, round(n / LIST_SIZE)))
+    """Lists for n rows: ~LIST_SIZE rows each, larger past ~4M rows, where n / LIST_SIZE lists
+    would make the assignment (n * nlist * d) cost more than the join (n * nprobe * size * d)."""
+    size = max(LIST_SIZE, math.sqrt(n / 16))
+    return max(1, min(n // 4, round(n / size)))
 
 
 def train_quantizer(sample: np.ndarray, nlist: int, *, seed: int = 0, backend="auto", device="cpu") -> Quantizer:
@@ -87,7 +95,15 @@ def train_quantizer(sample: np.ndarray, nlist: int, *, seed: int = 0, backend="a
             centroids.append(kmeans(members, int(min(share[t], len(members))), seed=seed + 1 + t, **common).centroids)
         counts.append(len(centroids[-1]))
     bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Quantizer(np.concatenate(centroids).astype(np.float32), top.centroids.astype(np.float32), bounds)
+    quantizer = Quantizer(np.concatenate(centroids).astype(np.float32), top.centroids.astype(np.float32), bounds)
+    for _ in range(REFINE_ITERS):  # Lloyd steps over all lists at once: cells as flat k-means would draw them
+        assign = nearest_lists(sample, quantizer, 1)[:, 0]
+        sums = np.zeros_like(quantizer.centroids, dtype=np.float64)
+        np.add.at(sums, assign, sample)
+        used = np.bincount(assign, minlength=quantizer.nlist) > 0
+        sums[used] /= np.linalg.norm(sums[used], axis=1, keepdims=True)
+        quantizer.centroids[used] = sums[used].astype(np.float32)
+    return quantizer
 
 
 def nearest_lists(x: np.ndarray, quantizer: Quantizer, nprobe: int) -> np.ndarray:
@@ -170,9 +186,10 @@ def threshold_copies(x: np.ndarray, threshold: float, seed: int = 0) -> np.ndarr
 
 
 def choose_nprobe(view, probes: np.ndarray, quantizer: Quantizer, threshold: float, k: int, *,
-                  seed: int = 0) -> tuple[int, float, int]:
-    """(nprobe, recall, edges checked): the smallest nprobe of NPROBES whose join compares
-    RECALL_TARGET of the checked edges.
+                  seed: int = 0) -> tuple[int, float, float, int]:
+    """(nprobe, recall of real edges, recall of threshold copies, edges checked): the smallest
+    nprobe of NPROBES whose join compares RECALL_TARGET of the real edges and COPY_RECALL_TARGET
+    of the copies.
 
     The checked edges are the exact neighbours at or above the threshold of
     `ivf_switch.check_rows` (an exact pass over the pool), and, for each checked row, a copy
@@ -186,33 +203,46 @@ def choose_nprobe(view, probes: np.ndarray, quantizer: Quantizer, threshold: flo
     q, j = np.nonzero((D >= threshold) & (I >= 0))
     copies = nearest_lists(threshold_copies(x, threshold, seed), quantizer, probes.shape[1])
     checked = len(q) + len(rows)
-    recall = 1.0
+    recall = planted_recall = 1.0
     for nprobe in [p for p in NPROBES if p <= probes.shape[1]]:
         real = compared(probes, nprobe, rows[q], I[q, j])
         mine = probes[rows]
         planted = (mine[:, :nprobe] == copies[:, :1]).any(1) | (copies[:, :nprobe] == mine[:, :1]).any(1)
-        recall = float((real.sum() + planted.sum()) / checked)
-        log.info("list join nprobe %d: compares %.4f of %d checked edges (%d exact neighbours >= %.3g: %.4f; %d "
-                 "copies at it: %.4f; target %.4f)", nprobe, recall, checked, len(q), threshold,
-                 real.mean() if len(q) else 1.0, len(rows), planted.mean(), ivf_switch.RECALL_TARGET)
-        if recall >= ivf_switch.RECALL_TARGET:
-            return nprobe, recall, checked
-    log.warning("list join: nprobe %d compares only %.4f of the checked edges (target %.4f)", probes.shape[1],
-                recall, ivf_switch.RECALL_TARGET)
-    return probes.shape[1], recall, checked
+        recall = float(real.mean()) if len(q) else 1.0
+        planted_recall = float(planted.mean())
+        log.info("list join nprobe %d: compares %.4f of %d exact neighbours >= %.3g (target %.4f) and %.4f of %d "
+                 "copies at it (target %.4f)", nprobe, recall, len(q), threshold, ivf_switch.RECALL_TARGET,
+                 planted_recall, len(rows), COPY_RECALL_TARGET)
+        if recall >= ivf_switch.RECALL_TARGET and planted_recall >= COPY_RECALL_TARGET:
+            return nprobe, recall, planted_recall, checked
+    log.warning("list join: nprobe %d compares only %.4f of the exact neighbours and %.4f of the copies (targets "
+                "%.4f, %.4f)", probes.shape[1], recall, planted_recall, ivf_switch.RECALL_TARGET, COPY_RECALL_TARGET)
+    return probes.shape[1], recall, planted_recall, checked
 
 
 def _inverted(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows sorted by list, bounds): the rows of list L are rows[bounds[L]:bounds[L + 1]], ascending."""
-    flat = lists.ravel()
-    order = np.argsort(flat, kind="stable")
-    bounds = np.searchsorted(flat[order], np.arange(nlist + 1))
-    return (order // lists.shape[1]).astype(np.int64), bounds
+    """(rows by list, bounds): the rows of list L are rows[bounds[L]:bounds[L + 1]], int32 where
+    they fit, built column by column (a counting sort) so that the temporaries are one column's."""
+    n, p = lists.shape
+    counts = np.zeros((nlist, p), np.int64)
+    for c in range(p):
+        counts[:, c] = np.bincount(lists[:, c], minlength=nlist)
+    starts = np.concatenate([[0], np.cumsum(counts.ravel())])
+    rows = np.empty(n * p, np.int32 if n < 2**31 else np.int64)
+    for c in range(p):
+        column = lists[:, c]
+        order = np.argsort(column, kind="stable")
+        sorted_lists = column[order].astype(np.int64)
+        within = np.arange(n) - np.searchsorted(sorted_lists, sorted_lists)
+        rows[starts[sorted_lists * p + c] + within] = order
+    return rows, starts[::p]
 
 
 def join_lists(view, probes: np.ndarray, nprobe: int, threshold: float, *, k: int, nlist: int,
-               block_bytes: int = 1 << 28, progress: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(i, j, cosine) of every compared pair at or above `threshold`, a group of lists at a time.
+               block_bytes: int = 1 << 28, lists: range | None = None,
+               progress: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(i, j, cosine) of every compared pair at or above `threshold`, a group of lists at a time
+    (`lists`: only those, e.g. one rank's share).
 
     Each row keeps at most `k` partners per list (its best), as a k-NN graph would; a pair may be
     given twice (found from both sides).
@@ -220,11 +250,12 @@ def join_lists(view, probes: np.ndarray, nprobe: int, threshold: float, *, k: in
     members, m_bounds = _inverted(probes[:, :1], nlist)
     queries, q_bounds = _inverted(probes[:, :nprobe], nlist)
     row_bytes = 4 * view.dim
-    start = 0
-    bar = tqdm(total=nlist, desc="join lists", unit="list", disable=not progress)
-    while start < nlist:
+    lists = range(nlist) if lists is None else lists
+    start, end = lists.start, lists.stop
+    bar = tqdm(total=len(lists), desc="join lists", unit="list", disable=not progress)
+    while start < end:
         stop, size = start, 0
-        while stop < nlist and (stop == start or size < block_bytes):
+        while stop < end and (stop == start or size < block_bytes):
             size += row_bytes * (m_bounds[stop + 1] - m_bounds[stop] + q_bounds[stop + 1] - q_bounds[stop])
             stop += 1
         needed = np.unique(np.concatenate([members[m_bounds[start] : m_bounds[stop]],
@@ -298,6 +329,7 @@ class JoinReport:
     two_level: bool
     nprobe: int
     recall: float
+    copy_recall: float
     checked_edges: int
     pairs: int
     seconds: dict
@@ -306,36 +338,66 @@ class JoinReport:
         return {"method": "ivf-join", **self.__dict__}
 
 
+def _shared(quantizer: Quantizer | None, ranks) -> Quantizer:
+    """Rank 0's quantizer on every rank."""
+    from lvd.common.ranks import broadcast_array
+
+    if ranks.world == 1:
+        return quantizer
+    q = quantizer if ranks.rank == 0 else None
+    centroids = broadcast_array(q.centroids if q else None, ranks)
+    top = broadcast_array((q.top if q.top is not None else np.zeros((0, centroids.shape[1]), np.float32)) if q else None,
+                          ranks)
+    bounds = broadcast_array((q.bounds if q.bounds is not None else np.zeros(0, np.int64)) if q else None, ranks)
+    return Quantizer(centroids, top if len(top) else None, bounds if len(bounds) else None)
+
+
 def near_pairs(view, threshold: float, k: int, *, memory_budget: int, seed: int = 0, backend="auto",
-               device="cpu", spanning: bool = True, progress: bool = False
+               device="cpu", spanning: bool = True, progress: bool = False, ranks=None
                ) -> tuple[np.ndarray, np.ndarray, JoinReport]:
     """(i, j) pairs of rows of `view` at or above `threshold`, and the join's report.
 
     `spanning`: only the connected components of the pairs are wanted, so they are kept as a
     spanning forest (`EdgeForest`); otherwise every pair, each once (i < j).
+
+    `ranks` (torchrun): rank 0 trains the lists and checks nprobe, every rank assigns its slice
+    of the rows and joins its share of the lists, and rank 0 gets every pair (the others get
+    none); the pairs are those one process finds.
     """
     import time
 
     from lvd.common.memory import rows_per_block
+    from lvd.common.ranks import Ranks, broadcast_array, gather_rows, rank_slice
 
+    ranks = ranks or Ranks()
     n, d = len(view), view.dim
     times, started = {}, time.perf_counter()
     nlist = list_count(n)
-    rng = np.random.default_rng(seed)
-    train = np.sort(rng.choice(n, min(n, nlist * TRAIN_PER_LIST), replace=False))
-    quantizer = train_quantizer(view[train], nlist, seed=seed, backend=backend, device=device)
+    quantizer = None
+    if ranks.rank == 0:
+        rng = np.random.default_rng(seed)
+        train = np.sort(rng.choice(n, min(n, nlist * TRAIN_PER_LIST), replace=False))
+        quantizer = train_quantizer(view[train], nlist, seed=seed, backend=backend, device=device)
+    quantizer = _shared(quantizer, ranks)
     times["train"] = time.perf_counter() - started
     width = 1 if quantizer.bounds is None else int(np.diff(quantizer.bounds).max()) * TOP_PROBE
     block = rows_per_block(memory_budget, 4 * d + 12 * max(width, quantizer.nlist if quantizer.top is None else 0))
-    most = NPROBES[-1] if n * NPROBES[-1] * 4 <= memory_budget // 4 else NPROBES[-2]
-    probes = probe_lists(view, quantizer, most, block_rows=min(block, 65536), progress=progress)
+    most = NPROBES[-1] if n * NPROBES[-1] * 4 <= memory_budget // 8 else NPROBES[-2]
+    probes = gather_rows(probe_lists(view.subset(rank_slice(n, ranks)), quantizer, most,
+                                     block_rows=min(block, 65536), progress=progress), ranks)
     times["assign"] = time.perf_counter() - started - times["train"]
-    nprobe, recall, checked = choose_nprobe(view, probes, quantizer, threshold, k, seed=seed)
+    chosen = np.array(choose_nprobe(view, probes, quantizer, threshold, k, seed=seed), np.float64) \
+        if ranks.rank == 0 else None
+    nprobe, recall, copy_recall, checked = broadcast_array(chosen, ranks).tolist()
+    nprobe, checked = int(nprobe), int(checked)
     times["check"] = time.perf_counter() - started - times["train"] - times["assign"]
+    probes = np.ascontiguousarray(probes[:, :nprobe])  # the columns the join reads; the rest is freed
     forest = EdgeForest(n, max_edges=int(memory_budget // 64)) if spanning else None
     found_i, found_j, pairs = [], [], 0
-    for i, j, _ in join_lists(view, probes[:, :nprobe], nprobe, threshold, k=k, nlist=quantizer.nlist,
-                              block_bytes=int(memory_budget // 8), progress=progress):
+    share = rank_slice(quantizer.nlist, ranks)
+    for i, j, _ in join_lists(view, probes, nprobe, threshold, k=k, nlist=quantizer.nlist,
+                              block_bytes=int(memory_budget // 8), lists=range(share.start, share.stop),
+                              progress=progress):
         pairs += len(i)
         if forest is not None:
             forest.add(i, j)
@@ -347,15 +409,24 @@ def near_pairs(view, threshold: float, k: int, *, memory_budget: int, seed: int 
     if forest is not None:
         rows, cols = forest.edges()
     elif found_i:
-        both = np.unique(np.stack([np.concatenate(found_i), np.concatenate(found_j)], 1), axis=0)
-        rows, cols = both[:, 0], both[:, 1]
+        rows, cols = np.concatenate(found_i), np.concatenate(found_j)
     else:
         rows = cols = np.zeros(0, np.int64)
-    report = JoinReport(n, quantizer.nlist, quantizer.top is not None, nprobe, round(recall, 6), checked, pairs,
-                        {key: round(v, 3) for key, v in times.items()})
-    log.info("list join of %d rows: %d lists%s, nprobe %d (recall %.4f of %d checked edges), %d pairs >= %.3g; "
-             "seconds %s", n, report.nlist, " (two levels)" if report.two_level else "", nprobe, recall, checked,
-             pairs, threshold, report.seconds)
+    if ranks.world > 1:
+        both = gather_rows(np.stack([rows, cols], 1).astype(np.int64), ranks)
+        rows, cols = both[:, 0], both[:, 1]
+        pairs = int(gather_rows(np.array([pairs], np.int64), ranks).sum())
+    if not spanning and len(rows):
+        both = np.unique(np.stack([rows, cols], 1), axis=0)
+        rows, cols = both[:, 0], both[:, 1]
+    if ranks.rank != 0:
+        rows = cols = np.zeros(0, np.int64)
+    report = JoinReport(n, quantizer.nlist, quantizer.top is not None, nprobe, round(recall, 6), round(copy_recall, 6),
+                        checked, pairs, {key: round(v, 3) for key, v in times.items()})
+    log.info("list join of %d rows: %d lists%s, nprobe %d (recall %.4f of real, %.4f of threshold copies; %d "
+             "checked), %d pairs >= %.3g; seconds %s%s", n, report.nlist, " (two levels)" if report.two_level else "",
+             nprobe, recall, copy_recall, checked, pairs, threshold, report.seconds,
+             f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "")
     return rows, cols, report
 
 
