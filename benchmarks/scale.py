@@ -10,6 +10,8 @@ threshold in exact search by construction) and the growth exponent between conse
 
     flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/scale.py --sizes 100000 300000
     flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/scale.py --sizes 1000000 3000000   # long
+    .venv/bin/python benchmarks/scale.py --sizes 10000000 --stages dedup --keep   # then:
+    .venv/bin/python benchmarks/scale.py --sizes 10000000 --stages cluster retrieve --reuse
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ PART = 262_144
 THRESHOLD = 0.9
 # The same k at every n, so that the exponents measure growth in n (DINOv2 used 100k clusters on 1.2B images).
 CLUSTERS = 1000
+# The planted (original id, copy id) pairs, saved in the run folder so that --reuse can score a kept run.
+PLANTED = "planted-pairs.npy"
 
 
 def vectors(n: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
@@ -105,7 +109,9 @@ def write_run(run: Path, n: int, seed: int = 0) -> np.ndarray:
     write_success(run / "manifest")
     write_success(run / "embed", model="synthetic", dim=D, copy_detection=None)
     copy_rows = n_base + np.arange(n_copies)
-    return np.stack([ids["pool"][originals[copy_order]], ids["pool"][copy_rows]], 1)
+    pairs = np.stack([ids["pool"][originals[copy_order]], ids["pool"][copy_rows]], 1)
+    np.save(run / PLANTED, pairs)
+    return pairs
 
 
 def _pool_rows(run: Path, rows: np.ndarray, start: int, current: np.ndarray) -> np.ndarray:
@@ -202,6 +208,8 @@ def main() -> None:
     ap.add_argument("--faiss-queries", type=int, default=20_000)
     ap.add_argument("--memory-gb", default="auto", help="the stages' memory_gb (auto: a third of this machine's)")
     ap.add_argument("--keep", action="store_true", help="keep each run folder (default: removed after its size)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="run the stages on a run folder that an earlier --keep left (not written afresh)")
     args = ap.parse_args()
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}, "
           f"{os.cpu_count()} cores; d = {D}, planted pairs = 1 % of n, threshold {THRESHOLD}, cluster.k {CLUSTERS}, "
@@ -210,10 +218,14 @@ def main() -> None:
     previous: dict[str, tuple[int, float]] = {}
     for n in args.sizes:
         run = Path(args.work) / f"n{n}"
-        shutil.rmtree(run, ignore_errors=True)
-        t = time.perf_counter()
-        pairs = write_run(run, n)
-        print(f"{n:9d} {'(write)':>9s} {time.perf_counter() - t:9.1f}", flush=True)
+        if args.reuse and (run / PLANTED).is_file():
+            pairs = np.load(run / PLANTED)
+            print(f"{n:9d} {'(reused)':>9s} {str(run)}", flush=True)
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+            t = time.perf_counter()
+            pairs = write_run(run, n)
+            print(f"{n:9d} {'(write)':>9s} {time.perf_counter() - t:9.1f}", flush=True)
         for stage in args.stages:
             wall, rss = run_stage(stage, run, [f"memory_gb={args.memory_gb}"])
             exponent = ""

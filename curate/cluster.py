@@ -48,8 +48,10 @@ from lvd.index.hierarchical import (
     Hierarchy,
     balanced_sample,
     hierarchical_kmeans,
+    nearest_centroids_blocks,
     resampled_kmeans,
 )
+from lvd.common.memory import memory_budget
 from lvd.index.io import EmbeddingRows, load_embedding_ids
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,35 @@ ASSIGN_SCHEMA = pa.schema([("id", pa.int64()), ("cluster", pa.int64()), ("distan
 BALANCED_SCHEMA = pa.schema([("id", pa.int64())])
 # Rows per block when measuring image-to-centroid distances.
 DISTANCE_BLOCK = 65536
+# The whole pool is clustered in memory (float32) while it takes at most this share of memory_gb;
+# past it, k-means trains on a sample and every image is assigned block by block.
+FULL_MATRIX_SHARE = 0.25
+# Rows per centroid of that sample: Faiss's default `max_points_per_centroid`, the size at which its
+# k-means stops using every row (centroids move little past it while the cost grows with every row).
+TRAIN_POINTS_PER_CENTROID = 256
+
+
+def training_rows(n: int, dim: int, k: int, budget: int, seed: int) -> np.ndarray | None:
+    """None when the n rows fit FULL_MATRIX_SHARE of the budget as float32 (k-means uses every
+    row); else the sorted rows of a seeded sample that k-means trains on, at most
+    TRAIN_POINTS_PER_CENTROID per cluster and within that share."""
+    if n * dim * 4 <= FULL_MATRIX_SHARE * budget:
+        return None
+    fits = int(FULL_MATRIX_SHARE * budget // (dim * 4))
+    m = min(n, fits, TRAIN_POINTS_PER_CENTROID * k)
+    if m < k:
+        raise MemoryError(f"k-means of {k} clusters needs at least {k} training rows in memory, but "
+                          f"{FULL_MATRIX_SHARE:.0%} of memory_gb holds only {fits}; raise memory_gb")
+    return np.sort(np.random.default_rng([seed, 11]).choice(n, m, replace=False))
+
+
+def sampled_kmeans(view: EmbeddingRows, train: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centroids, assign, squared distance): `resampled_kmeans` on the training rows, then every
+    row of `view` assigned to its nearest centroid block by block."""
+    backend, device = kwargs["backend"], kwargs["device"]
+    centroids, _, _ = resampled_kmeans(view[train], k, **kwargs)
+    assign, distance = nearest_centroids_blocks(view, centroids, backend, device, DISTANCE_BLOCK)
+    return centroids, assign, distance
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -182,10 +213,14 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
             _write_empty(staged, out, view.dim, fp, balanced_fp, settings, started)
         ranks.barrier()
         return out
-    x = np.asarray(view) if ranks.world == 1 else None
+    train = None
+    if ranks.world == 1:
+        train = training_rows(n, view.dim, ks[0], memory_budget(cfg.get("memory_gb", "auto")), int(cfg.seed))
+    x = np.asarray(view) if ranks.world == 1 and train is None else None
     device = str(rank_device(str(c.device), ranks))
-    log.info("cluster: %s k-means of %d images, levels %s%s", c.method, n, ks,
-             f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "")
+    log.info("cluster: %s k-means of %d images, levels %s%s%s", c.method, n, ks,
+             f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "",
+             "" if train is None else f", trained on {len(train)} sampled images (memory_gb), all assigned in blocks")
 
     if c.method == "flat":
         checkpoint = out / "kmeans-checkpoint.npz"
@@ -193,6 +228,8 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
                       device=device, checkpoint=None if cfg.get("overwrite", False) else checkpoint)
         if ranks.world > 1:
             centroids, labels, distance = distributed_kmeans(view, ks[0], ranks, **kwargs)
+        elif train is not None:
+            centroids, labels, distance = sampled_kmeans(view, train, ks[0], **kwargs)
         else:
             centroids, labels, distance = resampled_kmeans(x, ks[0], **kwargs)
         ranks.barrier()  # every rank is done with the checkpoint
@@ -221,6 +258,9 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
         if ranks.world > 1:  # level 1 clusters every image: spread it over the ranks; the levels above are small
             first_level = partial(distributed_resampled_kmeans, view, ranks=ranks, niter=int(c.niter),
                                   spherical=bool(c.spherical), backend=str(c.backend), device=device)
+        elif train is not None:  # level 1 (and its resampling) on the sample; every image assigned in blocks
+            first_level = partial(sampled_kmeans, view, train, niter=int(c.niter), spherical=bool(c.spherical),
+                                  backend=str(c.backend), device=device)
         hierarchy = hierarchical_kmeans(
             view if x is None else x, ks, niter=int(c.niter), resampling_steps=_plain(c.resample_steps),
             sample_size=_plain(c.resample_size), seed=int(cfg.seed), spherical=bool(c.spherical),
@@ -234,7 +274,7 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
                 ranks.barrier()  # rank 0 writes
                 return out
         else:
-            distances = [squared_distances(x, cents, labels) for labels, cents in levels]
+            distances = [squared_distances(view if x is None else x, cents, labels) for labels, cents in levels]
         stats = []
         for t, ((labels, _), distance) in enumerate(zip(levels, distances), start=1):
             stats.append(_level_stats(t, labels, ks[t - 1], distance))
@@ -261,6 +301,7 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
         distance="squared_l2",
         levels=stats,
         balanced_sample=int(n_balanced),
+        trained_on=int(n if train is None else len(train)),
         world_size=ranks.world,
         seconds=round(time.time() - started, 3),
     )

@@ -269,8 +269,11 @@ def _run_dedup(cfg, ranks: Ranks) -> Path:
     def todo(name: str, fp: str) -> bool:
         return overwrite or parquet_fingerprint(out / name) != fp
 
-    pool_ids, pool_sha1 = _int64(pool["id"]), pool["sha1"].to_numpy(str)
-    exact_fp = fingerprint("exact", pool_ids, pool_sha1.astype("S40"))
+    # 40 ASCII bytes per hash, not numpy's 160 (str) or a Python object each: at 10M images the
+    # hashes alone would otherwise hold 1.6 GB through the whole stage
+    pool_ids, pool_sha1 = _int64(pool["id"]), np.array(pool["sha1"].tolist(), dtype="S40")
+    pool = pool.drop(columns=["sha1"])  # the near search needs ids and the keep rule's columns only
+    exact_fp = fingerprint("exact", pool_ids, pool_sha1)
     near_settings = {k: cfg.dedup[k] for k in ("mode", "k", "semdedup_clusters", "niter", "grouping", "keep")}
     near_settings["threshold"] = threshold
     near_fp = fingerprint("near", exact_fp, embed_fp, near_settings, int(cfg.seed), _keep_keys(pool))
@@ -284,6 +287,7 @@ def _run_dedup(cfg, ranks: Ranks) -> Path:
     ranks.barrier()  # every rank has read the finished files' fingerprints before rank 0 replaces any
     if ranks.rank != 0:  # a helper rank: the same collective work, nothing written
         exact = exact_duplicates(pool_ids, pool_sha1) if need_exact else pq.read_table(out / "exact.parquet").to_pandas()
+        del pool_sha1
         emb_ids = load_embedding_ids(folder)
         if need_near:
             _near_frame(cfg, pool, exact, emb_ids, folder, threshold, device, space, budget, ranks)
@@ -298,6 +302,7 @@ def _run_dedup(cfg, ranks: Ranks) -> Path:
             write_frame(staged.path("exact.parquet"), exact, EXACT_SCHEMA, exact_fp)
             log.info("dedup: %d exact duplicates among %d pool images", len(exact), len(pool))
         exact = pq.read_table(staged.current("exact.parquet")).to_pandas()
+        del pool_sha1
 
         emb_ids = load_embedding_ids(folder) if (need_near or need_decontam) else None
         how = None

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -261,22 +263,52 @@ def manifest_parts(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def read_manifest(run_dir: str | os.PathLike, status: str | None = OK, sets: Iterable[str] | None = None,
-                  columns: Iterable[str] | None = None) -> pd.DataFrame:
-    """All manifest rows (or those of one status / some sets), in part order; `columns`: only
-    those (and what the filters need), for readers of large manifests."""
+                  columns: Iterable[str] | None = None, ids=None) -> pd.DataFrame:
+    """All manifest rows (or those of one status / some sets / some `ids`), in part order;
+    `columns`: only those (and what the filters need), for readers of large manifests. The
+    filters run on each part's Arrow table, so memory holds only the selected rows as pandas
+    objects."""
     parts = manifest_parts(run_dir)
     if not parts:
         raise FileNotFoundError(f"no manifest in {run_dir}: run `lvd manifest` first")
     nullable = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}.get
     wanted = None if columns is None else list(dict.fromkeys([*columns, *(["status"] if status else []),
-                                                              *(["set"] if sets is not None else [])]))
-    frame = pd.concat([pq.read_table(p, columns=wanted).to_pandas(types_mapper=nullable) for p in parts],
-                      ignore_index=True)
-    if status is not None:
-        frame = frame[frame["status"] == status]
-    if sets is not None:
-        frame = frame[frame["set"].isin(list(sets))]
-    return frame.reset_index(drop=True)
+                                                              *(["set"] if sets is not None else []),
+                                                              *(["id"] if ids is not None else [])]))
+    wanted_sets = None if sets is None else pa.array(list(sets), pa.string())
+    wanted_ids = None if ids is None else pa.array(np.asarray(ids, np.int64))
+    frames = []
+    for path in parts:
+        table = pq.read_table(path, columns=wanted)
+        if status is not None:
+            table = table.filter(pc.equal(table["status"], status))
+        if wanted_sets is not None:
+            table = table.filter(pc.is_in(table["set"], value_set=wanted_sets))
+        if wanted_ids is not None:
+            table = table.filter(pc.is_in(table["id"], value_set=wanted_ids))
+        frames.append(table.to_pandas(types_mapper=nullable))
+    return pd.concat(frames, ignore_index=True)
 
 
-__all__ = ["run_manifest", "read_manifest", "manifest_parts", "stable_id", "SCHEMA", "OK", "QUARANTINED"]
+def manifest_counts(run_dir: str | os.PathLike) -> dict[tuple[str, str], int]:
+    """{(set, status): rows}, sorted, counted part by part in Arrow (two columns read)."""
+    counts: dict[tuple[str, str], int] = {}
+    for path in manifest_parts(run_dir):
+        table = pq.read_table(path, columns=["set", "status"]).group_by(["set", "status"]).aggregate([([], "count_all")])
+        for name, status, n in zip(*(table[c].to_pylist() for c in ("set", "status", "count_all"))):
+            counts[(name, status)] = counts.get((name, status), 0) + int(n)
+    return dict(sorted(counts.items()))
+
+
+def manifest_sets(run_dir: str | os.PathLike, status: str | None = OK) -> list[str]:
+    """The distinct `set` names of the manifest's rows (of one status), sorted; reads one column."""
+    names: set[str] = set()
+    for path in manifest_parts(run_dir):
+        table = pq.read_table(path, columns=["set", "status"] if status is not None else ["set"])
+        if status is not None:
+            table = table.filter(pc.equal(table["status"], status))
+        names.update(pc.unique(table["set"]).to_pylist())
+    return sorted(names)
+
+
+__all__ = ["run_manifest", "read_manifest", "manifest_sets", "manifest_counts", "manifest_parts", "stable_id", "SCHEMA", "OK", "QUARANTINED"]

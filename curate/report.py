@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from lvd.curate.config import save_config
-from lvd.curate.manifest import read_manifest
+from lvd.curate.manifest import QUARANTINED, manifest_counts, read_manifest
 from lvd.curate.selection import balanced_ids, level_assignments, level_table
 from lvd.curate.runio import atomic_path, atomic_write_text, clear_success, read_success, write_success
 from lvd.curate.sources import read_row_bytes
@@ -79,19 +79,30 @@ class Thumbnails:
 
 
 class Figures:
-    """One thumbnail with its caption lines: what the image is, and its file name."""
+    """One thumbnail with its caption lines: what the image is, and its file name.
 
-    def __init__(self, thumbs: Thumbnails, manifest: pd.DataFrame):
-        self.thumbs = thumbs
-        self.rows = manifest.set_index("id")
+    Figures are handed out first and filled in by `resolve` once every section has chosen its
+    images: the manifest is then read for those images only (one filtered pass), not whole."""
+
+    def __init__(self):
+        self.made: list[dict] = []
 
     def __call__(self, id_, role: str, cls: str = "") -> dict:
-        id_ = int(id_)
-        caption = [role]
-        if id_ in self.rows.index:
-            row = self.rows.loc[id_]
-            caption.append(str(row["key"]).rsplit("/", 1)[-1])
-        return {"id": id_, "src": self.thumbs.path(id_), "caption": caption, "cls": cls}
+        figure = {"id": int(id_), "src": None, "caption": [role], "cls": cls}
+        self.made.append(figure)
+        return figure
+
+    def resolve(self, run_dir: Path, folder: Path, max_pixels: int | None) -> Thumbnails:
+        """Thumbnails and file names of every figure handed out (images not in the manifest get neither)."""
+        ids = np.unique(np.array([f["id"] for f in self.made], np.int64))
+        rows = read_manifest(run_dir, ids=ids, columns=["id", "kind", "source", "key", "sha1"])
+        thumbs = Thumbnails(folder, rows, max_pixels)
+        keys = dict(zip(rows["id"].astype(np.int64), rows["key"]))
+        for figure in self.made:
+            figure["src"] = thumbs.path(figure["id"])
+            if figure["id"] in keys:
+                figure["caption"].append(str(keys[figure["id"]]).rsplit("/", 1)[-1])
+        return thumbs
 
 
 def _read(path: Path) -> pd.DataFrame | None:
@@ -113,8 +124,8 @@ def histogram_svg(sizes: np.ndarray, bins: int = 30, width: int = 640, height: i
     return f'<svg width="{width}" height="{height}" role="img" aria-label="cluster sizes">{"".join(bars)}{axis}</svg>'
 
 
-def read_counts(run_dir: Path, manifest: pd.DataFrame) -> list[tuple[str, object]]:
-    rows: list[tuple[str, object]] = [(f"manifest {s} {status}", int(n)) for (s, status), n in manifest.groupby(["set", "status"]).size().items()]
+def read_counts(run_dir: Path) -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = [(f"manifest {s} {status}", n) for (s, status), n in manifest_counts(run_dir).items()]
     for stage in ("embed", "dedup", "cluster", "retrieve", "shards"):
         info = read_success(run_dir / stage)
         if info is None:
@@ -210,7 +221,7 @@ def class_shares_svg(shares: dict[str, pd.Series], width: int = 720, height: int
     return f'<svg width="{width}" height="{height}" role="img" aria-label="class shares">{"".join(parts)}{legend}</svg>'
 
 
-def read_balanced(run_dir: Path, manifest: pd.DataFrame, seed: int) -> dict | None:
+def read_balanced(run_dir: Path, seed: int) -> dict | None:
     """The balanced sample: cluster sizes at every level before and after it, and, where the pool's
     sources carry labels, the class shares of the pool, a random sample of the same size and it."""
     if not (run_dir / "cluster" / "balanced.parquet").is_file():
@@ -226,7 +237,7 @@ def read_balanced(run_dir: Path, manifest: pd.DataFrame, seed: int) -> dict | No
         levels.append({"level": t, "clusters": len(table), "before": _spread(before), "after": _spread(after),
                        "svg_before": histogram_svg(before), "svg_after": histogram_svg(after)})
     pool_ids = assignments[0]["id"].to_numpy()
-    labels = manifest.set_index("id")["label"]
+    labels = read_manifest(run_dir, ids=pool_ids, columns=["id", "label"]).set_index("id")["label"]
     out = {"n": len(picked), "pool": len(pool_ids), "levels": levels, "classes": None}
     pool_labels = labels.reindex(pool_ids)
     if pool_labels.notna().mean() >= 0.5:  # enough of the pool is labelled by its sources to be worth showing
@@ -258,12 +269,13 @@ def _floor_line(info: dict | None) -> str:
             f"{info.get('candidates', 0)} candidate images.")
 
 
-def read_retrieval(run_dir: Path, fig: Figures, manifest: pd.DataFrame) -> list[dict] | None:
+def read_retrieval(run_dir: Path, fig: Figures) -> list[dict] | None:
     neighbors = _read(run_dir / "retrieve" / "neighbors.parquet")
     if neighbors is None:
         return None
     floors = (read_success(run_dir / "retrieve") or {}).get("seed_sets") or {}
-    labels = manifest.set_index("id")["label"]
+    seeds = np.unique(neighbors["seed_id"].to_numpy(np.int64))
+    labels = read_manifest(run_dir, ids=seeds, columns=["id", "label"]).set_index("id")["label"]
     out = []
     for set_name, rows in neighbors.groupby("seed_set", sort=True):
         seeds = sorted(rows["seed_id"].unique())
@@ -278,8 +290,8 @@ def read_retrieval(run_dir: Path, fig: Figures, manifest: pd.DataFrame) -> list[
     return out
 
 
-def read_quarantine(manifest_all: pd.DataFrame) -> dict:
-    bad = manifest_all[manifest_all.status != "ok"]
+def read_quarantine(run_dir: Path) -> dict:
+    bad = read_manifest(run_dir, status=QUARANTINED, columns=["set", "source", "key", "error"])
     by_source = bad.groupby("source").size().sort_values(ascending=False, kind="stable")
     rows = [{"set": r.set, "source": r.source, "key": r.key, "error": r.error} for r in bad.head(MAX_QUARANTINED).itertuples()]
     return {"total": len(bad), "by_source": [(str(k), int(v)) for k, v in by_source.items()], "rows": rows}
@@ -298,21 +310,20 @@ def run_report(cfg) -> Path:
     out = run_dir / STAGE
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
-    manifest_all = read_manifest(run_dir, status=None)
-    ok = manifest_all[manifest_all.status == "ok"]
-    thumbs = Thumbnails(out / "img", ok, int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None)
-    fig = Figures(thumbs, ok)
-    page = render({
+    fig = Figures()
+    context = {
         "run_name": run_dir.name, "run_dir": str(run_dir.resolve()), "thumb": THUMB,
         "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "counts": read_counts(run_dir, manifest_all),
+        "counts": read_counts(run_dir),
         "dup": read_duplicates(run_dir, fig),
         "decontam": read_decontamination(run_dir, fig),
         "clusters": read_clusters(run_dir, fig, int(cfg.seed)),
-        "retrieval": read_retrieval(run_dir, fig, manifest_all),
-        "balanced": read_balanced(run_dir, manifest_all, int(cfg.seed)),
-        "quarantine": read_quarantine(manifest_all),
-    })
+        "retrieval": read_retrieval(run_dir, fig),
+        "balanced": read_balanced(run_dir, int(cfg.seed)),
+        "quarantine": read_quarantine(run_dir),
+    }
+    thumbs = fig.resolve(run_dir, out / "img", int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None)
+    page = render(context)
     clear_success(out)  # the last page stays whole until the new one replaces it
     atomic_write_text(out / "index.html", page)
     shown = {Path(v).name for v in thumbs.done.values() if v}

@@ -27,7 +27,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lvd.curate.manifest import read_manifest
+from lvd.common.memory import memory_budget, rows_per_block
+from lvd.curate.manifest import manifest_sets, read_manifest
 from lvd.curate.stage import StageOutputs
 from lvd.curate.runio import (is_done, open_stage, parquet_fingerprint, stage_fingerprint,
                               write_parquet)
@@ -160,18 +161,48 @@ def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return rows
 
 
-def sample_neighbors(pool_x, pool_ids, seed_x, seed_ids, n: int, *, backend="auto", device="cpu"):
-    """(seed_id, id, rank, similarity) of the n nearest pool images of every seed image."""
+def top_neighbors(pool_x, seed_x, k: int, *, backend="auto", device="cpu", block_rows: int = 262144):
+    """(similarity, pool row) [q, k] of the k most similar pool rows of every seed, best first
+    (ties: lower row), reading `pool_x` (an array or an `index.io.EmbeddingRows` view)
+    `block_rows` at a time and keeping the running best, so the pool is never held whole."""
     from lvd.index.knn import search
 
+    n, q = len(pool_x), len(seed_x)
+    k = min(k, n)
+    best_s = np.full((q, 0), -np.inf, np.float32)
+    best_i = np.zeros((q, 0), np.int64)
+    for start in range(0, n, block_rows):
+        block = np.asarray(pool_x[slice(start, start + block_rows)], np.float32)
+        kb = min(k, len(block))
+        sims, idx = search(block, seed_x, kb, metric="ip", method="exact", backend=backend, device=device)
+        sims = np.where(idx >= 0, sims, -np.inf).astype(np.float32)
+        idx = np.where(idx >= 0, idx + start, np.iinfo(np.int64).max)
+        both_s, both_i = np.concatenate([best_s, sims], 1), np.concatenate([best_i, idx], 1)
+        order = np.lexsort((both_i, -both_s), axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(both_s, order, 1), np.take_along_axis(both_i, order, 1)
+    best_i = np.where(np.isfinite(best_s), best_i, -1)
+    return best_s, best_i
+
+
+def neighbor_rows(sims: np.ndarray, idx: np.ndarray, pool_ids: np.ndarray, seed_ids: np.ndarray, n: int) -> pd.DataFrame:
+    """(seed_id, id, rank, similarity) from the first n columns of `top_neighbors`' output."""
+    sims, idx = sims[:, :n], idx[:, :n]
+    valid = idx >= 0
+    k = idx.shape[1]
+    seed_col = np.repeat(seed_ids, k).reshape(len(seed_ids), k)
+    ranks = np.tile(np.arange(1, k + 1), (len(seed_ids), 1))
+    return pd.DataFrame({"seed_id": seed_col[valid], "id": pool_ids[idx[valid]], "rank": ranks[valid],
+                         "similarity": sims[valid]})
+
+
+def sample_neighbors(pool_x, pool_ids, seed_x, seed_ids, n: int, *, backend="auto", device="cpu",
+                     block_rows: int = 262144):
+    """(seed_id, id, rank, similarity) of the n nearest pool images of every seed image."""
     k = min(n, len(pool_ids))
     if k == 0 or len(seed_ids) == 0:
         return pd.DataFrame({"seed_id": [], "id": [], "rank": [], "similarity": []})
-    sims, idx = search(pool_x, seed_x, k, metric="ip", method="exact", backend=backend, device=device)
-    valid = idx >= 0
-    seed_col = np.repeat(seed_ids, k).reshape(len(seed_ids), k)
-    ranks = np.tile(np.arange(1, k + 1), (len(seed_ids), 1))
-    return pd.DataFrame({"seed_id": seed_col[valid], "id": pool_ids[idx[valid]], "rank": ranks[valid], "similarity": sims[valid]})
+    sims, idx = top_neighbors(pool_x, seed_x, k, backend=backend, device=device, block_rows=block_rows)
+    return neighbor_rows(sims, idx, pool_ids, seed_ids, k)
 
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -185,15 +216,21 @@ def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def cluster_draws(pool_x, pool_ids, pool_cluster, seed_x, seed_ids, seed_cluster, m: int, rng: np.random.Generator):
-    """(seed_id, id, rank, similarity, cluster): m pool images from each cluster a seed falls in."""
+    """(seed_id, id, rank, similarity, cluster): m pool images from each cluster a seed falls in.
+
+    `pool_x` may be an `index.io.EmbeddingRows` view: only the drawn rows are read. The pool is
+    grouped by cluster once (a stable sort), not scanned once per cluster."""
     frames = []
+    by_cluster = np.argsort(pool_cluster, kind="stable")
+    sorted_clusters = pool_cluster[by_cluster]
     for c in np.unique(seed_cluster):
-        members = np.flatnonzero(pool_cluster == c)
+        lo, hi = np.searchsorted(sorted_clusters, [c, c + 1])
+        members = by_cluster[lo:hi]  # in row order: the sort is stable
         if len(members) == 0:
             continue
         drawn = members if len(members) <= m else np.sort(rng.choice(members, size=m, replace=False))
         seeds_here = np.flatnonzero(seed_cluster == c)
-        sims = pool_x[drawn] @ seed_x[seeds_here].T
+        sims = np.asarray(pool_x[drawn], np.float32) @ seed_x[seeds_here].T
         best = sims.argmax(1)
         similarity = sims[np.arange(len(drawn)), best]
         order = np.argsort(-similarity, kind="stable")
@@ -239,7 +276,7 @@ def run_retrieve(cfg) -> Path:
     """Write retrieve/neighbors.parquet for every configured seed set."""
     from lvd.curate.dedup import curated_pool_ids
     from lvd.index.backends import resolve_device
-    from lvd.index.io import load_embeddings
+    from lvd.index.io import EmbeddingRows, load_embedding_ids
 
     started = time.time()
     run_dir = Path(cfg.run_dir)
@@ -250,29 +287,49 @@ def run_retrieve(cfg) -> Path:
         log.info("retrieve: up to date")
         return out
 
-    manifest = read_manifest(run_dir)
-    seed_sets = sorted({s.split(":", 1)[1] for s in manifest["set"].unique() if s.startswith("seed:")})
+    seed_sets = [name.split(":", 1)[1] for name in manifest_sets(run_dir) if name.startswith("seed:")]
     plans = set_plans(cfg, seed_sets)
-    emb_ids, emb_x = load_embeddings(run_dir / "embed")
+    manifest = read_manifest(run_dir, sets=[f"seed:{name}" for name in seed_sets],
+                             columns=["id", "set", "label", "sha1"])
+    emb_ids = load_embedding_ids(run_dir / "embed")
     pool_ids = np.intersect1d(curated_pool_ids(run_dir), emb_ids)
-    pool_x = emb_x[_rows_of(emb_ids, pool_ids)]
+    pool_x = EmbeddingRows(run_dir / "embed", _rows_of(emb_ids, pool_ids))  # read in blocks, never whole
+    block_rows = rows_per_block(memory_budget(cfg.get("memory_gb", "auto")), 4 * max(1, pool_x.dim))
     assign = _cluster_of(run_dir)
     pool_cluster = None
     if assign is not None:
         cluster_by_id = pd.Series(assign["cluster"].to_numpy(), index=assign["id"].to_numpy())
         pool_cluster = cluster_by_id.reindex(pool_ids).fillna(-1).astype(np.int64).to_numpy()
+        del assign, cluster_by_id
     device = str(resolve_device(cfg.retrieve.device))
 
-    frames, set_floors = [], {}
+    seeds = {}
     for plan in plans:
         seed_rows = manifest[manifest["set"] == f"seed:{plan.name}"]
         seed_ids = np.intersect1d(seed_rows["id"].to_numpy(np.int64), emb_ids)
-        seed_x = emb_x[_rows_of(emb_ids, seed_ids)]
+        seeds[plan.name] = (seed_rows, seed_ids, EmbeddingRows(run_dir / "embed", _rows_of(emb_ids, seed_ids))[:])
+    # every sample-mode set in one pass over the pool: the seeds of all of them, the largest n
+    sampled = [p for p in plans if p.mode == "sample" and len(seeds[p.name][1])]
+    top = None
+    if sampled and len(pool_ids):
+        all_seeds = np.concatenate([seeds[p.name][2] for p in sampled])
+        top = top_neighbors(pool_x, all_seeds, max(p.n for p in sampled), backend=cfg.retrieve.backend,
+                            device=device, block_rows=block_rows)
+    offsets = dict(zip([p.name for p in sampled], np.cumsum([0] + [len(seeds[p.name][1]) for p in sampled])))
+
+    frames, set_floors = [], {}
+    for plan in plans:
+        seed_rows, seed_ids, seed_x = seeds[plan.name]
         if plan.mode == "sample":
-            rows = sample_neighbors(pool_x, pool_ids, seed_x, seed_ids, plan.n, backend=cfg.retrieve.backend, device=device)
+            if top is None or plan.name not in offsets:
+                rows = sample_neighbors(pool_x, pool_ids, seed_x, seed_ids, plan.n)  # nothing to search
+            else:
+                lo = offsets[plan.name]
+                rows = neighbor_rows(top[0][lo : lo + len(seed_ids)], top[1][lo : lo + len(seed_ids)], pool_ids,
+                                     seed_ids, min(plan.n, len(pool_ids)))
             rows["cluster"] = (pd.Series(pool_cluster, index=pool_ids).reindex(rows["id"]).to_numpy() if pool_cluster is not None else -1)
         else:
-            if assign is None:
+            if pool_cluster is None:
                 raise FileNotFoundError(f"seed set {plan.name!r} retrieves by cluster but {run_dir / 'cluster'} has no assign.parquet: run `lvd cluster` first")
             centroids = np.load(run_dir / "cluster" / "centroids.npy")
             rng = np.random.default_rng([int(cfg.seed), int(hashlib.sha1(plan.name.encode()).hexdigest()[:8], 16)])
@@ -304,8 +361,8 @@ def run_retrieve(cfg) -> Path:
         rows.insert(0, "seed_set", plan.name)
         rows["mode"] = plan.mode
         if cfg.retrieve.include_seeds:
-            seeds = pd.DataFrame({"seed_set": plan.name, "seed_id": seed_ids, "id": seed_ids, "rank": 0, "similarity": 1.0, "mode": "seed", "cluster": -1, "floor": np.nan})
-            rows = pd.concat([seeds, rows], ignore_index=True)
+            seed_frame = pd.DataFrame({"seed_set": plan.name, "seed_id": seed_ids, "id": seed_ids, "rank": 0, "similarity": 1.0, "mode": "seed", "cluster": -1, "floor": np.nan})
+            rows = pd.concat([seed_frame, rows], ignore_index=True)
         log.info("retrieve: seed set %s (%s): %d seeds -> %d rows, %d distinct images; floors %s rejected %d of %d "
                  "candidates", plan.name, plan.mode, len(seed_ids), len(rows), rows["id"].nunique(),
                  {k: (None if v is None else round(v, 4)) for k, v in set_floors[plan.name]["min_similarity"].items()},

@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from lvd.curate.manifest import read_manifest
+from lvd.curate.manifest import manifest_sets, read_manifest
 from lvd.curate.retrieve import read_neighbors
 from lvd.curate.selection import balanced_provenance, resolve_select
 from lvd.curate.runio import atomic_write_json, is_done, open_stage, parquet_fingerprint, remove_stale_temps, write_parquet, write_success
@@ -109,23 +109,32 @@ BALANCED_ONLY = {"from": None, "why": "chosen by the balanced sample; no seed se
 
 
 def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
-    """One row per curated image with everything its sample needs, in shard order."""
-    manifest = read_manifest(run_dir, status=None).set_index("id")
+    """One row per curated image with everything its sample needs, in shard order.
+
+    The manifest is read for the curated images and the seed sets only (filtered part by part
+    in Arrow), so a pool of millions that curates a few costs memory for the few."""
     select = resolve_select(cfg)
     provenance = merge_provenance(read_neighbors(run_dir)) if select in ("retrieve", "both") else {}
     balanced = balanced_provenance(run_dir) if select in ("balanced", "both") else {}
-    classes = class_index(manifest.reset_index())
+    seed_sets = [name for name in manifest_sets(run_dir, status=None) if name.startswith("seed:")]
+    seeds = read_manifest(run_dir, status=None, sets=seed_sets, columns=["id", "set", "label"])
+    classes = class_index(seeds)
     cls_of = {name: i for i, name in enumerate(classes)}
-    seeds = manifest[manifest["set"].str.startswith("seed:")]
-    seed_labels = {int(i): str(v) for i, v in seeds["label"].dropna().items()}
+    seed_labels = {int(i): str(v) for i, v in zip(seeds["id"], seeds["label"]) if not pd.isna(v)}
     ids = np.array(sorted(set(provenance) | set(balanced)), dtype=np.int64)
     if cfg.shards.shuffle:
         ids = ids[np.random.default_rng(int(cfg.seed)).permutation(len(ids))]
+    manifest = read_manifest(run_dir, status=None, ids=ids).set_index("id")
+    missing = np.setdiff1d(ids, manifest.index.to_numpy())
+    if len(missing):
+        raise RuntimeError(f"curated images missing from the manifest: {missing[:5].tolist()}")
+    manifest = manifest.reindex(ids)  # shard order; one lookup for all, not one per image
+    bad = manifest["status"].to_numpy() != "ok"
+    if bad.any():
+        first = int(ids[np.flatnonzero(bad)[0]])
+        raise RuntimeError(f"curated image {first} is quarantined in the manifest: {manifest.loc[first, 'error']}")
     rows = []
-    for id_ in ids.tolist():
-        m = manifest.loc[id_]
-        if m["status"] != "ok":
-            raise RuntimeError(f"curated image {id_} is quarantined in the manifest: {m['error']}")
+    for id_, m in zip(ids.tolist(), manifest.reset_index().to_dict("records")):
         retrievals = provenance.get(id_, [])
         levels = balanced.get(id_)
         own = None if pd.isna(m["label"]) else m["label"]

@@ -147,6 +147,24 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, backend: str, device
     return np.asarray(assign, np.int64), np.asarray(distance, np.float32)
 
 
+def nearest_centroids_blocks(x, centroids: np.ndarray, backend: str, device: str,
+                             block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """`nearest_centroids` of every row of x, read `block_rows` at a time (x: an array or an
+    `index.io.EmbeddingRows` view), so that only one block is ever held as float32."""
+    n = len(x)
+    assign, distance = np.empty(n, np.int64), np.empty(n, np.float32)
+    if n == 0:
+        return assign, distance
+    first = np.asarray(x[slice(0, min(n, block_rows))], np.float32)
+    engine = choose_backend("nearest centroid", centroids, first, 1, metric="l2", backend=backend, device=device)
+    for start in range(0, n, block_rows):
+        block = first if start == 0 else np.asarray(x[slice(start, start + block_rows)], np.float32)
+        d2, nearest = engine.assign(block, centroids)
+        assign[start : start + len(block)] = nearest
+        distance[start : start + len(block)] = d2
+    return assign, distance
+
+
 def rank_within_groups(groups: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Rank of each row among the rows of its group, ordered by `keys` (ties: row index)."""
     n = len(groups)

@@ -226,3 +226,41 @@ def test_a_failed_rerun_leaves_the_finished_clustering_as_it_was(tmp_path, monke
     with pytest.raises(MemoryError):
         cluster.run_cluster(cluster_config(tmp_path, *settings, "cluster.niter=7"))
     assert files() == before
+
+
+def test_training_rows_sample_only_past_the_budget():
+    assert cluster.training_rows(1000, 64, 10, budget=1 << 30, seed=0) is None  # 256 kB of 1 GiB: every row
+    budget = 4 * 64 * 400 * 4  # a quarter of it holds 400 float32 rows of d = 64
+    rows = cluster.training_rows(1000, 64, 10, budget=budget, seed=0)
+    assert len(rows) == 400 and len(np.unique(rows)) == 400 and np.all(np.diff(rows) > 0) and rows.max() < 1000
+    assert len(cluster.training_rows(10**6, 64, 1, budget=budget, seed=0)) == cluster.TRAIN_POINTS_PER_CENTROID
+    with pytest.raises(MemoryError, match="memory_gb"):
+        cluster.training_rows(1000, 64, 500, budget=budget, seed=0)
+
+
+@pytest.mark.parametrize("settings", [("cluster.k=3", "cluster.niter=10"),
+                                      ("cluster.method=hierarchical", "cluster.level_ks=[12]", "cluster.k=3",
+                                       "cluster.resample_steps=[1,0]", "cluster.niter=10")], ids=["flat", "hierarchical"])
+def test_past_the_memory_budget_kmeans_trains_on_a_sample_and_assigns_every_image_in_blocks(tmp_path, monkeypatch,
+                                                                                            settings):
+    truth, vecs = planted_run(tmp_path)
+
+    def whole_matrix(self, dtype=None, copy=None):
+        raise AssertionError("the whole pool was read into memory")
+
+    monkeypatch.setattr(cluster.EmbeddingRows, "__array__", whole_matrix)
+    monkeypatch.setattr(cluster, "DISTANCE_BLOCK", 64)  # several blocks
+    out = cluster.run_cluster(cluster_config(tmp_path, "memory_gb=0.0001", *settings))  # a quarter: ~100 rows of d=64
+    assign = pd.read_parquet(out / "assign.parquet")
+    ids = curated_pool_ids(tmp_path)
+    np.testing.assert_array_equal(assign["id"], ids)
+    success = json.loads((out / "_SUCCESS.json").read_text())
+    assert success["images"] == len(ids) and 12 <= success["trained_on"] < len(ids) // 3
+    assert adjusted_rand_score(truth.loc[assign["id"], "super"], assign["cluster"]) == pytest.approx(1.0)
+    x = np.stack([vecs[truth.index.get_loc(i)] for i in assign["id"]]).astype(np.float16).astype(np.float32)
+    level_one = out / ("level1" if "cluster.method=hierarchical" in settings else "")
+    centroids = np.load(level_one / "centroids.npy")
+    first = pd.read_parquet(level_one / "assign.parquet")
+    d2 = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)  # brute force: every image at its nearest centroid
+    np.testing.assert_array_equal(first["cluster"], d2.argmin(1))
+    np.testing.assert_allclose(first["distance"], d2.min(1), rtol=1e-4, atol=1e-5)

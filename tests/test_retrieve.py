@@ -60,10 +60,22 @@ def run_dir(tmp_path):
     return run, all_ids, all_x.astype(np.float16).astype(np.float32), pool_c
 
 
-def test_sample_mode_matches_brute_force(run_dir):
+@pytest.mark.parametrize("blocks", [False, True], ids=["whole", "blocks"])
+def test_sample_mode_matches_brute_force(run_dir, monkeypatch, blocks):
     run, all_ids, all_x, pool_c = run_dir
+    extra = []
+    if blocks:  # 7 pool rows per block (the last holds 2, fewer than n), and the pool is never read whole
+        import lvd.curate.retrieve as retrieve
+        from lvd.index.io import EmbeddingRows
+
+        def whole_matrix(self, dtype=None, copy=None):
+            raise AssertionError("the whole pool was read into memory")
+
+        monkeypatch.setattr(retrieve, "rows_per_block", lambda *a, **k: 7)
+        monkeypatch.setattr(EmbeddingRows, "__array__", whole_matrix)
+        extra = ["retrieve.per_set.beta.n=3"]  # one pass serves both sets, each with its own n
     cfg = load_config(None, [f"run_dir={run}", "retrieve.mode=sample", "retrieve.n=5", "progress=false",
-                             "retrieve.min_similarity=null"])
+                             "retrieve.min_similarity=null", *extra])
     run_retrieve(cfg)
     got = read_neighbors(run)
     surviving = (all_ids >= 1011) & (all_ids < 5000)
@@ -71,10 +83,11 @@ def test_sample_mode_matches_brute_force(run_dir):
     for seed_id in range(5000, 5005):
         q = all_x[all_ids == seed_id][0]
         sims = base_x @ q
-        top = base_ids[np.argsort(-sims, kind="stable")[:5]]
+        n = 3 if blocks and seed_id >= 5003 else 5  # seeds 5003, 5004 are beta's
+        top = base_ids[np.argsort(-sims, kind="stable")[:n]]
         mine = got[got.seed_id == seed_id].sort_values("rank")
         assert mine["id"].tolist() == top.tolist()
-        assert np.allclose(mine["similarity"], np.sort(sims)[::-1][:5], atol=1e-5)
+        assert np.allclose(mine["similarity"], np.sort(sims)[::-1][:n], atol=1e-5)
         assert (mine["mode"] == "sample").all()
         assert mine["cluster"].tolist() == [int(pool_c[i - 1000]) for i in mine["id"]]
     assert set(got.seed_set) == {"alpha", "beta"}
