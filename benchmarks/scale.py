@@ -4,7 +4,7 @@ For each n it writes a synthetic run folder by the run-folder contract (manifest
 embedding parts of clustered unit vectors, d = 384; 1 % of the pool are planted near-duplicate
 copies at cosine ~0.95, 50 planted copies of eval images, 3 seed sets of 20 seeds), then runs
 `lvd dedup`, `lvd cluster` and `lvd retrieve` as subprocesses, and prints per stage the wall
-seconds, the peak RSS of that subprocess (`os.wait4`), the recall of the planted near-duplicate
+seconds, the peak RSS of that subprocess (its VmHWM), the recall of the planted near-duplicate
 pairs (a pair counts when dedup put both in one component; every planted pair is above the
 threshold in exact search by construction) and the growth exponent between consecutive sizes.
 
@@ -125,18 +125,33 @@ def _pool_rows(run: Path, rows: np.ndarray, start: int, current: np.ndarray) -> 
     return out
 
 
+# The stage's own peak, read in the stage process (VmHWM): the rusage of a child (`wait4`) keeps the
+# high-water mark of the mm it was spawned from, so after a large parent it reports the parent's peak.
+LAUNCH = """import sys
+import lvd.curate.cli as cli
+try:
+    code = cli.main(sys.argv[2:])
+finally:
+    with open('/proc/self/status') as status:
+        peak = next(line for line in status if line.startswith('VmHWM')).split()[1]
+    with open(sys.argv[1], 'w') as out:
+        out.write(peak)
+sys.exit(code)
+"""
+
+
 def run_stage(stage: str, run: Path, extra: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS GiB) of `lvd STAGE` on the run folder."""
-    args = [sys.executable, "-m", "lvd.curate.cli", stage, "default", f"run_dir={run}", "progress=false",
+    peak_file = run / f".peak-{stage}"
+    args = [sys.executable, "-c", LAUNCH, str(peak_file), stage, "default", f"run_dir={run}", "progress=false",
             f"dedup.threshold={THRESHOLD}", f"decontam.threshold={THRESHOLD}", "embed.copy_detection.weights=null",
             f"cluster.k={CLUSTERS}", "retrieve.n=100", *extra]
     started = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = time.perf_counter() - started
-    if status != 0:
-        raise SystemExit(f"lvd {stage} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+    if done.returncode != 0:
+        raise SystemExit(f"lvd {stage} failed: {done.stderr.decode()[-2000:]}")
+    return wall, int(peak_file.read_text()) / 2**20  # VmHWM is in kB
 
 
 def pair_recall(run: Path, pairs: np.ndarray) -> float:
