@@ -255,7 +255,7 @@ def main() -> None:
                 print(f"          {json.dumps(info)}", flush=True)
                 if n in args.faiss_at:
                     faiss_comparison(run, pairs, args.faiss_queries)
-        if not args.keep:
+        if not (args.keep or args.reuse):  # a reused folder was kept on purpose
             shutil.rmtree(run, ignore_errors=True)
 
 
