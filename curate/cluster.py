@@ -48,7 +48,7 @@ from lvd.index.hierarchical import (
     Hierarchy,
     balanced_sample,
     hierarchical_kmeans,
-    nearest_centroids_blocks,
+    nearest_centroids,
     resampled_kmeans,
 )
 from lvd.common.memory import memory_budget
@@ -88,7 +88,7 @@ def sampled_kmeans(view: EmbeddingRows, train: np.ndarray, k: int, **kwargs) -> 
     row of `view` assigned to its nearest centroid block by block."""
     backend, device = kwargs["backend"], kwargs["device"]
     centroids, _, _ = resampled_kmeans(view[train], k, **kwargs)
-    assign, distance = nearest_centroids_blocks(view, centroids, backend, device, DISTANCE_BLOCK)
+    assign, distance = nearest_centroids(view, centroids, backend, device, DISTANCE_BLOCK)
     return centroids, assign, distance
 
 

@@ -195,16 +195,6 @@ def neighbor_rows(sims: np.ndarray, idx: np.ndarray, pool_ids: np.ndarray, seed_
                          "similarity": sims[valid]})
 
 
-def sample_neighbors(pool_x, pool_ids, seed_x, seed_ids, n: int, *, backend="auto", device="cpu",
-                     block_rows: int = 262144):
-    """(seed_id, id, rank, similarity) of the n nearest pool images of every seed image."""
-    k = min(n, len(pool_ids))
-    if k == 0 or len(seed_ids) == 0:
-        return pd.DataFrame({"seed_id": [], "id": [], "rank": [], "similarity": []})
-    sims, idx = top_neighbors(pool_x, seed_x, k, backend=backend, device=device, block_rows=block_rows)
-    return neighbor_rows(sims, idx, pool_ids, seed_ids, k)
-
-
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid (squared L2) for each row, in blocks."""
     c_norm = (centroids.astype(np.float64) ** 2).sum(1)
@@ -303,30 +293,27 @@ def run_retrieve(cfg) -> Path:
         del assign, cluster_by_id
     device = str(resolve_device(cfg.retrieve.device))
 
-    seeds = {}
+    seeds = {}  # set name -> (its manifest rows, the ids with an embedding, their vectors)
     for plan in plans:
         seed_rows = manifest[manifest["set"] == f"seed:{plan.name}"]
         seed_ids = np.intersect1d(seed_rows["id"].to_numpy(np.int64), emb_ids)
         seeds[plan.name] = (seed_rows, seed_ids, EmbeddingRows(run_dir / "embed", _rows_of(emb_ids, seed_ids))[:])
-    # every sample-mode set in one pass over the pool: the seeds of all of them, the largest n
-    sampled = [p for p in plans if p.mode == "sample" and len(seeds[p.name][1])]
-    top = None
-    if sampled and len(pool_ids):
-        all_seeds = np.concatenate([seeds[p.name][2] for p in sampled])
-        top = top_neighbors(pool_x, all_seeds, max(p.n for p in sampled), backend=cfg.retrieve.backend,
-                            device=device, block_rows=block_rows)
-    offsets = dict(zip([p.name for p in sampled], np.cumsum([0] + [len(seeds[p.name][1]) for p in sampled])))
+    # every sample-mode set in one pass over the pool: the seeds of all of them, to the largest n
+    sampled = [p for p in plans if p.mode == "sample"]
+    top = {}
+    bounds = np.cumsum([0] + [len(seeds[p.name][1]) for p in sampled])
+    if len(pool_ids) and bounds[-1]:
+        sims, idx = top_neighbors(pool_x, np.concatenate([seeds[p.name][2] for p in sampled]),
+                                  max(p.n for p in sampled), backend=cfg.retrieve.backend, device=device,
+                                  block_rows=block_rows)
+        top = {p.name: (sims[a:b], idx[a:b]) for p, a, b in zip(sampled, bounds[:-1], bounds[1:])}
 
     frames, set_floors = [], {}
     for plan in plans:
         seed_rows, seed_ids, seed_x = seeds[plan.name]
         if plan.mode == "sample":
-            if top is None or plan.name not in offsets:
-                rows = sample_neighbors(pool_x, pool_ids, seed_x, seed_ids, plan.n)  # nothing to search
-            else:
-                lo = offsets[plan.name]
-                rows = neighbor_rows(top[0][lo : lo + len(seed_ids)], top[1][lo : lo + len(seed_ids)], pool_ids,
-                                     seed_ids, min(plan.n, len(pool_ids)))
+            none = (np.zeros((len(seed_ids), 0), np.float32), np.zeros((len(seed_ids), 0), np.int64))
+            rows = neighbor_rows(*top.get(plan.name, none), pool_ids, seed_ids, plan.n)
             rows["cluster"] = (pd.Series(pool_cluster, index=pool_ids).reindex(rows["id"]).to_numpy() if pool_cluster is not None else -1)
         else:
             if pool_cluster is None:

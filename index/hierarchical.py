@@ -140,17 +140,10 @@ def _seeded_kmeans(x, k, *, niter, seed, spherical, backend, device, checkpoint=
                   checkpoint=checkpoint)
 
 
-def nearest_centroids(x: np.ndarray, centroids: np.ndarray, backend: str, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (squared L2) of every row of x: (assign, distance)."""
-    engine = choose_backend("nearest centroid", centroids, x, 1, metric="l2", backend=backend, device=device)
-    distance, assign = engine.assign(x, centroids)
-    return np.asarray(assign, np.int64), np.asarray(distance, np.float32)
-
-
-def nearest_centroids_blocks(x, centroids: np.ndarray, backend: str, device: str,
-                             block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """`nearest_centroids` of every row of x, read `block_rows` at a time (x: an array or an
-    `index.io.EmbeddingRows` view), so that only one block is ever held as float32."""
+def nearest_centroids(x, centroids: np.ndarray, backend: str, device: str,
+                      block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (squared L2) of every row of x: (assign, distance). x is an array or an
+    `index.io.EmbeddingRows` view, read `block_rows` at a time, so only one block is held as float32."""
     n = len(x)
     assign, distance = np.empty(n, np.int64), np.empty(n, np.float32)
     if n == 0:
