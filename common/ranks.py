@@ -33,19 +33,26 @@ def rank_slice(n: int, ranks: Ranks) -> slice:
 
 
 def gather_rows(array: np.ndarray, ranks: Ranks) -> np.ndarray:
-    """Every rank's rows concatenated in rank order, on every rank (shapes may differ in length)."""
+    """Every rank's rows concatenated in rank order, on every rank (shapes may differ in length).
+
+    The rows travel as bytes, so any numeric dtype goes through (gloo has no int16, which the
+    list join's probes use)."""
     if ranks.world == 1:
         return array
+    array = np.ascontiguousarray(array)
+    row_shape, dtype = array.shape[1:], array.dtype
+    raw = array.reshape(len(array), int(np.prod(row_shape, dtype=np.int64))).view(np.uint8)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    local = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    local = torch.from_numpy(raw).to(device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(ranks.world)]
     dist.all_gather(sizes, torch.tensor([len(local)], dtype=torch.int64, device=device))
     longest = int(max(int(n) for n in sizes))
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded = torch.zeros((longest, raw.shape[1]), dtype=local.dtype, device=device)
     padded[: len(local)] = local
     slots = [torch.empty_like(padded) for _ in range(ranks.world)]
     dist.all_gather(slots, padded)
-    return np.concatenate([slot[: int(n)].cpu().numpy() for slot, n in zip(slots, sizes)])
+    rows = np.concatenate([slot[: int(n)].cpu().numpy() for slot, n in zip(slots, sizes)])
+    return rows.view(dtype).reshape(len(rows), *row_shape)
 
 
 def broadcast_array(array: np.ndarray | None, ranks: Ranks, src: int = 0) -> np.ndarray:

@@ -20,6 +20,16 @@ import scipy.sparse.csgraph
 DEFAULT_BLOCK_ENTRIES = 1 << 26
 
 
+def cells_at_least(scores: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) int64 of the entries of a 2-D block >= threshold, row-major order.
+
+    One flat scan: numpy's 2-D `nonzero` took ~9x longer on a (19k, 790) similarity block with
+    few hits (37 ms, against 4 ms here), more than the product that made the block."""
+    flat = np.flatnonzero(np.asarray(scores).reshape(-1) >= threshold)
+    rows, cols = np.divmod(flat, scores.shape[1])
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
 def knn_edges(similarities: np.ndarray, neighbors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Edges (row, neighbour) of a k-NN graph whose similarity is >= threshold.
 
@@ -61,9 +71,9 @@ def pairs_above(
             cols = diag + start
             inside = cols < sims.shape[1]
             sims[diag[inside], cols[inside]] = -np.inf
-        q, b = np.nonzero(sims >= threshold)
-        qs.append(q.astype(np.int64) + start)
-        bs.append(b.astype(np.int64))
+        q, b = cells_at_least(sims, threshold)
+        qs.append(q + start)
+        bs.append(b)
         ss.append(sims[q, b].astype(np.float32))
     if not qs:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)

@@ -26,10 +26,13 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
+import faiss
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from lvd.index import ivf_switch
+from lvd.index.components import cells_at_least
 from lvd.index.kmeans import kmeans
 
 log = logging.getLogger(__name__)
@@ -110,8 +113,8 @@ def nearest_lists(x: np.ndarray, quantizer: Quantizer, nprobe: int) -> np.ndarra
     """(len(x), nprobe) int32 lists of each row, nearest first (by inner product)."""
     x = np.ascontiguousarray(x, np.float32)
     nprobe = min(nprobe, quantizer.nlist)
-    if quantizer.top is None:
-        return _top_columns(x @ quantizer.centroids.T, np.arange(quantizer.nlist), nprobe)
+    if quantizer.top is None:  # Faiss's blocked product and heaps: no (rows, nlist) score block is held
+        return faiss.knn(x, quantizer.centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)[1].astype(np.int32)
     bounds = quantizer.bounds
     width = int(np.diff(bounds).max())
     tp = min(TOP_PROBE, len(quantizer.top))
@@ -128,19 +131,25 @@ def nearest_lists(x: np.ndarray, quantizer: Quantizer, nprobe: int) -> np.ndarra
 
 
 def _top_columns(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """ids of each row's k best scores, best first (`ids` one row for all, or per row)."""
+    """ids of each row's k best scores, best first (`ids` one row for all, or per row).
+
+    torch's top-k runs on every core; numpy's argpartition of a block's scores took longer than
+    the product itself (benchmarks/list_assign.py)."""
     k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.argsort(-scores, axis=1)
-    order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable")
-    best = np.take_along_axis(part, order, 1)
+    best = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1, sorted=True).indices.numpy()
     picked = ids[best] if ids.ndim == 1 else np.take_along_axis(ids, best, 1)
     return picked.astype(np.int32)
 
 
+def list_dtype(nlist: int) -> np.dtype:
+    """The narrowest integer that numbers `nlist` lists: the probes are n * nprobe of them."""
+    return np.dtype(np.int16 if nlist <= np.iinfo(np.int16).max + 1 else np.int32)
+
+
 def probe_lists(view, quantizer: Quantizer, nprobe: int, *, block_rows: int = 16384,
                 progress: bool = False) -> np.ndarray:
-    """(n, nprobe) int32 nearest lists of every row of `view`, read block by block."""
-    out = np.empty((len(view), min(nprobe, quantizer.nlist)), np.int32)
+    """(n, nprobe) nearest lists of every row of `view` (`list_dtype`), read block by block."""
+    out = np.empty((len(view), min(nprobe, quantizer.nlist)), list_dtype(quantizer.nlist))
     for start, block in tqdm(view.blocks(block_rows), total=math.ceil(len(view) / block_rows), desc="assign lists",
                              unit="block", disable=not progress):
         out[start : start + len(block)] = nearest_lists(block, quantizer, nprobe)
@@ -269,7 +278,7 @@ def join_lists(view, probes: np.ndarray, nprobe: int, threshold: float, *, k: in
             sims = x[np.searchsorted(needed, query)] @ x[np.searchsorted(needed, base)].T
             own = np.flatnonzero(probes[query, 0] == lst)  # queries that are members: not their own pair
             sims[own, np.searchsorted(base, query[own])] = -np.inf
-            a, b = np.nonzero(sims >= threshold)
+            a, b = cells_at_least(sims, threshold)
             if len(a) == 0:
                 continue
             s = sims[a, b]
@@ -382,7 +391,7 @@ def near_pairs(view, threshold: float, k: int, *, memory_budget: int, seed: int 
     times["train"] = time.perf_counter() - started
     width = 1 if quantizer.bounds is None else int(np.diff(quantizer.bounds).max()) * TOP_PROBE
     block = rows_per_block(memory_budget, 4 * d + 12 * max(width, quantizer.nlist if quantizer.top is None else 0))
-    most = NPROBES[-1] if n * NPROBES[-1] * 4 <= memory_budget // 8 else NPROBES[-2]
+    most = NPROBES[-1] if n * NPROBES[-1] * list_dtype(nlist).itemsize <= memory_budget // 8 else NPROBES[-2]
     probes = gather_rows(probe_lists(view.subset(rank_slice(n, ranks)), quantizer, most,
                                      block_rows=min(block, 65536), progress=progress), ranks)
     times["assign"] = time.perf_counter() - started - times["train"]

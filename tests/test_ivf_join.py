@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lvd.index import ivf_join
-from lvd.index.components import connected_components
+from lvd.index.components import cells_at_least, connected_components
 from lvd.index.io import EmbeddingRows
 
 
@@ -131,3 +131,17 @@ def test_threshold_copies_sit_at_the_threshold():
     u = (y - 0.8 * x) / 0.6  # unit directions orthogonal to their rows, drawn independently
     np.testing.assert_allclose((u * x).sum(1), 0.0, atol=1e-5)
     assert abs((u @ u.T)[np.triu_indices(200, 1)].mean()) < 0.02
+
+
+def test_lists_are_numbered_in_the_narrowest_integer_and_cells_found_like_numpy():
+    assert ivf_join.list_dtype(32768) == np.int16 and ivf_join.list_dtype(32769) == np.int32
+    x = _pool(n=500, d=16, copies=20, seed=2)
+    quantizer = ivf_join.Quantizer(x[:40].copy())
+    lists = ivf_join.nearest_lists(x, quantizer, 5)
+    np.testing.assert_array_equal(lists[:, 0], (x @ x[:40].T).argmax(1))
+    sims = x @ x.T
+    rows, cols = cells_at_least(sims, 0.8)
+    ref_rows, ref_cols = np.nonzero(sims >= 0.8)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_array_equal(cols, ref_cols)
+    assert len(rows) > 500  # the diagonal and the copies
