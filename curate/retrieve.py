@@ -26,9 +26,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch.distributed as dist
 
 from lvd.common.memory import memory_budget, rows_per_block
 from lvd.curate.manifest import manifest_sets, read_manifest
+from lvd.curate.ranks import Ranks, join_ranks, rank_device, rank_slice, torchrun_main
 from lvd.curate.stage import StageOutputs
 from lvd.curate.runio import (is_done, open_stage, parquet_fingerprint, stage_fingerprint,
                               write_parquet)
@@ -161,10 +163,24 @@ def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return rows
 
 
-def top_neighbors(pool_x, seed_x, k: int, *, backend="auto", device="cpu", block_rows: int = 262144):
+def best_columns(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (similarity, row) of each line of candidates, best first, ties to the lower
+    row; empty slots (-inf, or row -1) come last as (-inf, -1). Merging per-block or per-rank
+    best lists with it gives what one pass over all the rows gives."""
+    sims = np.asarray(sims, np.float32)
+    empty = ~np.isfinite(sims) | (idx < 0)
+    sims = np.where(empty, -np.inf, sims).astype(np.float32)
+    idx = np.where(empty, np.iinfo(np.int64).max, idx)
+    order = np.lexsort((idx, -sims), axis=1)[:, :k]
+    best_s, best_i = np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
+    return best_s, np.where(np.isfinite(best_s), best_i, -1)
+
+
+def top_neighbors(pool_x, seed_x, k: int, *, backend="auto", device="cpu", block_rows: int = 262144, offset: int = 0):
     """(similarity, pool row) [q, k] of the k most similar pool rows of every seed, best first
     (ties: lower row), reading `pool_x` (an array or an `index.io.EmbeddingRows` view)
-    `block_rows` at a time and keeping the running best, so the pool is never held whole."""
+    `block_rows` at a time and keeping the running best, so the pool is never held whole.
+    `offset` is added to the rows (a rank's slice of a larger pool)."""
     from lvd.index.knn import search
 
     n, q = len(pool_x), len(seed_x)
@@ -175,13 +191,32 @@ def top_neighbors(pool_x, seed_x, k: int, *, backend="auto", device="cpu", block
         block = np.asarray(pool_x[slice(start, start + block_rows)], np.float32)
         kb = min(k, len(block))
         sims, idx = search(block, seed_x, kb, metric="ip", method="exact", backend=backend, device=device)
-        sims = np.where(idx >= 0, sims, -np.inf).astype(np.float32)
-        idx = np.where(idx >= 0, idx + start, np.iinfo(np.int64).max)
-        both_s, both_i = np.concatenate([best_s, sims], 1), np.concatenate([best_i, idx], 1)
-        order = np.lexsort((both_i, -both_s), axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(both_s, order, 1), np.take_along_axis(both_i, order, 1)
-    best_i = np.where(np.isfinite(best_s), best_i, -1)
+        idx = np.where(idx >= 0, idx + start + offset, -1)
+        best_s, best_i = best_columns(np.concatenate([best_s, sims], 1), np.concatenate([best_i, idx], 1), k)
     return best_s, best_i
+
+
+def gather_neighbors(sims: np.ndarray, idx: np.ndarray, k: int, ranks, *,
+                     memory_budget: int = 1 << 30) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's `top_neighbors` of its slice of the pool merged into the k best over the
+    whole pool, on every rank. Each rank sends q * k pairs, not its rows, a run of seeds at a
+    time so that the world's candidates for one run take an eighth of `memory_budget`."""
+    from lvd.common.ranks import gather_rows
+
+    if ranks.world == 1:
+        return sims, idx
+    q, have = sims.shape
+    pad = k - have  # a slice shorter than k gives fewer columns
+    sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf).astype(np.float32)
+    idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1).astype(np.int64)
+    run = max(1, memory_budget // (8 * ranks.world * max(1, k) * 12))
+    for start in range(0, q, run):
+        part = slice(start, min(q, start + run))
+        width = part.stop - part.start
+        all_s = gather_rows(sims[part], ranks).reshape(ranks.world, width, k).transpose(1, 0, 2)
+        all_i = gather_rows(idx[part], ranks).reshape(ranks.world, width, k).transpose(1, 0, 2)
+        sims[part], idx[part] = best_columns(all_s.reshape(width, -1), all_i.reshape(width, -1), k)
+    return sims, idx
 
 
 def neighbor_rows(sims: np.ndarray, idx: np.ndarray, pool_ids: np.ndarray, seed_ids: np.ndarray, n: int) -> pd.DataFrame:
@@ -263,19 +298,34 @@ def _cluster_of(run_dir: Path) -> pd.DataFrame | None:
 
 
 def run_retrieve(cfg) -> Path:
-    """Write retrieve/neighbors.parquet for every configured seed set."""
+    """Write retrieve/neighbors.parquet for every configured seed set.
+
+    Under torchrun (`python -m lvd.curate.retrieve CONFIG`) every rank searches its slice of the
+    pool for every sample-mode seed set; rank 0 merges the ranks' best lists (exactly what one
+    pass over the whole pool keeps), draws the cluster-mode sets and writes.
+    """
+    ranks = join_ranks(cfg.retrieve.device)
+    try:
+        return _run_retrieve(cfg, ranks)
+    finally:
+        if ranks.owns_group:
+            dist.destroy_process_group()
+
+
+def _run_retrieve(cfg, ranks: Ranks) -> Path:
     from lvd.curate.dedup import curated_pool_ids
-    from lvd.index.backends import resolve_device
     from lvd.index.io import EmbeddingRows, load_embedding_ids
 
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    out = open_stage(cfg, STAGE)
+    out = open_stage(cfg, STAGE) if ranks.rank == 0 else run_dir / STAGE
+    ranks.barrier()
     fp = _stage_fingerprint(cfg, run_dir)
     target = out / "neighbors.parquet"
     if not cfg.overwrite and is_done(out) and parquet_fingerprint(target) == fp:
         log.info("retrieve: up to date")
         return out
+    ranks.barrier()  # every rank has checked the finished file before rank 0 replaces it
 
     seed_sets = [name.split(":", 1)[1] for name in manifest_sets(run_dir) if name.startswith("seed:")]
     plans = set_plans(cfg, seed_sets)
@@ -284,29 +334,36 @@ def run_retrieve(cfg) -> Path:
     emb_ids = load_embedding_ids(run_dir / "embed")
     pool_ids = np.intersect1d(curated_pool_ids(run_dir), emb_ids)
     pool_x = EmbeddingRows(run_dir / "embed", _rows_of(emb_ids, pool_ids))  # read in blocks, never whole
-    block_rows = rows_per_block(memory_budget(cfg.get("memory_gb", "auto")), 4 * max(1, pool_x.dim))
-    assign = _cluster_of(run_dir)
-    pool_cluster = None
-    if assign is not None:
-        cluster_by_id = pd.Series(assign["cluster"].to_numpy(), index=assign["id"].to_numpy())
-        pool_cluster = cluster_by_id.reindex(pool_ids).fillna(-1).astype(np.int64).to_numpy()
-        del assign, cluster_by_id
-    device = str(resolve_device(cfg.retrieve.device))
+    budget = memory_budget(cfg.get("memory_gb", "auto"))
+    block_rows = rows_per_block(budget, 4 * max(1, pool_x.dim))
+    device = str(rank_device(cfg.retrieve.device, ranks))
 
     seeds = {}  # set name -> (its manifest rows, the ids with an embedding, their vectors)
     for plan in plans:
         seed_rows = manifest[manifest["set"] == f"seed:{plan.name}"]
         seed_ids = np.intersect1d(seed_rows["id"].to_numpy(np.int64), emb_ids)
         seeds[plan.name] = (seed_rows, seed_ids, EmbeddingRows(run_dir / "embed", _rows_of(emb_ids, seed_ids))[:])
-    # every sample-mode set in one pass over the pool: the seeds of all of them, to the largest n
+    # every sample-mode set in one pass over the pool (each rank its slice): the seeds of all of them, to the largest n
     sampled = [p for p in plans if p.mode == "sample"]
     top = {}
     bounds = np.cumsum([0] + [len(seeds[p.name][1]) for p in sampled])
     if len(pool_ids) and bounds[-1]:
-        sims, idx = top_neighbors(pool_x, np.concatenate([seeds[p.name][2] for p in sampled]),
-                                  max(p.n for p in sampled), backend=cfg.retrieve.backend, device=device,
-                                  block_rows=block_rows)
+        k = min(max(p.n for p in sampled), len(pool_ids))
+        mine = rank_slice(len(pool_ids), ranks)
+        sims, idx = top_neighbors(pool_x.subset(mine), np.concatenate([seeds[p.name][2] for p in sampled]), k,
+                                  backend=cfg.retrieve.backend, device=device, block_rows=block_rows,
+                                  offset=mine.start)
+        sims, idx = gather_neighbors(sims, idx, k, ranks, memory_budget=budget)
         top = {p.name: (sims[a:b], idx[a:b]) for p, a, b in zip(sampled, bounds[:-1], bounds[1:])}
+    if ranks.rank != 0:  # a helper rank: its slice searched, nothing written
+        ranks.barrier()  # rank 0 commits
+        return out
+    assign = _cluster_of(run_dir)
+    pool_cluster = None
+    if assign is not None:
+        cluster_by_id = pd.Series(assign["cluster"].to_numpy(), index=assign["id"].to_numpy())
+        pool_cluster = cluster_by_id.reindex(pool_ids).fillna(-1).astype(np.int64).to_numpy()
+        del assign, cluster_by_id
 
     frames, set_floors = [], {}
     for plan in plans:
@@ -363,12 +420,23 @@ def run_retrieve(cfg) -> Path:
         staged.commit(
             seed_sets={p.name: {"mode": p.mode, "n": p.n, "m": p.m, "target": p.target, **set_floors[p.name]} for p in plans},
             pool_candidates=int(len(pool_ids)),
+            world_size=ranks.world,
             rows=int(len(neighbors)),
             distinct_images=int(neighbors["id"].nunique()) if len(neighbors) else 0,
             seconds=round(time.time() - started, 3),
         )
+    ranks.barrier()
     return out
 
 
 def read_neighbors(run_dir) -> pd.DataFrame:
     return pq.read_table(Path(run_dir) / STAGE / "neighbors.parquet").to_pandas()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lvd.curate.retrieve CONFIG [key=value ...]`: the entry point for torchrun."""
+    return torchrun_main(run_retrieve, "lvd.curate.retrieve", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

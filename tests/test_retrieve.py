@@ -201,3 +201,58 @@ def test_byte_identical_seeds_do_not_raise_the_auto_floor(run_dir):
     beta = read_neighbors(run).query("seed_set == 'beta'")
     assert beta["floor"].isna().all() and len(beta) == 10  # one distinct seed: no floor, nothing rejected
     assert np.allclose(np.sort(beta["similarity"].to_numpy())[-1], np.max(all_x[(all_ids >= 1011) & (all_ids < 5000)] @ x), atol=1e-3)
+
+
+def test_best_columns_merges_candidate_lists_like_one_sort():
+    from lvd.curate.retrieve import best_columns
+
+    rng = np.random.default_rng(3)
+    sims = rng.choice([0.1, 0.5, 0.5, 0.9], size=(6, 12)).astype(np.float32)  # many ties
+    idx = np.stack([rng.permutation(40)[:12] for _ in range(6)]).astype(np.int64)
+    idx[0, :3] = -1  # empty slots (a short slice) sort last whatever their similarity
+    got_s, got_i = best_columns(sims, idx, 5)
+    for r in range(6):
+        cand = sorted((-float(s), int(i)) for s, i in zip(sims[r], idx[r]) if i >= 0)[:5]
+        assert got_i[r].tolist() == [i for _, i in cand]
+        np.testing.assert_array_equal(got_s[r], np.array([-s for s, _ in cand], np.float32))
+    short_s, short_i = best_columns(sims[:1, :4], idx[:1, :4], 3)  # 3 empties and one row: one found, two empty
+    assert short_i.tolist() == [[int(idx[0, 3]), -1, -1]] and np.isneginf(short_s[0, 1:]).all()
+
+
+def test_two_torchrun_ranks_retrieve_like_one_process(run_dir, tmp_path):
+    """`python -m lvd.curate.retrieve` under torchrun: 2 gloo ranks each search half the pool;
+    neighbors.parquet equals one process's (a sample-mode and a cluster-mode set)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    run, all_ids, all_x, _ = run_dir
+    two = tmp_path / "two"
+    shutil.copytree(run, two)
+    settings = ["retrieve.n=7", "retrieve.per_set.beta.mode=cluster", "retrieve.per_set.beta.m=9", "progress=false",
+                "retrieve.min_similarity=null",
+                "memory_gb=0.000003"]  # seeds gathered 2 at a time
+    run_retrieve(load_config(None, [f"run_dir={run}", *settings]))
+    config_file = tmp_path / "two.yaml"
+    OmegaConf.save(load_config(None, [f"run_dir={two}", *settings]), config_file)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "lvd.curate.retrieve", str(config_file)]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, sharded = read_neighbors(run), read_neighbors(two)
+    pd.testing.assert_frame_equal(sharded, one)
+    assert set(one["mode"]) == {"sample", "cluster"}
+    import json
+
+    assert json.loads((two / "retrieve" / "_SUCCESS.json").read_text())["world_size"] == 2
+    # and the sharded nearest neighbours are brute force's
+    surviving = (all_ids >= 1011) & (all_ids < 5000)
+    base_ids, base_x = all_ids[surviving], all_x[surviving]
+    for seed_id in (5000, 5001, 5002):
+        sims = base_x @ all_x[all_ids == seed_id][0]
+        got = sharded[(sharded.seed_id == seed_id) & (sharded["mode"] == "sample")].sort_values("rank")
+        assert got["id"].tolist() == base_ids[np.argsort(-sims, kind="stable")[:7]].tolist()
