@@ -83,13 +83,20 @@ def training_rows(n: int, dim: int, k: int, budget: int, seed: int) -> np.ndarra
     return np.sort(np.random.default_rng([seed, 11]).choice(n, m, replace=False))
 
 
-def sampled_kmeans(view: EmbeddingRows, train: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sampled_kmeans(view: EmbeddingRows, train: np.ndarray, k: int, *, ranks: Ranks | None = None,
+                   **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centroids, assign, squared distance): `resampled_kmeans` on the training rows, then every
-    row of `view` assigned to its nearest centroid block by block."""
+    row of `view` assigned to its nearest centroid block by block. Under torchrun each rank
+    iterates over its slice of the sample and assigns its slice of the rows."""
     backend, device = kwargs["backend"], kwargs["device"]
-    centroids, _, _ = resampled_kmeans(view[train], k, **kwargs)
-    assign, distance = nearest_centroids(view, centroids, backend, device, DISTANCE_BLOCK)
-    return centroids, assign, distance
+    if ranks is None or ranks.world == 1:
+        centroids, _, _ = resampled_kmeans(view[train], k, **kwargs)
+        assign, distance = nearest_centroids(view, centroids, backend, device, DISTANCE_BLOCK)
+        return centroids, assign, distance
+    centroids, _, _ = distributed_resampled_kmeans(view.subset(train), k, ranks=ranks, **kwargs)
+    assign, distance = nearest_centroids(view.subset(rank_slice(len(view), ranks)), centroids, backend, device,
+                                         DISTANCE_BLOCK)
+    return centroids, gather_rows(assign, ranks), gather_rows(distance, ranks)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -213,9 +220,8 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
             _write_empty(staged, out, view.dim, fp, balanced_fp, settings, started)
         ranks.barrier()
         return out
-    train = None
-    if ranks.world == 1:
-        train = training_rows(n, view.dim, ks[0], memory_budget(cfg.get("memory_gb", "auto")), int(cfg.seed))
+    # each rank holds its slice: the world's budget against the whole pool
+    train = training_rows(n, view.dim, ks[0], memory_budget(cfg.get("memory_gb", "auto")) * ranks.world, int(cfg.seed))
     x = np.asarray(view) if ranks.world == 1 and train is None else None
     device = str(rank_device(str(c.device), ranks))
     log.info("cluster: %s k-means of %d images, levels %s%s%s", c.method, n, ks,
@@ -226,10 +232,10 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
         checkpoint = out / "kmeans-checkpoint.npz"
         kwargs = dict(niter=int(c.niter), seed=int(cfg.seed), spherical=bool(c.spherical), backend=str(c.backend),
                       device=device, checkpoint=None if cfg.get("overwrite", False) else checkpoint)
-        if ranks.world > 1:
+        if train is not None:
+            centroids, labels, distance = sampled_kmeans(view, train, ks[0], ranks=ranks, **kwargs)
+        elif ranks.world > 1:
             centroids, labels, distance = distributed_kmeans(view, ks[0], ranks, **kwargs)
-        elif train is not None:
-            centroids, labels, distance = sampled_kmeans(view, train, ks[0], **kwargs)
         else:
             centroids, labels, distance = resampled_kmeans(x, ks[0], **kwargs)
         ranks.barrier()  # every rank is done with the checkpoint
@@ -255,12 +261,12 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
         if done:
             log.info("cluster: reusing %d finished level(s)", len(done))
         first_level = None
-        if ranks.world > 1:  # level 1 clusters every image: spread it over the ranks; the levels above are small
+        if train is not None:  # level 1 (and its resampling) on the sample; every image assigned in blocks
+            first_level = partial(sampled_kmeans, view, train, ranks=ranks, niter=int(c.niter),
+                                  spherical=bool(c.spherical), backend=str(c.backend), device=device)
+        elif ranks.world > 1:  # level 1 clusters every image: spread it over the ranks; the levels above are small
             first_level = partial(distributed_resampled_kmeans, view, ranks=ranks, niter=int(c.niter),
                                   spherical=bool(c.spherical), backend=str(c.backend), device=device)
-        elif train is not None:  # level 1 (and its resampling) on the sample; every image assigned in blocks
-            first_level = partial(sampled_kmeans, view, train, niter=int(c.niter), spherical=bool(c.spherical),
-                                  backend=str(c.backend), device=device)
         hierarchy = hierarchical_kmeans(
             view if x is None else x, ks, niter=int(c.niter), resampling_steps=_plain(c.resample_steps),
             sample_size=_plain(c.resample_size), seed=int(cfg.seed), spherical=bool(c.spherical),
@@ -268,7 +274,7 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
         levels = [(hierarchy.labels(t), hierarchy.centroids[t - 1]) for t in range(1, len(ks) + 1)]
         if ranks.world > 1:
             mine = rank_slice(n, ranks)
-            local = view[mine]
+            local = view.subset(mine)  # read block by block, as the single process reads the view
             distances = [gather_rows(squared_distances(local, cents, labels[mine]), ranks) for labels, cents in levels]
             if ranks.rank != 0:
                 ranks.barrier()  # rank 0 writes

@@ -171,9 +171,17 @@ HIERARCHICAL = ("cluster.method=hierarchical", "cluster.level_ks=[12]", "cluster
                 "cluster.balanced_sample=60", "cluster.niter=8", "cluster.device=cpu")
 
 
-@pytest.mark.parametrize("settings", [FLAT, HIERARCHICAL], ids=["flat", "hierarchical"])
-def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings):
-    """`python -m lvd.curate.cluster` under torchrun: 2 gloo ranks, each reading and iterating over half the rows."""
+# memory_gb of the one process and of each of two ranks: none, or past the budget (k-means on a
+# sample; the two ranks' budgets add up to the one process's, so both draw the same sample)
+SAMPLED = (("memory_gb=0.0002",), ("memory_gb=0.0001",))
+
+
+@pytest.mark.parametrize("settings,budgets", [(FLAT, ((), ())), (HIERARCHICAL, ((), ())), (FLAT, SAMPLED),
+                                              (HIERARCHICAL, SAMPLED)],
+                         ids=["flat", "hierarchical", "flat-sampled", "hierarchical-sampled"])
+def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings, budgets):
+    """`python -m lvd.curate.cluster` under torchrun: 2 gloo ranks, each reading and iterating over half the rows
+    (or, past the budget, half the sample, then assigning half the rows)."""
     import os
     import subprocess
     import sys
@@ -182,9 +190,9 @@ def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings):
 
     for name in ("one", "two"):
         planted_run(tmp_path / name)
-    one = cluster.run_cluster(cluster_config(tmp_path / "one", *settings))
+    one = cluster.run_cluster(cluster_config(tmp_path / "one", *settings, *budgets[0]))
     config_file = tmp_path / "two.yaml"
-    OmegaConf.save(cluster_config(tmp_path / "two", *settings), config_file)
+    OmegaConf.save(cluster_config(tmp_path / "two", *settings, *budgets[1]), config_file)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lvd.curate.cluster",
            str(config_file)]
@@ -208,6 +216,8 @@ def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings):
         np.testing.assert_array_equal(np.load(two / "level2" / "parents.npy"), np.load(one / "level2" / "parents.npy"))
     success = json.loads((two / "_SUCCESS.json").read_text())
     assert success["world_size"] == 2 and success["images"] == len(pd.read_parquet(one / "assign.parquet"))
+    assert (success["trained_on"] < success["images"]) == bool(budgets[1])
+    assert success["trained_on"] == json.loads((one / "_SUCCESS.json").read_text())["trained_on"]
     assert not (two / "kmeans-checkpoint.npz").exists()
 
 
