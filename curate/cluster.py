@@ -33,14 +33,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch.distributed as dist
 from omegaconf import ListConfig
 
 from lvd.curate.config import as_list
 from lvd.curate.dedup import curated_pool_ids, rows_of
 from lvd.curate.selection import balanced_size
 from lvd.curate.stage import StageOutputs
-from lvd.curate.ranks import Ranks, gather_rows, join_ranks, rank_device, rank_slice, torchrun_main
+from lvd.curate.ranks import Ranks, gather_rows, in_ranks, rank_device, rank_slice, torchrun_main
 from lvd.index.kmeans_distributed import distributed_kmeans, distributed_resampled_kmeans
 from lvd.curate.runio import (atomic_path, fingerprint, is_done, open_stage, read_success,
                               stage_fingerprint, write_frame, write_success)
@@ -156,12 +155,7 @@ def run_cluster(cfg) -> Path:
     same files as one process would. Levels above the first cluster centroids (few rows) and
     run the same on every rank.
     """
-    ranks = join_ranks(cfg.cluster.device)
-    try:
-        return _run_cluster(cfg, ranks)
-    finally:
-        if ranks.owns_group:
-            dist.destroy_process_group()
+    return in_ranks(_run_cluster, cfg, cfg.cluster.device)
 
 
 def _run_cluster(cfg, ranks: Ranks) -> Path:

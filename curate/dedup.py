@@ -38,13 +38,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from lvd.curate.dedup_space import DedupSpace, resolve_thresholds
 from lvd.curate.embed import weights_record
 from lvd.curate.manifest import read_manifest
-from lvd.curate.ranks import Ranks, gather_rows, join_ranks, rank_slice, torchrun_main
+from lvd.curate.ranks import Ranks, gather_rows, in_ranks, rank_slice, torchrun_main
 from lvd.curate.stage import StageOutputs
 from lvd.curate.workers import show_progress
 from lvd.curate.runio import (fingerprint, is_done, open_stage, parquet_fingerprint, read_success,
@@ -234,12 +233,7 @@ def run_dedup(cfg) -> Path:
     inverted lists and checks its share of the pool against the eval sets; rank 0 groups the
     pairs and writes the same files one process would.
     """
-    ranks = join_ranks(cfg.dedup.device)
-    try:
-        return _run_dedup(cfg, ranks)
-    finally:
-        if ranks.owns_group:
-            dist.destroy_process_group()
+    return in_ranks(_run_dedup, cfg, cfg.dedup.device)
 
 
 def _run_dedup(cfg, ranks: Ranks) -> Path:

@@ -35,6 +35,17 @@ def join_ranks(device_pref) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 
+def in_ranks(stage, cfg, device_pref):
+    """`stage(cfg, ranks)` inside the torchrun group when there is one (joined here, and left
+    when the stage returns or fails), else in one process."""
+    ranks = join_ranks(device_pref)
+    try:
+        return stage(cfg, ranks)
+    finally:
+        if ranks.owns_group:
+            dist.destroy_process_group()
+
+
 def rank_device(device_pref, ranks: Ranks) -> torch.device:
     device = resolve_device(device_pref)
     if device.type == "cuda" and device.index is None and ranks.world > 1:

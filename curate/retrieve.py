@@ -26,11 +26,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch.distributed as dist
 
 from lvd.common.memory import memory_budget, rows_per_block
 from lvd.curate.manifest import manifest_sets, read_manifest
-from lvd.curate.ranks import Ranks, join_ranks, rank_device, rank_slice, torchrun_main
+from lvd.curate.ranks import Ranks, in_ranks, rank_device, rank_slice, torchrun_main
 from lvd.curate.stage import StageOutputs
 from lvd.curate.runio import (is_done, open_stage, parquet_fingerprint, stage_fingerprint,
                               write_parquet)
@@ -304,12 +303,7 @@ def run_retrieve(cfg) -> Path:
     pool for every sample-mode seed set; rank 0 merges the ranks' best lists (exactly what one
     pass over the whole pool keeps), draws the cluster-mode sets and writes.
     """
-    ranks = join_ranks(cfg.retrieve.device)
-    try:
-        return _run_retrieve(cfg, ranks)
-    finally:
-        if ranks.owns_group:
-            dist.destroy_process_group()
+    return in_ranks(_run_retrieve, cfg, cfg.retrieve.device)
 
 
 def _run_retrieve(cfg, ranks: Ranks) -> Path:
