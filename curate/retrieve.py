@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from lvd.common.memory import memory_budget, rows_per_block
 from lvd.curate.manifest import manifest_sets, read_manifest
-from lvd.curate.ranks import Ranks, in_ranks, rank_device, rank_slice, torchrun_main
+from lvd.curate.ranks import Ranks, gather_rows, in_ranks, rank_device, rank_slice, torchrun_main
 from lvd.curate.stage import StageOutputs
 from lvd.curate.runio import (is_done, open_stage, parquet_fingerprint, stage_fingerprint,
                               write_parquet)
@@ -200,14 +200,12 @@ def gather_neighbors(sims: np.ndarray, idx: np.ndarray, k: int, ranks, *,
     """Every rank's `top_neighbors` of its slice of the pool merged into the k best over the
     whole pool, on every rank. Each rank sends q * k pairs, not its rows, a run of seeds at a
     time so that the world's candidates for one run take an eighth of `memory_budget`."""
-    from lvd.common.ranks import gather_rows
-
     if ranks.world == 1:
         return sims, idx
     q, have = sims.shape
     pad = k - have  # a slice shorter than k gives fewer columns
-    sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf).astype(np.float32)
-    idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1).astype(np.int64)
+    sims = np.pad(np.asarray(sims, np.float32), ((0, 0), (0, pad)), constant_values=-np.inf)
+    idx = np.pad(np.asarray(idx, np.int64), ((0, 0), (0, pad)), constant_values=-1)
     run = max(1, memory_budget // (8 * ranks.world * max(1, k) * 12))
     for start in range(0, q, run):
         part = slice(start, min(q, start + run))

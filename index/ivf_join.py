@@ -389,8 +389,10 @@ def near_pairs(view, threshold: float, k: int, *, memory_budget: int, seed: int 
         quantizer = train_quantizer(view[train], nlist, seed=seed, backend=backend, device=device)
     quantizer = _shared(quantizer, ranks)
     times["train"] = time.perf_counter() - started
+    # a block row's float32 vector, and with two levels its scores and list numbers over the
+    # probed cells (flat, faiss.knn scores in its own small tiles)
     width = 1 if quantizer.bounds is None else int(np.diff(quantizer.bounds).max()) * TOP_PROBE
-    block = rows_per_block(memory_budget, 4 * d + 12 * max(width, quantizer.nlist if quantizer.top is None else 0))
+    block = rows_per_block(memory_budget, 4 * d + 12 * width)
     most = NPROBES[-1] if n * NPROBES[-1] * list_dtype(nlist).itemsize <= memory_budget // 8 else NPROBES[-2]
     probes = gather_rows(probe_lists(view.subset(rank_slice(n, ranks)), quantizer, most,
                                      block_rows=min(block, 65536), progress=progress), ranks)

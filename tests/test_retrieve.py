@@ -1,5 +1,6 @@
 """The retrieve stage against brute-force numpy on a synthetic run directory."""
 
+import json
 
 import numpy as np
 import pandas as pd
@@ -246,8 +247,6 @@ def test_two_torchrun_ranks_retrieve_like_one_process(run_dir, tmp_path):
     one, sharded = read_neighbors(run), read_neighbors(two)
     pd.testing.assert_frame_equal(sharded, one)
     assert set(one["mode"]) == {"sample", "cluster"}
-    import json
-
     assert json.loads((two / "retrieve" / "_SUCCESS.json").read_text())["world_size"] == 2
     # and the sharded nearest neighbours are brute force's
     surviving = (all_ids >= 1011) & (all_ids < 5000)
