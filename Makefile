@@ -59,6 +59,7 @@ demo: install system-deps
 
 test: install-test system-deps
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest tests
 
 # The suite as on an AVX2-only CPU: torch's kernels and oneDNN capped below AVX-512 (so bf16

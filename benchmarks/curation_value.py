@@ -1,6 +1,6 @@
 """Does curation pay? On a long-tailed, duplicated pool, with three seeds per arm.
 
-1. A long-tailed Fashion-MNIST pool (`curate.demo_longtail`: class shares falling 0.6x per rank,
+1. A long-tailed Fashion-MNIST pool (`curate.demo.longtail`: class shares falling 0.6x per rank,
    2 % of the images repeated 10-50 times) is curated by `lvd run` twice over one run folder:
    seedless (dedup, hierarchical k-means with resampling, balanced sample: Vo et al. 2024) and
    with seed sets (40 labelled images of each of trouser, sandal and bag: DINOv2's retrieval);
@@ -29,17 +29,17 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from pretrain_learns import ARCH, OVERRIDES, features, train_config
 
 from lvd.curate.cli import STAGES, run_stage
 from lvd.curate.config import load_config
-from lvd.curate.demo_data import CLASSES, SEED_CLASSES, load_fashion_mnist
-from lvd.curate.demo_longtail import class_histogram, prepare_longtail_pool
+from lvd.curate.demo.fashion_mnist import CLASSES, SEED_CLASSES, load_fashion_mnist
+from lvd.curate.demo.longtail import class_histogram, prepare_longtail_pool
 from lvd.curate.manifest import read_manifest
 from lvd.curate.sources import iter_bytes
 from lvd.pretrain.eval.knn import knn_scores
 from lvd.pretrain.models import build_backbone
 from lvd.pretrain.train import run_pretrain
-from pretrain_learns import ARCH, OVERRIDES, features, train_config
 
 K = 20
 
@@ -48,7 +48,9 @@ def write_seeds(folder: Path, fm: dict, exclude: set[int], per_class: int = 40, 
     """40 labelled train images per seed class, none of them in the pool."""
     rng = np.random.default_rng(seed)
     for cls in SEED_CLASSES:
-        members = [i for i in rng.permutation(len(fm["train_y"])) if CLASSES[fm["train_y"][i]] == cls and i not in exclude]
+        members = [
+            i for i in rng.permutation(len(fm["train_y"])) if CLASSES[fm["train_y"][i]] == cls and i not in exclude
+        ]
         for i in members[:per_class]:
             path = folder / cls / f"train-{i:05d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +64,13 @@ def curate(work: Path, distinct: int, balanced: int, n: int, fm: dict) -> dict[s
     data = prepare_longtail_pool(run, distinct=distinct, seed=0)
     pool_index = set(json.loads((data / "truth.json").read_text())["train_index"])
     seeds = write_seeds(run / "data" / "seeds" / "fashion", fm, pool_index)
-    common = [f"run_dir={run}", "progress=false", f"cluster.balanced_sample={balanced}", f"retrieve.n={n}",
-              f"sources.seeds.fashion={seeds}"]
+    common = [
+        f"run_dir={run}",
+        "progress=false",
+        f"cluster.balanced_sample={balanced}",
+        f"retrieve.n={n}",
+        f"sources.seeds.fashion={seeds}",
+    ]
     arms = {}
     for select in ("retrieve", "balanced"):
         cfg = load_config("demo_longtail", [*common, f"shards.select={select}"])
@@ -128,8 +135,11 @@ def main() -> None:
     started = time.time()
     fm = load_fashion_mnist()
     arms = curate(work, args.distinct, args.balanced, args.n, fm)
-    arms = {"(a) random sample": random_arm(work / "run", args.balanced, work / "shards-random"),
-            "(b) balanced (seedless)": arms["balanced"], "(c) retrieval (3 seed classes)": arms["retrieve"]}
+    arms = {
+        "(a) random sample": random_arm(work / "run", args.balanced, work / "shards-random"),
+        "(b) balanced (seedless)": arms["balanced"],
+        "(c) retrieval (3 seed classes)": arms["retrieve"],
+    }
     print(f"curation: {time.time() - started:.0f} s")
     pool_hist = class_histogram(read_manifest(work / "run", sets=["pool"])["label"])
     order = sorted(CLASSES, key=lambda c: -pool_hist[c])
@@ -140,14 +150,18 @@ def main() -> None:
         print(f"{name:32s} {total:6d} " + " ".join(f"{100 * hist[c] / total:7.1f}" for c in order))
 
     rng = np.random.default_rng(0)
-    bank = np.concatenate([rng.choice(np.flatnonzero(fm["train_y"] == c), 1000, replace=False) for c in range(len(CLASSES))])
+    bank = np.concatenate(
+        [rng.choice(np.flatnonzero(fm["train_y"] == c), 1000, replace=False) for c in range(len(CLASSES))]
+    )
     bank_x, bank_y = fm["train_x"][bank], fm["train_y"][bank]
     test_x, test_y = fm["test_x"], fm["test_y"]
     results: dict[str, list[dict]] = {}
     t0 = time.time()
     for seed in args.seeds:
         torch.manual_seed(seed)
-        results.setdefault("random init", []).append(evaluate(build_backbone(ARCH, **OVERRIDES), bank_x, bank_y, test_x, test_y))
+        results.setdefault("random init", []).append(
+            evaluate(build_backbone(ARCH, **OVERRIDES), bank_x, bank_y, test_x, test_y)
+        )
         for name, shards in arms.items():
             model = pretrain(work / f"train-{name[1]}-{seed}", shards, args.iters, seed)
             results.setdefault(name, []).append(evaluate(model, bank_x, bank_y, test_x, test_y))
@@ -158,14 +172,20 @@ def main() -> None:
         return f"{v.mean():5.1f}±{v.std(ddof=1) if len(v) > 1 else 0.0:4.1f}"
 
     rare = order[-3:]
-    print(f"\nweighted {K}-NN top-1 (%) on the 10,000 balanced test images, mean ± std over seeds {args.seeds}; "
-          f"{args.iters} iterations x 64 images each; rare = the 3 smallest pool classes ({', '.join(rare)})")
+    print(
+        f"\nweighted {K}-NN top-1 (%) on the 10,000 balanced test images, mean ± std over seeds {args.seeds}; "
+        f"{args.iters} iterations x 64 images each; rare = the 3 smallest pool classes ({', '.join(rare)})"
+    )
     print(f"{'model':32s} {'all':>10s} {'rare':>10s} " + " ".join(f"{c[:9]:>10s}" for c in order))
     for name, runs in results.items():
         rare_acc = [np.mean([r["per_class"][c] for c in rare]) for r in runs]
-        print(f"{name:32s} {cell([r['all'] for r in runs]):>10s} {cell(rare_acc):>10s} "
-              + " ".join(f"{cell([r['per_class'][c] for r in runs]):>10s}" for c in order))
-    (work / "result.json").write_text(json.dumps({"args": vars(args), "results": results, "pool_classes": pool_hist}, indent=2))
+        print(
+            f"{name:32s} {cell([r['all'] for r in runs]):>10s} {cell(rare_acc):>10s} "
+            + " ".join(f"{cell([r['per_class'][c] for r in runs]):>10s}" for c in order)
+        )
+    (work / "result.json").write_text(
+        json.dumps({"args": vars(args), "results": results, "pool_classes": pool_hist}, indent=2)
+    )
     print(f"total {time.time() - started:.0f} s")
 
 

@@ -25,7 +25,20 @@ from PIL import Image
 
 from lvd.pretrain.data.decode import load_resized
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "page", "brick", "grass", "gravel", "hubble_deep_field")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "coins",
+    "moon",
+    "page",
+    "brick",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+)
 TARGET_PIXELS = 1_900_000
 
 
@@ -114,7 +127,10 @@ def main() -> None:
         for w in args.workers:
             r = pool_rate(paths, w, args.repeat)
             base = base or r / w
-            print(f"lvd loader, {w} worker process(es): {r:8.1f} img/s   ratio {r / peer:.2f}x   scaling efficiency {r / (base * w):.2f}")
+            print(
+                f"lvd loader, {w} worker process(es): {r:8.1f} img/s   ratio {r / peer:.2f}x   "
+                f"scaling efficiency {r / (base * w):.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lvd.pretrain.models import build_backbone
 from lvd.common.devices import autocast, cpu_has_native_bf16, resolve_device
+from lvd.pretrain.models import build_backbone
 from lvd.pretrain.models.weights.onnx_import import hf_state_dict_from_onnx
 from lvd.pretrain.models.weights.resolve import resolve_weights
 
@@ -56,7 +56,11 @@ def photo_batch(batch: int, side: int = 224) -> torch.Tensor:
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     images = []
     for i in range(batch):
-        img = Image.fromarray(getattr(data, PHOTOS[i % len(PHOTOS)])()).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+        img = (
+            Image.fromarray(getattr(data, PHOTOS[i % len(PHOTOS)])())
+            .convert("RGB")
+            .resize((side, side), Image.Resampling.BICUBIC)
+        )
         images.append((np.asarray(img, dtype=np.float32) / 255 - mean) / std)
     return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).astype(np.float32))
 
@@ -66,8 +70,14 @@ def build_transformers(device: torch.device, folder: Path):
     import transformers
     from safetensors.torch import save_file
 
-    config = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                                       patch_size=14, image_size=518, layerscale_value=1e-5)
+    config = transformers.Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        patch_size=14,
+        image_size=518,
+        layerscale_value=1e-5,
+    )
     config.save_pretrained(folder)
     save_file(hf_state_dict_from_onnx(resolve_weights(WEIGHTS)), str(folder / "model.safetensors"))
     model = transformers.Dinov2Model.from_pretrained(folder)
@@ -93,8 +103,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2, help="timed batches per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time lvd under torch.compile with frozen weights (adds 1-2 min of compilation)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time lvd under torch.compile with frozen weights (adds 1-2 min of compilation)",
+    )
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 even on a CPU without native bf16")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -107,8 +120,10 @@ def main() -> None:
     x = photo_batch(args.batch).to(device)
     gflop = vit_gflop_per_image(384, 12, 257, 3 * 14 * 14)
     native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch} x 224 px, "
-          f"{gflop:.2f} GFLOP/image, native bf16: {native_bf16}")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch} x 224 px, "
+        f"{gflop:.2f} GFLOP/image, native bf16: {native_bf16}"
+    )
 
     run_ours = lambda inp: ours(inp)  # noqa: E731
     run_theirs = lambda inp: theirs(pixel_values=inp).pooler_output  # noqa: E731
@@ -120,8 +135,10 @@ def main() -> None:
 
     precisions = [torch.float32] + ([torch.bfloat16] if native_bf16 or args.force_bf16 else [])
     if torch.bfloat16 not in precisions:
-        print("bf16: skipped — this CPU has no native bf16 (no avx512_bf16/amx_bf16 flag); emulated bf16 "
-              "matmuls are orders of magnitude slower, so `embed.dtype: auto` picks float32 here")
+        print(
+            "bf16: skipped — this CPU has no native bf16 (no avx512_bf16/amx_bf16 flag); emulated bf16 "
+            "matmuls are orders of magnitude slower, so `embed.dtype: auto` picks float32 here"
+        )
     for dtype in precisions:
         peak = matmul_gflops(dtype, device)
         rates, outputs = {name: 0.0 for name, _ in runners}, {}
@@ -134,8 +151,10 @@ def main() -> None:
             rate = rates[name]
             cosine = F.cosine_similarity(outputs[name], reference, dim=-1).min().item()
             achieved = rate * gflop
-            print(f"{str(dtype)[6:]:>8} {name:>13}: {rate:7.2f} img/s  {achieved:7.1f} GFLOP/s "
-                  f"({100 * achieved / peak:5.1f}% of the {peak:.0f} GFLOP/s matmul)  min cosine to fp32 {cosine:.6f}")
+            print(
+                f"{str(dtype)[6:]:>8} {name:>13}: {rate:7.2f} img/s  {achieved:7.1f} GFLOP/s "
+                f"({100 * achieved / peak:5.1f}% of the {peak:.0f} GFLOP/s matmul)  min cosine to fp32 {cosine:.6f}"
+            )
         for name, _ in runners[1:]:
             print(f"{str(dtype)[6:]:>8} {name} / transformers: {rates[name] / rates['transformers']:.2f}x")
 

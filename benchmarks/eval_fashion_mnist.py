@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from lvd.pretrain.eval import run_knn, run_linear
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-CONFIG = Path(__file__).resolve().parents[1] / "curate" / "configs" / "pretrain.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml"
 
 
 def read_idx(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -66,12 +66,23 @@ def main() -> None:
     write_shard(work / "train.tar", tr_img, tr_y)
     write_shard(work / "test.tar", te_img, te_y)
 
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist([
-        f"run_dir={work}", "eval.cache_features=true", f"eval.model={args.model}", f"eval.weights={args.weights}",
-        f"eval.train={work / 'train.tar'}", f"eval.test={work / 'test.tar'}",
-        f"eval.resolution={args.resolution}", "eval.device=cpu", f"eval.dtype={args.dtype}",
-        "eval.linear.epochs=50",
-    ]))
+    cfg = OmegaConf.merge(
+        OmegaConf.load(CONFIG),
+        OmegaConf.from_dotlist(
+            [
+                f"run_dir={work}",
+                "eval.cache_features=true",
+                f"eval.model={args.model}",
+                f"eval.weights={args.weights}",
+                f"eval.train={work / 'train.tar'}",
+                f"eval.test={work / 'test.tar'}",
+                f"eval.resolution={args.resolution}",
+                "eval.device=cpu",
+                f"eval.dtype={args.dtype}",
+                "eval.linear.epochs=50",
+            ]
+        ),
+    )
     start = time.time()
     knn = json.loads(run_knn(cfg).read_text())
     t_knn = time.time() - start
@@ -81,9 +92,12 @@ def main() -> None:
 
     px_tr = tr_img.reshape(len(tr_img), -1).astype(np.float32)
     px_te = te_img.reshape(len(te_img), -1).astype(np.float32)
-    raw_knn = {k: KNeighborsClassifier(k, metric="cosine", algorithm="brute",
-                                       weights=lambda d: np.exp((1 - d) / 0.07)).fit(px_tr, tr_y).score(px_te, te_y)
-               for k in (10, 20, 100, 200)}
+    raw_knn = {
+        k: KNeighborsClassifier(k, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / 0.07))
+        .fit(px_tr, tr_y)
+        .score(px_te, te_y)
+        for k in (10, 20, 100, 200)
+    }
     scaler = StandardScaler().fit(px_tr)
     raw_lin = LogisticRegression(max_iter=300).fit(scaler.transform(px_tr), tr_y).score(scaler.transform(px_te), te_y)
 
@@ -91,10 +105,14 @@ def main() -> None:
     print("weighted k-NN top-1 (T=0.07):")
     for k in ("10", "20", "100", "200"):
         print(f"  k={k:>3}: lvd {knn['accuracy'][k]['top1']:.4f}   raw pixels (sklearn) {raw_knn[int(k)]:.4f}")
-    print(f"linear probe top-1: lvd {lin['accuracy']['top1']:.4f} (lr {lin['lr']:g}, wd {lin['weight_decay']:g})"
-          f"   raw pixels (sklearn LogisticRegression) {raw_lin:.4f}")
-    print(f"time: run_knn {t_knn:.1f} s (features {knn['feature_seconds']:.1f} s), "
-          f"run_linear {t_lin:.1f} s (features read from the cache written by run_knn)")
+    print(
+        f"linear probe top-1: lvd {lin['accuracy']['top1']:.4f} (lr {lin['lr']:g}, wd {lin['weight_decay']:g})"
+        f"   raw pixels (sklearn LogisticRegression) {raw_lin:.4f}"
+    )
+    print(
+        f"time: run_knn {t_knn:.1f} s (features {knn['feature_seconds']:.1f} s), "
+        f"run_linear {t_lin:.1f} s (features read from the cache written by run_knn)"
+    )
 
 
 if __name__ == "__main__":

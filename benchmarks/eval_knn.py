@@ -62,8 +62,9 @@ def main():
     test_x, test_y = features(args.test, args.dim, args.classes, 1)
 
     ours, t_ours = timed(lambda: knn_accuracy(train_x, train_y, test_x, test_y, KS, n_classes=args.classes))
-    torch_b, t_torch = timed(lambda: knn_accuracy(
-        train_x, train_y, test_x, test_y, KS, n_classes=args.classes, backend="torch"))
+    torch_b, t_torch = timed(
+        lambda: knn_accuracy(train_x, train_y, test_x, test_y, KS, n_classes=args.classes, backend="torch")
+    )
     peer, t_faiss = timed(lambda: faiss_knn(train_x, train_y, test_x, test_y, args.classes))
     for k in KS:
         assert abs(ours[k]["top1"] - peer[k]) < 1e-3, (k, ours[k], peer[k])
@@ -79,8 +80,10 @@ def main():
     print(f"lvd knn_accuracy (auto)    {t_ours:7.2f} s   lvd/faiss time ratio {t_ours / t_faiss:.2f}")
     print(f"lvd knn_accuracy (torch)   {t_torch:7.2f} s   lvd-torch/faiss time ratio {t_torch / t_faiss:.2f}")
     print(f"faiss.knn + numpy vote     {t_faiss:7.2f} s")
-    print(f"on {m} test rows: lvd {t_ours_m:.2f} s, sklearn brute (4 ks) {t_skl:.2f} s   "
-          f"sklearn/lvd {t_skl / t_ours_m:.1f}x")
+    print(
+        f"on {m} test rows: lvd {t_ours_m:.2f} s, sklearn brute (4 ks) {t_skl:.2f} s   "
+        f"sklearn/lvd {t_skl / t_ours_m:.1f}x"
+    )
 
 
 if __name__ == "__main__":

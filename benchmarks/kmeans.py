@@ -24,18 +24,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lvd.index.kmeans import kmeans  # noqa: E402
 from knn_graph import embedding_like, fashion_mnist, machine_line, timed  # noqa: E402
 
 from lvd.common.devices import cpu_has_native_bf16  # noqa: E402
 from lvd.index.backend_choice import choose_backend  # noqa: E402
+from lvd.index.kmeans import kmeans  # noqa: E402
 
 
 def faiss_kmeans(x, init, niter, spherical):
     n, d = x.shape
     k = len(init)
-    km = faiss.Kmeans(d, k, niter=niter, seed=0, spherical=spherical, min_points_per_centroid=1,
-                      max_points_per_centroid=math.ceil(n / k))
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=niter,
+        seed=0,
+        spherical=spherical,
+        min_points_per_centroid=1,
+        max_points_per_centroid=math.ceil(n / k),
+    )
     km.train(x, init_centroids=init)
     dist, _ = km.index.search(x, 1)
     return float(dist.sum(dtype=np.float64))
@@ -56,8 +63,12 @@ def main():
     parser.add_argument("--niter", type=int, default=20)
     parser.add_argument("--data", choices=["synthetic", "fmnist"], default="synthetic")
     parser.add_argument("--spherical", action="store_true")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"],
-                        help="torch backend dtypes to time")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"],
+        help="torch backend dtypes to time",
+    )
     parser.add_argument("--no-sklearn", action="store_true")
     parser.add_argument("--unpruned", action="store_true", help="also time lvd's Lloyd without bounds")
     parser.add_argument("--seed", type=int, default=0)
@@ -68,21 +79,36 @@ def main():
     init = x[np.random.default_rng(args.seed).choice(n, args.k, replace=False)].copy()
     flops = 2.0 * n * args.k * d * (args.niter + 1)
     print(f"k-means {n} x {d} -> {args.k}, {args.niter} iterations, data {args.data}; {machine_line()}")
-    print(f"{'method':<30} {'wall s':>8} {'cpu s':>8} {'GFLOP/s':>8} {'wall vs':>8} {'cpu vs':>8} "
-          f"{'inertia':>14} {'/ faiss':>9}")
+    print(
+        f"{'method':<30} {'wall s':>8} {'cpu s':>8} {'GFLOP/s':>8} {'wall vs':>8} {'cpu vs':>8} "
+        f"{'inertia':>14} {'/ faiss':>9}"
+    )
 
     def report(name, seconds, inertia):
         wall, cpu = seconds
-        print(f"{name:<30} {wall:8.2f} {cpu:8.2f} {flops / wall / 1e9:8.1f} {t_faiss[0] / wall:7.2f}x "
-              f"{t_faiss[1] / cpu:7.2f}x {inertia:14.2f} {inertia / inertia_faiss:9.6f}")
+        print(
+            f"{name:<30} {wall:8.2f} {cpu:8.2f} {flops / wall / 1e9:8.1f} {t_faiss[0] / wall:7.2f}x "
+            f"{t_faiss[1] / cpu:7.2f}x {inertia:14.2f} {inertia / inertia_faiss:9.6f}"
+        )
 
     t_faiss, inertia_faiss = timed(lambda: faiss_kmeans(x, init, args.niter, args.spherical))
     report("faiss Kmeans", t_faiss, inertia_faiss)
     variants = [("torch", dtype, True) for dtype in args.dtypes] + [("faiss", "fp32", True)]
     variants += [("torch", "fp32", False)] if args.unpruned else []
     for backend, dtype, prune in variants:
-        seconds, result = timed(lambda: kmeans(x, args.k, niter=args.niter, init=init, spherical=args.spherical,
-                                               backend=backend, dtype=dtype, prune=prune, algorithm="lloyd"))
+        seconds, result = timed(
+            lambda backend=backend, dtype=dtype, prune=prune: kmeans(
+                x,
+                args.k,
+                niter=args.niter,
+                init=init,
+                spherical=args.spherical,
+                backend=backend,
+                dtype=dtype,
+                prune=prune,
+                algorithm="lloyd",
+            )
+        )
         label = f"lvd lloyd, {backend} {dtype}" + (", bounds" if prune else ", no bounds")
         report(label, seconds, result.inertia)
     chosen = choose_backend("k-means assignment", init, x, 2, metric="l2")  # what `auto` measures (then cached)

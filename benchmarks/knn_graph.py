@@ -35,8 +35,10 @@ from lvd.index.knn import ivf_search, knn_graph, plan_knn  # noqa: E402
 
 
 def machine_line() -> str:
-    return (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}, "
-            f"threads {torch.get_num_threads()}, faiss {faiss.__version__}, torch {torch.__version__}")
+    return (
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}, "
+        f"threads {torch.get_num_threads()}, faiss {faiss.__version__}, torch {torch.__version__}"
+    )
 
 
 def embedding_like(n: int, d: int, seed: int, copies: float = 0.02) -> np.ndarray:
@@ -119,8 +121,10 @@ def same_sets(D, I, D_ref, I_ref, tol=1e-5) -> tuple[float, float]:
 
 def row(name, seconds, ref_seconds, flops, note=""):
     (wall, cpu), (ref_wall, ref_cpu) = seconds, ref_seconds
-    print(f"{name:<28} {wall:8.2f} {cpu:8.2f} {flops / wall / 1e9:8.1f} {ref_wall / wall:8.2f}x "
-          f"{ref_cpu / cpu:8.2f}x  {note}")
+    print(
+        f"{name:<28} {wall:8.2f} {cpu:8.2f} {flops / wall / 1e9:8.1f} {ref_wall / wall:8.2f}x "
+        f"{ref_cpu / cpu:8.2f}x  {note}"
+    )
 
 
 def bench_exact(x, k, dtypes, with_numpy):
@@ -131,7 +135,7 @@ def bench_exact(x, k, dtypes, with_numpy):
     t_faiss, (D_ref, I_ref) = timed(lambda: faiss_graph(x, k))
     row("faiss IndexFlatIP", t_faiss, t_faiss, flops)
     for dtype in dtypes:
-        t, (D, I) = timed(lambda: knn_graph(x, k, method="exact", backend="torch", dtype=dtype))
+        t, (D, I) = timed(lambda dtype=dtype: knn_graph(x, k, method="exact", backend="torch", dtype=dtype))
         ident, tied = same_sets(D, I, D_ref, I_ref)
         row(f"lvd torch backend ({dtype})", t, t_faiss, flops, f"identical sets {ident:.4f}, ties aside {tied:.4f}")
     chosen = choose_backend("k-NN graph", x, x, k, exclude_self=True)  # what `auto` measures (then cached)
@@ -183,8 +187,12 @@ def main():
     parser.add_argument("--d", type=int, default=None)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--data", choices=["synthetic", "fmnist"], default="synthetic")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"],
-                        help="torch backend dtypes to time")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"],
+        help="torch backend dtypes to time",
+    )
     parser.add_argument("--no-numpy", action="store_true")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--exact-backend", default="faiss")

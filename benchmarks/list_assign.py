@@ -66,15 +66,21 @@ def main(argv=None) -> None:
     quantizer = ivf_join.Quantizer(centroids)
     index = faiss.IndexFlatIP(args.d)
     index.add(centroids)
-    runs = {"lvd (faiss.knn)": timed(lambda: ivf_join.nearest_lists(x, quantizer, args.nprobe), args.repeats),
-            "Faiss IndexFlatIP": timed(lambda: index.search(x, args.nprobe)[1], args.repeats),
-            "numpy + torch.topk": timed(lambda: torch_top(x, centroids, args.nprobe), args.repeats),
-            "numpy argpartition": timed(lambda: argpartition_top(x, centroids, args.nprobe), args.repeats)}
-    print(f"{args.rows} rows x {args.lists} lists x d {args.d}, top {args.nprobe}, first call / best of {args.repeats}:")
+    runs = {
+        "lvd (faiss.knn)": timed(lambda: ivf_join.nearest_lists(x, quantizer, args.nprobe), args.repeats),
+        "Faiss IndexFlatIP": timed(lambda: index.search(x, args.nprobe)[1], args.repeats),
+        "numpy + torch.topk": timed(lambda: torch_top(x, centroids, args.nprobe), args.repeats),
+        "numpy argpartition": timed(lambda: argpartition_top(x, centroids, args.nprobe), args.repeats),
+    }
+    print(
+        f"{args.rows} rows x {args.lists} lists x d {args.d}, top {args.nprobe}, first call / best of {args.repeats}:"
+    )
     first, best, lists = runs["lvd (faiss.knn)"]
     for name, (f, b, found) in runs.items():
-        print(f"  {name:20s} {f:6.2f} s / {b:6.2f} s   vs lvd {f / first:5.2f}x / {b / best:5.2f}x   "
-              f"lists equal to lvd's {float((found == lists).mean()):.5f}")
+        print(
+            f"  {name:20s} {f:6.2f} s / {b:6.2f} s   vs lvd {f / first:5.2f}x / {b / best:5.2f}x   "
+            f"lists equal to lvd's {float((found == lists).mean()):.5f}"
+        )
     print("  (lists differ only where scores tie or float sums round differently)")
 
 

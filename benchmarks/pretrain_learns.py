@@ -65,20 +65,40 @@ def write_shards(images: np.ndarray, folder: Path, per_shard: int = 10000) -> st
 
 def train_config(run_dir: Path, shards: str, iters: int):
     over = {
-        "run_dir": str(run_dir), "model.arch": ARCH, "model.drop_path_rate": 0.0, "progress": False,
+        "run_dir": str(run_dir),
+        "model.arch": ARCH,
+        "model.drop_path_rate": 0.0,
+        "progress": False,
         **{f"model.overrides.{k}": v for k, v in OVERRIDES.items()},
-        "data.shards": shards, "data.batch_size_per_rank": 128, "data.num_workers": 1, "data.image_size": 32,
-        "data.shuffle_buffer": 2000, "data.shards_per_cycle": 2,
-        "crops.global_size": 32, "crops.local_size": 16, "crops.n_local": 4,
-        "dino_head.prototypes": 1024, "dino_head.hidden_dim": 256, "dino_head.bottleneck_dim": 64,
-        "ibot_head.prototypes": 1024, "ibot_head.hidden_dim": 256, "ibot_head.bottleneck_dim": 64,
+        "data.shards": shards,
+        "data.batch_size_per_rank": 128,
+        "data.num_workers": 1,
+        "data.image_size": 32,
+        "data.shuffle_buffer": 2000,
+        "data.shards_per_cycle": 2,
+        "crops.global_size": 32,
+        "crops.local_size": 16,
+        "crops.n_local": 4,
+        "dino_head.prototypes": 1024,
+        "dino_head.hidden_dim": 256,
+        "dino_head.bottleneck_dim": 64,
+        "ibot_head.prototypes": 1024,
+        "ibot_head.hidden_dim": 256,
+        "ibot_head.bottleneck_dim": 64,
         # A short schedule: 10 "epochs" of iters/10 iterations, a fast-moving teacher.
-        "optim.epochs": 10, "optim.iters_per_epoch": max(1, iters // 10), "optim.lr": 0.004,
-        "optim.scale_lr": False, "optim.min_lr": 1e-5, "optim.warmup_epochs": 1,
-        "optim.warmup_teacher_temp_epochs": 3, "optim.momentum_teacher": 0.95,
+        "optim.epochs": 10,
+        "optim.iters_per_epoch": max(1, iters // 10),
+        "optim.lr": 0.004,
+        "optim.scale_lr": False,
+        "optim.min_lr": 1e-5,
+        "optim.warmup_epochs": 1,
+        "optim.warmup_teacher_temp_epochs": 3,
+        "optim.momentum_teacher": 0.95,
         "optim.final_momentum_teacher": 0.995,
-        "optim.layerwise_decay": 1.0, "optim.patch_embed_lr_mult": 1.0,
-        "train.checkpoint_every": 100000, "train.log_every": 10,
+        "optim.layerwise_decay": 1.0,
+        "optim.patch_embed_lr_mult": 1.0,
+        "train.checkpoint_every": 100000,
+        "train.log_every": 10,
     }
     return load_config(overrides=[f"{k}={v}" for k, v in over.items()])
 
@@ -90,7 +110,7 @@ def features(model: torch.nn.Module, images: np.ndarray, batch: int = 1000) -> d
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     cls, patch = [], []
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i:i + batch].copy()).float().div_(255).unsqueeze(1)
+        x = torch.from_numpy(images[i : i + batch].copy()).float().div_(255).unsqueeze(1)
         x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False).clamp_(0, 1)
         out = model.forward_features((x.expand(-1, 3, -1, -1) - mean) / std)
         cls.append(out["x_norm_clstoken"].numpy())
@@ -135,8 +155,10 @@ def main() -> None:
     torch.set_num_threads(threads)
     sec_per_iter = timings[threads]
     iters = max(10, int(args.minutes * 60 * 0.92 / sec_per_iter) // 10 * 10)
-    print(f"calibration: s/iteration at batch 128 by threads {timings} -> {threads} thread(s), "
-          f"{iters} iterations in {args.minutes} min")
+    print(
+        f"calibration: s/iteration at batch 128 by threads {timings} -> {threads} thread(s), "
+        f"{iters} iterations in {args.minutes} min"
+    )
 
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
@@ -146,30 +168,43 @@ def main() -> None:
     out = run_pretrain(cfg)
     train_s = time.perf_counter() - t0
     rows = read_metrics(out / "metrics.jsonl")
-    print(f"pretraining: {iters} iterations x 128 images in {train_s / 60:.2f} min; "
-          f"loss {rows[0]['total']:.3f} -> {rows[-1]['total']:.3f}")
+    print(
+        f"pretraining: {iters} iterations x 128 images in {train_s / 60:.2f} min; "
+        f"loss {rows[0]['total']:.3f} -> {rows[-1]['total']:.3f}"
+    )
 
     torch.manual_seed(args.seed)  # the student (and so the teacher) start from exactly these weights
     random_init = build_backbone(ARCH, drop_path_rate=0.0, **OVERRIDES)
     trained = build_backbone(ARCH, weights=str(out / "teacher_backbone.pth"), **OVERRIDES)
-    results = {"raw pixels": knn_table(bank_x.reshape(len(bank_x), -1), bank_y,
-                                       test_x.reshape(len(test_x), -1), test_y)}
+    results = {
+        "raw pixels": knn_table(bank_x.reshape(len(bank_x), -1), bank_y, test_x.reshape(len(test_x), -1), test_y)
+    }
     for name, model in (("random init", random_init), ("pretrained", trained)):
         fb, ft = features(model, bank_x), features(model, test_x)
         for kind in fb:
             results[f"{name}, {kind}"] = knn_table(fb[kind], bank_y, ft[kind], test_y)
 
-    print(f"\nFashion-MNIST weighted k-NN top-1 (T=0.07), bank {len(bank_x):,} train, queries {len(test_x):,} test;"
-          f" {ARCH} {OVERRIDES}, {train_s / 60:.1f} min, {threads} thread(s)")
+    print(
+        f"\nFashion-MNIST weighted k-NN top-1 (T=0.07), bank {len(bank_x):,} train, queries {len(test_x):,} test;"
+        f" {ARCH} {OVERRIDES}, {train_s / 60:.1f} min, {threads} thread(s)"
+    )
     print(f"{'features':<26}" + "".join(f"{'k=' + str(k):>9}" for k in (10, 20, 100, 200)))
     for name, accs in results.items():
         print(f"{name:<26}" + "".join(f"{accs[k] * 100:8.2f}%" for k in (10, 20, 100, 200)))
     for kind in ("CLS", "mean patch"):
         gain = results[f"pretrained, {kind}"][20] - results[f"random init, {kind}"][20]
         print(f"pretrained - random init, {kind}, k=20: {gain * 100:+.2f} points")
-    summary = {"bank": len(bank_x), "queries": len(test_x), "iterations": iters, "batch": 128,
-               "threads": threads, "train_minutes": train_s / 60, "arch": ARCH, "overrides": OVERRIDES,
-               "knn_top1": {name: {str(k): v for k, v in accs.items()} for name, accs in results.items()}}
+    summary = {
+        "bank": len(bank_x),
+        "queries": len(test_x),
+        "iterations": iters,
+        "batch": 128,
+        "threads": threads,
+        "train_minutes": train_s / 60,
+        "arch": ARCH,
+        "overrides": OVERRIDES,
+        "knn_top1": {name: {str(k): v for k, v in accs.items()} for name, accs in results.items()},
+    }
     (work / "result.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -43,6 +43,7 @@ def backbone_step(model, crops, amp):
             loss = sum(model(c).float().square().mean() for c in crops)
         loss.backward()
         model.zero_grad(set_to_none=True)
+
     return run
 
 
@@ -53,8 +54,15 @@ class HFBackbone(torch.nn.Module):
         super().__init__()
         from transformers import Dinov2Config, Dinov2Model
 
-        cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
-                           image_size=518, layerscale_value=1e-5, attn_implementation="sdpa")
+        cfg = Dinov2Config(
+            hidden_size=384,
+            num_hidden_layers=12,
+            num_attention_heads=6,
+            patch_size=14,
+            image_size=518,
+            layerscale_value=1e-5,
+            attn_implementation="sdpa",
+        )
         self.model = Dinov2Model(cfg)
 
     def forward(self, x):
@@ -65,8 +73,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=4, help="images per step")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up)")
-    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
-                    help="compute dtypes to time (bfloat16 = CPU autocast)")
+    ap.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16"],
+        help="compute dtypes to time (bfloat16 = CPU autocast)",
+    )
     args = ap.parse_args()
     b = args.batch
     torch.manual_seed(0)
@@ -80,13 +93,23 @@ def main() -> None:
     for dtype in args.dtypes:
         amp = dtype == "bfloat16"
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(overrides=[f"run_dir={tmp}", "model.arch=dinov2_vits14", "data.shards=unused",
-                                         f"data.batch_size_per_rank={b}", "train.device=cpu", f"train.dtype={dtype}",
-                                         "optim.epochs=1", "optim.iters_per_epoch=100", "optim.warmup_epochs=0",
-                                         "optim.freeze_last_layer_epochs=0"])
+            cfg = load_config(
+                overrides=[
+                    f"run_dir={tmp}",
+                    "model.arch=dinov2_vits14",
+                    "data.shards=unused",
+                    f"data.batch_size_per_rank={b}",
+                    "train.device=cpu",
+                    f"train.dtype={dtype}",
+                    "optim.epochs=1",
+                    "optim.iters_per_epoch=100",
+                    "optim.warmup_epochs=0",
+                    "optim.freeze_last_layer_epochs=0",
+                ]
+            )
             step = Pretrainer(cfg).step
-            it = iter(range(10 ** 6))
-            full = timed(lambda: step(next(it), images), args.steps)
+            it = iter(range(10**6))
+            full = timed(lambda step=step, it=it: step(next(it), images), args.steps)
         mine = timed(backbone_step(ours, (g, l), amp), args.steps)
         theirs = timed(backbone_step(peer, (g, l), amp), args.steps)
         for name, s in (("lvd full step", full), ("lvd backbone", mine), ("HF backbone", theirs)):

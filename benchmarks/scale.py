@@ -60,12 +60,26 @@ def near_copy(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _manifest_part(rows: np.ndarray, name: str) -> pa.Table:
     n = len(rows)
-    return pa.table({"id": rows, "set": [name] * n, "source": ["synthetic"] * n, "kind": ["folder"] * n,
-                     "key": [f"{i}.jpg" for i in rows], "label": [None] * n, "bytes": np.full(n, 100),
-                     "sha1": [hashlib.sha1(str(i).encode()).hexdigest() for i in rows],
-                     "width": np.full(n, 64, np.int32), "height": np.full(n, 64, np.int32), "format": ["JPEG"] * n,
-                     "mode": ["RGB"] * n, "frames": np.ones(n, np.int32), "status": ["ok"] * n, "error": [None] * n},
-                    schema=SCHEMA)
+    return pa.table(
+        {
+            "id": rows,
+            "set": [name] * n,
+            "source": ["synthetic"] * n,
+            "kind": ["folder"] * n,
+            "key": [f"{i}.jpg" for i in rows],
+            "label": [None] * n,
+            "bytes": np.full(n, 100),
+            "sha1": [hashlib.sha1(str(i).encode()).hexdigest() for i in rows],
+            "width": np.full(n, 64, np.int32),
+            "height": np.full(n, 64, np.int32),
+            "format": ["JPEG"] * n,
+            "mode": ["RGB"] * n,
+            "frames": np.ones(n, np.int32),
+            "status": ["ok"] * n,
+            "error": [None] * n,
+        },
+        schema=SCHEMA,
+    )
 
 
 def write_run(run: Path, n: int, seed: int = 0) -> np.ndarray:
@@ -143,9 +157,22 @@ sys.exit(code)
 def run_stage(stage: str, run: Path, extra: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS GiB) of `lvd STAGE` on the run folder."""
     peak_file = run / f".peak-{stage}"
-    args = [sys.executable, "-c", LAUNCH, str(peak_file), stage, "default", f"run_dir={run}", "progress=false",
-            f"dedup.threshold={THRESHOLD}", f"decontam.threshold={THRESHOLD}", "embed.copy_detection.weights=null",
-            f"cluster.k={CLUSTERS}", "retrieve.n=100", *extra]
+    args = [
+        sys.executable,
+        "-c",
+        LAUNCH,
+        str(peak_file),
+        stage,
+        "default",
+        f"run_dir={run}",
+        "progress=false",
+        f"dedup.threshold={THRESHOLD}",
+        f"decontam.threshold={THRESHOLD}",
+        "embed.copy_detection.weights=null",
+        f"cluster.k={CLUSTERS}",
+        "retrieve.n=100",
+        *extra,
+    ]
     started = time.perf_counter()
     done = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = time.perf_counter() - started
@@ -188,8 +215,12 @@ def faiss_comparison(run: Path, pairs: np.ndarray, queries: int) -> None:
     probes = ivf_join.probe_lists(view, quantizer, nprobe)
     ours_assign = time.perf_counter() - t
     t = time.perf_counter()
-    found = sum(len(i) for i, _, _ in ivf_join.join_lists(view, probes, nprobe, THRESHOLD, k=64, nlist=quantizer.nlist,
-                                                            block_bytes=1 << 30))
+    found = sum(
+        len(i)
+        for i, _, _ in ivf_join.join_lists(
+            view, probes, nprobe, THRESHOLD, k=64, nlist=quantizer.nlist, block_bytes=1 << 30
+        )
+    )
     ours_join = time.perf_counter() - t
     x = view[:]
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, quantizer.nlist, faiss.METRIC_INNER_PRODUCT)
@@ -206,11 +237,14 @@ def faiss_comparison(run: Path, pairs: np.ndarray, queries: int) -> None:
     faiss_pairs = int(((D_f >= THRESHOLD) & (I_f >= 0) & (I_f != q[:, None])).sum())
     per_ours = (ours_assign + ours_join) / n * 1e6
     per_faiss = (faiss_add / n + faiss_search / len(q)) * 1e6
-    print(f"  same lists ({quantizer.nlist}, {'two levels' if quantizer.top is not None else 'flat'}), nprobe {nprobe}, "
-          f"{n} rows: lvd list join {ours_assign:.1f} s assign + {ours_join:.1f} s join = {per_ours:.1f} us/row "
-          f"({found} directed pairs >= {THRESHOLD}); Faiss IVFFlat add {faiss_add:.1f} s + search of {len(q)} rows "
-          f"{faiss_search:.1f} s = {per_faiss:.1f} us/row ({faiss_pairs} directed pairs among them, "
-          f"{faiss_pairs * n / len(q):.0f} scaled); Faiss / lvd per row: {per_faiss / per_ours:.1f}x", flush=True)
+    print(
+        f"  same lists ({quantizer.nlist}, {'two levels' if quantizer.top is not None else 'flat'}), nprobe {nprobe}, "
+        f"{n} rows: lvd list join {ours_assign:.1f} s assign + {ours_join:.1f} s join = {per_ours:.1f} us/row "
+        f"({found} directed pairs >= {THRESHOLD}); Faiss IVFFlat add {faiss_add:.1f} s + search of {len(q)} rows "
+        f"{faiss_search:.1f} s = {per_faiss:.1f} us/row ({faiss_pairs} directed pairs among them, "
+        f"{faiss_pairs * n / len(q):.0f} scaled); Faiss / lvd per row: {per_faiss / per_ours:.1f}x",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -218,17 +252,27 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000])
     ap.add_argument("--stages", nargs="+", default=["dedup", "cluster", "retrieve"])
     ap.add_argument("--work", default="/tmp/lvd-bench-scale")
-    ap.add_argument("--faiss-at", type=int, nargs="*", default=[1_000_000],
-                    help="sizes at which dedup's join is compared with Faiss IVFFlat on the same lists")
+    ap.add_argument(
+        "--faiss-at",
+        type=int,
+        nargs="*",
+        default=[1_000_000],
+        help="sizes at which dedup's join is compared with Faiss IVFFlat on the same lists",
+    )
     ap.add_argument("--faiss-queries", type=int, default=20_000)
     ap.add_argument("--memory-gb", default="auto", help="the stages' memory_gb (auto: a third of this machine's)")
     ap.add_argument("--keep", action="store_true", help="keep each run folder (default: removed after its size)")
-    ap.add_argument("--reuse", action="store_true",
-                    help="run the stages on a run folder that an earlier --keep left (not written afresh)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="run the stages on a run folder that an earlier --keep left (not written afresh)",
+    )
     args = ap.parse_args()
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}, "
-          f"{os.cpu_count()} cores; d = {D}, planted pairs = 1 % of n, threshold {THRESHOLD}, cluster.k {CLUSTERS}, "
-          f"memory_gb {args.memory_gb} = {memory_budget(args.memory_gb) / 2**30:.2f} GiB")
+    print(
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}, "
+        f"{os.cpu_count()} cores; d = {D}, planted pairs = 1 % of n, threshold {THRESHOLD}, cluster.k {CLUSTERS}, "
+        f"memory_gb {args.memory_gb} = {memory_budget(args.memory_gb) / 2**30:.2f} GiB"
+    )
     print(f"{'n':>9s} {'stage':>9s} {'wall s':>9s} {'peak GiB':>9s} {'exponent':>9s}  recall of planted pairs")
     previous: dict[str, tuple[int, float]] = {}
     for n in args.sizes:

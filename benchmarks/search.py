@@ -82,15 +82,32 @@ def bench_hnswlib(xb, xq, truth, k, target, threads, m=16, ef_construction=200):
 def bench_lvd(embed_dir, index_dir, xq, truth, k, target, memory_budget, calib_queries, factory="auto"):
     """`lvd index build` exactly as the CLI runs it, then search with what it chose and tuned."""
     t0 = time.perf_counter()
-    info = build(embed_dir, index_dir, BuildOptions(factory=factory, memory_budget=memory_budget, k=k,
-                                                    target_recall=target, calibration_queries=calib_queries,
-                                                    progress=False), overwrite=True)
+    info = build(
+        embed_dir,
+        index_dir,
+        BuildOptions(
+            factory=factory,
+            memory_budget=memory_budget,
+            k=k,
+            target_recall=target,
+            calibration_queries=calib_queries,
+            progress=False,
+        ),
+        overwrite=True,
+    )
     build_s = time.perf_counter() - t0
     store = IndexStore.open(index_dir)
     qps, found = timed_qps(lambda q: store.index.search(q, k)[1], xq)
     recall = ann.recall_at_k(store.ids[found], truth, k)
-    return {"name": f"lvd auto: {info['factory']}", "reason": info["plan"]["reason"], "params": info["search_params"],
-            "calibration_recall": info["expected_recall"]["recall"], "recall": recall, "qps": qps, "build_s": build_s}
+    return {
+        "name": f"lvd auto: {info['factory']}",
+        "reason": info["plan"]["reason"],
+        "params": info["search_params"],
+        "calibration_recall": info["expected_recall"]["recall"],
+        "recall": recall,
+        "qps": qps,
+        "build_s": build_s,
+    }
 
 
 def bench_exact(xb, xq, k):
@@ -127,26 +144,52 @@ def main(argv=None) -> int:
         embed_dir = work / "embed"
         embed_dir.mkdir()
         for p, start in enumerate(range(0, n, 250_000)):
-            np.save(embed_dir / f"part-{p:05d}.npy", xb[start:start + 250_000].astype(np.float16))
+            np.save(embed_dir / f"part-{p:05d}.npy", xb[start : start + 250_000].astype(np.float16))
             np.save(embed_dir / f"ids-{p:05d}.npy", np.arange(start, min(start + 250_000, n), dtype=np.int64))
         _, truth = ann.exact_search(xb, xq, args.k)
-        print(f"\n== {n} x {args.dim} clustered unit vectors, {len(xq)} held-out queries, "
-              f"{args.threads} threads, recall@{args.k} >= {args.target}", flush=True)
-        ours = bench_lvd(embed_dir, work / "index", xq, truth, args.k, args.target, args.memory_budget,
-                         args.calibration_queries, args.factory)
+        print(
+            f"\n== {n} x {args.dim} clustered unit vectors, {len(xq)} held-out queries, "
+            f"{args.threads} threads, recall@{args.k} >= {args.target}",
+            flush=True,
+        )
+        ours = bench_lvd(
+            embed_dir,
+            work / "index",
+            xq,
+            truth,
+            args.k,
+            args.target,
+            args.memory_budget,
+            args.calibration_queries,
+            args.factory,
+        )
         shutil.rmtree(work)
         peer = bench_hnswlib(xb, xq, truth, args.k, args.target, args.threads)
         exact = bench_exact(xb, xq, args.k)
         for r in (ours, peer, exact):
             extra = r.get("params") or ({"ef": r["ef"]} if "ef" in r else {})
-            print(f"  {r['name']:<44} recall {r['recall']:.3f}  {r['qps']:>9.0f} QPS  "
-                  f"{'build %.1fs' % r['build_s'] if 'build_s' in r else '':<12} {extra}", flush=True)
+            build = f"build {r['build_s']:.1f}s" if "build_s" in r else ""
+            print(
+                f"  {r['name']:<44} recall {r['recall']:.3f}  {r['qps']:>9.0f} QPS  {build:<12} {extra}",
+                flush=True,
+            )
         ratio = ours["qps"] / peer["qps"]
         ok = ours["recall"] >= args.target and peer["recall"] >= args.target
-        print(f"  ratio lvd/hnswlib QPS = {ratio:.2f}x  (both at recall >= {args.target}: {ok}); "
-              f"why: {ours['reason']}", flush=True)
-        results.append({"n": n, "d": args.dim, "threads": args.threads, "lvd": ours, "hnswlib": peer,
-                        "exact": exact, "ratio": ratio})
+        print(
+            f"  ratio lvd/hnswlib QPS = {ratio:.2f}x  (both at recall >= {args.target}: {ok}); why: {ours['reason']}",
+            flush=True,
+        )
+        results.append(
+            {
+                "n": n,
+                "d": args.dim,
+                "threads": args.threads,
+                "lvd": ours,
+                "hnswlib": peer,
+                "exact": exact,
+                "ratio": ratio,
+            }
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))
     return 0

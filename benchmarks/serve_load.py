@@ -47,10 +47,25 @@ def make_index(root: Path, n: int, d: int, seed: int) -> np.ndarray:
 
 
 def start_server(index: Path, workers: int, concurrency: int) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "lvd.index.cli", "serve", f"bench={index}", "--port", "0",
-                             "--workers", str(workers), "--concurrency", str(concurrency)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lvd.serve.cli",
+            "serve",
+            f"bench={index}",
+            "--port",
+            "0",
+            "--workers",
+            str(workers),
+            "--concurrency",
+            str(concurrency),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -79,7 +94,9 @@ class Connection:
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.writer.write(f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        self.writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
@@ -95,8 +112,16 @@ class Connection:
             self.reader = self.writer = None
 
 
-async def client(port: int, bodies: list[bytes], firsts: list[int], k: int, stop: float, seed: int,
-                 latencies: list[float], errors: list[str]) -> None:
+async def client(
+    port: int,
+    bodies: list[bytes],
+    firsts: list[int],
+    k: int,
+    stop: float,
+    seed: int,
+    latencies: list[float],
+    errors: list[str],
+) -> None:
     rng = np.random.default_rng(seed)
     conn = Connection(port)
     while time.perf_counter() < stop:
@@ -136,12 +161,22 @@ async def load(port: int, clients: int, seconds: float, bodies, firsts, k: int) 
     wall = time.perf_counter() - t0
     health = await probes
     lat = np.array(latencies) * 1000
-    return {"clients": clients, "seconds": round(wall, 2), "requests": len(latencies),
-            "requests_per_s": round(len(latencies) / wall, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "p99_ms": round(float(np.percentile(lat, 99)), 1), "max_ms": round(float(lat.max()), 1),
-            "errors": len(errors), "first_errors": errors[:3],
-            "health_during_load_ms": {"probes": len(health), "p50": round(1000 * float(np.median(health)), 1),
-                                      "max": round(1000 * max(health), 1)}}
+    return {
+        "clients": clients,
+        "seconds": round(wall, 2),
+        "requests": len(latencies),
+        "requests_per_s": round(len(latencies) / wall, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "max_ms": round(float(lat.max()), 1),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "health_during_load_ms": {
+            "probes": len(health),
+            "p50": round(1000 * float(np.median(health)), 1),
+            "max": round(1000 * max(health), 1),
+        },
+    }
 
 
 async def stalled(port: int, n: int) -> dict:
@@ -165,8 +200,12 @@ async def stalled(port: int, n: int) -> dict:
         await asyncio.sleep(0.1)
     for w in conns:
         w.close()
-    return {"stalled_connections": n, "health_probes": len(probes), "health_max_ms": round(1000 * max(probes), 2),
-            "health_p50_ms": round(1000 * float(np.median(probes)), 2)}
+    return {
+        "stalled_connections": n,
+        "health_probes": len(probes),
+        "health_max_ms": round(1000 * max(probes), 2),
+        "health_p50_ms": round(1000 * float(np.median(probes)), 2),
+    }
 
 
 def main() -> None:
@@ -189,8 +228,10 @@ def main() -> None:
         rng = np.random.default_rng(1)
         queries = x[rng.integers(0, len(x), 256)] + 0.05 * rng.standard_normal((256, args.dim)).astype(np.float32)
         firsts = (np.argmax(queries @ x.T, axis=1) + 1000).tolist()
-        bodies = [json.dumps({"embedding_input": q.tolist(), "num_images": args.k, "indice_name": "bench"}).encode()
-                  for q in queries]
+        bodies = [
+            json.dumps({"embedding_input": q.tolist(), "num_images": args.k, "indice_name": "bench"}).encode()
+            for q in queries
+        ]
         proc, port = start_server(Path(tmp) / "index", args.workers, args.concurrency)
         try:
             result = asyncio.run(load(port, args.clients, args.seconds, bodies, firsts, args.k))

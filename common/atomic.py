@@ -10,8 +10,8 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def _tmp_name(path: Path) -> Path:

@@ -21,9 +21,9 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
@@ -46,8 +46,9 @@ class Choice:
     cached: bool = False
 
     def describe(self) -> str:
-        others = ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in sorted(self.seconds.items(), key=lambda kv: kv[1])
-                           if n != self.name)
+        others = ", ".join(
+            f"{n} {s * 1e3:.1f} ms" for n, s in sorted(self.seconds.items(), key=lambda kv: kv[1]) if n != self.name
+        )
         where = "cached measurement" if self.cached else "measured now"
         return f"{self.name} ({self.seconds[self.name] * 1e3:.1f} ms{'; ' + others if others else ''}; {where})"
 
@@ -121,9 +122,15 @@ def time_interleaved(jobs: Mapping[str, Callable[[], object]], repeats: int) -> 
     return best
 
 
-def timings(task: str, shape: Mapping, jobs: Mapping[str, Callable[[], object]], *, device: torch.device,
-            repeats: int = 2, measure: Callable[[Callable[[], object], int], float] | None = None
-            ) -> tuple[dict[str, float], bool]:
+def timings(
+    task: str,
+    shape: Mapping,
+    jobs: Mapping[str, Callable[[], object]],
+    *,
+    device: torch.device,
+    repeats: int = 2,
+    measure: Callable[[Callable[[], object], int], float] | None = None,
+) -> tuple[dict[str, float], bool]:
     """(seconds per job, whether they came from the cache) for `task` at `shape` on this machine.
 
     `measure(job, repeats)` returns seconds (default: `time_interleaved` over all jobs); tests pass a fake one
@@ -150,9 +157,15 @@ def timings(task: str, shape: Mapping, jobs: Mapping[str, Callable[[], object]],
     return seconds, False
 
 
-def choose(task: str, shape: Mapping, candidates: Mapping[str, Callable[[], object]], *,
-           device: torch.device, repeats: int = 2, measure: Callable[[Callable[[], object], int], float] | None = None
-           ) -> Choice:
+def choose(
+    task: str,
+    shape: Mapping,
+    candidates: Mapping[str, Callable[[], object]],
+    *,
+    device: torch.device,
+    repeats: int = 2,
+    measure: Callable[[Callable[[], object], int], float] | None = None,
+) -> Choice:
     """The fastest of `candidates` (name -> job) for `task` at `shape`, measured or cached."""
     if not candidates:
         raise ValueError(f"no candidate for {task}")

@@ -10,8 +10,9 @@ through `merge_config`, each with its own defaults file.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -21,6 +22,16 @@ _ABSENT = object()
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+def packaged_config_path(name: str) -> Path:
+    """Path of a config shipped with lvd (`default`, `demo`, `lvd142m`, `pretrain`): the repository's
+    `configs/`, installed as the package data `lvd.configs`, so a name works in a checkout and anywhere else."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    path = Path(str(resources.files("lvd.configs").joinpath(f"{stem}.yaml")))
+    if not path.is_file():
+        raise ConfigError(f"no packaged config named {name!r}")
+    return path
 
 
 def _open_empty_mappings(node: DictConfig) -> None:
@@ -35,11 +46,14 @@ def _open_empty_mappings(node: DictConfig) -> None:
 
 def _key_error(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
-    return ConfigError(f"unknown config key {key!r} in {origin}; the keys lvd knows are listed in its configs/*.yaml defaults")
+    return ConfigError(
+        f"unknown config key {key!r} in {origin}; the keys lvd knows are listed in its configs/*.yaml defaults"
+    )
 
 
-def merge_config(defaults_path: str | os.PathLike, path: str | os.PathLike | None = None,
-                 overrides: Sequence[str] | dict | None = ()) -> DictConfig:
+def merge_config(
+    defaults_path: str | os.PathLike, path: str | os.PathLike | None = None, overrides: Sequence[str] | dict | None = ()
+) -> DictConfig:
     """The defaults at `defaults_path`, the file at `path` (optional) and the overrides, merged and resolved."""
     cfg = OmegaConf.load(defaults_path)
     OmegaConf.set_struct(cfg, True)
@@ -72,7 +86,9 @@ def merge_config(defaults_path: str | os.PathLike, path: str | os.PathLike | Non
         except ConfigKeyError as exc:
             raise _key_error(exc, f"override {item!r}") from None
         except Exception as exc:  # yaml syntax errors and type clashes alike
-            raise ConfigError(f"override {item!r}: {exc} (quote values that contain YAML syntax such as braces or colons)") from None
+            raise ConfigError(
+                f"override {item!r}: {exc} (quote values that contain YAML syntax such as braces or colons)"
+            ) from None
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:

@@ -7,7 +7,7 @@ over a config. The pipeline's table is `lvd.curate.config_checks.CHECKS`, the tr
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,10 +27,13 @@ def integer(lo: int | None = None, hi: int | None = None, nullable: bool = False
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             return f"must be {_range(lo, hi)}, got {value}"
         return None
+
     return check
 
 
-def number(lo: float | None = None, hi: float | None = None, words: tuple[str, ...] = (), nullable: bool = False) -> Check:
+def number(
+    lo: float | None = None, hi: float | None = None, words: tuple[str, ...] = (), nullable: bool = False
+) -> Check:
     def check(value):
         if value is None and nullable:
             return None
@@ -42,12 +45,14 @@ def number(lo: float | None = None, hi: float | None = None, words: tuple[str, .
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             return f"must be {_range(lo, hi)}, got {value}"
         return None
+
     return check
 
 
 def choice(*options) -> Check:
     def check(value):
         return None if value in options else f"must be one of {list(options)}, got {value!r}"
+
     return check
 
 

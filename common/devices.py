@@ -15,8 +15,14 @@ from pathlib import Path
 import torch
 
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-               "float16": torch.float16, "fp16": torch.float16}
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above the first with bf16 dot products.

@@ -43,8 +43,7 @@ def memory_budget(value="auto") -> int:
     return int(gib * GIB)
 
 
-def rows_per_block(budget: int, bytes_per_row: int, *, share: float = 0.125, lo: int = 1024,
-                   hi: int = 1 << 20) -> int:
+def rows_per_block(budget: int, bytes_per_row: int, *, share: float = 0.125, lo: int = 1024, hi: int = 1 << 20) -> int:
     """Rows of a working block that take `share` of the budget (at least `lo`, at most `hi`)."""
     return int(min(hi, max(lo, budget * share // max(1, bytes_per_row))))
 
@@ -52,5 +51,7 @@ def rows_per_block(budget: int, bytes_per_row: int, *, share: float = 0.125, lo:
 def check_fits(what: str, nbytes: int, budget: int) -> None:
     """A clear error, before the work, when state that must stay in memory exceeds the budget."""
     if nbytes > budget:
-        raise MemoryError(f"{what} needs {nbytes / GIB:.2f} GiB, more than memory_gb ({budget / GIB:.2f} GiB); "
-                          f"raise memory_gb or run on a machine with more memory")
+        raise MemoryError(
+            f"{what} needs {nbytes / GIB:.2f} GiB, more than memory_gb ({budget / GIB:.2f} GiB); "
+            f"raise memory_gb or run on a machine with more memory"
+        )

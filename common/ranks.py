@@ -71,7 +71,10 @@ def broadcast_array(array: np.ndarray | None, ranks: Ranks, src: int = 0) -> np.
     dist.broadcast(header, src)
     dtype = {v: k for k, v in codes.items()}[int(header[0])]
     shape = tuple(int(s) for s in header[2 : 2 + int(header[1])])
-    data = (torch.from_numpy(array).to(device) if ranks.rank == src
-            else torch.empty(shape, dtype=getattr(torch, dtype.name), device=device))
+    data = (
+        torch.from_numpy(array).to(device)
+        if ranks.rank == src
+        else torch.empty(shape, dtype=getattr(torch, dtype.name), device=device)
+    )
     dist.broadcast(data, src)
     return data.cpu().numpy()

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from lvd.curate.config import ConfigError, load_config
 
@@ -57,12 +57,23 @@ def _resolve(target: str, what: str) -> Callable:
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def _config_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
-    parser.add_argument("config", metavar="CONFIG", nargs=None if config_required else "?", help="YAML config file, or the name of a packaged one (default, demo, lvd142m)")
-    parser.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="dotted overrides, e.g. embed.batch_size=32", default=[])
+    parser.add_argument(
+        "config",
+        metavar="CONFIG",
+        nargs=None if config_required else "?",
+        help="YAML config file, or the name of a packaged one (default, demo, lvd142m)",
+    )
+    parser.add_argument(
+        "overrides", metavar="KEY=VALUE", nargs="*", help="dotted overrides, e.g. embed.batch_size=32", default=[]
+    )
     parser.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
 
 
@@ -114,7 +125,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    func = _resolve("lvd.curate.demo:run_demo", "lvd demo")
+    func = _resolve("lvd.curate.demo.run:run_demo", "lvd demo")
     _setup_logging()
     return int(func(args) or EXIT_OK)
 
@@ -142,9 +153,11 @@ def cmd_viz(args) -> int:
 
 
 def _add_index(sub) -> None:
-    parser = sub.add_parser("index", help="nearest-neighbour image lookup: build, add, search, serve", formatter_class=_formatter)
+    parser = sub.add_parser(
+        "index", help="nearest-neighbour image lookup: build, add, search, serve", formatter_class=_formatter
+    )
     try:
-        add_subcommands = _resolve("lvd.index.cli:add_subcommands", "lvd index")
+        add_subcommands = _resolve("lvd.serve.cli:add_subcommands", "lvd index")
     except NotImplementedYet as exc:
         message = str(exc)
 
@@ -159,7 +172,8 @@ def _add_index(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lvd",
-        description="Curate image datasets the way DINOv2 built LVD-142M, look up similar images, and pretrain DINOv2 on the result.",
+        description="Curate image datasets the way DINOv2 built LVD-142M, look up similar images, "
+        "and pretrain DINOv2 on the result.",
         formatter_class=_formatter,
     )
     from importlib.metadata import PackageNotFoundError, version
@@ -181,12 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(stage)
         stage.set_defaults(func=cmd_stage, stage=name)
 
-    demo = sub.add_parser("demo", help="the whole chain on offline demo data (Fashion-MNIST), then a short pretrain", formatter_class=_formatter)
+    demo = sub.add_parser(
+        "demo",
+        help="the whole chain on offline demo data (Fashion-MNIST), then a short pretrain",
+        formatter_class=_formatter,
+    )
     demo.add_argument("--out", default="demo-run", help="run folder for the demo")
     demo.add_argument("--pool-size", type=int, default=4000, help="Fashion-MNIST train images in the pool")
     demo.add_argument("--eval-size", type=int, default=1000, help="Fashion-MNIST test images in the eval set")
     demo.add_argument("--seed", type=int, default=0, help="seed for the planted duplicates and sampling")
-    demo.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist", help="folder with the Fashion-MNIST IDX files")
+    demo.add_argument(
+        "--fmnist", default="/usr/share/datasets/fashion-mnist", help="folder with the Fashion-MNIST IDX files"
+    )
     demo.add_argument("--no-pretrain", action="store_true", help="skip the short pretraining on the curated shards")
     demo.add_argument("overrides", metavar="KEY=VALUE", nargs="*", default=[], help="config overrides")
     demo.set_defaults(func=cmd_demo)
@@ -199,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a backbone on labelled images", formatter_class=_formatter)
     eval_sub = evaluate.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
-    for protocol, text in (("knn", "weighted k-NN on frozen features"), ("linear", "linear classifier on frozen features")):
+    for protocol, text in (
+        ("knn", "weighted k-NN on frozen features"),
+        ("linear", "linear classifier on frozen features"),
+    ):
         p = eval_sub.add_parser(protocol, help=text, formatter_class=_formatter)
         _config_args(p)
         p.set_defaults(func=cmd_eval)
@@ -208,10 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(viz)
     viz.set_defaults(func=cmd_viz)
 
-    config = sub.add_parser("config", help="print the merged config (defaults, file, overrides)", formatter_class=_formatter)
-    config.add_argument("config", metavar="CONFIG", nargs="?", default=None, help="YAML config file or packaged config name")
+    config = sub.add_parser(
+        "config", help="print the merged config (defaults, file, overrides)", formatter_class=_formatter
+    )
+    config.add_argument(
+        "config", metavar="CONFIG", nargs="?", default=None, help="YAML config file or packaged config name"
+    )
     config.add_argument("overrides", metavar="KEY=VALUE", nargs="*", default=[], help="dotted overrides")
-    config.add_argument("--schema", choices=("default", "pretrain"), default="default", help="which defaults to merge over")
+    config.add_argument(
+        "--schema", choices=("default", "pretrain"), default="default", help="which defaults to merge over"
+    )
     config.set_defaults(func=cmd_config)
     return parser
 
@@ -237,13 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from lvd.index.cli import user_errors
+    from lvd.serve.cli import user_errors
 
     return (ConfigError, *user_errors())
 
 
 def _error_line(exc: BaseException) -> str:
-    from lvd.index.cli import error_line
+    from lvd.serve.cli import error_line
 
     return error_line(exc)
 

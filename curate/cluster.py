@@ -35,14 +35,22 @@ import pandas as pd
 import pyarrow as pa
 from omegaconf import ListConfig
 
+from lvd.common.memory import memory_budget
 from lvd.curate.config import as_list
 from lvd.curate.dedup import curated_pool_ids, rows_of
+from lvd.curate.ranks import Ranks, gather_rows, in_ranks, rank_device, rank_slice, torchrun_main
+from lvd.curate.runio import (
+    atomic_path,
+    fingerprint,
+    is_done,
+    open_stage,
+    read_success,
+    stage_fingerprint,
+    write_frame,
+    write_success,
+)
 from lvd.curate.selection import balanced_size
 from lvd.curate.stage import StageOutputs
-from lvd.curate.ranks import Ranks, gather_rows, in_ranks, rank_device, rank_slice, torchrun_main
-from lvd.index.kmeans_distributed import distributed_kmeans, distributed_resampled_kmeans
-from lvd.curate.runio import (atomic_path, fingerprint, is_done, open_stage, read_success,
-                              stage_fingerprint, write_frame, write_success)
 from lvd.index.hierarchical import (
     Hierarchy,
     balanced_sample,
@@ -50,8 +58,8 @@ from lvd.index.hierarchical import (
     nearest_centroids,
     resampled_kmeans,
 )
-from lvd.common.memory import memory_budget
 from lvd.index.io import EmbeddingRows, load_embedding_ids
+from lvd.index.kmeans_distributed import distributed_kmeans, distributed_resampled_kmeans
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +85,16 @@ def training_rows(n: int, dim: int, k: int, budget: int, seed: int) -> np.ndarra
     fits = int(FULL_MATRIX_SHARE * budget // (dim * 4))
     m = min(n, fits, TRAIN_POINTS_PER_CENTROID * k)
     if m < k:
-        raise MemoryError(f"k-means of {k} clusters needs at least {k} training rows in memory, but "
-                          f"{FULL_MATRIX_SHARE:.0%} of memory_gb holds only {fits}; raise memory_gb")
+        raise MemoryError(
+            f"k-means of {k} clusters needs at least {k} training rows in memory, but "
+            f"{FULL_MATRIX_SHARE:.0%} of memory_gb holds only {fits}; raise memory_gb"
+        )
     return np.sort(np.random.default_rng([seed, 11]).choice(n, m, replace=False))
 
 
-def sampled_kmeans(view: EmbeddingRows, train: np.ndarray, k: int, *, ranks: Ranks | None = None,
-                   **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sampled_kmeans(
+    view: EmbeddingRows, train: np.ndarray, k: int, *, ranks: Ranks | None = None, **kwargs
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centroids, assign, squared distance): `resampled_kmeans` on the training rows, then every
     row of `view` assigned to its nearest centroid block by block. Under torchrun each rank
     iterates over its slice of the sample and assigns its slice of the rows."""
@@ -93,8 +104,9 @@ def sampled_kmeans(view: EmbeddingRows, train: np.ndarray, k: int, *, ranks: Ran
         assign, distance = nearest_centroids(view, centroids, backend, device, DISTANCE_BLOCK)
         return centroids, assign, distance
     centroids, _, _ = distributed_resampled_kmeans(view.subset(train), k, ranks=ranks, **kwargs)
-    assign, distance = nearest_centroids(view.subset(rank_slice(len(view), ranks)), centroids, backend, device,
-                                         DISTANCE_BLOCK)
+    assign, distance = nearest_centroids(
+        view.subset(rank_slice(len(view), ranks)), centroids, backend, device, DISTANCE_BLOCK
+    )
     return centroids, gather_rows(assign, ranks), gather_rows(distance, ranks)
 
 
@@ -129,7 +141,7 @@ WORK = ".levels"
 def _remove_stale_levels(staged: StageOutputs, out: Path, n_levels: int) -> None:
     """At commit: delete level folders beyond the configured levels (left by a run with more levels)."""
     for folder in out.glob("level*"):
-        suffix = folder.name[len("level"):]
+        suffix = folder.name[len("level") :]
         if folder.is_dir() and suffix.isdigit() and int(suffix) > n_levels:
             staged.remove(folder.name)
 
@@ -174,9 +186,14 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
     embed_info = stage_fingerprint(run_dir / "embed")
     ks = [int(k) for k in as_list(c.level_ks)] + [int(c.k)] if c.method == "hierarchical" else [int(c.k)]
     settings = {
-        "method": str(c.method), "ks": ks, "niter": int(c.niter), "spherical": bool(c.spherical),
-        "resample_steps": as_list(c.resample_steps), "resample_size": as_list(c.resample_size),
-        "seed": int(cfg.seed), "backend": str(c.backend),
+        "method": str(c.method),
+        "ks": ks,
+        "niter": int(c.niter),
+        "spherical": bool(c.spherical),
+        "resample_steps": as_list(c.resample_steps),
+        "resample_size": as_list(c.resample_size),
+        "seed": int(cfg.seed),
+        "backend": str(c.backend),
     }
     fp = fingerprint("cluster", ids, embed_info, settings)
     n_balanced = balanced_size(cfg, len(ids))
@@ -194,8 +211,9 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
             staged.discard()
 
 
-def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings, fp, balanced_fp, n_balanced,
-                        started) -> Path:
+def _cluster_and_commit(
+    cfg, ranks: Ranks, out: Path, staged, ids, ks, settings, fp, balanced_fp, n_balanced, started
+) -> Path:
     """k-means of the curated rows; rank 0 stages every output and commits them together."""
     c = cfg.cluster
     run_dir = Path(cfg.run_dir)
@@ -218,14 +236,25 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
     train = training_rows(n, view.dim, ks[0], memory_budget(cfg.get("memory_gb", "auto")) * ranks.world, int(cfg.seed))
     x = np.asarray(view) if ranks.world == 1 and train is None else None
     device = str(rank_device(str(c.device), ranks))
-    log.info("cluster: %s k-means of %d images, levels %s%s%s", c.method, n, ks,
-             f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "",
-             "" if train is None else f", trained on {len(train)} sampled images (memory_gb), all assigned in blocks")
+    log.info(
+        "cluster: %s k-means of %d images, levels %s%s%s",
+        c.method,
+        n,
+        ks,
+        f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "",
+        "" if train is None else f", trained on {len(train)} sampled images (memory_gb), all assigned in blocks",
+    )
 
     if c.method == "flat":
         checkpoint = out / "kmeans-checkpoint.npz"
-        kwargs = dict(niter=int(c.niter), seed=int(cfg.seed), spherical=bool(c.spherical), backend=str(c.backend),
-                      device=device, checkpoint=None if cfg.get("overwrite", False) else checkpoint)
+        kwargs = dict(
+            niter=int(c.niter),
+            seed=int(cfg.seed),
+            spherical=bool(c.spherical),
+            backend=str(c.backend),
+            device=device,
+            checkpoint=None if cfg.get("overwrite", False) else checkpoint,
+        )
         if train is not None:
             centroids, labels, distance = sampled_kmeans(view, train, ks[0], ranks=ranks, **kwargs)
         elif ranks.world > 1:
@@ -240,12 +269,16 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
         hierarchy = Hierarchy([centroids], [labels], [distance])
         stats = [_level_stats(1, labels, len(centroids), distance)]
     else:
+
         def save_level(level: int, centroids, parents, parent_distance) -> None:
             if ranks.rank != 0:
                 return
             work = out / WORK / f"level{level}"  # resume state; the level's output is staged below
-            arrays = {"centroids.npy": np.asarray(centroids, np.float32), "parents.npy": np.asarray(parents, np.int64),
-                      "parent_distance.npy": np.asarray(parent_distance, np.float32)}
+            arrays = {
+                "centroids.npy": np.asarray(centroids, np.float32),
+                "parents.npy": np.asarray(parents, np.int64),
+                "parent_distance.npy": np.asarray(parent_distance, np.float32),
+            }
             for name, array in arrays.items():
                 save_npy(work / name, array)
                 save_npy(staged.path(f"level{level}/{name}"), array)
@@ -256,15 +289,40 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
             log.info("cluster: reusing %d finished level(s)", len(done))
         first_level = None
         if train is not None:  # level 1 (and its resampling) on the sample; every image assigned in blocks
-            first_level = partial(sampled_kmeans, view, train, ranks=ranks, niter=int(c.niter),
-                                  spherical=bool(c.spherical), backend=str(c.backend), device=device)
+            first_level = partial(
+                sampled_kmeans,
+                view,
+                train,
+                ranks=ranks,
+                niter=int(c.niter),
+                spherical=bool(c.spherical),
+                backend=str(c.backend),
+                device=device,
+            )
         elif ranks.world > 1:  # level 1 clusters every image: spread it over the ranks; the levels above are small
-            first_level = partial(distributed_resampled_kmeans, view, ranks=ranks, niter=int(c.niter),
-                                  spherical=bool(c.spherical), backend=str(c.backend), device=device)
+            first_level = partial(
+                distributed_resampled_kmeans,
+                view,
+                ranks=ranks,
+                niter=int(c.niter),
+                spherical=bool(c.spherical),
+                backend=str(c.backend),
+                device=device,
+            )
         hierarchy = hierarchical_kmeans(
-            view if x is None else x, ks, niter=int(c.niter), resampling_steps=_plain(c.resample_steps),
-            sample_size=_plain(c.resample_size), seed=int(cfg.seed), spherical=bool(c.spherical),
-            backend=str(c.backend), device=device, done=done, on_level=save_level, first_level=first_level)
+            view if x is None else x,
+            ks,
+            niter=int(c.niter),
+            resampling_steps=_plain(c.resample_steps),
+            sample_size=_plain(c.resample_size),
+            seed=int(cfg.seed),
+            spherical=bool(c.spherical),
+            backend=str(c.backend),
+            device=device,
+            done=done,
+            on_level=save_level,
+            first_level=first_level,
+        )
         levels = [(hierarchy.labels(t), hierarchy.centroids[t - 1]) for t in range(1, len(ks) + 1)]
         if ranks.world > 1:
             mine = rank_slice(n, ranks)
@@ -281,7 +339,9 @@ def _cluster_and_commit(cfg, ranks: Ranks, out: Path, staged, ids, ks, settings,
             if t <= len(done):  # a resumed level: its arrays come from the work folder
                 for name in ("centroids.npy", "parents.npy", "parent_distance.npy"):
                     save_npy(staged.path(f"level{t}/{name}"), np.load(out / WORK / f"level{t}" / name))
-            write_frame(staged.path(f"level{t}/assign.parquet"), _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp)
+            write_frame(
+                staged.path(f"level{t}/assign.parquet"), _assign_frame(ids, labels, distance), ASSIGN_SCHEMA, fp
+            )
         _write_clustering(staged, "", ids, hierarchy.centroids[-1], labels, distance, fp)
 
     if n_balanced > 0:
@@ -315,14 +375,22 @@ def main(argv: list[str] | None = None) -> int:
     return torchrun_main(run_cluster, "lvd.curate.cluster", argv)
 
 
-def _write_empty(staged: StageOutputs, out: Path, dim: int, fp: str, balanced_fp: str, settings: dict,
-                 started: float) -> Path:
+def _write_empty(
+    staged: StageOutputs, out: Path, dim: int, fp: str, balanced_fp: str, settings: dict, started: float
+) -> Path:
     """Nothing survived dedup: empty but well-formed outputs, so later stages see zero images."""
     empty = np.zeros(0, np.int64)
     _write_clustering(staged, "", empty, np.zeros((0, dim), np.float32), empty, np.zeros(0, np.float32), fp)
     write_frame(staged.path("balanced.parquet"), pd.DataFrame({"id": empty}), BALANCED_SCHEMA, balanced_fp)
-    staged.commit(fingerprint=balanced_fp, settings=settings, images=0, k=0, distance="squared_l2", levels=[],
-                  seconds=round(time.time() - started, 3))
+    staged.commit(
+        fingerprint=balanced_fp,
+        settings=settings,
+        images=0,
+        k=0,
+        distance="squared_l2",
+        levels=[],
+        seconds=round(time.time() - started, 3),
+    )
     return out
 
 
@@ -333,8 +401,13 @@ def _plain(value):
 
 def _level_stats(level: int, labels: np.ndarray, k: int, distance: np.ndarray) -> dict:
     sizes = np.bincount(labels, minlength=k)
-    return {"level": level, "k": k, "empty": int((sizes == 0).sum()), "largest": int(sizes.max()),
-            "inertia": float(distance.sum(dtype=np.float64))}
+    return {
+        "level": level,
+        "k": k,
+        "empty": int((sizes == 0).sum()),
+        "largest": int(sizes.max()),
+        "inertia": float(distance.sum(dtype=np.float64)),
+    }
 
 
 if __name__ == "__main__":

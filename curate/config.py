@@ -9,22 +9,12 @@ whose keys are the user's set names.
 from __future__ import annotations
 
 import os
-from importlib import resources
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lvd.common.config import ConfigError, merge_config  # noqa: F401 (ConfigError: raised for the pipeline too)
-
-
-def packaged_config_path(name: str) -> Path:
-    """Path of a config shipped with lvd (`default`, `demo`, `lvd142m`)."""
-    stem = name[:-5] if name.endswith(".yaml") else name
-    path = Path(str(resources.files("lvd.curate").joinpath("configs", f"{stem}.yaml")))
-    if not path.is_file():
-        raise ConfigError(f"no packaged config named {name!r}")
-    return path
+from lvd.common.config import ConfigError, merge_config, packaged_config_path  # noqa: F401 (ConfigError: raised for the pipeline too)
 
 
 def resolve_config_path(spec: str | os.PathLike) -> Path:
@@ -45,8 +35,9 @@ def load_config(
 
     `defaults` names the packaged schema: `default` for the pipeline, `pretrain` for training.
     """
-    cfg = merge_config(packaged_config_path(defaults), resolve_config_path(path) if path is not None else None,
-                       overrides)
+    cfg = merge_config(
+        packaged_config_path(defaults), resolve_config_path(path) if path is not None else None, overrides
+    )
     if defaults == "default":
         from lvd.curate.config_checks import config_problems
 

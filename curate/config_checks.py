@@ -12,19 +12,27 @@ from omegaconf import DictConfig
 from lvd.common.config_checks import Check, boolean, choice, integer, number
 from lvd.common.config_checks import config_problems as common_problems
 
+
 def registry_model(value) -> str | None:
     from lvd.pretrain.models.registry import list_models
 
     names = list_models()
     if value == "auto" or value in names:
         return None
-    return f"must be auto (the architecture the weights file records) or a registry model ({', '.join(names)}), got {value!r}"
+    return (
+        f"must be auto (the architecture the weights file records) or a registry model ({', '.join(names)}), "
+        f"got {value!r}"
+    )
 
 
 def copy_space(value) -> str | None:
     from lvd.pretrain.models.copy_detection import SPACE_THRESHOLDS
 
-    return None if value is None or value in SPACE_THRESHOLDS else f"must be null or one of {sorted(SPACE_THRESHOLDS)}, got {value!r}"
+    return (
+        None
+        if value is None or value in SPACE_THRESHOLDS
+        else f"must be null or one of {sorted(SPACE_THRESHOLDS)}, got {value!r}"
+    )
 
 
 def resolution(value) -> str | None:

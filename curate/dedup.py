@@ -40,22 +40,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from lvd.common.memory import memory_budget, rows_per_block
 from lvd.curate.dedup_space import DedupSpace, resolve_thresholds
 from lvd.curate.embed import weights_record
 from lvd.curate.manifest import read_manifest
 from lvd.curate.ranks import Ranks, gather_rows, in_ranks, rank_slice, torchrun_main
+from lvd.curate.runio import (
+    fingerprint,
+    is_done,
+    open_stage,
+    parquet_fingerprint,
+    read_success,
+    stage_fingerprint,
+    write_frame,
+)
 from lvd.curate.stage import StageOutputs
 from lvd.curate.workers import show_progress
-from lvd.curate.runio import (fingerprint, is_done, open_stage, parquet_fingerprint, read_success,
-                              stage_fingerprint, write_frame)
-from lvd.index import ivf_switch
+from lvd.index import ivf_join, ivf_switch
 from lvd.index.backends import resolve_device
 from lvd.index.components import duplicate_groups, group_duplicates, pairs_above
-from lvd.common.memory import memory_budget, rows_per_block
-from lvd.index import ivf_join
 from lvd.index.io import EmbeddingRows, load_embedding_ids
-from lvd.index.kmeans import kmeans
 from lvd.index.keep_rule import keep_priority, keep_reasons, quality_keys
+from lvd.index.kmeans import kmeans
 from lvd.index.knn import EXACT_MAX_ACCELERATOR, knn_graph
 
 log = logging.getLogger(__name__)
@@ -88,8 +94,17 @@ def exact_duplicates(ids: np.ndarray, sha1: np.ndarray) -> pd.DataFrame:
     return frame.loc[frame["id"] != frame["dup_of"], ["id", "dup_of"]].reset_index(drop=True)
 
 
-def near_duplicates_knn(x: np.ndarray, priority: np.ndarray, *, k: int, threshold: float, backend: str = "auto",
-                        device: str = "cpu", seed: int = 0, grouping: str = "components") -> tuple[np.ndarray, np.ndarray]:
+def near_duplicates_knn(
+    x: np.ndarray,
+    priority: np.ndarray,
+    *,
+    k: int,
+    threshold: float,
+    backend: str = "auto",
+    device: str = "cpu",
+    seed: int = 0,
+    grouping: str = "components",
+) -> tuple[np.ndarray, np.ndarray]:
     """(component, keep) per row from the k-NN graph thresholded at `threshold` (DINOv2).
 
     The graph is exact for small pools and IVF past the exact/IVF crossover measured on this
@@ -98,8 +113,9 @@ def near_duplicates_knn(x: np.ndarray, priority: np.ndarray, *, k: int, threshol
     """
     if len(x) < 2:
         return np.arange(len(x), dtype=np.int64), np.ones(len(x), bool)
-    sims, neighbors = knn_graph(x, min(k, len(x) - 1), backend=backend, device=device, seed=seed,
-                                min_similarity=threshold)
+    sims, neighbors = knn_graph(
+        x, min(k, len(x) - 1), backend=backend, device=device, seed=seed, min_similarity=threshold
+    )
     return duplicate_groups(sims, neighbors, threshold, priority, grouping)
 
 
@@ -119,22 +135,51 @@ def exact_graph_pays(n: int, d: int, k: int, device: str, budget: int) -> bool:
     return n <= ivf_join.NPROBES[-2] * ivf_join.LIST_SIZE + ivf_switch.CHECK_QUERIES
 
 
-def near_duplicates_join(view, priority: np.ndarray, *, k: int, threshold: float, budget: int, backend: str = "auto",
-                         device: str = "cpu", seed: int = 0, grouping: str = "components",
-                         progress: bool = False, ranks: Ranks | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def near_duplicates_join(
+    view,
+    priority: np.ndarray,
+    *,
+    k: int,
+    threshold: float,
+    budget: int,
+    backend: str = "auto",
+    device: str = "cpu",
+    seed: int = 0,
+    grouping: str = "components",
+    progress: bool = False,
+    ranks: Ranks | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(component, keep, join report) of the rows of an `EmbeddingRows` view, read from the parts
     list group by list group (`index.ivf_join`): memory holds a few bytes per row, not the rows."""
-    rows, cols, report = ivf_join.near_pairs(view, threshold, k, memory_budget=budget, seed=seed, backend=backend,
-                                             device=device, spanning=grouping == "components", progress=progress,
-                                             ranks=ranks)
+    rows, cols, report = ivf_join.near_pairs(
+        view,
+        threshold,
+        k,
+        memory_budget=budget,
+        seed=seed,
+        backend=backend,
+        device=device,
+        spanning=grouping == "components",
+        progress=progress,
+        ranks=ranks,
+    )
     component, keep = group_duplicates(len(view), rows, cols, priority, grouping)
     return component, keep, report.record()
 
 
-def near_duplicates_semdedup(x: np.ndarray, priority: np.ndarray, *, threshold: float, clusters: int | None,
-                             niter: int = 20, seed: int = 0, backend: str = "auto",
-                             device: str = "cpu", progress: bool = False,
-                             grouping: str = "components") -> tuple[np.ndarray, np.ndarray]:
+def near_duplicates_semdedup(
+    x: np.ndarray,
+    priority: np.ndarray,
+    *,
+    threshold: float,
+    clusters: int | None,
+    niter: int = 20,
+    seed: int = 0,
+    backend: str = "auto",
+    device: str = "cpu",
+    progress: bool = False,
+    grouping: str = "components",
+) -> tuple[np.ndarray, np.ndarray]:
     """(component, keep) per row from all pairs >= threshold inside each spherical k-means cluster.
 
     SemDeDup (Abbas et al. 2023) compares only images of the same cluster, which makes all
@@ -161,8 +206,9 @@ def near_duplicates_semdedup(x: np.ndarray, priority: np.ndarray, *, threshold: 
     return group_duplicates(n, rows, cols, priority, grouping)
 
 
-def contamination_pairs(pool_x: np.ndarray, eval_x: np.ndarray, threshold: float
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def contamination_pairs(
+    pool_x: np.ndarray, eval_x: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pool row, eval row, similarity) of every pair with similarity >= threshold, exactly."""
     return pairs_above(pool_x, eval_x, threshold)
 
@@ -178,9 +224,15 @@ def warn_if_indiscriminate(component: np.ndarray, threshold: float, space: str) 
         return
     largest = int(np.bincount(component).max())
     if largest > SUSPICIOUS_FRACTION * len(component):
-        log.warning("dedup: one near-duplicate component holds %d of %d images at threshold %.3g in %s; the "
-                    "threshold is probably too low for this space (DINOv2's 0.6 is for SSCD copy-detection "
-                    "descriptors)", largest, len(component), threshold, space)
+        log.warning(
+            "dedup: one near-duplicate component holds %d of %d images at threshold %.3g in %s; the "
+            "threshold is probably too low for this space (DINOv2's 0.6 is for SSCD copy-detection "
+            "descriptors)",
+            largest,
+            len(component),
+            threshold,
+            space,
+        )
 
 
 # ---------------------------------------------------------------- readers
@@ -198,10 +250,14 @@ def embedding_folder(run_dir: Path, space: DedupSpace) -> Path:
     made_with = (record.get("copy_detection") or {}).get("weights")
     wanted = weights_record(space.copy_detector.weights)
     if made_with is None or not any(copy.glob("part-*.npy")):
-        raise FileNotFoundError(f"the copy-detection model {space.copy_detector.describe()} is configured, but {embed} "
-                                f"holds no copy-detection embeddings: run `lvd embed` again")
+        raise FileNotFoundError(
+            f"the copy-detection model {space.copy_detector.describe()} is configured, but {embed} "
+            f"holds no copy-detection embeddings: run `lvd embed` again"
+        )
     if made_with != wanted:
-        raise FileNotFoundError(f"{copy} was embedded with {made_with}, but the config names {wanted}: run `lvd embed` again")
+        raise FileNotFoundError(
+            f"{copy} was embedded with {made_with}, but the config names {wanted}: run `lvd embed` again"
+        )
     return copy
 
 
@@ -256,9 +312,13 @@ def _run_dedup(cfg, ranks: Ranks) -> Path:
     decontam_threshold = decontam_t.value if decontam_t is not None else None
     folder = embedding_folder(run_dir, space)
     embed_fp = stage_fingerprint(folder) or stage_fingerprint(run_dir / "embed")
-    log.info("dedup: near-copies judged in %s; dedup threshold %.3g (%s)%s", space.description, threshold,
-             near_t.source, f", decontamination threshold {decontam_threshold:.3g} ({decontam_t.source})"
-             if decontam_t is not None else "")
+    log.info(
+        "dedup: near-copies judged in %s; dedup threshold %.3g (%s)%s",
+        space.description,
+        threshold,
+        near_t.source,
+        f", decontamination threshold {decontam_threshold:.3g} ({decontam_t.source})" if decontam_t is not None else "",
+    )
 
     def todo(name: str, fp: str) -> bool:
         return overwrite or parquet_fingerprint(out / name) != fp
@@ -280,7 +340,9 @@ def _run_dedup(cfg, ranks: Ranks) -> Path:
     need_exact, need_near, need_decontam = (todo(n, fp) for n, fp in fps.items())
     ranks.barrier()  # every rank has read the finished files' fingerprints before rank 0 replaces any
     if ranks.rank != 0:  # a helper rank: the same collective work, nothing written
-        exact = exact_duplicates(pool_ids, pool_sha1) if need_exact else pq.read_table(out / "exact.parquet").to_pandas()
+        exact = (
+            exact_duplicates(pool_ids, pool_sha1) if need_exact else pq.read_table(out / "exact.parquet").to_pandas()
+        )
         del pool_sha1
         emb_ids = load_embedding_ids(folder)
         if need_near:
@@ -311,8 +373,11 @@ def _run_dedup(cfg, ranks: Ranks) -> Path:
         kept = curated_pool_ids(run_dir, near=near, decontam=decontam)
         staged.commit(
             embeddings=str(folder.relative_to(run_dir)),
-            space={"name": space.space, "description": space.description,
-                   "copy_detector": space.copy_detector.describe() if space.copy_detector else None},
+            space={
+                "name": space.space,
+                "description": space.description,
+                "copy_detector": space.copy_detector.describe() if space.copy_detector else None,
+            },
             thresholds={"dedup": near_t.record(), "decontam": decontam_t.record() if decontam_t else None},
             settings={"dedup": near_settings, "decontam_threshold": decontam_threshold},
             near_search=how if how is not None else (read_success(out) or {}).get("near_search"),
@@ -332,8 +397,18 @@ def _run_dedup(cfg, ranks: Ranks) -> Path:
     return out
 
 
-def _near_frame(cfg, pool: pd.DataFrame, exact: pd.DataFrame, emb_ids, folder: Path, threshold: float, device: str,
-                space: DedupSpace, budget: int, ranks: Ranks) -> tuple[pd.DataFrame, dict] | None:
+def _near_frame(
+    cfg,
+    pool: pd.DataFrame,
+    exact: pd.DataFrame,
+    emb_ids,
+    folder: Path,
+    threshold: float,
+    device: str,
+    space: DedupSpace,
+    budget: int,
+    ranks: Ranks,
+) -> tuple[pd.DataFrame, dict] | None:
     """near.parquet's rows (the pool left by exact dedup, grouped and kept by the configured
     rule), and how the near-duplicate pairs were searched; None on a helper rank."""
     survivors = pool[~pool["id"].isin(exact["id"])].reset_index(drop=True)
@@ -344,11 +419,13 @@ def _near_frame(cfg, pool: pd.DataFrame, exact: pd.DataFrame, emb_ids, folder: P
     keys = _keep_keys(survivors)
     view, prio = EmbeddingRows(folder, rows), keep_priority(keys, str(cfg.dedup.keep))
     k, grouping, progress = int(cfg.dedup.k), str(cfg.dedup.grouping), show_progress(cfg.progress)
-    common = dict(threshold=threshold, backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed),
-                  grouping=grouping)
+    common = dict(
+        threshold=threshold, backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed), grouping=grouping
+    )
     if cfg.dedup.mode == "knn" and not exact_graph_pays(len(view), view.dim, k, device, budget):
-        component, keep, how = near_duplicates_join(view, prio, k=k, budget=budget, progress=progress, ranks=ranks,
-                                                    **common)
+        component, keep, how = near_duplicates_join(
+            view, prio, k=k, budget=budget, progress=progress, ranks=ranks, **common
+        )
         if ranks.rank != 0:
             return None
     elif ranks.rank != 0:  # the in-memory paths run on rank 0 alone
@@ -357,20 +434,31 @@ def _near_frame(cfg, pool: pd.DataFrame, exact: pd.DataFrame, emb_ids, folder: P
         component, keep = near_duplicates_knn(np.asarray(view), prio, k=k, **common)
         how = {"method": "knn-graph", "rows": len(view)}
     else:
-        component, keep = near_duplicates_semdedup(np.asarray(view), prio, clusters=cfg.dedup.semdedup_clusters,
-                                                   niter=int(cfg.dedup.niter), progress=progress, **common)
+        component, keep = near_duplicates_semdedup(
+            np.asarray(view),
+            prio,
+            clusters=cfg.dedup.semdedup_clusters,
+            niter=int(cfg.dedup.niter),
+            progress=progress,
+            **common,
+        )
         how = {"method": "semdedup", "rows": len(view)}
     if grouping == "components":  # star groups cannot chain
         warn_if_indiscriminate(component, threshold, space.description)
     reason = keep_reasons(component, keep, keys, str(cfg.dedup.keep))
-    log.info("dedup: %d near-duplicates removed from %d images (%d components)",
-             int((~keep).sum()), len(survivors), int(component.max() + 1) if len(component) else 0)
+    log.info(
+        "dedup: %d near-duplicates removed from %d images (%d components)",
+        int((~keep).sum()),
+        len(survivors),
+        int(component.max() + 1) if len(component) else 0,
+    )
     frame = pd.DataFrame({"id": _int64(survivors["id"]), "component": component, "keep": keep, "reason": reason})
     return frame, how
 
 
-def _decontam_frame(pool: pd.DataFrame, evals: pd.DataFrame, emb_ids, folder: Path, threshold: float | None,
-                    budget: int, ranks: Ranks) -> pd.DataFrame | None:
+def _decontam_frame(
+    pool: pd.DataFrame, evals: pd.DataFrame, emb_ids, folder: Path, threshold: float | None, budget: int, ranks: Ranks
+) -> pd.DataFrame | None:
     """decontam.parquet's rows: every (pool, eval) pair at or above the threshold, the pool read in
     blocks (each rank its slice; rank 0 gets every pair, a helper rank None)."""
     pool_ids, eval_ids = _int64(pool["id"]), _int64(evals["id"])
@@ -386,18 +474,31 @@ def _decontam_frame(pool: pd.DataFrame, evals: pd.DataFrame, emb_ids, folder: Pa
     found = [np.zeros((0, 3), np.float64)]
     for start, block in pool_view.blocks(rows_per_block(budget, 4 * pool_view.dim + 4 * max(1, len(eval_x)))):
         q, b, sims = contamination_pairs(block, eval_x, threshold if threshold is not None else np.inf)
-        found.append(np.stack([q + start + mine.start, b, sims], 1).astype(np.float64))  # float64 holds the rows exactly
+        found.append(
+            np.stack([q + start + mine.start, b, sims], 1).astype(np.float64)
+        )  # float64 holds the rows exactly
     found = gather_rows(np.concatenate(found), ranks)
     if ranks.rank != 0:
         return None
     q, b = found[:, 0].astype(np.int64), found[:, 1].astype(np.int64)
-    pairs = pd.DataFrame({"id": pool_ids[q], "eval_set": eval_sets[b], "eval_id": eval_ids[b],
-                          "similarity": found[:, 2].astype(np.float32)})
+    pairs = pd.DataFrame(
+        {
+            "id": pool_ids[q],
+            "eval_set": eval_sets[b],
+            "eval_id": eval_ids[b],
+            "similarity": found[:, 2].astype(np.float32),
+        }
+    )
     pairs = pairs.sort_values(["id", "eval_set", "eval_id"], kind="stable").reset_index(drop=True)
     log.info("dedup: %d pool images match an eval image (%d pairs)", pairs["id"].nunique(), len(pairs))
     if len(pool) >= 100 and pairs["id"].nunique() > SUSPICIOUS_FRACTION * len(pool):
-        log.warning("decontam: %d of %d pool images are within %.3g of an eval image; the threshold is "
-                    "probably too low for these embeddings", pairs["id"].nunique(), len(pool), threshold)
+        log.warning(
+            "decontam: %d of %d pool images are within %.3g of an eval image; the threshold is "
+            "probably too low for these embeddings",
+            pairs["id"].nunique(),
+            len(pool),
+            threshold,
+        )
     return pairs
 
 

@@ -12,11 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lvd.curate.config import ConfigError
-from lvd.pretrain.models.copy_detection import (SPACE_THRESHOLDS, SSCD_INSTALL_HINT, CopyDetectorChoice, known_threshold,
-                                            resolve_copy_detector)
+from lvd.pretrain.models.copy_detection import (
+    SPACE_THRESHOLDS,
+    SSCD_INSTALL_HINT,
+    CopyDetectorChoice,
+    known_threshold,
+    resolve_copy_detector,
+)
 
 # The demo's measured values for the ViT-S/14 CLS space, quoted in the error as an example.
-CLS_EXAMPLE = "the packaged demo config uses dedup.threshold=0.99 and decontam.threshold=0.985 measured for a ViT-S/14's CLS embeddings"
+CLS_EXAMPLE = (
+    "the packaged demo config uses dedup.threshold=0.99 and decontam.threshold=0.985 measured for a ViT-S/14's "
+    "CLS embeddings"
+)
 
 
 @dataclass(frozen=True)
@@ -47,17 +55,22 @@ def dedup_space(cfg) -> DedupSpace:
     if choice is None:
         return DedupSpace("embed", None, f"the main embeddings of {cfg.embed.model} (embed/)", None)
     known = f"the {choice.space} space" if choice.space else "a space with no known threshold"
-    return DedupSpace("embed/copy", choice.space, f"copy-detection model {choice.describe()}, {known} (embed/copy/)",
-                      choice)
+    return DedupSpace(
+        "embed/copy", choice.space, f"copy-detection model {choice.describe()}, {known} (embed/copy/)", choice
+    )
 
 
 def _missing_threshold(key: str, space: DedupSpace) -> ConfigError:
     if space.copy_detector is None:
-        fix = (f"install the SSCD copy-detection model ({SSCD_INSTALL_HINT}) and leave "
-               "embed.copy_detection.weights=auto, or set embed.copy_detection.weights to an SSCD model")
+        fix = (
+            f"install the SSCD copy-detection model ({SSCD_INSTALL_HINT}) and leave "
+            "embed.copy_detection.weights=auto, or set embed.copy_detection.weights to an SSCD model"
+        )
     else:
-        fix = (f"set embed.copy_detection.space ({', '.join(sorted(SPACE_THRESHOLDS))}) if "
-               f"{space.copy_detector.describe()} is such a model")
+        fix = (
+            f"set embed.copy_detection.space ({', '.join(sorted(SPACE_THRESHOLDS))}) if "
+            f"{space.copy_detector.describe()} is such a model"
+        )
     return ConfigError(
         f"{key} is auto, but near-copies would be judged in {space.description}, where lvd knows no threshold "
         f"(DINOv2's 0.6 / 0.45 are for SSCD descriptors; in another space they remove look-alikes, not copies). "
@@ -82,7 +95,9 @@ def resolve_thresholds(cfg, decontaminate: bool) -> tuple[DedupSpace, Threshold,
     """(space, dedup threshold, decontam threshold or None when there is nothing to decontaminate against)."""
     space = dedup_space(cfg)
     near = resolve_threshold(cfg.dedup.threshold, "dedup.threshold", "dedup", space)
-    decontam = resolve_threshold(cfg.decontam.threshold, "decontam.threshold", "decontam", space) if decontaminate else None
+    decontam = (
+        resolve_threshold(cfg.decontam.threshold, "decontam.threshold", "decontam", space) if decontaminate else None
+    )
     return space, near, decontam
 
 

@@ -38,7 +38,15 @@ from tqdm.auto import tqdm
 from lvd.curate.config import ConfigError, save_config
 from lvd.curate.manifest import read_manifest
 from lvd.curate.ranks import Ranks, join_ranks, rank_device, torchrun_main
-from lvd.curate.runio import atomic_path, atomic_write_json, clear_success, is_done, read_success, remove_stale_temps, write_success
+from lvd.curate.runio import (
+    atomic_path,
+    atomic_write_json,
+    clear_success,
+    is_done,
+    read_success,
+    remove_stale_temps,
+    write_success,
+)
 from lvd.curate.sources import iter_bytes
 from lvd.curate.stage import STAGED, commit_staged_parts
 from lvd.curate.workers import resolve_workers, show_progress
@@ -115,8 +123,9 @@ def weights_record(spec) -> str | None:
     return spec if spec.startswith("pkg://") else str(Path(spec).expanduser().resolve())
 
 
-def settings_fingerprint(info: dict, copy_info: dict | None, weights_spec, copy_spec,
-                         hashes: dict[str, str] | None = None) -> str:
+def settings_fingerprint(
+    info: dict, copy_info: dict | None, weights_spec, copy_spec, hashes: dict[str, str] | None = None
+) -> str:
     """Everything that changes the numbers in a part (the device does not, the dtype does)."""
     hashes = {} if hashes is None else hashes
     where = ("weights",)  # where the weights lie is not what they are: their content is below
@@ -154,7 +163,9 @@ class BatchDataset(Dataset):
         ids, images, failed = [], [[] for _ in self.squares], []
         for image_id, data in iter_bytes(rows):
             try:
-                arrays = [bytes_to_square(data, s.resolution, s.resize_ratio, **self.decode_kwargs) for s in self.squares]
+                arrays = [
+                    bytes_to_square(data, s.resolution, s.resize_ratio, **self.decode_kwargs) for s in self.squares
+                ]
             except DecodeError as exc:
                 failed.append((image_id, str(exc)))
                 continue
@@ -162,7 +173,9 @@ class BatchDataset(Dataset):
             for slot, array in zip(images, arrays):
                 slot.append(array)
         tensors = [
-            torch.from_numpy(np.stack(slot)) if slot else torch.zeros((0, s.resolution, s.resolution, 3), dtype=torch.uint8)
+            torch.from_numpy(np.stack(slot))
+            if slot
+            else torch.zeros((0, s.resolution, s.resolution, 3), dtype=torch.uint8)
             for slot, s in zip(images, self.squares)
         ]
         return {"part": part, "ids": np.asarray(ids, dtype=np.int64), "images": tensors, "failed": failed}
@@ -207,8 +220,9 @@ def part_done(out: Path, part: Part, fingerprint: str, with_copy: bool) -> bool:
 def staged_part_files(names: list[str], with_copy: bool) -> list[str]:
     """Each part's files in commit order: vectors and ids first (copy space too), its done marker last."""
     folders = ["", f"{COPY}/"] if with_copy else [""]
-    return [f"{folder}{kind}-{name}.npy" for name in names for folder in folders for kind in ("part", "ids")] + \
-        [f"done-{name}.json" for name in names]
+    return [f"{folder}{kind}-{name}.npy" for name in names for folder in folders for kind in ("part", "ids")] + [
+        f"done-{name}.json" for name in names
+    ]
 
 
 def remove_parts_beyond(out: Path, n_parts: int) -> int:
@@ -243,8 +257,13 @@ def embed_resolution(settings, frame: pd.DataFrame) -> int | None:
     spec = get_spec(model_name(str(settings.model), settings.weights))
     shorter = np.minimum(frame["width"].to_numpy(dtype=np.float64), frame["height"].to_numpy(dtype=np.float64))
     side = auto_resolution(shorter, spec.patch_size, spec.resolution, float(settings.max_upscale))
-    log.info("embed.resolution=auto: median shorter side %s px, at most %gx upscaled -> %d px (model's own %d)",
-             f"{np.median(shorter):.0f}" if shorter.size else "-", float(settings.max_upscale), side, spec.resolution)
+    log.info(
+        "embed.resolution=auto: median shorter side %s px, at most %gx upscaled -> %d px (model's own %d)",
+        f"{np.median(shorter):.0f}" if shorter.size else "-",
+        float(settings.max_upscale),
+        side,
+        spec.resolution,
+    )
     return side
 
 
@@ -295,8 +314,13 @@ def _build_embedders(cfg, device: torch.device, resolution: int | None, threads:
         mean=tuple(e.copy_detection.mean),
         std=tuple(e.copy_detection.std),
     )
-    log.info("embed: copy detection with %s (%s, %d px, space %s)", choice.describe(), copy.info()["kind"],
-             copy.resolution, choice.space or "unknown")
+    log.info(
+        "embed: copy detection with %s (%s, %d px, space %s)",
+        choice.describe(),
+        copy.info()["kind"],
+        copy.resolution,
+        choice.space or "unknown",
+    )
     return main, copy, choice
 
 
@@ -329,8 +353,13 @@ def _embed_parts(parts: list[Part], cfg, main: Embedder, copy, out: Path, finger
     names = {p.index: p.name for p in parts}
     done = 0
     total = sum(len(p.rows) for p in parts)
-    bar = tqdm(total=total, unit="img", desc=f"embed[{ranks.rank}]" if ranks.world > 1 else "embed",
-               disable=not show_progress(cfg.progress) or ranks.rank != 0, smoothing=0.1)
+    bar = tqdm(
+        total=total,
+        unit="img",
+        desc=f"embed[{ranks.rank}]" if ranks.world > 1 else "embed",
+        disable=not show_progress(cfg.progress) or ranks.rank != 0,
+        smoothing=0.1,
+    )
     with bar:
         for item in _loader(batches, squares, cfg, workers):
             acc = pending[item["part"]]
@@ -344,7 +373,9 @@ def _embed_parts(parts: list[Part], cfg, main: Embedder, copy, out: Path, finger
             bar.update(len(item["ids"]) + len(item["failed"]))
             remaining[item["part"]] -= 1
             if remaining[item["part"]] == 0:
-                _finish_part(out, names[item["part"]], pending.pop(item["part"]), main, copy, fingerprints[item["part"]])
+                _finish_part(
+                    out, names[item["part"]], pending.pop(item["part"]), main, copy, fingerprints[item["part"]]
+                )
     return done
 
 
@@ -391,7 +422,12 @@ def run_embed(cfg) -> Path:
         info["weights"] = weights_record(cfg.embed.weights)
         copy_info = None
         if copy is not None:
-            copy_info = {**copy.info(), "weights": weights_record(choice.weights), "name": choice.name, "space": choice.space}
+            copy_info = {
+                **copy.info(),
+                "weights": weights_record(choice.weights),
+                "name": choice.name,
+                "space": choice.space,
+            }
         hashes = dict((read_success(out) or {}).get("weights_sha1") or {})
         settings = settings_fingerprint(info, copy_info, cfg.embed.weights, choice.weights if choice else None, hashes)
 
@@ -406,8 +442,11 @@ def run_embed(cfg) -> Path:
         fresh = [p for p in parts if overwrite or not part_done(out, p, fingerprints[p.index], with_copy)]
         staged = [p for p in fresh if not overwrite and part_done(staging, p, fingerprints[p.index], with_copy)]
         todo = [p for p in fresh if p not in staged]
-        stale = any(int(f.stem.split("-", 1)[1]) >= len(parts) for f in out.glob("done-*.json")
-                    if f.stem.split("-", 1)[1].isdigit())
+        stale = any(
+            int(f.stem.split("-", 1)[1]) >= len(parts)
+            for f in out.glob("done-*.json")
+            if f.stem.split("-", 1)[1].isdigit()
+        )
         if not fresh and not stale and is_done(out) and (copy is None or is_done(out / COPY)):
             log.info("embed: %d parts up to date, nothing to do", len(parts))
             return out
@@ -418,8 +457,18 @@ def run_embed(cfg) -> Path:
             save_config(cfg, run_dir)
         ranks.barrier()
         mine = todo[ranks.rank :: ranks.world]
-        log.info("embed: %d parts, %d to (re)do, %d on rank %d/%d; %s on %s, %s, %d px",
-                 len(parts), len(todo), len(mine), ranks.rank, ranks.world, info["model"], device, info["dtype"], info["resolution"])
+        log.info(
+            "embed: %d parts, %d to (re)do, %d on rank %d/%d; %s on %s, %s, %d px",
+            len(parts),
+            len(todo),
+            len(mine),
+            ranks.rank,
+            ranks.world,
+            info["model"],
+            device,
+            info["dtype"],
+            info["resolution"],
+        )
         embedded = _embed_parts(mine, cfg, main, copy, staging, fingerprints, ranks)
         ranks.barrier()
         if ranks.rank == 0:  # every rank's parts are staged: commit them together
@@ -443,7 +492,12 @@ def run_embed(cfg) -> Path:
                 seconds=round(seconds, 3),
                 **summary,
             )
-            log.info("embed: %d parts written in %.1f s (rank 0: %.1f img/s)", len(fresh), seconds, embedded / max(seconds, 1e-9))
+            log.info(
+                "embed: %d parts written in %.1f s (rank 0: %.1f img/s)",
+                len(fresh),
+                seconds,
+                embedded / max(seconds, 1e-9),
+            )
         ranks.barrier()
         return out
     finally:

@@ -18,9 +18,9 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -108,7 +108,9 @@ def _stat_signature(paths: Iterable[str]) -> str:
 
 def _fingerprint(task: Task, settings: DecodeSettings, stat_sig: str) -> str:
     h = hashlib.sha1()
-    h.update(repr((task.set, task.kind, task.source, settings.max_pixels, settings.max_bytes, settings.extensions)).encode())
+    h.update(
+        repr((task.set, task.kind, task.source, settings.max_pixels, settings.max_bytes, settings.extensions)).encode()
+    )
     for key, label in zip(task.keys, task.labels):
         h.update(f"{key}\0{label}\n".encode())
     h.update(stat_sig.encode())
@@ -147,7 +149,14 @@ def plan_tasks(cfg, settings: DecodeSettings, part_size: int) -> list[Task]:
                 keys, labels = _listed_keys(source)
                 paths = [src.resolve_listed_path(source, k) for k in keys]
             for start in range(0, len(keys), part_size):
-                task = Task(len(tasks), set_name, kind, source, keys[start : start + part_size], labels[start : start + part_size])
+                task = Task(
+                    len(tasks),
+                    set_name,
+                    kind,
+                    source,
+                    keys[start : start + part_size],
+                    labels[start : start + part_size],
+                )
                 task.fingerprint = _fingerprint(task, settings, _stat_signature(paths[start : start + part_size]))
                 tasks.append(task)
     return tasks
@@ -183,7 +192,16 @@ def _units(tasks: list[Task], settings: DecodeSettings) -> Iterator[tuple]:
             yield (task.index, 0, task.set, task.kind, task.source, None, None, settings)
             continue
         for unit_no, start in enumerate(range(0, len(task.keys), UNIT_SIZE)):
-            yield (task.index, unit_no, task.set, task.kind, task.source, task.keys[start : start + UNIT_SIZE], task.labels[start : start + UNIT_SIZE], settings)
+            yield (
+                task.index,
+                unit_no,
+                task.set,
+                task.kind,
+                task.source,
+                task.keys[start : start + UNIT_SIZE],
+                task.labels[start : start + UNIT_SIZE],
+                settings,
+            )
 
 
 def _unit_count(task: Task) -> int:
@@ -210,8 +228,12 @@ def run_manifest(cfg) -> Path:
         return out
     staging.mkdir(exist_ok=True)
     remove_stale_temps(staging)
-    log.info("manifest: %d tasks, %d to (re)do, %d staged by an interrupted run", len(tasks), len(todo),
-             len(fresh) - len(todo))
+    log.info(
+        "manifest: %d tasks, %d to (re)do, %d staged by an interrupted run",
+        len(tasks),
+        len(todo),
+        len(fresh) - len(todo),
+    )
 
     units = list(_units(todo, settings))
     remaining = {t.index: _unit_count(t) for t in todo}
@@ -219,7 +241,12 @@ def run_manifest(cfg) -> Path:
     by_index = {t.index: t for t in todo}
     workers = resolve_workers(cfg.workers)
     decoded = 0
-    with tqdm(total=sum(len(t.keys) for t in todo if t.kind != src.TAR) or None, unit="img", desc="manifest", disable=not show_progress(cfg.progress)) as bar:
+    with tqdm(
+        total=sum(len(t.keys) for t in todo if t.kind != src.TAR) or None,
+        unit="img",
+        desc="manifest",
+        disable=not show_progress(cfg.progress),
+    ) as bar:
         for task_index, unit_no, rows in process_map(process_unit, units, workers):
             collected[task_index][unit_no] = rows
             remaining[task_index] -= 1
@@ -232,8 +259,14 @@ def run_manifest(cfg) -> Path:
                 write_part(staging / task.part_name, all_rows, task.fingerprint)
 
     renewed = {t.part_name for t in fresh}
-    frame = pd.concat([pd.read_parquet((staging if t.part_name in renewed else out) / t.part_name) for t in tasks],
-                      ignore_index=True) if tasks else pd.DataFrame(columns=SCHEMA.names)
+    frame = (
+        pd.concat(
+            [pd.read_parquet((staging if t.part_name in renewed else out) / t.part_name) for t in tasks],
+            ignore_index=True,
+        )
+        if tasks
+        else pd.DataFrame(columns=SCHEMA.names)
+    )
     _check_unique_ids(frame)  # before anything is replaced
     commit_staged_parts(out, sorted(renewed), remove=stale)
     counts = frame.groupby(["set", "status"]).size()
@@ -247,7 +280,13 @@ def run_manifest(cfg) -> Path:
         seconds=round(time.time() - started, 3),
         workers=workers,
     )
-    log.info("manifest: %d rows (%d ok) in %d parts, %.1f s", len(frame), int((frame.status == OK).sum()), len(tasks), time.time() - started)
+    log.info(
+        "manifest: %d rows (%d ok) in %d parts, %.1f s",
+        len(frame),
+        int((frame.status == OK).sum()),
+        len(tasks),
+        time.time() - started,
+    )
     return out
 
 
@@ -262,8 +301,13 @@ def manifest_parts(run_dir: str | os.PathLike) -> list[Path]:
     return sorted((Path(run_dir) / STAGE).glob("part-*.parquet"))
 
 
-def read_manifest(run_dir: str | os.PathLike, status: str | None = OK, sets: Iterable[str] | None = None,
-                  columns: Iterable[str] | None = None, ids=None) -> pd.DataFrame:
+def read_manifest(
+    run_dir: str | os.PathLike,
+    status: str | None = OK,
+    sets: Iterable[str] | None = None,
+    columns: Iterable[str] | None = None,
+    ids=None,
+) -> pd.DataFrame:
     """All manifest rows (or those of one status / some sets / some `ids`), in part order;
     `columns`: only those (and what the filters need), for readers of large manifests. The
     filters run on each part's Arrow table, so memory holds only the selected rows as pandas
@@ -272,9 +316,20 @@ def read_manifest(run_dir: str | os.PathLike, status: str | None = OK, sets: Ite
     if not parts:
         raise FileNotFoundError(f"no manifest in {run_dir}: run `lvd manifest` first")
     nullable = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}.get
-    wanted = None if columns is None else list(dict.fromkeys([*columns, *(["status"] if status else []),
-                                                              *(["set"] if sets is not None else []),
-                                                              *(["id"] if ids is not None else [])]))
+    wanted = (
+        None
+        if columns is None
+        else list(
+            dict.fromkeys(
+                [
+                    *columns,
+                    *(["status"] if status else []),
+                    *(["set"] if sets is not None else []),
+                    *(["id"] if ids is not None else []),
+                ]
+            )
+        )
+    )
     wanted_sets = None if sets is None else pa.array(list(sets), pa.string())
     wanted_ids = None if ids is None else pa.array(np.asarray(ids, np.int64))
     frames = []
@@ -294,7 +349,9 @@ def manifest_counts(run_dir: str | os.PathLike) -> dict[tuple[str, str], int]:
     """{(set, status): rows}, sorted, counted part by part in Arrow (two columns read)."""
     counts: dict[tuple[str, str], int] = {}
     for path in manifest_parts(run_dir):
-        table = pq.read_table(path, columns=["set", "status"]).group_by(["set", "status"]).aggregate([([], "count_all")])
+        table = (
+            pq.read_table(path, columns=["set", "status"]).group_by(["set", "status"]).aggregate([([], "count_all")])
+        )
         for name, status, n in zip(*(table[c].to_pylist() for c in ("set", "status", "count_all"))):
             counts[(name, status)] = counts.get((name, status), 0) + int(n)
     return dict(sorted(counts.items()))
@@ -311,4 +368,14 @@ def manifest_sets(run_dir: str | os.PathLike, status: str | None = OK) -> list[s
     return sorted(names)
 
 
-__all__ = ["run_manifest", "read_manifest", "manifest_sets", "manifest_counts", "manifest_parts", "stable_id", "SCHEMA", "OK", "QUARANTINED"]
+__all__ = [
+    "run_manifest",
+    "read_manifest",
+    "manifest_sets",
+    "manifest_counts",
+    "manifest_parts",
+    "stable_id",
+    "SCHEMA",
+    "OK",
+    "QUARANTINED",
+]

@@ -46,7 +46,14 @@ def inspect_bytes(data: bytes, settings: DecodeSettings) -> dict:
 
 
 def _base_row(set_name: str, kind: str, source: str, key: str, label: str | None) -> dict:
-    return {"id": stable_id(set_name, source, key), "set": set_name, "source": source, "kind": kind, "key": key, "label": label}
+    return {
+        "id": stable_id(set_name, source, key),
+        "set": set_name,
+        "source": source,
+        "kind": kind,
+        "key": key,
+        "label": label,
+    }
 
 
 def _file_rows(set_name, kind, source, keys, labels, settings) -> list[dict]:
@@ -80,14 +87,24 @@ def _tar_rows(set_name: str, url: str, settings: DecodeSettings) -> list[dict]:
         for m in images:
             row = _base_row(set_name, src.TAR, url, m.name, label)
             if settings.max_bytes is not None and len(m.data) > settings.max_bytes:
-                row.update(bytes=len(m.data), status=QUARANTINED, error=f"member of {len(m.data)} bytes exceeds the limit of {settings.max_bytes}")
+                row.update(
+                    bytes=len(m.data),
+                    status=QUARANTINED,
+                    error=f"member of {len(m.data)} bytes exceeds the limit of {settings.max_bytes}",
+                )
             else:
                 row.update(inspect_bytes(m.data, settings))
             rows.append(row)
         if not images:
             key = pending[0].sample_key
             members = ", ".join(m.name for m in pending)
-            rows.append({**_base_row(set_name, src.TAR, url, key, label), "status": QUARANTINED, "error": f"sample has no image member ({members})"})
+            rows.append(
+                {
+                    **_base_row(set_name, src.TAR, url, key, label),
+                    "status": QUARANTINED,
+                    "error": f"sample has no image member ({members})",
+                }
+            )
         pending.clear()
 
     count = 0
@@ -102,12 +119,23 @@ def _tar_rows(set_name: str, url: str, settings: DecodeSettings) -> list[dict]:
             raise OSError("the tar has no end-of-archive marker: it was cut short after its last whole member")
         if src.is_local(url):
             for name, target in src.tar_link_members(url):
-                rows.append({**_base_row(set_name, src.TAR, url, name, None), "status": QUARANTINED,
-                             "error": f"link member (to {target!r}): links in shards are not followed"})
+                rows.append(
+                    {
+                        **_base_row(set_name, src.TAR, url, name, None),
+                        "status": QUARANTINED,
+                        "error": f"link member (to {target!r}): links in shards are not followed",
+                    }
+                )
     except Exception as exc:
         flush()
         key = f"#tar-error-after-{count}-members"
-        rows.append({**_base_row(set_name, src.TAR, url, key, None), "status": QUARANTINED, "error": f"tar stream error: {type(exc).__name__}: {exc}"})
+        rows.append(
+            {
+                **_base_row(set_name, src.TAR, url, key, None),
+                "status": QUARANTINED,
+                "error": f"tar stream error: {type(exc).__name__}: {exc}",
+            }
+        )
     return rows
 
 

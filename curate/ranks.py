@@ -14,9 +14,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lvd.curate.config import load_config
 from lvd.common.devices import resolve_device
 from lvd.common.ranks import Ranks, gather_rows, rank_slice  # noqa: F401 (the stages' import point)
+from lvd.curate.config import load_config
 
 
 def join_ranks(device_pref) -> Ranks:
@@ -60,7 +60,9 @@ def torchrun_main(run_stage, module: str, argv: list[str] | None = None) -> int:
         print(f"usage: python -m {module} CONFIG [key=value ...]", file=sys.stderr)
         return 2
     cfg = load_config(args[0], args[1:])
-    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     print(run_stage(cfg))
     return 0

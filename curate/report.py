@@ -22,8 +22,8 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from lvd.curate.config import save_config
 from lvd.curate.manifest import QUARANTINED, manifest_counts, read_manifest
-from lvd.curate.selection import balanced_ids, level_assignments, level_table
 from lvd.curate.runio import atomic_path, atomic_write_text, clear_success, read_success, write_success
+from lvd.curate.selection import balanced_ids, level_assignments, level_table
 from lvd.curate.sources import read_row_bytes
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,20 @@ MAX_SEEDS = 8
 PER_SEED = 10
 MAX_PAIRS = 24
 MAX_QUARANTINED = 50
-COUNT_KEYS = ("rows", "images", "embedded", "exact_duplicates", "near_duplicates_removed", "decontaminated", "pool_kept",
-              "clusters", "k", "distinct_images", "samples", "shards")
+COUNT_KEYS = (
+    "rows",
+    "images",
+    "embedded",
+    "exact_duplicates",
+    "near_duplicates_removed",
+    "decontaminated",
+    "pool_kept",
+    "clusters",
+    "k",
+    "distinct_images",
+    "samples",
+    "shards",
+)
 
 
 class Thumbnails:
@@ -119,20 +131,31 @@ def histogram_svg(sizes: np.ndarray, bins: int = 30, width: int = 640, height: i
     bars = []
     for i, c in enumerate(counts):
         h = (height - 20) * c / top
-        bars.append(f'<rect x="{i * bar_w:.1f}" y="{height - 20 - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="#4a7"><title>{int(edges[i])}-{int(edges[i + 1])} images: {int(c)} clusters</title></rect>')
-    axis = f'<text x="0" y="{height - 5}">{int(edges[0])} images</text><text x="{width - 80}" y="{height - 5}">{int(edges[-1])} images</text>'
+        bars.append(
+            f'<rect x="{i * bar_w:.1f}" y="{height - 20 - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" '
+            f'fill="#4a7"><title>{int(edges[i])}-{int(edges[i + 1])} images: {int(c)} clusters</title></rect>'
+        )
+    axis = (
+        f'<text x="0" y="{height - 5}">{int(edges[0])} images</text>'
+        f'<text x="{width - 80}" y="{height - 5}">{int(edges[-1])} images</text>'
+    )
     return f'<svg width="{width}" height="{height}" role="img" aria-label="cluster sizes">{"".join(bars)}{axis}</svg>'
 
 
 def read_counts(run_dir: Path) -> list[tuple[str, object]]:
-    rows: list[tuple[str, object]] = [(f"manifest {s} {status}", n) for (s, status), n in manifest_counts(run_dir).items()]
+    rows: list[tuple[str, object]] = [
+        (f"manifest {s} {status}", n) for (s, status), n in manifest_counts(run_dir).items()
+    ]
     for stage in ("embed", "dedup", "cluster", "retrieve", "shards"):
         info = read_success(run_dir / stage)
         if info is None:
             rows.append((stage, "not run"))
             continue
-        rows += [(f"{stage} {key.replace('_', ' ')}", info[key]) for key in COUNT_KEYS
-                 if key in info and not isinstance(info[key], (dict, list))]
+        rows += [
+            (f"{stage} {key.replace('_', ' ')}", info[key])
+            for key in COUNT_KEYS
+            if key in info and not isinstance(info[key], (dict, list))
+        ]
     return rows
 
 
@@ -140,8 +163,11 @@ def _space_line(success: dict | None) -> tuple[str | None, str]:
     """Where near-copies were judged and at which thresholds: a threshold means nothing without its space."""
     if not success or "space" not in success:
         return None, ""
-    shown = [f"{name} threshold {t['value']:.3g} ({t['source']})" for name in ("dedup", "decontam")
-             if (t := (success.get("thresholds") or {}).get(name))]
+    shown = [
+        f"{name} threshold {t['value']:.3g} ({t['source']})"
+        for name in ("dedup", "decontam")
+        if (t := (success.get("thresholds") or {}).get(name))
+    ]
     return str(success["space"].get("description")), "; ".join(shown)
 
 
@@ -161,14 +187,34 @@ def read_duplicates(run_dir: Path, fig: Figures) -> dict | None:
     shown = []
     for component in groups.index[:MAX_GROUPS]:
         members = near[near.component == component].sort_values(["keep", "id"], ascending=[False, True])
-        shown.append({"component": int(component), "size": len(members),
-                      "members": [fig(r.id, _kept_caption(r) if r.keep else "removed", "seed" if r.keep else "removed")
-                                  for r in members.head(MAX_MEMBERS).itertuples()]})
+        shown.append(
+            {
+                "component": int(component),
+                "size": len(members),
+                "members": [
+                    fig(r.id, _kept_caption(r) if r.keep else "removed", "seed" if r.keep else "removed")
+                    for r in members.head(MAX_MEMBERS).itertuples()
+                ],
+            }
+        )
     space, thresholds = _space_line(read_success(run_dir / "dedup"))
-    pairs = [] if exact is None else [(fig(r.dup_of, f"kept {r.dup_of}", "seed"), fig(r.id, f"removed {r.id}", "removed"))
-                                      for r in exact.head(MAX_GROUPS).itertuples()]
-    return {"space": space, "thresholds": thresholds, "n_groups": len(groups), "removed": int(groups.sum()) - len(groups),
-            "groups": shown, "n_exact": 0 if exact is None else len(exact), "exact": pairs}
+    pairs = (
+        []
+        if exact is None
+        else [
+            (fig(r.dup_of, f"kept {r.dup_of}", "seed"), fig(r.id, f"removed {r.id}", "removed"))
+            for r in exact.head(MAX_GROUPS).itertuples()
+        ]
+    )
+    return {
+        "space": space,
+        "thresholds": thresholds,
+        "n_groups": len(groups),
+        "removed": int(groups.sum()) - len(groups),
+        "groups": shown,
+        "n_exact": 0 if exact is None else len(exact),
+        "exact": pairs,
+    }
 
 
 def read_decontamination(run_dir: Path, fig: Figures) -> dict | None:
@@ -176,8 +222,10 @@ def read_decontamination(run_dir: Path, fig: Figures) -> dict | None:
     if pairs is None:
         return None
     pairs = pairs.sort_values("similarity", ascending=False, kind="stable")
-    shown = [(fig(r.id, f"pool {r.id}", "removed"), fig(r.eval_id, f"{r.eval_set} · sim {r.similarity:.3f}"))
-             for r in pairs.head(MAX_PAIRS).itertuples()]
+    shown = [
+        (fig(r.id, f"pool {r.id}", "removed"), fig(r.eval_id, f"{r.eval_set} · sim {r.similarity:.3f}"))
+        for r in pairs.head(MAX_PAIRS).itertuples()
+    ]
     return {"n_images": int(pairs["id"].nunique()), "n_pairs": len(pairs), "pairs": shown}
 
 
@@ -189,14 +237,30 @@ def read_clusters(run_dir: Path, fig: Figures, seed: int) -> dict | None:
     if sizes.empty:
         return {"n": 0}
     rng = np.random.default_rng(seed)
-    picked = dict.fromkeys(sizes.index[:MAX_CLUSTERS // 2].tolist() + sizes.index[-(MAX_CLUSTERS // 2):].tolist())
+    picked = dict.fromkeys(sizes.index[: MAX_CLUSTERS // 2].tolist() + sizes.index[-(MAX_CLUSTERS // 2) :].tolist())
     shown = []
     for c in picked:
         members = assign[assign.cluster == c].sort_values("distance", kind="stable")
-        pick = members if len(members) <= PER_CLUSTER else members.iloc[np.sort(rng.choice(len(members), PER_CLUSTER, replace=False))]
-        shown.append({"cluster": int(c), "size": len(members), "members": [fig(r.id, f"d {r.distance:.3f}") for r in pick.itertuples()]})
-    return {"n": len(sizes), "min": int(sizes.min()), "max": int(sizes.max()), "median": int(sizes.median()),
-            "svg": histogram_svg(sizes.to_numpy()), "shown": shown}
+        pick = (
+            members
+            if len(members) <= PER_CLUSTER
+            else members.iloc[np.sort(rng.choice(len(members), PER_CLUSTER, replace=False))]
+        )
+        shown.append(
+            {
+                "cluster": int(c),
+                "size": len(members),
+                "members": [fig(r.id, f"d {r.distance:.3f}") for r in pick.itertuples()],
+            }
+        )
+    return {
+        "n": len(sizes),
+        "min": int(sizes.min()),
+        "max": int(sizes.max()),
+        "median": int(sizes.median()),
+        "svg": histogram_svg(sizes.to_numpy()),
+        "shown": shown,
+    }
 
 
 def class_shares_svg(shares: dict[str, pd.Series], width: int = 720, height: int = 200) -> str:
@@ -212,12 +276,17 @@ def class_shares_svg(shares: dict[str, pd.Series], width: int = 720, height: int
             v = float(series.get(cls, 0.0))
             h = (height - 36) * v / top
             x = i * group_w + j * bar_w
-            parts.append(f'<rect x="{x:.1f}" y="{height - 36 - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" '
-                         f'fill="{colours[j % len(colours)]}"><title>{escape(str(cls))}, {escape(name)}: {v:.1f} %</title></rect>')
+            parts.append(
+                f'<rect x="{x:.1f}" y="{height - 36 - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" '
+                f'fill="{colours[j % len(colours)]}">'
+                f"<title>{escape(str(cls))}, {escape(name)}: {v:.1f} %</title></rect>"
+            )
         parts.append(f'<text x="{i * group_w:.1f}" y="{height - 22}" font-size="10">{escape(str(cls))[:12]}</text>')
-    legend = "".join(f'<rect x="{k * 170}" y="{height - 14}" width="10" height="10" fill="{colours[k % len(colours)]}"/>'
-                     f'<text x="{k * 170 + 14}" y="{height - 5}" font-size="11">{escape(name)}</text>'
-                     for k, name in enumerate(shares))
+    legend = "".join(
+        f'<rect x="{k * 170}" y="{height - 14}" width="10" height="10" fill="{colours[k % len(colours)]}"/>'
+        f'<text x="{k * 170 + 14}" y="{height - 5}" font-size="11">{escape(name)}</text>'
+        for k, name in enumerate(shares)
+    )
     return f'<svg width="{width}" height="{height}" role="img" aria-label="class shares">{"".join(parts)}{legend}</svg>'
 
 
@@ -234,8 +303,16 @@ def read_balanced(run_dir: Path, seed: int) -> dict | None:
     for t, assign in enumerate(assignments, start=1):
         table = level_table(assign, picked)
         before, after = table["size"].to_numpy(), table["drawn"].to_numpy()
-        levels.append({"level": t, "clusters": len(table), "before": _spread(before), "after": _spread(after),
-                       "svg_before": histogram_svg(before), "svg_after": histogram_svg(after)})
+        levels.append(
+            {
+                "level": t,
+                "clusters": len(table),
+                "before": _spread(before),
+                "after": _spread(after),
+                "svg_before": histogram_svg(before),
+                "svg_after": histogram_svg(after),
+            }
+        )
     pool_ids = assignments[0]["id"].to_numpy()
     labels = read_manifest(run_dir, ids=pool_ids, columns=["id", "label"]).set_index("id")["label"]
     out = {"n": len(picked), "pool": len(pool_ids), "levels": levels, "classes": None}
@@ -245,16 +322,22 @@ def read_balanced(run_dir: Path, seed: int) -> dict | None:
         random_ids = pool_ids[rng.choice(len(pool_ids), len(picked), replace=False)]
         selections = {"curated pool": pool_ids, "random sample": random_ids, "balanced sample": picked}
         shares = {name: (labels.reindex(ids).value_counts(normalize=True) * 100) for name, ids in selections.items()}
-        rows = [{"label": str(c), **{name: float(v.get(c, 0.0)) for name, v in shares.items()}}
-                for c in sorted(shares["curated pool"].index, key=lambda c: -shares["curated pool"][c])]
+        rows = [
+            {"label": str(c), **{name: float(v.get(c, 0.0)) for name, v in shares.items()}}
+            for c in sorted(shares["curated pool"].index, key=lambda c: -shares["curated pool"][c])
+        ]
         out["classes"] = {"svg": class_shares_svg(shares), "names": list(selections), "rows": rows}
     return out
 
 
 def _spread(sizes: np.ndarray) -> dict:
     nonzero = sizes[sizes > 0]
-    return {"min": int(sizes.min()), "max": int(sizes.max()), "median": float(np.median(sizes)),
-            "ratio": float(nonzero.max() / nonzero.min()) if len(nonzero) else 0.0}
+    return {
+        "min": int(sizes.min()),
+        "max": int(sizes.max()),
+        "median": float(np.median(sizes)),
+        "ratio": float(nonzero.max() / nonzero.min()) if len(nonzero) else 0.0,
+    }
 
 
 def _floor_line(info: dict | None) -> str:
@@ -265,8 +348,10 @@ def _floor_line(info: dict | None) -> str:
     if not floors:
         return "No similarity floor: retrieved images get no label."
     shown = ", ".join(f"{k if k != '*' else 'any label'} {v:.3f}" for k, v in sorted(floors.items()))
-    return (f"Similarity floor ({info.get('setting')}): {shown}; it rejected {info.get('rejected_by_floor', 0)} of "
-            f"{info.get('candidates', 0)} candidate images.")
+    return (
+        f"Similarity floor ({info.get('setting')}): {shown}; it rejected {info.get('rejected_by_floor', 0)} of "
+        f"{info.get('candidates', 0)} candidate images."
+    )
 
 
 def read_retrieval(run_dir: Path, fig: Figures) -> list[dict] | None:
@@ -284,22 +369,41 @@ def read_retrieval(run_dir: Path, fig: Figures) -> list[dict] | None:
             label = labels.get(seed_id)
             role = f"seed {seed_id}" + (f" · {label}" if isinstance(label, str) else "")
             mine = rows[(rows.seed_id == seed_id) & (rows["mode"] != "seed")].sort_values(["rank", "id"]).head(PER_SEED)
-            shown.append([fig(seed_id, role, "seed")] + [fig(r.id, f"#{r.rank} sim {r.similarity:.3f}") for r in mine.itertuples()])
-        out.append({"name": set_name, "n_images": int(rows["id"].nunique()), "n_seeds": len(seeds),
-                    "modes": ", ".join(sorted(rows["mode"].unique())), "floor": _floor_line(floors.get(set_name)), "seeds": shown})
+            shown.append(
+                [fig(seed_id, role, "seed")]
+                + [fig(r.id, f"#{r.rank} sim {r.similarity:.3f}") for r in mine.itertuples()]
+            )
+        out.append(
+            {
+                "name": set_name,
+                "n_images": int(rows["id"].nunique()),
+                "n_seeds": len(seeds),
+                "modes": ", ".join(sorted(rows["mode"].unique())),
+                "floor": _floor_line(floors.get(set_name)),
+                "seeds": shown,
+            }
+        )
     return out
 
 
 def read_quarantine(run_dir: Path) -> dict:
     bad = read_manifest(run_dir, status=QUARANTINED, columns=["set", "source", "key", "error"])
     by_source = bad.groupby("source").size().sort_values(ascending=False, kind="stable")
-    rows = [{"set": r.set, "source": r.source, "key": r.key, "error": r.error} for r in bad.head(MAX_QUARANTINED).itertuples()]
+    rows = [
+        {"set": r.set, "source": r.source, "key": r.key, "error": r.error}
+        for r in bad.head(MAX_QUARANTINED).itertuples()
+    ]
     return {"total": len(bad), "by_source": [(str(k), int(v)) for k, v in by_source.items()], "rows": rows}
 
 
 def render(context: dict) -> str:
-    env = Environment(loader=PackageLoader("lvd.curate", "templates"), autoescape=select_autoescape(["html"]),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("lvd.curate", "templates"),
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     return env.get_template("report.html").render(**context)
 
 
@@ -312,7 +416,9 @@ def run_report(cfg) -> Path:
     save_config(cfg, run_dir)
     fig = Figures()
     context = {
-        "run_name": run_dir.name, "run_dir": str(run_dir.resolve()), "thumb": THUMB,
+        "run_name": run_dir.name,
+        "run_dir": str(run_dir.resolve()),
+        "thumb": THUMB,
         "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "counts": read_counts(run_dir),
         "dup": read_duplicates(run_dir, fig),

@@ -30,9 +30,8 @@ import pyarrow.parquet as pq
 from lvd.common.memory import memory_budget, rows_per_block
 from lvd.curate.manifest import manifest_sets, read_manifest
 from lvd.curate.ranks import Ranks, gather_rows, in_ranks, rank_device, rank_slice, torchrun_main
+from lvd.curate.runio import is_done, open_stage, parquet_fingerprint, stage_fingerprint, write_parquet
 from lvd.curate.stage import StageOutputs
-from lvd.curate.runio import (is_done, open_stage, parquet_fingerprint, stage_fingerprint,
-                              write_parquet)
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,16 @@ def set_plans(cfg, names: list[str]) -> list[SetPlan]:
             raise ValueError(f"retrieve mode {mode!r} for seed set {name!r}; expected one of {MODES}")
         target = own.get("target", cfg.retrieve.target)
         floor = _floor_setting(own.get("min_similarity", cfg.retrieve.min_similarity), name)
-        plans.append(SetPlan(name, mode, int(own.get("n", cfg.retrieve.n)), int(own.get("m", cfg.retrieve.m)),
-                             None if target is None else int(target), floor))
+        plans.append(
+            SetPlan(
+                name,
+                mode,
+                int(own.get("n", cfg.retrieve.n)),
+                int(own.get("m", cfg.retrieve.m)),
+                None if target is None else int(target),
+                floor,
+            )
+        )
     return plans
 
 
@@ -136,7 +143,9 @@ def seed_floors(seed_x: np.ndarray, labels, quantile: float, rng: np.random.Gene
 def row_floors(rows: pd.DataFrame, seed_label: dict, floors: dict) -> np.ndarray:
     """The floor each row must clear: that of its seed's label, else the set-wide one (NaN: none)."""
     default = floors.get(None)
-    per_seed = {seed: (floors.get(label) if floors.get(label) is not None else default) for seed, label in seed_label.items()}
+    per_seed = {
+        seed: (floors.get(label) if floors.get(label) is not None else default) for seed, label in seed_label.items()
+    }
     per_seed = {seed: (np.nan if v is None else float(v)) for seed, v in per_seed.items()}
     fallback = np.nan if default is None else float(default)
     return rows["seed_id"].astype(np.int64).map(per_seed).fillna(fallback).to_numpy(np.float64)
@@ -195,8 +204,9 @@ def top_neighbors(pool_x, seed_x, k: int, *, backend="auto", device="cpu", block
     return best_s, best_i
 
 
-def gather_neighbors(sims: np.ndarray, idx: np.ndarray, k: int, ranks, *,
-                     memory_budget: int = 1 << 30) -> tuple[np.ndarray, np.ndarray]:
+def gather_neighbors(
+    sims: np.ndarray, idx: np.ndarray, k: int, ranks, *, memory_budget: int = 1 << 30
+) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's `top_neighbors` of its slice of the pool merged into the k best over the
     whole pool, on every rank. Each rank sends q * k pairs, not its rows, a run of seeds at a
     time so that the world's candidates for one run take an eighth of `memory_budget`."""
@@ -216,15 +226,18 @@ def gather_neighbors(sims: np.ndarray, idx: np.ndarray, k: int, ranks, *,
     return sims, idx
 
 
-def neighbor_rows(sims: np.ndarray, idx: np.ndarray, pool_ids: np.ndarray, seed_ids: np.ndarray, n: int) -> pd.DataFrame:
+def neighbor_rows(
+    sims: np.ndarray, idx: np.ndarray, pool_ids: np.ndarray, seed_ids: np.ndarray, n: int
+) -> pd.DataFrame:
     """(seed_id, id, rank, similarity) from the first n columns of `top_neighbors`' output."""
     sims, idx = sims[:, :n], idx[:, :n]
     valid = idx >= 0
     k = idx.shape[1]
     seed_col = np.repeat(seed_ids, k).reshape(len(seed_ids), k)
     ranks = np.tile(np.arange(1, k + 1), (len(seed_ids), 1))
-    return pd.DataFrame({"seed_id": seed_col[valid], "id": pool_ids[idx[valid]], "rank": ranks[valid],
-                         "similarity": sims[valid]})
+    return pd.DataFrame(
+        {"seed_id": seed_col[valid], "id": pool_ids[idx[valid]], "rank": ranks[valid], "similarity": sims[valid]}
+    )
 
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -321,8 +334,9 @@ def _run_retrieve(cfg, ranks: Ranks) -> Path:
 
     seed_sets = [name.split(":", 1)[1] for name in manifest_sets(run_dir) if name.startswith("seed:")]
     plans = set_plans(cfg, seed_sets)
-    manifest = read_manifest(run_dir, sets=[f"seed:{name}" for name in seed_sets],
-                             columns=["id", "set", "label", "sha1"])
+    manifest = read_manifest(
+        run_dir, sets=[f"seed:{name}" for name in seed_sets], columns=["id", "set", "label", "sha1"]
+    )
     emb_ids = load_embedding_ids(run_dir / "embed")
     pool_ids = np.intersect1d(curated_pool_ids(run_dir), emb_ids)
     pool_x = EmbeddingRows(run_dir / "embed", _rows_of(emb_ids, pool_ids))  # read in blocks, never whole
@@ -342,9 +356,15 @@ def _run_retrieve(cfg, ranks: Ranks) -> Path:
     if len(pool_ids) and bounds[-1]:
         k = min(max(p.n for p in sampled), len(pool_ids))
         mine = rank_slice(len(pool_ids), ranks)
-        sims, idx = top_neighbors(pool_x.subset(mine), np.concatenate([seeds[p.name][2] for p in sampled]), k,
-                                  backend=cfg.retrieve.backend, device=device, block_rows=block_rows,
-                                  offset=mine.start)
+        sims, idx = top_neighbors(
+            pool_x.subset(mine),
+            np.concatenate([seeds[p.name][2] for p in sampled]),
+            k,
+            backend=cfg.retrieve.backend,
+            device=device,
+            block_rows=block_rows,
+            offset=mine.start,
+        )
         sims, idx = gather_neighbors(sims, idx, k, ranks, memory_budget=budget)
         top = {p.name: (sims[a:b], idx[a:b]) for p, a, b in zip(sampled, bounds[:-1], bounds[1:])}
     if ranks.rank != 0:  # a helper rank: its slice searched, nothing written
@@ -363,13 +383,22 @@ def _run_retrieve(cfg, ranks: Ranks) -> Path:
         if plan.mode == "sample":
             none = (np.zeros((len(seed_ids), 0), np.float32), np.zeros((len(seed_ids), 0), np.int64))
             rows = neighbor_rows(*top.get(plan.name, none), pool_ids, seed_ids, plan.n)
-            rows["cluster"] = (pd.Series(pool_cluster, index=pool_ids).reindex(rows["id"]).to_numpy() if pool_cluster is not None else -1)
+            rows["cluster"] = (
+                pd.Series(pool_cluster, index=pool_ids).reindex(rows["id"]).to_numpy()
+                if pool_cluster is not None
+                else -1
+            )
         else:
             if pool_cluster is None:
-                raise FileNotFoundError(f"seed set {plan.name!r} retrieves by cluster but {run_dir / 'cluster'} has no assign.parquet: run `lvd cluster` first")
+                raise FileNotFoundError(
+                    f"seed set {plan.name!r} retrieves by cluster but {run_dir / 'cluster'} has no assign.parquet: "
+                    "run `lvd cluster` first"
+                )
             centroids = np.load(run_dir / "cluster" / "centroids.npy")
             rng = np.random.default_rng([int(cfg.seed), int(hashlib.sha1(plan.name.encode()).hexdigest()[:8], 16)])
-            rows = cluster_draws(pool_x, pool_ids, pool_cluster, seed_x, seed_ids, nearest_centroid(seed_x, centroids), plan.m, rng)
+            rows = cluster_draws(
+                pool_x, pool_ids, pool_cluster, seed_x, seed_ids, nearest_centroid(seed_x, centroids), plan.m, rng
+            )
         seed_label = {int(i): (None if pd.isna(v) else str(v)) for i, v in zip(seed_rows["id"], seed_rows["label"])}
         if plan.min_similarity == "auto":
             # byte-identical seeds say nothing about how spread out a class is: one of each counts
@@ -377,40 +406,84 @@ def _run_retrieve(cfg, ranks: Ranks) -> Path:
             distinct = ~(sha1.duplicated() & sha1.notna()).to_numpy()
             labels = np.array([seed_label.get(int(i)) for i in seed_ids[distinct]], dtype=object)
             rng = np.random.default_rng([int(cfg.seed), 7, int(hashlib.sha1(plan.name.encode()).hexdigest()[:8], 16)])
-            floors = seed_floors(seed_x[distinct], labels if any(v is not None for v in labels) else None,
-                                 float(cfg.retrieve.floor_quantile), rng)
+            floors = seed_floors(
+                seed_x[distinct],
+                labels if any(v is not None for v in labels) else None,
+                float(cfg.retrieve.floor_quantile),
+                rng,
+            )
             if floors[None] is None:
-                log.warning("retrieve: seed set %s has one seed, so no floor can be measured; set "
-                            "retrieve.per_set.%s.min_similarity (its retrieved images get no label)", plan.name, plan.name)
+                log.warning(
+                    "retrieve: seed set %s has one seed, so no floor can be measured; set "
+                    "retrieve.per_set.%s.min_similarity (its retrieved images get no label)",
+                    plan.name,
+                    plan.name,
+                )
         else:
             floors = {None: plan.min_similarity}
         candidates = int(rows["id"].nunique()) if len(rows) else 0
         rows = rows.assign(floor=row_floors(rows, seed_label, floors))
         rows, rejected = apply_floor(rows, rows["floor"].to_numpy(np.float64))
         if candidates and rejected == candidates:
-            log.warning("retrieve: the similarity floor of seed set %s rejected all %d candidates (its seeds are closer "
-                        "to each other than any pool image is to them); set retrieve.per_set.%s.min_similarity or "
-                        "retrieve.floor_quantile lower to retrieve some", plan.name, candidates, plan.name)
-        set_floors[plan.name] = {"min_similarity": {("*" if k is None else k): v for k, v in floors.items()},
-                                 "setting": plan.min_similarity, "candidates": candidates, "rejected_by_floor": rejected}
+            log.warning(
+                "retrieve: the similarity floor of seed set %s rejected all %d candidates (its seeds are closer "
+                "to each other than any pool image is to them); set retrieve.per_set.%s.min_similarity or "
+                "retrieve.floor_quantile lower to retrieve some",
+                plan.name,
+                candidates,
+                plan.name,
+            )
+        set_floors[plan.name] = {
+            "min_similarity": {("*" if k is None else k): v for k, v in floors.items()},
+            "setting": plan.min_similarity,
+            "candidates": candidates,
+            "rejected_by_floor": rejected,
+        }
         rows = apply_target(rows, plan.target)
         rows.insert(0, "seed_set", plan.name)
         rows["mode"] = plan.mode
         if cfg.retrieve.include_seeds:
-            seed_frame = pd.DataFrame({"seed_set": plan.name, "seed_id": seed_ids, "id": seed_ids, "rank": 0, "similarity": 1.0, "mode": "seed", "cluster": -1, "floor": np.nan})
+            seed_frame = pd.DataFrame(
+                {
+                    "seed_set": plan.name,
+                    "seed_id": seed_ids,
+                    "id": seed_ids,
+                    "rank": 0,
+                    "similarity": 1.0,
+                    "mode": "seed",
+                    "cluster": -1,
+                    "floor": np.nan,
+                }
+            )
             rows = pd.concat([seed_frame, rows], ignore_index=True)
-        log.info("retrieve: seed set %s (%s): %d seeds -> %d rows, %d distinct images; floors %s rejected %d of %d "
-                 "candidates", plan.name, plan.mode, len(seed_ids), len(rows), rows["id"].nunique(),
-                 {k: (None if v is None else round(v, 4)) for k, v in set_floors[plan.name]["min_similarity"].items()},
-                 rejected, candidates)
+        log.info(
+            "retrieve: seed set %s (%s): %d seeds -> %d rows, %d distinct images; floors %s rejected %d of %d "
+            "candidates",
+            plan.name,
+            plan.mode,
+            len(seed_ids),
+            len(rows),
+            rows["id"].nunique(),
+            {k: (None if v is None else round(v, 4)) for k, v in set_floors[plan.name]["min_similarity"].items()},
+            rejected,
+            candidates,
+        )
         frames.append(rows)
     neighbors = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCHEMA.names)
     neighbors = neighbors.sort_values(["seed_set", "seed_id", "rank", "id"], kind="stable").reset_index(drop=True)
-    table = pa.Table.from_pandas(neighbors[SCHEMA.names].astype({"cluster": "int64", "rank": "int32", "similarity": "float32", "floor": "float32"}), schema=SCHEMA, preserve_index=False)
+    table = pa.Table.from_pandas(
+        neighbors[SCHEMA.names].astype(
+            {"cluster": "int64", "rank": "int32", "similarity": "float32", "floor": "float32"}
+        ),
+        schema=SCHEMA,
+        preserve_index=False,
+    )
     with StageOutputs(out) as staged:  # the last finished neighbors.parquet stays until commit
         write_parquet(staged.path(target.name), table, fp)
         staged.commit(
-            seed_sets={p.name: {"mode": p.mode, "n": p.n, "m": p.m, "target": p.target, **set_floors[p.name]} for p in plans},
+            seed_sets={
+                p.name: {"mode": p.mode, "n": p.n, "m": p.m, "target": p.target, **set_floors[p.name]} for p in plans
+            },
             pool_candidates=int(len(pool_ids)),
             world_size=ranks.world,
             rows=int(len(neighbors)),

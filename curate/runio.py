@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvd.common.atomic import (atomic_path, atomic_write_bytes, atomic_write_json,  # noqa: F401 (the stages' import point)
-                              atomic_write_text, remove_stale_temps)
+from lvd.common.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps  # noqa: F401 (the stages' import point)
 
 SUCCESS_NAME = "_SUCCESS.json"
 
@@ -99,9 +98,21 @@ def fingerprint(*parts) -> str:
 # long, on how many ranks, with which library versions, how much of it was redone. A stage's
 # output is the same whatever they say, so fingerprints of it leave them out, and a run folder
 # moved to another machine is still up to date there.
-VOLATILE_SUCCESS_KEYS = frozenset({"finished_at", "host", "versions", "seconds", "world_size", "parts_written",
-                                   "shards_written", "embedded_this_run_rank0", "thumbnails", "weights_sha1",
-                                   "near_search"})
+VOLATILE_SUCCESS_KEYS = frozenset(
+    {
+        "finished_at",
+        "host",
+        "versions",
+        "seconds",
+        "world_size",
+        "parts_written",
+        "shards_written",
+        "embedded_this_run_rank0",
+        "thumbnails",
+        "weights_sha1",
+        "near_search",
+    }
+)
 
 
 def stage_fingerprint(stage_dir: str | os.PathLike) -> str | None:

@@ -78,10 +78,25 @@ def balanced_provenance(run_dir: Path) -> dict[int, list[dict]]:
         sizes = table["size"].reindex(mine["cluster"]).to_numpy()
         drawn = table["drawn"].reindex(mine["cluster"]).to_numpy()
         for id_, c, size, d in zip(mine["id"].tolist(), mine["cluster"].tolist(), sizes.tolist(), drawn.tolist()):
-            out[int(id_)].append({"level": level, "cluster": int(c), "cluster_size": int(size), "drawn": int(d),
-                                  "clusters": int(len(table))})
+            out[int(id_)].append(
+                {
+                    "level": level,
+                    "cluster": int(c),
+                    "cluster_size": int(size),
+                    "drawn": int(d),
+                    "clusters": int(len(table)),
+                }
+            )
     return out
 
 
-__all__ = ["SELECTIONS", "resolve_select", "uses_balanced", "balanced_size", "level_assignments", "balanced_ids",
-           "level_table", "balanced_provenance"]
+__all__ = [
+    "SELECTIONS",
+    "resolve_select",
+    "uses_balanced",
+    "balanced_size",
+    "level_assignments",
+    "balanced_ids",
+    "level_table",
+    "balanced_provenance",
+]

@@ -165,7 +165,9 @@ def ustar_header(name: str, size: int, mtime: int) -> bytes:
         raise ValueError(f"member name longer than 100 bytes: {name!r}")
     size_field, time_field = _octal12(size), _octal12(mtime)
     checksum = _FIXED_SUM + sum(encoded) + sum(size_field) + sum(time_field)
-    return b"".join((encoded.ljust(100, b"\0"), _MODE_OWNER, size_field, time_field, b"%06o\0 " % checksum, _TAIL, _PAD))
+    return b"".join(
+        (encoded.ljust(100, b"\0"), _MODE_OWNER, size_field, time_field, b"%06o\0 " % checksum, _TAIL, _PAD)
+    )
 
 
 def write_shard(spec: ShardSpec) -> tuple[str, int, int]:

@@ -28,8 +28,16 @@ from tqdm.auto import tqdm
 
 from lvd.curate.manifest import manifest_sets, read_manifest
 from lvd.curate.retrieve import read_neighbors
+from lvd.curate.runio import (
+    atomic_write_json,
+    is_done,
+    open_stage,
+    parquet_fingerprint,
+    remove_stale_temps,
+    write_parquet,
+    write_success,
+)
 from lvd.curate.selection import balanced_provenance, resolve_select
-from lvd.curate.runio import atomic_write_json, is_done, open_stage, parquet_fingerprint, remove_stale_temps, write_parquet, write_success
 from lvd.curate.shard_writer import ShardSpec, write_shard
 from lvd.curate.stage import STAGED, commit_staged_parts
 from lvd.curate.workers import process_map, resolve_workers, show_progress
@@ -79,8 +87,13 @@ def sample_label(retrievals: list[dict], own_label, seed_labels: dict[int, str])
     label = seed_labels.get(best["seed_id"])
     if label is None:
         return None, {"from": None, "why": "the most similar seed has no label"}
-    return label, {"from": "nearest seed", "seed_set": best["seed_set"], "seed_id": best["seed_id"],
-                   "similarity": best["similarity"], "floor": best["floor"]}
+    return label, {
+        "from": "nearest seed",
+        "seed_set": best["seed_set"],
+        "seed_id": best["seed_id"],
+        "similarity": best["similarity"],
+        "floor": best["floor"],
+    }
 
 
 def plan_shards(sizes: np.ndarray, max_count: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -139,7 +152,9 @@ def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         levels = balanced.get(id_)
         own = None if pd.isna(m["label"]) else m["label"]
         label, label_from = sample_label(retrievals, own, seed_labels) if retrievals else (None, BALANCED_ONLY)
-        selected_by = ",".join(name for name, chosen in (("retrieve", bool(retrievals)), ("balanced", levels is not None)) if chosen)
+        selected_by = ",".join(
+            name for name, chosen in (("retrieve", bool(retrievals)), ("balanced", levels is not None)) if chosen
+        )
         meta = {
             "id": id_,
             "set": m["set"],
@@ -179,8 +194,23 @@ def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(rows), classes
 
 
-PARQUET_COLUMNS = ["__key__", "id", "set", "source", "source_key", "sha1", "bytes", "width", "height", "ext", "label", "cls",
-                   "seed_sets", "best_similarity", "selected_by"]
+PARQUET_COLUMNS = [
+    "__key__",
+    "id",
+    "set",
+    "source",
+    "source_key",
+    "sha1",
+    "bytes",
+    "width",
+    "height",
+    "ext",
+    "label",
+    "cls",
+    "seed_sets",
+    "best_similarity",
+    "selected_by",
+]
 
 
 def _fingerprint(frame: pd.DataFrame, cfg) -> str:
@@ -220,7 +250,11 @@ def run_shards(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     out = open_stage(cfg, STAGE)
     samples, classes = build_samples(cfg, run_dir)
-    ranges = plan_shards(samples["bytes"].to_numpy() if len(samples) else np.zeros(0), int(cfg.shards.max_count), int(cfg.shards.max_bytes))
+    ranges = plan_shards(
+        samples["bytes"].to_numpy() if len(samples) else np.zeros(0),
+        int(cfg.shards.max_count),
+        int(cfg.shards.max_bytes),
+    )
     prefix = str(cfg.shards.prefix)
     staging = out / STAGED  # new shards wait here; the finished ones stay as they are until commit
     fresh, jobs = [], []
@@ -241,14 +275,14 @@ def run_shards(cfg) -> Path:
         return out
     staging.mkdir(exist_ok=True)
     remove_stale_temps(staging)
-    for tar_path, index_path, _, _ in jobs:  # a staged tar is only trusted once its parquet matches
+    for _, index_path, _, _ in jobs:  # a staged tar is only trusted once its parquet matches
         index_path.unlink(missing_ok=True)
     workers = resolve_workers(cfg.workers)
     specs = [_spec(tar_path, frame, cfg) for tar_path, _, frame, _ in jobs]
     by_path = {str(tar_path): (index_path, frame, fp) for tar_path, index_path, frame, fp in jobs}
     written = 0
     with tqdm(total=len(specs), unit="shard", desc="shards", disable=not show_progress(cfg.progress)) as bar:
-        for path, count, size in process_map(write_shard, specs, workers):
+        for path, _count, size in process_map(write_shard, specs, workers):
             index_path, frame, fp = by_path[path]
             _write_index(index_path, frame, fp)
             written += size
@@ -262,11 +296,19 @@ def run_shards(cfg) -> Path:
         shards_written=len(fresh),
         samples=int(len(samples)),
         select=resolve_select(cfg),
-        selected={name: int(samples["selected_by"].str.contains(name).sum()) if len(samples) else 0
-                  for name in ("retrieve", "balanced")},
+        selected={
+            name: int(samples["selected_by"].str.contains(name).sum()) if len(samples) else 0
+            for name in ("retrieve", "balanced")
+        },
         bytes_written=int(written),
         classes=len(classes),
         seconds=round(time.time() - started, 3),
     )
-    log.info("shards: %d samples in %d shards (%d written) in %.1f s", len(samples), len(ranges), len(fresh), time.time() - started)
+    log.info(
+        "shards: %d samples in %d shards (%d written) in %.1f s",
+        len(samples),
+        len(ranges),
+        len(fresh),
+        time.time() - started,
+    )
     return out

@@ -12,12 +12,11 @@ import logging
 import os
 import re
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 from lvd.common import media
 from lvd.common.media import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
-
 
 FOLDER, TAR, LIST = "folder", "tar", "list"
 log = logging.getLogger(__name__)
@@ -44,11 +43,15 @@ def classify(spec: str) -> str:
     lowered = spec.lower()
     if lowered.endswith((".parquet", ".csv")):
         return LIST
-    if re.search(r"\.tar(\.gz|\.bz2|\.xz)?(\}|$)", lowered) or lowered.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
+    if re.search(r"\.tar(\.gz|\.bz2|\.xz)?(\}|$)", lowered) or lowered.startswith(
+        ("pipe:", "http://", "https://", "s3://", "gs://")
+    ):
         return TAR
     if os.path.isdir(spec):
         return FOLDER
-    raise SourceError(f"source not found or of unknown kind: {spec!r} (expected a folder, .tar shards, or a .parquet/.csv list)")
+    raise SourceError(
+        f"source not found or of unknown kind: {spec!r} (expected a folder, .tar shards, or a .parquet/.csv list)"
+    )
 
 
 def _ext_ok(name: str, extensions: Iterable[str]) -> bool:
@@ -100,8 +103,10 @@ def class_label(rel_path: str, class_layout: bool) -> str | None:
 def has_class_layout(root: str) -> bool:
     """A folder is a class layout when it holds sub-folders and no image files of its own."""
     entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
-    return bool(entries) and any(e.is_dir() for e in entries) and not any(
-        e.is_file() and _ext_ok(e.name, DEFAULT_EXTENSIONS) for e in entries
+    return (
+        bool(entries)
+        and any(e.is_dir() for e in entries)
+        and not any(e.is_file() and _ext_ok(e.name, DEFAULT_EXTENSIONS) for e in entries)
     )
 
 
@@ -256,7 +261,22 @@ def read_row_bytes(kind: str, source: str, key: str) -> bytes:
 
 
 __all__ = [
-    "FOLDER", "TAR", "LIST", "DEFAULT_EXTENSIONS", "SourceError", "Member", "classify", "list_folder",
-    "has_class_layout", "class_label", "list_paths", "resolve_listed_path", "expand_shards",
-    "iter_tar_members", "read_file_bytes", "row_path", "iter_bytes", "read_row_bytes",
+    "FOLDER",
+    "TAR",
+    "LIST",
+    "DEFAULT_EXTENSIONS",
+    "SourceError",
+    "Member",
+    "classify",
+    "list_folder",
+    "has_class_layout",
+    "class_label",
+    "list_paths",
+    "resolve_listed_path",
+    "expand_shards",
+    "iter_tar_members",
+    "read_file_bytes",
+    "row_path",
+    "iter_bytes",
+    "read_row_bytes",
 ]

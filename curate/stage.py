@@ -28,7 +28,6 @@ from pathlib import Path
 from lvd.common.atomic import remove_stale_temps
 from lvd.curate.runio import SUCCESS_NAME, clear_success, write_success
 
-
 #: Where part-wise stages keep new parts until they are committed together.
 STAGED = ".staged"
 
@@ -66,7 +65,12 @@ class StageOutputs:
     def path(self, name: str) -> Path:
         """Where to write the new `name` (a path relative to the folder) now; it becomes FOLDER/name at `commit`."""
         final = self.folder / name
-        if final.name == SUCCESS_NAME and final.parent == self.folder or Path(name).is_absolute() or ".." in Path(name).parts:
+        if (
+            final.name == SUCCESS_NAME
+            and final.parent == self.folder
+            or Path(name).is_absolute()
+            or ".." in Path(name).parts
+        ):
             raise ValueError(f"cannot stage {name!r}: a path inside the stage folder other than its {SUCCESS_NAME}")
         if not final.parent.exists():
             final.parent.mkdir(parents=True)
@@ -106,7 +110,7 @@ class StageOutputs:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
 
-    def __enter__(self) -> "StageOutputs":
+    def __enter__(self) -> StageOutputs:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 import faiss
 import numpy as np
@@ -104,18 +104,22 @@ def choose_index(n: int, d: int, memory_budget: int, ivf_scan: float | None = No
         scanned = ivf_scan * n + QUANTIZER_WEIGHT * nlist
         if scanned > HNSW_EQUIVALENT_SCAN:
             return IndexPlan(
-                f"HNSW{HNSW_M},Flat", "hnsw",
+                f"HNSW{HNSW_M},Flat",
+                "hnsw",
                 f"n={n}: IVF would scan ~{scanned:.0f} vectors per query for the target recall "
-                f"(> {HNSW_EQUIVALENT_SCAN}); a graph is faster on this data", hnsw_bytes,
+                f"(> {HNSW_EQUIVALENT_SCAN}); a graph is faster on this data",
+                hnsw_bytes,
             )
     train = min(n, nlist * TRAIN_POINTS_PER_LIST)
     ivf_overhead = 8.0  # the id of each vector in its inverted list
     if raw + ivf_overhead <= per_vector_budget:
         probed = "" if ivf_scan is None else f"; IVF scans ~{ivf_scan * n:.0f} vectors per query"
         return IndexPlan(
-            f"IVF{nlist},Flat", "ivf_flat",
+            f"IVF{nlist},Flat",
+            "ivf_flat",
             f"n={n}: inverted lists of full vectors fit the budget ({raw + ivf_overhead:.0f} B/vector){probed}",
-            raw + ivf_overhead, train_size=train,
+            raw + ivf_overhead,
+            train_size=train,
         )
     # Compressed: 4-bit PQ codes scanned with SIMD, re-ranked with 8-bit scalar codes when they fit.
     sq8 = float(d)
@@ -201,23 +205,32 @@ def training_device(device: str = "auto") -> str:
     return "cpu"
 
 
-def train_coarse_with_torch(index: faiss.Index, sample: np.ndarray, device: str, seed: int = 0,
-                            niter: int = 20) -> None:
+def train_coarse_with_torch(
+    index: faiss.Index, sample: np.ndarray, device: str, seed: int = 0, niter: int = 20
+) -> None:
     """Place an IVF index's list centroids with torch k-means; `index.train` then skips that step.
 
     Spherical k-means, as Faiss itself does for inner-product IVF indexes.
     """
-    from .kmeans import kmeans
+    from lvd.index.kmeans import kmeans
 
     ivf = _ivf_of(index)
-    result = kmeans(sample, ivf.nlist, niter=niter, seed=seed, spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT,
-                    backend="torch", device=device)
+    result = kmeans(
+        sample,
+        ivf.nlist,
+        niter=niter,
+        seed=seed,
+        spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT,
+        backend="torch",
+        device=device,
+    )
     ivf.quantizer.reset()
     ivf.quantizer.add(np.ascontiguousarray(result.centroids, dtype=np.float32))
 
 
-def add_batches(index: faiss.Index, batches: Iterable[np.ndarray], total: int | None = None,
-                progress: bool | None = None) -> faiss.Index:
+def add_batches(
+    index: faiss.Index, batches: Iterable[np.ndarray], total: int | None = None, progress: bool | None = None
+) -> faiss.Index:
     """Add vectors batch by batch (bounded memory), with a progress bar counted in vectors."""
     with tqdm(total=total, unit="vec", desc="add", disable=None if progress is None else not progress) as bar:
         for batch in batches:
@@ -256,8 +269,12 @@ def is_exact(index: faiss.Index) -> bool:
 
 def exact_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product top-k (Faiss's blocked BLAS search): the reference for recall."""
-    return faiss.knn(np.ascontiguousarray(xq, dtype=np.float32), np.ascontiguousarray(xb, dtype=np.float32),
-                     k, metric=faiss.METRIC_INNER_PRODUCT)
+    return faiss.knn(
+        np.ascontiguousarray(xq, dtype=np.float32),
+        np.ascontiguousarray(xb, dtype=np.float32),
+        k,
+        metric=faiss.METRIC_INNER_PRODUCT,
+    )
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int | None = None) -> float:
@@ -271,8 +288,14 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int | None = None) -> f
     return hits / total if total else 1.0
 
 
-def tune(index: faiss.Index, xq: np.ndarray, truth: np.ndarray, k: int = 10, target: float = 0.95,
-         labels: np.ndarray | None = None) -> tuple[dict, float]:
+def tune(
+    index: faiss.Index,
+    xq: np.ndarray,
+    truth: np.ndarray,
+    k: int = 10,
+    target: float = 0.95,
+    labels: np.ndarray | None = None,
+) -> tuple[dict, float]:
     """Cheapest search parameters reaching `target` recall@k of queries `xq` against `truth`.
 
     The queries must not be in the index (a graph index finds its own members' neighbours
@@ -308,7 +331,9 @@ def tune(index: faiss.Index, xq: np.ndarray, truth: np.ndarray, k: int = 10, tar
     return params, recall
 
 
-def trained_index(plan: IndexPlan, d: int, sample: np.ndarray | None, device: str = "auto", seed: int = 0) -> faiss.Index:
+def trained_index(
+    plan: IndexPlan, d: int, sample: np.ndarray | None, device: str = "auto", seed: int = 0
+) -> faiss.Index:
     """The planned index, empty, trained on `sample` when its family needs training."""
     index = new_index(plan, d)
     if not index.is_trained:

@@ -63,8 +63,20 @@ def _bucket(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
-def choose_backend(task: str, base, queries, k: int, *, metric: str = "ip", exclude_self: bool = False,
-                   backend="auto", device="cpu", dtype: str = "auto", measure=None, agree=None) -> VectorBackend:
+def choose_backend(
+    task: str,
+    base,
+    queries,
+    k: int,
+    *,
+    metric: str = "ip",
+    exclude_self: bool = False,
+    backend="auto",
+    device="cpu",
+    dtype: str = "auto",
+    measure=None,
+    agree=None,
+) -> VectorBackend:
     """The engine for searching `queries` against `base` (k best, `metric`), chosen by measurement
     when `backend` is "auto" (or "torch" with dtype "auto" on a bf16 machine).
 
@@ -95,10 +107,21 @@ def choose_backend(task: str, base, queries, k: int, *, metric: str = "ip", excl
     def job(engine: VectorBackend):
         return engine.search(sample_base, sample_queries, kk, metric=metric)
 
-    shape = {"base": _bucket(len(sample_base)), "queries": _bucket(nq), "d": int(base.shape[1]),
-             "k": _bucket(kk), "metric": metric}
-    choice = choose(task, shape, {n: functools.partial(job, e) for n, e in engines.items()}, device=device,
-                    repeats=3, measure=measure)
+    shape = {
+        "base": _bucket(len(sample_base)),
+        "queries": _bucket(nq),
+        "d": int(base.shape[1]),
+        "k": _bucket(kk),
+        "metric": metric,
+    }
+    choice = choose(
+        task,
+        shape,
+        {n: functools.partial(job, e) for n, e in engines.items()},
+        device=device,
+        repeats=3,
+        measure=measure,
+    )
     name = agree(choice.name, names) if agree is not None else choice.name
     log.info("%s: %s backend, %s", task, name, choice.describe() if name == choice.name else "as rank 0 chose")
     return engines[name]

@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("ip", "l2")
 DTYPES = ("fp32", "tf32", "bf16")
-_DTYPE_ALIASES = {"float32": "fp32", "fp32": "fp32", "tf32": "tf32", "bfloat16": "bf16", "bf16": "bf16",
-                  "auto": "auto"}
+_DTYPE_ALIASES = {"float32": "fp32", "fp32": "fp32", "tf32": "tf32", "bfloat16": "bf16", "bf16": "bf16", "auto": "auto"}
 # Unit roundoff of the storage formats the candidates are computed in (round to nearest);
 # tf32 is given truncation's bound because tensor cores are not documented to round.
 _ROUNDOFF = {"bf16": 2.0**-8, "tf32": 2.0**-10}
@@ -162,8 +161,13 @@ class TorchBackend(VectorBackend):
 
     name = "torch"
 
-    def __init__(self, device: str | torch.device = "cpu", dtype: str = "auto",
-                 block_bytes: int | None = None, extra_candidates: int | None = None):
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        dtype: str = "auto",
+        block_bytes: int | None = None,
+        extra_candidates: int | None = None,
+    ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if block_bytes is None:
@@ -225,8 +229,9 @@ class TorchBackend(VectorBackend):
         for r0 in range(0, n, step):
             r1 = min(r0 + step, n)
             own = torch.arange(r0, r1, device=base.device)
-            best_s[r0:r1], best_i[r0:r1] = self._prove(base[r0:r1], base, bias, k, own, approx[r0:r1],
-                                                       cand[r0:r1], lowp, n - 1)
+            best_s[r0:r1], best_i[r0:r1] = self._prove(
+                base[r0:r1], base, bias, k, own, approx[r0:r1], cand[r0:r1], lowp, n - 1
+            )
         return best_s, best_i
 
     def _symmetric_topk(self, base, bias, k, matmul):
@@ -311,14 +316,14 @@ class TorchBackend(VectorBackend):
     def _extra(self, k: int) -> int:
         return self.extra_candidates if self.extra_candidates is not None else max(8, k)
 
-    def _certified_topk(self, q, base, bias, k, own, lowp: "_LowPrecision"):
+    def _certified_topk(self, q, base, bias, k, own, lowp: _LowPrecision):
         n_avail = len(base) - (1 if own is not None else 0)
         m = min(n_avail, k + self._extra(k))
         q_low, _ = lowp.convert(q)
         approx, cand = self._topk(q_low, lowp.base, bias, m, own, self._mm_lowp)
         return self._prove(q, base, bias, k, own, approx, cand, lowp, n_avail)
 
-    def _prove(self, q, base, bias, k, own, approx, cand, lowp: "_LowPrecision", n_avail):
+    def _prove(self, q, base, bias, k, own, approx, cand, lowp: _LowPrecision, n_avail):
         """Exact top-k from low-precision candidates, recomputing rows the bound cannot clear."""
         exact = _rescore(q, base, cand)
         if bias is not None:
@@ -423,8 +428,9 @@ def _allow_tf32():
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def get_backend(backend: str | VectorBackend = "auto", device: str | torch.device = "cpu",
-                dtype: str = "auto", **options) -> VectorBackend:
+def get_backend(
+    backend: str | VectorBackend = "auto", device: str | torch.device = "cpu", dtype: str = "auto", **options
+) -> VectorBackend:
     """A backend by name: 'faiss', 'torch', or 'auto'.
 
     'auto' takes Faiss on the CPU and on GPUs its build supports, and torch on any other
@@ -450,5 +456,13 @@ def _faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-__all__ = ["VectorBackend", "FaissBackend", "TorchBackend", "get_backend", "resolve_device", "resolve_dtype",
-           "METRICS", "DTYPES"]
+__all__ = [
+    "VectorBackend",
+    "FaissBackend",
+    "TorchBackend",
+    "get_backend",
+    "resolve_device",
+    "resolve_dtype",
+    "METRICS",
+    "DTYPES",
+]

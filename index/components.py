@@ -115,7 +115,9 @@ def keep_one(labels: np.ndarray, priority: np.ndarray | None = None) -> np.ndarr
     return keep
 
 
-def star_groups(n: int, rows: np.ndarray, cols: np.ndarray, priority: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def star_groups(
+    n: int, rows: np.ndarray, cols: np.ndarray, priority: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(group, keep) of n nodes: each kept node takes only its own direct neighbours, no chains.
 
     Nodes are visited in keep order (highest priority, then lowest index); a node no group

@@ -21,8 +21,8 @@ Arrays in, arrays out; levels are numbered from 1 (finest) to T (coarsest).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -136,12 +136,22 @@ def seed_centroids(x: np.ndarray, k: int, *, seed: int, spherical: bool) -> np.n
 
 def _seeded_kmeans(x, k, *, niter, seed, spherical, backend, device, checkpoint=None):
     init = seed_centroids(x, k, seed=seed, spherical=spherical)
-    return kmeans(x, k, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device, init=init,
-                  checkpoint=checkpoint)
+    return kmeans(
+        x,
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=spherical,
+        backend=backend,
+        device=device,
+        init=init,
+        checkpoint=checkpoint,
+    )
 
 
-def nearest_centroids(x, centroids: np.ndarray, backend: str, device: str,
-                      block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def nearest_centroids(
+    x, centroids: np.ndarray, backend: str, device: str, block_rows: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid (squared L2) of every row of x: (assign, distance). x is an array or an
     `index.io.EmbeddingRows` view, read `block_rows` at a time, so only one block is held as float32."""
     n = len(x)
@@ -199,16 +209,18 @@ def resampled_kmeans(
     x = np.ascontiguousarray(x, dtype=np.float32)
     if k > len(x):
         raise ValueError(f"cannot make {k} clusters of {len(x)} points")
-    result = _seeded_kmeans(x, k, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device,
-                            checkpoint=checkpoint)
+    result = _seeded_kmeans(
+        x, k, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device, checkpoint=checkpoint
+    )
     centroids, assign, distance = result.centroids, result.assign, result.distance
     r = sample_size or max(1, len(x) // k)
     for step in range(resampling_steps):
         picked = closest_per_cluster(assign, distance, r)
         if len(picked) < k:
             break  # fewer resampled points than clusters: nothing left to balance
-        result = _seeded_kmeans(x[picked], k, niter=niter, seed=seed + step + 1, spherical=spherical,
-                                backend=backend, device=device)
+        result = _seeded_kmeans(
+            x[picked], k, niter=niter, seed=seed + step + 1, spherical=spherical, backend=backend, device=device
+        )
         centroids = result.centroids
         assign, distance = nearest_centroids(x, centroids, backend, device)
         logger.debug("resampling step %d: %d points, inertia %.4g", step + 1, len(picked), float(distance.sum()))
@@ -257,9 +269,17 @@ def hierarchical_kmeans(
             if t == 0 and first_level is not None:
                 c, a, d = first_level(k, resampling_steps=steps[t], sample_size=sizes[t], seed=seed)
             else:
-                c, a, d = resampled_kmeans(np.asarray(inputs, dtype=np.float32), k, niter=niter,
-                                           resampling_steps=steps[t], sample_size=sizes[t], seed=seed + 1000 * t,
-                                           spherical=spherical, backend=backend, device=device)
+                c, a, d = resampled_kmeans(
+                    np.asarray(inputs, dtype=np.float32),
+                    k,
+                    niter=niter,
+                    resampling_steps=steps[t],
+                    sample_size=sizes[t],
+                    seed=seed + 1000 * t,
+                    spherical=spherical,
+                    backend=backend,
+                    device=device,
+                )
             if on_level is not None:
                 on_level(t + 1, c, a, d)
         centroids.append(c)

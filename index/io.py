@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -120,7 +120,7 @@ class EmbeddingRows:
     def shape(self) -> tuple[int, int]:
         return len(self.rows), self.dim
 
-    def subset(self, index) -> "EmbeddingRows":
+    def subset(self, index) -> EmbeddingRows:
         """A view of some of these rows (`index` into them); nothing is read."""
         view = copy.copy(self)
         view.rows = self.rows[index]

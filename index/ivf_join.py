@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import faiss
 import numpy as np
@@ -146,12 +146,18 @@ def list_dtype(nlist: int) -> np.dtype:
     return np.dtype(np.int16 if nlist <= np.iinfo(np.int16).max + 1 else np.int32)
 
 
-def probe_lists(view, quantizer: Quantizer, nprobe: int, *, block_rows: int = 16384,
-                progress: bool = False) -> np.ndarray:
+def probe_lists(
+    view, quantizer: Quantizer, nprobe: int, *, block_rows: int = 16384, progress: bool = False
+) -> np.ndarray:
     """(n, nprobe) nearest lists of every row of `view` (`list_dtype`), read block by block."""
     out = np.empty((len(view), min(nprobe, quantizer.nlist)), list_dtype(quantizer.nlist))
-    for start, block in tqdm(view.blocks(block_rows), total=math.ceil(len(view) / block_rows), desc="assign lists",
-                             unit="block", disable=not progress):
+    for start, block in tqdm(
+        view.blocks(block_rows),
+        total=math.ceil(len(view) / block_rows),
+        desc="assign lists",
+        unit="block",
+        disable=not progress,
+    ):
         out[start : start + len(block)] = nearest_lists(block, quantizer, nprobe)
     return out
 
@@ -194,8 +200,9 @@ def threshold_copies(x: np.ndarray, threshold: float, seed: int = 0) -> np.ndarr
     return (t * x + math.sqrt(1.0 - t * t) * u).astype(np.float32)
 
 
-def choose_nprobe(view, probes: np.ndarray, quantizer: Quantizer, threshold: float, k: int, *,
-                  seed: int = 0) -> tuple[int, float, float, int]:
+def choose_nprobe(
+    view, probes: np.ndarray, quantizer: Quantizer, threshold: float, k: int, *, seed: int = 0
+) -> tuple[int, float, float, int]:
     """(nprobe, recall of real edges, recall of threshold copies, edges checked): the smallest
     nprobe of NPROBES whose join compares RECALL_TARGET of the real edges and COPY_RECALL_TARGET
     of the copies.
@@ -219,13 +226,28 @@ def choose_nprobe(view, probes: np.ndarray, quantizer: Quantizer, threshold: flo
         planted = (mine[:, :nprobe] == copies[:, :1]).any(1) | (copies[:, :nprobe] == mine[:, :1]).any(1)
         recall = float(real.mean()) if len(q) else 1.0
         planted_recall = float(planted.mean())
-        log.info("list join nprobe %d: compares %.4f of %d exact neighbours >= %.3g (target %.4f) and %.4f of %d "
-                 "copies at it (target %.4f)", nprobe, recall, len(q), threshold, ivf_switch.RECALL_TARGET,
-                 planted_recall, len(rows), COPY_RECALL_TARGET)
+        log.info(
+            "list join nprobe %d: compares %.4f of %d exact neighbours >= %.3g (target %.4f) and %.4f of %d "
+            "copies at it (target %.4f)",
+            nprobe,
+            recall,
+            len(q),
+            threshold,
+            ivf_switch.RECALL_TARGET,
+            planted_recall,
+            len(rows),
+            COPY_RECALL_TARGET,
+        )
         if recall >= ivf_switch.RECALL_TARGET and planted_recall >= COPY_RECALL_TARGET:
             return nprobe, recall, planted_recall, checked
-    log.warning("list join: nprobe %d compares only %.4f of the exact neighbours and %.4f of the copies (targets "
-                "%.4f, %.4f)", probes.shape[1], recall, planted_recall, ivf_switch.RECALL_TARGET, COPY_RECALL_TARGET)
+    log.warning(
+        "list join: nprobe %d compares only %.4f of the exact neighbours and %.4f of the copies (targets %.4f, %.4f)",
+        probes.shape[1],
+        recall,
+        planted_recall,
+        ivf_switch.RECALL_TARGET,
+        COPY_RECALL_TARGET,
+    )
     return probes.shape[1], recall, planted_recall, checked
 
 
@@ -247,9 +269,18 @@ def _inverted(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, starts[::p]
 
 
-def join_lists(view, probes: np.ndarray, nprobe: int, threshold: float, *, k: int, nlist: int,
-               block_bytes: int = 1 << 28, lists: range | None = None,
-               progress: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def join_lists(
+    view,
+    probes: np.ndarray,
+    nprobe: int,
+    threshold: float,
+    *,
+    k: int,
+    nlist: int,
+    block_bytes: int = 1 << 28,
+    lists: range | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(i, j, cosine) of every compared pair at or above `threshold`, a group of lists at a time
     (`lists`: only those, e.g. one rank's share).
 
@@ -267,8 +298,9 @@ def join_lists(view, probes: np.ndarray, nprobe: int, threshold: float, *, k: in
         while stop < end and (stop == start or size < block_bytes):
             size += row_bytes * (m_bounds[stop + 1] - m_bounds[stop] + q_bounds[stop + 1] - q_bounds[stop])
             stop += 1
-        needed = np.unique(np.concatenate([members[m_bounds[start] : m_bounds[stop]],
-                                           queries[q_bounds[start] : q_bounds[stop]]]))
+        needed = np.unique(
+            np.concatenate([members[m_bounds[start] : m_bounds[stop]], queries[q_bounds[start] : q_bounds[stop]]])
+        )
         x = view[needed]
         for lst in range(start, stop):
             base = members[m_bounds[lst] : m_bounds[lst + 1]]
@@ -355,15 +387,26 @@ def _shared(quantizer: Quantizer | None, ranks) -> Quantizer:
         return quantizer
     q = quantizer if ranks.rank == 0 else None
     centroids = broadcast_array(q.centroids if q else None, ranks)
-    top = broadcast_array((q.top if q.top is not None else np.zeros((0, centroids.shape[1]), np.float32)) if q else None,
-                          ranks)
+    top = broadcast_array(
+        (q.top if q.top is not None else np.zeros((0, centroids.shape[1]), np.float32)) if q else None, ranks
+    )
     bounds = broadcast_array((q.bounds if q.bounds is not None else np.zeros(0, np.int64)) if q else None, ranks)
     return Quantizer(centroids, top if len(top) else None, bounds if len(bounds) else None)
 
 
-def near_pairs(view, threshold: float, k: int, *, memory_budget: int, seed: int = 0, backend="auto",
-               device="cpu", spanning: bool = True, progress: bool = False, ranks=None
-               ) -> tuple[np.ndarray, np.ndarray, JoinReport]:
+def near_pairs(
+    view,
+    threshold: float,
+    k: int,
+    *,
+    memory_budget: int,
+    seed: int = 0,
+    backend="auto",
+    device="cpu",
+    spanning: bool = True,
+    progress: bool = False,
+    ranks=None,
+) -> tuple[np.ndarray, np.ndarray, JoinReport]:
     """(i, j) pairs of rows of `view` at or above `threshold`, and the join's report.
 
     `spanning`: only the connected components of the pairs are wanted, so they are kept as a
@@ -394,11 +437,18 @@ def near_pairs(view, threshold: float, k: int, *, memory_budget: int, seed: int 
     width = 1 if quantizer.bounds is None else int(np.diff(quantizer.bounds).max()) * TOP_PROBE
     block = rows_per_block(memory_budget, 4 * d + 12 * width)
     most = NPROBES[-1] if n * NPROBES[-1] * list_dtype(nlist).itemsize <= memory_budget // 8 else NPROBES[-2]
-    probes = gather_rows(probe_lists(view.subset(rank_slice(n, ranks)), quantizer, most,
-                                     block_rows=min(block, 65536), progress=progress), ranks)
+    probes = gather_rows(
+        probe_lists(
+            view.subset(rank_slice(n, ranks)), quantizer, most, block_rows=min(block, 65536), progress=progress
+        ),
+        ranks,
+    )
     times["assign"] = time.perf_counter() - started - times["train"]
-    chosen = np.array(choose_nprobe(view, probes, quantizer, threshold, k, seed=seed), np.float64) \
-        if ranks.rank == 0 else None
+    chosen = (
+        np.array(choose_nprobe(view, probes, quantizer, threshold, k, seed=seed), np.float64)
+        if ranks.rank == 0
+        else None
+    )
     nprobe, recall, copy_recall, checked = broadcast_array(chosen, ranks).tolist()
     nprobe, checked = int(nprobe), int(checked)
     times["check"] = time.perf_counter() - started - times["train"] - times["assign"]
@@ -406,9 +456,17 @@ def near_pairs(view, threshold: float, k: int, *, memory_budget: int, seed: int 
     forest = EdgeForest(n, max_edges=int(memory_budget // 64)) if spanning else None
     found_i, found_j, pairs = [], [], 0
     share = rank_slice(quantizer.nlist, ranks)
-    for i, j, _ in join_lists(view, probes, nprobe, threshold, k=k, nlist=quantizer.nlist,
-                              block_bytes=int(memory_budget // 8), lists=range(share.start, share.stop),
-                              progress=progress):
+    for i, j, _ in join_lists(
+        view,
+        probes,
+        nprobe,
+        threshold,
+        k=k,
+        nlist=quantizer.nlist,
+        block_bytes=int(memory_budget // 8),
+        lists=range(share.start, share.stop),
+        progress=progress,
+    ):
         pairs += len(i)
         if forest is not None:
             forest.add(i, j)
@@ -432,14 +490,47 @@ def near_pairs(view, threshold: float, k: int, *, memory_budget: int, seed: int 
         rows, cols = both[:, 0], both[:, 1]
     if ranks.rank != 0:
         rows = cols = np.zeros(0, np.int64)
-    report = JoinReport(n, quantizer.nlist, quantizer.top is not None, nprobe, round(recall, 6), round(copy_recall, 6),
-                        checked, pairs, {key: round(v, 3) for key, v in times.items()})
-    log.info("list join of %d rows: %d lists%s, nprobe %d (recall %.4f of real, %.4f of threshold copies; %d "
-             "checked), %d pairs >= %.3g; seconds %s%s", n, report.nlist, " (two levels)" if report.two_level else "",
-             nprobe, recall, copy_recall, checked, pairs, threshold, report.seconds,
-             f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "")
+    report = JoinReport(
+        n,
+        quantizer.nlist,
+        quantizer.top is not None,
+        nprobe,
+        round(recall, 6),
+        round(copy_recall, 6),
+        checked,
+        pairs,
+        {key: round(v, 3) for key, v in times.items()},
+    )
+    log.info(
+        "list join of %d rows: %d lists%s, nprobe %d (recall %.4f of real, %.4f of threshold copies; %d "
+        "checked), %d pairs >= %.3g; seconds %s%s",
+        n,
+        report.nlist,
+        " (two levels)" if report.two_level else "",
+        nprobe,
+        recall,
+        copy_recall,
+        checked,
+        pairs,
+        threshold,
+        report.seconds,
+        f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "",
+    )
     return rows, cols, report
 
 
-__all__ = ["Quantizer", "train_quantizer", "nearest_lists", "probe_lists", "compared", "exact_neighbors",
-           "choose_nprobe", "join_lists", "EdgeForest", "list_count", "near_pairs", "JoinReport", "LIST_SIZE"]
+__all__ = [
+    "Quantizer",
+    "train_quantizer",
+    "nearest_lists",
+    "probe_lists",
+    "compared",
+    "exact_neighbors",
+    "choose_nprobe",
+    "join_lists",
+    "EdgeForest",
+    "list_count",
+    "near_pairs",
+    "JoinReport",
+    "LIST_SIZE",
+]

@@ -37,8 +37,9 @@ CHECK_QUERIES = 1024
 MIN_CHECK_EDGES = 50
 
 
-def crossover_rows(exact_seconds: float, exact_rows: int, ivf_seconds: tuple[float, float],
-                   ivf_rows: tuple[int, int]) -> float:
+def crossover_rows(
+    exact_seconds: float, exact_rows: int, ivf_seconds: tuple[float, float], ivf_rows: tuple[int, int]
+) -> float:
     """Rows where exact (t = a n^2) and IVF (t = c n^b, b fitted from two sizes) cost the same."""
     (t1, t2), (m1, m2) = ivf_seconds, ivf_rows
     b = math.log(t2 / t1) / math.log(m2 / m1) if t1 > 0 and t2 > 0 and m2 != m1 else 1.5
@@ -60,8 +61,9 @@ def _ivf_graph(plan_for, rows, k, metric, device, seed):
     return search_ivf(index, rows, k, plan.nprobe, exclude_self=True)
 
 
-def measured_exact_max(x: np.ndarray, k: int, exact_engine, plan_for, *, metric: str = "ip", device=None,
-                       seed: int = 0, measure=None) -> int:
+def measured_exact_max(
+    x: np.ndarray, k: int, exact_engine, plan_for, *, metric: str = "ip", device=None, seed: int = 0, measure=None
+) -> int:
     """The largest pool worth searching exactly here: below it exact search is faster than IVF.
 
     `plan_for(n)` is the IVF plan the job would use for n rows; `exact_engine` the engine exact
@@ -73,17 +75,34 @@ def measured_exact_max(x: np.ndarray, k: int, exact_engine, plan_for, *, metric:
         return m2
     small, large = _sample(x, m1, seed), _sample(x, m2, seed + 1)
     kk = min(k, m1 - 1)
-    jobs = {"exact": functools.partial(_exact_graph, exact_engine, small, kk, metric),
-            "ivf-small": functools.partial(_ivf_graph, plan_for, small, kk, metric, device, seed),
-            "ivf-large": functools.partial(_ivf_graph, plan_for, large, kk, metric, device, seed)}
-    shape = {"rows": CALIBRATION_ROWS, "d": int(x.shape[1]), "k": int(kk), "metric": metric,
-             "exact_engine": f"{exact_engine.name}-{getattr(exact_engine, 'dtype', '')}"}
-    seconds, cached = timings("exact/IVF crossover", shape, jobs, device=exact_engine.device, repeats=1, measure=measure)
+    jobs = {
+        "exact": functools.partial(_exact_graph, exact_engine, small, kk, metric),
+        "ivf-small": functools.partial(_ivf_graph, plan_for, small, kk, metric, device, seed),
+        "ivf-large": functools.partial(_ivf_graph, plan_for, large, kk, metric, device, seed),
+    }
+    shape = {
+        "rows": CALIBRATION_ROWS,
+        "d": int(x.shape[1]),
+        "k": int(kk),
+        "metric": metric,
+        "exact_engine": f"{exact_engine.name}-{getattr(exact_engine, 'dtype', '')}",
+    }
+    seconds, cached = timings(
+        "exact/IVF crossover", shape, jobs, device=exact_engine.device, repeats=1, measure=measure
+    )
     rows = crossover_rows(seconds["exact"], m1, (seconds["ivf-small"], seconds["ivf-large"]), (m1, m2))
     exact_max = int(min(max(rows, m2), 2**62))
-    log.info("exact/IVF crossover at %d rows (exact %.0f ms at %d rows; IVF %.0f ms at %d, %.0f ms at %d; %s)",
-             exact_max, seconds["exact"] * 1e3, m1, seconds["ivf-small"] * 1e3, m1, seconds["ivf-large"] * 1e3, m2,
-             "cached measurement" if cached else "measured now")
+    log.info(
+        "exact/IVF crossover at %d rows (exact %.0f ms at %d rows; IVF %.0f ms at %d, %.0f ms at %d; %s)",
+        exact_max,
+        seconds["exact"] * 1e3,
+        m1,
+        seconds["ivf-small"] * 1e3,
+        m1,
+        seconds["ivf-large"] * 1e3,
+        m2,
+        "cached measurement" if cached else "measured now",
+    )
     return exact_max
 
 
@@ -94,7 +113,9 @@ def check_rows(n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, CHECK_QUERIES, replace=False))
 
 
-def check_edges(D_exact: np.ndarray, I_exact: np.ndarray, min_similarity: float | None) -> tuple[np.ndarray, np.ndarray]:
+def check_edges(
+    D_exact: np.ndarray, I_exact: np.ndarray, min_similarity: float | None
+) -> tuple[np.ndarray, np.ndarray]:
     """(query position, neighbour id) of the edges a checked row must keep: its exact neighbours at
     or above `min_similarity`; where the rows hold fewer than MIN_CHECK_EDGES of them, the
     MIN_CHECK_EDGES most similar edges of all checked rows (the pairs most like near-duplicates);
@@ -120,5 +141,13 @@ def edge_recall(edges: tuple[np.ndarray, np.ndarray], I_approx: np.ndarray) -> f
     return float(found.mean())
 
 
-__all__ = ["measured_exact_max", "crossover_rows", "check_rows", "check_edges", "edge_recall",
-           "RECALL_TARGET", "CALIBRATION_ROWS", "CHECK_QUERIES"]
+__all__ = [
+    "measured_exact_max",
+    "crossover_rows",
+    "check_rows",
+    "check_edges",
+    "edge_recall",
+    "RECALL_TARGET",
+    "CALIBRATION_ROWS",
+    "CHECK_QUERIES",
+]

@@ -53,10 +53,25 @@ class KMeansResult:
     objective: list[float] = field(default_factory=list)  # inertia of each iteration's assignment
 
 
-def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, backend="auto", device="cpu",
-           init=None, *, dtype: str = "auto", distributed: bool = False, checkpoint: str | os.PathLike | None = None,
-           checkpoint_every: int = 5, max_points_per_centroid: int | None = None, prune: bool = True,
-           algorithm: str = "auto", progress: bool | None = None) -> KMeansResult:
+def kmeans(
+    x,
+    k: int,
+    niter: int = 20,
+    seed: int = 0,
+    spherical: bool = False,
+    backend="auto",
+    device="cpu",
+    init=None,
+    *,
+    dtype: str = "auto",
+    distributed: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 5,
+    max_points_per_centroid: int | None = None,
+    prune: bool = True,
+    algorithm: str = "auto",
+    progress: bool | None = None,
+) -> KMeansResult:
     """k-means of the rows of x (float32 [n, d]) into k clusters, `niter` Lloyd iterations.
 
     backend: "faiss", "torch", "auto" or a `VectorBackend`: the engine of the nearest-centroid
@@ -77,8 +92,17 @@ def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, b
     if not 0 < k <= n_total:
         raise ValueError(f"cannot make {k} clusters of {n_total} rows")
     centroids = _initial_centroids(x, k, seed, init, comm, offset, n_total)
-    engine = choose_backend("k-means assignment", centroids, x, 2, metric="l2", backend=backend, device=device,
-                            dtype=dtype, agree=comm.agree if comm.active else None)
+    engine = choose_backend(
+        "k-means assignment",
+        centroids,
+        x,
+        2,
+        metric="l2",
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        agree=comm.agree if comm.active else None,
+    )
     store = _Checkpoint(checkpoint, checkpoint_every, _fingerprint(n_total, x.shape[1], k, spherical, centroids), comm)
     if algorithm not in ("auto", "faiss", "lloyd"):
         raise ValueError(f"unknown k-means algorithm {algorithm!r}; expected auto, faiss or lloyd")
@@ -89,7 +113,7 @@ def kmeans(x, k: int, niter: int = 20, seed: int = 0, spherical: bool = False, b
     return _lloyd(x, centroids, niter, spherical, engine, comm, store, progress, prune)
 
 
-def _initial_centroids(x, k, seed, init, comm: "_Comm", offset: int, n_total: int) -> np.ndarray:
+def _initial_centroids(x, k, seed, init, comm: _Comm, offset: int, n_total: int) -> np.ndarray:
     """`init`, or k distinct rows drawn with `seed` from the rows of all ranks."""
     if init is not None:
         init = _as_f32(init)
@@ -103,8 +127,9 @@ def _initial_centroids(x, k, seed, init, comm: "_Comm", offset: int, n_total: in
     return comm.sum(centroids).astype(np.float32)
 
 
-def _faiss_kmeans(x, centroids, niter, seed, spherical, engine: FaissBackend, store: "_Checkpoint",
-                  max_points_per_centroid) -> KMeansResult:
+def _faiss_kmeans(
+    x, centroids, niter, seed, spherical, engine: FaissBackend, store: _Checkpoint, max_points_per_centroid
+) -> KMeansResult:
     import faiss
 
     n, d = x.shape
@@ -113,25 +138,37 @@ def _faiss_kmeans(x, centroids, niter, seed, spherical, engine: FaissBackend, st
     if max_points_per_centroid is None:
         max_points_per_centroid = every_row
     elif max_points_per_centroid < every_row:
-        log.warning("faiss k-means trains on %d of %d rows (max_points_per_centroid=%d)",
-                    k * max_points_per_centroid, n, max_points_per_centroid)
+        log.warning(
+            "faiss k-means trains on %d of %d rows (max_points_per_centroid=%d)",
+            k * max_points_per_centroid,
+            n,
+            max_points_per_centroid,
+        )
     start, centroids, objective = store.resume(centroids)
     step = store.every if store.path is not None else max(1, niter)
     for it in range(start, niter, step):
         seg = min(step, niter - it)
-        km = faiss.Kmeans(d, k, niter=seg, seed=seed + it, spherical=spherical, gpu=engine.use_gpu,
-                          max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
+        km = faiss.Kmeans(
+            d,
+            k,
+            niter=seg,
+            seed=seed + it,
+            spherical=spherical,
+            gpu=engine.use_gpu,
+            max_points_per_centroid=max_points_per_centroid,
+            min_points_per_centroid=1,
+        )
         km.train(x, init_centroids=centroids)
         centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
         objective += [float(v) for v in km.obj]
         store.save(it + seg, centroids, objective)
     distance, assign = engine.assign(x, centroids)
-    return KMeansResult(centroids, assign.astype(np.int64), distance, float(distance.sum(dtype=np.float64)),
-                        objective)
+    return KMeansResult(centroids, assign.astype(np.int64), distance, float(distance.sum(dtype=np.float64)), objective)
 
 
-def _lloyd(x, centroids, niter, spherical, engine: VectorBackend, comm: "_Comm", store: "_Checkpoint",
-           progress, prune: bool = True) -> KMeansResult:
+def _lloyd(
+    x, centroids, niter, spherical, engine: VectorBackend, comm: _Comm, store: _Checkpoint, progress, prune: bool = True
+) -> KMeansResult:
     start, centroids, objective = store.resume(centroids)
     state = _Assignment(x, engine)
     state.full(centroids)
@@ -224,7 +261,7 @@ def _cluster_sums(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(one_hot @ x, dtype=np.float64)
 
 
-def _means(state: _Assignment, centroids: np.ndarray, comm: "_Comm") -> np.ndarray:
+def _means(state: _Assignment, centroids: np.ndarray, comm: _Comm) -> np.ndarray:
     """Mean of each cluster's rows over all ranks; an empty cluster takes the farthest row."""
     k = len(centroids)
     sums = comm.sum(_cluster_sums(state.x, state.assign, k))
@@ -324,8 +361,13 @@ class _Checkpoint:
         if self.path is None or not self.writer or iteration % self.every:
             return
         with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, iteration=np.int64(iteration), centroids=centroids,
-                     objective=np.asarray(objective, np.float64), fingerprint=np.str_(self.fingerprint))
+            np.savez(
+                f,
+                iteration=np.int64(iteration),
+                centroids=centroids,
+                objective=np.asarray(objective, np.float64),
+                fingerprint=np.str_(self.fingerprint),
+            )
 
 
 def _fingerprint(n: int, d: int, k: int, spherical: bool, init: np.ndarray) -> str:

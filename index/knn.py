@@ -46,8 +46,17 @@ class KnnPlan:
     reason: str
 
 
-def plan_knn(n: int, d: int, *, device="cpu", method: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-             exact_max: int | None = None, nprobe: int | None = None, nlist: int | None = None) -> KnnPlan:
+def plan_knn(
+    n: int,
+    d: int,
+    *,
+    device="cpu",
+    method: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    exact_max: int | None = None,
+    nprobe: int | None = None,
+    nlist: int | None = None,
+) -> KnnPlan:
     """Exact up to `exact_max` rows, IVF above; IVF storage shrinks to fit `memory_budget`.
 
     `exact_max` None: an accelerator searches up to EXACT_MAX_ACCELERATOR rows exactly; on a CPU
@@ -81,15 +90,35 @@ def _plan(xb, k, engine, *, device, method, memory_budget, exact_max, nprobe, nl
     options = dict(device=device, memory_budget=memory_budget, nprobe=nprobe, nlist=nlist)
     if method == "auto" and exact_max is None and resolve_device(device).type == "cpu":
         exact_max = ivf_switch.measured_exact_max(
-            xb, k, engine, lambda rows: plan_knn(rows, d, method="ivf", **options), metric=metric, device=device,
-            seed=seed, measure=measure)
+            xb,
+            k,
+            engine,
+            lambda rows: plan_knn(rows, d, method="ivf", **options),
+            metric=metric,
+            device=device,
+            seed=seed,
+            measure=measure,
+        )
     return plan_knn(n, d, method=method, exact_max=exact_max, **options)
 
 
-def knn_graph(x, k: int = 64, *, metric: str = "ip", method: str = "auto", backend="auto", device="cpu",
-              dtype: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET, exact_max: int | None = None,
-              nprobe: int | None = None, nlist: int | None = None, seed: int = 0, min_similarity: float | None = None,
-              measure=None):
+def knn_graph(
+    x,
+    k: int = 64,
+    *,
+    metric: str = "ip",
+    method: str = "auto",
+    backend="auto",
+    device="cpu",
+    dtype: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    exact_max: int | None = None,
+    nprobe: int | None = None,
+    nlist: int | None = None,
+    seed: int = 0,
+    min_similarity: float | None = None,
+    measure=None,
+):
     """(D, I) of the k nearest other rows of every row of x (self excluded).
 
     D is the similarity (metric "ip", descending) or squared distance ("l2", ascending);
@@ -98,24 +127,61 @@ def knn_graph(x, k: int = 64, *, metric: str = "ip", method: str = "auto", backe
     """
     x = _as_f32(x)
     _check_metric(metric)
-    engine = choose_backend("k-NN graph", x, x, k, metric=metric, exclude_self=True, backend=backend,
-                            device=device, dtype=dtype, measure=measure)
-    plan = _plan(x, k, engine, device=device, method=method, memory_budget=memory_budget, exact_max=exact_max,
-                 nprobe=nprobe, nlist=nlist, metric=metric, seed=seed, measure=measure)
+    engine = choose_backend(
+        "k-NN graph",
+        x,
+        x,
+        k,
+        metric=metric,
+        exclude_self=True,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        measure=measure,
+    )
+    plan = _plan(
+        x,
+        k,
+        engine,
+        device=device,
+        method=method,
+        memory_budget=memory_budget,
+        exact_max=exact_max,
+        nprobe=nprobe,
+        nlist=nlist,
+        metric=metric,
+        seed=seed,
+        measure=measure,
+    )
     if plan.method == "ivf" and backend == "torch":
         log.info("k-NN graph: the torch backend has no IVF; searching %d rows exactly", len(x))
         plan = KnnPlan("exact", None, 0, 0, "torch backend")
     log.info("k-NN graph of %d x %d, k=%d: %s (%s)", len(x), x.shape[1], k, plan.factory or "exact", plan.reason)
     if plan.method == "exact":
         return engine.search(x, x, k, metric=metric, exclude_self=True)
-    return _checked_ivf(x, x, k, plan, engine, metric=metric, exclude_self=True, device=device, seed=seed,
-                        min_similarity=min_similarity)
+    return _checked_ivf(
+        x, x, k, plan, engine, metric=metric, exclude_self=True, device=device, seed=seed, min_similarity=min_similarity
+    )
 
 
-def search(xb, xq, k: int, *, metric: str = "ip", method: str = "exact", backend="auto", device="cpu",
-           dtype: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET, exact_max: int | None = None,
-           nprobe: int | None = None, nlist: int | None = None, seed: int = 0, min_similarity: float | None = None,
-           measure=None):
+def search(
+    xb,
+    xq,
+    k: int,
+    *,
+    metric: str = "ip",
+    method: str = "exact",
+    backend="auto",
+    device="cpu",
+    dtype: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    exact_max: int | None = None,
+    nprobe: int | None = None,
+    nlist: int | None = None,
+    seed: int = 0,
+    min_similarity: float | None = None,
+    measure=None,
+):
     """(D, I) of the k best rows of the base `xb` for every query row of `xq`.
 
     Exact by default (retrieval and decontamination want every neighbour); `method="auto"`
@@ -123,18 +189,31 @@ def search(xb, xq, k: int, *, metric: str = "ip", method: str = "exact", backend
     """
     xb, xq = _as_f32(xb), _as_f32(xq)
     _check_metric(metric)
-    engine = choose_backend("search", xb, xq, k, metric=metric, backend=backend, device=device, dtype=dtype,
-                            measure=measure)
-    plan = _plan(xb, k, engine, device=device, method=method, memory_budget=memory_budget, exact_max=exact_max,
-                 nprobe=nprobe, nlist=nlist, metric=metric, seed=seed, measure=measure)
+    engine = choose_backend(
+        "search", xb, xq, k, metric=metric, backend=backend, device=device, dtype=dtype, measure=measure
+    )
+    plan = _plan(
+        xb,
+        k,
+        engine,
+        device=device,
+        method=method,
+        memory_budget=memory_budget,
+        exact_max=exact_max,
+        nprobe=nprobe,
+        nlist=nlist,
+        metric=metric,
+        seed=seed,
+        measure=measure,
+    )
     if plan.method == "exact" or backend == "torch":
         return engine.search(xb, xq, k, metric=metric)
-    return _checked_ivf(xb, xq, k, plan, engine, metric=metric, device=device, seed=seed,
-                        min_similarity=min_similarity)
+    return _checked_ivf(xb, xq, k, plan, engine, metric=metric, device=device, seed=seed, min_similarity=min_similarity)
 
 
-def _checked_ivf(xb, xq, k, plan: KnnPlan, exact_engine, *, metric, device, seed, exclude_self=False,
-                 min_similarity=None):
+def _checked_ivf(
+    xb, xq, k, plan: KnnPlan, exact_engine, *, metric, device, seed, exclude_self=False, min_similarity=None
+):
     """IVF search, then nprobe doubled until a sample of queries keeps its near-duplicate edges."""
     index = build_ivf(xb, plan, metric=metric, device=device, seed=seed)
     rows = ivf_switch.check_rows(len(xq), seed)
@@ -147,8 +226,14 @@ def _checked_ivf(xb, xq, k, plan: KnnPlan, exact_engine, *, metric, device, seed
     while True:  # only the checked rows are searched until nprobe is settled; then every row once
         _, I_rows = search_ivf(index, xq[rows], k, nprobe, exclude_self=exclude_self, query_rows=rows)
         recall = ivf_switch.edge_recall(edges, I_rows)
-        log.info("IVF nprobe %d of %d lists: recall %.4f of %d checked edges (target %.4f)", nprobe, plan.nlist,
-                 recall, len(edges[0]), ivf_switch.RECALL_TARGET)
+        log.info(
+            "IVF nprobe %d of %d lists: recall %.4f of %d checked edges (target %.4f)",
+            nprobe,
+            plan.nlist,
+            recall,
+            len(edges[0]),
+            ivf_switch.RECALL_TARGET,
+        )
         if recall >= ivf_switch.RECALL_TARGET or nprobe >= plan.nlist:
             return search_ivf(index, xq, k, nprobe, exclude_self=exclude_self)
         nprobe = min(plan.nlist, 2 * nprobe)
@@ -175,8 +260,9 @@ def build_ivf(xb, plan: KnnPlan, *, metric: str = "ip", device="cpu", seed: int 
     return index
 
 
-def search_ivf(index, xq, k: int, nprobe: int, *, exclude_self: bool = False, query_rows=None,
-               query_batch: int = 16384):
+def search_ivf(
+    index, xq, k: int, nprobe: int, *, exclude_self: bool = False, query_rows=None, query_batch: int = 16384
+):
     """(D, I) of `index` for every row of `xq`, visiting `nprobe` lists; `exclude_self` drops each
     query's own row from its neighbours (the queries are indexed rows: `query_rows`, else 0..n-1)."""
     import faiss
@@ -206,8 +292,18 @@ def search_ivf(index, xq, k: int, nprobe: int, *, exclude_self: bool = False, qu
     return D, I
 
 
-def ivf_search(xb, xq, k: int, plan: KnnPlan, *, metric: str = "ip", exclude_self: bool = False, device="cpu",
-               seed: int = 0, query_batch: int = 16384):
+def ivf_search(
+    xb,
+    xq,
+    k: int,
+    plan: KnnPlan,
+    *,
+    metric: str = "ip",
+    exclude_self: bool = False,
+    device="cpu",
+    seed: int = 0,
+    query_batch: int = 16384,
+):
     """Approximate search with a Faiss inverted-file index built for this call (unchecked)."""
     index = build_ivf(xb, plan, metric=metric, device=device, seed=seed)
     return search_ivf(index, xq, k, plan.nprobe, exclude_self=exclude_self, query_batch=query_batch)

@@ -25,9 +25,9 @@ import os
 import shutil
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import faiss
 import numpy as np
@@ -35,8 +35,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lvd.common.atomic import atomic_write_json
-
-from . import ann, io
+from lvd.index import ann, io
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,20 @@ META_COLUMNS = ("id", "set", "source", "kind", "key", "label")
 OPTIONAL_META_COLUMNS = ("caption",)
 # embed/_SUCCESS.json fields that define the embedding space; vectors from two different
 # spaces must never share an index.
-EMBEDDER_KEYS = ("kind", "model", "weights", "resolution", "resize_ratio", "mean", "std", "dim", "cls_and_mean_patch",
-                 "layout", "output", "space")
+EMBEDDER_KEYS = (
+    "kind",
+    "model",
+    "weights",
+    "resolution",
+    "resize_ratio",
+    "mean",
+    "std",
+    "dim",
+    "cls_and_mean_patch",
+    "layout",
+    "output",
+    "space",
+)
 # recorded too, but not part of the space: a bf16 and an fp32 run of one model are comparable
 EMBEDDER_EXTRA_KEYS = ("dtype",)
 
@@ -134,7 +145,9 @@ def read_manifest_meta(embed_dir: Path, ids: np.ndarray) -> pd.DataFrame:
 def run_dir_of(embed_dir: str | os.PathLike) -> Path:
     """The run folder of an embed folder: RUN for RUN/embed, and for RUN/embed/copy too."""
     embed_dir = Path(embed_dir)
-    return embed_dir.parent.parent if embed_dir.name == "copy" and embed_dir.parent.name == "embed" else embed_dir.parent
+    return (
+        embed_dir.parent.parent if embed_dir.name == "copy" and embed_dir.parent.name == "embed" else embed_dir.parent
+    )
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -166,12 +179,14 @@ class IndexStore:
         ann.set_search_params(index, info.get("search_params", {}))
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mmap: bool = False) -> "IndexStore":
+    def open(cls, path: str | os.PathLike, mmap: bool = False) -> IndexStore:
         """Open an index folder; `mmap` maps the vectors read-only, so processes share one copy."""
         path = Path(path)
         info_path = path / INFO_NAME
         if not info_path.is_file():
-            raise IndexFolderError(f"{path} is not an lvd index folder (no {INFO_NAME}); build one with `lvd index build`")
+            raise IndexFolderError(
+                f"{path} is not an lvd index folder (no {INFO_NAME}); build one with `lvd index build`"
+            )
         info = json.loads(info_path.read_text())
         if info.get("format") != FORMAT:
             raise IndexFolderError(f"{info_path} is not an lvd index ({info.get('format')!r})")
@@ -218,8 +233,14 @@ class IndexStore:
             hits = []
             for rank, (score, row) in enumerate(((s, r) for s, r in zip(srow, rrow) if r >= 0), start=1):
                 m = self.meta.iloc[int(row)]
-                hits.append({"rank": rank, "id": int(self.ids[row]), "score": float(score),
-                             **{c: (None if pd.isna(m[c]) else str(m[c])) for c in META_COLUMNS if c != "id"}})
+                hits.append(
+                    {
+                        "rank": rank,
+                        "id": int(self.ids[row]),
+                        "score": float(score),
+                        **{c: (None if pd.isna(m[c]) else str(m[c])) for c in META_COLUMNS if c != "id"},
+                    }
+                )
             out.append(hits)
         return out
 
@@ -239,10 +260,14 @@ class IndexStore:
         """
         spec = self.info.get("embedder") or {}
         if not spec.get("model") and not spec.get("kind"):
-            raise IndexFolderError("this index does not record its model (embed/_SUCCESS.json was missing at build time)")
+            raise IndexFolderError(
+                "this index does not record its model (embed/_SUCCESS.json was missing at build time)"
+            )
         if spec.get("weights") is None:
-            raise IndexFolderError(f"this index was embedded with randomly initialised {spec.get('model')} weights, which "
-                                   "cannot be recreated to embed a query; search by id or by vector instead")
+            raise IndexFolderError(
+                f"this index was embedded with randomly initialised {spec.get('model')} weights, which "
+                "cannot be recreated to embed a query; search by id or by vector instead"
+            )
         from lvd.pretrain.models.embedder import embedder_from_info
 
         dtype = dtype or spec.get("dtype") or "auto"
@@ -322,8 +347,11 @@ class _Rows:
                 first = np.fromiter((i not in seen for i in ids.tolist()), bool, len(ids))
                 seen.update(ids.tolist())
                 for start in range(0, len(ids), self.batch):
-                    keep = first[start:start + self.batch]
-                    yield ids[start:start + self.batch][keep], np.asarray(x[start:start + self.batch][keep], np.float32)
+                    keep = first[start : start + self.batch]
+                    yield (
+                        ids[start : start + self.batch][keep],
+                        np.asarray(x[start : start + self.batch][keep], np.float32),
+                    )
 
 
 def _part(embed_dir: str, name: str) -> EmbedPart:
@@ -331,8 +359,9 @@ def _part(embed_dir: str, name: str) -> EmbedPart:
     return EmbedPart(name, folder / f"{name}.npy", folder / f"ids-{name.split('-')[1]}.npy", -1)
 
 
-def _exact_truth(rows: Iterator[tuple[np.ndarray, np.ndarray]], xq: np.ndarray, k: int,
-                 leave_out: np.ndarray) -> np.ndarray:
+def _exact_truth(
+    rows: Iterator[tuple[np.ndarray, np.ndarray]], xq: np.ndarray, k: int, leave_out: np.ndarray
+) -> np.ndarray:
     """Ids of the exact k nearest of each query among the streamed rows (queries left out)."""
     heap = faiss.ResultHeap(len(xq), k, keep_max=True)
     leave_out = set(leave_out.tolist())
@@ -415,13 +444,17 @@ class BuildOptions:
     progress: bool | None = None
 
 
-def build(embed_dir: str | os.PathLike, out: str | os.PathLike, opts: BuildOptions = BuildOptions(),
-          overwrite: bool = False) -> dict:
+def build(
+    embed_dir: str | os.PathLike, out: str | os.PathLike, opts: BuildOptions | None = None, overwrite: bool = False
+) -> dict:
     """Build an index over every part of an embed folder; returns the info written to info.json."""
+    opts = opts if opts is not None else BuildOptions()
     embed_dir, out = Path(embed_dir).resolve(), Path(out)
     previous = _read_info(out)
     if previous and not overwrite:
-        raise IndexFolderError(f"{out} already holds an index; use `lvd index add` to extend it or --overwrite to rebuild")
+        raise IndexFolderError(
+            f"{out} already holds an index; use `lvd index add` to extend it or --overwrite to rebuild"
+        )
     parts = list_parts(embed_dir)
     if not parts:
         raise IndexFolderError(f"no part-*.npy files in {embed_dir}")
@@ -453,14 +486,28 @@ def build(embed_dir: str | os.PathLike, out: str | os.PathLike, opts: BuildOptio
     _enable_lookup(index)
     plan.search_params = params
     info = {
-        "format": FORMAT, "version": FORMAT_VERSION, "generation": _next_generation(out, previous),
-        "n": n, "dim": d, "metric": "inner_product", "plan": plan.to_dict(), "factory": plan.factory,
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "generation": _next_generation(out, previous),
+        "n": n,
+        "dim": d,
+        "metric": "inner_product",
+        "plan": plan.to_dict(),
+        "factory": plan.factory,
         "search_params": params,
-        "expected_recall": {"k": opts.k, "recall": recall, "target": opts.target_recall, "queries": n_queries,
-                            "how": "exact" if not tunable else "held-out indexed vectors vs exact search"},
+        "expected_recall": {
+            "k": opts.k,
+            "recall": recall,
+            "target": opts.target_recall,
+            "queries": n_queries,
+            "how": "exact" if not tunable else "held-out indexed vectors vs exact search",
+        },
         "calibration_queries": opts.calibration_queries,
-        "memory_budget": budget, "embedder": embedder_info(embed_dir), "sources": sources,
-        "seed": opts.seed, "build_seconds": round(time.perf_counter() - t0, 3),
+        "memory_budget": budget,
+        "embedder": embedder_info(embed_dir),
+        "sources": sources,
+        "seed": opts.seed,
+        "build_seconds": round(time.perf_counter() - t0, 3),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -508,8 +555,12 @@ def add(index_dir: str | os.PathLike, embed_dir: str | os.PathLike, opts: BuildO
     index_dir, embed_dir = Path(index_dir), Path(embed_dir).resolve()
     store = IndexStore.open(index_dir)
     info = json.loads(json.dumps(store.info))
-    opts = opts or BuildOptions(k=info["expected_recall"]["k"], target_recall=info["expected_recall"]["target"],
-                                calibration_queries=info.get("calibration_queries", 1000), seed=info.get("seed", 0))
+    opts = opts or BuildOptions(
+        k=info["expected_recall"]["k"],
+        target_recall=info["expected_recall"]["target"],
+        calibration_queries=info.get("calibration_queries", 1000),
+        seed=info.get("seed", 0),
+    )
     emb = embedder_info(embed_dir)
     old = info.get("embedder") or {}
     clash = {k: (old.get(k), emb.get(k)) for k in EMBEDDER_KEYS if k in old and k in emb and old[k] != emb[k]}
@@ -552,13 +603,21 @@ def add(index_dir: str | os.PathLike, embed_dir: str | os.PathLike, opts: BuildO
         adder.add(ids[keep], x[keep])
     ids, params, recall, n_queries = _tune_and_finish(adder, sources, opts.k, opts.target_recall)
     if params is None:  # nothing held back: keep what was measured before
-        params, recall, n_queries = info["search_params"], info["expected_recall"]["recall"], info["expected_recall"]["queries"]
+        params, recall, n_queries = (
+            info["search_params"],
+            info["expected_recall"]["recall"],
+            info["expected_recall"]["queries"],
+        )
     ann.set_search_params(index, params)
-    meta = pd.concat([store.meta, read_manifest_meta(embed_dir, ids[len(store.ids):])], ignore_index=True)
+    meta = pd.concat([store.meta, read_manifest_meta(embed_dir, ids[len(store.ids) :])], ignore_index=True)
     info.update(
-        generation=_next_generation(index_dir, store.info), n=len(ids), sources=sources, search_params=params,
+        generation=_next_generation(index_dir, store.info),
+        n=len(ids),
+        sources=sources,
+        search_params=params,
         expected_recall={**info["expected_recall"], "recall": recall, "queries": n_queries},
-        embedder=old or emb, updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        embedder=old or emb,
+        updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     info["plan"]["search_params"] = params
     _write_generation(index_dir, info["generation"], index, ids, meta)
@@ -582,4 +641,3 @@ def _enable_lookup(index: faiss.Index) -> None:
     ivf = ann._ivf_of(index)
     if ivf is not None:
         ivf.make_direct_map()
-

@@ -15,16 +15,16 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from lvd.pretrain.data.decode import DecodeError, load_resized
 from lvd.common.media import is_image_name
+from lvd.pretrain.data.decode import DecodeError, load_resized
 from lvd.pretrain.eval.features import Preprocessing, autocast_context, images_to_tensor, resolve_device
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,13 @@ def run_viz(cfg) -> Path:
     out_dir = Path(c.output_dir)
     mass = c.get("attention_mass")
     visualise(
-        model, images, prep, out_dir, device=device, dtype=str(c.dtype), threshold=c.threshold,
+        model,
+        images,
+        prep,
+        out_dir,
+        device=device,
+        dtype=str(c.dtype),
+        threshold=c.threshold,
         attention_mass=None if mass is None else float(mass),
     )
     return out_dir

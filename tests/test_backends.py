@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lvd.index.backends import FaissBackend, TorchBackend, get_backend, resolve_dtype, resolve_device
+from lvd.index.backends import FaissBackend, TorchBackend, get_backend, resolve_device, resolve_dtype
 
 
 def unit_rows(n, d, seed):

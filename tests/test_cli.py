@@ -17,7 +17,20 @@ def _help(*args):
 
 def test_top_level_help_lists_the_design_contract_commands():
     text = _help()
-    for command in ("run", "manifest", "embed", "dedup", "cluster", "retrieve", "shards", "report", "demo", "index", "pretrain", "eval"):
+    for command in (
+        "run",
+        "manifest",
+        "embed",
+        "dedup",
+        "cluster",
+        "retrieve",
+        "shards",
+        "report",
+        "demo",
+        "index",
+        "pretrain",
+        "eval",
+    ):
         assert f"    {command}" in text, command
 
 
@@ -53,7 +66,9 @@ def test_manifest_through_the_cli(tmp_path, capsys):
     from zoo import write_zoo
 
     cases = write_zoo(tmp_path / "imgs")
-    code = cli.main(["manifest", "default", f"run_dir={tmp_path / 'run'}", f"sources.pool=[{tmp_path / 'imgs'}]", "workers=0"])
+    code = cli.main(
+        ["manifest", "default", f"run_dir={tmp_path / 'run'}", f"sources.pool=[{tmp_path / 'imgs'}]", "workers=0"]
+    )
     assert code == 0
     assert (tmp_path / "run" / "config.yaml").is_file()
     from lvd.curate.manifest import read_manifest
@@ -63,8 +78,13 @@ def test_manifest_through_the_cli(tmp_path, capsys):
 
 def _lvd(*args, cwd=None):
     """`lvd ...` as a user runs it: a new process, stderr as text."""
-    return subprocess.run([str(Path(sys.executable).parent / "lvd"), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "lvd"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
 
 
 def _one_line_error(proc, *needles):
@@ -86,10 +106,14 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     _one_line_error(_lvd("dedup", "default", *run, "dedup.threshold=0.9"), "run `lvd manifest` first")
     # weights that are not there, and weights that are garbage (no weights_only=False advice)
     assert _lvd("manifest", "default", *run, f"sources.pool=[{tmp_path / 'pool'}]").returncode == 0
-    _one_line_error(_lvd("embed", "default", *run, f"sources.pool=[{tmp_path / 'pool'}]",
-                         f"embed.weights={tmp_path / 'none.pth'}"), "weights not found")
+    _one_line_error(
+        _lvd("embed", "default", *run, f"sources.pool=[{tmp_path / 'pool'}]", f"embed.weights={tmp_path / 'none.pth'}"),
+        "weights not found",
+    )
     (tmp_path / "garbage.pth").write_bytes(b"\x80\x02not a pickle at all")
-    proc = _lvd("embed", "default", *run, f"sources.pool=[{tmp_path / 'pool'}]", f"embed.weights={tmp_path / 'garbage.pth'}")
+    proc = _lvd(
+        "embed", "default", *run, f"sources.pool=[{tmp_path / 'pool'}]", f"embed.weights={tmp_path / 'garbage.pth'}"
+    )
     _one_line_error(proc, "not a readable weights file")
     assert "weights_only=False" not in proc.stderr
     # a bad value, and the index command's errors take the same path
@@ -106,8 +130,13 @@ def test_a_failed_invocation_leaves_the_finished_stage_as_it_was(tmp_path):
 
     rows, vecs = synthetic_pool()
     write_run(tmp_path, rows, vecs)
-    good = [f"run_dir={tmp_path}", "progress=false", "embed.copy_detection.weights=null", "dedup.threshold=0.9",
-            "decontam.threshold=0.85"]
+    good = [
+        f"run_dir={tmp_path}",
+        "progress=false",
+        "embed.copy_detection.weights=null",
+        "dedup.threshold=0.9",
+        "decontam.threshold=0.85",
+    ]
     assert _lvd("dedup", "default", *good).returncode == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "dedup").iterdir()}
     _one_line_error(_lvd("dedup", "default", *good, "dedup.threshold=abc"), "dedup.threshold")

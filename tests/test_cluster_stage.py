@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
+from test_dedup_stage import config, unit, write_run
 
 import lvd.curate.cluster as cluster
 import lvd.index.hierarchical as hierarchical
 from lvd.curate.dedup import curated_pool_ids, run_dedup
-from test_dedup_stage import config, unit, write_run
 
 DIM = 64
 
@@ -70,8 +70,15 @@ def test_flat_clusters_the_curated_pool(tmp_path):
 
 def test_hierarchical_levels_and_balanced_sample(tmp_path):
     truth, _ = planted_run(tmp_path)
-    cfg = cluster_config(tmp_path, "cluster.method=hierarchical", "cluster.level_ks=[12]", "cluster.k=3",
-                         "cluster.resample_steps=[2,1]", "cluster.balanced_sample=60", "cluster.niter=10")
+    cfg = cluster_config(
+        tmp_path,
+        "cluster.method=hierarchical",
+        "cluster.level_ks=[12]",
+        "cluster.k=3",
+        "cluster.resample_steps=[2,1]",
+        "cluster.balanced_sample=60",
+        "cluster.niter=10",
+    )
     out = cluster.run_cluster(cfg)
     level1 = pd.read_parquet(out / "level1" / "assign.parquet")
     level2 = pd.read_parquet(out / "level2" / "assign.parquet")
@@ -92,8 +99,13 @@ def test_hierarchical_levels_and_balanced_sample(tmp_path):
 
 
 def test_killed_hierarchical_run_resumes_from_finished_levels(tmp_path, monkeypatch):
-    settings = ("cluster.method=hierarchical", "cluster.level_ks=[12, 6]", "cluster.k=3", "cluster.resample_steps=1",
-                "cluster.niter=8")
+    settings = (
+        "cluster.method=hierarchical",
+        "cluster.level_ks=[12, 6]",
+        "cluster.k=3",
+        "cluster.resample_steps=1",
+        "cluster.niter=8",
+    )
     planted_run(tmp_path / "a")
     planted_run(tmp_path / "b")
     reference = cluster.run_cluster(cluster_config(tmp_path / "a", *settings))
@@ -105,6 +117,7 @@ def test_killed_hierarchical_run_resumes_from_finished_levels(tmp_path, monkeypa
             on_level(level, *rest)
             if level == 2:
                 raise KeyboardInterrupt
+
         return real(*args, on_level=save_then_die, **kwargs)
 
     monkeypatch.setattr(cluster, "hierarchical_kmeans", killed_after_level_2)
@@ -118,14 +131,18 @@ def test_killed_hierarchical_run_resumes_from_finished_levels(tmp_path, monkeypa
 
     computed = []
     real_level = hierarchical.resampled_kmeans
-    monkeypatch.setattr(hierarchical, "resampled_kmeans", lambda x, k, **kw: computed.append(k) or real_level(x, k, **kw))
+    monkeypatch.setattr(
+        hierarchical, "resampled_kmeans", lambda x, k, **kw: computed.append(k) or real_level(x, k, **kw)
+    )
     cluster.run_cluster(cluster_config(tmp_path / "b", *settings))
     assert computed == [3]  # only the last level was left to do
     for t in (1, 2, 3):
         for name in ("centroids.npy", "parents.npy"):
             np.testing.assert_array_equal(np.load(out / f"level{t}" / name), np.load(reference / f"level{t}" / name))
-        pd.testing.assert_frame_equal(pd.read_parquet(out / f"level{t}" / "assign.parquet"),
-                                      pd.read_parquet(reference / f"level{t}" / "assign.parquet"))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(out / f"level{t}" / "assign.parquet"),
+            pd.read_parquet(reference / f"level{t}" / "assign.parquet"),
+        )
 
     # up to date: a rerun computes nothing; a changed setting recomputes
     computed.clear()
@@ -134,8 +151,9 @@ def test_killed_hierarchical_run_resumes_from_finished_levels(tmp_path, monkeypa
     cluster.run_cluster(cluster_config(tmp_path / "b", *settings[:-1], "cluster.niter=9"))
     assert computed == [12, 6, 3]
     # fewer levels: the old level3/ goes; flat: all level folders go
-    cluster.run_cluster(cluster_config(tmp_path / "b", "cluster.method=hierarchical", "cluster.level_ks=[12]",
-                                       "cluster.k=3"))
+    cluster.run_cluster(
+        cluster_config(tmp_path / "b", "cluster.method=hierarchical", "cluster.level_ks=[12]", "cluster.k=3")
+    )
     assert sorted(p.name for p in out.glob("level*")) == ["level1", "level2"]
     cluster.run_cluster(cluster_config(tmp_path / "b", "cluster.k=3"))
     assert not list(out.glob("level*")) and not (out / "kmeans-checkpoint.npz").exists()
@@ -149,8 +167,15 @@ def test_cluster_needs_dedup(tmp_path):
 def test_fewer_curated_images_than_clusters(tmp_path):
     planted_run(tmp_path)
     n = len(curated_pool_ids(tmp_path))
-    out = cluster.run_cluster(cluster_config(tmp_path, "cluster.method=hierarchical", f"cluster.level_ks=[{n + 50}]",
-                                             f"cluster.k={n + 10}", "cluster.niter=2"))
+    out = cluster.run_cluster(
+        cluster_config(
+            tmp_path,
+            "cluster.method=hierarchical",
+            f"cluster.level_ks=[{n + 50}]",
+            f"cluster.k={n + 10}",
+            "cluster.niter=2",
+        )
+    )
     assert len(np.load(out / "level1" / "centroids.npy")) == n
     assign = pd.read_parquet(out / "level1" / "assign.parquet")
     assert assign["cluster"].nunique() == n and np.allclose(assign["distance"], 0, atol=1e-6)
@@ -167,8 +192,15 @@ def test_nothing_left_after_dedup_gives_empty_outputs(tmp_path):
 
 
 FLAT = ("cluster.k=12", "cluster.niter=8", "cluster.device=cpu")
-HIERARCHICAL = ("cluster.method=hierarchical", "cluster.level_ks=[12]", "cluster.k=3", "cluster.resample_steps=[2,1]",
-                "cluster.balanced_sample=60", "cluster.niter=8", "cluster.device=cpu")
+HIERARCHICAL = (
+    "cluster.method=hierarchical",
+    "cluster.level_ks=[12]",
+    "cluster.k=3",
+    "cluster.resample_steps=[2,1]",
+    "cluster.balanced_sample=60",
+    "cluster.niter=8",
+    "cluster.device=cpu",
+)
 
 
 # memory_gb of the one process and of each of two ranks: none, or past the budget (k-means on a
@@ -176,9 +208,11 @@ HIERARCHICAL = ("cluster.method=hierarchical", "cluster.level_ks=[12]", "cluster
 SAMPLED = (("memory_gb=0.0002",), ("memory_gb=0.0001",))
 
 
-@pytest.mark.parametrize("settings,budgets", [(FLAT, ((), ())), (HIERARCHICAL, ((), ())), (FLAT, SAMPLED),
-                                              (HIERARCHICAL, SAMPLED)],
-                         ids=["flat", "hierarchical", "flat-sampled", "hierarchical-sampled"])
+@pytest.mark.parametrize(
+    "settings,budgets",
+    [(FLAT, ((), ())), (HIERARCHICAL, ((), ())), (FLAT, SAMPLED), (HIERARCHICAL, SAMPLED)],
+    ids=["flat", "hierarchical", "flat-sampled", "hierarchical-sampled"],
+)
 def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings, budgets):
     """`python -m lvd.curate.cluster` under torchrun: 2 gloo ranks, each reading and iterating over half the rows
     (or, past the budget, half the sample, then assigning half the rows)."""
@@ -194,8 +228,16 @@ def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings, budgets
     config_file = tmp_path / "two.yaml"
     OmegaConf.save(cluster_config(tmp_path / "two", *settings, *budgets[1]), config_file)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lvd.curate.cluster",
-           str(config_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lvd.curate.cluster",
+        str(config_file),
+    ]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 1 of 2" in done.stderr  # both ranks took part
@@ -208,11 +250,14 @@ def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings, budgets
         np.testing.assert_array_equal(b["id"], a["id"])
         np.testing.assert_array_equal(b["cluster"], a["cluster"])
         np.testing.assert_allclose(b["distance"], a["distance"], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(np.load(two / folder / "centroids.npy"), np.load(one / folder / "centroids.npy"),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            np.load(two / folder / "centroids.npy"), np.load(one / folder / "centroids.npy"), atol=1e-5
+        )
     assert pd.read_parquet(one / "assign.parquet")["cluster"].nunique() == (3 if hierarchical else 12)
     if hierarchical:
-        pd.testing.assert_frame_equal(pd.read_parquet(two / "balanced.parquet"), pd.read_parquet(one / "balanced.parquet"))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(two / "balanced.parquet"), pd.read_parquet(one / "balanced.parquet")
+        )
         np.testing.assert_array_equal(np.load(two / "level2" / "parents.npy"), np.load(one / "level2" / "parents.npy"))
     success = json.loads((two / "_SUCCESS.json").read_text())
     assert success["world_size"] == 2 and success["images"] == len(pd.read_parquet(one / "assign.parquet"))
@@ -248,11 +293,23 @@ def test_training_rows_sample_only_past_the_budget():
         cluster.training_rows(1000, 64, 500, budget=budget, seed=0)
 
 
-@pytest.mark.parametrize("settings", [("cluster.k=3", "cluster.niter=10"),
-                                      ("cluster.method=hierarchical", "cluster.level_ks=[12]", "cluster.k=3",
-                                       "cluster.resample_steps=[1,0]", "cluster.niter=10")], ids=["flat", "hierarchical"])
-def test_past_the_memory_budget_kmeans_trains_on_a_sample_and_assigns_every_image_in_blocks(tmp_path, monkeypatch,
-                                                                                            settings):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ("cluster.k=3", "cluster.niter=10"),
+        (
+            "cluster.method=hierarchical",
+            "cluster.level_ks=[12]",
+            "cluster.k=3",
+            "cluster.resample_steps=[1,0]",
+            "cluster.niter=10",
+        ),
+    ],
+    ids=["flat", "hierarchical"],
+)
+def test_past_the_memory_budget_kmeans_trains_on_a_sample_and_assigns_every_image_in_blocks(
+    tmp_path, monkeypatch, settings
+):
     truth, vecs = planted_run(tmp_path)
 
     def whole_matrix(self, dtype=None, copy=None):

@@ -86,16 +86,22 @@ def test_merged_config_is_saved_and_reloads_equal(tmp_path):
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("dedup.threshold=abc", "dedup.threshold must be auto or a number, got 'abc'"),
-    ("cluster.k=-5", "cluster.k must be >= 1, got -5"),
-    ("embed.model=dinov2_vitz14", "embed.model must be auto (the architecture the weights file records) or a registry model"),
-    ("dedup.k=0", "dedup.k must be >= 1, got 0"),
-    ("retrieve.floor_quantile=1.5", "retrieve.floor_quantile must be within [0.0, 1.0]"),
-    ("dedup.keep=largest", "dedup.keep must be one of ['quality', 'pixels']"),
-    ("shards.quality=0", "shards.quality must be within [1, 100]"),
-    ("embed.copy_detection.space=clip", "embed.copy_detection.space must be null or one of ['sscd']"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dedup.threshold=abc", "dedup.threshold must be auto or a number, got 'abc'"),
+        ("cluster.k=-5", "cluster.k must be >= 1, got -5"),
+        (
+            "embed.model=dinov2_vitz14",
+            "embed.model must be auto (the architecture the weights file records) or a registry model",
+        ),
+        ("dedup.k=0", "dedup.k must be >= 1, got 0"),
+        ("retrieve.floor_quantile=1.5", "retrieve.floor_quantile must be within [0.0, 1.0]"),
+        ("dedup.keep=largest", "dedup.keep must be one of ['quality', 'pixels']"),
+        ("shards.quality=0", "shards.quality must be within [1, 100]"),
+        ("embed.copy_detection.space=clip", "embed.copy_detection.space must be null or one of ['sscd']"),
+    ],
+)
 def test_bad_values_are_rejected_when_the_config_is_loaded(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
@@ -110,14 +116,17 @@ def test_an_override_can_empty_a_mapping_or_a_list():
         load_config(None, ["no_such_section={}"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.epochs=0", "optim.epochs must be >= 1, got 0"),
-    ("mode=dino3", "mode must be one of ['dino', 'dinov2']"),
-    ("model.arch=vit_huge", "model.arch must name a registry model"),
-    ("crops.global_scale=[0.9,0.2]", "crops.global_scale must be [low, high] within [0.0, 1.0]"),
-    ("train.parallel=zero3", "train.parallel must be one of ['ddp', 'fsdp']"),
-    ("model.drop_path_uniform=2", "model.drop_path_uniform must be true or false"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.epochs=0", "optim.epochs must be >= 1, got 0"),
+        ("mode=dino3", "mode must be one of ['dino', 'dinov2']"),
+        ("model.arch=vit_huge", "model.arch must name a registry model"),
+        ("crops.global_scale=[0.9,0.2]", "crops.global_scale must be [low, high] within [0.0, 1.0]"),
+        ("train.parallel=zero3", "train.parallel must be one of ['ddp', 'fsdp']"),
+        ("model.drop_path_uniform=2", "model.drop_path_uniform must be true or false"),
+    ],
+)
 def test_bad_training_values_are_rejected_by_both_loaders(override, message):
     from lvd.pretrain.train.config import load_config as load_training_config
 

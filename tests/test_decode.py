@@ -5,9 +5,9 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from zoo import exif_rotated_jpeg, noise_image, zoo_cases
 
 from lvd.pretrain.data.decode import DecodeError, decode, load_resized, probe
-from zoo import exif_rotated_jpeg, noise_image, zoo_cases
 
 CASES = zoo_cases()
 

@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from lvd.index.components import connected_components, duplicate_groups, group_duplicates, keep_one, knn_edges, pairs_above, star_groups
+from lvd.index.components import (
+    connected_components,
+    duplicate_groups,
+    group_duplicates,
+    keep_one,
+    knn_edges,
+    pairs_above,
+    star_groups,
+)
 
 
 def union_find_labels(n, rows, cols):

@@ -31,7 +31,10 @@ def photo_quadrants():
     for array in arrays:
         im = Image.fromarray(array).convert("RGB")
         w, h = im.size
-        out += [im.crop(box) for box in ((0, 0, w // 2, h // 2), (w // 2, 0, w, h // 2), (0, h // 2, w // 2, h), (w // 2, h // 2, w, h))]
+        out += [
+            im.crop(box)
+            for box in ((0, 0, w // 2, h // 2), (w // 2, 0, w, h // 2), (0, h // 2, w // 2, h), (w // 2, h // 2, w, h))
+        ]
     return out
 
 
@@ -97,7 +100,9 @@ def scores(group, component, keep):
     recall = true_pairs / same.sum()
     precision = true_pairs / max(linked.sum(), 1)
     # every removed image has a planted relative that is kept in its component
-    removed_ok = np.mean([bool((keep & (group == group[i]) & (component == component[i])).any()) for i in np.flatnonzero(~keep)])
+    removed_ok = np.mean(
+        [bool((keep & (group == group[i]) & (component == component[i])).any()) for i in np.flatnonzero(~keep)]
+    )
     return recall, precision, removed_ok
 
 

@@ -27,9 +27,23 @@ def write_run(run_dir, rows, vectors, *, copy_vectors=None, copy_weights="/model
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(rows))
     manifest_rows = [
-        {"id": r["id"], "set": r["set"], "source": "synthetic", "kind": "folder", "key": f"{r['id']}.jpg",
-         "label": None, "bytes": 100, "sha1": r["sha1"], "width": r.get("width", 64), "height": r.get("height", 64),
-         "format": "JPEG", "mode": "RGB", "frames": 1, "status": "ok", "error": None}
+        {
+            "id": r["id"],
+            "set": r["set"],
+            "source": "synthetic",
+            "kind": "folder",
+            "key": f"{r['id']}.jpg",
+            "label": None,
+            "bytes": 100,
+            "sha1": r["sha1"],
+            "width": r.get("width", 64),
+            "height": r.get("height", 64),
+            "format": "JPEG",
+            "mode": "RGB",
+            "frames": 1,
+            "status": "ok",
+            "error": None,
+        }
         for r in (rows[i] for i in order)
     ]
     write_part(run_dir / "manifest" / "part-00000.parquet", manifest_rows, "synthetic")
@@ -57,8 +71,16 @@ def synthetic_pool(seed=0, n_pool=200, n_eval=20):
     rows, vecs = [], []
 
     def add(id_, set_, vec, sha1=None, pixels=(64, 64), chain=-1):
-        rows.append({"id": id_, "set": set_, "sha1": sha1 or f"{id_:040x}", "width": pixels[0], "height": pixels[1],
-                     "chain": chain})
+        rows.append(
+            {
+                "id": id_,
+                "set": set_,
+                "sha1": sha1 or f"{id_:040x}",
+                "width": pixels[0],
+                "height": pixels[1],
+                "chain": chain,
+            }
+        )
         vecs.append(vec)
 
     base = unit(rng.normal(size=(n_pool, DIM)))
@@ -88,8 +110,18 @@ def synthetic_pool(seed=0, n_pool=200, n_eval=20):
 
 
 def config(run_dir, *extra):
-    return load_config(None, [f"run_dir={run_dir}", "progress=false", "dedup.threshold=0.9", "decontam.threshold=0.85",
-                              "dedup.k=8", "embed.copy_detection.weights=null", *extra])
+    return load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            "progress=false",
+            "dedup.threshold=0.9",
+            "decontam.threshold=0.85",
+            "dedup.k=8",
+            "embed.copy_detection.weights=null",
+            *extra,
+        ],
+    )
 
 
 def brute_force(rows, vecs, threshold, decontam_threshold):
@@ -123,7 +155,10 @@ def brute_force(rows, vecs, threshold, decontam_threshold):
     px = vecs[pool["row"].to_numpy()].astype(np.float16).astype(np.float32)
     ex = vecs[evals["row"].to_numpy()].astype(np.float16).astype(np.float32)
     s = px @ ex.T
-    pairs = {(int(pool["id"].iloc[a]), evals["set"].iloc[b][5:], int(evals["id"].iloc[b])) for a, b in zip(*np.nonzero(s >= decontam_threshold))}
+    pairs = {
+        (int(pool["id"].iloc[a]), evals["set"].iloc[b][5:], int(evals["id"].iloc[b]))
+        for a, b in zip(*np.nonzero(s >= decontam_threshold))
+    }
     return exact, ids, roots, kept, pairs
 
 
@@ -144,7 +179,9 @@ def test_dedup_stage_matches_brute_force(tmp_path, monkeypatch, mode):
     out = dedup.run_dedup(config(tmp_path, f"dedup.mode={mode}", "dedup.semdedup_clusters=4", *extra))
     how = json.loads((out / "_SUCCESS.json").read_text())["near_search"]
     if extra:
-        assert how["method"] == "ivf-join" and how["nlist"] > 10 and how["recall"] >= 0.999 and how["copy_recall"] >= 0.99, how
+        assert (
+            how["method"] == "ivf-join" and how["nlist"] > 10 and how["recall"] >= 0.999 and how["copy_recall"] >= 0.99
+        ), how
     else:
         assert how["method"] == ("knn-graph" if mode == "knn" else "semdedup")
     exact_ref, ids, roots, kept, pairs = brute_force(rows, vecs, 0.9, 0.85)
@@ -189,7 +226,7 @@ def test_star_grouping_removes_only_direct_copies_of_kept_images(tmp_path):
             kept.append(i)
     near = pd.read_parquet(out / "near.parquet").set_index("id").loc[ids]
     assert set(near.index[near["keep"]]) == set(ids[kept])
-    for group, members in near.groupby("component"):
+    for _, members in near.groupby("component"):
         keeper = x[ids.tolist().index(members.index[members["keep"]][0])]
         assert members["keep"].sum() == 1
         assert all(x[ids.tolist().index(m)] @ keeper >= 0.9 - 1e-6 for m in members.index)
@@ -368,8 +405,16 @@ def test_two_torchrun_ranks_dedup_like_one_process(tmp_path, grouping):
     config_file = tmp_path / "two.yaml"
     OmegaConf.save(config(tmp_path / "two", *settings), config_file)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lvd.curate.dedup",
-           str(config_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lvd.curate.dedup",
+        str(config_file),
+    ]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 1 of 2" in done.stderr  # both ranks joined lists

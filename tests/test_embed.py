@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_weights
 from omegaconf import OmegaConf
 from PIL import Image, ImageEnhance, ImageOps
 
@@ -20,7 +21,6 @@ from lvd.curate.manifest import read_manifest, run_manifest
 from lvd.index.io import load_embeddings
 from lvd.pretrain.models import build_backbone
 from lvd.pretrain.models.preprocess import auto_resolution
-from conftest import save_tiny_weights
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -37,8 +37,13 @@ def _write_images(folder: Path, n: int, seed: int = 0) -> None:
 
 
 def _cfg(run_dir: Path, pool: Path, *extra: str, seeds: Path | None = None):
-    overrides = [f"run_dir={run_dir}", f'sources.pool=["{pool}"]', "progress=false", "workers=0",
-                 "embed.copy_detection.weights=null"]
+    overrides = [
+        f"run_dir={run_dir}",
+        f'sources.pool=["{pool}"]',
+        "progress=false",
+        "workers=0",
+        "embed.copy_detection.weights=null",
+    ]
     if seeds is not None:
         overrides.append(f"sources.seeds.fav={seeds}")
     return load_config(None, overrides + list(extra))
@@ -77,9 +82,18 @@ def _paths(frame) -> dict[int, str]:
 def test_embed_stage_matches_a_plain_reference_and_covers_every_set(tmp_path, tiny_weights):
     _write_images(tmp_path / "pool", 7)
     _write_images(tmp_path / "seeds" / "cats", 3, seed=1)
-    cfg = _cfg(tmp_path / "run", tmp_path / "pool", f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
-               "embed.part_size=4", "embed.batch_size=3", "embed.dtype=float32", "embed.cls_and_mean_patch=true",
-               "workers=2", seeds=tmp_path / "seeds")  # DataLoader worker processes decode
+    cfg = _cfg(
+        tmp_path / "run",
+        tmp_path / "pool",
+        f"embed.weights={tiny_weights}",
+        "embed.model=vit_tiny_p4",
+        "embed.part_size=4",
+        "embed.batch_size=3",
+        "embed.dtype=float32",
+        "embed.cls_and_mean_patch=true",
+        "workers=2",
+        seeds=tmp_path / "seeds",
+    )  # DataLoader worker processes decode
     run_manifest(cfg)
     out = run_embed(cfg)
     frame = read_manifest(cfg.run_dir, status="ok")
@@ -106,8 +120,14 @@ def test_auto_resolution_follows_the_images_median_shorter_side(tmp_path, tiny_w
     rng = np.random.default_rng(3)
     for i, (w, h) in enumerate([(5, 9), (7, 5), (5, 5), (9, 6), (5, 8)]):  # shorter sides 5 5 5 6 5
         Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(pool / f"small{i}.png")
-    cfg = _cfg(tmp_path / "run", pool, f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
-               "embed.dtype=float32", "embed.resolution=auto")
+    cfg = _cfg(
+        tmp_path / "run",
+        pool,
+        f"embed.weights={tiny_weights}",
+        "embed.model=vit_tiny_p4",
+        "embed.dtype=float32",
+        "embed.resolution=auto",
+    )
     run_manifest(cfg)
     out = run_embed(cfg)
     assert json.loads((out / "_SUCCESS.json").read_text())["resolution"] == 20
@@ -117,15 +137,35 @@ def test_auto_resolution_follows_the_images_median_shorter_side(tmp_path, tiny_w
     np.testing.assert_allclose(x, reference, atol=2e-3)
     # a 3x cap gives 15 px -> 16 (4 patches, the nearest multiple and the floor): a new setting,
     # so every part is redone at the new side
-    capped = _cfg(tmp_path / "run", pool, f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
-                  "embed.dtype=float32", "embed.resolution=auto", "embed.max_upscale=3")
+    capped = _cfg(
+        tmp_path / "run",
+        pool,
+        f"embed.weights={tiny_weights}",
+        "embed.model=vit_tiny_p4",
+        "embed.dtype=float32",
+        "embed.resolution=auto",
+        "embed.max_upscale=3",
+    )
     assert json.loads((run_embed(capped) / "_SUCCESS.json").read_text())["resolution"] == 16
-    big = _cfg(tmp_path / "run", pool, f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
-               "embed.resolution=auto", "embed.max_upscale=100")
+    big = _cfg(
+        tmp_path / "run",
+        pool,
+        f"embed.weights={tiny_weights}",
+        "embed.model=vit_tiny_p4",
+        "embed.resolution=auto",
+        "embed.max_upscale=100",
+    )
     assert json.loads((run_embed(big) / "_SUCCESS.json").read_text())["resolution"] == 32  # never above its own
     with pytest.raises(ValueError, match="null, auto or a number"):
-        run_embed(_cfg(tmp_path / "run", pool, f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
-                       "embed.resolution=large"))
+        run_embed(
+            _cfg(
+                tmp_path / "run",
+                pool,
+                f"embed.weights={tiny_weights}",
+                "embed.model=vit_tiny_p4",
+                "embed.resolution=large",
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -150,8 +190,14 @@ def test_embed_refuses_random_weights_unless_allowed(tmp_path):
 
 def test_embed_resumes_only_unfinished_parts(tmp_path, tiny_weights):
     _write_images(tmp_path / "pool", 9)
-    cfg = _cfg(tmp_path / "run", tmp_path / "pool", f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
-               "embed.part_size=3", "embed.dtype=float32")
+    cfg = _cfg(
+        tmp_path / "run",
+        tmp_path / "pool",
+        f"embed.weights={tiny_weights}",
+        "embed.model=vit_tiny_p4",
+        "embed.part_size=3",
+        "embed.dtype=float32",
+    )
     run_manifest(cfg)
     out = run_embed(cfg)
     first = {p.name: p.read_bytes() for p in sorted(out.glob("*-0000*.npy"))}
@@ -166,8 +212,15 @@ def test_embed_resumes_only_unfinished_parts(tmp_path, tiny_weights):
     assert (out / "ids-00001.npy").stat().st_mtime_ns != stamps["ids-00001.npy"]  # redone
     assert (out / "_SUCCESS.json").is_file()
     # a changed setting invalidates every part
-    changed = _cfg(tmp_path / "run", tmp_path / "pool", f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
-                   "embed.part_size=3", "embed.dtype=float32", "embed.resolution=16")
+    changed = _cfg(
+        tmp_path / "run",
+        tmp_path / "pool",
+        f"embed.weights={tiny_weights}",
+        "embed.model=vit_tiny_p4",
+        "embed.part_size=3",
+        "embed.dtype=float32",
+        "embed.resolution=16",
+    )
     run_embed(changed)
     assert (out / "part-00000.npy").stat().st_mtime_ns != stamps["part-00000.npy"]
 
@@ -175,9 +228,16 @@ def test_embed_resumes_only_unfinished_parts(tmp_path, tiny_weights):
 def test_two_torchrun_ranks_write_the_same_files_as_one(tmp_path, tiny_weights):
     """Main and copy-detection (SSCD-distilled, ONNX) parts alike."""
     _write_images(tmp_path / "pool", 11)
-    extra = (f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4", "embed.part_size=2", "embed.batch_size=2",
-             "embed.dtype=float32", "embed.device=cpu", "embed.copy_detection.weights=sscd_distilled",
-             "embed.copy_detection.resolution=64")
+    extra = (
+        f"embed.weights={tiny_weights}",
+        "embed.model=vit_tiny_p4",
+        "embed.part_size=2",
+        "embed.batch_size=2",
+        "embed.dtype=float32",
+        "embed.device=cpu",
+        "embed.copy_detection.weights=sscd_distilled",
+        "embed.copy_detection.resolution=64",
+    )
     one = _cfg(tmp_path / "one", tmp_path / "pool", *extra)
     run_manifest(one)
     run_embed(one)
@@ -186,7 +246,16 @@ def test_two_torchrun_ranks_write_the_same_files_as_one(tmp_path, tiny_weights):
     config = tmp_path / "two.yaml"
     OmegaConf.save(two, config)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lvd.curate.embed", str(config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lvd.curate.embed",
+        str(config),
+    ]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     files = lambda run: {p.name: p.read_bytes() for p in sorted((run / "embed").glob("*.npy"))}  # noqa: E731
@@ -200,14 +269,25 @@ def test_two_torchrun_ranks_write_the_same_files_as_one(tmp_path, tiny_weights):
 
 def test_copy_detection_torchscript_embeddings(tmp_path, tiny_weights):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten(), torch.nn.Linear(8, 6)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 6),
+    ).eval()
     with pytest.warns(DeprecationWarning):  # TorchScript is deprecated in torch, but it is SSCD's format
         torch.jit.script(net).save(str(tmp_path / "sscd.pt"))
     _write_images(tmp_path / "pool", 5)
-    cfg = _cfg(tmp_path / "run", tmp_path / "pool", f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4",
-               f"embed.copy_detection.weights={tmp_path / 'sscd.pt'}", "embed.copy_detection.resolution=24",
-               "embed.dtype=float32")
+    cfg = _cfg(
+        tmp_path / "run",
+        tmp_path / "pool",
+        f"embed.weights={tiny_weights}",
+        "embed.model=vit_tiny_p4",
+        f"embed.copy_detection.weights={tmp_path / 'sscd.pt'}",
+        "embed.copy_detection.resolution=24",
+        "embed.dtype=float32",
+    )
     run_manifest(cfg)
     out = run_embed(cfg)
     ids, x = load_embeddings(out / "copy")
@@ -243,8 +323,21 @@ def test_augmented_copies_of_real_photos_are_nearest_neighbours(tmp_path):
     """
     from skimage import data
 
-    names = ["astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "brick", "grass", "gravel", "moon",
-             "page", "hubble_deep_field", "retina"]
+    names = [
+        "astronaut",
+        "camera",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "coins",
+        "brick",
+        "grass",
+        "gravel",
+        "moon",
+        "page",
+        "hubble_deep_field",
+        "retina",
+    ]
     rng = np.random.default_rng(0)
     pool = tmp_path / "pool"
     pool.mkdir()
@@ -253,7 +346,9 @@ def test_augmented_copies_of_real_photos_are_nearest_neighbours(tmp_path):
         for copy in range(3):
             _augment(img, rng).save(pool / f"{name}-{copy}.jpg", quality=int(rng.integers(50, 90)))
     settings = load_config("demo").embed
-    demo = _cfg(tmp_path / "run", pool, *(f"embed.{key}={settings[key]}" for key in settings if key != "copy_detection"))
+    demo = _cfg(
+        tmp_path / "run", pool, *(f"embed.{key}={settings[key]}" for key in settings if key != "copy_detection")
+    )
     assert demo.embed.resolution == "auto"
     run_manifest(demo)
     out = run_embed(demo)
@@ -294,16 +389,24 @@ def test_weights_copied_elsewhere_are_the_same_weights(tmp_path, tiny_weights):
         f.seek(-8, 2)
         f.write(b"\x00" * 8)
     run_embed(_cfg(tmp_path / "run", tmp_path / "pool", f"embed.weights={copied}", *extra))
-    assert all(out.joinpath(name).stat().st_mtime_ns != stamp for name, stamp in stamps.items() if name.startswith("part-"))
+    assert all(
+        out.joinpath(name).stat().st_mtime_ns != stamp for name, stamp in stamps.items() if name.startswith("part-")
+    )
 
 
-def test_a_failed_rerun_leaves_the_finished_embeddings_and_resumes_from_what_it_staged(tmp_path, tiny_weights,
-                                                                                          monkeypatch):
+def test_a_failed_rerun_leaves_the_finished_embeddings_and_resumes_from_what_it_staged(
+    tmp_path, tiny_weights, monkeypatch
+):
     from lvd.pretrain.models.embedder import Embedder
 
     _write_images(tmp_path / "pool", 9)
-    base = (f"embed.weights={tiny_weights}", "embed.model=vit_tiny_p4", "embed.part_size=3", "embed.batch_size=3",
-            "embed.dtype=float32")
+    base = (
+        f"embed.weights={tiny_weights}",
+        "embed.model=vit_tiny_p4",
+        "embed.part_size=3",
+        "embed.batch_size=3",
+        "embed.dtype=float32",
+    )
     cfg = _cfg(tmp_path / "run", tmp_path / "pool", *base, "embed.resolution=16")
     run_manifest(cfg)
     out = run_embed(cfg)

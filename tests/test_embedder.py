@@ -7,11 +7,11 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_weights
 from PIL import Image
 
-from lvd.pretrain.models.embedder import Embedder
 from lvd.common.devices import resolve_dtype
-from conftest import save_tiny_weights
+from lvd.pretrain.models.embedder import Embedder
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +67,15 @@ def test_dtype_policy(monkeypatch):
         resolve_dtype("int8", cpu)
 
 
-@pytest.mark.parametrize("env, expected_capped", [
-    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, True),
-    ({"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"}, True),
-    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, False),
-    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, False),
-])
+@pytest.mark.parametrize(
+    "env, expected_capped",
+    [
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, True),
+        ({"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"}, True),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, False),
+        ({"ONEDNN_MAX_CPU_ISA": "ALL"}, False),
+    ],
+)
 def test_onednn_isa_cap_turns_native_bf16_off(monkeypatch, env, expected_capped):
     """A cap below bf16 instructions makes bf16 matmuls emulated, so `auto` must not pick bf16."""
     from lvd.common import devices

@@ -15,7 +15,7 @@ from lvd.pretrain.eval import run_knn
 from lvd.pretrain.models import build_backbone
 from lvd.pretrain.viz import run_viz
 
-CONFIG = Path(__file__).resolve().parents[1] / "curate" / "configs" / "pretrain.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml"
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # the registry's
 
 
@@ -55,11 +55,21 @@ def test_run_knn_with_saved_tiny_vit_weights_equals_sklearn_on_its_own_cls_token
     for i, arr in enumerate(test):
         (tmp_path / "test" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         (tmp_path / "test" / f"c{i % 3}" / f"{i:02d}.png").write_bytes(_png(arr))
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist([
-        "model.arch=vit_tiny_p4", f"eval.weights={weights}", f"eval.train={tmp_path / 'train'}",
-        f"eval.test={tmp_path / 'test'}", f"run_dir={tmp_path}", "eval.device=cpu", "eval.dtype=float32",
-        "eval.knn.ks=[1]",
-    ]))
+    cfg = OmegaConf.merge(
+        OmegaConf.load(CONFIG),
+        OmegaConf.from_dotlist(
+            [
+                "model.arch=vit_tiny_p4",
+                f"eval.weights={weights}",
+                f"eval.train={tmp_path / 'train'}",
+                f"eval.test={tmp_path / 'test'}",
+                f"run_dir={tmp_path}",
+                "eval.device=cpu",
+                "eval.dtype=float32",
+                "eval.knn.ks=[1]",
+            ]
+        ),
+    )
     result = json.loads(run_knn(cfg).read_text())
     assert (tmp_path / "eval" / "knn.json").exists() and result["feature_dim"] == 32
 
@@ -74,6 +84,7 @@ def test_run_knn_with_saved_tiny_vit_weights_equals_sklearn_on_its_own_cls_token
 
     def y(n):
         return np.array([c for c in range(3) for i in range(n) if i % 3 == c])
+
     ref = KNeighborsClassifier(1, metric="cosine", algorithm="brute").fit(cls_tokens(order(train)), y(24))
     assert result["accuracy"]["1"]["top1"] == pytest.approx(ref.score(cls_tokens(order(test)), y(10)))
     assert result["accuracy"]["1"]["top1"] > 0.5  # the bands are visible even to random weights
@@ -82,14 +93,24 @@ def test_run_knn_with_saved_tiny_vit_weights_equals_sklearn_on_its_own_cls_token
 def test_run_viz_with_register_tokens_writes_maps_of_the_input_size(tmp_path):
     (tmp_path / "imgs").mkdir()
     Image.fromarray(_images(1, 2)[0]).resize((48, 40)).save(tmp_path / "imgs" / "x.png")
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist([
-        "model.arch=vit_tiny_p4", "model.overrides={num_register_tokens: 2}", f"run_dir={tmp_path}",
-        f"viz.images=[{tmp_path / 'imgs'}]", "viz.device=cpu", "viz.crop=false",
-    ]))
+    cfg = OmegaConf.merge(
+        OmegaConf.load(CONFIG),
+        OmegaConf.from_dotlist(
+            [
+                "model.arch=vit_tiny_p4",
+                "model.overrides={num_register_tokens: 2}",
+                f"run_dir={tmp_path}",
+                f"viz.images=[{tmp_path / 'imgs'}]",
+                "viz.device=cpu",
+                "viz.crop=false",
+            ]
+        ),
+    )
     out = run_viz(cfg)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"000_x_{k}.png" for k in
-                           ["input", "attn_head0", "attn_head1", "attn_mean", "pca", "pca_mask"])
+    assert names == sorted(
+        f"000_x_{k}.png" for k in ["input", "attn_head0", "attn_head1", "attn_mean", "pca", "pca_mask"]
+    )
     for name in names:
         with Image.open(out / name) as im:
             assert im.size == (36, 32)  # shorter side 32, aspect kept: 38.4 -> 38 -> cut to 36

@@ -24,8 +24,11 @@ def test_class_folder_yields_every_image_with_its_folder_label(tmp_path):
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     samples = list(iter_labelled(tmp_path))
     assert [(s.label, s.key) for s in samples] == [
-        ("cat", "cat/0.png"), ("cat", "cat/1.png"),
-        ("dog", "dog/0.png"), ("dog", "dog/1.png"), ("dog", "dog/nested/2.png"),
+        ("cat", "cat/0.png"),
+        ("cat", "cat/1.png"),
+        ("dog", "dog/0.png"),
+        ("dog", "dog/1.png"),
+        ("dog", "dog/nested/2.png"),
     ]
     assert samples[1].data == (tmp_path / "cat" / "1.png").read_bytes()
     assert len(list(iter_labelled(tmp_path, limit=3))) == 3
@@ -38,10 +41,13 @@ def _write_shard(path, items):
 
 
 def test_shards_with_cls_yield_image_bytes_and_labels_in_order(tmp_path):
-    _write_shard(tmp_path / "eval-000000.tar", [
-        {"__key__": "a", "png": _png(1), "cls": b"3"},
-        {"__key__": "b", "jpg": _png(2), "cls": b"10", "json": b"{}"},
-    ])
+    _write_shard(
+        tmp_path / "eval-000000.tar",
+        [
+            {"__key__": "a", "png": _png(1), "cls": b"3"},
+            {"__key__": "b", "jpg": _png(2), "cls": b"10", "json": b"{}"},
+        ],
+    )
     _write_shard(tmp_path / "eval-000001.tar", [{"__key__": "c", "webp": _png(3), "cls": b"3\n"}])
     for pattern in (str(tmp_path / "eval-{000000..000001}.tar"), str(tmp_path / "eval-*.tar")):
         samples = list(iter_labelled(pattern))

@@ -7,7 +7,6 @@ from sklearn.preprocessing import StandardScaler
 
 from lvd.pretrain.eval.linear import fit_linear_probe, stratified_split
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -17,7 +17,7 @@ from lvd.pretrain.eval import run_knn, run_linear
 from lvd.pretrain.eval.features import Preprocessing
 from lvd.pretrain.viz import run_viz
 
-CONFIG = Path(__file__).resolve().parents[1] / "curate" / "configs" / "pretrain.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml"
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 PREP = Preprocessing(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -33,8 +33,13 @@ class MeanColourViT(torch.nn.Module):
 
     def forward_features(self, x, masks=None):
         patches = torch.nn.functional.avg_pool2d(x, self.patch_size).flatten(2).transpose(1, 2)
-        return {"x_norm_clstoken": x.mean((2, 3)), "x_norm_patchtokens": patches,
-                "x_norm_regtokens": patches[:, :0], "x_prenorm": None, "masks": masks}
+        return {
+            "x_norm_clstoken": x.mean((2, 3)),
+            "x_norm_patchtokens": patches,
+            "x_norm_regtokens": patches[:, :0],
+            "x_prenorm": None,
+            "masks": masks,
+        }
 
     def get_last_selfattention(self, x):
         n = (x.shape[-1] // self.patch_size) * (x.shape[-2] // self.patch_size)
@@ -63,11 +68,21 @@ def sources(tmp_path, monkeypatch):
             sink.write({"__key__": f"t{i:03d}", "png": _png(COLOURS[name], rng), "cls": name.encode()})
     monkeypatch.setattr("lvd.pretrain.eval.stage.load_model", lambda *a, **k: (MeanColourViT(), PREP))
     cfg = OmegaConf.load(CONFIG)
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
-        f"eval.train={tmp_path / 'train'}", f"eval.test={tmp_path / 'test-000000.tar'}",
-        f"eval.output_dir={tmp_path / 'out'}", "eval.device=cpu", "eval.batch_size=7",
-        "eval.knn.ks=[1,5,50]", "eval.linear.epochs=20", "eval.linear.batch_size=16",
-    ]))
+    cfg = OmegaConf.merge(
+        cfg,
+        OmegaConf.from_dotlist(
+            [
+                f"eval.train={tmp_path / 'train'}",
+                f"eval.test={tmp_path / 'test-000000.tar'}",
+                f"eval.output_dir={tmp_path / 'out'}",
+                "eval.device=cpu",
+                "eval.batch_size=7",
+                "eval.knn.ks=[1,5,50]",
+                "eval.linear.epochs=20",
+                "eval.linear.batch_size=16",
+            ]
+        ),
+    )
     return cfg, tmp_path
 
 
@@ -75,10 +90,12 @@ def _mean_colours(folder_or_tar_samples):
     """Reference features computed independently: mean of the normalised 16 px centre crop."""
     from lvd.pretrain.data.decode import load_resized
 
-    return np.stack([
-        ((np.asarray(load_resized(d, 16), dtype=np.float32) / 255 - 0.5) / 0.25).mean((0, 1))
-        for d in folder_or_tar_samples
-    ])
+    return np.stack(
+        [
+            ((np.asarray(load_resized(d, 16), dtype=np.float32) / 255 - 0.5) / 0.25).mean((0, 1))
+            for d in folder_or_tar_samples
+        ]
+    )
 
 
 def _reference_data(tmp_path):
@@ -86,8 +103,7 @@ def _reference_data(tmp_path):
     train_y = np.array([sorted(COLOURS).index(p.parent.name) for p in train_files])
     test = list(wds.WebDataset(str(tmp_path / "test-000000.tar"), shardshuffle=False))
     test_y = np.array([sorted(COLOURS).index(s["cls"].decode()) for s in test])
-    return (_mean_colours(p.read_bytes() for p in train_files), train_y,
-            _mean_colours(s["png"] for s in test), test_y)
+    return (_mean_colours(p.read_bytes() for p in train_files), train_y, _mean_colours(s["png"] for s in test), test_y)
 
 
 def test_run_knn_writes_accuracies_equal_to_sklearn_on_the_same_features(sources):
@@ -116,9 +132,16 @@ def test_run_linear_is_accurate_like_sklearn(sources):
 
 def test_run_viz_writes_pngs_for_each_image(sources):
     cfg, tmp_path = sources
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
-        f"viz.images=[{tmp_path / 'train' / 'red'}]", f"viz.output_dir={tmp_path / 'viz'}", "viz.device=cpu",
-    ]))
+    cfg = OmegaConf.merge(
+        cfg,
+        OmegaConf.from_dotlist(
+            [
+                f"viz.images=[{tmp_path / 'train' / 'red'}]",
+                f"viz.output_dir={tmp_path / 'viz'}",
+                "viz.device=cpu",
+            ]
+        ),
+    )
     out = run_viz(cfg)
     pngs = sorted(p.name for p in out.iterdir())
     assert len(pngs) == 12 * 6  # input, 2 heads, mean, pca, pca mask
@@ -136,7 +159,9 @@ def test_cls_plus_mean_pooling_concatenates_the_mean_patch_token(sources):
 def test_features_are_cached_between_protocols_and_refreshed_when_a_source_changes(sources, monkeypatch):
     cfg, tmp_path = sources
     calls = []
-    monkeypatch.setattr("lvd.pretrain.eval.stage.load_model", lambda *a, **k: calls.append(1) or (MeanColourViT(), PREP))
+    monkeypatch.setattr(
+        "lvd.pretrain.eval.stage.load_model", lambda *a, **k: calls.append(1) or (MeanColourViT(), PREP)
+    )
     knn = json.loads(run_knn(cfg).read_text())
     linear = json.loads(run_linear(cfg).read_text())
     assert len(calls) == 1 and knn["feature_cache"] == linear["feature_cache"]

@@ -69,7 +69,9 @@ def test_closest_per_cluster_brute_force():
     assign = rng.integers(0, 7, size=500)
     distance = rng.random(500).astype(np.float32)
     got = closest_per_cluster(assign, distance, 10)
-    expected = np.sort(np.concatenate([np.flatnonzero(assign == c)[np.argsort(distance[assign == c])[:10]] for c in range(7)]))
+    expected = np.sort(
+        np.concatenate([np.flatnonzero(assign == c)[np.argsort(distance[assign == c])[:10]] for c in range(7)])
+    )
     np.testing.assert_array_equal(got, expected)
 
 

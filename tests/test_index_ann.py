@@ -5,10 +5,10 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+from index_support import clustered_unit_vectors, write_embed
 
 from lvd.index import ann
 from lvd.index.store import BuildOptions, IndexStore, build
-from index_support import clustered_unit_vectors, write_embed
 
 
 def numpy_topk(xb: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
@@ -23,16 +23,19 @@ def numpy_recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]))
 
 
-@pytest.mark.parametrize("n,d,budget,scan,family,factory_prefix", [
-    (5_000, 64, 2**30, None, "flat", "Flat"),
-    (50_000, 64, 2**30, 0.01, "ivf_flat", "IVF512,Flat"),
-    (50_000, 64, 2**30, 0.10, "hnsw", "HNSW32"),  # weakly clustered data: IVF would scan 5000 vectors
-    (50_000, 64, 8 * 2**20, 0.10, "ivf_pq", "IVF512,PQ"),  # ... but the graph does not fit
-    (1_000_000, 128, 8 * 2**30, None, "ivf_flat", "IVF4096,Flat"),
-    (1_000_000, 128, 8 * 2**30, 0.001, "ivf_flat", "IVF4096,Flat"),
-    (10_000_000, 768, 8 * 2**30, None, "ivf_pq", "IVF16384,PQ"),
-    (1_000_000, 768, 400 * 2**20, None, "ivf_pq", "IVF4096,PQ"),
-])
+@pytest.mark.parametrize(
+    "n,d,budget,scan,family,factory_prefix",
+    [
+        (5_000, 64, 2**30, None, "flat", "Flat"),
+        (50_000, 64, 2**30, 0.01, "ivf_flat", "IVF512,Flat"),
+        (50_000, 64, 2**30, 0.10, "hnsw", "HNSW32"),  # weakly clustered data: IVF would scan 5000 vectors
+        (50_000, 64, 8 * 2**20, 0.10, "ivf_pq", "IVF512,PQ"),  # ... but the graph does not fit
+        (1_000_000, 128, 8 * 2**30, None, "ivf_flat", "IVF4096,Flat"),
+        (1_000_000, 128, 8 * 2**30, 0.001, "ivf_flat", "IVF4096,Flat"),
+        (10_000_000, 768, 8 * 2**30, None, "ivf_pq", "IVF16384,PQ"),
+        (1_000_000, 768, 400 * 2**20, None, "ivf_pq", "IVF4096,PQ"),
+    ],
+)
 def test_choice_follows_size_dimension_budget_and_clustering(n, d, budget, scan, family, factory_prefix):
     plan = ann.choose_index(n, d, budget, ivf_scan=scan)
     assert plan.family == family, plan
@@ -64,8 +67,10 @@ def test_compressed_plan_drops_the_refine_stage_only_when_it_does_not_fit():
     assert "Refine(SQ8)" in roomy.factory and "Refine" not in tight.factory
 
 
-@pytest.mark.parametrize("text,expected", [("8G", 8 * 2**30), ("512M", 512 * 2**20), ("1.5GiB", int(1.5 * 2**30)),
-                                           (1000, 1000), ("64k", 65536)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [("8G", 8 * 2**30), ("512M", 512 * 2**20), ("1.5GiB", int(1.5 * 2**30)), (1000, 1000), ("64k", 65536)],
+)
 def test_parse_bytes(text, expected):
     assert ann.parse_bytes(text) == expected
 
@@ -99,8 +104,9 @@ def test_built_index_reaches_target_recall_on_held_out_queries(tmp_path, factory
     xb, xq = x[:12_000], x[12_000:]
     write_embed(tmp_path / "embed", np.arange(len(xb)) + 7, xb, part_rows=5000)
     xb16 = xb.astype(np.float16).astype(np.float32)  # what the embed parts hold
-    info = build(tmp_path / "embed", tmp_path / "index",
-                 BuildOptions(factory=factory, calibration_queries=400, progress=False))
+    info = build(
+        tmp_path / "embed", tmp_path / "index", BuildOptions(factory=factory, calibration_queries=400, progress=False)
+    )
     expected = info["expected_recall"]["recall"]
     assert "NaN" not in (tmp_path / "index" / "info.json").read_text()  # strict JSON: the page parses it
     assert expected >= 0.95 and info["search_params"] and info["expected_recall"]["queries"] == 400

@@ -7,14 +7,21 @@ import json
 
 import numpy as np
 import pytest
-
-from lvd.index import ann
-from lvd.index.cli import add_subcommands, main
-from lvd.index.store import BuildOptions, IndexFolderError, IndexStore, add, build
 from index_support import FIRST_ID, clustered_unit_vectors, photo_run, write_embed
 
-EMBEDDER = {"model": "vit_tiny_p4", "weights": None, "resolution": 32, "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225], "dim": 16, "cls_and_mean_patch": False}
+from lvd.index import ann
+from lvd.index.store import BuildOptions, IndexFolderError, IndexStore, add, build
+from lvd.serve.cli import add_subcommands, main
+
+EMBEDDER = {
+    "model": "vit_tiny_p4",
+    "weights": None,
+    "resolution": 32,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "dim": 16,
+    "cls_and_mean_patch": False,
+}
 
 
 def numpy_topk_ids(ids, xb, xq, k):
@@ -50,8 +57,12 @@ def test_build_records_choice_recall_embedder_and_metadata(photo_index):
     for row, id_ in enumerate(store.ids):  # metadata row r describes index row r
         meta = store.meta.iloc[row]
         assert meta["id"] == id_
-        assert (meta["source"], meta["kind"], meta["key"], meta["set"]) == \
-            (by_id[id_]["source"], by_id[id_]["kind"], by_id[id_]["key"], by_id[id_]["set"])
+        assert (meta["source"], meta["kind"], meta["key"], meta["set"]) == (
+            by_id[id_]["source"],
+            by_id[id_]["kind"],
+            by_id[id_]["key"],
+            by_id[id_]["set"],
+        )
 
 
 def test_search_by_vector_and_id_match_numpy(photo_index):
@@ -122,8 +133,9 @@ def test_incremental_add_to_an_ivf_index_keeps_its_training_and_its_recall(tmp_p
     ids, x, q = _two_halves(tmp_path, n=12_000, d=24)
     write_embed(tmp_path / "a", ids[:6000], x[:6000], part_rows=3000, success=EMBEDDER)
     write_embed(tmp_path / "b", ids[6000:], x[6000:], part_rows=3000, success=EMBEDDER)
-    before = build(tmp_path / "a", tmp_path / "idx", BuildOptions(factory="IVF32,Flat", calibration_queries=300,
-                                                                 progress=False))
+    before = build(
+        tmp_path / "a", tmp_path / "idx", BuildOptions(factory="IVF32,Flat", calibration_queries=300, progress=False)
+    )
     after = add(tmp_path / "idx", tmp_path / "b")
     assert after["n"] == 12_000 and after["factory"] == before["factory"]
     assert after["expected_recall"]["queries"] == 300 and after["expected_recall"]["recall"] >= 0.95

@@ -68,8 +68,9 @@ def test_join_finds_the_pairs_numpy_finds_with_exact_cosines(tmp_path, monkeypat
     for a, b in missed:
         assert not ivf_join.compared(probes, nprobe, np.array([a]), np.array([b]))[0]
     pairs = np.array(sorted(found))
-    np.testing.assert_allclose([found[p] for p in map(tuple, pairs.tolist())], sims[pairs[:, 0], pairs[:, 1]],
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        [found[p] for p in map(tuple, pairs.tolist())], sims[pairs[:, 0], pairs[:, 1]], rtol=0, atol=1e-5
+    )
 
 
 def test_with_every_list_probed_the_join_is_exact(tmp_path):

@@ -5,11 +5,10 @@ import logging
 
 import numpy as np
 import pytest
+from test_knn import clustered_with_copies, edges_above, numpy_graph
 
 from lvd.index import ivf_switch, knn
 from lvd.index.knn import KnnPlan, ivf_search, knn_graph
-
-from test_knn import clustered_with_copies, edges_above, numpy_graph
 
 
 @pytest.fixture
@@ -53,7 +52,9 @@ def test_crossover_solves_the_two_cost_curves():
     t_ivf = (c * 8192**1.5, c * 16384**1.5)
     assert ivf_switch.crossover_rows(t_exact, 8192, t_ivf, (8192, 16384)) == pytest.approx(40000, rel=1e-9)
     # a linear IVF (b = 1): a n^2 = c n  ->  n = c / a
-    assert ivf_switch.crossover_rows(t_exact, 8192, (c * 8192, c * 16384), (8192, 16384)) == pytest.approx(200, rel=1e-9)
+    assert ivf_switch.crossover_rows(t_exact, 8192, (c * 8192, c * 16384), (8192, 16384)) == pytest.approx(
+        200, rel=1e-9
+    )
 
 
 def test_graph_switches_to_ivf_only_past_the_measured_crossover(fresh_cache, small_calibration, monkeypatch):

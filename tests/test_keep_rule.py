@@ -1,6 +1,5 @@
 """The keep rule: which copy of a near-duplicate group survives, against a plain-Python reference."""
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,6 +13,7 @@ LOSSLESS = {"PNG", "BMP", "TIFF"}
 
 def _reference_keep(rows: list[dict], rule: str) -> set[int]:
     """The documented order, written as a sort key per group."""
+
     def key(r):
         pixels = r["w"] * r["h"]
         if rule == "pixels":
@@ -34,8 +34,16 @@ def test_keep_rule_matches_the_documented_order(rule):
     rows = []
     for i in range(400):  # few distinct values, so every criterion is reached through ties
         w = int(rng.choice([50, 100]))
-        rows.append({"id": i, "group": int(rng.integers(60)), "w": w, "h": 100, "format": str(rng.choice(["PNG", "JPEG", "WEBP", "BMP"])),
-                     "bytes": int(rng.choice([1000, 2000, 4000])) * (w // 50)})
+        rows.append(
+            {
+                "id": i,
+                "group": int(rng.integers(60)),
+                "w": w,
+                "h": 100,
+                "format": str(rng.choice(["PNG", "JPEG", "WEBP", "BMP"])),
+                "bytes": int(rng.choice([1000, 2000, 4000])) * (w // 50),
+            }
+        )
     frame = pd.DataFrame(rows)
     keys = quality_keys(frame["w"] * frame["h"], frame["format"], frame["bytes"])
     keep = keep_one(frame["group"].to_numpy(), keep_priority(keys, rule))
@@ -43,7 +51,11 @@ def test_keep_rule_matches_the_documented_order(rule):
     reasons = keep_reasons(frame["group"].to_numpy(), keep, keys, rule)
     sizes = frame.groupby("group")["id"].transform("size").to_numpy()
     assert all(reasons[i] is None for i in np.flatnonzero(~keep | (sizes < 2)))
-    allowed = {"most pixels", "lowest id"} if rule == "pixels" else {"most pixels", "lossless format", "least compressed", "lowest id"}
+    allowed = (
+        {"most pixels", "lowest id"}
+        if rule == "pixels"
+        else {"most pixels", "lossless format", "least compressed", "lowest id"}
+    )
     assert set(reasons[keep & (sizes > 1)]) == allowed  # each criterion decided somewhere
 
 
@@ -57,7 +69,12 @@ def test_keep_reasons_on_hand_made_rows():
     keys = quality_keys(pixels, formats, nbytes)
     keep = keep_one(groups, keep_priority(keys))
     np.testing.assert_array_equal(np.flatnonzero(keep), [0, 3, 5, 6])
-    assert keep_reasons(groups, keep, keys)[keep].tolist() == ["most pixels", "lossless format", "least compressed", "lowest id"]
+    assert keep_reasons(groups, keep, keys)[keep].tolist() == [
+        "most pixels",
+        "lossless format",
+        "least compressed",
+        "lowest id",
+    ]
     with pytest.raises(ValueError, match="dedup.keep"):
         keep_priority(keys, "biggest")
 
@@ -68,9 +85,9 @@ def test_dedup_stage_keeps_the_original_png_over_its_degraded_copies(tmp_path):
 
     from lvd.curate.config import load_config
     from lvd.curate.dedup import run_dedup
+    from lvd.curate.demo.photo_edits import encode, package_photos
     from lvd.curate.embed import run_embed
     from lvd.curate.manifest import read_manifest, run_manifest
-    from lvd.curate.photo_edits import encode, package_photos
 
     photos = package_photos()
     pool = tmp_path / "pool"
@@ -79,20 +96,34 @@ def test_dedup_stage_keeps_the_original_png_over_its_degraded_copies(tmp_path):
         img = photos[name]
         img.save(pool / f"{name}.png")
         (pool / f"{name}_q40.jpg").write_bytes(encode(img.convert("RGB"), "JPEG", quality=40))
-        (pool / f"{name}_bright.jpg").write_bytes(encode(ImageEnhance.Brightness(img).enhance(1.3).convert("RGB"), "JPEG", quality=90))
+        (pool / f"{name}_bright.jpg").write_bytes(
+            encode(ImageEnhance.Brightness(img).enhance(1.3).convert("RGB"), "JPEG", quality=90)
+        )
         img.resize((img.width // 2, img.height // 2), Image.Resampling.BICUBIC).save(pool / f"{name}_half.png")
     weights = save_tiny_weights("vit_tiny_p4", tmp_path / "tiny.pth")
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"sources.pool=[{pool}]", "progress=false", "workers=0",
-                             "embed.model=vit_tiny_p4", f"embed.weights={weights}", "embed.resolution=16",
-                             "embed.dtype=float32"])
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"sources.pool=[{pool}]",
+            "progress=false",
+            "workers=0",
+            "embed.model=vit_tiny_p4",
+            f"embed.weights={weights}",
+            "embed.resolution=16",
+            "embed.dtype=float32",
+        ],
+    )
     run_manifest(cfg)
     run_embed(cfg)
     near = pd.read_parquet(run_dedup(cfg) / "near.parquet")
     keys = read_manifest(cfg.run_dir).set_index("id")["key"]
     near["key"] = keys.reindex(near["id"]).to_numpy()
     groups = near.groupby("component")["key"].apply(sorted)
-    assert sorted(groups) == [sorted(f"{n}{s}" for s in (".png", "_q40.jpg", "_bright.jpg", "_half.png"))
-                              for n in ("astronaut", "coffee", "rocket")]
+    assert sorted(groups) == [
+        sorted(f"{n}{s}" for s in (".png", "_q40.jpg", "_bright.jpg", "_half.png"))
+        for n in ("astronaut", "coffee", "rocket")
+    ]
     kept = near[near["keep"]]
     assert sorted(kept["key"]) == ["astronaut.png", "coffee.png", "rocket.png"]
     assert set(kept["reason"]) == {"lossless format"}  # the q40 and bright copies have as many pixels

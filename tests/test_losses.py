@@ -22,6 +22,7 @@ def t(x):
 
 # -- DINO cross-entropy ---------------------------------------------------------------------
 
+
 def test_dino_loss_hand_computed():
     # K=2, B=1, student temperature 1. Student logits (0, 0) give log-probs (-ln2, -ln2) and
     # logits (ln3, 0) give probs (3/4, 1/4).
@@ -38,8 +39,12 @@ def test_dino_loss_matches_scipy_reference():
     b, k, n_global, n_local, temp = 3, 5, 2, 3, 0.1
     s = rng.normal(size=(n_global + n_local, b, k))
     tp = softmax(rng.normal(size=(n_global, b, k)), axis=-1)
-    terms = [-(tp[i] * log_softmax(s[v] / temp, axis=-1)).sum(-1).mean()
-             for i in range(n_global) for v in range(n_global + n_local) if v != i]
+    terms = [
+        -(tp[i] * log_softmax(s[v] / temp, axis=-1)).sum(-1).mean()
+        for i in range(n_global)
+        for v in range(n_global + n_local)
+        if v != i
+    ]
     got = dino_loss([t(x) for x in s], [t(x) for x in tp], student_temp=temp)
     assert got.item() == pytest.approx(np.mean(terms), rel=1e-5)
 
@@ -50,6 +55,7 @@ def test_dino_loss_needs_two_views():
 
 
 # -- iBOT -----------------------------------------------------------------------------------
+
 
 def test_ibot_patch_loss_hand_computed():
     # Three masked patches: two from image 0 (weight 1/2 each), one from image 1 (weight 1);
@@ -72,6 +78,7 @@ def test_mask_info_weights():
 
 # -- centering ------------------------------------------------------------------------------
 
+
 def test_softmax_center_and_ema_update():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(4, 6)).astype(np.float32)
@@ -81,8 +88,9 @@ def test_softmax_center_and_ema_update():
     probs = softmax_center(t(logits), center.center, temp=0.04)
     np.testing.assert_allclose(probs.numpy(), softmax((logits - c0) / 0.04, axis=-1), rtol=1e-4, atol=1e-6)
     center.update(t(logits))
-    np.testing.assert_allclose(center.center.numpy(), 0.9 * c0 + 0.1 * logits.mean(0, keepdims=True),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        center.center.numpy(), 0.9 * c0 + 0.1 * logits.mean(0, keepdims=True), rtol=1e-6, atol=1e-7
+    )
 
 
 def _sinkhorn_numpy(logits, temp, n_iters):
@@ -117,6 +125,7 @@ def test_sinkhorn_knopp_is_shift_invariant_and_finite_at_low_temperature():
 
 # -- KoLeo ----------------------------------------------------------------------------------
 
+
 def test_koleo_matches_brute_force():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(10, 4))
@@ -144,6 +153,7 @@ def test_koleo_single_row_is_zero():
 
 
 # -- heads and EMA --------------------------------------------------------------------------
+
 
 def test_dino_head_prototypes_are_weight_normalised():
     torch.manual_seed(0)
@@ -202,9 +212,16 @@ def test_a_dinov2_head_state_dict_loads_strictly_and_gives_the_hand_computed_log
     # With the gains forced to 1 (what the fixed-gain layer computed) the logits differ: the gain matters.
     assert np.abs(want - _numpy_head({**state, "last_layer.weight_g": np.ones((7, 1), np.float32)}, x)).max() > 0.1
     # torch's parametrized weight_norm stores the same two tensors under other names.
-    renamed = {("last_layer.parametrizations.weight.original0" if k == "last_layer.weight_g" else
-                "last_layer.parametrizations.weight.original1" if k == "last_layer.weight_v" else k): torch.from_numpy(v)
-               for k, v in state.items()}
+    renamed = {
+        (
+            "last_layer.parametrizations.weight.original0"
+            if k == "last_layer.weight_g"
+            else "last_layer.parametrizations.weight.original1"
+            if k == "last_layer.weight_v"
+            else k
+        ): torch.from_numpy(v)
+        for k, v in state.items()
+    }
     again = DINOHead(6, out_dim=7, hidden_dim=10, bottleneck_dim=4, nlayers=3)
     again.load_state_dict(renamed, strict=True)
     np.testing.assert_allclose(again(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-5, atol=1e-5)
@@ -248,8 +265,10 @@ def test_ema_update_exact():
     with torch.no_grad():
         for p in list(student.parameters()) + list(teacher.parameters()):
             p.copy_(torch.randint(-64, 64, p.shape).float() / 16)
-    expected = [0.75 * tp.detach().double() + 0.25 * sp.detach().double()
-                for tp, sp in zip(teacher.parameters(), student.parameters())]
+    expected = [
+        0.75 * tp.detach().double() + 0.25 * sp.detach().double()
+        for tp, sp in zip(teacher.parameters(), student.parameters())
+    ]
     ema_update(teacher, student, 0.75)
     for tp, e in zip(teacher.parameters(), expected):
         assert torch.equal(tp.detach().double(), e)

@@ -15,14 +15,19 @@ import pandas as pd
 import pytest
 import webdataset as wds
 from PIL import Image
+from zoo import noise_image, rgb_jpeg, write_zoo
 
 from lvd.curate.config import load_config
 from lvd.curate.manifest import read_manifest, run_manifest, stable_id
-from zoo import noise_image, rgb_jpeg, write_zoo
 
 
 def _cfg(run_dir, pool=(), seeds=None, evals=None, *extra):
-    overrides = [f"run_dir={run_dir}", "sources.pool=[" + ",".join(f'"{p}"' for p in pool) + "]", "progress=false", "workers=0"]
+    overrides = [
+        f"run_dir={run_dir}",
+        "sources.pool=[" + ",".join(f'"{p}"' for p in pool) + "]",
+        "progress=false",
+        "workers=0",
+    ]
     for name, path in (seeds or {}).items():
         overrides.append(f"sources.seeds.{name}={path}")
     for name, path in (evals or {}).items():
@@ -80,12 +85,25 @@ def _write_tar(path, samples):
 def test_tar_shards_with_a_corrupt_member_and_labels(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
-    _write_tar(shards / "pool-000000.tar", [("a", {"jpg": rgb_jpeg()}), ("b", {"jpg": b"\xff\xd8\xff garbage"}), ("c", {"png": _png((0, 0, 0)), "cls": b"7"})])
+    _write_tar(
+        shards / "pool-000000.tar",
+        [
+            ("a", {"jpg": rgb_jpeg()}),
+            ("b", {"jpg": b"\xff\xd8\xff garbage"}),
+            ("c", {"png": _png((0, 0, 0)), "cls": b"7"}),
+        ],
+    )
     _write_tar(shards / "pool-000001.tar", [("d", {"webp": _webp()}), ("e", {"json": b"{}"})])
     run_manifest(_cfg(tmp_path / "run", [str(shards / "pool-{000000..000001}.tar")]))
     frame = read_manifest(tmp_path / "run", status=None)
     rows = {(Path(r.source).name, r.key): r for r in frame.itertuples()}
-    assert set(rows) == {("pool-000000.tar", "a.jpg"), ("pool-000000.tar", "b.jpg"), ("pool-000000.tar", "c.png"), ("pool-000001.tar", "d.webp"), ("pool-000001.tar", "e")}
+    assert set(rows) == {
+        ("pool-000000.tar", "a.jpg"),
+        ("pool-000000.tar", "b.jpg"),
+        ("pool-000000.tar", "c.png"),
+        ("pool-000001.tar", "d.webp"),
+        ("pool-000001.tar", "e"),
+    }
     assert rows[("pool-000000.tar", "a.jpg")].status == "ok"
     assert rows[("pool-000000.tar", "b.jpg")].status == "quarantined"
     assert rows[("pool-000000.tar", "c.png")].label == "7"
@@ -123,16 +141,22 @@ def test_path_lists_and_seed_class_folders(tmp_path):
     images.mkdir()
     for i in range(3):
         (images / f"{i}.png").write_bytes(_png((i, 0, 0)))
-    pd.DataFrame({"path": ["imgs/0.png", str(images / "1.png"), "imgs/2.png", "imgs/0.png", "imgs/missing.png"]}).to_csv(tmp_path / "list.csv", index=False)
+    pd.DataFrame(
+        {"path": ["imgs/0.png", str(images / "1.png"), "imgs/2.png", "imgs/0.png", "imgs/missing.png"]}
+    ).to_csv(tmp_path / "list.csv", index=False)
     pd.DataFrame({"path": ["imgs/1.png"], "label": ["one"]}).to_parquet(tmp_path / "list.parquet")
     seeds = tmp_path / "seeds"
     for cls in ("cat", "dog"):
         (seeds / cls).mkdir(parents=True)
         (seeds / cls / "x.png").write_bytes(_png((9, 9, 9)))
-    run_manifest(_cfg(tmp_path / "run", [tmp_path / "list.csv"], {"animals": seeds}, {"held": tmp_path / "list.parquet"}))
+    run_manifest(
+        _cfg(tmp_path / "run", [tmp_path / "list.csv"], {"animals": seeds}, {"held": tmp_path / "list.parquet"})
+    )
     frame = read_manifest(tmp_path / "run", status=None)
     pool = frame[frame.set == "pool"]
-    assert sorted(pool.key) == sorted(["imgs/0.png", str(images / "1.png"), "imgs/2.png", "imgs/missing.png"])  # repeat kept once
+    assert sorted(pool.key) == sorted(
+        ["imgs/0.png", str(images / "1.png"), "imgs/2.png", "imgs/missing.png"]
+    )  # repeat kept once
     assert pool.set_index("key").loc["imgs/missing.png", "status"] == "quarantined"
     seed = frame[frame.set == "seed:animals"].set_index("key")
     assert seed.loc["cat/x.png", "label"] == "cat" and seed.loc["dog/x.png", "label"] == "dog"
@@ -181,7 +205,9 @@ def _make_pool(root: Path, n: int) -> None:
 
 
 def _lvd(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "lvd.curate.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lvd.curate.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw
+    )
 
 
 @pytest.mark.slow

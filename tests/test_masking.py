@@ -87,7 +87,10 @@ def test_isolated_patches_are_as_rare_as_in_dinov2():
     isolated = np.array([_isolated(m.reshape(grid)) for m in masks])
     assert len(isolated) == 3200
     assert isolated.max() <= 2
-    assert 0.10 < isolated.mean() < 0.20 and 0.10 < (isolated > 0).mean() < 0.20, (isolated.mean(), (isolated > 0).mean())
+    assert 0.10 < isolated.mean() < 0.20 and 0.10 < (isolated > 0).mean() < 0.20, (
+        isolated.mean(),
+        (isolated > 0).mean(),
+    )
 
 
 def test_block_masks_are_blocky():

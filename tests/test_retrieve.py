@@ -27,11 +27,23 @@ def run_dir(tmp_path):
     seed_sets = {"alpha": [0, 0, 1], "beta": [3, 3]}
     rows, xs, ids = [], [], []
     for i in range(n_pool):
-        rows.append({"id": 1000 + i, "set": "pool", "source": "/p", "kind": "folder", "key": f"{i}.png", "status": "ok"})
+        rows.append(
+            {"id": 1000 + i, "set": "pool", "source": "/p", "kind": "folder", "key": f"{i}.png", "status": "ok"}
+        )
     next_id = 5000
     for name, cs in seed_sets.items():
         for c in cs:
-            rows.append({"id": next_id, "set": f"seed:{name}", "source": "/s", "kind": "folder", "key": f"{next_id}.png", "label": f"c{c}", "status": "ok"})
+            rows.append(
+                {
+                    "id": next_id,
+                    "set": f"seed:{name}",
+                    "source": "/s",
+                    "kind": "folder",
+                    "key": f"{next_id}.png",
+                    "label": f"c{c}",
+                    "status": "ok",
+                }
+            )
             xs.append(_unit(centers[c : c + 1] + 0.2 * rng.normal(size=(1, d)))[0])
             ids.append(next_id)
             next_id += 1
@@ -50,13 +62,19 @@ def run_dir(tmp_path):
     # dedup: ids 1000..1009 removed as near-duplicates, 1010 as an eval copy
     (run / "dedup").mkdir()
     pool_ids = np.arange(1000, 1000 + n_pool)
-    pd.DataFrame({"id": pool_ids, "component": pool_ids, "keep": pool_ids >= 1010}).to_parquet(run / "dedup" / "near.parquet", index=False)
-    pd.DataFrame({"id": [1010], "eval_set": ["e"], "eval_id": [9], "similarity": [0.9]}).to_parquet(run / "dedup" / "decontam.parquet", index=False)
+    pd.DataFrame({"id": pool_ids, "component": pool_ids, "keep": pool_ids >= 1010}).to_parquet(
+        run / "dedup" / "near.parquet", index=False
+    )
+    pd.DataFrame({"id": [1010], "eval_set": ["e"], "eval_id": [9], "similarity": [0.9]}).to_parquet(
+        run / "dedup" / "decontam.parquet", index=False
+    )
     pd.DataFrame({"id": [], "dup_of": []}).astype("int64").to_parquet(run / "dedup" / "exact.parquet", index=False)
     (run / "dedup" / "_SUCCESS.json").write_text("{}")
     (run / "cluster").mkdir()
     np.save(run / "cluster" / "centroids.npy", centers)
-    pd.DataFrame({"id": pool_ids, "cluster": pool_c, "distance": np.zeros(n_pool, np.float32)}).to_parquet(run / "cluster" / "assign.parquet", index=False)
+    pd.DataFrame({"id": pool_ids, "cluster": pool_c, "distance": np.zeros(n_pool, np.float32)}).to_parquet(
+        run / "cluster" / "assign.parquet", index=False
+    )
     (run / "cluster" / "_SUCCESS.json").write_text("{}")
     return run, all_ids, all_x.astype(np.float16).astype(np.float32), pool_c
 
@@ -75,8 +93,17 @@ def test_sample_mode_matches_brute_force(run_dir, monkeypatch, blocks):
         monkeypatch.setattr(retrieve, "rows_per_block", lambda *a, **k: 7)
         monkeypatch.setattr(EmbeddingRows, "__array__", whole_matrix)
         extra = ["retrieve.per_set.beta.n=3"]  # one pass serves both sets, each with its own n
-    cfg = load_config(None, [f"run_dir={run}", "retrieve.mode=sample", "retrieve.n=5", "progress=false",
-                             "retrieve.min_similarity=null", *extra])
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={run}",
+            "retrieve.mode=sample",
+            "retrieve.n=5",
+            "progress=false",
+            "retrieve.min_similarity=null",
+            *extra,
+        ],
+    )
     run_retrieve(cfg)
     got = read_neighbors(run)
     surviving = (all_ids >= 1011) & (all_ids < 5000)
@@ -97,8 +124,16 @@ def test_sample_mode_matches_brute_force(run_dir, monkeypatch, blocks):
 
 def test_cluster_mode_draws_from_the_seed_clusters_only(run_dir):
     run, all_ids, all_x, pool_c = run_dir
-    cfg = load_config(None, [f"run_dir={run}", "retrieve.per_set.alpha.mode=cluster", "retrieve.per_set.alpha.m=20", "progress=false",
-                             "retrieve.min_similarity=null"])
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={run}",
+            "retrieve.per_set.alpha.mode=cluster",
+            "retrieve.per_set.alpha.m=20",
+            "progress=false",
+            "retrieve.min_similarity=null",
+        ],
+    )
     run_retrieve(cfg)
     got = read_neighbors(run)
     alpha = got[got.seed_set == "alpha"]
@@ -117,7 +152,12 @@ def test_target_keeps_the_most_similar_and_seeds_can_be_included(run_dir):
     run, *_ = run_dir
     run_retrieve(load_config(None, [f"run_dir={run}", "retrieve.n=30", "progress=false"]))
     uncapped = read_neighbors(run)
-    run_retrieve(load_config(None, [f"run_dir={run}", "retrieve.n=30", "retrieve.target=7", "retrieve.include_seeds=true", "progress=false"]))
+    run_retrieve(
+        load_config(
+            None,
+            [f"run_dir={run}", "retrieve.n=30", "retrieve.target=7", "retrieve.include_seeds=true", "progress=false"],
+        )
+    )
     got = read_neighbors(run)
     for name in ("alpha", "beta"):
         best = uncapped[uncapped.seed_set == name].groupby("id")["similarity"].max()
@@ -167,7 +207,9 @@ def test_similarity_floor_removes_far_neighbours_and_keeps_near_ones(run_dir, mo
 
 def test_auto_floor_is_measured_per_label_from_the_seeds(run_dir):
     run, all_ids, all_x, pool_c = run_dir
-    run_retrieve(load_config(None, [f"run_dir={run}", "retrieve.n=60", "retrieve.floor_quantile=0.5", "progress=false"]))
+    run_retrieve(
+        load_config(None, [f"run_dir={run}", "retrieve.n=60", "retrieve.floor_quantile=0.5", "progress=false"])
+    )
     got = read_neighbors(run)
     x = {i: all_x[all_ids == i][0] for i in range(5000, 5005)}
     # alpha: labels c0 (5000, 5001) and c1 (5002, alone: the set-wide floor); beta: c3 (5003, 5004)
@@ -201,7 +243,9 @@ def test_byte_identical_seeds_do_not_raise_the_auto_floor(run_dir):
     run_retrieve(load_config(None, [f"run_dir={run}", "retrieve.n=5", "progress=false"]))
     beta = read_neighbors(run).query("seed_set == 'beta'")
     assert beta["floor"].isna().all() and len(beta) == 10  # one distinct seed: no floor, nothing rejected
-    assert np.allclose(np.sort(beta["similarity"].to_numpy())[-1], np.max(all_x[(all_ids >= 1011) & (all_ids < 5000)] @ x), atol=1e-3)
+    assert np.allclose(
+        np.sort(beta["similarity"].to_numpy())[-1], np.max(all_x[(all_ids >= 1011) & (all_ids < 5000)] @ x), atol=1e-3
+    )
 
 
 def test_best_columns_merges_candidate_lists_like_one_sort():
@@ -233,15 +277,28 @@ def test_two_torchrun_ranks_retrieve_like_one_process(run_dir, tmp_path):
     run, all_ids, all_x, _ = run_dir
     two = tmp_path / "two"
     shutil.copytree(run, two)
-    settings = ["retrieve.n=7", "retrieve.per_set.beta.mode=cluster", "retrieve.per_set.beta.m=9", "progress=false",
-                "retrieve.min_similarity=null",
-                "memory_gb=0.000003"]  # seeds gathered 2 at a time
+    settings = [
+        "retrieve.n=7",
+        "retrieve.per_set.beta.mode=cluster",
+        "retrieve.per_set.beta.m=9",
+        "progress=false",
+        "retrieve.min_similarity=null",
+        "memory_gb=0.000003",
+    ]  # seeds gathered 2 at a time
     run_retrieve(load_config(None, [f"run_dir={run}", *settings]))
     config_file = tmp_path / "two.yaml"
     OmegaConf.save(load_config(None, [f"run_dir={two}", *settings]), config_file)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "lvd.curate.retrieve", str(config_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lvd.curate.retrieve",
+        str(config_file),
+    ]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     one, sharded = read_neighbors(run), read_neighbors(two)

@@ -42,10 +42,23 @@ def longtail_run(tmp_path_factory):
             pixels = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)  # distinct bytes: no exact duplicates
             Image.fromarray(pixels).save(root / "pool" / name)
             group_of[name] = g
-    overrides = [f"run_dir={root / 'run'}", f"sources.pool=[{root / 'pool'}]", "workers=0", "progress=false",
-                 "embed.copy_detection.weights=null", "dedup.threshold=0.9999", "decontam.threshold=0.9999",
-                 "cluster.method=hierarchical", "cluster.level_ks=[24]", "cluster.k=6", "cluster.spherical=true",
-                 "cluster.balanced_sample=60", "shards.max_count=25", "cluster.backend=faiss", "cluster.resample_steps=2"]
+    overrides = [
+        f"run_dir={root / 'run'}",
+        f"sources.pool=[{root / 'pool'}]",
+        "workers=0",
+        "progress=false",
+        "embed.copy_detection.weights=null",
+        "dedup.threshold=0.9999",
+        "decontam.threshold=0.9999",
+        "cluster.method=hierarchical",
+        "cluster.level_ks=[24]",
+        "cluster.k=6",
+        "cluster.spherical=true",
+        "cluster.balanced_sample=60",
+        "shards.max_count=25",
+        "cluster.backend=faiss",
+        "cluster.resample_steps=2",
+    ]
     cfg = load_config(None, overrides)
     run_manifest(cfg)
     manifest = read_manifest(cfg.run_dir)
@@ -114,7 +127,11 @@ def test_balanced_shards_read_back_with_webdataset_carry_the_source_bytes_and_pr
             assert lv["cluster"] == cluster_of[id_] and lv["cluster_size"] == sizes[cluster_of[id_]]
     assert seen == picked
     success = json.loads((run_dir / "shards" / "_SUCCESS.json").read_text())
-    assert success["samples"] == 60 and success["select"] == "balanced" and success["selected"] == {"retrieve": 0, "balanced": 60}
+    assert (
+        success["samples"] == 60
+        and success["select"] == "balanced"
+        and success["selected"] == {"retrieve": 0, "balanced": 60}
+    )
 
 
 def test_select_auto_follows_the_seed_sets_and_sizes_the_balanced_sample(tmp_path):

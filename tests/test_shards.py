@@ -38,8 +38,15 @@ def run(tmp_path):
         (seeds / cls).mkdir(parents=True)
         for j in range(2):
             (seeds / cls / f"{j}.png").write_bytes(_img(hash((cls, j)) % 1000, "PNG"))
-    overrides = [f"run_dir={tmp_path / 'run'}", f'sources.pool=["{pool}","{tmp_path / "extra.tar"}"]', f"sources.seeds.insects={seeds}", "workers=0", "progress=false", "shards.max_count=7",
-                 "embed.copy_detection.weights=null"]
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        f'sources.pool=["{pool}","{tmp_path / "extra.tar"}"]',
+        f"sources.seeds.insects={seeds}",
+        "workers=0",
+        "progress=false",
+        "shards.max_count=7",
+        "embed.copy_detection.weights=null",
+    ]
     cfg = load_config(None, overrides)
     run_manifest(cfg)
     manifest = read_manifest(cfg.run_dir)
@@ -49,8 +56,18 @@ def run(tmp_path):
     rows = []
     for s, seed_id in enumerate(seed_rows["id"]):
         for rank, pid in enumerate(rng.choice(pool_ids, size=6, replace=False), start=1):  # overlaps between seeds
-            rows.append({"seed_set": "insects", "seed_id": int(seed_id), "id": int(pid), "rank": rank, "similarity": float(1 - rank / 10 - s / 100), "mode": "sample", "cluster": int(rank % 3),
-                         "floor": 0.0})
+            rows.append(
+                {
+                    "seed_set": "insects",
+                    "seed_id": int(seed_id),
+                    "id": int(pid),
+                    "rank": rank,
+                    "similarity": float(1 - rank / 10 - s / 100),
+                    "mode": "sample",
+                    "cluster": int(rank % 3),
+                    "floor": 0.0,
+                }
+            )
     neighbors = pd.DataFrame(rows)
     (Path(cfg.run_dir) / "retrieve").mkdir(parents=True)
     neighbors.to_parquet(Path(cfg.run_dir) / "retrieve" / "neighbors.parquet", index=False)
@@ -88,8 +105,13 @@ def test_shards_read_back_with_webdataset_match_the_sources(run):
         best = neighbors[neighbors.id == meta["id"]].sort_values("similarity").iloc[-1]
         assert meta["label"] == seed_label[best.seed_id]
         assert int(s["cls"]) == classes.index(meta["label"])
-        assert meta["label_from"] == {"from": "nearest seed", "seed_set": "insects", "seed_id": int(best.seed_id),
-                                      "similarity": round(float(best.similarity), 6), "floor": 0.0}
+        assert meta["label_from"] == {
+            "from": "nearest seed",
+            "seed_set": "insects",
+            "seed_id": int(best.seed_id),
+            "similarity": round(float(best.similarity), 6),
+            "floor": 0.0,
+        }
 
 
 def test_no_label_without_a_floor_that_vouches_for_it(run):
@@ -165,7 +187,9 @@ def test_resize_option_reencodes_as_jpeg(run):
 
     cfg = OmegaConf.merge(cfg, {"shards": {"resize": 8}})
     out = run_shards(cfg)
-    samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("curated-*.tar")), shardshuffle=False, empty_check=False))
+    samples = list(
+        wds.WebDataset(sorted(str(p) for p in out.glob("curated-*.tar")), shardshuffle=False, empty_check=False)
+    )
     for s in samples:
         img = Image.open(io.BytesIO(s["jpg"]))
         assert img.format == "JPEG" and min(img.size) == 8
@@ -199,7 +223,9 @@ def test_plan_equals_a_greedy_sample_by_sample_packing():
         assert plan_shards(sizes, max_count, max_bytes) == greedy(sizes, max_count, max_bytes)
 
 
-@pytest.mark.parametrize("name,size,mtime", [("0000000000000000001.jpg", 123, 0), ("a.json", 0, 1_700_000_000), ("x" * 100, 8**11 - 1, 5)])
+@pytest.mark.parametrize(
+    "name,size,mtime", [("0000000000000000001.jpg", 123, 0), ("a.json", 0, 1_700_000_000), ("x" * 100, 8**11 - 1, 5)]
+)
 def test_ustar_header_is_byte_identical_to_tarfiles(name, size, mtime):
     from lvd.curate.shard_writer import ustar_header
 

@@ -27,11 +27,25 @@ def test_classify():
 
 
 def test_folder_listing_is_recursive_sorted_and_case_insensitive(tmp_path):
-    for name in ("b/B.JPG", "a.Png", "c/d/e.webp", "x.tif", "y.TIFF", "z.bmp", "g.gif", "skip.txt", ".hidden.jpg", ".git/h.jpg", "j.jpeg"):
+    for name in (
+        "b/B.JPG",
+        "a.Png",
+        "c/d/e.webp",
+        "x.tif",
+        "y.TIFF",
+        "z.bmp",
+        "g.gif",
+        "skip.txt",
+        ".hidden.jpg",
+        ".git/h.jpg",
+        "j.jpeg",
+    ):
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
-    assert src.list_folder(str(tmp_path)) == sorted(["a.Png", "b/B.JPG", "c/d/e.webp", "g.gif", "j.jpeg", "x.tif", "y.TIFF", "z.bmp"])
+    assert src.list_folder(str(tmp_path)) == sorted(
+        ["a.Png", "b/B.JPG", "c/d/e.webp", "g.gif", "j.jpeg", "x.tif", "y.TIFF", "z.bmp"]
+    )
 
 
 def test_class_layout_detection(tmp_path):
@@ -79,7 +93,11 @@ def test_iter_bytes_reads_back_what_the_upstream_writer_stored(tmp_path):
     )
     got = dict(src.iter_bytes(rows))
     with tarfile.open(tar_path) as tar:  # the standard library as the independent reader
-        expected = {1: tar.extractfile("k3.png").read(), 2: tar.extractfile("k0.png").read(), 4: tar.extractfile("k4.png").read()}
+        expected = {
+            1: tar.extractfile("k3.png").read(),
+            2: tar.extractfile("k0.png").read(),
+            4: tar.extractfile("k4.png").read(),
+        }
     assert got[1] == expected[1] and got[2] == expected[2] and got[4] == expected[4]
     assert got[3] == _png(99)
     assert [i for i, _ in src.iter_bytes(rows)] == [1, 2, 3, 4]
@@ -90,7 +108,10 @@ def test_tar_members_streamed_with_webdataset_keep_sample_keys(tmp_path):
     with wds.TarWriter(str(tar_path)) as sink:
         sink.write({"__key__": "dir/a.b", "jpg": b"J", "json": b"{}"})
     members = list(src.iter_tar_members(str(tar_path)))
-    assert [(m.name, m.sample_key, m.data) for m in members] == [("dir/a.b.jpg", "dir/a", b"J"), ("dir/a.b.json", "dir/a", None)]
+    assert [(m.name, m.sample_key, m.data) for m in members] == [
+        ("dir/a.b.jpg", "dir/a", b"J"),
+        ("dir/a.b.json", "dir/a", None),
+    ]
 
 
 def test_followed_folder_links_stay_inside_the_source_and_never_loop(tmp_path):

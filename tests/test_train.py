@@ -58,15 +58,33 @@ def shards(tmp_path_factory):
 
 def tiny_config(run_dir, shards, **extra):
     over = {
-        "run_dir": str(run_dir), "model.arch": "vit_tiny_p4", "model.drop_path_rate": 0.1,
-        "data.shards": shards, "data.batch_size_per_rank": 4, "data.num_workers": 0, "data.image_size": 40,
-        "data.shuffle_buffer": 8, "data.shards_per_cycle": 2,
-        "crops.global_size": 32, "crops.local_size": 16, "crops.n_local": 2,
-        "dino_head.prototypes": 32, "dino_head.hidden_dim": 24, "dino_head.bottleneck_dim": 8,
-        "ibot_head.prototypes": 32, "ibot_head.hidden_dim": 24, "ibot_head.bottleneck_dim": 8,
-        "optim.epochs": 3, "optim.iters_per_epoch": 3, "optim.warmup_epochs": 1,
-        "optim.warmup_teacher_temp_epochs": 1, "optim.freeze_last_layer_epochs": 1, "optim.lr": 0.05,
-        "train.log_every": 1, "train.checkpoint_every": 4, "progress": False,
+        "run_dir": str(run_dir),
+        "model.arch": "vit_tiny_p4",
+        "model.drop_path_rate": 0.1,
+        "data.shards": shards,
+        "data.batch_size_per_rank": 4,
+        "data.num_workers": 0,
+        "data.image_size": 40,
+        "data.shuffle_buffer": 8,
+        "data.shards_per_cycle": 2,
+        "crops.global_size": 32,
+        "crops.local_size": 16,
+        "crops.n_local": 2,
+        "dino_head.prototypes": 32,
+        "dino_head.hidden_dim": 24,
+        "dino_head.bottleneck_dim": 8,
+        "ibot_head.prototypes": 32,
+        "ibot_head.hidden_dim": 24,
+        "ibot_head.bottleneck_dim": 8,
+        "optim.epochs": 3,
+        "optim.iters_per_epoch": 3,
+        "optim.warmup_epochs": 1,
+        "optim.warmup_teacher_temp_epochs": 1,
+        "optim.freeze_last_layer_epochs": 1,
+        "optim.lr": 0.05,
+        "train.log_every": 1,
+        "train.checkpoint_every": 4,
+        "progress": False,
         "train.dtype": "float32",  # numbers compared across runs: never bf16, whatever the CPU
     }
     over.update(extra)
@@ -145,10 +163,14 @@ def test_dino_v1_mode(tmp_path, shards):
 
 def test_last_layer_frozen_in_the_first_epoch(reference):
     ck = {i: load_checkpoint(p)["student"] for i, p in list_checkpoints(reference / "pretrain" / "checkpoints")}
-    for key in ("dino_head.last_layer.weight_v", "ibot_head.last_layer.weight_v",
-                "dino_head.last_layer.weight_g", "ibot_head.last_layer.weight_g"):  # the gains train too
-        assert torch.equal(ck[1][key], ck[3][key])          # frozen through epoch 0 (iterations 0-2)
-        assert not torch.equal(ck[3][key], ck[5][key])      # trained afterwards
+    for key in (
+        "dino_head.last_layer.weight_v",
+        "ibot_head.last_layer.weight_v",
+        "dino_head.last_layer.weight_g",
+        "ibot_head.last_layer.weight_g",
+    ):  # the gains train too
+        assert torch.equal(ck[1][key], ck[3][key])  # frozen through epoch 0 (iterations 0-2)
+        assert not torch.equal(ck[3][key], ck[5][key])  # trained afterwards
     assert not torch.equal(ck[1]["dino_head.mlp.0.weight"], ck[3]["dino_head.mlp.0.weight"])
 
 
@@ -175,6 +197,7 @@ def test_exported_teacher_reloads_bit_exactly(tmp_path, reference):
 
 # -- 2 gloo ranks against 1 rank ------------------------------------------------------------
 
+
 def _batch(seed=0, b=4):
     g = torch.Generator().manual_seed(seed)
     global_crops = torch.randn(2 * b, 3, 32, 32, generator=g)
@@ -200,8 +223,9 @@ def _models(centering):
 
 
 def _step(student, teacher, objective, global_crops, local_crops, masks):
-    losses = forward_losses(student, teacher, objective, global_crops, local_crops,
-                            MaskInfo.from_masks(masks), 0.05, None)
+    losses = forward_losses(
+        student, teacher, objective, global_crops, local_crops, MaskInfo.from_masks(masks), 0.05, None
+    )
     losses["total"].backward()
     return losses
 
@@ -216,12 +240,14 @@ def _rank_worker(rank, world, init_file, out_dir):
         student, teacher, objective = _models(centering)
         ddp = torch.nn.parallel.DistributedDataParallel(student)
         g, l, m = _batch()
-        losses = _step(ddp, teacher, objective, _rows(g, 2, rank, world), _rows(l, 2, rank, world),
-                       _rows(m, 2, rank, world))
+        losses = _step(
+            ddp, teacher, objective, _rows(g, 2, rank, world), _rows(l, 2, rank, world), _rows(m, 2, rank, world)
+        )
         grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
-        torch.save({"grads": grads, "centers": objective.state_dict(),
-                    "losses": {k: v.detach() for k, v in losses.items()}},
-                   os.path.join(out_dir, f"{centering}-rank{rank}.pt"))
+        torch.save(
+            {"grads": grads, "centers": objective.state_dict(), "losses": {k: v.detach() for k, v in losses.items()}},
+            os.path.join(out_dir, f"{centering}-rank{rank}.pt"),
+        )
     dist.barrier()  # both ranks' results are saved
     # No destroy_process_group(): in this forked child it once deadlocked (its main thread, holding
     # the GIL, joined a gloo run-loop thread that waited for the GIL); the child exits with os._exit,
@@ -232,8 +258,7 @@ def _rank_worker(rank, world, init_file, out_dir):
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("gloo")
     # fork: a spawned child would spend seconds importing torch and this module again
-    mp.start_processes(_rank_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(_rank_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True, start_method="fork")
     return out
 
 
@@ -318,8 +343,14 @@ def test_a_self_describing_export_loads_with_model_auto_and_no_overrides(tmp_pat
         for p in trained.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     ckpt = tmp_path / "iter-1.pth"
-    atomic_save({"format": FORMAT, "arch": {"name": "vit_tiny_p4", "overrides": overrides},
-                 "teacher_backbone": trained.state_dict()}, ckpt)
+    atomic_save(
+        {
+            "format": FORMAT,
+            "arch": {"name": "vit_tiny_p4", "overrides": overrides},
+            "teacher_backbone": trained.state_dict(),
+        },
+        ckpt,
+    )
     exported = export_teacher(ckpt, tmp_path / "teacher.safetensors")
     model = build_backbone("auto", weights=str(exported))
     x = torch.randn(2, 3, 32, 32)
@@ -343,8 +374,11 @@ def test_train_dtype_auto_takes_bf16_only_where_native_and_measured_faster(monke
         ran.append(dtype)
 
     fast, slow = (torch.bfloat16, None) if bf16_faster else (None, torch.bfloat16)
-    monkeypatch.setattr(calibration, "time_interleaved",
-                        lambda jobs, repeats: {n: (j(), 1.0 if ran[-1] is fast else 2.0)[1] for n, j in jobs.items()})
+    monkeypatch.setattr(
+        calibration,
+        "time_interleaved",
+        lambda jobs, repeats: {n: (j(), 1.0 if ran[-1] is fast else 2.0)[1] for n, j in jobs.items()},
+    )
     cpu = torch.device("cpu")
     monkeypatch.setattr(trainer, "has_native_bf16", lambda device: True)
     assert trainer.autocast_dtype("auto", cpu, step, {"arch": "t"}) is fast
@@ -372,8 +406,11 @@ def test_student_drop_path_follows_model_drop_path_uniform_and_the_teacher_never
     from lvd.pretrain.train.config import effective_loss_settings
     from lvd.pretrain.train.trainer import build_models
 
-    cfg = tiny_config(tmp_path, "unused", **{"model.drop_path_rate": 0.2, "model.drop_path_uniform": uniform,
-                                             "model.overrides.depth": 3})
+    cfg = tiny_config(
+        tmp_path,
+        "unused",
+        **{"model.drop_path_rate": 0.2, "model.drop_path_uniform": uniform, "model.overrides.depth": 3},
+    )
     student, teacher = build_models(cfg, effective_loss_settings(cfg), torch.device("cpu"))
     rates = [b.drop_path1.drop_prob for b in student.backbone.blocks]
     assert rates == pytest.approx([0.2, 0.2, 0.2] if uniform else [0.0, 0.1, 0.2], abs=1e-12)

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from lvd.pretrain.train.param_groups import layer_id, param_groups
@@ -28,10 +28,22 @@ def test_teacher_temperature_warmup():
 
 
 def test_build_schedules():
-    optim = OmegaConf.create(dict(lr=0.004, scale_lr=True, min_lr=1e-6, warmup_epochs=1, weight_decay=0.04,
-                                  weight_decay_end=0.4, momentum_teacher=0.992, final_momentum_teacher=1.0,
-                                  teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=2,
-                                  freeze_last_layer_epochs=1))
+    optim = OmegaConf.create(
+        dict(
+            lr=0.004,
+            scale_lr=True,
+            min_lr=1e-6,
+            warmup_epochs=1,
+            weight_decay=0.04,
+            weight_decay_end=0.4,
+            momentum_teacher=0.992,
+            final_momentum_teacher=1.0,
+            teacher_temp=0.07,
+            warmup_teacher_temp=0.04,
+            warmup_teacher_temp_epochs=2,
+            freeze_last_layer_epochs=1,
+        )
+    )
     s = build_schedules(optim, total_iters=50, iters_per_epoch=10, global_batch_size=256)
     assert s["lr"].max() == pytest.approx(0.004 * 256 / 1024)
     assert s["lr"][0] == 0.0 and s["lr"][10] == pytest.approx(0.001)

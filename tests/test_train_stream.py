@@ -56,8 +56,9 @@ def test_expand_shards_brace_and_glob(tmp_path):
 
 def test_one_cycle_serves_every_decodable_image_once(tmp_path):
     values = write_shards(tmp_path, n_shards=1, per_shard=11)
-    stream = ShardStream(expand_shards(str(tmp_path / "*.tar")), image_size=8, batch_size=1,
-                         shards_per_cycle=1, shuffle_buffer=4)
+    stream = ShardStream(
+        expand_shards(str(tmp_path / "*.tar")), image_size=8, batch_size=1, shards_per_cycle=1, shuffle_buffer=4
+    )
     got = [(_value(img), pos) for img, pos in _take(stream.samples(0, (0, 0)), 11)]
     assert sorted(v for v, _ in got) == sorted(values)  # broken and image-less samples skipped
     assert all(pos[0] == 0 for _, pos in got)

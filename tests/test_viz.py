@@ -39,8 +39,13 @@ class PixelTokenViT(torch.nn.Module):
         b = self._brightness(x)
         b = (b - b.min()) / (b.max() - b.min())
         tokens = b[..., None] * self.u + (1 - b[..., None]) * self.v + self.noise[: b.shape[1]]
-        return {"x_norm_clstoken": tokens.mean(1), "x_norm_patchtokens": tokens,
-                "x_norm_regtokens": tokens[:, :1], "x_prenorm": None, "masks": masks}
+        return {
+            "x_norm_clstoken": tokens.mean(1),
+            "x_norm_patchtokens": tokens,
+            "x_norm_regtokens": tokens[:, :1],
+            "x_prenorm": None,
+            "masks": masks,
+        }
 
     def get_last_selfattention(self, x):
         b = self._brightness(x)
@@ -104,7 +109,8 @@ def test_visualise_writes_pngs_of_the_input_size(tmp_path):
     written = visualise(PixelTokenViT(), images, PREP, tmp_path)
     names = sorted(p.name for p in written)
     expected = sorted(
-        f"{n}_{kind}.png" for n in images
+        f"{n}_{kind}.png"
+        for n in images
         for kind in ["input", "attn_head0", "attn_head1", "attn_head2", "attn_mean", "pca", "pca_mask"]
     )
     assert names == expected and sorted(p.name for p in tmp_path.iterdir()) == expected

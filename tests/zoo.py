@@ -48,7 +48,9 @@ def png_with_header_size(width: int, height: int) -> bytes:
     """A tiny valid-looking PNG whose header claims a huge size (a decompression bomb)."""
 
     def chunk(tag: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
     idat = zlib.compress(b"\x00" * 64)
@@ -118,24 +120,83 @@ def zoo_cases() -> list[Case]:
         Case("plain.jpg", rgb_jpeg(), True, (64, 48), pixels={(5, 5): (200, 30, 60)}, tol=4),
         Case("upper/CASE.JPG", rgb_jpeg(20, 10), True, (20, 10)),
         Case("cmyk.jpg", cmyk_jpeg(), True, (32, 32), pixels={(16, 16): (255, 0, 0)}, tol=6),
-        Case("sixteen_bit.png", sixteen, True, (32, 8), pixels={(x, y): (round(values[y, x] / 257),) * 3 for x, y in ((0, 0), (31, 7), (15, 3))}, tol=1),
-        Case("palette_transparent.png", palette_png_with_transparency(), True, (16, 16), pixels={(2, 2): BACKGROUND, (12, 2): (200, 100, 50)}, tol=0),
+        Case(
+            "sixteen_bit.png",
+            sixteen,
+            True,
+            (32, 8),
+            pixels={(x, y): (round(values[y, x] / 257),) * 3 for x, y in ((0, 0), (31, 7), (15, 3))},
+            tol=1,
+        ),
+        Case(
+            "palette_transparent.png",
+            palette_png_with_transparency(),
+            True,
+            (16, 16),
+            pixels={(2, 2): BACKGROUND, (12, 2): (200, 100, 50)},
+            tol=0,
+        ),
         Case("rgba_half.png", rgba_png(128), True, (10, 10), pixels={(5, 5): composite((0, 100, 200), 128)}, tol=1),
         Case("la.png", la_png(64, 40), True, (10, 10), pixels={(5, 5): composite((40, 40, 40), 64)}, tol=1),
         # Displayed upright it is 20 wide and 40 tall, red on top (the stored left half).
-        Case("exif_rotated.jpg", exif_rotated_jpeg(), True, (20, 40), pixels={(10, 5): (255, 0, 0), (10, 35): (0, 0, 255)}, tol=12),
+        Case(
+            "exif_rotated.jpg",
+            exif_rotated_jpeg(),
+            True,
+            (20, 40),
+            pixels={(10, 5): (255, 0, 0), (10, 35): (0, 0, 255)},
+            tol=12,
+        ),
         Case("animated.gif", animated_gif(), True, (12, 12), pixels={(6, 6): (255, 0, 0)}, tol=0),
         Case("icc_srgb.jpg", srgb_icc_jpeg(), True, (16, 16), pixels={(8, 8): (90, 160, 30)}, tol=4),
-        Case("tiny_1x1.png", _save(Image.new("RGB", (1, 1), (7, 8, 9)), "PNG"), True, (1, 1), pixels={(0, 0): (7, 8, 9)}, tol=0),
-        Case("wide_20000x20.png", _save(Image.new("L", (20000, 20), 77), "PNG"), True, (20000, 20), pixels={(19999, 19): (77, 77, 77)}, tol=0),
-        Case("bilevel.bmp", _save(Image.new("1", (9, 9), 1), "BMP"), True, (9, 9), pixels={(4, 4): (255, 255, 255)}, tol=0),
+        Case(
+            "tiny_1x1.png",
+            _save(Image.new("RGB", (1, 1), (7, 8, 9)), "PNG"),
+            True,
+            (1, 1),
+            pixels={(0, 0): (7, 8, 9)},
+            tol=0,
+        ),
+        Case(
+            "wide_20000x20.png",
+            _save(Image.new("L", (20000, 20), 77), "PNG"),
+            True,
+            (20000, 20),
+            pixels={(19999, 19): (77, 77, 77)},
+            tol=0,
+        ),
+        Case(
+            "bilevel.bmp",
+            _save(Image.new("1", (9, 9), 1), "BMP"),
+            True,
+            (9, 9),
+            pixels={(4, 4): (255, 255, 255)},
+            tol=0,
+        ),
         Case("photo.webp", _save(noise_image(30, 20), "WEBP", quality=90), True, (30, 20)),
-        Case("float.tiff", _save(Image.fromarray(np.full((6, 5), 0.5, np.float32)), "TIFF"), True, (5, 6), pixels={(2, 2): (128, 128, 128)}, tol=1),
+        Case(
+            "float.tiff",
+            _save(Image.fromarray(np.full((6, 5), 0.5, np.float32)), "TIFF"),
+            True,
+            (5, 6),
+            pixels={(2, 2): (128, 128, 128)},
+            tol=1,
+        ),
         Case("noisy.jpeg", noisy_jpeg, True, (120, 90)),
         Case("truncated.jpg", truncated[: len(truncated) // 2], False, error_has="truncated"),
         Case("empty.png", b"", False, error_has="empty"),
-        Case("not_an_image.gif", b"GIF? no: this is plain text pretending to be a gif\n" * 4, False, error_has="not an image"),
-        Case("html_page.jpg", b"<!DOCTYPE html><html><head><title>404</title></head><body>Not found</body></html>", False, error_has="not an image"),
+        Case(
+            "not_an_image.gif",
+            b"GIF? no: this is plain text pretending to be a gif\n" * 4,
+            False,
+            error_has="not an image",
+        ),
+        Case(
+            "html_page.jpg",
+            b"<!DOCTYPE html><html><head><title>404</title></head><body>Not found</body></html>",
+            False,
+            error_has="not an image",
+        ),
         Case("bomb.png", png_with_header_size(100_000, 100_000), False, error_has="decompression bomb"),
     ]
     return cases

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import webdataset as wds
@@ -22,7 +22,6 @@ import webdataset as wds
 from lvd.common.media import IMAGE_EXTENSIONS, expand_shards, is_image_name
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -43,9 +42,7 @@ def iter_class_folder(
     if not classes:
         raise ValueError(f"{root}: no class sub-folders (expected ROOT/CLASS/image files)")
     for cls in classes:
-        files = sorted(
-            p for p in (root / cls).rglob("*") if p.is_file() and is_image_name(p.name, extensions)
-        )
+        files = sorted(p for p in (root / cls).rglob("*") if p.is_file() and is_image_name(p.name, extensions))
         for path in files:
             yield LabelledSample(path.relative_to(root).as_posix(), path.read_bytes(), cls)
 

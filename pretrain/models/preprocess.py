@@ -6,7 +6,7 @@ GPU); normalisation happens on the batch, on the device.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

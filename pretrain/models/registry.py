@@ -32,7 +32,7 @@ class ModelSpec:
     def embed_dim(self) -> int:
         return int(self.arch["embed_dim"])
 
-    def with_overrides(self, **overrides) -> "ModelSpec":
+    def with_overrides(self, **overrides) -> ModelSpec:
         """The same spec with some architecture arguments replaced (unknown names are errors)."""
         unknown = sorted(set(overrides) - set(_ARCH_KEYS))
         if unknown:

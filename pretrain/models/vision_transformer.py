@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Block, LayerNorm, PatchEmbed
+from lvd.pretrain.models.layers import Block, LayerNorm, PatchEmbed
 
 
 def drop_path_rates(rate: float, depth: int, uniform: bool = False) -> list[float]:

@@ -1,6 +1,6 @@
 """DINOv2 self-supervised pretraining: heads, losses, masking, multi-crop, data stream, trainer."""
 
-from .checkpoint import export_teacher, load_checkpoint
-from .trainer import run_pretrain
+from lvd.pretrain.train.checkpoint import export_teacher, load_checkpoint
+from lvd.pretrain.train.trainer import run_pretrain
 
 __all__ = ["export_teacher", "load_checkpoint", "run_pretrain"]

@@ -19,11 +19,12 @@ from torch import nn
 @dataclass
 class MultiCropOutput:
     global_crops: list[torch.Tensor]  # n_global tensors, B x 3 x G x G, normalised
-    local_crops: list[torch.Tensor]   # n_local tensors, B x 3 x L x L, normalised
+    local_crops: list[torch.Tensor]  # n_local tensors, B x 3 x L x L, normalised
 
 
-def _view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
-          mean, std) -> K.AugmentationSequential:
+def _view(
+    size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, mean, std
+) -> K.AugmentationSequential:
     steps: list[nn.Module] = [
         K.RandomResizedCrop((size, size), scale=tuple(scale), resample="BICUBIC"),
         K.RandomHorizontalFlip(p=0.5),
@@ -42,9 +43,16 @@ def _view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: floa
 class MultiCrop(nn.Module):
     """uint8 images B x 3 x S x S -> 2 global + n_local augmented, normalised float crops."""
 
-    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8,
-                 global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        n_local: int = 8,
+        global_scale=(0.32, 1.0),
+        local_scale=(0.05, 0.32),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    ):
         super().__init__()
         self.n_local = n_local
         self.global1 = _view(global_size, global_scale, 1.0, 0.0, mean, std)

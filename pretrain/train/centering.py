@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import all_reduce_max, all_reduce_sum
+from lvd.pretrain.train.distributed import all_reduce_max, all_reduce_sum
 
 
 def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
@@ -19,8 +19,7 @@ def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float) -> t
 
 
 @torch.no_grad()
-def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iters: int = 3,
-                   n_samples: int | None = None) -> torch.Tensor:
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iters: int = 3, n_samples: int | None = None) -> torch.Tensor:
     """Target assignments Q (B x K) whose rows sum to 1 and whose columns sum to about B/K.
 
     `logits` holds this rank's rows; `n_samples` is the number of rows over all ranks (the

@@ -7,23 +7,11 @@ scripts, tests and benchmarks that call `run_pretrain` directly.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lvd.common.config import ConfigError, merge_config
+from lvd.common.config import ConfigError, merge_config, packaged_config_path
 from lvd.common.config_checks import boolean, choice, config_problems, integer, number
-
-
-def default_config_path() -> Path:
-    """curate/configs/pretrain.yaml: beside this package in a checkout and in an installed `lvd` alike.
-
-    Only the file is read; nothing of `curate` is imported (pretrain depends on no other package of ours).
-    """
-    path = Path(__file__).resolve().parents[2] / "curate" / "configs" / "pretrain.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the lvd installation is incomplete")
-    return path
 
 
 def _registry_model(value) -> str | None:
@@ -40,6 +28,7 @@ def _pair(lo: float, hi: float):
         except (TypeError, ValueError):
             return f"must be a pair of numbers, got {value!r}"
         return None if lo <= a <= b <= hi else f"must be [low, high] within [{lo}, {hi}], got {list(value)}"
+
     return check
 
 
@@ -92,7 +81,7 @@ CHECKS = {
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> DictConfig:
     """defaults <- file <- overrides; keys absent from the defaults are errors (`lvd.common.config`),
     and so are values outside `CHECKS`."""
-    cfg = merge_config(default_config_path(), path, overrides)
+    cfg = merge_config(packaged_config_path("pretrain"), path, overrides)
     check_values(cfg)
     return cfg
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .checkpoint import export_teacher, load_checkpoint
+from lvd.pretrain.train.checkpoint import export_teacher, load_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

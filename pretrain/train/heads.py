@@ -33,8 +33,11 @@ class WeightNormalizedLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Other layouts of the same two tensors: torch's parametrized weight_norm, and lvd heads
         # from before the gain was a parameter (gain 1).
-        renames = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v",
-                   "weight": "weight_v"}
+        renames = {
+            "parametrizations.weight.original0": "weight_g",
+            "parametrizations.weight.original1": "weight_v",
+            "weight": "weight_v",
+        }
         for old, new in renames.items():
             if prefix + old in state_dict and prefix + new not in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
@@ -60,8 +63,15 @@ class DINOHead(nn.Module):
     `norm_last_layer` freezes the prototypes' gain at 1 (DINO v1's option; dinov2 trains it).
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, nlayers: int = 3, norm_last_layer: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        norm_last_layer: bool = False,
+    ):
         super().__init__()
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, max(1, nlayers))
         self.last_layer = WeightNormalizedLinear(bottleneck_dim, out_dim, freeze_gain=norm_last_layer)

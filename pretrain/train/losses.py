@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor],
-              student_temp: float = 0.1) -> torch.Tensor:
+def dino_loss(
+    student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor], student_temp: float = 0.1
+) -> torch.Tensor:
     """Mean cross-entropy H(teacher view i, student view v) over every pair with v != i.
 
     Views are aligned by index: student views 0..n_t-1 are the same global crops the teacher
@@ -30,8 +31,13 @@ def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tens
     return total / n_pairs
 
 
-def ibot_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                    weights: torch.Tensor, n_images: int, student_temp: float = 0.1) -> torch.Tensor:
+def ibot_patch_loss(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    weights: torch.Tensor,
+    n_images: int,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
     """Cross-entropy on masked patches, each image weighted equally.
 
     `student_logits`, `teacher_probs`: M x K for the M masked patches of the batch; `weights`:

@@ -16,8 +16,13 @@ import numpy as np
 import torch
 
 
-def block_shape(grid: tuple[int, int], budget: int, rng: np.random.Generator, min_block: int = 4,
-                aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> tuple[int, int] | None:
+def block_shape(
+    grid: tuple[int, int],
+    budget: int,
+    rng: np.random.Generator,
+    min_block: int = 4,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> tuple[int, int] | None:
     """One proposed rectangle (height, width), or None when it would span a whole side.
 
     The area is uniform between `min_block` and `budget` (either may be the larger one: a
@@ -30,8 +35,9 @@ def block_shape(grid: tuple[int, int], budget: int, rng: np.random.Generator, mi
     return (bh, bw) if 0 < bh < grid[0] and 0 < bw < grid[1] else None
 
 
-def _add_block(mask: np.ndarray, budget: int, rng: np.random.Generator, min_block: int,
-               aspect: tuple[float, float], attempts: int) -> int:
+def _add_block(
+    mask: np.ndarray, budget: int, rng: np.random.Generator, min_block: int, aspect: tuple[float, float], attempts: int
+) -> int:
     """Mask one random rectangle adding 1..`budget` new patches; the number added (0: none fitted)."""
     h, w = mask.shape
     for _ in range(attempts):
@@ -40,7 +46,7 @@ def _add_block(mask: np.ndarray, budget: int, rng: np.random.Generator, min_bloc
             continue
         bh, bw = shape
         top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
-        block = mask[top:top + bh, left:left + bw]
+        block = mask[top : top + bh, left : left + bw]
         new = bh * bw - int(block.sum())
         if 0 < new <= budget:
             block[:] = True
@@ -48,9 +54,15 @@ def _add_block(mask: np.ndarray, budget: int, rng: np.random.Generator, min_bloc
     return 0
 
 
-def block_mask(grid: tuple[int, int], n_masked: int, rng: np.random.Generator,
-               min_block: int = 4, max_block: int | None = None,
-               aspect: tuple[float, float] = (0.3, 1 / 0.3), max_attempts: int = 10) -> np.ndarray:
+def block_mask(
+    grid: tuple[int, int],
+    n_masked: int,
+    rng: np.random.Generator,
+    min_block: int = 4,
+    max_block: int | None = None,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    max_attempts: int = 10,
+) -> np.ndarray:
     """A boolean H x W mask of at most `n_masked` True entries, a union of rectangles.
 
     Rectangles of at most `max_block` new patches are added while the target is not reached;
@@ -69,8 +81,14 @@ def block_mask(grid: tuple[int, int], n_masked: int, rng: np.random.Generator,
     return mask
 
 
-def batch_masks(batch_size: int, grid: tuple[int, int], ratio_range: tuple[float, float],
-                sample_probability: float, rng: np.random.Generator, min_block: int = 4) -> torch.Tensor:
+def batch_masks(
+    batch_size: int,
+    grid: tuple[int, int],
+    ratio_range: tuple[float, float],
+    sample_probability: float,
+    rng: np.random.Generator,
+    min_block: int = 4,
+) -> torch.Tensor:
     """Bool B x (H*W) masks for a batch; rows are in random order.
 
     Blocks are capped at `ratio_max` of the grid (DINOv2 caps them at half of it, its `ratio_max`).
@@ -81,7 +99,8 @@ def batch_masks(batch_size: int, grid: tuple[int, int], ratio_range: tuple[float
     masks = np.zeros((batch_size, n_patches), dtype=bool)
     for i in range(n_masked_images):
         ratio = rng.uniform(bounds[i], bounds[i + 1])
-        masks[i] = block_mask(grid, int(n_patches * ratio), rng, min_block=min_block,
-                              max_block=int(n_patches * ratio_range[1])).ravel()
+        masks[i] = block_mask(
+            grid, int(n_patches * ratio), rng, min_block=min_block, max_block=int(n_patches * ratio_range[1])
+        ).ravel()
     masks = masks[rng.permutation(batch_size)]
     return torch.from_numpy(masks)

@@ -17,7 +17,7 @@ _EMBED = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_token
 def layer_id(name: str, n_blocks: int) -> int:
     """0 for embeddings/tokens, i+1 for block i, n_blocks+1 for the final norm and the heads."""
     if name.startswith("backbone."):
-        name_in = name[len("backbone."):]
+        name_in = name[len("backbone.") :]
         if name_in.startswith(_EMBED):
             return 0
         m = _BLOCK.search("." + name_in)
@@ -26,8 +26,9 @@ def layer_id(name: str, n_blocks: int) -> int:
     return n_blocks + 1
 
 
-def param_groups(model: nn.Module, n_blocks: int, layer_decay: float = 1.0,
-                 patch_embed_lr_mult: float = 1.0) -> list[dict]:
+def param_groups(
+    model: nn.Module, n_blocks: int, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
+) -> list[dict]:
     """Groups of `model`'s trainable parameters sharing (lr mult, wd mult, is_last_layer)."""
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
@@ -42,8 +43,9 @@ def param_groups(model: nn.Module, n_blocks: int, layer_decay: float = 1.0,
         wd_mult = 0.0 if no_decay else 1.0
         last = "last_layer" in name
         key = (lr_mult, wd_mult, last)
-        g = groups.setdefault(key, {"params": [], "lr_multiplier": lr_mult,
-                                    "wd_multiplier": wd_mult, "is_last_layer": last})
+        g = groups.setdefault(
+            key, {"params": [], "lr_multiplier": lr_mult, "wd_multiplier": wd_mult, "is_last_layer": last}
+        )
         g["params"].append(p)
     return [groups[k] for k in sorted(groups, key=str)]
 
@@ -69,7 +71,9 @@ def optimizer_state_before(saved: dict, optimizer, model: nn.Module, added: set[
             groups.append(group)
             continue
         if len(old["params"]) != len(kept):
-            raise ValueError(f"the saved optimiser group {key(group)} holds {len(old['params'])} parameters, not {len(kept)}")
+            raise ValueError(
+                f"the saved optimiser group {key(group)} holds {len(old['params'])} parameters, not {len(kept)}"
+            )
         state.update({new: saved["state"][i] for i, new in zip(old["params"], kept) if i in saved["state"]})
         groups.append({**old, "params": group["params"]})
     if old_groups:

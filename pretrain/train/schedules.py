@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def cosine_schedule(start: float, end: float, total_iters: int, warmup_iters: int = 0,
-                    warmup_start: float = 0.0, freeze_iters: int = 0) -> np.ndarray:
+def cosine_schedule(
+    start: float, end: float, total_iters: int, warmup_iters: int = 0, warmup_start: float = 0.0, freeze_iters: int = 0
+) -> np.ndarray:
     """`freeze_iters` zeros, then a linear warm-up warmup_start -> start, then cosine start -> end."""
     freeze = np.zeros(freeze_iters)
     warm = np.linspace(warmup_start, start, warmup_iters, endpoint=False) if warmup_iters else np.zeros(0)
@@ -43,6 +44,10 @@ def build_schedules(optim, total_iters: int, iters_per_epoch: int, global_batch_
         "last_layer_lr": last_layer,
         "wd": cosine_schedule(optim["weight_decay"], optim["weight_decay_end"], total_iters),
         "momentum": cosine_schedule(optim["momentum_teacher"], optim["final_momentum_teacher"], total_iters),
-        "teacher_temp": linear_warmup_constant(optim["warmup_teacher_temp"], optim["teacher_temp"], total_iters,
-                                               epochs(optim["warmup_teacher_temp_epochs"])),
+        "teacher_temp": linear_warmup_constant(
+            optim["warmup_teacher_temp"],
+            optim["teacher_temp"],
+            total_iters,
+            epochs(optim["warmup_teacher_temp_epochs"]),
+        ),
     }

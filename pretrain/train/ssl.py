@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .centering import CenterEMA, sinkhorn_knopp, softmax_center
-from .distributed import all_reduce_sum
-from .heads import DINOHead
-from .losses import dino_loss, ibot_patch_loss, koleo_loss
+from lvd.pretrain.train.centering import CenterEMA, sinkhorn_knopp, softmax_center
+from lvd.pretrain.train.distributed import all_reduce_sum
+from lvd.pretrain.train.heads import DINOHead
+from lvd.pretrain.train.losses import dino_loss, ibot_patch_loss, koleo_loss
 
 
 class SSLModel(nn.Module):
@@ -27,8 +27,13 @@ class SSLModel(nn.Module):
         self.dino_head = DINOHead(backbone.embed_dim, **head)
         self.ibot_head = DINOHead(backbone.embed_dim, **ibot_head) if ibot_head is not None else None
 
-    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
-                masks: torch.Tensor | None = None, mask_indices: torch.Tensor | None = None) -> dict:
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        mask_indices: torch.Tensor | None = None,
+    ) -> dict:
         """global_crops: (n_global*B) x 3 x G x G; masks: bool (n_global*B) x N patches or None;
         mask_indices: flat indices of masked patches into (n_global*B*N) (for the iBOT head)."""
         g = self.backbone.forward_features(global_crops, masks=masks)
@@ -67,13 +72,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 class MaskInfo:
     """Masks of the student's global crops and what the iBOT loss derives from them."""
 
-    masks: torch.Tensor          # bool (n_global*B) x N
-    indices: torch.Tensor        # flat indices of the masked patches, M
-    weights: torch.Tensor        # M: 1 / masked patches of the patch's image
-    n_images: int                # n_global*B
+    masks: torch.Tensor  # bool (n_global*B) x N
+    indices: torch.Tensor  # flat indices of the masked patches, M
+    weights: torch.Tensor  # M: 1 / masked patches of the patch's image
+    n_images: int  # n_global*B
 
     @classmethod
-    def from_masks(cls, masks: torch.Tensor) -> "MaskInfo":
+    def from_masks(cls, masks: torch.Tensor) -> MaskInfo:
         flat = masks.flatten()
         per_image = masks.sum(-1, keepdim=True).clamp_min(1).float().expand_as(masks)
         return cls(masks, flat.nonzero().flatten(), (1.0 / per_image).flatten()[flat], masks.shape[0])
@@ -82,9 +87,19 @@ class MaskInfo:
 class SSLObjective(nn.Module):
     """Weighted DINO + iBOT + KoLeo loss; owns the EMA centres (saved in checkpoints)."""
 
-    def __init__(self, dino_dim: int, ibot_dim: int | None, *, centering: str = "softmax",
-                 center_momentum: float = 0.9, sinkhorn_iters: int = 3, student_temp: float = 0.1,
-                 dino_weight: float = 1.0, ibot_weight: float = 1.0, koleo_weight: float = 0.1):
+    def __init__(
+        self,
+        dino_dim: int,
+        ibot_dim: int | None,
+        *,
+        centering: str = "softmax",
+        center_momentum: float = 0.9,
+        sinkhorn_iters: int = 3,
+        student_temp: float = 0.1,
+        dino_weight: float = 1.0,
+        ibot_weight: float = 1.0,
+        koleo_weight: float = 0.1,
+    ):
         super().__init__()
         if centering not in ("softmax", "sinkhorn_knopp"):
             raise ValueError(f"centering must be softmax or sinkhorn_knopp, not {centering!r}")
@@ -100,8 +115,9 @@ class SSLObjective(nn.Module):
         center.update(logits)  # the centre used is the one from before this batch
         return probs
 
-    def forward(self, student: dict, teacher: dict, n_global: int, teacher_temp: float,
-                mask: MaskInfo | None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, student: dict, teacher: dict, n_global: int, teacher_temp: float, mask: MaskInfo | None
+    ) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             t_dino = self._targets(teacher["dino"].float(), self.dino_center, teacher_temp)
         batch = teacher["dino"].shape[0] // n_global
@@ -109,10 +125,12 @@ class SSLObjective(nn.Module):
         out = {"dino": dino_loss(list(views), list(t_dino.split(batch)), self.student_temp)}
         if self.ibot_center is not None and self.weights["ibot"] > 0 and mask is not None:
             with torch.no_grad():
-                n_masked = int(all_reduce_sum(torch.tensor([mask.indices.numel()],
-                                                           device=mask.indices.device)).item())
-                t_ibot = (self._targets(teacher["ibot"].float(), self.ibot_center, teacher_temp, n_samples=n_masked)
-                          if n_masked > 0 else teacher["ibot"].float())  # no masked patch anywhere: empty
+                n_masked = int(all_reduce_sum(torch.tensor([mask.indices.numel()], device=mask.indices.device)).item())
+                t_ibot = (
+                    self._targets(teacher["ibot"].float(), self.ibot_center, teacher_temp, n_samples=n_masked)
+                    if n_masked > 0
+                    else teacher["ibot"].float()
+                )  # no masked patch anywhere: empty
             out["ibot"] = ibot_patch_loss(student["ibot"], t_ibot, mask.weights, mask.n_images, self.student_temp)
         if self.weights["koleo"] > 0:
             out["koleo"] = sum(koleo_loss(c) for c in student["cls"].chunk(n_global))

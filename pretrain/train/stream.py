@@ -18,8 +18,8 @@ workers are served round-robin, so on resume physical worker w takes over logica
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from itertools import count
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,10 +28,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from lvd.common import media
 from lvd.common.media import IMAGE_EXTENSIONS
-
-from ..data.decode import DecodeError, load_resized
+from lvd.pretrain.data.decode import DecodeError, load_resized
 
 log = logging.getLogger(__name__)
+
 
 def expand_shards(spec: str | list[str]) -> list[str]:
     """Brace patterns and (for local paths) globs -> sorted, de-duplicated shard list."""
@@ -48,11 +48,13 @@ def image_field(sample: dict) -> bytes | None:
 
 def _tar_samples(url: str) -> Iterator[dict]:
     return wds.tariterators.group_by_keys(
-        wds.tariterators.tar_file_expander(wds.tariterators.url_opener([{"url": url}])))
+        wds.tariterators.tar_file_expander(wds.tariterators.url_opener([{"url": url}]))
+    )
 
 
-def cycle_samples(shards: list[str], rng: np.random.Generator, shards_per_cycle: int,
-                  shuffle_buffer: int) -> Iterator[dict]:
+def cycle_samples(
+    shards: list[str], rng: np.random.Generator, shards_per_cycle: int, shuffle_buffer: int
+) -> Iterator[dict]:
     """One cycle: resampled shards, randomly interleaved, then buffer-shuffled (all from `rng`)."""
     picks = rng.integers(0, len(shards), size=shards_per_cycle)
     active = [_tar_samples(shards[i]) for i in picks]
@@ -75,17 +77,30 @@ def cycle_samples(shards: list[str], rng: np.random.Generator, shards_per_cycle:
 class ShardStream(IterableDataset):
     """Infinite batches {"images": uint8 B x 3 x S x S, "stream": int, "position": (cycle, offset)}."""
 
-    def __init__(self, shards: list[str], image_size: int, batch_size: int, *, seed: int = 0,
-                 rank: int = 0, num_streams: int = 1, positions: list[tuple[int, int]] | None = None,
-                 batches_consumed: int = 0, shards_per_cycle: int = 4, shuffle_buffer: int = 1000,
-                 max_pixels: int | None = 100_000_000):
+    def __init__(
+        self,
+        shards: list[str],
+        image_size: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        num_streams: int = 1,
+        positions: list[tuple[int, int]] | None = None,
+        batches_consumed: int = 0,
+        shards_per_cycle: int = 4,
+        shuffle_buffer: int = 1000,
+        max_pixels: int | None = 100_000_000,
+    ):
         self.shards = list(shards)
         self.image_size, self.batch_size = image_size, batch_size
         self.seed, self.rank, self.num_streams = seed, rank, max(1, num_streams)
         self.positions = [tuple(p) for p in positions] if positions else [(0, 0)] * self.num_streams
         if len(self.positions) != self.num_streams:
-            raise ValueError(f"resume state has {len(self.positions)} streams, the loader {self.num_streams}: "
-                             "keep data.num_workers unchanged when resuming")
+            raise ValueError(
+                f"resume state has {len(self.positions)} streams, the loader {self.num_streams}: "
+                "keep data.num_workers unchanged when resuming"
+            )
         self.batches_consumed = batches_consumed
         self.shards_per_cycle, self.shuffle_buffer, self.max_pixels = shards_per_cycle, shuffle_buffer, max_pixels
 
@@ -101,7 +116,9 @@ class ShardStream(IterableDataset):
                     continue
                 data = image_field(sample)
                 if data is None:
-                    log.warning("sample %s of %s has no image file; skipped", sample.get("__key__"), sample.get("__url__"))
+                    log.warning(
+                        "sample %s of %s has no image file; skipped", sample.get("__key__"), sample.get("__url__")
+                    )
                     continue
                 try:
                     img = load_resized(data, self.image_size, crop=True, max_pixels=self.max_pixels)

@@ -29,17 +29,24 @@ from tqdm.auto import tqdm
 from lvd.common.atomic import atomic_path, atomic_write_json
 from lvd.common.calibration import choose
 from lvd.common.devices import autocast, has_native_bf16, resolve_device
-
-from . import distributed as D
-from .augment import MultiCrop
-from .checkpoint import FORMAT, atomic_save, checkpoint_path, export_backbone, list_checkpoints, load_checkpoint, prune_checkpoints
-from .config import effective_loss_settings
-from .masking import batch_masks
-from .metrics import MetricsLog
-from .param_groups import optimizer_state_before, param_groups
-from .schedules import build_schedules
-from .ssl import MaskInfo, SSLModel, SSLObjective, ema_update
-from .stream import ShardStream, expand_shards
+from lvd.pretrain.train import distributed as D
+from lvd.pretrain.train.augment import MultiCrop
+from lvd.pretrain.train.checkpoint import (
+    FORMAT,
+    atomic_save,
+    checkpoint_path,
+    export_backbone,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+)
+from lvd.pretrain.train.config import effective_loss_settings
+from lvd.pretrain.train.masking import batch_masks
+from lvd.pretrain.train.metrics import MetricsLog
+from lvd.pretrain.train.param_groups import optimizer_state_before, param_groups
+from lvd.pretrain.train.schedules import build_schedules
+from lvd.pretrain.train.ssl import MaskInfo, SSLModel, SSLObjective, ema_update
+from lvd.pretrain.train.stream import ShardStream, expand_shards
 
 log = logging.getLogger(__name__)
 N_GLOBAL = 2
@@ -59,8 +66,13 @@ def autocast_dtype(name: str, device: torch.device, step=None, shape: dict | Non
         return torch.bfloat16
     if not has_native_bf16(device) or step is None:
         return None
-    choice = choose("training step", shape or {}, {"float32": lambda: step(None), "bfloat16": lambda: step(torch.bfloat16)},
-                    device=device, repeats=1)
+    choice = choose(
+        "training step",
+        shape or {},
+        {"float32": lambda: step(None), "bfloat16": lambda: step(torch.bfloat16)},
+        device=device,
+        repeats=1,
+    )
     log.info("train.dtype auto: %s", choice.describe())
     return torch.bfloat16 if choice.name == "bfloat16" else None
 
@@ -72,28 +84,50 @@ def step_seed(seed: int, rank: int, iteration: int) -> int:
 
 def build_models(cfg: DictConfig, settings: dict, device: torch.device) -> tuple[SSLModel, SSLModel]:
     """Student (with drop-path) and teacher (without), starting from identical weights."""
-    from ..models import build_backbone
+    from lvd.pretrain.models import build_backbone
 
     overrides = dict(OmegaConf.to_container(cfg.model.overrides, resolve=True))
-    heads = lambda h: dict(out_dim=h.prototypes, hidden_dim=h.hidden_dim,  # noqa: E731
-                           bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers,
-                           norm_last_layer=bool(h.norm_last_layer))
+
+    def heads(h):
+        return dict(
+            out_dim=h.prototypes,
+            hidden_dim=h.hidden_dim,
+            bottleneck_dim=h.bottleneck_dim,
+            nlayers=h.nlayers,
+            norm_last_layer=bool(h.norm_last_layer),
+        )
+
     ibot = heads(cfg.ibot_head) if settings["ibot"] else None
     torch.manual_seed(cfg.seed)
-    student = SSLModel(build_backbone(cfg.model.arch, weights=cfg.model.weights,
-                                      drop_path_rate=cfg.model.drop_path_rate,
-                                      drop_path_uniform=bool(cfg.model.drop_path_uniform), **overrides),
-                       heads(cfg.dino_head), ibot)
-    teacher = SSLModel(build_backbone(cfg.model.arch, weights=None, drop_path_rate=0.0, **overrides),
-                       heads(cfg.dino_head), ibot)
+    student = SSLModel(
+        build_backbone(
+            cfg.model.arch,
+            weights=cfg.model.weights,
+            drop_path_rate=cfg.model.drop_path_rate,
+            drop_path_uniform=bool(cfg.model.drop_path_uniform),
+            **overrides,
+        ),
+        heads(cfg.dino_head),
+        ibot,
+    )
+    teacher = SSLModel(
+        build_backbone(cfg.model.arch, weights=None, drop_path_rate=0.0, **overrides), heads(cfg.dino_head), ibot
+    )
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student.to(device).train(), teacher.to(device).eval()
 
 
-def forward_losses(student: nn.Module, teacher: nn.Module, objective: SSLObjective,
-                   global_crops: torch.Tensor, local_crops: torch.Tensor | None, mask: MaskInfo | None,
-                   teacher_temp: float, amp: torch.dtype | None) -> dict[str, torch.Tensor]:
+def forward_losses(
+    student: nn.Module,
+    teacher: nn.Module,
+    objective: SSLObjective,
+    global_crops: torch.Tensor,
+    local_crops: torch.Tensor | None,
+    mask: MaskInfo | None,
+    teacher_temp: float,
+    amp: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
     """Teacher targets (no grad) + student forward + the weighted losses, for one batch."""
     ctx = torch.autocast(global_crops.device.type, dtype=amp) if amp is not None else nullcontext()
     indices = mask.indices if mask is not None else None
@@ -118,24 +152,39 @@ class Pretrainer:
         self.settings = effective_loss_settings(cfg)
         self.student, self.teacher = build_models(cfg, self.settings, self.device)
         self.amp = self._autocast_dtype()
-        self.n_blocks = int(getattr(self.student.backbone, "n_blocks", len(getattr(self.student.backbone, "blocks", []))))
+        self.n_blocks = int(
+            getattr(self.student.backbone, "n_blocks", len(getattr(self.student.backbone, "blocks", [])))
+        )
         self.patch = int(self.student.backbone.patch_size)
         self.objective = SSLObjective(
-            cfg.dino_head.prototypes, cfg.ibot_head.prototypes if self.settings["ibot"] else None,
-            centering=self.settings["centering"], center_momentum=cfg.loss.center_momentum,
-            sinkhorn_iters=cfg.loss.sinkhorn_iters, student_temp=cfg.loss.student_temp,
-            dino_weight=self.settings["dino_weight"], ibot_weight=self.settings["ibot_weight"],
-            koleo_weight=self.settings["koleo_weight"]).to(self.device)
+            cfg.dino_head.prototypes,
+            cfg.ibot_head.prototypes if self.settings["ibot"] else None,
+            centering=self.settings["centering"],
+            center_momentum=cfg.loss.center_momentum,
+            sinkhorn_iters=cfg.loss.sinkhorn_iters,
+            student_temp=cfg.loss.student_temp,
+            dino_weight=self.settings["dino_weight"],
+            ibot_weight=self.settings["ibot_weight"],
+            koleo_weight=self.settings["koleo_weight"],
+        ).to(self.device)
         self.train_module = self._wrap()
         self.optimizer = torch.optim.AdamW(
             param_groups(self.student, self.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
-            lr=0.0, betas=tuple(cfg.optim.adamw_betas))
+            lr=0.0,
+            betas=tuple(cfg.optim.adamw_betas),
+        )
         self.total = int(cfg.optim.epochs * cfg.optim.iters_per_epoch)
         self.global_batch = cfg.data.batch_size_per_rank * self.world
         self.schedules = build_schedules(cfg.optim, self.total, cfg.optim.iters_per_epoch, self.global_batch)
-        self.multicrop = MultiCrop(cfg.crops.global_size, cfg.crops.local_size, cfg.crops.n_local,
-                                   tuple(cfg.crops.global_scale), tuple(cfg.crops.local_scale),
-                                   tuple(cfg.crops.mean), tuple(cfg.crops.std)).to(self.device)
+        self.multicrop = MultiCrop(
+            cfg.crops.global_size,
+            cfg.crops.local_size,
+            cfg.crops.n_local,
+            tuple(cfg.crops.global_scale),
+            tuple(cfg.crops.local_scale),
+            tuple(cfg.crops.mean),
+            tuple(cfg.crops.std),
+        ).to(self.device)
         for size in (cfg.crops.global_size, cfg.crops.local_size):
             if size % self.patch:
                 raise ValueError(f"crop size {size} is not a multiple of the patch size {self.patch}")
@@ -159,8 +208,12 @@ class Pretrainer:
                 out.float().square().mean().backward()
             backbone.zero_grad(set_to_none=True)
 
-        shape = {"arch": str(cfg.model.arch), "overrides": dict(OmegaConf.to_container(cfg.model.overrides)),
-                 "size": size, "batch": min(batch, 8)}
+        shape = {
+            "arch": str(cfg.model.arch),
+            "overrides": dict(OmegaConf.to_container(cfg.model.overrides)),
+            "size": size,
+            "batch": min(batch, 8),
+        }
         amp = autocast_dtype(cfg.train.dtype, self.device, step if self.rank == 0 else None, shape)
         if self.world > 1 and cfg.train.dtype == "auto":  # only rank 0 measures; every rank takes its choice
             flag = torch.tensor([1.0 if self.rank == 0 and amp is not None else 0.0], device=self.device)
@@ -189,27 +242,47 @@ class Pretrainer:
 
     def _loader(self) -> DataLoader:
         cfg = self.cfg
-        shards = expand_shards(cfg.data.shards if cfg.data.shards is not None
-                               else str(Path(cfg.run_dir) / "shards" / "*.tar"))
-        stream = ShardStream(shards, cfg.data.image_size, cfg.data.batch_size_per_rank, seed=cfg.seed,
-                             rank=self.rank, num_streams=self.n_streams, positions=self.positions,
-                             batches_consumed=self.start, shards_per_cycle=cfg.data.shards_per_cycle,
-                             shuffle_buffer=cfg.data.shuffle_buffer, max_pixels=cfg.data.max_pixels)
+        shards = expand_shards(
+            cfg.data.shards if cfg.data.shards is not None else str(Path(cfg.run_dir) / "shards" / "*.tar")
+        )
+        stream = ShardStream(
+            shards,
+            cfg.data.image_size,
+            cfg.data.batch_size_per_rank,
+            seed=cfg.seed,
+            rank=self.rank,
+            num_streams=self.n_streams,
+            positions=self.positions,
+            batches_consumed=self.start,
+            shards_per_cycle=cfg.data.shards_per_cycle,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            max_pixels=cfg.data.max_pixels,
+        )
         workers = int(cfg.data.num_workers)
-        return DataLoader(stream, batch_size=None, num_workers=workers,
-                          pin_memory=self.device.type == "cuda",
-                          worker_init_fn=_single_thread if workers else None,
-                          prefetch_factor=2 if workers else None)
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_single_thread if workers else None,
+            prefetch_factor=2 if workers else None,
+        )
 
     # -- checkpoints -------------------------------------------------------------------
     def _state_dicts(self) -> tuple[dict, dict, dict]:
         if self._fsdp():
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return (get_model_state_dict(self.student, options=opts), get_model_state_dict(self.teacher, options=opts),
-                    get_optimizer_state_dict(self.student, self.optimizer, options=opts))
+            return (
+                get_model_state_dict(self.student, options=opts),
+                get_model_state_dict(self.teacher, options=opts),
+                get_optimizer_state_dict(self.student, self.optimizer, options=opts),
+            )
         return self.student.state_dict(), self.teacher.state_dict(), self.optimizer.state_dict()
 
     def save(self, next_iteration: int) -> None:
@@ -225,12 +298,17 @@ class Pretrainer:
             ckpt = {
                 "format": FORMAT,
                 "arch": {"name": self.cfg.model.arch, "overrides": overrides},
-                "teacher_backbone": {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")},
-                "student": student, "teacher": teacher, "optimizer": optim,
+                "teacher_backbone": {k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")},
+                "student": student,
+                "teacher": teacher,
+                "optimizer": optim,
                 "objective": self.objective.state_dict(),
                 "iteration": next_iteration,
-                "data": {"positions": [p.tolist() for p in all_pos], "num_streams": self.n_streams,
-                         "world_size": self.world},
+                "data": {
+                    "positions": [p.tolist() for p in all_pos],
+                    "num_streams": self.n_streams,
+                    "world_size": self.world,
+                },
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             }
             atomic_save(ckpt, checkpoint_path(self.out / "checkpoints", next_iteration))
@@ -245,11 +323,16 @@ class Pretrainer:
         ckpt = load_checkpoint(path, map_location=self.device)
         data = ckpt["data"]
         if data["world_size"] != self.world or data["num_streams"] != self.n_streams:
-            raise ValueError(f"{path} was written by {data['world_size']} ranks x {data['num_streams']} streams; "
-                             f"this run has {self.world} x {self.n_streams}: keep them unchanged to resume")
+            raise ValueError(
+                f"{path} was written by {data['world_size']} ranks x {data['num_streams']} streams; "
+                f"this run has {self.world} x {self.n_streams}: keep them unchanged to resume"
+            )
         if self._fsdp():
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.student, ckpt["student"], options=opts)
@@ -258,12 +341,18 @@ class Pretrainer:
         else:
             # A checkpoint from before the prototype gain was a parameter loads with gain 1;
             # its optimiser state then lacks the gain, which starts afresh.
-            gains = {n for n, p in self.student.named_parameters()
-                     if n.endswith("last_layer.weight_g") and n not in ckpt["student"] and p.requires_grad}
+            gains = {
+                n
+                for n, p in self.student.named_parameters()
+                if n.endswith("last_layer.weight_g") and n not in ckpt["student"] and p.requires_grad
+            }
             self.student.load_state_dict(ckpt["student"])
             self.teacher.load_state_dict(ckpt["teacher"])
-            self.optimizer.load_state_dict(optimizer_state_before(ckpt["optimizer"], self.optimizer, self.student, gains)
-                                           if gains else ckpt["optimizer"])
+            self.optimizer.load_state_dict(
+                optimizer_state_before(ckpt["optimizer"], self.optimizer, self.student, gains)
+                if gains
+                else ckpt["optimizer"]
+            )
         self.objective.load_state_dict(ckpt["objective"])
         self.start = int(ckpt["iteration"])
         self.positions = [tuple(p) for p in data["positions"][self.rank]]
@@ -286,14 +375,23 @@ class Pretrainer:
         mask = None
         if self.settings["ibot"]:
             rng = np.random.default_rng([cfg.seed, self.rank, it, 1])
-            masks = batch_masks(global_crops.shape[0], self.grid, (cfg.masking.ratio_min, cfg.masking.ratio_max),
-                                cfg.masking.sample_probability, rng, cfg.masking.min_block)
+            masks = batch_masks(
+                global_crops.shape[0],
+                self.grid,
+                (cfg.masking.ratio_min, cfg.masking.ratio_max),
+                cfg.masking.sample_probability,
+                rng,
+                cfg.masking.min_block,
+            )
             mask = MaskInfo.from_masks(masks.to(self.device))
         temp = float(self.schedules["teacher_temp"][it])
-        losses = forward_losses(self.train_module, self.teacher, self.objective, global_crops, local_crops,
-                                mask, temp, self.amp)
+        losses = forward_losses(
+            self.train_module, self.teacher, self.objective, global_crops, local_crops, mask, temp, self.amp
+        )
         if not torch.isfinite(losses["total"]):
-            raise FloatingPointError(f"non-finite loss at iteration {it}: {({k: float(v) for k, v in losses.items()})}")
+            raise FloatingPointError(
+                f"non-finite loss at iteration {it}: { ({k: float(v) for k, v in losses.items()}) }"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if cfg.optim.clip_grad > 0:
@@ -309,7 +407,13 @@ class Pretrainer:
     def run(self) -> Path:
         cfg = self.cfg
         if cfg.train.overwrite and self.rank == 0 and self.out.exists():
-            for name in ("checkpoints", "metrics.jsonl", "teacher_backbone.pth", "teacher_backbone.safetensors", "_SUCCESS.json"):
+            for name in (
+                "checkpoints",
+                "metrics.jsonl",
+                "teacher_backbone.pth",
+                "teacher_backbone.safetensors",
+                "_SUCCESS.json",
+            ):
                 p = self.out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         D.barrier()
@@ -353,11 +457,15 @@ class Pretrainer:
         vals /= self.world
         if metrics is None:
             return
-        row = {"iteration": it, **{k: float(v) for k, v in zip(names, vals)},
-               "lr": float(self.schedules["lr"][it]), "wd": float(self.schedules["wd"][it]),
-               "momentum": float(self.schedules["momentum"][it]),
-               "teacher_temp": float(self.schedules["teacher_temp"][it]),
-               "images_per_s": round(steps * self.global_batch / max(elapsed, 1e-9), 3)}
+        row = {
+            "iteration": it,
+            **{k: float(v) for k, v in zip(names, vals)},
+            "lr": float(self.schedules["lr"][it]),
+            "wd": float(self.schedules["wd"][it]),
+            "momentum": float(self.schedules["momentum"][it]),
+            "teacher_temp": float(self.schedules["teacher_temp"][it]),
+            "images_per_s": round(steps * self.global_batch / max(elapsed, 1e-9), 3),
+        }
         metrics.write(row)
         log.debug("iteration %d: %s", it, row)
 
@@ -367,14 +475,23 @@ class Pretrainer:
             ckpt = load_checkpoint(found[-1][1])
             atomic_save(ckpt["teacher_backbone"], self.out / "teacher_backbone.pth")  # hub layout
             arch = ckpt["arch"]
-            export_backbone(ckpt["teacher_backbone"], self.out / "teacher_backbone.safetensors", arch["name"],
-                            arch.get("overrides") or {})  # self-describing
-            info = {"iterations": self.total, "images_seen": self.total * self.global_batch,
-                    "arch": ckpt["arch"], "checkpoint": str(found[-1][1]),
-                    "teacher_backbone": str(self.out / "teacher_backbone.pth"),
-                    "teacher_backbone_self_describing": str(self.out / "teacher_backbone.safetensors"),
-                    "world_size": self.world, "device": str(self.device),
-                    "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+            export_backbone(
+                ckpt["teacher_backbone"],
+                self.out / "teacher_backbone.safetensors",
+                arch["name"],
+                arch.get("overrides") or {},
+            )  # self-describing
+            info = {
+                "iterations": self.total,
+                "images_seen": self.total * self.global_batch,
+                "arch": ckpt["arch"],
+                "checkpoint": str(found[-1][1]),
+                "teacher_backbone": str(self.out / "teacher_backbone.pth"),
+                "teacher_backbone_self_describing": str(self.out / "teacher_backbone.safetensors"),
+                "world_size": self.world,
+                "device": str(self.device),
+                "versions": {"python": platform.python_version(), "torch": torch.__version__},
+            }
             atomic_write_json(self.out / "_SUCCESS.json", info)
         D.barrier()
 

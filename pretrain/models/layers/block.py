@@ -7,11 +7,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from .attention import Attention
-from .drop_path import DropPath
-from .layer_scale import LayerScale
-from .mlp import Mlp
-from .swiglu import SwiGLUFFN, swiglu_hidden_features
+from lvd.pretrain.models.layers.attention import Attention
+from lvd.pretrain.models.layers.drop_path import DropPath
+from lvd.pretrain.models.layers.layer_scale import LayerScale
+from lvd.pretrain.models.layers.mlp import Mlp
+from lvd.pretrain.models.layers.swiglu import SwiGLUFFN, swiglu_hidden_features
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 

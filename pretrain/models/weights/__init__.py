@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .hub import grid_side, to_hub_layout
-from .huggingface import hf_to_hub, hints_from_hf_config, looks_like_hf, read_hf_config
-from .lvd_checkpoint import arch_from_metadata, is_lvd_checkpoint, teacher_from_checkpoint
-from .resolve import resolve_weights
-from .strict import WeightsError, check_state_dict, load_strict
+from lvd.pretrain.models.weights.hub import grid_side, to_hub_layout
+from lvd.pretrain.models.weights.huggingface import hf_to_hub, hints_from_hf_config, looks_like_hf, read_hf_config
+from lvd.pretrain.models.weights.lvd_checkpoint import arch_from_metadata, is_lvd_checkpoint, teacher_from_checkpoint
+from lvd.pretrain.models.weights.resolve import resolve_weights
+from lvd.pretrain.models.weights.strict import WeightsError, check_state_dict, load_strict
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def _read(path: Path) -> LoadedWeights:
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))  # one model.safetensors, or its shards
         if not files:
-            raise WeightsError(f"{path}: a Hugging Face folder needs model.safetensors (pickled .bin files are not read)")
+            raise WeightsError(
+                f"{path}: a Hugging Face folder needs model.safetensors (pickled .bin files are not read)"
+            )
         merged: dict[str, torch.Tensor] = {}
         for file in files:
             merged.update(_read_safetensors(file))
@@ -80,7 +82,7 @@ def _read(path: Path) -> LoadedWeights:
         return LoadedWeights(sd, str(path), "huggingface", hints)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from .onnx_import import state_dict_from_onnx
+        from lvd.pretrain.models.weights.onnx_import import state_dict_from_onnx
 
         hints = {"interpolate_offset": 0.0, "interpolate_antialias": False}  # a Dinov2Model export
         try:
@@ -128,7 +130,9 @@ def weights_arch_name(spec: str | os.PathLike) -> str | None:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return arch_from_metadata(f.metadata())[0]
         except Exception as exc:  # a damaged header
-            raise WeightsError(f"{path} is not a readable safetensors file ({type(exc).__name__}); {FORMATS_HINT}") from exc
+            raise WeightsError(
+                f"{path} is not a readable safetensors file ({type(exc).__name__}); {FORMATS_HINT}"
+            ) from exc
     return load_weights(spec).arch_name
 
 

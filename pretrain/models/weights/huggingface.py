@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
-from .hub import strip_prefixes
+from lvd.pretrain.models.weights.hub import strip_prefixes
 
 _HF_PREFIXES = ("dinov2.", "backbone.", "model.")
 
@@ -38,7 +38,9 @@ _RENAMES = (
 )
 # saved checkpoints use attention.attention.{query,key,value}; transformers >= 5 modules are
 # named attention.{q,k,v}_proj in memory (a state_dict() saved with torch.save has those)
-_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.(?:attention\.)?(query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)$")
+_QKV = re.compile(
+    r"^encoder\.layer\.(\d+)\.attention\.(?:attention\.)?(query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)$"
+)
 _QKV_PART = {"query": "query", "key": "key", "value": "value", "q_proj": "query", "k_proj": "key", "v_proj": "value"}
 _GATE_UP = re.compile(r"^encoder\.layer\.(\d+)\.mlp\.(gate_proj|up_proj)\.(weight|bias)$")
 

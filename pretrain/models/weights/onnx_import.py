@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .huggingface import hf_to_hub
-from .strict import WeightsError
+from lvd.pretrain.models.weights.huggingface import hf_to_hub
+from lvd.pretrain.models.weights.strict import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,10 @@ def _position_embedding(graph, inits: dict[str, np.ndarray], scope: str, dim: in
     patch_rows = [
         inits[n]
         for n in anonymous
-        if inits[n].ndim == 3 and inits[n].shape[0] == 1 and inits[n].shape[2] == dim and inits[n].shape[1] > 1
+        if inits[n].ndim == 3
+        and inits[n].shape[0] == 1
+        and inits[n].shape[2] == dim
+        and inits[n].shape[1] > 1
         and round(inits[n].shape[1] ** 0.5) ** 2 == inits[n].shape[1]
     ]
     if len(cls_rows) != 1 or len(patch_rows) != 1:

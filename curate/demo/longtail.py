@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lvd.curate.demo_data import CLASSES, FASHION_MNIST_DIR, augment_copy, load_fashion_mnist
+from lvd.curate.demo.fashion_mnist import CLASSES, FASHION_MNIST_DIR, augment_copy, load_fashion_mnist
 from lvd.curate.runio import atomic_write_json
 
 #: share of each class relative to the next larger one (class rank order is drawn with the seed)
@@ -49,8 +49,13 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def prepare_longtail_pool(out: str | os.PathLike, distinct: int = 2400, seed: int = 0,
-                          fmnist_root: str | os.PathLike = FASHION_MNIST_DIR, exclude: set[int] | None = None) -> Path:
+def prepare_longtail_pool(
+    out: str | os.PathLike,
+    distinct: int = 2400,
+    seed: int = 0,
+    fmnist_root: str | os.PathLike = FASHION_MNIST_DIR,
+    exclude: set[int] | None = None,
+) -> Path:
     """Write DATA/longtail/pool-NNNNNN.tar (+ truth.json) and return DATA/longtail.
 
     `distinct` Fashion-MNIST train images are drawn with long-tailed class shares (train
@@ -60,8 +65,14 @@ def prepare_longtail_pool(out: str | os.PathLike, distinct: int = 2400, seed: in
 
     folder = Path(out) / "data" / "longtail"
     truth_path = folder / "truth.json"
-    params = {"distinct": distinct, "seed": seed, "decay": DECAY, "repeated": REPEATED_FRACTION, "copies": list(COPIES),
-              "exclude": len(exclude or ())}
+    params = {
+        "distinct": distinct,
+        "seed": seed,
+        "decay": DECAY,
+        "repeated": REPEATED_FRACTION,
+        "copies": list(COPIES),
+        "exclude": len(exclude or ()),
+    }
     if truth_path.is_file() and json.loads(truth_path.read_text()).get("params") == params:
         return folder
     fm = load_fashion_mnist(fmnist_root)
@@ -81,13 +92,19 @@ def prepare_longtail_pool(out: str | os.PathLike, distinct: int = 2400, seed: in
         for c in range(int(rng.integers(COPIES[0], COPIES[1] + 1))):
             exact = c % 2 == 0
             data = _png(fm["train_x"][i]) if exact else _jpeg(augment_copy(Image.fromarray(fm["train_x"][i]), rng))
-            samples.append((f"copy-{i:05d}-{c:02d}", data, CLASSES[fm["train_y"][i]], f"img-{i:05d}", "exact" if exact else "near"))
+            samples.append(
+                (f"copy-{i:05d}-{c:02d}", data, CLASSES[fm["train_y"][i]], f"img-{i:05d}", "exact" if exact else "near")
+            )
     samples = [samples[j] for j in rng.permutation(len(samples))]  # a crawl is in no useful order
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("pool-*.tar"):
         old.unlink()
-    truth = {"params": params, "class_order": [CLASSES[c] for c in order], "train_index": [int(i) for i in chosen],
-             "samples": {}}
+    truth = {
+        "params": params,
+        "class_order": [CLASSES[c] for c in order],
+        "train_index": [int(i) for i in chosen],
+        "samples": {},
+    }
     for shard, start in enumerate(range(0, len(samples), SHARD_SIZE)):
         with wds.TarWriter(str(folder / f"pool-{shard:06d}.tar"), mtime=0) as sink:
             for key, data, label, origin, kind in samples[start : start + SHARD_SIZE]:

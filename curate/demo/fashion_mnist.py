@@ -44,7 +44,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def load_fashion_mnist(root: str | os.PathLike = FASHION_MNIST_DIR) -> dict[str, np.ndarray]:
     root = Path(root)
-    names = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte", "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+    names = {
+        "train_x": "train-images-idx3-ubyte",
+        "train_y": "train-labels-idx1-ubyte",
+        "test_x": "t10k-images-idx3-ubyte",
+        "test_y": "t10k-labels-idx1-ubyte",
+    }
     out = {}
     for key, stem in names.items():
         candidates = [root / f"{stem}.gz", root / stem]
@@ -92,7 +97,15 @@ def prepare_demo_data(
     """Write DATA/{pool,seeds/fashion/CLASS,eval/fmnist_test/CLASS} and DATA/truth.json."""
     data_dir = Path(out) / "data"
     truth_path = data_dir / "truth.json"
-    params = dict(augment="retone-reencode", pool_size=pool_size, eval_size=eval_size, seeds_per_class=seeds_per_class, near_dup_fraction=near_dup_fraction, eval_copy_count=eval_copy_count, seed=seed)
+    params = dict(
+        augment="retone-reencode",
+        pool_size=pool_size,
+        eval_size=eval_size,
+        seeds_per_class=seeds_per_class,
+        near_dup_fraction=near_dup_fraction,
+        eval_copy_count=eval_copy_count,
+        seed=seed,
+    )
     if truth_path.is_file() and json.loads(truth_path.read_text()).get("params") == params:
         return data_dir
     fm = load_fashion_mnist(fmnist_root)
@@ -102,7 +115,14 @@ def prepare_demo_data(
     rest = train_order[pool_size:]
     test_idx = rng.permutation(len(fm["test_y"]))[:eval_size]
 
-    truth = {"params": params, "classes": list(CLASSES), "seed_classes": list(SEED_CLASSES), "pool": {}, "near_dup_of": {}, "eval_copy_of": {}}
+    truth = {
+        "params": params,
+        "classes": list(CLASSES),
+        "seed_classes": list(SEED_CLASSES),
+        "pool": {},
+        "near_dup_of": {},
+        "eval_copy_of": {},
+    }
     for i in pool_idx:
         name = f"train-{i:05d}.png"
         _save_png(fm["train_x"][i], data_dir / "pool" / name)

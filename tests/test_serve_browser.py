@@ -11,12 +11,13 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from lvd.index.service import ServeOptions
-from lvd.index.store import BuildOptions, IndexStore, build
 from browser_support import headless_chromium
 from index_support import embedded_photo_run, running_server
+from PIL import Image
+
+from lvd.index.store import BuildOptions, IndexStore, build
+from lvd.serve.service import ServeOptions
+
 
 @pytest.fixture()
 def browser():
@@ -44,8 +45,11 @@ def test_drop_page_shows_neighbours_grid(tmp_path, browser):
         browser.find_element(By.ID, "file").send_keys(str(upload))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid figure.hit")) == 8)
         # every thumbnail loaded as a real image
-        wait.until(lambda d: d.execute_script(
-            "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+        wait.until(
+            lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
+        )
         figures = browser.find_elements(By.CSS_SELECTOR, "#grid figure.hit")
         first = figures[0].find_element(By.TAG_NAME, "figcaption").text
         assert f"id {query['id']}" in first and first.startswith("1.000")

@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from index_support import FIRST_ID, embedded_photo_run, running_server
 from PIL import Image
 
-from lvd.index.cli import main
-from lvd.index.service import IndexService, Query, ServeOptions, ServiceError
 from lvd.index.store import BuildOptions, IndexStore, build
-from index_support import FIRST_ID, embedded_photo_run, running_server
+from lvd.serve.cli import main
+from lvd.serve.service import IndexService, Query, ServeOptions, ServiceError
 
 K = 5
 
@@ -30,8 +30,14 @@ def served(tmp_path_factory):
     store = IndexStore.open(root / "index")
     opts = ServeOptions(max_upload_bytes=2**20, max_concurrent_searches=4)
     with running_server(store, opts) as url:
-        yield {"url": url, "rows": rows, "data": data, "x": x.astype(np.float16).astype(np.float32),
-               "ids": np.array([r["id"] for r in rows]), "root": root}
+        yield {
+            "url": url,
+            "rows": rows,
+            "data": data,
+            "x": x.astype(np.float16).astype(np.float32),
+            "ids": np.array([r["id"] for r in rows]),
+            "root": root,
+        }
 
 
 def call(url, method="GET", body=None, headers=None, timeout=30):
@@ -83,8 +89,14 @@ def test_upload_of_an_indexed_photo_finds_itself_first(served, multipart):
         payload = served["data"][r["id"]]
         if multipart:
             boundary = "lvdtestboundary"
-            body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n"
-                    f"Content-Type: application/octet-stream\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+            body = (
+                (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+                    f"Content-Type: application/octet-stream\r\n\r\n"
+                ).encode()
+                + payload
+                + f"\r\n--{boundary}--\r\n".encode()
+            )
             headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         else:
             body, headers = payload, {"Content-Type": "image/jpeg"}
@@ -110,8 +122,12 @@ def test_search_by_id_and_by_vector_match_numpy(served):
         status, out = call_json(f"{served['url']}/api/search/id/{id_}?k={K}")
         assert status == 200 and [h["id"] for h in out["results"]] == numpy_neighbours(served, v)
     q = np.random.default_rng(0).standard_normal(served["x"].shape[1])
-    status, out = call_json(served["url"] + "/api/search/vector", "POST",
-                            json.dumps({"vector": q.tolist(), "k": K}).encode(), {"Content-Type": "application/json"})
+    status, out = call_json(
+        served["url"] + "/api/search/vector",
+        "POST",
+        json.dumps({"vector": q.tolist(), "k": K}).encode(),
+        {"Content-Type": "application/json"},
+    )
     assert status == 200 and [h["id"] for h in out["results"]] == numpy_neighbours(served, q / np.linalg.norm(q))
     scores = [h["score"] for h in out["results"]]
     np.testing.assert_allclose(scores, np.sort(served["x"] @ (q / np.linalg.norm(q)))[::-1][:K], atol=1e-4)
@@ -127,41 +143,52 @@ def test_thumbnails_are_the_indexed_images(served):
         assert diff < 10, (r, diff)
 
 
-@pytest.mark.parametrize("path,status", [
-    ("/thumb/999", 404),
-    ("/thumb/../../../../etc/passwd", 404),
-    ("/thumb/%2e%2e%2f%2e%2e%2fetc%2fpasswd", 404),
-    ("/../../etc/passwd", 404),
-    (f"/thumb/{FIRST_ID}/../../../etc/passwd", 404),
-    ("/api/search/id/424242", 404),
-    (f"/api/search/id/{FIRST_ID}?k=0", 400),
-    (f"/api/search/id/{FIRST_ID}?k=abc", 400),
-    (f"/api/search/id/{FIRST_ID}?k=1000000", 400),
-    ("/api/search/image", 405),
-])
+@pytest.mark.parametrize(
+    "path,status",
+    [
+        ("/thumb/999", 404),
+        ("/thumb/../../../../etc/passwd", 404),
+        ("/thumb/%2e%2e%2f%2e%2e%2fetc%2fpasswd", 404),
+        ("/../../etc/passwd", 404),
+        (f"/thumb/{FIRST_ID}/../../../etc/passwd", 404),
+        ("/api/search/id/424242", 404),
+        (f"/api/search/id/{FIRST_ID}?k=0", 400),
+        (f"/api/search/id/{FIRST_ID}?k=abc", 400),
+        (f"/api/search/id/{FIRST_ID}?k=1000000", 400),
+        ("/api/search/image", 405),
+    ],
+)
 def test_bad_gets_get_a_4xx_with_a_message(served, path, status):
     head, body = raw_request(served, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     assert head.split()[1] == str(status).encode(), head
     assert b"root:" not in body and json.loads(body)["error"]
 
 
-@pytest.mark.parametrize("route,body,ctype,status,message", [
-    ("/api/search/image", b"certainly not an image", "image/jpeg", 400, "cannot read the uploaded image"),
-    ("/api/search/image", b"\xff\xd8\xff\xe0" + b"\x00" * 64, "image/jpeg", 400, "cannot read"),
-    ("/api/search/image", b"--b\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--b--\r\n",
-     "multipart/form-data; boundary=b", 400, "no field named"),
-    ("/api/search/vector", b"{not json", "application/json", 400, "not JSON"),
-    ("/api/search/vector", b"{not json", "text/plain", 400, "not JSON"),
-    ("/api/search/vector", b'{"vector": [1, 2, 3]}', "application/json", 400, "must have"),
-    ("/api/search/vector", b'{"vector": "abc"}', "application/json", 400, "vector: Input should be a valid array"),
-    ("/api/search/vector", b'{"vector": [NaN' + b", 0" * 63 + b"]}", "application/json", 400, "finite"),
-    ("/api/search/vector", b'[1, 2]', "application/json", 400, "body: Input should be an object"),
-    ("/api/search/vector", b'{"vector": [1e400' + b", 0" * 63 + b"]}", "application/json", 400, "finite"),
-    ("/api/search/vector", b'{"vector": [1' + b"0" * 400 + b", 0" * 63 + b"]}", "application/json", 400, "vector"),
-    ("/api/search/vector", b'{"vector": [1' + b"0" * 5000 + b"]}", "application/json", 400, "body"),
-    ("/api/search/vector", b'{"vector": ' + b"[" * 100000 + b"]" * 100000 + b"}", "application/json", 400, ""),
-    ("/api/search/vector", b'{"vector": [1e39' + b", 0" * 63 + b"]}", "application/json", 400, "float32"),
-])
+@pytest.mark.parametrize(
+    "route,body,ctype,status,message",
+    [
+        ("/api/search/image", b"certainly not an image", "image/jpeg", 400, "cannot read the uploaded image"),
+        ("/api/search/image", b"\xff\xd8\xff\xe0" + b"\x00" * 64, "image/jpeg", 400, "cannot read"),
+        (
+            "/api/search/image",
+            b'--b\r\nContent-Disposition: form-data; name="other"\r\n\r\nx\r\n--b--\r\n',
+            "multipart/form-data; boundary=b",
+            400,
+            "no field named",
+        ),
+        ("/api/search/vector", b"{not json", "application/json", 400, "not JSON"),
+        ("/api/search/vector", b"{not json", "text/plain", 400, "not JSON"),
+        ("/api/search/vector", b'{"vector": [1, 2, 3]}', "application/json", 400, "must have"),
+        ("/api/search/vector", b'{"vector": "abc"}', "application/json", 400, "vector: Input should be a valid array"),
+        ("/api/search/vector", b'{"vector": [NaN' + b", 0" * 63 + b"]}", "application/json", 400, "finite"),
+        ("/api/search/vector", b"[1, 2]", "application/json", 400, "body: Input should be an object"),
+        ("/api/search/vector", b'{"vector": [1e400' + b", 0" * 63 + b"]}", "application/json", 400, "finite"),
+        ("/api/search/vector", b'{"vector": [1' + b"0" * 400 + b", 0" * 63 + b"]}", "application/json", 400, "vector"),
+        ("/api/search/vector", b'{"vector": [1' + b"0" * 5000 + b"]}", "application/json", 400, "body"),
+        ("/api/search/vector", b'{"vector": ' + b"[" * 100000 + b"]" * 100000 + b"}", "application/json", 400, ""),
+        ("/api/search/vector", b'{"vector": [1e39' + b", 0" * 63 + b"]}", "application/json", 400, "float32"),
+    ],
+)
 def test_bad_posts_get_a_4xx_with_a_message(served, route, body, ctype, status, message):
     got, out = call_json(served["url"] + route, "POST", body, {"Content-Type": ctype})
     assert got == status and message in out["error"], out
@@ -169,17 +196,26 @@ def test_bad_posts_get_a_4xx_with_a_message(served, route, body, ctype, status, 
 
 def test_upload_limit_is_checked_before_reading(served):
     # announces 50 MB, sends none of it: the answer must come at once, and the connection close
-    head, body = raw_request(served, b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                                     b"Content-Length: 50000000\r\n\r\n")
+    head, body = raw_request(
+        served,
+        b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 50000000\r\n\r\n",
+    )
     assert head.split()[1] == b"413" and b"exceeds the limit" in body
     # a chunked body with nothing in it is an empty upload, not a crash
-    head, body = raw_request(served, b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    head, body = raw_request(
+        served,
+        b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
     assert head.split()[1] == b"400" and b"empty" in body
     # a chunked body that grows past the limit is cut off there
     chunk = b"x" * 2**16
-    head, body = raw_request(served, b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                     + (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 17 + b"0\r\n\r\n")
+    head, body = raw_request(
+        served,
+        b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 17
+        + b"0\r\n\r\n",
+    )
     assert head.split()[1] == b"413" and b"exceeds the limit" in body
     status, _, _ = call(served["url"] + "/api/search/image", "POST", b"x" * (2**20 + 1), {"Content-Type": "image/png"})
     assert status == 413
@@ -196,16 +232,25 @@ def test_one_hundred_concurrent_searches(served):
         if i % 3 == 0:
             q = rng.standard_normal(served["x"].shape[1])
             q /= np.linalg.norm(q)
-            status, out = call_json(served["url"] + "/api/search/vector", "POST",
-                                    json.dumps({"vector": q.tolist(), "k": K}).encode(),
-                                    {"Content-Type": "application/json"}, timeout=60)
+            status, out = call_json(
+                served["url"] + "/api/search/vector",
+                "POST",
+                json.dumps({"vector": q.tolist(), "k": K}).encode(),
+                {"Content-Type": "application/json"},
+                timeout=60,
+            )
             return status, [h["id"] for h in out["results"]], numpy_neighbours(served, q)
         j = i % len(served["ids"])
         if i % 3 == 1:
             status, out = call_json(f"{served['url']}/api/search/id/{served['ids'][j]}?k={K}", timeout=60)
             return status, [h["id"] for h in out["results"]], numpy_neighbours(served, served["x"][j])
-        status, out = call_json(f"{served['url']}/api/search/image?k=1", "POST", served["data"][served["ids"][j]],
-                                {"Content-Type": "image/png"}, timeout=60)
+        status, out = call_json(
+            f"{served['url']}/api/search/image?k=1",
+            "POST",
+            served["data"][served["ids"][j]],
+            {"Content-Type": "image/png"},
+            timeout=60,
+        )
         return status, [h["id"] for h in out["results"]], [int(served["ids"][j])]
 
     with ThreadPoolExecutor(max_workers=100) as pool:
@@ -240,7 +285,7 @@ def test_search_by_image_without_a_model_is_503_and_the_rest_still_works(served)
 
 
 def test_binds_loopback_by_default(served):
-    from lvd.index.http_server import bind
+    from lvd.serve.server import bind
 
     sock = bind("127.0.0.1", 0)
     try:
@@ -249,7 +294,7 @@ def test_binds_loopback_by_default(served):
         sock.close()
     import argparse
 
-    from lvd.index.cli import add_subcommands
+    from lvd.serve.cli import add_subcommands
 
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers(dest="command"))

@@ -5,7 +5,7 @@ sit at SSCD cosine 0.75-0.92), so the demo shows copy detection on the photos th
 packages ship instead: some photos form an eval set, the others the pool, and the pool gets
 edited copies of both (resize, crop, border, caption, greyscale, JPEG q30, rotation, and
 pairs of them). The planted truth is written in the same form as the Fashion-MNIST part's, so
-`curate.demo_quality` measures both the same way.
+`curate.demo.quality` measures both the same way.
 
 Whole photos, not tiles: tiles of one photo share its textures and, below SSCD's 288 px, lose
 the detail copy detection needs (measured on 192 px tiles: JPEG q30 copies at 0.6 fell from
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvd.curate.photo_edits import COMBINATIONS, EDITS, apply_edits, encode, package_photos
+from lvd.curate.demo.photo_edits import COMBINATIONS, EDITS, apply_edits, encode, package_photos
 from lvd.curate.runio import atomic_write_bytes, atomic_write_json
 
 EVAL_SET = "photo_test"
@@ -32,8 +32,13 @@ def prepare_photo_demo(out: str | os.PathLike, seed: int = 0, eval_photos: int =
     """Write OUT/data/{pool,eval/photo_test} and OUT/data/truth.json; returns the data folder."""
     data_dir = Path(out) / "data"
     truth_path = data_dir / "truth.json"
-    params = dict(part="photos", seed=seed, eval_photos=eval_photos, copies_per_photo=copies_per_photo,
-                  edits=["+".join(e) for e in DEMO_EDITS])
+    params = dict(
+        part="photos",
+        seed=seed,
+        eval_photos=eval_photos,
+        copies_per_photo=copies_per_photo,
+        edits=["+".join(e) for e in DEMO_EDITS],
+    )
     if truth_path.is_file() and json.loads(truth_path.read_text()).get("params") == params:
         return data_dir
     photos = package_photos()

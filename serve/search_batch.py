@@ -69,7 +69,7 @@ class SearchBatcher:
         try:
             scores, rows = self._search(np.concatenate([p.xq for p in batch]), batch[0].k)
             for j, p in enumerate(batch):
-                p.scores, p.rows = scores[j:j + 1], rows[j:j + 1]
+                p.scores, p.rows = scores[j : j + 1], rows[j : j + 1]
         except BaseException as exc:  # every waiter learns of it, not only this thread
             for p in batch:
                 p.error = exc

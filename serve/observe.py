@@ -14,7 +14,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-access_log = logging.getLogger("lvd.index.access")
+access_log = logging.getLogger("lvd.serve.access")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -37,12 +37,22 @@ class ServiceMetrics:
 
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("lvd_http_requests", "HTTP requests answered", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("lvd_http_request_duration_seconds", "Time from request start to the end of the answer",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.in_flight = Gauge("lvd_searches_in_flight", "Searches (and query-image embeddings) running or waiting",
-                               ["index"], registry=self.registry)
+        self.requests = Counter(
+            "lvd_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "lvd_http_request_duration_seconds",
+            "Time from request start to the end of the answer",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "lvd_searches_in_flight",
+            "Searches (and query-image embeddings) running or waiting",
+            ["index"],
+            registry=self.registry,
+        )
         self.searches = Counter("lvd_searches", "Searches run", ["index", "by"], registry=self.registry)
         self.vectors = Gauge("lvd_index_vectors", "Vectors in each served index", ["index"], registry=self.registry)
 
@@ -76,8 +86,17 @@ class ObserveMiddleware:
             self.metrics.latency.labels(route).observe(seconds)
             client = scope.get("client") or ("-", 0)
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info(json.dumps({
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "client": f"{client[0]}:{client[1]}",
-                    "method": scope["method"], "path": scope["path"], "route": route, "status": status,
-                    "ms": round(1000 * seconds, 3), "bytes": sent,
-                }))
+                access_log.info(
+                    json.dumps(
+                        {
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+                            "client": f"{client[0]}:{client[1]}",
+                            "method": scope["method"],
+                            "path": scope["path"],
+                            "route": route,
+                            "status": status,
+                            "ms": round(1000 * seconds, 3),
+                            "bytes": sent,
+                        }
+                    )
+                )

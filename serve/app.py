@@ -30,7 +30,8 @@ import time
 from functools import partial
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Query as Q, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import Query as Q
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -39,11 +40,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from . import http_models as m
-from .http_guard import BodyGuard
-from .http_observe import ObserveMiddleware, ServiceMetrics
-from .service import Catalog, Filters, IndexService, Query, ServeOptions, ServiceError
-from .webpage import PAGE
+from lvd.serve import schemas as m
+from lvd.serve.guard import BodyGuard
+from lvd.serve.observe import ObserveMiddleware, ServiceMetrics
+from lvd.serve.service import Catalog, Filters, IndexService, Query, ServeOptions, ServiceError
+from lvd.serve.webpage import PAGE
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,13 @@ class Runner:
 def create_app(catalog: Catalog, opts: ServeOptions | None = None) -> FastAPI:
     """The ASGI app serving `catalog` (run it with uvicorn: `index/http_server.py`)."""
     opts = opts or ServeOptions()
-    app = FastAPI(title="lvd image lookup", version="1", docs_url=None, redoc_url=None,
-                  description="Nearest-neighbour image lookup over lvd indexes; clip-retrieval compatible routes.")
+    app = FastAPI(
+        title="lvd image lookup",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        description="Nearest-neighbour image lookup over lvd indexes; clip-retrieval compatible routes.",
+    )
     metrics = ServiceMetrics()
     for name, svc in catalog.services.items():
         metrics.vectors.labels(name).set(len(svc))
@@ -90,8 +96,9 @@ def create_app(catalog: Catalog, opts: ServeOptions | None = None) -> FastAPI:
     app.openapi = partial(_openapi, app)
     app.add_middleware(BodyGuard, max_bytes=opts.max_upload_bytes, timeout=opts.body_timeout)
     if opts.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(opts.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(opts.cors_origins), allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
     app.add_middleware(ObserveMiddleware, metrics=metrics)
     app.state.catalog, app.state.metrics = catalog, metrics
     return app
@@ -103,10 +110,14 @@ def create_app(catalog: Catalog, opts: ServeOptions | None = None) -> FastAPI:
 def _lvd_routes(catalog: Catalog, run: Runner) -> APIRouter:
     r = APIRouter()
 
-    def params(k: int | None = Q(None, description="number of results (default 10)"),
-               index: str | None = Q(None, description="index name (default: the first)"),
-               set: list[str] | None = Q(None), label: list[str] | None = Q(None),
-               cluster: list[int] | None = Q(None), deduplicate: bool = Q(False)) -> tuple[IndexService, Query]:
+    def params(
+        k: int | None = Q(None, description="number of results (default 10)"),
+        index: str | None = Q(None, description="index name (default: the first)"),
+        set: list[str] | None = Q(None),
+        label: list[str] | None = Q(None),
+        cluster: list[int] | None = Q(None),
+        deduplicate: bool = Q(False),
+    ) -> tuple[IndexService, Query]:
         svc = catalog.get(index)
         return svc, Query(svc.k(k), _filters(set, label, cluster), deduplicate)
 
@@ -123,7 +134,9 @@ def _lvd_routes(catalog: Catalog, run: Runner) -> APIRouter:
     async def info(index: str | None = None) -> dict:
         return catalog.get(index).info()
 
-    @r.post("/api/search/vector", response_model=m.SearchAnswer, responses=ERRORS, openapi_extra=_json_body("VectorSearch"))
+    @r.post(
+        "/api/search/vector", response_model=m.SearchAnswer, responses=ERRORS, openapi_extra=_json_body("VectorSearch")
+    )
     async def search_vector(request: Request):
         body = await json_body(request, m.VectorSearch)
         svc = catalog.get(body.index)
@@ -135,11 +148,26 @@ def _lvd_routes(catalog: Catalog, run: Runner) -> APIRouter:
         svc, query = p
         return await _answer(run, svc, "id", svc.by_id, id, query, query_id=id)
 
-    @r.post("/api/search/image", response_model=m.SearchAnswer, responses={**ERRORS, 503: {"model": m.ErrorBody}},
-            openapi_extra={"requestBody": {"required": True, "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
-                                                   "properties": {"image": {"type": "string", "format": "binary"}}}}}}})
+    @r.post(
+        "/api/search/image",
+        response_model=m.SearchAnswer,
+        responses={**ERRORS, 503: {"model": m.ErrorBody}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {"image": {"type": "string", "format": "binary"}},
+                        }
+                    },
+                },
+            }
+        },
+    )
     async def search_image(request: Request, p=Depends(params)):
         svc, query = p
         data = image_from_upload(request.headers.get("content-type", ""), await request.body())
@@ -157,7 +185,9 @@ def _lvd_routes(catalog: Catalog, run: Runner) -> APIRouter:
 async def _answer(run: Runner, svc: IndexService, by: str, fn, arg, query: Query, **extra) -> JSONResponse:
     t0 = time.perf_counter()
     hits = await run(svc, by, fn, arg, query)
-    return JSONResponse({**extra, "index": svc.name, "results": hits, "took_ms": round(1000 * (time.perf_counter() - t0), 3)})
+    return JSONResponse(
+        {**extra, "index": svc.name, "results": hits, "took_ms": round(1000 * (time.perf_counter() - t0), 3)}
+    )
 
 
 def _filters(sets, labels, clusters) -> Filters:
@@ -169,7 +199,8 @@ def image_from_upload(content_type: str, body: bytes) -> bytes:
     if not content_type.lower().startswith("multipart/form-data"):
         return body
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace") + body)
+        f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace") + body
+    )
     if not msg.is_multipart():
         raise ServiceError(400, "malformed multipart body")
     for part in msg.iter_parts():
@@ -184,30 +215,40 @@ def image_from_upload(content_type: str, body: bytes) -> bytes:
 def _clip_routes(catalog: Catalog, run: Runner) -> APIRouter:
     r = APIRouter()
 
-    @r.post("/knn-service", response_model=list[m.KnnHit], responses={**ERRORS, 503: {"model": m.ErrorBody}},
-            openapi_extra=_json_body("KnnRequest"))
+    @r.post(
+        "/knn-service",
+        response_model=list[m.KnnHit],
+        responses={**ERRORS, 503: {"model": m.ErrorBody}},
+        openapi_extra=_json_body("KnnRequest"),
+    )
     async def knn_service(request: Request):
         body = await json_body(request, m.KnnRequest)
         svc = catalog.get(body.indice_name)
         if body.modality != "image":
-            raise ServiceError(400, f"index {svc.name!r} holds image embeddings only: use modality \"image\"")
+            raise ServiceError(400, f'index {svc.name!r} holds image embeddings only: use modality "image"')
         query = Query(svc.k(body.num_images), _filters(body.set, body.label, body.cluster), body.deduplicate)
         given = [f for f in ("text", "image", "image_url", "embedding_input") if getattr(body, f) not in (None, "")]
         if len(given) != 1:
             raise ServiceError(400, f"give exactly one of image (base64) or embedding_input, got {given or 'none'}")
         if given == ["text"]:
-            raise ServiceError(400, f"no text encoder is configured for index {svc.name!r}: query with image (base64) "
-                                    "or embedding_input")
+            raise ServiceError(
+                400,
+                f"no text encoder is configured for index {svc.name!r}: query with image (base64) or embedding_input",
+            )
         if given == ["image_url"]:
-            raise ServiceError(400, "image_url is refused: this server never fetches URLs; send the image itself, "
-                                    "base64-encoded, as image")
+            raise ServiceError(
+                400,
+                "image_url is refused: this server never fetches URLs; send the image itself, base64-encoded, as image",
+            )
         if given == ["image"]:
             hits = await run(svc, "image", svc.by_image, _b64(body.image), query)
         else:
             hits = await run(svc, "vector", svc.by_vector, body.embedding_input, query)
         return JSONResponse([{**h, "similarity": h["score"]} for h in hits])
 
-    @r.post("/metadata", response_model=list[m.MetadataItem], responses=ERRORS, openapi_extra=_json_body("MetadataRequest"))
+    @r.post(
+        "/metadata", response_model=list[m.MetadataItem], responses=ERRORS, openapi_extra=_json_body("MetadataRequest")
+    )
     async def metadata(request: Request):
         body = await json_body(request, m.MetadataRequest)
         svc = catalog.get(body.indice_name)
@@ -234,8 +275,12 @@ async def json_body(request: Request, model):
 
 
 def _json_body(name: str) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+        }
+    }
 
 
 def _b64(text: str) -> bytes:
@@ -303,8 +348,10 @@ def _openapi(app: FastAPI) -> dict:
             for op in ops.values():
                 responses = op.get("responses", {})
                 if responses.pop("422", None) is not None and "400" not in responses:
-                    responses["400"] = {"description": "Bad Request", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+                    responses["400"] = {
+                        "description": "Bad Request",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                    }
                 for param in op.get("parameters", []):
                     if param["name"] == "index":
                         param["schema"] = {**param["schema"], **names}

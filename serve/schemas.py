@@ -43,8 +43,9 @@ class KnnRequest(FilterFields):
     embedding_input: list[float] | None = Field(default=None, description="a query vector")
     modality: Literal["image", "text"] = Field(default="image", description="which embeddings to search: only image")
     num_images: int = Field(default=40, description="number of results")
-    num_result_ids: int | None = Field(default=None, ge=1, description="accepted for compatibility; lvd searches as "
-                                                                       "deep as filters and dedup need")
+    num_result_ids: int | None = Field(
+        default=None, ge=1, description="accepted for compatibility; lvd searches as deep as filters and dedup need"
+    )
     indice_name: str | None = Field(default=None, description="index name (default: the first)")
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .http_observe import access_log_to_stderr
-from .service import Catalog, IndexSpec, ServeOptions
+from lvd.serve.observe import access_log_to_stderr
+from lvd.serve.service import Catalog, IndexSpec, ServeOptions
 
 SPEC_ENV = "LVD_SERVE_SPEC"
 
@@ -85,8 +85,10 @@ class DeadlineH11Protocol(H11Protocol):
 
 
 _TIMEOUT_BODY = b'{"error": "the request headers did not arrive in time"}'
-_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                   b"content-length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+_TIMEOUT_ANSWER = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -99,10 +101,14 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ValueError(f"cannot listen on {host}:{port}: the port is in use; choose another with --port") from None
+            raise ValueError(
+                f"cannot listen on {host}:{port}: the port is in use; choose another with --port"
+            ) from None
         if exc.errno == errno.EACCES:
-            raise ValueError(f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges); "
-                             "choose another with --port") from None
+            raise ValueError(
+                f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges); "
+                "choose another with --port"
+            ) from None
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.set_inheritable(True)
     return sock
@@ -110,10 +116,21 @@ def bind(host: str, port: int) -> socket.socket:
 
 def server_config(app, opts: ServeOptions, workers: int = 1, log_level: str = "info") -> ServeConfig:
     """uvicorn settings from ServeOptions: limits, timeouts, graceful shutdown, our access log."""
-    return ServeConfig(app, header_timeout=opts.header_timeout, workers=workers, factory=isinstance(app, str),
-                       timeout_keep_alive=opts.keep_alive_timeout, timeout_graceful_shutdown=opts.shutdown_timeout,
-                       limit_concurrency=opts.max_connections, backlog=2048, access_log=False, log_level=log_level,
-                       server_header=False, h11_max_incomplete_event_size=64 * 1024, lifespan="off")
+    return ServeConfig(
+        app,
+        header_timeout=opts.header_timeout,
+        workers=workers,
+        factory=isinstance(app, str),
+        timeout_keep_alive=opts.keep_alive_timeout,
+        timeout_graceful_shutdown=opts.shutdown_timeout,
+        limit_concurrency=opts.max_connections,
+        backlog=2048,
+        access_log=False,
+        log_level=log_level,
+        server_header=False,
+        h11_max_incomplete_event_size=64 * 1024,
+        lifespan="off",
+    )
 
 
 def serve(specs: list[IndexSpec], opts: ServeOptions, sock: socket.socket, workers: int = 1) -> None:
@@ -127,7 +144,7 @@ def serve(specs: list[IndexSpec], opts: ServeOptions, sock: socket.socket, worke
         config = server_config(f"{__name__}:app_from_environment", opts, workers)
         Multiprocess(config, sockets=[sock]).run()
         return
-    from .http_app import create_app
+    from lvd.serve.app import create_app
 
     if opts.access_log:
         access_log_to_stderr()
@@ -137,7 +154,7 @@ def serve(specs: list[IndexSpec], opts: ServeOptions, sock: socket.socket, worke
 
 def app_from_environment():
     """The app of one worker process, from the catalog the parent put in the environment."""
-    from .http_app import create_app
+    from lvd.serve.app import create_app
 
     spec = json.loads(os.environ[SPEC_ENV])
     opts = ServeOptions(**{**spec["opts"], "cors_origins": tuple(spec["opts"]["cors_origins"])})

@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
-from lvd.index.search_batch import SearchBatcher
+from lvd.serve.search_batch import SearchBatcher
 
 
 def test_concurrent_queries_are_batched_and_answered_as_if_alone():
@@ -32,12 +32,12 @@ def test_concurrent_queries_are_batched_and_answered_as_if_alone():
 
     def one(i):
         start.wait()
-        return batcher.search(queries[i:i + 1], ks[i])
+        return batcher.search(queries[i : i + 1], ks[i])
 
     with ThreadPoolExecutor(60) as pool:
         answers = list(pool.map(one, range(60)))
     for i, (scores, rows) in enumerate(answers):
-        want = np.argsort(-(x.astype(np.float64) @ queries[i].astype(np.float64)), kind="stable")[:ks[i]]
+        want = np.argsort(-(x.astype(np.float64) @ queries[i].astype(np.float64)), kind="stable")[: ks[i]]
         assert rows.shape == (1, ks[i]) and rows[0].tolist() == want.tolist()
         np.testing.assert_allclose(scores[0], x[want] @ queries[i], rtol=1e-5, atol=1e-5)
     assert sum(sizes) == 60 and batcher.calls == len(sizes) < 30 and max(sizes) > 1

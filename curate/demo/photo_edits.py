@@ -10,14 +10,29 @@ and `EDITS` (resize, crop, border, text overlay, greyscale, JPEG q30, small rota
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 # scikit-image photos that ship inside its wheel (the others download and fail offline).
-SKIMAGE_PHOTOS = ("astronaut", "camera", "cat", "coffee", "rocket", "retina", "hubble_deep_field", "moon",
-                  "coins", "brick", "grass", "gravel", "immunohistochemistry", "clock", "page")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "camera",
+    "cat",
+    "coffee",
+    "rocket",
+    "retina",
+    "hubble_deep_field",
+    "moon",
+    "coins",
+    "brick",
+    "grass",
+    "gravel",
+    "immunohistochemistry",
+    "clock",
+    "page",
+)
 
 
 class MissingPhotosError(ImportError):
@@ -88,8 +103,14 @@ def text_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     size = max(10, img.height // 8)
     font = ImageFont.load_default(size=size)
     y = int(img.height * rng.uniform(0.6, 0.8))
-    draw.text((int(img.width * 0.05), y), "lvd copy " + str(int(rng.integers(100, 999))), fill=(255, 255, 255),
-              font=font, stroke_width=max(1, size // 10), stroke_fill=(0, 0, 0))
+    draw.text(
+        (int(img.width * 0.05), y),
+        "lvd copy " + str(int(rng.integers(100, 999))),
+        fill=(255, 255, 255),
+        font=font,
+        stroke_width=max(1, size // 10),
+        stroke_fill=(0, 0, 0),
+    )
     return out
 
 
@@ -122,8 +143,13 @@ EDITS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]] = {
     "rotate": rotate_small,
 }
 # Combinations as they occur together on the web (a re-post is often cropped, captioned and recompressed).
-COMBINATIONS = (("crop70", "jpeg30"), ("resize50", "text"), ("border", "grey"), ("rotate", "crop70", "jpeg30"),
-                ("text", "border", "resize50"))
+COMBINATIONS = (
+    ("crop70", "jpeg30"),
+    ("resize50", "text"),
+    ("border", "grey"),
+    ("rotate", "crop70", "jpeg30"),
+    ("text", "border", "resize50"),
+)
 
 
 def apply_edits(img: Image.Image, names, rng: np.random.Generator) -> Image.Image:

@@ -37,11 +37,11 @@ class RunAnnotations:
     has_groups: bool
 
     @classmethod
-    def empty(cls, n: int) -> "RunAnnotations":
+    def empty(cls, n: int) -> RunAnnotations:
         return cls(np.full(n, NO_CLUSTER, np.int64), -1 - np.arange(n, dtype=np.int64), False, False)
 
     @classmethod
-    def load(cls, run_dirs: list[Path], ids: np.ndarray) -> "RunAnnotations":
+    def load(cls, run_dirs: list[Path], ids: np.ndarray) -> RunAnnotations:
         """Read the cluster and dedup outputs of the run folders an index was built from."""
         ids = np.asarray(ids, np.int64)
         assign = _concat([d / "cluster" / "assign.parquet" for d in run_dirs], ["id", "cluster"])

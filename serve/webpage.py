@@ -96,8 +96,9 @@ async function searchFile(file) {
   $("preview").style.display = "block";
   setStatus(`searching with ${file.name}\\u2026`, false);
   try {
+    const headers = {"Content-Type": file.type || "application/octet-stream"};
     const r = await fetch(`/api/search/image?k=${encodeURIComponent($("k").value)}`,
-                          {method: "POST", body: file, headers: {"Content-Type": file.type || "application/octet-stream"}});
+                          {method: "POST", body: file, headers});
     await show(r, file.name);
   } catch (e) { setStatus(`request failed: ${e}`, true); }
 }
@@ -110,8 +111,12 @@ async function searchById(id) {
 }
 
 fileInput.addEventListener("change", () => searchFile(fileInput.files[0]));
-for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
-for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+for (const ev of ["dragenter", "dragover"]) {
+  drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
+}
+for (const ev of ["dragleave", "drop"]) {
+  drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+}
 drop.addEventListener("drop", (e) => searchFile(e.dataTransfer.files[0]));
 </script>
 </body>

@@ -15,7 +15,6 @@ import anyio
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-
 # Bodies announced up to this many times the limit are read (and dropped) before the 413, so a
 # browser sees the answer rather than a reset connection; larger ones are refused unread.
 DRAIN_FACTOR = 4
@@ -37,8 +36,13 @@ class BodyGuard:
             if int(announced) > self.max_bytes:
                 if int(announced) <= DRAIN_FACTOR * self.max_bytes:
                     await self._drain(receive)
-                return await _refuse(scope, receive, send, 413, f"a body of {int(announced)} bytes exceeds the limit "
-                                                                 f"of {self.max_bytes} bytes")
+                return await _refuse(
+                    scope,
+                    receive,
+                    send,
+                    413,
+                    f"a body of {int(announced)} bytes exceeds the limit of {self.max_bytes} bytes",
+                )
         deadline = anyio.current_time() + self.timeout
         received, complete = 0, False
 
@@ -50,20 +54,21 @@ class BodyGuard:
                 with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                     message = await receive()
             except TimeoutError:
-                raise HTTPException(408, f"the request body did not arrive within {self.timeout:g} s",
-                                    headers={"Connection": "close"}) from None
+                raise HTTPException(
+                    408, f"the request body did not arrive within {self.timeout:g} s", headers={"Connection": "close"}
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise HTTPException(413, f"the body exceeds the limit of {self.max_bytes} bytes",
-                                        headers={"Connection": "close"})
+                    raise HTTPException(
+                        413, f"the body exceeds the limit of {self.max_bytes} bytes", headers={"Connection": "close"}
+                    )
                 complete = not message.get("more_body", False)
             else:
                 complete = True
             return message
 
         await self.app(scope, guarded_receive, send)
-
 
     async def _drain(self, receive) -> None:
         """Read and drop a body, within the body deadline, so that the client reads our answer."""

@@ -26,10 +26,10 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from .public import public_info, public_key, scrub
-from .run_annotations import NO_CLUSTER, RunAnnotations
-from .search_batch import SearchBatcher
-from .store import IndexFolderError, IndexStore, embed_query_bytes, run_dir_of
+from lvd.index.store import IndexFolderError, IndexStore, embed_query_bytes, run_dir_of
+from lvd.serve.annotations import NO_CLUSTER, RunAnnotations
+from lvd.serve.public import public_info, public_key, scrub
+from lvd.serve.search_batch import SearchBatcher
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class ServeOptions:
     keep_alive_timeout: float = 5.0
     shutdown_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
-    access_log: bool = True  # one JSON line per request on stderr (lvd.index.access)
+    access_log: bool = True  # one JSON line per request on stderr (lvd.serve.access)
     max_metadata_ids: int = 1000
 
 
@@ -102,8 +102,16 @@ class Query:
 class IndexService:
     """One opened index: search by vector, id or image bytes; metadata and thumbnails by id."""
 
-    def __init__(self, name: str, store: IndexStore, opts: ServeOptions, device: str | None = None,
-                 dtype: str | None = None, embedder_factory=None, annotations: RunAnnotations | None = None):
+    def __init__(
+        self,
+        name: str,
+        store: IndexStore,
+        opts: ServeOptions,
+        device: str | None = None,
+        dtype: str | None = None,
+        embedder_factory=None,
+        annotations: RunAnnotations | None = None,
+    ):
         self.name, self.store, self.opts = name, store, opts
         self.annotations = annotations or load_annotations(store)
         meta = store.meta
@@ -199,7 +207,9 @@ class IndexService:
             mask &= pd.Series(self._label).isin([str(v) for v in f.labels]).to_numpy()
         if f.clusters:
             if not self.annotations.has_clusters:
-                raise ServiceError(400, f"index {self.name!r} has no clusters: its run folder has no cluster stage output")
+                raise ServiceError(
+                    400, f"index {self.name!r} has no clusters: its run folder has no cluster stage output"
+                )
             wanted = [c for c in f.clusters if -(2**63) <= c < 2**63]  # others match nothing
             mask &= np.isin(self.annotations.cluster, np.array(wanted, np.int64))
         return mask
@@ -231,9 +241,14 @@ class IndexService:
         if rank is not None:
             out.update(rank=rank, score=float(score))
         key = None if pd.isna(m["key"]) else str(m["key"])
-        out.update(set=self._set[row], label=self._label[row], cluster=None if cluster == NO_CLUSTER else cluster,
-                   kind=None if pd.isna(m["kind"]) else str(m["kind"]), key=public_key(key),
-                   thumbnail=f"/thumb/{id_}?index={quote(self.name)}" if has_source else None)
+        out.update(
+            set=self._set[row],
+            label=self._label[row],
+            cluster=None if cluster == NO_CLUSTER else cluster,
+            kind=None if pd.isna(m["kind"]) else str(m["kind"]),
+            key=public_key(key),
+            thumbnail=f"/thumb/{id_}?index={quote(self.name)}" if has_source else None,
+        )
         if self._caption is not None and self._caption[row] is not None:
             out["caption"] = self._caption[row]
         if self.opts.expose_paths and has_source and key is not None:
@@ -255,8 +270,12 @@ class IndexService:
 
     def info(self) -> dict:
         info = self.store.info if self.opts.expose_paths else public_info(self.store.info)
-        return {**info, "name": self.name, "clusters": self.annotations.has_clusters,
-                "duplicate_groups": self.annotations.has_groups}
+        return {
+            **info,
+            "name": self.name,
+            "clusters": self.annotations.has_clusters,
+            "duplicate_groups": self.annotations.has_groups,
+        }
 
     # ---------------------------------------------------------------- embedder and thumbnails
     def _get_embedder(self):
@@ -271,8 +290,9 @@ class IndexService:
                     self._embedder_error, self._embedder_status = f"{type(exc).__name__}: {exc}", 503
             if self._embedder is None:
                 message = self._embedder_error if self.opts.expose_paths else scrub(self._embedder_error)
-                raise ServiceError(self._embedder_status, f"search by image is unavailable for index {self.name!r}: "
-                                                          f"{message}")
+                raise ServiceError(
+                    self._embedder_status, f"search by image is unavailable for index {self.name!r}: {message}"
+                )
             return self._embedder
 
     def _thumbnail(self, id_: int) -> bytes:
@@ -331,7 +351,7 @@ class Catalog:
         self.default = names[0]
 
     @classmethod
-    def open(cls, specs: list[IndexSpec], opts: ServeOptions, mmap: bool = False) -> "Catalog":
+    def open(cls, specs: list[IndexSpec], opts: ServeOptions, mmap: bool = False) -> Catalog:
         return cls([IndexService(s.name, IndexStore.open(s.path, mmap=mmap), opts, s.device, s.dtype) for s in specs])
 
     def get(self, name: str | None) -> IndexService:

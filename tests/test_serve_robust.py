@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import requests
 from hypothesis import HealthCheck, settings
-
-from lvd.index.cli import main
-from lvd.index.service import ServeOptions
-from lvd.index.store import BuildOptions, IndexStore, build
 from index_support import FIRST_ID, curated_vector_run, running_server
+
+from lvd.index.store import BuildOptions, IndexStore, build
+from lvd.serve.cli import main
+from lvd.serve.service import ServeOptions
 
 STALLED = 200
 
@@ -101,8 +101,11 @@ def raw(port: int, data: bytes, wait: float = 10) -> tuple[bytes, float]:
 
 def test_a_body_shorter_than_announced_is_a_408_not_a_500(strict_server):
     url, port = strict_server
-    out, seconds = raw(port, b"POST /api/search/vector HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: 1000\r\n\r\n{\"vector\": [1, 2")
+    out, seconds = raw(
+        port,
+        b"POST /api/search/vector HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"vector": [1, 2',
+    )
     assert out.split()[1] == b"408" and b"did not arrive" in out and 0.9 < seconds < 5
     # a body dribbled slower than the body deadline allows
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -116,7 +119,7 @@ def test_a_body_shorter_than_announced_is_a_408_not_a_500(strict_server):
             s.settimeout(0.1)
             try:
                 answer += s.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if answer:
                 break
@@ -149,9 +152,13 @@ def test_a_port_in_use_is_one_line_and_exit_2(index_dir, capsys):
 def test_workers_share_the_index_and_shut_down_gracefully(index_dir, tmp_path):
     """`--workers 2` on a memory-mapped index: correct answers; SIGTERM lets a request in progress finish."""
     path, truth = index_dir
-    proc = subprocess.Popen([sys.executable, "-m", "lvd.index.cli", "serve", f"curated={path}", "--port", "0",
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lvd.serve.cli", "serve", f"curated={path}", "--port", "0", "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         lines = []
         while "http://127.0.0.1:" not in (lines or [""])[-1]:
@@ -171,13 +178,16 @@ def test_workers_share_the_index_and_shut_down_gracefully(index_dir, tmp_path):
         q = truth["x"][3].astype(np.float64)
         want = truth["ids"][np.argsort(-(truth["x"] @ q), kind="stable")[:5]].tolist()
         for _ in range(6):  # spread over both workers
-            out = requests.post(url + "/knn-service", data=json.dumps({"embedding_input": q.tolist(), "num_images": 5}),
-                                timeout=10).json()
+            out = requests.post(
+                url + "/knn-service", data=json.dumps({"embedding_input": q.tolist(), "num_images": 5}), timeout=10
+            ).json()
             assert [h["id"] for h in out] == want
         body = json.dumps({"vector": q.tolist(), "k": 5}).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-            s.sendall(b"POST /api/search/vector HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
+            s.sendall(
+                b"POST /api/search/vector HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10])
+            )
             time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
@@ -205,8 +215,8 @@ def test_fuzzed_requests_never_get_a_5xx(index_dir):
     import schemathesis
     from hypothesis import given
 
-    from lvd.index.http_app import create_app
-    from lvd.index.service import Catalog, IndexService
+    from lvd.serve.app import create_app
+    from lvd.serve.service import Catalog, IndexService
 
     opts = ServeOptions(max_upload_bytes=2**16)
     app = create_app(Catalog([IndexService("curated", IndexStore.open(index_dir[0]), opts)]), opts)
@@ -216,8 +226,13 @@ def test_fuzzed_requests_never_get_a_5xx(index_dir):
         op = result.ok()
 
         @given(case=op.as_strategy())
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
         def fuzz(case):
             if "id" in (case.path_parameters or {}) and not isinstance(case.path_parameters["id"], int):
                 case.path_parameters["id"] = FIRST_ID

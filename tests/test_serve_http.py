@@ -16,10 +16,10 @@ import re
 import numpy as np
 import pytest
 import requests
-
-from lvd.index.service import Catalog, IndexService, ServeOptions
-from lvd.index.store import BuildOptions, IndexStore, build
 from index_support import curated_vector_run, embedded_photo_run, running_server
+
+from lvd.index.store import BuildOptions, IndexStore, build
+from lvd.serve.service import Catalog, IndexService, ServeOptions
 
 K = 5
 
@@ -32,11 +32,23 @@ def site(tmp_path_factory):
     truth = curated_vector_run(root / "curated")
     build(root / "curated" / "embed", root / "curated-index", BuildOptions(factory="Flat", progress=False))
     opts = ServeOptions(max_upload_bytes=2**20)
-    catalog = Catalog([IndexService("photos", IndexStore.open(root / "photos-index"), opts),
-                       IndexService("curated", IndexStore.open(root / "curated-index"), opts)])
+    catalog = Catalog(
+        [
+            IndexService("photos", IndexStore.open(root / "photos-index"), opts),
+            IndexService("curated", IndexStore.open(root / "curated-index"), opts),
+        ]
+    )
     with running_server(catalog, opts) as url:
-        yield {"url": url, "root": root, "rows": rows, "data": data, "x_raw": x,
-               "x": x.astype(np.float16).astype(np.float32), "ids": np.array([r["id"] for r in rows]), "curated": truth}
+        yield {
+            "url": url,
+            "root": root,
+            "rows": rows,
+            "data": data,
+            "x_raw": x,
+            "x": x.astype(np.float16).astype(np.float32),
+            "ids": np.array([r["id"] for r in rows]),
+            "curated": truth,
+        }
 
 
 class ContractClient:
@@ -50,10 +62,22 @@ class ContractClient:
         if image is not None:
             with open(image, "rb") as f:
                 image = base64.b64encode(f.read()).decode("utf-8")
-        body = {"text": text, "image": image, "image_url": None, "embedding_input": embedding_input,
-                "deduplicate": self.deduplicate, "use_safety_model": True, "use_violence_detector": True,
-                "indice_name": self.indice_name, "use_mclip": False, "aesthetic_score": 9, "aesthetic_weight": 0.5,
-                "modality": "image", "num_images": self.num_images, "num_result_ids": self.num_images}
+        body = {
+            "text": text,
+            "image": image,
+            "image_url": None,
+            "embedding_input": embedding_input,
+            "deduplicate": self.deduplicate,
+            "use_safety_model": True,
+            "use_violence_detector": True,
+            "indice_name": self.indice_name,
+            "use_mclip": False,
+            "aesthetic_score": 9,
+            "aesthetic_weight": 0.5,
+            "modality": "image",
+            "num_images": self.num_images,
+            "num_result_ids": self.num_images,
+        }
         return requests.post(self.url + "/knn-service", data=json.dumps(body), timeout=60).json()
 
 
@@ -86,8 +110,12 @@ def test_clip_client_contract_by_image_file_and_by_embedding(site, tmp_path):
     hit = got[0]
     assert {"set", "label", "cluster"} <= set(hit) and hit["set"] in ("pool", "seed:demo")
     # as clip-retrieval's server does, the body is JSON whatever the Content-Type says (curl -d: a form)
-    r = requests.post(site["url"] + "/knn-service", data=json.dumps({"embedding_input": q.tolist(), "num_images": K}),
-                      headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=10)
+    r = requests.post(
+        site["url"] + "/knn-service",
+        data=json.dumps({"embedding_input": q.tolist(), "num_images": K}),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
     assert r.status_code == 200 and [h["id"] for h in r.json()] == site["ids"][order].tolist()
 
 
@@ -123,17 +151,25 @@ def test_the_real_clip_client_gets_correct_neighbours(site, tmp_path):
 def test_text_and_url_queries_are_refused_with_a_reason(site):
     client = ContractClient(site["url"], "photos")
     assert "no text encoder" in client.query(text="a cat")["error"]
-    status, out = post(site["url"], "/knn-service", {"image_url": "http://127.0.0.1:1/x.jpg", "num_images": 3,
-                                                     "indice_name": "photos", "modality": "image"})
+    status, out = post(
+        site["url"],
+        "/knn-service",
+        {"image_url": "http://127.0.0.1:1/x.jpg", "num_images": 3, "indice_name": "photos", "modality": "image"},
+    )
     assert status == 400 and "never fetches" in out["error"]
-    status, out = post(site["url"], "/knn-service", {"embedding_input": [1.0] * 64, "modality": "text",
-                                                     "num_images": 3, "indice_name": "photos"})
+    status, out = post(
+        site["url"],
+        "/knn-service",
+        {"embedding_input": [1.0] * 64, "modality": "text", "num_images": 3, "indice_name": "photos"},
+    )
     assert status == 400 and "image embeddings only" in out["error"]
-    for body, message in [({"image": "%%%not base64", "num_images": 3}, "base64"),
-                          ({"image": base64.b64encode(b"not a picture").decode(), "num_images": 3}, "cannot read"),
-                          ({"embedding_input": [1.0] * 64, "num_images": 0}, "k must be"),
-                          ({"embedding_input": [1.0] * 64, "num_images": 3, "indice_name": "nope"}, "no index named"),
-                          ({"num_images": 3}, "exactly one")]:
+    for body, message in [
+        ({"image": "%%%not base64", "num_images": 3}, "base64"),
+        ({"image": base64.b64encode(b"not a picture").decode(), "num_images": 3}, "cannot read"),
+        ({"embedding_input": [1.0] * 64, "num_images": 0}, "k must be"),
+        ({"embedding_input": [1.0] * 64, "num_images": 3, "indice_name": "nope"}, "no index named"),
+        ({"num_images": 3}, "exactly one"),
+    ]:
         status, out = post(site["url"], "/knn-service", body)
         assert status in (400, 404) and message in out["error"], (body, out)
 
@@ -153,12 +189,20 @@ def test_each_index_answers_from_its_own_vectors(site):
     q = np.random.default_rng(5).standard_normal(cur["x"].shape[1])
     for name, x, ids in (("curated", cur["x"], cur["ids"]), ("photos", site["x"], site["ids"])):
         qq = np.resize(q, x.shape[1])
-        status, out = post(site["url"], "/knn-service", {"embedding_input": qq.tolist(), "num_images": 7,
-                                                         "indice_name": name})
+        status, out = post(
+            site["url"], "/knn-service", {"embedding_input": qq.tolist(), "num_images": 7, "indice_name": name}
+        )
         assert status == 200 and [h["id"] for h in out] == ids[numpy_order(x, qq)[:7]].tolist()
     # the curated index has no model: search by image says so, the photos index works
-    status, out = post(site["url"], "/knn-service", {"image": base64.b64encode(site["data"][int(site["ids"][0])]).decode(),
-                                                     "num_images": 3, "indice_name": "curated"})
+    status, out = post(
+        site["url"],
+        "/knn-service",
+        {
+            "image": base64.b64encode(site["data"][int(site["ids"][0])]).decode(),
+            "num_images": 3,
+            "indice_name": "curated",
+        },
+    )
     assert status == 400 and "does not record its model" in out["error"]
     health = requests.get(site["url"] + "/api/health", timeout=10).json()
     assert health["indices"] == {"photos": 15, "curated": len(cur["ids"])}
@@ -168,8 +212,11 @@ def reference(cur: dict, q: np.ndarray, k: int, sets=None, labels=None, clusters
     """Filtered, deduplicated neighbours from the test's own truth, by brute force."""
     out, seen = [], set()
     for row in numpy_order(cur["x"], q):
-        if (sets and cur["set"][row] not in sets) or (labels and cur["label"][row] not in labels) or \
-                (clusters and cur["cluster"][row] not in clusters):
+        if (
+            (sets and cur["set"][row] not in sets)
+            or (labels and cur["label"][row] not in labels)
+            or (clusters and cur["cluster"][row] not in clusters)
+        ):
             continue
         if dedup and cur["group"][row] in seen:
             continue
@@ -180,22 +227,43 @@ def reference(cur: dict, q: np.ndarray, k: int, sets=None, labels=None, clusters
     return out
 
 
-@pytest.mark.parametrize("filters", [
-    {}, {"set": ["pool"]}, {"set": ["seed:birds", "eval:test"]}, {"label": ["a"]}, {"cluster": [1, 3]},
-    {"set": ["pool"], "cluster": [2]}, {"deduplicate": True}, {"cluster": [0], "deduplicate": True},
-    {"set": ["seed:birds"], "label": ["b"], "deduplicate": True},
-])
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {},
+        {"set": ["pool"]},
+        {"set": ["seed:birds", "eval:test"]},
+        {"label": ["a"]},
+        {"cluster": [1, 3]},
+        {"set": ["pool"], "cluster": [2]},
+        {"deduplicate": True},
+        {"cluster": [0], "deduplicate": True},
+        {"set": ["seed:birds"], "label": ["b"], "deduplicate": True},
+    ],
+)
 def test_filters_and_dedup_match_the_stage_outputs(site, filters):
     cur = site["curated"]
     rng = np.random.default_rng(len(json.dumps(filters)))
     for trial in range(4):
         q = cur["x"][rng.integers(len(cur["x"]))] if trial % 2 else rng.standard_normal(cur["x"].shape[1])
-        want = reference(cur, q, 12, filters.get("set"), filters.get("label"), filters.get("cluster"),
-                         filters.get("deduplicate", False))
-        status, out = post(site["url"], "/knn-service", {"embedding_input": q.tolist(), "num_images": 12,
-                                                         "indice_name": "curated", **filters})
+        want = reference(
+            cur,
+            q,
+            12,
+            filters.get("set"),
+            filters.get("label"),
+            filters.get("cluster"),
+            filters.get("deduplicate", False),
+        )
+        status, out = post(
+            site["url"],
+            "/knn-service",
+            {"embedding_input": q.tolist(), "num_images": 12, "indice_name": "curated", **filters},
+        )
         assert status == 200 and [h["id"] for h in out] == want
-        status, out = post(site["url"], "/api/search/vector", {"vector": q.tolist(), "k": 12, "index": "curated", **filters})
+        status, out = post(
+            site["url"], "/api/search/vector", {"vector": q.tolist(), "k": 12, "index": "curated", **filters}
+        )
         assert status == 200 and [h["id"] for h in out["results"]] == want
         by_row = {int(i): r for r, i in enumerate(cur["ids"])}
         for h in out["results"]:
@@ -210,20 +278,27 @@ def test_filters_by_id_in_the_query_string(site):
     cur = site["curated"]
     row = int(np.flatnonzero(cur["set"] == "pool")[0])
     id_ = int(cur["ids"][row])
-    r = requests.get(f"{site['url']}/api/search/id/{id_}", params={"index": "curated", "k": 6, "set": "pool",
-                                                                   "cluster": [0, 4], "deduplicate": "true"}, timeout=10)
+    r = requests.get(
+        f"{site['url']}/api/search/id/{id_}",
+        params={"index": "curated", "k": 6, "set": "pool", "cluster": [0, 4], "deduplicate": "true"},
+        timeout=10,
+    )
     assert r.status_code == 200
     assert [h["id"] for h in r.json()["results"]] == reference(cur, cur["x"][row], 6, ["pool"], None, [0, 4], True)
     r = requests.get(f"{site['url']}/api/search/id/{id_}", params={"index": "curated", "cluster": 10**30}, timeout=10)
     assert r.status_code == 200 and r.json()["results"] == []  # a cluster no row is in
-    r = requests.get(f"{site['url']}/api/search/id/{site['ids'][0]}", params={"index": "photos", "cluster": 1}, timeout=10)
+    r = requests.get(
+        f"{site['url']}/api/search/id/{site['ids'][0]}", params={"index": "photos", "cluster": 1}, timeout=10
+    )
     assert r.status_code == 400 and "no clusters" in r.json()["error"]
 
 
 def test_no_absolute_path_leaves_the_server(site):
     root = str(site["root"])
-    answers = [requests.get(site["url"] + p, timeout=10).text for p in
-               ("/api/info?index=photos", "/api/info?index=curated", f"/api/search/id/{site['ids'][13]}?index=photos")]
+    answers = [
+        requests.get(site["url"] + p, timeout=10).text
+        for p in ("/api/info?index=photos", "/api/info?index=curated", f"/api/search/id/{site['ids'][13]}?index=photos")
+    ]
     answers.append(ContractClient(site["url"], "photos").query(embedding_input=[1.0] * 64).__repr__())
     answers.append(requests.post(site["url"] + "/metadata", json={"ids": [int(site["ids"][1])]}, timeout=10).text)
     for text in answers:
@@ -245,7 +320,7 @@ def test_metrics_are_prometheus_text_in_a_registry_of_the_app(site):
     assert 'lvd_searches_in_flight{index="photos"} 0.0' in text
     assert re.search(r'lvd_searches_total\{by="id",index="photos"\} [1-9]', text)
     # a second app starts from zero: nothing is shared through prometheus-client's global registry
-    from lvd.index.http_app import create_app
+    from lvd.serve.app import create_app
 
     other = create_app(Catalog([IndexService("x", IndexStore.open(site["root"] / "photos-index"), ServeOptions())]))
     from prometheus_client import generate_latest
@@ -257,16 +332,18 @@ def test_access_log_is_one_json_line_per_request(site, caplog):
     import time
 
     def logged():
-        return [json.loads(r.getMessage()) for r in caplog.records if r.name == "lvd.index.access"]
+        return [json.loads(r.getMessage()) for r in caplog.records if r.name == "lvd.serve.access"]
 
-    with caplog.at_level(logging.INFO, logger="lvd.index.access"):
+    with caplog.at_level(logging.INFO, logger="lvd.serve.access"):
         requests.get(site["url"] + "/api/search/id/1?index=photos", timeout=10)
         deadline = time.monotonic() + 5  # the line is written once the answer is sent, in the server's thread
         while not any(e["route"] == "/api/search/id/{id}" for e in logged()) and time.monotonic() < deadline:
             time.sleep(0.01)
     lines = logged()
-    assert any(e["route"] == "/api/search/id/{id}" and e["status"] == 404 and e["method"] == "GET" and e["ms"] >= 0
-               for e in lines), lines
+    assert any(
+        e["route"] == "/api/search/id/{id}" and e["status"] == 404 and e["method"] == "GET" and e["ms"] >= 0
+        for e in lines
+    ), lines
 
 
 def test_openapi_schema_is_published(site):
@@ -274,20 +351,31 @@ def test_openapi_schema_is_published(site):
     for path in ("/knn-service", "/metadata", "/indices-list", "/api/search/vector", "/api/search/id/{id}", "/metrics"):
         assert path in schema["paths"]
     knn = schema["components"]["schemas"]["KnnRequest"]["properties"]
-    assert {"image", "image_url", "embedding_input", "num_images", "num_result_ids", "indice_name", "deduplicate",
-            "modality"} <= set(knn)
+    assert {
+        "image",
+        "image_url",
+        "embedding_input",
+        "num_images",
+        "num_result_ids",
+        "indice_name",
+        "deduplicate",
+        "modality",
+    } <= set(knn)
     assert "422" not in json.dumps(schema["paths"])  # validation errors are 400 here, as documented
 
 
 def test_indexes_are_named_on_the_command_line_or_in_a_file(tmp_path):
-    from lvd.index.cli import index_specs
+    from lvd.serve.cli import index_specs
 
     table = tmp_path / "indices.yaml"
     table.write_text("birds: {path: /data/birds-index, device: cuda:1, dtype: float32}\ncopies: /data/copy-index\n")
     specs = index_specs(["main=/data/main-index", "/data/other-index"], table)
     assert [(s.name, str(s.path), s.device, s.dtype) for s in specs] == [
-        ("main", "/data/main-index", None, None), ("other-index", "/data/other-index", None, None),
-        ("birds", "/data/birds-index", "cuda:1", "float32"), ("copies", "/data/copy-index", None, None)]
+        ("main", "/data/main-index", None, None),
+        ("other-index", "/data/other-index", None, None),
+        ("birds", "/data/birds-index", "cuda:1", "float32"),
+        ("copies", "/data/copy-index", None, None),
+    ]
     with pytest.raises(ValueError, match="repeat"):
         index_specs(["a=/x", "a=/y"], None)
     table.write_text("birds: {path: /x, colour: red}\n")
@@ -307,7 +395,7 @@ def test_each_index_embeds_queries_on_its_own_device(site):
             return super().embedder(device, dtype)
 
     store = Recording.open(site["root"] / "photos-index")
-    from lvd.index.service import Query
+    from lvd.serve.service import Query
 
     svc = IndexService("p", store, ServeOptions(device="cpu"), device="cpu", dtype="float32")
     hits = svc.by_image(site["data"][int(site["ids"][2])], Query(k=1))

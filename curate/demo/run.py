@@ -4,8 +4,8 @@ The demo does nothing a user's run does not: after writing its data it runs the 
 as `lvd run configs/demo.yaml run_dir=OUT`, then measures what it can against the planted truth.
 Its photo part does the same with `configs/demo_photos.yaml` in OUT/photos: real photos with
 planted web-style copies, deduplicated and decontaminated in SSCD's space at the paper's
-thresholds (`curate.demo_photos`). Its long-tail part curates a long-tailed, duplicated pool with
-no seed set and no label (`configs/demo_longtail.yaml` in OUT/longtail, `curate.demo_longtail`):
+thresholds (`curate.demo.photos`). Its long-tail part curates a long-tailed, duplicated pool with
+no seed set and no label (`configs/demo_longtail.yaml` in OUT/longtail, `curate.demo.longtail`):
 dedup, hierarchical k-means, the balanced sample as shards, and the class shares of the pool, of
 a random sample and of the balanced sample (the labels are read only to show them).
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from lvd.curate.cli import STAGES, NotImplementedYet, run_stage
 from lvd.curate.config import load_config
-from lvd.curate.demo_data import FASHION_MNIST_DIR, MissingDataError, prepare_demo_data
-from lvd.curate.photo_edits import MissingPhotosError
+from lvd.curate.demo.fashion_mnist import FASHION_MNIST_DIR, MissingDataError, prepare_demo_data
+from lvd.curate.demo.photo_edits import MissingPhotosError
 
 PHOTO_STAGES = ("manifest", "embed", "dedup", "report")
 
@@ -31,7 +31,13 @@ def run_demo(args) -> int:
     out = Path(args.out).resolve()
     started = time.time()
     try:
-        data_dir = prepare_demo_data(out, pool_size=args.pool_size, eval_size=args.eval_size, seed=args.seed, fmnist_root=getattr(args, "fmnist", None) or FASHION_MNIST_DIR)
+        data_dir = prepare_demo_data(
+            out,
+            pool_size=args.pool_size,
+            eval_size=args.eval_size,
+            seed=args.seed,
+            fmnist_root=getattr(args, "fmnist", None) or FASHION_MNIST_DIR,
+        )
     except MissingDataError as exc:
         print(f"lvd demo: {exc}")
         return 2
@@ -59,8 +65,8 @@ def run_demo(args) -> int:
 def _photo_part(run_dir: Path, args) -> None:
     """Copy detection on real photos: SSCD's space, the paper's thresholds, figures against the planted truth."""
     from lvd.curate.config import ConfigError
-    from lvd.curate.demo_photos import EVAL_SET, prepare_photo_demo
     from lvd.curate.dedup_space import check_before_run
+    from lvd.curate.demo.photos import EVAL_SET, prepare_photo_demo
 
     started = time.time()
     cfg = load_config("demo_photos", [f"run_dir={run_dir}", f"seed={args.seed}"])
@@ -72,7 +78,7 @@ def _photo_part(run_dir: Path, args) -> None:
         return
     for name in PHOTO_STAGES:
         run_stage(name, cfg)
-    from lvd.curate.demo_quality import measure
+    from lvd.curate.demo.quality import measure
     from lvd.curate.runio import atomic_write_json, read_success
 
     quality = measure(run_dir, EVAL_SET)
@@ -89,7 +95,7 @@ def _longtail_part(run_dir: Path, args) -> None:
     """Seedless curation (Vo et al. 2024) of a long-tailed pool: classes before and after."""
     import numpy as np
 
-    from lvd.curate.demo_longtail import class_histogram, prepare_longtail_pool
+    from lvd.curate.demo.longtail import class_histogram, prepare_longtail_pool
     from lvd.curate.manifest import read_manifest
     from lvd.curate.selection import balanced_ids, level_assignments
 
@@ -107,7 +113,12 @@ def _longtail_part(run_dir: Path, args) -> None:
     picked = balanced_ids(run_dir)
     rng = np.random.default_rng(args.seed)
     random_ids = curated[rng.choice(len(curated), len(picked), replace=False)]
-    rows = {"raw pool": labels.index.to_numpy(), "after dedup": curated, "random sample": random_ids, "balanced sample": picked}
+    rows = {
+        "raw pool": labels.index.to_numpy(),
+        "after dedup": curated,
+        "random sample": random_ids,
+        "balanced sample": picked,
+    }
     hists = {name: class_histogram(labels.reindex(ids)) for name, ids in rows.items()}
     order = sorted(hists["raw pool"], key=lambda c: -hists["raw pool"][c])
     print(f"long-tail part ({time.time() - started:.1f} s): seedless curation, class shares (%), largest class first")
@@ -135,7 +146,11 @@ def _short_pretrain(run_dir: Path) -> None:
         last = json.loads(lines[-1]) if lines else None
     print(f"pretrain: done in {time.time() - started:.1f} s; {out}")
     if last:
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items() if k in ("iteration", "total", "dino", "ibot", "koleo", "images_per_s")}
+        shown = {
+            k: round(v, 4) if isinstance(v, float) else v
+            for k, v in last.items()
+            if k in ("iteration", "total", "dino", "ibot", "koleo", "images_per_s")
+        }
         print(f"pretrain: last metrics {shown}")
 
 
@@ -154,7 +169,7 @@ def _summary(run_dir: Path, finished: list[str]) -> None:
         print("manifest rows by set and status:")
         for (set_name, status), n in counts.items():
             print(f"  {set_name:24s} {status:12s} {n:6d}")
-    from lvd.curate.demo_quality import measure
+    from lvd.curate.demo.quality import measure
     from lvd.curate.runio import atomic_write_json
 
     quality = measure(run_dir)
@@ -172,8 +187,14 @@ def _print_quality(quality: dict, prefix: str) -> None:
     if "near_duplicates" not in quality:
         return
     nd, dc = quality["near_duplicates"], quality["decontamination"]
-    print(f"{prefix}near-duplicates: recall {_pct(nd['recall'])} ({nd['pairs_found']}/{nd['planted_pairs']} planted pairs), precision {_pct(nd['precision'])} of {nd['removed']} removed")
-    print(f"{prefix}decontamination: recall {_pct(dc['recall'])} ({dc['found']}/{dc['planted_copies']} planted eval copies), precision {_pct(dc['precision'])} of {dc['removed']} removed")
+    print(
+        f"{prefix}near-duplicates: recall {_pct(nd['recall'])} ({nd['pairs_found']}/{nd['planted_pairs']} planted "
+        f"pairs), precision {_pct(nd['precision'])} of {nd['removed']} removed"
+    )
+    print(
+        f"{prefix}decontamination: recall {_pct(dc['recall'])} ({dc['found']}/{dc['planted_copies']} planted eval "
+        f"copies), precision {_pct(dc['precision'])} of {dc['removed']} removed"
+    )
 
 
 def _pct(value) -> str:

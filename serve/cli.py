@@ -2,7 +2,7 @@
 
 `curate/cli.py` calls `add_subcommands(subparsers)` under its `index` command; each
 sub-command sets `func(args) -> int` (the exit status). `main(argv)` runs the same commands
-on their own (`python -m lvd.index.cli build ...`).
+on their own (`python -m lvd.serve.cli build ...`).
 """
 
 from __future__ import annotations
@@ -22,25 +22,40 @@ def add_subcommands(subparsers) -> None:
     """Add build, add, search and serve to an argparse sub-parsers object."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    p = subparsers.add_parser("build", formatter_class=fmt, help="build an index over an embed folder",
-                              description="Build a nearest-neighbour index over every part of an embed folder.")
+    p = subparsers.add_parser(
+        "build",
+        formatter_class=fmt,
+        help="build an index over an embed folder",
+        description="Build a nearest-neighbour index over every part of an embed folder.",
+    )
     p.add_argument("embed_dir", type=Path, metavar="EMBED_DIR", help="RUN/embed (part-*.npy, ids-*.npy)")
     p.add_argument("--out", type=Path, required=True, metavar="INDEX_DIR", help="folder to write the index to")
-    p.add_argument("--factory", default="auto",
-                   help="auto (choose from size, dimension and memory budget) or a Faiss factory string")
+    p.add_argument(
+        "--factory",
+        default="auto",
+        help="auto (choose from size, dimension and memory budget) or a Faiss factory string",
+    )
     _add_tuning_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing index in INDEX_DIR")
     p.set_defaults(func=_cmd_build)
 
-    p = subparsers.add_parser("add", formatter_class=fmt, help="add new embed parts to an index",
-                              description="Add the parts of EMBED_DIR that the index does not hold yet (no retraining).")
+    p = subparsers.add_parser(
+        "add",
+        formatter_class=fmt,
+        help="add new embed parts to an index",
+        description="Add the parts of EMBED_DIR that the index does not hold yet (no retraining).",
+    )
     p.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
     p.add_argument("embed_dir", type=Path, metavar="EMBED_DIR")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_add)
 
-    p = subparsers.add_parser("search", formatter_class=fmt, help="search an index from the shell",
-                              description="Nearest neighbours of images, vectors or indexed ids.")
+    p = subparsers.add_parser(
+        "search",
+        formatter_class=fmt,
+        help="search an index from the shell",
+        description="Nearest neighbours of images, vectors or indexed ids.",
+    )
     p.add_argument("index_dir", type=Path, metavar="INDEX_DIR")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--image", type=Path, nargs="+", metavar="FILE", help="query image files")
@@ -51,28 +66,56 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device for embedding query images")
     p.set_defaults(func=_cmd_search)
 
-    p = subparsers.add_parser("serve", formatter_class=fmt, help="HTTP API and web page",
-                              description="Serve indexes over HTTP (uvicorn): lvd's JSON API, clip-retrieval's "
-                                          "/knn-service, /metadata and /indices-list, /metrics, and a drop-an-image page.")
-    p.add_argument("index_dir", nargs="*", metavar="[NAME=]INDEX_DIR",
-                   help="index folders to serve, each named NAME (default: the folder's name); the first is the default")
-    p.add_argument("--indices", type=Path, metavar="FILE",
-                   help="YAML/JSON mapping NAME to {path, device, dtype}: indexes with their own embedder settings")
+    p = subparsers.add_parser(
+        "serve",
+        formatter_class=fmt,
+        help="HTTP API and web page",
+        description="Serve indexes over HTTP (uvicorn): lvd's JSON API, clip-retrieval's "
+        "/knn-service, /metadata and /indices-list, /metrics, and a drop-an-image page.",
+    )
+    p.add_argument(
+        "index_dir",
+        nargs="*",
+        metavar="[NAME=]INDEX_DIR",
+        help="index folders to serve, each named NAME (default: the folder's name); the first is the default",
+    )
+    p.add_argument(
+        "--indices",
+        type=Path,
+        metavar="FILE",
+        help="YAML/JSON mapping NAME to {path, device, dtype}: indexes with their own embedder settings",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes; each maps the indexes read-only, so the vectors are shared")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes; each maps the indexes read-only, so the vectors are shared",
+    )
     p.add_argument("--max-upload", default="20M", help="largest accepted request body")
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
-    p.add_argument("--concurrency", type=int, default=4,
-                   help="query images embedded (and thumbnails made) at once, per worker; concurrent searches "
-                        "by vector or id share Faiss calls")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="query images embedded (and thumbnails made) at once, per worker; concurrent searches "
+        "by vector or id share Faiss calls",
+    )
     p.add_argument("--max-connections", type=int, default=2048, help="open connections; more are answered 503")
     p.add_argument("--device", default="cpu", help="torch device for embedding uploaded images")
-    p.add_argument("--expose-paths", action="store_true",
-                   help="let responses carry the images' absolute paths (a trusted network only)")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser pages from ORIGIN (e.g. a clip-retrieval front end) to call the API")
+    p.add_argument(
+        "--expose-paths",
+        action="store_true",
+        help="let responses carry the images' absolute paths (a trusted network only)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser pages from ORIGIN (e.g. a clip-retrieval front end) to call the API",
+    )
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send request headers")
     p.add_argument("--body-timeout", type=float, default=20.0, help="seconds a client has to send a request body")
     p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
@@ -85,9 +128,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     `lvd` and `lvd index` print such an error as one line and exit 2; `--debug` shows the traceback.
     """
-    from .store import IndexFolderError
+    from lvd.index.store import IndexFolderError
 
-    return (IndexFolderError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError, ValueError)
+    return (
+        IndexFolderError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        KeyError,
+        ValueError,
+    )
 
 
 def error_line(exc: BaseException) -> str:
@@ -96,33 +147,41 @@ def error_line(exc: BaseException) -> str:
     return " ".join(str(message).split())
 
 
-
-
 def _add_tuning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", default="8G", help="memory the index may use (auto choice)")
-    p.add_argument("--target-recall", type=float, default=0.95,
-                   help="recall@k the search parameter is tuned to reach")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@k the search parameter is tuned to reach")
     p.add_argument("-k", type=int, default=10, help="k of the recall target")
-    p.add_argument("--calibration-queries", type=int, default=1000,
-                   help="indexed vectors used as queries when tuning and measuring recall")
+    p.add_argument(
+        "--calibration-queries",
+        type=int,
+        default=1000,
+        help="indexed vectors used as queries when tuning and measuring recall",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda: where Faiss trains (GPU Faiss only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _cmd_build(args) -> int:
-    from .store import BuildOptions, build
+    from lvd.index.store import BuildOptions, build
 
-    opts = BuildOptions(factory=args.factory, memory_budget=args.memory_budget, target_recall=args.target_recall,
-                        k=args.k, calibration_queries=args.calibration_queries, device=args.device, seed=args.seed,
-                        progress=False if args.no_progress else None)
+    opts = BuildOptions(
+        factory=args.factory,
+        memory_budget=args.memory_budget,
+        target_recall=args.target_recall,
+        k=args.k,
+        calibration_queries=args.calibration_queries,
+        device=args.device,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+    )
     info = build(args.embed_dir, args.out, opts, overwrite=args.overwrite)
     _print_summary(info, args.out)
     return 0
 
 
 def _cmd_add(args) -> int:
-    from .store import BuildOptions, add
+    from lvd.index.store import BuildOptions, add
 
     info = add(args.index_dir, args.embed_dir, BuildOptions(progress=False if args.no_progress else None))
     _print_summary(info, args.index_dir)
@@ -138,12 +197,14 @@ def _print_summary(info: dict, out: Path) -> None:
     elif rec.get("how") == "exact":
         measured = "1.000 (exact search)"
     else:
-        measured = f"{rec['recall']:.3f} (measured on {rec['queries']} held-out indexed vectors, target {rec['target']})"
+        measured = (
+            f"{rec['recall']:.3f} (measured on {rec['queries']} held-out indexed vectors, target {rec['target']})"
+        )
     print(f"  search: {info['search_params'] or 'exhaustive'}  expected recall@{rec['k']} = {measured}")
 
 
 def _cmd_search(args) -> int:
-    from .store import IndexStore
+    from lvd.index.store import IndexStore
 
     store = IndexStore.open(args.index_dir)
     if args.k < 1:
@@ -159,9 +220,8 @@ def _cmd_search(args) -> int:
         xq = np.stack([store.vector_of(i) for i in args.id])
         names = [f"id {i}" for i in args.id]
     else:
+        from lvd.index.store import embed_query_bytes
         from lvd.pretrain.data.decode import DecodeError
-
-        from .store import embed_query_bytes
 
         embedder = store.embedder(args.device)
         xq = []
@@ -195,30 +255,42 @@ def format_table(name: str, hits: list[dict]) -> str:
     """Results of one query as an aligned text table."""
     lines = [f"query: {name}", f"{'rank':>4}  {'score':>7}  {'id':>20}  {'set':<14} location"]
     for h in hits:
-        where = f"{h['source']}::{h['key']}" if h.get("kind") == "tar" else (
-            str(Path(h["source"]) / h["key"]) if h.get("source") and h.get("key") else "-")
+        where = (
+            f"{h['source']}::{h['key']}"
+            if h.get("kind") == "tar"
+            else (str(Path(h["source"]) / h["key"]) if h.get("source") and h.get("key") else "-")
+        )
         lines.append(f"{h['rank']:>4}  {h['score']:>7.4f}  {h['id']:>20}  {h.get('set') or '-':<14} {where}")
     return "\n".join(lines) + "\n"
 
 
 def _cmd_serve(args) -> int:
-    from .ann import parse_bytes
-    from .http_server import bind, serve
-    from .service import ServeOptions
+    from lvd.index.ann import parse_bytes
+    from lvd.serve.server import bind, serve
+    from lvd.serve.service import ServeOptions
 
     specs = index_specs(args.index_dir, args.indices)
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
-    opts = ServeOptions(max_upload_bytes=parse_bytes(args.max_upload), max_k=args.max_k,
-                        max_concurrent_searches=args.concurrency, max_connections=args.max_connections,
-                        device=args.device, expose_paths=args.expose_paths, cors_origins=tuple(args.cors_origin),
-                        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                        keep_alive_timeout=args.keep_alive, access_log=not args.no_access_log)
+    opts = ServeOptions(
+        max_upload_bytes=parse_bytes(args.max_upload),
+        max_k=args.max_k,
+        max_concurrent_searches=args.concurrency,
+        max_connections=args.max_connections,
+        device=args.device,
+        expose_paths=args.expose_paths,
+        cors_origins=tuple(args.cors_origin),
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive,
+        access_log=not args.no_access_log,
+    )
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach this address can search the index and see its images",
-                    args.host)
+        log.warning(
+            "listening on %s: anyone who can reach this address can search the index and see its images", args.host
+        )
     names = ", ".join(s.name for s in specs)
     print(f"serving {names} on http://{host}:{port}/  ({args.workers} worker(s); Ctrl-C to stop)", flush=True)
     try:
@@ -230,7 +302,7 @@ def _cmd_serve(args) -> int:
 
 def index_specs(dirs: list[str], indices_file: Path | None) -> list:
     """The indexes to serve from `[NAME=]DIR` arguments and an --indices file, in that order."""
-    from .service import IndexSpec
+    from lvd.serve.service import IndexSpec
 
     specs = []
     for arg in dirs:
