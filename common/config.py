@@ -17,10 +17,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from lvd.common.errors import InputFormatError
+
 _ABSENT = object()
 
 
-class ConfigError(ValueError):
+class ConfigError(InputFormatError):
     """A config file or override that does not fit the schema."""
 
 

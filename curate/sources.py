@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from lvd.common import media
+from lvd.common.errors import InputFormatError
 from lvd.common.media import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
 
 FOLDER, TAR, LIST = "folder", "tar", "list"
@@ -25,7 +26,7 @@ DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS
 # Members of a WebDataset sample that carry its class label.
 
 
-class SourceError(ValueError):
+class SourceError(InputFormatError):
     """A source spec that does not name anything lvd can read."""
 
 

@@ -35,6 +35,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lvd.common.atomic import atomic_write_json
+from lvd.common.errors import UserError
 from lvd.index import ann, io
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ EMBEDDER_KEYS = (
 EMBEDDER_EXTRA_KEYS = ("dtype",)
 
 
-class IndexFolderError(RuntimeError):
+class IndexFolderError(UserError, RuntimeError):
     """A missing, inconsistent or incompatible index folder; the message says which."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from lvd.common.errors import MissingInputError
 from lvd.curate.runio import atomic_write_json
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -24,7 +25,7 @@ CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 SEED_CLASSES = ("trouser", "sandal", "bag")
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(MissingInputError):
     """The Fashion-MNIST files are not installed."""
 
 

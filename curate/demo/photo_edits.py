@@ -15,6 +15,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from lvd.common.errors import UserError
+
 # scikit-image photos that ship inside its wheel (the others download and fail offline).
 SKIMAGE_PHOTOS = (
     "astronaut",
@@ -35,7 +37,7 @@ SKIMAGE_PHOTOS = (
 )
 
 
-class MissingPhotosError(ImportError):
+class MissingPhotosError(UserError, ImportError):
     """scikit-image (or scikit-learn) is not installed, so there are no offline photos."""
 
 

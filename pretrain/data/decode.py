@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from lvd.common.errors import InputFormatError
+
 # EXIF orientations that swap width and height.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
-class DecodeError(ValueError):
+class DecodeError(InputFormatError):
     """Bytes that are not a usable image; the message is the quarantine reason."""
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lvd.common.errors import InputFormatError
 from lvd.pretrain.models.embedder import PixelEmbedder, check_uint8_batch
 from lvd.pretrain.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from lvd.pretrain.models.weights import resolve_weights
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 _ORT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(InputFormatError):
     """An ONNX graph lvd cannot use as an image embedder; the message says why."""
 
 

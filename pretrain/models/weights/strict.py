@@ -7,8 +7,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from lvd.common.errors import InputFormatError
 
-class WeightsError(ValueError):
+
+class WeightsError(InputFormatError):
     """Weights that do not fit the model (or cannot be read); the message names the keys."""
 
 
