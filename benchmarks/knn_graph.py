@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lvd.common.devices import cpu_has_native_bf16  # noqa: E402
 from lvd.index.backend_choice import choose_backend  # noqa: E402
 from lvd.index.ivf_switch import measured_exact_max  # noqa: E402
-from lvd.index.knn import ivf_search, knn_graph, plan_knn  # noqa: E402
+from lvd.index.knn import build_ivf, ivf_search, knn_graph, plan_knn, search_ivf  # noqa: E402
 
 
 def machine_line() -> str:
@@ -160,7 +160,12 @@ def bench_approx(x, k, threshold, exact_backend):
     plan = plan_knn(n, d, exact_max=0)
     print(f"dedup graph, {n} x {d}, k={k}, threshold {threshold}: {plan.factory}, nprobe {plan.nprobe}")
     engine = choose_backend("k-NN graph", x, x, k, exclude_self=True)
-    t_cal, crossover = timed(lambda: measured_exact_max(x, k, engine, lambda m: plan_knn(m, d, method="ivf")))
+
+    def ivf_graph(rows, kk):
+        plan = plan_knn(len(rows), d, method="ivf")
+        return search_ivf(build_ivf(rows, plan), rows, kk, plan.nprobe, exclude_self=True)
+
+    t_cal, crossover = timed(lambda: measured_exact_max(x, k, engine, ivf_graph))
     print(f"measured exact/IVF crossover here: {crossover} rows (calibration {t_cal[0]:.2f} s wall, cached after)")
     t_exact, (D_ref, I_ref) = timed(lambda: knn_graph(x, k, method="exact", backend=exact_backend))
     truth = edges_above(D_ref, I_ref, threshold)

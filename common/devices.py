@@ -1,18 +1,25 @@
 """Devices and compute dtypes: one rule for every package.
 
 bf16 is fast only where the hardware has it: on a CPU without native bf16 (no AVX512_BF16 /
-AMX / Arm BF16) it is emulated and can be orders of magnitude slower than fp32. What each
-workload picks under `auto` is its own decision; whether the hardware *has* bf16 is decided here.
+AMX / Arm BF16) it is emulated and can be orders of magnitude slower than fp32. `auto` means the
+same everywhere (`resolve_dtype`): bf16 on CUDA, fp32 on a CPU that emulates bf16, and on a CPU
+with native bf16 the faster of the two for the workload, measured when the caller can run it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+
+from lvd.common.errors import InputFormatError
+
+log = logging.getLogger(__name__)
 
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 DTYPE_NAMES = {
@@ -75,15 +82,40 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`auto` -> bfloat16 where the hardware runs it natively, else float32; names as in DTYPE_NAMES."""
+def resolve_dtype(
+    dtype: str | torch.dtype | None,
+    device: torch.device,
+    *,
+    measure: Callable[[torch.dtype], object] | None = None,
+    task: str = "compute dtype",
+    shape: Mapping | None = None,
+) -> torch.dtype:
+    """The compute dtype `dtype` names on `device` (names as in DTYPE_NAMES).
+
+    `auto` is one rule for every workload: bfloat16 on CUDA; float32 on a CPU that emulates bf16;
+    on a CPU with native bf16, bfloat16, unless the caller passes `measure` (one run of its
+    workload at a given dtype): then whichever of float32 and bfloat16 ran faster here, measured
+    once per machine, task and shape (`lvd.common.calibration`). A busy machine makes bf16 lose
+    more than fp32 does, so workloads that can be timed cheaply should be.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     name = (dtype or "auto").lower()
     if name == "auto":
-        return torch.bfloat16 if has_native_bf16(device) else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        if not has_native_bf16(device):
+            return torch.float32
+        if measure is None:
+            return torch.bfloat16
+        from lvd.common.calibration import choose  # calibration builds on this module
+
+        candidates = {"float32": lambda: measure(torch.float32), "bfloat16": lambda: measure(torch.bfloat16)}
+        choice = choose(task, dict(shape or {}), candidates, device=device, repeats=1)
+        log.info("%s auto: %s", task, choice.describe())
+        return DTYPE_NAMES[choice.name]
     if name not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        raise InputFormatError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return DTYPE_NAMES[name]
 
 

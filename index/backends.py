@@ -25,7 +25,8 @@ import logging
 import numpy as np
 import torch
 
-from lvd.common.devices import has_native_bf16, resolve_device  # noqa: F401 (resolve_device: part of this module's interface)
+from lvd.common.devices import resolve_device, resolve_dtype
+from lvd.common.errors import InputFormatError
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,18 @@ _FP32_ROUNDOFF = 2.0**-24
 DEFAULT_BLOCK_BYTES = {"cpu": 64 << 20, "other": 256 << 20}
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """Compute dtype for the torch backend; 'auto' picks bf16 only where it is fast."""
+def engine_dtype(dtype: str, device: torch.device) -> str:
+    """The torch backend's product format: lvd's one dtype rule (`resolve_dtype`) in the backend's
+    names, plus tf32 (fp32 storage, tensor-core products), which exists on CUDA only."""
     if dtype not in _DTYPE_ALIASES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of auto, {', '.join(DTYPES)}")
+        raise InputFormatError(f"unknown dtype {dtype!r}; expected one of auto, {', '.join(DTYPES)}")
     dtype = _DTYPE_ALIASES[dtype]
-    if dtype == "auto":
+    if dtype == "tf32":
         if device.type == "cuda":
-            return "bf16"
-        return "bf16" if has_native_bf16(device) else "fp32"
-    if dtype == "tf32" and device.type != "cuda":
+            return "tf32"
         log.info("tf32 exists only on CUDA devices; computing in fp32 on %s", device)
         return "fp32"
-    return dtype
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[resolve_dtype(dtype, device)]
 
 
 def _check_metric(metric: str) -> None:
@@ -169,7 +169,7 @@ class TorchBackend(VectorBackend):
         extra_candidates: int | None = None,
     ):
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = engine_dtype(dtype, self.device)
         if block_bytes is None:
             block_bytes = DEFAULT_BLOCK_BYTES["cpu" if self.device.type == "cpu" else "other"]
         self.block_bytes = int(block_bytes)
@@ -461,8 +461,7 @@ __all__ = [
     "FaissBackend",
     "TorchBackend",
     "get_backend",
-    "resolve_device",
-    "resolve_dtype",
+    "engine_dtype",
     "METRICS",
     "DTYPES",
 ]

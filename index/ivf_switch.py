@@ -53,22 +53,14 @@ def _exact_graph(engine, rows, k, metric):
     return engine.search(rows, rows, k, metric=metric, exclude_self=True)
 
 
-def _ivf_graph(plan_for, rows, k, metric, device, seed):
-    from lvd.index.knn import build_ivf, search_ivf
-
-    plan = plan_for(len(rows))
-    index = build_ivf(rows, plan, metric=metric, device=device, seed=seed)
-    return search_ivf(index, rows, k, plan.nprobe, exclude_self=True)
-
-
 def measured_exact_max(
-    x: np.ndarray, k: int, exact_engine, plan_for, *, metric: str = "ip", device=None, seed: int = 0, measure=None
+    x: np.ndarray, k: int, exact_engine, ivf_graph, *, metric: str = "ip", seed: int = 0, measure=None
 ) -> int:
     """The largest pool worth searching exactly here: below it exact search is faster than IVF.
 
-    `plan_for(n)` is the IVF plan the job would use for n rows; `exact_engine` the engine exact
-    search would use. Pools smaller than the calibration's largest sample are never measured
-    (they are searched exactly).
+    `ivf_graph(rows, k)` builds the k-NN graph of `rows` the way the job's IVF plan would;
+    `exact_engine` is the engine exact search would use. Pools smaller than the calibration's
+    largest sample are never measured (they are searched exactly).
     """
     m1, m2 = CALIBRATION_ROWS
     if len(x) <= m2:
@@ -77,8 +69,8 @@ def measured_exact_max(
     kk = min(k, m1 - 1)
     jobs = {
         "exact": functools.partial(_exact_graph, exact_engine, small, kk, metric),
-        "ivf-small": functools.partial(_ivf_graph, plan_for, small, kk, metric, device, seed),
-        "ivf-large": functools.partial(_ivf_graph, plan_for, large, kk, metric, device, seed),
+        "ivf-small": functools.partial(ivf_graph, small, kk),
+        "ivf-large": functools.partial(ivf_graph, large, kk),
     }
     shape = {
         "rows": CALIBRATION_ROWS,

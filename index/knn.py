@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lvd.common.devices import resolve_device
 from lvd.index import ivf_switch
 from lvd.index.backend_choice import choose_backend
-from lvd.index.backends import FaissBackend, _as_f32, _check_metric, _drop_self, _empty_result, resolve_device
+from lvd.index.backends import FaissBackend, _as_f32, _check_metric, _drop_self, _empty_result
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +90,13 @@ def _plan(xb, k, engine, *, device, method, memory_budget, exact_max, nprobe, nl
     n, d = xb.shape
     options = dict(device=device, memory_budget=memory_budget, nprobe=nprobe, nlist=nlist)
     if method == "auto" and exact_max is None and resolve_device(device).type == "cpu":
-        exact_max = ivf_switch.measured_exact_max(
-            xb,
-            k,
-            engine,
-            lambda rows: plan_knn(rows, d, method="ivf", **options),
-            metric=metric,
-            device=device,
-            seed=seed,
-            measure=measure,
-        )
+
+        def ivf_graph(rows, kk):
+            plan = plan_knn(len(rows), d, method="ivf", **options)
+            index = build_ivf(rows, plan, metric=metric, device=device, seed=seed)
+            return search_ivf(index, rows, kk, plan.nprobe, exclude_self=True)
+
+        exact_max = ivf_switch.measured_exact_max(xb, k, engine, ivf_graph, metric=metric, seed=seed, measure=measure)
     return plan_knn(n, d, method=method, exact_max=exact_max, **options)
 
 

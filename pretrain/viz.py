@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lvd.common.devices import autocast, resolve_device, resolve_dtype
 from lvd.common.media import is_image_name
 from lvd.pretrain.data.decode import DecodeError, load_resized
-from lvd.pretrain.eval.features import Preprocessing, autocast_context, images_to_tensor, resolve_device
+from lvd.pretrain.eval.features import Preprocessing, images_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def visualise(
     grids = []
     for name, img in images.items():
         x = images_to_tensor([img], prep, device)
-        with torch.no_grad(), autocast_context(device, dtype):
+        with torch.no_grad(), autocast(device, resolve_dtype(dtype, device)):
             attn = cls_attention(model, x)[0]
             tokens = model.forward_features(x)["x_norm_patchtokens"][0].float().cpu().numpy()
         h, w = img.shape[0] // patch, img.shape[1] // patch

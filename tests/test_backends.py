@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from lvd.index.backends import FaissBackend, TorchBackend, get_backend, resolve_device, resolve_dtype
+from lvd.common.devices import resolve_device
+from lvd.index.backends import FaissBackend, TorchBackend, engine_dtype, get_backend
 
 
 def unit_rows(n, d, seed):
@@ -97,10 +98,10 @@ def test_names_are_checked():
     with pytest.raises(ValueError):
         get_backend("annoy")
     with pytest.raises(ValueError):
-        resolve_dtype("fp8", resolve_device("cpu"))
+        engine_dtype("fp8", resolve_device("cpu"))
     with pytest.raises(ValueError):
         get_backend("torch").search(unit_rows(3, 2, 0), unit_rows(3, 2, 0), 1, metric="cosine")
-    assert resolve_dtype("tf32", resolve_device("cpu")) == "fp32"
+    assert engine_dtype("tf32", resolve_device("cpu")) == "fp32"
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -26,8 +26,8 @@ def cost_model(a, c, b, calls):
     """A `measure` that reports exact = a n^2 and IVF = c n^b for the calibration jobs."""
 
     def measure(job, repeats):
-        rows = len(job.args[1])
         exact = job.func is ivf_switch._exact_graph
+        rows = len(job.args[1] if exact else job.args[0])  # (engine, rows, ...) or (rows, k)
         calls.append(("exact" if exact else "ivf", rows))
         return a * rows**2 if exact else c * rows**b
 

@@ -364,7 +364,7 @@ def test_a_self_describing_export_loads_with_model_auto_and_no_overrides(tmp_pat
 
 @pytest.mark.parametrize("bf16_faster", [True, False])
 def test_train_dtype_auto_takes_bf16_only_where_native_and_measured_faster(monkeypatch, tmp_path, bf16_faster):
-    from lvd.common import calibration
+    from lvd.common import calibration, devices
     from lvd.pretrain.train import trainer
 
     monkeypatch.setenv("LVD_CACHE_DIR", str(tmp_path / f"cache-{bf16_faster}"))
@@ -373,17 +373,17 @@ def test_train_dtype_auto_takes_bf16_only_where_native_and_measured_faster(monke
     def step(dtype):
         ran.append(dtype)
 
-    fast, slow = (torch.bfloat16, None) if bf16_faster else (None, torch.bfloat16)
+    fast = torch.bfloat16 if bf16_faster else torch.float32
     monkeypatch.setattr(
         calibration,
         "time_interleaved",
         lambda jobs, repeats: {n: (j(), 1.0 if ran[-1] is fast else 2.0)[1] for n, j in jobs.items()},
     )
     cpu = torch.device("cpu")
-    monkeypatch.setattr(trainer, "has_native_bf16", lambda device: True)
-    assert trainer.autocast_dtype("auto", cpu, step, {"arch": "t"}) is fast
-    assert set(ran) == {None, torch.bfloat16}  # both were timed
-    monkeypatch.setattr(trainer, "has_native_bf16", lambda device: False)
+    monkeypatch.setattr(devices, "has_native_bf16", lambda device: True)
+    assert trainer.autocast_dtype("auto", cpu, step, {"arch": "t"}) is (torch.bfloat16 if bf16_faster else None)
+    assert set(ran) == {torch.float32, torch.bfloat16}  # both were timed
+    monkeypatch.setattr(devices, "has_native_bf16", lambda device: False)
     ran.clear()
     assert trainer.autocast_dtype("auto", cpu, step, {"arch": "t"}) is None and ran == []  # emulated bf16: not timed
     assert trainer.autocast_dtype("bfloat16", cpu) is torch.bfloat16

@@ -10,7 +10,6 @@ works, which is what lets the tests use a stand-in.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lvd.common.devices import resolve_device  # noqa: F401 (imported from here by the eval stage and viz)
+from lvd.common.devices import autocast, resolve_device, resolve_dtype
 from lvd.pretrain.data.decode import DecodeError
 from lvd.pretrain.data.labelled import LabelledSample
 from lvd.pretrain.models.preprocess import bytes_to_square, normalise
@@ -40,17 +39,6 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resize_ratio: float = 1.0
-
-
-def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast when asked for (`auto` asks for it on CUDA only); fp32 otherwise."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if dtype != "float32":
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
-    return contextlib.nullcontext()
 
 
 def images_to_tensor(
@@ -130,7 +118,7 @@ def extract_labelled_features(
             if not kept:
                 continue
             x = images_to_tensor([img for _, img in kept], prep, device)
-            with autocast_context(device, dtype):
+            with autocast(device, resolve_dtype(dtype, device)):
                 out = model.forward_features(x)
             feats.append(pool_features(out, pooling).float().cpu().numpy())
             labels.extend(s.label for s, _ in kept)

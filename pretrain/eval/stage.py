@@ -22,8 +22,9 @@ import torch
 from omegaconf import OmegaConf
 
 from lvd.common.atomic import atomic_write_bytes
+from lvd.common.devices import resolve_device
 from lvd.pretrain.data.labelled import encode_labels, iter_labelled, label_vocabulary
-from lvd.pretrain.eval.features import Preprocessing, extract_labelled_features, resolve_device
+from lvd.pretrain.eval.features import Preprocessing, extract_labelled_features
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lvd.common.atomic import atomic_path, atomic_write_json
-from lvd.common.calibration import choose
-from lvd.common.devices import autocast, has_native_bf16, resolve_device
+from lvd.common.devices import autocast, resolve_device, resolve_dtype
 from lvd.pretrain.train import distributed as D
 from lvd.pretrain.train.augment import MultiCrop
 from lvd.pretrain.train.checkpoint import (
@@ -55,26 +54,12 @@ N_GLOBAL = 2
 def autocast_dtype(name: str, device: torch.device, step=None, shape: dict | None = None) -> torch.dtype | None:
     """The autocast dtype of the forward passes; None = full float32.
 
-    `auto`: bf16 on CUDA; float32 on a CPU without native bf16 (emulated bf16 is far slower);
-    on a CPU with native bf16, whichever of the two runs `step(dtype)` (one forward and
-    backward of the student on a small batch) faster, measured once per machine and shape
-    (`lvd.common.calibration`). Losses, centering and the EMA stay in float32 either way.
+    lvd's one `auto` rule (`lvd.common.devices.resolve_dtype`), timed on `step(dtype)` (one forward
+    and backward of the student on a small batch) where the CPU has native bf16. Losses, centering
+    and the EMA stay in float32 either way.
     """
-    if name != "auto":
-        return {"bfloat16": torch.bfloat16, "float32": None}[name]
-    if device.type == "cuda":
-        return torch.bfloat16
-    if not has_native_bf16(device) or step is None:
-        return None
-    choice = choose(
-        "training step",
-        shape or {},
-        {"float32": lambda: step(None), "bfloat16": lambda: step(torch.bfloat16)},
-        device=device,
-        repeats=1,
-    )
-    log.info("train.dtype auto: %s", choice.describe())
-    return torch.bfloat16 if choice.name == "bfloat16" else None
+    dtype = resolve_dtype(name, device, measure=step, task="training step", shape=shape)
+    return None if dtype == torch.float32 else dtype
 
 
 def step_seed(seed: int, rank: int, iteration: int) -> int:
