@@ -79,7 +79,7 @@ def bench_hnswlib(xb, xq, truth, k, target, threads, m=16, ef_construction=200):
     return {"name": f"hnswlib M={m} efC={ef_construction}", "build_s": build_s, "sweep": rows, **best}
 
 
-def bench_lvd(embed_dir, index_dir, xq, truth, k, target, memory_budget, calib_queries, factory="auto"):
+def bench_lvd(embed_dir, index_dir, xq, truth, k, target, memory_gb, calib_queries, factory="auto"):
     """`lvd index build` exactly as the CLI runs it, then search with what it chose and tuned."""
     t0 = time.perf_counter()
     info = build(
@@ -87,7 +87,7 @@ def bench_lvd(embed_dir, index_dir, xq, truth, k, target, memory_budget, calib_q
         index_dir,
         BuildOptions(
             factory=factory,
-            memory_budget=memory_budget,
+            memory_gb=memory_gb,
             k=k,
             target_recall=target,
             calibration_queries=calib_queries,
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--target", type=float, default=0.95, help="recall@k to reach")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--memory-budget", default="8G")
+    p.add_argument("--memory-gb", default="8")
     p.add_argument("--factory", default="auto", help="auto, or a Faiss factory string to try instead")
     p.add_argument("--calibration-queries", type=int, default=1000)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
             truth,
             args.k,
             args.target,
-            args.memory_budget,
+            args.memory_gb,
             args.calibration_queries,
             args.factory,
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lvd.common import memory
 from lvd.common.devices import resolve_device
 from lvd.index import ivf_switch
 from lvd.index.backend_choice import choose_backend
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 # Largest pool searched exactly on an accelerator (tensor-core matmul makes n^2 affordable).
 EXACT_MAX_ACCELERATOR = 2_000_000
-# Memory the IVF index may take; above it the vectors are stored compressed (SQ8, then PQ).
-DEFAULT_MEMORY_BUDGET = 8 << 30
 # Vectors per inverted list aimed at: nlist = IVF_LIST_FACTOR * sqrt(n) (Faiss's guideline).
 IVF_LIST_FACTOR = 4
 # Lists visited per query; near-duplicates sit in their query's own list or the next ones.
@@ -53,17 +52,20 @@ def plan_knn(
     *,
     device="cpu",
     method: str = "auto",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     exact_max: int | None = None,
     nprobe: int | None = None,
     nlist: int | None = None,
 ) -> KnnPlan:
-    """Exact up to `exact_max` rows, IVF above; IVF storage shrinks to fit `memory_budget`.
+    """Exact up to `exact_max` rows, IVF above; IVF storage shrinks to fit `memory_budget` bytes
+    (None: `memory_gb: auto`'s budget), compressed to SQ8, then PQ, when the vectors do not fit.
 
     `exact_max` None: an accelerator searches up to EXACT_MAX_ACCELERATOR rows exactly; on a CPU
     every pool is exact here (the callers pass the crossover measured on this machine).
     """
     device = resolve_device(device)
+    if memory_budget is None:
+        memory_budget = memory.memory_budget("auto")
     if exact_max is None:
         exact_max = 2**62 if device.type == "cpu" else EXACT_MAX_ACCELERATOR
     if method not in ("auto", "exact", "ivf"):
@@ -109,7 +111,7 @@ def knn_graph(
     backend="auto",
     device="cpu",
     dtype: str = "auto",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     exact_max: int | None = None,
     nprobe: int | None = None,
     nlist: int | None = None,
@@ -172,7 +174,7 @@ def search(
     backend="auto",
     device="cpu",
     dtype: str = "auto",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     exact_max: int | None = None,
     nprobe: int | None = None,
     nlist: int | None = None,

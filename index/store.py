@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from lvd.common.atomic import atomic_write_json
 from lvd.common.errors import UserError
+from lvd.common.memory import memory_budget
 from lvd.index import ann, io
 
 log = logging.getLogger(__name__)
@@ -436,7 +437,7 @@ def _tune_and_finish(adder: _Adder, sources: list[dict], k: int, target: float) 
 @dataclass
 class BuildOptions:
     factory: str = "auto"
-    memory_budget: str | int = "8G"
+    memory_gb: str | float = "auto"  # the pipeline's memory_gb: GiB, or auto
     target_recall: float = 0.95
     k: int = 10
     calibration_queries: int = 1000
@@ -464,7 +465,7 @@ def build(
     _check_unique(all_ids)
     n, d = len(all_ids), int(np.load(parts[0].vectors, mmap_mode="r").shape[1])
     t0 = time.perf_counter()
-    budget = ann.parse_bytes(opts.memory_budget)
+    budget = memory_budget(opts.memory_gb)
     auto = opts.factory in (None, "", "auto")
     plan = ann.choose_index(n, d, budget) if auto else ann.plan_from_factory(opts.factory, n, d)
     index, ids, params, recall, n_queries = _fill(plan, d, sources, all_ids, opts)

@@ -148,7 +148,11 @@ def error_line(exc: BaseException) -> str:
 
 
 def _add_tuning_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memory-budget", default="8G", help="memory the index may use (auto choice)")
+    p.add_argument(
+        "--memory-gb",
+        default="auto",
+        help="GiB the index may use when --factory is auto; auto = a third of this machine's memory (as memory_gb)",
+    )
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@k the search parameter is tuned to reach")
     p.add_argument("-k", type=int, default=10, help="k of the recall target")
     p.add_argument(
@@ -167,7 +171,7 @@ def _cmd_build(args) -> int:
 
     opts = BuildOptions(
         factory=args.factory,
-        memory_budget=args.memory_budget,
+        memory_gb=args.memory_gb,
         target_recall=args.target_recall,
         k=args.k,
         calibration_queries=args.calibration_queries,
