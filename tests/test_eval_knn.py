@@ -28,10 +28,10 @@ def _brute_force_scores(train_x, train_y, test_x, k, n_classes, temperature, uni
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
-def test_topk_cosine_matches_brute_force_across_chunk_boundaries(backend):
+def test_topk_cosine_matches_brute_force(backend):
     xb, _ = _clusters(300, seed=1)
     xq, _ = _clusters(37, seed=2)
-    sims, idx = topk_cosine(xb, xq, 25, backend=backend, query_chunk=8, base_chunk=64)
+    sims, idx = topk_cosine(xb, xq, 25, backend=backend)
     nb = xb / np.linalg.norm(xb, axis=1, keepdims=True)
     nq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
     full = nq.astype(np.float64) @ nb.T.astype(np.float64)
@@ -43,7 +43,7 @@ def test_topk_cosine_matches_brute_force_across_chunk_boundaries(backend):
 def test_weighted_scores_match_brute_force_for_every_k():
     train_x, train_y = _clusters(400, seed=3)
     test_x, _ = _clusters(50, seed=4)
-    scores = knn_scores(train_x, train_y, test_x, (1, 10, 20, 100), n_classes=5, query_chunk=16, base_chunk=128)
+    scores = knn_scores(train_x, train_y, test_x, (1, 10, 20, 100), n_classes=5)
     for k, s in scores.items():
         ref = _brute_force_scores(train_x, train_y, test_x, k, 5, 0.07)
         np.testing.assert_allclose(s, ref, rtol=1e-4)
@@ -106,7 +106,7 @@ def test_topk_accuracy_against_hand_computed_values():
 def test_chunked_accuracy_equals_brute_force_top1_and_top5():
     x, y = _clusters(345, n_classes=8, spread=2.5, seed=10)
     train_x, train_y, test_x, test_y = x[:300], y[:300], x[300:], y[300:]
-    acc = knn_accuracy(train_x, train_y, test_x, test_y, (10, 50), backend="torch", query_chunk=7, base_chunk=50)
+    acc = knn_accuracy(train_x, train_y, test_x, test_y, (10, 50), backend="torch", query_chunk=7)
     for k in (10, 50):
         ref = _brute_force_scores(train_x, train_y, test_x, k, 8, 0.07)
         top5 = np.argsort(-ref, axis=1, kind="stable")[:, :5]
