@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from lvd.common.errors import MissingInputError
+
 # File name extensions read as images (lower case, no dot), everywhere lvd looks for images.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 # WebDataset members that hold a sample's class label.
@@ -44,8 +46,8 @@ def expand_shards(spec, sort: bool = False) -> list[str]:
                 urls.extend(sorted(glob.glob(url)))
     urls = sorted(set(urls)) if sort else list(dict.fromkeys(urls))
     if not urls:
-        raise FileNotFoundError(f"no tar shards match {spec!r}")
+        raise MissingInputError(f"no tar shards match {spec!r}")
     missing = [u for u in urls if not _is_remote(u) and not os.path.exists(u)]
     if missing:
-        raise FileNotFoundError(f"tar shards not found: {', '.join(missing[:5])}")
+        raise MissingInputError(f"tar shards not found: {', '.join(missing[:5])}")
     return urls

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lvd.common.errors import InputFormatError, MemoryBudgetError
+
 GIB = 1 << 30
 #: share of the machine's (or cgroup's) memory that `memory_gb: auto` takes
 AUTO_SHARE = 1 / 3
@@ -37,9 +39,9 @@ def memory_budget(value="auto") -> int:
     try:
         gib = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"memory_gb must be auto or a number of GiB, got {value!r}") from None
+        raise InputFormatError(f"memory_gb must be auto or a number of GiB, got {value!r}") from None
     if not gib > 0:
-        raise ValueError(f"memory_gb must be positive, got {value!r}")
+        raise InputFormatError(f"memory_gb must be positive, got {value!r}")
     return int(gib * GIB)
 
 
@@ -51,7 +53,7 @@ def rows_per_block(budget: int, bytes_per_row: int, *, share: float = 0.125, lo:
 def check_fits(what: str, nbytes: int, budget: int) -> None:
     """A clear error, before the work, when state that must stay in memory exceeds the budget."""
     if nbytes > budget:
-        raise MemoryError(
+        raise MemoryBudgetError(
             f"{what} needs {nbytes / GIB:.2f} GiB, more than memory_gb ({budget / GIB:.2f} GiB); "
             f"raise memory_gb or run on a machine with more memory"
         )

@@ -20,6 +20,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from lvd.common.errors import InputFormatError, MemoryBudgetError
+
 log = logging.getLogger(__name__)
 
 # Below this many vectors exact search is fast enough (a few ms per query on one core) and
@@ -64,7 +66,7 @@ def parse_bytes(text: str | int | float) -> int:
         return int(text)
     m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
     if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 512M, 8G)")
+        raise InputFormatError(f"not a size: {text!r} (examples: 512M, 8G)")
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2)]
     return int(float(m.group(1)) * scale)
 
@@ -134,7 +136,7 @@ def choose_index(n: int, d: int, memory_budget: int, ivf_scan: float | None = No
         bpv = m / 2 + ivf_overhead
         why = "only PQ codes fit the budget; recall is limited by the code size"
     if bpv > per_vector_budget:
-        raise ValueError(
+        raise MemoryBudgetError(
             f"{n} vectors of dimension {d} need at least {bpv * n / 2**20:.0f} MiB; "
             f"the memory budget is {memory_budget / 2**20:.0f} MiB"
         )
@@ -146,7 +148,7 @@ def plan_from_factory(factory: str, n: int, d: int) -> IndexPlan:
     try:
         probe = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except Exception as exc:  # faiss raises RuntimeError with its own message
-        raise ValueError(f"invalid Faiss factory string {factory!r}: {exc}") from None
+        raise InputFormatError(f"invalid Faiss factory string {factory!r}: {exc}") from None
     train = 0
     if not probe.is_trained:
         ivf = _ivf_of(probe)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lvd.common.errors import InputFormatError, MissingInputError
+
 _PART = re.compile(r"^part-(\d+)\.npy$")
 
 
@@ -23,7 +25,7 @@ def list_parts(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
     """(vectors, ids) file pairs of an embedding folder, in part-number order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"embedding folder not found: {folder}")
+        raise MissingInputError(f"embedding folder not found: {folder}")
     pairs = []
     for path in sorted(folder.iterdir()):
         match = _PART.match(path.name)
@@ -31,11 +33,11 @@ def list_parts(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
             continue
         ids_path = folder / f"ids-{match.group(1)}.npy"
         if not ids_path.exists():
-            raise FileNotFoundError(f"{path} has no ids file {ids_path.name}")
+            raise MissingInputError(f"{path} has no ids file {ids_path.name}")
         pairs.append((path, ids_path))
     orphans = {p.name for p in folder.glob("ids-*.npy")} - {i.name for _, i in pairs}
     if orphans:
-        raise FileNotFoundError(f"ids files without a part in {folder}: {sorted(orphans)}")
+        raise InputFormatError(f"ids files without a part in {folder}: {sorted(orphans)}")
     return pairs
 
 
@@ -44,9 +46,9 @@ def read_part(vectors_path: Path, ids_path: Path, *, dtype=np.float32, mmap: boo
     vectors = np.load(vectors_path, mmap_mode="r" if mmap else None, allow_pickle=False)
     ids = np.load(ids_path, allow_pickle=False)
     if vectors.ndim != 2:
-        raise ValueError(f"{vectors_path} is not a 2-D array (shape {vectors.shape})")
+        raise InputFormatError(f"{vectors_path} is not a 2-D array (shape {vectors.shape})")
     if ids.shape != (len(vectors),):
-        raise ValueError(f"{ids_path} holds {ids.shape} ids for {len(vectors)} rows of {vectors_path.name}")
+        raise InputFormatError(f"{ids_path} holds {ids.shape} ids for {len(vectors)} rows of {vectors_path.name}")
     if dtype is not None and not mmap:
         vectors = vectors.astype(dtype, copy=False)
     return ids.astype(np.int64, copy=False), vectors
@@ -70,7 +72,7 @@ def load_embeddings(folder: str | os.PathLike, *, dtype=np.float32) -> tuple[np.
     parts = [read_part(v, i, dtype=None, mmap=True) for v, i in pairs]
     dims = {p[1].shape[1] for p in parts}
     if len(dims) != 1:
-        raise ValueError(f"parts of {folder} have different dimensions: {sorted(dims)}")
+        raise InputFormatError(f"parts of {folder} have different dimensions: {sorted(dims)}")
     ids = np.concatenate([p[0] for p in parts])
     out = np.empty((len(ids), dims.pop()), dtype=dtype or parts[0][1].dtype)
     row = 0
@@ -78,7 +80,7 @@ def load_embeddings(folder: str | os.PathLike, *, dtype=np.float32) -> tuple[np.
         out[row : row + len(vectors)] = vectors
         row += len(vectors)
     if len(np.unique(ids)) != len(ids):
-        raise ValueError(f"{folder} holds repeated ids")
+        raise InputFormatError(f"{folder} holds repeated ids")
     return ids, out
 
 
@@ -110,7 +112,7 @@ class EmbeddingRows:
             raise IndexError(f"rows outside the {int(self._starts[-1])} rows of {folder}")
         dims = {s[1] for s in shapes}
         if len(dims) > 1:
-            raise ValueError(f"parts of {folder} have different dimensions: {sorted(dims)}")
+            raise InputFormatError(f"parts of {folder} have different dimensions: {sorted(dims)}")
         self.dim = dims.pop() if dims else 0
 
     def __len__(self) -> int:

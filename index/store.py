@@ -35,7 +35,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lvd.common.atomic import atomic_write_json
-from lvd.common.errors import UserError
+from lvd.common.errors import InputFormatError, MissingInputError, UserError
 from lvd.common.memory import memory_budget
 from lvd.index import ann, io
 
@@ -221,9 +221,9 @@ class IndexStore:
         """(scores, rows) for float32 queries; rows are -1 where fewer than k results exist."""
         xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
         if xq.shape[1] != self.dim:
-            raise ValueError(f"query dimension {xq.shape[1]} does not match the index ({self.dim})")
+            raise InputFormatError(f"query dimension {xq.shape[1]} does not match the index ({self.dim})")
         if not np.all(np.isfinite(xq)):
-            raise ValueError("query vector has NaN or infinite values")
+            raise InputFormatError("query vector has NaN or infinite values")
         norms = np.linalg.norm(xq, axis=1, keepdims=True)
         xq = xq / np.where(norms > 0, norms, 1)
         return self.index.search(xq, min(k, len(self)) if len(self) else k)
@@ -250,7 +250,7 @@ class IndexStore:
         """Raw bytes of an indexed image, located only through its manifest row (never a request path)."""
         m = self.meta.iloc[self.row_of(id_)]
         if pd.isna(m["source"]) or pd.isna(m["key"]):
-            raise FileNotFoundError(f"id {id_} has no manifest source")
+            raise MissingInputError(f"id {id_} has no manifest source")
         return read_source_bytes(str(m["kind"]), str(m["source"]), str(m["key"]), max_bytes)
 
     def embedder(self, device: str = "cpu", dtype: str | None = None):
@@ -293,12 +293,12 @@ def read_source_bytes(kind: str, source: str, key: str, max_bytes: int = 256 * 2
         with tarfile.open(source, "r:*") as tar:
             member = tar.getmember(key)
             if not member.isfile() or member.size > max_bytes:
-                raise FileNotFoundError(f"{key} in {source} is not a readable file")
+                raise MissingInputError(f"{key} in {source} is not a readable file")
             return tar.extractfile(member).read()
     src = Path(source)
     path = Path(key) if Path(key).is_absolute() else (src.parent if src.is_file() else src) / key
     if path.stat().st_size > max_bytes:
-        raise FileNotFoundError(f"{path} is larger than {max_bytes} bytes")
+        raise InputFormatError(f"{path} is larger than {max_bytes} bytes")
     return path.read_bytes()
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lvd.common.errors import InputFormatError, run_command
+
 log = logging.getLogger(__name__)
 
 
@@ -123,30 +125,6 @@ def add_subcommands(subparsers) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean the user asked for something that cannot be done (not a bug in lvd).
-
-    `lvd` and `lvd index` print such an error as one line and exit 2; `--debug` shows the traceback.
-    """
-    from lvd.index.store import IndexFolderError
-
-    return (
-        IndexFolderError,
-        FileNotFoundError,
-        NotADirectoryError,
-        IsADirectoryError,
-        PermissionError,
-        KeyError,
-        ValueError,
-    )
-
-
-def error_line(exc: BaseException) -> str:
-    """The message of an error on one line (a KeyError's repr quotes are dropped)."""
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-    return " ".join(str(message).split())
-
-
 def _add_tuning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory-gb",
@@ -212,7 +190,7 @@ def _cmd_search(args) -> int:
 
     store = IndexStore.open(args.index_dir)
     if args.k < 1:
-        raise ValueError("-k must be at least 1")
+        raise InputFormatError("-k must be at least 1")
     if args.vector is not None:
         xq = np.load(args.vector, allow_pickle=False)
         xq = np.atleast_2d(xq).astype(np.float32)
@@ -220,7 +198,7 @@ def _cmd_search(args) -> int:
     elif args.id is not None:
         missing = [i for i in args.id if not _has(store, i)]
         if missing:
-            raise KeyError(f"ids not in the index: {missing}")
+            raise InputFormatError(f"ids not in the index: {missing}")
         xq = np.stack([store.vector_of(i) for i in args.id])
         names = [f"id {i}" for i in args.id]
     else:
@@ -233,7 +211,7 @@ def _cmd_search(args) -> int:
             try:
                 xq.append(embed_query_bytes(embedder, [path.read_bytes()])[0])
             except DecodeError as exc:
-                raise ValueError(f"{path}: {exc}") from None
+                raise InputFormatError(f"{path}: {exc}") from None
         xq = np.stack(xq)
         names = [str(p) for p in args.image]
     scores, rows = store.search(xq, args.k)
@@ -275,7 +253,7 @@ def _cmd_serve(args) -> int:
 
     specs = index_specs(args.index_dir, args.indices)
     if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
+        raise InputFormatError("--workers must be at least 1")
     opts = ServeOptions(
         max_upload_bytes=parse_bytes(args.max_upload),
         max_k=args.max_k,
@@ -318,20 +296,20 @@ def index_specs(dirs: list[str], indices_file: Path | None) -> list:
 
         table = yaml.safe_load(Path(indices_file).read_text())
         if not isinstance(table, dict):
-            raise ValueError(f"{indices_file}: expected a mapping NAME: {{path: ..., device: ..., dtype: ...}}")
+            raise InputFormatError(f"{indices_file}: expected a mapping NAME: {{path: ..., device: ..., dtype: ...}}")
         for name, entry in table.items():
             entry = {"path": entry} if isinstance(entry, str) else entry
             if not isinstance(entry, dict) or "path" not in entry:
-                raise ValueError(f"{indices_file}: index {name!r} needs a path")
+                raise InputFormatError(f"{indices_file}: index {name!r} needs a path")
             unknown = set(entry) - {"path", "device", "dtype"}
             if unknown:
-                raise ValueError(f"{indices_file}: index {name!r} has unknown keys {sorted(unknown)}")
+                raise InputFormatError(f"{indices_file}: index {name!r} has unknown keys {sorted(unknown)}")
             specs.append(IndexSpec(str(name), Path(entry["path"]), entry.get("device"), entry.get("dtype")))
     if not specs:
-        raise ValueError("give at least one INDEX_DIR or --indices FILE")
+        raise InputFormatError("give at least one INDEX_DIR or --indices FILE")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise ValueError(f"index names repeat: {names}; name them with NAME=INDEX_DIR")
+        raise InputFormatError(f"index names repeat: {names}; name them with NAME=INDEX_DIR")
     return specs
 
 
@@ -341,13 +319,7 @@ def main(argv=None) -> int:
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except user_errors() as exc:
-        if args.debug:
-            raise
-        print(f"lvd index: error: {error_line(exc)}", file=sys.stderr)
-        return 2
+    return run_command("lvd index", lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

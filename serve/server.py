@@ -24,6 +24,7 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from lvd.common.errors import UserError
 from lvd.serve.observe import access_log_to_stderr
 from lvd.serve.service import Catalog, IndexSpec, ServeOptions
 
@@ -92,7 +93,7 @@ _TIMEOUT_ANSWER = (
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (0: a free port); a clear ValueError when that fails."""
+    """A listening TCP socket on host:port (0: a free port); a one-line UserError when that fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -101,15 +102,13 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ValueError(
-                f"cannot listen on {host}:{port}: the port is in use; choose another with --port"
-            ) from None
+            raise UserError(f"cannot listen on {host}:{port}: the port is in use; choose another with --port") from None
         if exc.errno == errno.EACCES:
-            raise ValueError(
+            raise UserError(
                 f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges); "
                 "choose another with --port"
             ) from None
-        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.set_inheritable(True)
     return sock
 

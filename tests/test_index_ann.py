@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from index_support import clustered_unit_vectors, write_embed
 
+from lvd.common.errors import MemoryBudgetError
 from lvd.index import ann
 from lvd.index.store import BuildOptions, IndexStore, build
 
@@ -57,7 +58,7 @@ def test_auto_build_turns_to_a_graph_when_ivf_must_scan_too_much(tmp_path, sprea
 
 
 def test_choice_refuses_an_impossible_budget():
-    with pytest.raises(ValueError, match="memory budget"):
+    with pytest.raises(MemoryBudgetError, match="memory budget"):
         ann.choose_index(10_000_000, 768, 2**20)
 
 

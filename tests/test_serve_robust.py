@@ -146,7 +146,10 @@ def test_a_port_in_use_is_one_line_and_exit_2(index_dir, capsys):
         port = taken.getsockname()[1]
         assert main(["serve", str(index_dir[0]), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"lvd index: error: cannot listen on 127.0.0.1:{port}: the port is in use; choose another with --port"
+    assert err == (
+        f"lvd index: error: cannot listen on 127.0.0.1:{port}: the port is in use; choose another with --port "
+        "(--debug shows the traceback)"
+    )
 
 
 def test_workers_share_the_index_and_shut_down_gracefully(index_dir, tmp_path):
