@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from lvd.common.logs import setup_logging
 from lvd.curate.config import ConfigError, load_config
 
 # The pipeline, in order. `lvd run` goes through them all, skipping finished ones.
@@ -56,14 +57,6 @@ def _resolve(target: str, what: str) -> Callable:
     return func
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, str(level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-
-
 def _config_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
     parser.add_argument(
         "config",
@@ -82,7 +75,7 @@ def _pipeline_config(args, defaults: str = "default"):
     if getattr(args, "overwrite", False):
         overrides.append("overwrite=true")
     cfg = load_config(args.config, overrides, defaults=defaults)
-    _setup_logging(cfg.get("log_level", "INFO"))
+    setup_logging(cfg.get("log_level", "INFO"))
     return cfg
 
 
@@ -126,7 +119,7 @@ def cmd_config(args) -> int:
 
 def cmd_demo(args) -> int:
     func = _resolve("lvd.curate.demo.run:run_demo", "lvd demo")
-    _setup_logging()
+    setup_logging()
     return int(func(args) or EXIT_OK)
 
 

@@ -6,7 +6,6 @@ touches torch.distributed.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from datetime import timedelta
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lvd.common.devices import resolve_device
+from lvd.common.logs import setup_logging
 from lvd.common.ranks import Ranks, gather_rows, rank_slice  # noqa: F401 (the stages' import point)
 from lvd.curate.config import load_config
 
@@ -60,9 +60,6 @@ def torchrun_main(run_stage, module: str, argv: list[str] | None = None) -> int:
         print(f"usage: python -m {module} CONFIG [key=value ...]", file=sys.stderr)
         return 2
     cfg = load_config(args[0], args[1:])
-    logging.basicConfig(
-        level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(cfg.log_level)
     print(run_stage(cfg))
     return 0

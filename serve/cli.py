@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lvd.common.errors import InputFormatError, run_command
+from lvd.common.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def main(argv=None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     return run_command("lvd index", lambda: args.func(args), debug=args.debug)
 
 
