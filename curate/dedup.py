@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from lvd.common.errors import MissingInputError
 from lvd.common.memory import memory_budget, rows_per_block
 from lvd.curate.dedup_space import DedupSpace, resolve_thresholds
 from lvd.curate.embed import weights_record
@@ -243,19 +244,19 @@ def embedding_folder(run_dir: Path, space: DedupSpace) -> Path:
     embed = run_dir / "embed"
     record = read_success(embed)
     if record is None:
-        raise FileNotFoundError(f"no finished embeddings in {embed}: run `lvd embed` first")
+        raise MissingInputError(f"no finished embeddings in {embed}: run `lvd embed` first")
     if space.copy_detector is None:
         return embed
     copy = run_dir / space.folder
     made_with = (record.get("copy_detection") or {}).get("weights")
     wanted = weights_record(space.copy_detector.weights)
     if made_with is None or not any(copy.glob("part-*.npy")):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"the copy-detection model {space.copy_detector.describe()} is configured, but {embed} "
             f"holds no copy-detection embeddings: run `lvd embed` again"
         )
     if made_with != wanted:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{copy} was embedded with {made_with}, but the config names {wanted}: run `lvd embed` again"
         )
     return copy

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from lvd.common.errors import MissingInputError
 from lvd.curate import sources as src
 from lvd.curate.config import as_list, named_sources
 from lvd.curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
@@ -314,7 +315,7 @@ def read_manifest(
     objects."""
     parts = manifest_parts(run_dir)
     if not parts:
-        raise FileNotFoundError(f"no manifest in {run_dir}: run `lvd manifest` first")
+        raise MissingInputError(f"no manifest in {run_dir}: run `lvd manifest` first")
     nullable = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}.get
     wanted = (
         None

@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lvd.common.errors import MissingInputError
 from lvd.common.memory import memory_budget, rows_per_block
 from lvd.curate.manifest import manifest_sets, read_manifest
 from lvd.curate.ranks import Ranks, gather_rows, in_ranks, rank_device, rank_slice, torchrun_main
@@ -390,7 +391,7 @@ def _run_retrieve(cfg, ranks: Ranks) -> Path:
             )
         else:
             if pool_cluster is None:
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"seed set {plan.name!r} retrieves by cluster but {run_dir / 'cluster'} has no assign.parquet: "
                     "run `lvd cluster` first"
                 )

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from lvd.common.errors import MissingInputError
+
 SELECTIONS = ("retrieve", "balanced", "both")
 
 
@@ -57,7 +59,7 @@ def level_assignments(run_dir: Path) -> list[pd.DataFrame]:
 def balanced_ids(run_dir: Path) -> np.ndarray:
     path = Path(run_dir) / "cluster" / "balanced.parquet"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `lvd cluster` with cluster.balanced_sample > 0 (or auto)")
+        raise MissingInputError(f"{path} is missing: run `lvd cluster` with cluster.balanced_sample > 0 (or auto)")
     return pq.read_table(path, columns=["id"]).column("id").to_numpy().astype(np.int64)
 
 

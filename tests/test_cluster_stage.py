@@ -98,6 +98,7 @@ def test_hierarchical_levels_and_balanced_sample(tmp_path):
     assert truth["super"].value_counts().max() > truth["super"].value_counts().min() + 5
 
 
+@pytest.mark.slow
 def test_killed_hierarchical_run_resumes_from_finished_levels(tmp_path, monkeypatch):
     settings = (
         "cluster.method=hierarchical",
@@ -213,6 +214,7 @@ SAMPLED = (("memory_gb=0.0002",), ("memory_gb=0.0001",))
     [(FLAT, ((), ())), (HIERARCHICAL, ((), ())), (FLAT, SAMPLED), (HIERARCHICAL, SAMPLED)],
     ids=["flat", "hierarchical", "flat-sampled", "hierarchical-sampled"],
 )
+@pytest.mark.slow
 def test_two_torchrun_ranks_cluster_like_one_process(tmp_path, settings, budgets):
     """`python -m lvd.curate.cluster` under torchrun: 2 gloo ranks, each reading and iterating over half the rows
     (or, past the budget, half the sample, then assigning half the rows)."""

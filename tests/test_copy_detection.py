@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
@@ -20,6 +19,9 @@ from lvd.pretrain.models.copy_detection import build_copy_detector, resolve_copy
 from lvd.pretrain.models.embedder import embedder_from_info
 from lvd.pretrain.models.onnx_embedder import OnnxEmbedder, OnnxModelError
 from lvd.pretrain.models.weights import resolve_weights
+
+# lvd runs ONNX graphs with onnxruntime (the `sscd` extra)
+pytestmark = pytest.mark.needs("onnxruntime")
 
 MEAN = np.array([0.5, 0.4, 0.3], np.float32)
 STD = np.array([0.2, 0.25, 0.3], np.float32)
@@ -121,11 +123,15 @@ def test_garbage_onnx_file_is_a_clear_error(tmp_path):
         build_copy_detector(tmp_path / "missing.onnx")
 
 
+@pytest.mark.needs("sscd")
+@pytest.mark.slow
 def test_sscd_embedder_equals_onnxruntime_run_directly():
     emb = build_copy_detector(SSCD, resolution=288, threads=2)
     assert emb.info()["kind"] == "onnx" and emb.info()["layout"] == "nhwc uint8" and emb.dim == 512
     photos = package_photos()
     squares = np.stack([emb.prepare_pil(photos[n]) for n in ("astronaut", "coffee", "camera")])
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(resolve_weights(SSCD)), options, providers=["CPUExecutionProvider"])
@@ -138,6 +144,8 @@ def test_sscd_embedder_equals_onnxruntime_run_directly():
 SINGLE_EDITS = ("resize50", "border", "grey", "text", "jpeg30", "crop70", "rotate")
 
 
+@pytest.mark.needs("sscd")
+@pytest.mark.slow
 def test_sscd_finds_web_copies_of_real_photos_among_distractors_at_the_paper_threshold():
     photos = package_photos()
     names = sorted(photos)
@@ -172,6 +180,7 @@ def _cfg(*extra):
     return load_config(None, ["run_dir=/tmp/unused", *extra])
 
 
+@pytest.mark.needs("sscd")
 def test_auto_is_sscd_when_installed_and_none_when_not(monkeypatch):
     choice = resolve_copy_detector("auto")
     assert (choice.name, choice.space, choice.weights) == ("sscd_disc_mixup", "sscd", SSCD)
@@ -192,6 +201,7 @@ def test_auto_is_sscd_when_installed_and_none_when_not(monkeypatch):
         resolve_copy_detector("sscd_disc_mixup")
 
 
+@pytest.mark.needs("sscd")
 def test_thresholds_belong_to_a_space():
     space, near, decontam = resolve_thresholds(_cfg(), decontaminate=True)  # defaults: auto everywhere
     assert space.folder == "embed/copy" and (near.value, decontam.value) == (0.6, 0.45)
@@ -219,6 +229,7 @@ def test_thresholds_belong_to_a_space():
         resolve_thresholds(_cfg("dedup.threshold=abc"), decontaminate=False)
 
 
+@pytest.mark.slow
 def test_lvd_run_without_copy_detector_or_threshold_stops_before_any_work(tmp_path):
     pool = tmp_path / "pool"
     pool.mkdir()
@@ -282,6 +293,8 @@ def tiny_weights(tmp_path_factory):
     return save_tiny_weights("vit_tiny_p4", tmp_path_factory.mktemp("weights") / "tiny.pth")
 
 
+@pytest.mark.needs("sscd")
+@pytest.mark.slow
 def test_photo_copies_curated_in_the_sscd_space_and_looked_up_through_it(tmp_path, tiny_weights):
     """manifest -> embed (tiny ViT + SSCD auto) -> dedup at auto thresholds -> index of embed/copy."""
     from lvd.curate.dedup import run_dedup

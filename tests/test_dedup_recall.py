@@ -18,6 +18,9 @@ from PIL import Image, ImageEnhance
 
 from lvd.curate.dedup import near_duplicates_knn, near_duplicates_semdedup
 
+# recall measured on real Fashion-MNIST images
+pytestmark = pytest.mark.needs("fashion_mnist")
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 PHOTOS = ["astronaut", "camera", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field", "moon", "coins", "page"]
 

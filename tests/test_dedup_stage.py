@@ -357,6 +357,7 @@ def test_a_full_disk_in_the_middle_leaves_the_finished_outputs_as_they_were(tmp_
     assert len(calls) == 2 and _files(tmp_path / "dedup") == before  # nothing replaced, no temporary left
 
 
+@pytest.mark.slow
 def test_a_sigkill_in_the_middle_leaves_the_finished_outputs_as_they_were(tmp_path):
     import subprocess
     import sys
@@ -386,6 +387,7 @@ dedup.run_dedup(load_config(None, ["run_dir={tmp_path}", "progress=false", "embe
     assert _files(tmp_path / "dedup") == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grouping", ["components", "star"])
 def test_two_torchrun_ranks_dedup_like_one_process(tmp_path, grouping):
     """`python -m lvd.curate.dedup` under torchrun: 2 gloo ranks split the inverted lists and the

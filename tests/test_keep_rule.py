@@ -79,6 +79,8 @@ def test_keep_reasons_on_hand_made_rows():
         keep_priority(keys, "biggest")
 
 
+@pytest.mark.needs("sscd")
+@pytest.mark.slow
 def test_dedup_stage_keeps_the_original_png_over_its_degraded_copies(tmp_path):
     """Real photos in SSCD's space: the PNG original, a JPEG q40, a brightened re-save, a half-size copy."""
     from conftest import save_tiny_weights

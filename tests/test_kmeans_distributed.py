@@ -44,6 +44,7 @@ def worker(rank, world, folder):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one(tmp_path):
     mp.start_processes(worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     x, twin = data()

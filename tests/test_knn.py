@@ -54,6 +54,7 @@ def test_l2_graph_matches_numpy():
     np.testing.assert_allclose(D, np.sort(d2, 1)[:, :4], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ivf_is_chosen_for_large_pools_and_keeps_near_duplicates():
     x = clustered_with_copies(3000, 48, 150, seed=2)
     plan = plan_knn(len(x), x.shape[1], exact_max=1000)

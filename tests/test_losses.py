@@ -242,6 +242,7 @@ def test_an_older_lvd_head_without_the_gain_loads_with_gain_one():
         head.load_state_dict({k: v for k, v in old.items() if k != "last_layer.weight"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [False, True])
 def test_the_prototype_gain_trains_unless_frozen(frozen):
     torch.manual_seed(0)

@@ -103,6 +103,7 @@ def test_registry_names_and_preprocessing():
         build_backbone("vit_tiny_p4", bogus=1)
 
 
+@pytest.mark.slow
 def test_hub_state_dict_layout_of_the_large_models():
     with torch.device("meta"):
         g = build_backbone("dinov2_vitg14_reg")

@@ -108,6 +108,7 @@ def test_killed_and_resumed_run_gives_identical_shards(setup, seeds):
     assert _shards(run_dir) == expected
 
 
+@pytest.mark.slow
 def test_a_run_folder_moved_to_another_machine_is_still_up_to_date(setup, tmp_path):
     """Only where, when and how long a stage ran differs: nothing downstream is recomputed."""
     import json

@@ -95,6 +95,8 @@ def test_report_lists_every_decision(run):
     assert "<svg" in page
 
 
+@pytest.mark.needs("chromium")
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium_with_all_pictures(run, tmp_path):
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait

@@ -264,6 +264,7 @@ def test_best_columns_merges_candidate_lists_like_one_sort():
     assert short_i.tolist() == [[int(idx[0, 3]), -1, -1]] and np.isneginf(short_s[0, 1:]).all()
 
 
+@pytest.mark.slow
 def test_two_torchrun_ranks_retrieve_like_one_process(run_dir, tmp_path):
     """`python -m lvd.curate.retrieve` under torchrun: 2 gloo ranks each search half the pool;
     neighbors.parquet equals one process's (a sample-mode and a cluster-mode set)."""

@@ -81,6 +81,7 @@ def _tv_from_uniform(counts):
     return 0.5 * np.abs(p - 1 / len(p)).sum()
 
 
+@pytest.mark.slow
 def test_the_balanced_sample_is_closer_to_uniform_over_groups_than_the_pool(longtail_run):
     cfg, manifest = longtail_run
     picked = pd.read_parquet(Path(cfg.run_dir) / "cluster" / "balanced.parquet")["id"]

@@ -18,6 +18,9 @@ from PIL import Image
 from lvd.index.store import BuildOptions, IndexStore, build
 from lvd.serve.service import ServeOptions
 
+# the page is driven in headless Chromium
+pytestmark = pytest.mark.needs("chromium")
+
 
 @pytest.fixture()
 def browser():
@@ -25,6 +28,7 @@ def browser():
         yield driver
 
 
+@pytest.mark.slow
 def test_drop_page_shows_neighbours_grid(tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

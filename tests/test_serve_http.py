@@ -136,6 +136,7 @@ def real_clip_client():
     return module.ClipClient
 
 
+@pytest.mark.needs("clip_retrieval")
 def test_the_real_clip_client_gets_correct_neighbours(site, tmp_path):
     client = real_clip_client()(site["url"] + "/knn-service", indice_name="photos", num_images=K)
     path = tmp_path / "query.jpg"

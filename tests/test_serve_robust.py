@@ -99,6 +99,7 @@ def raw(port: int, data: bytes, wait: float = 10) -> tuple[bytes, float]:
     return out, time.perf_counter() - t0
 
 
+@pytest.mark.slow
 def test_a_body_shorter_than_announced_is_a_408_not_a_500(strict_server):
     url, port = strict_server
     out, seconds = raw(
@@ -152,6 +153,7 @@ def test_a_port_in_use_is_one_line_and_exit_2(index_dir, capsys):
     )
 
 
+@pytest.mark.slow
 def test_workers_share_the_index_and_shut_down_gracefully(index_dir, tmp_path):
     """`--workers 2` on a memory-mapped index: correct answers; SIGTERM lets a request in progress finish."""
     path, truth = index_dir
@@ -213,6 +215,7 @@ def test_workers_share_the_index_and_shut_down_gracefully(index_dir, tmp_path):
 FUZZ_EXAMPLES = int(os.environ.get("LVD_FUZZ_EXAMPLES", "30"))  # per operation; raise it for a longer hunt
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_never_get_a_5xx(index_dir):
     """schemathesis makes requests for every operation of /openapi.json, valid and not; none may crash."""
     import schemathesis

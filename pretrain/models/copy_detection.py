@@ -22,6 +22,7 @@ from types import MappingProxyType
 
 import torch
 
+from lvd.common.errors import InputFormatError, MissingInputError
 from lvd.pretrain.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from lvd.pretrain.models.weights import resolve_weights
 
@@ -101,7 +102,7 @@ def resolve_copy_detector(weights, space: str | None = None) -> CopyDetectorChoi
         return None
     text = str(weights).strip()
     if space is not None and str(space) not in SPACE_THRESHOLDS:
-        raise ValueError(f"copy-detection space {space!r} is not known; known spaces: {sorted(SPACE_THRESHOLDS)}")
+        raise InputFormatError(f"copy-detection space {space!r} is not known; known spaces: {sorted(SPACE_THRESHOLDS)}")
     if text == "auto":
         for spec in KNOWN_COPY_DETECTORS.values():
             if _runnable(spec):
@@ -110,7 +111,7 @@ def resolve_copy_detector(weights, space: str | None = None) -> CopyDetectorChoi
     if text in KNOWN_COPY_DETECTORS:
         spec = KNOWN_COPY_DETECTORS[text]
         if not _runnable(spec):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"copy-detection model {text} needs the packages {_package_of(spec.weights)} and "
                 f"onnxruntime: {SSCD_INSTALL_HINT}"
             )

@@ -6,6 +6,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from lvd.common.errors import InputFormatError, MissingInputError
+
 PKG_SCHEME = "pkg://"
 
 
@@ -13,7 +15,7 @@ def package_dir(package: str) -> Path:
     """Folder of an installed package, found without importing it (its imports may be heavy)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed (needed to resolve a pkg:// weights path)")
+        raise MissingInputError(f"package {package!r} is not installed (needed to resolve a pkg:// weights path)")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -23,10 +25,10 @@ def resolve_weights(spec: str | os.PathLike) -> Path:
     if text.startswith(PKG_SCHEME):
         package, _, relative = text[len(PKG_SCHEME) :].partition("/")
         if not package or not relative:
-            raise ValueError(f"malformed weights spec {text!r}; expected pkg://PACKAGE/relative/path")
+            raise InputFormatError(f"malformed weights spec {text!r}; expected pkg://PACKAGE/relative/path")
         path = package_dir(package) / relative
     else:
         path = Path(text).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"weights not found: {path}" + (f" (from {text})" if str(path) != text else ""))
+        raise MissingInputError(f"weights not found: {path}" + (f" (from {text})" if str(path) != text else ""))
     return path.resolve()
