@@ -42,6 +42,7 @@ class LoadedWeights:
     format: str  # hub | huggingface | lvd-pretrain | onnx
     hints: dict = field(default_factory=dict)  # architecture arguments implied by the file
     arch_name: str | None = None  # the architecture the file says it is, when it says
+    suggested: tuple[str, dict] | None = None  # (name, overrides) the file's content or name implies
 
 
 FORMATS_HINT = "lvd reads hub .pth state dicts, lvd checkpoints, .safetensors, Hugging Face folders and .onnx exports"
