@@ -41,7 +41,7 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, **overri
     model.arch_name = name
     model.arch_overrides = {k: v for k, v in arch.items() if k not in spec.arch or spec.arch[k] != v}
     if loaded is not None:
-        state = complete_state_dict(model, loaded.state_dict, spec, arch)
+        state = complete_state_dict(model, loaded.state_dict, spec, arch, loaded.format)
         load_strict(model, state, source=f"{loaded.format} weights {loaded.source}")
         _warn_normalisation(spec, loaded)
     return model
@@ -59,13 +59,15 @@ def _auto_arch(loaded, weights) -> tuple[str, dict]:
     )
 
 
-def complete_state_dict(model: nn.Module, state: dict, spec: ModelSpec, arch: dict) -> dict:
-    """Add the entries a released file may lack although the model holds them, and only those.
+def complete_state_dict(model: nn.Module, state: dict, spec: ModelSpec, arch: dict, fmt: str = "hub") -> dict:
+    """Add the entries a file may lack although the model holds them, and only those.
 
     - BatchNorm `num_batches_tracked` counters (older torchvision-style files have none; they
       only matter for momentum-free BatchNorm, which no DINO model uses): 0.
     - a mask token requested (`mask_token=True`, to train with masked patches) for a family
       whose files have none (DINO v1): zeros, its initial value.
+    - the RoPE periods of a Hugging Face DINOv3 folder (transformers recomputes them rather than
+      storing them): the model's own, from the formula and the config's base.
     Everything else must be in the file: strict loading names what is missing.
     """
     expected = model.state_dict()
@@ -77,6 +79,8 @@ def complete_state_dict(model: nn.Module, state: dict, spec: ModelSpec, arch: di
             out[key] = torch.zeros_like(value)
         elif key == "mask_token" and arch.get("mask_token") and not spec.arch.get("mask_token", True):
             out[key] = torch.zeros_like(value)
+        elif key == "rope_embed.periods" and fmt == "huggingface":
+            out[key] = value
     return out
 
 

@@ -63,6 +63,10 @@ def arch_keys(kind: str) -> tuple[str, ...]:
     return tuple(inspect.signature(backbone_class(kind)).parameters)
 
 
+def arch_defaults(kind: str) -> dict:
+    return {k: p.default for k, p in inspect.signature(backbone_class(kind)).parameters.items()}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to build a backbone and feed it pixels, and where its weights come from."""
@@ -284,6 +288,51 @@ def _all_specs() -> dict[str, ModelSpec]:
     specs += [_dinov3_convnext_spec(size) for size in _DINOV3_CONVNEXTS]
     specs += _tiny_specs()
     return {spec.name: spec for spec in specs}
+
+
+def _ffn_signature(arch: dict) -> tuple[bool, int]:
+    """(gated, hidden width) of a ViT's feed-forward layers: what its weights' shapes show."""
+    from lvd.pretrain.models.layers.block import SWIGLU_ALIGN
+    from lvd.pretrain.models.layers.swiglu import swiglu_hidden_features
+
+    kind, dim, ratio = arch["ffn_layer"], int(arch["embed_dim"]), float(arch["mlp_ratio"])
+    if kind == "mlp":
+        return False, int(dim * ratio)
+    return True, swiglu_hidden_features(dim, ratio, SWIGLU_ALIGN[kind])
+
+
+def swiglu_ratio(dim: int, hidden: int) -> tuple[str, float]:
+    """The SwiGLU kind and ratio whose hidden width is `hidden` (width x ratio x 2/3, rounded up)."""
+    from lvd.pretrain.models.layers.block import SWIGLU_ALIGN
+    from lvd.pretrain.models.layers.swiglu import swiglu_hidden_features
+
+    ratio = hidden * 1.5 / dim
+    for name, align in SWIGLU_ALIGN.items():
+        if swiglu_hidden_features(dim, ratio, align) == hidden:
+            return name, ratio
+    raise ValueError(f"no SwiGLU variant of width {dim} has a hidden width of {hidden}")
+
+
+def closest_spec(family: str, kind: str, facts: dict) -> tuple[str, dict]:
+    """(name, overrides): the registry entry of `family`/`kind` whose architecture has `facts`, or
+    the family's first entry with the differing facts as overrides. Feed-forward layers count
+    as equal when their shapes are (a SwiGLU rounded to 8 or to 64 can have the same width)."""
+    candidates = [s for s in _all_specs().values() if s.family == family and s.kind == kind]
+    if not candidates:
+        raise ValueError(f"the registry has no {family} {kind}")
+    ffn_keys = ("ffn_layer", "mlp_ratio")
+
+    def differing(spec: ModelSpec) -> dict:
+        arch = {**arch_defaults(kind), **spec.arch}
+        out = {k: v for k, v in facts.items() if k not in ffn_keys and arch.get(k) != v}
+        if kind == "vit" and "ffn_layer" in facts and _ffn_signature({**arch, **facts}) != _ffn_signature(arch):
+            out.update({k: facts[k] for k in ffn_keys})
+        return out
+
+    for spec in candidates:
+        if not differing(spec):
+            return spec.name, {}
+    return candidates[0].name, differing(candidates[0])
 
 
 def list_models() -> list[str]:
