@@ -21,8 +21,8 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, **overri
     (its metadata), a Hugging Face folder (its config.json) or a file under the name Meta
     released it as. The file may adjust storage details it determines (the stored position
     grid, how the grid is resampled); explicit `overrides` win over both the registry and the
-    file. The module carries `arch_name` and `arch_overrides` (its arguments that differ from
-    the registry entry), which rebuild it.
+    file. The module carries `arch_name` and `arch_overrides` (the explicit overrides and those
+    "auto" took from the file), which rebuild it together with the same weights file.
     """
     loaded = load_weights(weights) if weights is not None else None
     file_overrides: dict = {}
@@ -39,7 +39,7 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, **overri
     spec.with_overrides(**arch)  # rejects unknown argument names with a clear message
     model = backbone_class(spec.kind)(**arch)
     model.arch_name = name
-    model.arch_overrides = {k: v for k, v in arch.items() if k not in spec.arch or spec.arch[k] != v}
+    model.arch_overrides = {**file_overrides, **overrides}
     if loaded is not None:
         state = complete_state_dict(model, loaded.state_dict, spec, arch, loaded.format)
         load_strict(model, state, source=f"{loaded.format} weights {loaded.source}")
