@@ -77,7 +77,7 @@ class Embedder(TorchEmbedder):
         halves = (F.normalize(cls.float(), dim=-1), F.normalize(patch.float(), dim=-1))
         return torch.cat(halves, dim=-1) / np.sqrt(2.0)
 
-    kind = "vit"
+    kind = "vit"  # every registry backbone (ConvNets too): the name records written embeddings carry
 
     def _extra_info(self) -> dict:
         return {"model": self.name, "cls_and_mean_patch": self.cls_and_mean_patch}

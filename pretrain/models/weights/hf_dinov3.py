@@ -118,7 +118,10 @@ def dinov3_vit_facts(config: dict) -> tuple[dict, dict]:
     if len(biases) > 1:
         raise WeightsError("Hugging Face DINOv3 config has a query bias without a value bias (or the reverse)")
     hidden = int(config.get("intermediate_size", 4 * dim))
-    ffn_layer, ratio = swiglu_ratio(dim, hidden) if gated else ("mlp", hidden / dim)
+    try:
+        ffn_layer, ratio = swiglu_ratio(dim, hidden) if gated else ("mlp", hidden / dim)
+    except ValueError as exc:
+        raise WeightsError(f"Hugging Face DINOv3 config: {exc}") from None
     facts = {
         "embed_dim": dim,
         "depth": int(config.get("num_hidden_layers", 12)),
