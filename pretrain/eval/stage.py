@@ -42,7 +42,8 @@ def load_model(
     overrides: dict | None = None,
     resize_ratio: float = 1.0,
 ):
-    """The backbone named in a config, in eval mode on `device`, with its preprocessing.
+    """The backbone named in a config (any registry name, or `auto` for a self-describing weights
+    file), in eval mode on `device`, with its preprocessing.
 
     `weights: null` gives random weights: that is the baseline a pretraining run is compared
     with, so it is allowed, and logged loudly.
@@ -50,10 +51,10 @@ def load_model(
     from lvd.pretrain.models import build_backbone
     from lvd.pretrain.models.registry import get_spec
 
-    spec = get_spec(model)
     if weights is None:
         log.warning("%s: no weights given, evaluating RANDOM weights", model)
     backbone = build_backbone(model, weights=weights, **(overrides or {})).to(device).eval()
+    spec = get_spec(backbone.arch_name)
     res = int(resolution or spec.resolution)
     if res % backbone.patch_size:
         raise ValueError(f"resolution {res} is not a multiple of the patch size {backbone.patch_size} of {model}")

@@ -157,7 +157,7 @@ def build_copy_detector(
             std=std,
             resize_ratio=resize_ratio,
         )
-    from lvd.pretrain.models.embedder import CopyDetectionEmbedder
+    from lvd.pretrain.models.torchscript_embedder import CopyDetectionEmbedder
 
     return CopyDetectionEmbedder(
         weights, resolution=resolution, device=device, dtype=dtype, mean=mean, std=std, resize_ratio=resize_ratio

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lvd.common.errors import InputFormatError
-from lvd.pretrain.models.embedder import PixelEmbedder, check_uint8_batch
+from lvd.pretrain.models.pixel_embedder import PixelEmbedder, check_uint8_batch
 from lvd.pretrain.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from lvd.pretrain.models.weights import resolve_weights
 

@@ -69,6 +69,8 @@ CHECKS = {
     "optim.teacher_temp": number(lo=1e-9),
     "optim.layerwise_decay": number(lo=0.0, hi=1.0),
     "optim.clip_grad": number(lo=0.0, nullable=True),
+    "optim.optimizer": choice("adamw", "sgd"),
+    "optim.sgd_momentum": number(lo=0.0, hi=1.0),
     "train.dtype": choice("auto", "float32", "bfloat16"),
     "train.parallel": choice("ddp", "fsdp"),
     "train.checkpoint_every": integer(lo=1),
@@ -88,8 +90,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
 
 def check_values(cfg: DictConfig) -> None:
     problems = config_problems(cfg, CHECKS)
+    if not problems:
+        problems = _backbone_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _backbone_problems(cfg: DictConfig) -> list[str]:
+    """What a ConvNet backbone cannot do: masked-patch (iBOT) training, FSDP with BatchNorm."""
+    from lvd.pretrain.models.registry import get_spec
+
+    spec = get_spec(cfg.model.arch)
+    problems = []
+    if spec.is_convnet and cfg.mode != "dino" and cfg.loss.ibot_weight > 0:
+        problems.append(
+            f"model.arch {spec.name} is a ConvNet: it has no patch tokens to mask, so it trains with mode: dino "
+            "(or loss.ibot_weight: 0)"
+        )
+    if spec.kind == "resnet" and cfg.train.parallel == "fsdp":
+        problems.append(f"model.arch {spec.name} has BatchNorm, which FSDP does not shard: use train.parallel: ddp")
+    return problems
 
 
 def effective_loss_settings(cfg: DictConfig) -> dict:

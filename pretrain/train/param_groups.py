@@ -11,7 +11,7 @@ import re
 from torch import nn
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-_EMBED = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
+_EMBED = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens", "storage_tokens")
 
 
 def layer_id(name: str, n_blocks: int) -> int:

@@ -40,7 +40,8 @@ class SSLModel(nn.Module):
         cls = g["x_norm_clstoken"]
         all_cls = cls
         if local_crops is not None and local_crops.shape[0] > 0:
-            all_cls = torch.cat([cls, self.backbone.forward_features(local_crops)["x_norm_clstoken"]])
+            local = self.backbone.forward_features(local_crops, local_crops=True)["x_norm_clstoken"]
+            all_cls = torch.cat([cls, local])
         out = {"cls": cls, "dino": self.dino_head(all_cls)}
         if self.ibot_head is not None and mask_indices is not None:
             patches = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)

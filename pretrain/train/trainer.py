@@ -67,11 +67,38 @@ def step_seed(seed: int, rank: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def build_models(cfg: DictConfig, settings: dict, device: torch.device) -> tuple[SSLModel, SSLModel]:
-    """Student (with drop-path) and teacher (without), starting from identical weights."""
-    from lvd.pretrain.models import build_backbone
+def backbone_overrides(cfg: DictConfig, settings: dict) -> dict:
+    """`model.overrides`, plus a mask token where masked-patch training needs one its family lacks."""
+    from lvd.pretrain.models.registry import get_spec
 
     overrides = dict(OmegaConf.to_container(cfg.model.overrides, resolve=True))
+    spec = get_spec(cfg.model.arch)
+    if settings["ibot"] and spec.kind == "vit" and not {**spec.arch, **overrides}.get("mask_token", True):
+        overrides["mask_token"] = True  # DINO v1 ViTs have none: it starts at zero, as it would from scratch
+    return overrides
+
+
+def _student_drop_path(cfg: DictConfig) -> dict:
+    """Drop-path settings for a backbone that has them (DINO's ResNet-50 has none)."""
+    from lvd.pretrain.models.registry import get_spec
+
+    spec = get_spec(cfg.model.arch)
+    wanted = {"drop_path_rate": cfg.model.drop_path_rate, "drop_path_uniform": bool(cfg.model.drop_path_uniform)}
+    return {k: v for k, v in wanted.items() if spec.accepts(k)}
+
+
+def build_models(cfg: DictConfig, settings: dict, device: torch.device) -> tuple[SSLModel, SSLModel]:
+    """Student (with drop-path) and teacher (without), starting from identical weights.
+
+    A BatchNorm backbone (ResNet) keeps its teacher in training mode, as DINO does: the teacher
+    normalises with the statistics of its own batch, and its running statistics follow its
+    forward passes (the EMA moves parameters only). Under torchrun on GPUs both use synchronised
+    BatchNorm.
+    """
+    from lvd.pretrain.models import build_backbone
+
+    overrides = backbone_overrides(cfg, settings)
+    drop_path = _student_drop_path(cfg)
 
     def heads(h):
         return dict(
@@ -85,22 +112,29 @@ def build_models(cfg: DictConfig, settings: dict, device: torch.device) -> tuple
     ibot = heads(cfg.ibot_head) if settings["ibot"] else None
     torch.manual_seed(cfg.seed)
     student = SSLModel(
-        build_backbone(
-            cfg.model.arch,
-            weights=cfg.model.weights,
-            drop_path_rate=cfg.model.drop_path_rate,
-            drop_path_uniform=bool(cfg.model.drop_path_uniform),
-            **overrides,
-        ),
+        build_backbone(cfg.model.arch, weights=cfg.model.weights, **drop_path, **overrides),
         heads(cfg.dino_head),
         ibot,
     )
-    teacher = SSLModel(
-        build_backbone(cfg.model.arch, weights=None, drop_path_rate=0.0, **overrides), heads(cfg.dino_head), ibot
-    )
+    no_drop = {"drop_path_rate": 0.0} if drop_path else {}
+    teacher = SSLModel(build_backbone(cfg.model.arch, weights=None, **no_drop, **overrides), heads(cfg.dino_head), ibot)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    return student.to(device).train(), teacher.to(device).eval()
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+    if batchnorm and D.is_distributed() and device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    return student.to(device).train(), teacher.to(device).train(batchnorm)
+
+
+def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """`optim.optimizer`: AdamW (DINOv2, DINO's ViTs) or SGD with momentum (DINO's ResNet-50).
+
+    The learning rate and weight decay of every group are set from the schedules each iteration.
+    """
+    if cfg.optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=float(cfg.optim.sgd_momentum))
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.adamw_betas))
 
 
 def forward_losses(
@@ -153,10 +187,8 @@ class Pretrainer:
             koleo_weight=self.settings["koleo_weight"],
         ).to(self.device)
         self.train_module = self._wrap()
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.student, self.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
-            lr=0.0,
-            betas=tuple(cfg.optim.adamw_betas),
+        self.optimizer = build_optimizer(
+            cfg, param_groups(self.student, self.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
         )
         self.total = int(cfg.optim.epochs * cfg.optim.iters_per_epoch)
         self.global_batch = cfg.data.batch_size_per_rank * self.world
@@ -171,7 +203,7 @@ class Pretrainer:
             tuple(cfg.crops.std),
         ).to(self.device)
         for size in (cfg.crops.global_size, cfg.crops.local_size):
-            if size % self.patch:
+            if size % self.patch and hasattr(self.student.backbone, "blocks"):  # a ConvNet takes any size
                 raise ValueError(f"crop size {size} is not a multiple of the patch size {self.patch}")
         self.grid = (cfg.crops.global_size // self.patch,) * 2
         self.n_streams = max(1, int(cfg.data.num_workers))
@@ -279,7 +311,8 @@ class Pretrainer:
             all_pos = [pos]
         student, teacher, optim = self._state_dicts()
         if self.rank == 0:
-            overrides = OmegaConf.to_container(self.cfg.model.overrides, resolve=True)
+            # the registry name fixes the family; the export (teacher_backbone.safetensors) records it too
+            overrides = backbone_overrides(self.cfg, self.settings)
             ckpt = {
                 "format": FORMAT,
                 "arch": {"name": self.cfg.model.arch, "overrides": overrides},

@@ -1,4 +1,4 @@
-"""The DINOv2 hub layout (what `torch.hub` checkpoints and lvd exports store)."""
+"""The hub layouts of the DINO families (what `torch.hub` checkpoints and lvd exports store)."""
 
 from __future__ import annotations
 

@@ -9,16 +9,13 @@ what a `torch.save(model.state_dict())` holds. Both are accepted.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
-from lvd.pretrain.models.weights.hub import strip_prefixes
-
-_HF_PREFIXES = ("dinov2.", "backbone.", "model.")
+from lvd.pretrain.models.weights.hf_common import concat_groups, rename, strip_hf_prefixes
+from lvd.pretrain.models.weights.strict import WeightsError
 
 _RENAMES = (
     (r"^embeddings\.cls_token$", "cls_token"),
@@ -45,24 +42,13 @@ _QKV_PART = {"query": "query", "key": "key", "value": "value", "q_proj": "query"
 _GATE_UP = re.compile(r"^encoder\.layer\.(\d+)\.mlp\.(gate_proj|up_proj)\.(weight|bias)$")
 
 
-def looks_like_hf(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    keys = strip_prefixes(state_dict, _HF_PREFIXES)
-    return any(key.startswith(("embeddings.", "encoder.layer.")) for key in keys)
-
-
-def _concat_groups(groups: dict, order: tuple[str, ...], target: str, out: dict, leftovers: dict) -> None:
-    """Concatenate complete groups along dim 0; incomplete ones stay under their HF names."""
-    for (layer, kind), parts in groups.items():
-        if all(name in parts for name in order):
-            out[target.format(layer=layer, kind=kind)] = torch.cat([parts[name][1] for name in order], dim=0)
-        else:  # left as is, so that strict loading reports them (and the missing target)
-            for original, tensor in parts.values():
-                leftovers[original] = tensor
+def is_dinov2_layout(keys) -> bool:
+    return any(re.match(r"^encoder\.layer\.\d+\.norm1\.", k) for k in keys)
 
 
 def hf_to_hub(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename and fuse; keys that match nothing are kept so that strict loading names them."""
-    state_dict = strip_prefixes(state_dict, _HF_PREFIXES)
+    state_dict = strip_hf_prefixes(state_dict)
     out: dict[str, torch.Tensor] = {}
     qkv: dict = {}
     gate_up: dict = {}
@@ -73,34 +59,40 @@ def hf_to_hub(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if m := _GATE_UP.match(key):
             gate_up.setdefault((m[1], m[3]), {})[m[2]] = (key, tensor)
             continue
-        new = key
-        for pattern, replacement in _RENAMES:
-            new, count = re.subn(pattern, replacement, new)
-            if count:
-                break
-        out[new] = tensor
+        out[rename(key, _RENAMES)] = tensor
     leftovers: dict = {}
-    _concat_groups(qkv, ("query", "key", "value"), "blocks.{layer}.attn.qkv.{kind}", out, leftovers)
+    concat_groups(qkv, ("query", "key", "value"), "blocks.{layer}.attn.qkv.{kind}", out, leftovers)
     # silu is applied to the first half of w12: gate first, then the value ("up") projection
-    _concat_groups(gate_up, ("gate_proj", "up_proj"), "blocks.{layer}.mlp.w12.{kind}", out, leftovers)
+    concat_groups(gate_up, ("gate_proj", "up_proj"), "blocks.{layer}.mlp.w12.{kind}", out, leftovers)
     out.update(leftovers)
     return out
-
-
-def read_hf_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def hints_from_hf_config(config: dict) -> dict:
     """Architecture facts that shapes alone do not reveal, checked against what lvd implements."""
     act = config.get("hidden_act", "gelu")
     if not config.get("use_swiglu_ffn", False) and act != "gelu":
-        raise ValueError(f"Hugging Face config uses hidden_act={act!r}; lvd's ViT implements exact GELU")
+        raise WeightsError(f"Hugging Face config uses hidden_act={act!r}; lvd's DINOv2 implements exact GELU")
     eps = config.get("layer_norm_eps", 1e-6)
     if abs(eps - 1e-6) > 1e-12:
-        raise ValueError(f"Hugging Face config uses layer_norm_eps={eps}; lvd's ViT uses 1e-6")
+        raise WeightsError(f"Hugging Face config uses layer_norm_eps={eps}; DINOv2 uses 1e-6")
     hints = {}
     if "qkv_bias" in config:
         hints["qkv_bias"] = bool(config["qkv_bias"])
     return hints
+
+
+def dinov2_facts(config: dict) -> dict:
+    """DINOv2 architecture a Dinov2Config states (empty without a config)."""
+    if not config:
+        return {}
+    swiglu = bool(config.get("use_swiglu_ffn", False))
+    return {
+        "embed_dim": int(config.get("hidden_size", 768)),
+        "depth": int(config.get("num_hidden_layers", 12)),
+        "num_heads": int(config.get("num_attention_heads", 12)),
+        "patch_size": int(config.get("patch_size", 14)),
+        "num_register_tokens": int(config.get("num_register_tokens", 0)),
+        "ffn_layer": "swiglu" if swiglu else "mlp",
+        "mlp_ratio": float(config.get("mlp_ratio", 4)),
+    }

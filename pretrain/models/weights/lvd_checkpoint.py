@@ -28,12 +28,23 @@ def teacher_from_checkpoint(ckpt: Mapping) -> tuple[dict, str | None, dict]:
 # tensors are unchanged, so the file also loads wherever a DINOv2 safetensors file does.
 BACKBONE_ARCH_KEY = "lvd.arch"
 BACKBONE_OVERRIDES_KEY = "lvd.overrides"
+BACKBONE_FAMILY_KEY = "lvd.family"  # dino | dinov2 | dinov3, and the kind (vit | convnext | resnet)
+BACKBONE_KIND_KEY = "lvd.kind"
 
 
 def backbone_metadata(name: str, overrides: Mapping) -> dict[str, str]:
+    """The safetensors metadata of an exported backbone: registry name, family, kind, overrides."""
     import json
 
-    return {BACKBONE_ARCH_KEY: str(name), BACKBONE_OVERRIDES_KEY: json.dumps(dict(overrides), sort_keys=True)}
+    from lvd.pretrain.models.registry import get_spec
+
+    spec = get_spec(name)
+    return {
+        BACKBONE_ARCH_KEY: str(name),
+        BACKBONE_FAMILY_KEY: spec.family,
+        BACKBONE_KIND_KEY: spec.kind,
+        BACKBONE_OVERRIDES_KEY: json.dumps(dict(overrides), sort_keys=True),
+    }
 
 
 def arch_from_metadata(metadata: Mapping[str, str] | None) -> tuple[str | None, dict]:
@@ -42,4 +53,14 @@ def arch_from_metadata(metadata: Mapping[str, str] | None) -> tuple[str | None, 
 
     if not metadata or BACKBONE_ARCH_KEY not in metadata:
         return None, {}
-    return metadata[BACKBONE_ARCH_KEY], dict(json.loads(metadata.get(BACKBONE_OVERRIDES_KEY) or "{}"))
+    name = metadata[BACKBONE_ARCH_KEY]
+    family = metadata.get(BACKBONE_FAMILY_KEY)
+    if family is not None:
+        from lvd.pretrain.models.registry import get_spec
+        from lvd.pretrain.models.weights.strict import WeightsError
+
+        if get_spec(name).family != family:
+            raise WeightsError(
+                f"the export says {name} is a {family} backbone; lvd's {name} is {get_spec(name).family}"
+            )
+    return name, dict(json.loads(metadata.get(BACKBONE_OVERRIDES_KEY) or "{}"))
