@@ -163,7 +163,8 @@ def _add_tuning_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_build(args) -> int:
-    from lvd.index.store import BuildOptions, build
+    from lvd.index.store import BuildOptions
+    from lvd.serve.run_inputs import build
 
     opts = BuildOptions(
         factory=args.factory,
@@ -181,7 +182,8 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_add(args) -> int:
-    from lvd.index.store import BuildOptions, add
+    from lvd.index.store import BuildOptions
+    from lvd.serve.run_inputs import add
 
     info = add(args.index_dir, args.embed_dir, BuildOptions(progress=False if args.no_progress else None))
     _print_summary(info, args.index_dir)

@@ -290,7 +290,8 @@ def test_photo_copies_curated_in_the_sscd_space_and_looked_up_through_it(tmp_pat
     from lvd.curate.embed import run_embed
     from lvd.curate.manifest import read_manifest, run_manifest
     from lvd.curate.report import run_report
-    from lvd.index.store import IndexStore, build, embed_query_bytes
+    from lvd.index.store import IndexStore, embed_query_bytes
+    from lvd.serve.run_inputs import build
 
     data = prepare_photo_demo(tmp_path, seed=0)
     cfg = load_config(

@@ -9,7 +9,8 @@ import pytest
 import lvd.curate.dedup as dedup
 from lvd.curate.config import load_config
 from lvd.curate.manifest import write_part
-from lvd.curate.runio import write_success
+from lvd.curate.stage import write_success
+from lvd.index import ivf_join
 
 DIM = 64
 
@@ -46,7 +47,7 @@ def write_run(run_dir, rows, vectors, *, copy_vectors=None, copy_weights="/model
         }
         for r in (rows[i] for i in order)
     ]
-    write_part(run_dir / "manifest" / "part-00000.parquet", manifest_rows, "synthetic")
+    write_part(run_dir / "manifest" / "part-00000.parquet", manifest_rows)
     write_success(run_dir / "manifest")
     ids = np.array([rows[i]["id"] for i in order], np.int64)
 
@@ -174,7 +175,7 @@ def test_dedup_stage_matches_brute_force(tmp_path, monkeypatch, mode):
     write_run(tmp_path, rows, vecs)
     extra = []
     if mode == "join":
-        monkeypatch.setattr(dedup.ivf_join, "LIST_SIZE", 16)
+        monkeypatch.setattr(ivf_join, "LIST_SIZE", 16)
         mode, extra = "knn", ["memory_gb=0.0001"]
     out = dedup.run_dedup(config(tmp_path, f"dedup.mode={mode}", "dedup.semdedup_clusters=4", *extra))
     how = json.loads((out / "_SUCCESS.json").read_text())["near_search"]

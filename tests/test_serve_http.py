@@ -18,7 +18,8 @@ import pytest
 import requests
 from index_support import curated_vector_run, embedded_photo_run, running_server
 
-from lvd.index.store import BuildOptions, IndexStore, build
+from lvd.index.store import BuildOptions, IndexStore
+from lvd.serve.run_inputs import build
 from lvd.serve.service import Catalog, IndexService, ServeOptions
 
 K = 5
