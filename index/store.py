@@ -415,7 +415,17 @@ def build(
         params = {}
     _enable_lookup(index)
     plan.search_params = params
-    info = {
+    info = _info(out, previous, plan, index, n, d, params, recall, n_queries, opts, budget)
+    info.update(embedder=embedder, sources=listed, build_seconds=round(time.perf_counter() - t0, 3))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_generation(out, info["generation"], index, ids, aligned_meta(meta, ids))
+    _commit(out, info, previous)
+    return info
+
+
+def _info(out: Path, previous, plan, index, n: int, d: int, params, recall, n_queries, opts, budget) -> dict:
+    """info.json of a new build (the caller adds its embedder, sources and time)."""
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "generation": _next_generation(out, previous),
@@ -434,16 +444,9 @@ def build(
         },
         "calibration_queries": opts.calibration_queries,
         "memory_budget": budget,
-        "embedder": embedder,
-        "sources": listed,
         "seed": opts.seed,
-        "build_seconds": round(time.perf_counter() - t0, 3),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    _write_generation(out, info["generation"], index, ids, aligned_meta(meta, ids))
-    _commit(out, info, previous)
-    return info
 
 
 def _planned_fill(n: int, d: int, rows: _Rows, all_ids: np.ndarray, opts: BuildOptions, budget: int):
@@ -507,6 +510,27 @@ def _new_ids(store: IndexStore, parts: list[VectorPart], source: str) -> np.ndar
     return new_ids[fresh]
 
 
+def _check_same_space(old: dict, embedder: dict, new: str) -> None:
+    """Vectors of two embedding spaces never share an index."""
+    clash = {k: (old[k], embedder[k]) for k in EMBEDDER_KEYS if k in old and k in embedder and old[k] != embedder[k]}
+    if clash:
+        raise IndexFolderError(f"{new} was embedded differently from the index (index, new): {clash}")
+
+
+def _added(store: IndexStore, sources: Sources, new: str, parts: list[VectorPart], opts: BuildOptions, listed):
+    """The index's ids with the new parts' fresh rows added, and the re-tuned search (params,
+    recall, queries; params None when too few new rows were held back to measure it)."""
+    fresh_ids = _new_ids(store, parts, new)
+    n_hold = min(opts.calibration_queries, len(fresh_ids) // 10) if not ann.is_exact(store.index) else 0
+    n_hold = n_hold if n_hold >= 100 else 0  # a few new rows do not change the recall measured before
+    hold = fresh_ids[ann.sample_rows(len(fresh_ids), n_hold, opts.seed + 1)] if n_hold else np.zeros(0, np.int64)
+    adder = _Adder(store.index, store.ids, hold, opts.progress, sum(len(p.ids) for p in parts))
+    for ids, x in _Rows([{"embed_dir": new, "parts": [p.name for p in parts]}], sources):
+        keep = store._rows.rows(ids) < 0
+        adder.add(ids[keep], x[keep])
+    return _tune_and_finish(adder, _Rows(listed, sources), opts.k, opts.target_recall)
+
+
 def add(
     index_dir: str | os.PathLike,
     sources: Sources,
@@ -526,18 +550,15 @@ def add(
     index_dir = Path(index_dir)
     store = IndexStore.open(index_dir)
     info = json.loads(json.dumps(store.info))
+    recorded = info["expected_recall"]
     opts = opts or BuildOptions(
-        k=info["expected_recall"]["k"],
-        target_recall=info["expected_recall"]["target"],
+        k=recorded["k"],
+        target_recall=recorded["target"],
         calibration_queries=info.get("calibration_queries", 1000),
         seed=info.get("seed", 0),
     )
     old = info.get("embedder") or {}
-    clash = {
-        k: (old.get(k), embedder.get(k)) for k in EMBEDDER_KEYS if k in old and k in embedder and old[k] != embedder[k]
-    }
-    if clash:
-        raise IndexFolderError(f"{new} was embedded differently from the index (index, new): {clash}")
+    _check_same_space(old, embedder, new)
     entry = next((s for s in info["sources"] if s["embed_dir"] == new), None)
     if entry is None:
         entry = {"embed_dir": new, "parts": []}
@@ -546,35 +567,21 @@ def add(
     if not new_parts:
         print(f"nothing to add: every part of {new} is indexed")
         return info
-    fresh_ids = _new_ids(store, new_parts, new)
-    n_hold = min(opts.calibration_queries, len(fresh_ids) // 10) if not ann.is_exact(store.index) else 0
-    n_hold = n_hold if n_hold >= 100 else 0  # a few new rows do not change the recall measured before
-    hold = fresh_ids[ann.sample_rows(len(fresh_ids), n_hold, opts.seed + 1)] if n_hold else np.zeros(0, np.int64)
-    adder = _Adder(store.index, store.ids, hold, opts.progress, sum(len(p.ids) for p in new_parts))
     entry["parts"].extend(p.name for p in new_parts)
-    for ids, x in _Rows([{"embed_dir": new, "parts": [p.name for p in new_parts]}], sources):
-        keep = store._rows.rows(ids) < 0
-        adder.add(ids[keep], x[keep])
-    ids, params, recall, n_queries = _tune_and_finish(
-        adder, _Rows(info["sources"], sources), opts.k, opts.target_recall
-    )
+    ids, params, recall, n_queries = _added(store, sources, new, new_parts, opts, info["sources"])
     if params is None:  # nothing held back: keep what was measured before
-        params, recall, n_queries = (
-            info["search_params"],
-            info["expected_recall"]["recall"],
-            info["expected_recall"]["queries"],
-        )
+        params, recall, n_queries = info["search_params"], recorded["recall"], recorded["queries"]
     ann.set_search_params(store.index, params)
-    grown = pd.concat([store.meta, aligned_meta(meta, ids[len(store.ids) :])], ignore_index=True)
     info.update(
         generation=_next_generation(index_dir, store.info),
         n=len(ids),
         search_params=params,
-        expected_recall={**info["expected_recall"], "recall": recall, "queries": n_queries},
+        expected_recall={**recorded, "recall": recall, "queries": n_queries},
         embedder=old or embedder,
         updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     info["plan"]["search_params"] = params
+    grown = pd.concat([store.meta, aligned_meta(meta, ids[len(store.ids) :])], ignore_index=True)
     _write_generation(index_dir, info["generation"], store.index, ids, grown)
     _commit(index_dir, info, store.info)
     return info
