@@ -38,11 +38,6 @@ class IdRows:
         return int(self._index.get_loc(int(id_)))
 
 
-def rows_of(ids: np.ndarray, wanted) -> np.ndarray:
-    """Row of each wanted id in `ids` (-1 where absent), for a one-off lookup."""
-    return IdRows(ids).rows(wanted)
-
-
 class EmbeddingRows:
     """Chosen rows of a list of `.npy` parts (2-D, one after the other), read from the
     memory-mapped parts only when indexed.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lvd.common.errors import UserError
 from lvd.common.ranks import Ranks, gather_rows, rank_slice
 from lvd.index.hierarchical import nearest_centroids, resampled_kmeans
 from lvd.index.kmeans_distributed import distributed_resampled_kmeans
@@ -23,6 +24,10 @@ TRAIN_POINTS_PER_CENTROID = 256
 DISTANCE_BLOCK = 65536
 
 
+class BudgetTooSmallError(UserError, MemoryError):
+    """memory_gb cannot hold even one training row per cluster."""
+
+
 def training_rows(n: int, dim: int, k: int, budget: int, seed: int) -> np.ndarray | None:
     """None when the n rows fit FULL_MATRIX_SHARE of the budget as float32 (k-means uses every
     row); else the sorted rows of a seeded sample that k-means trains on, at most
@@ -32,7 +37,7 @@ def training_rows(n: int, dim: int, k: int, budget: int, seed: int) -> np.ndarra
     fits = int(FULL_MATRIX_SHARE * budget // (dim * 4))
     m = min(n, fits, TRAIN_POINTS_PER_CENTROID * k)
     if m < k:
-        raise MemoryError(
+        raise BudgetTooSmallError(
             f"k-means of {k} clusters needs at least {k} training rows in memory, but "
             f"{FULL_MATRIX_SHARE:.0%} of memory_gb holds only {fits}; raise memory_gb"
         )
