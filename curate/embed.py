@@ -387,7 +387,7 @@ def build_models(cfg, stage: Stage, frame: pd.DataFrame) -> Models:
 
 def run_embed(cfg) -> Path:
     """Embed the manifest's ok rows into RUN/embed (and RUN/embed/copy); returns the folder."""
-    with open_stage(cfg, STAGE, device=cfg.embed.device) as stage:
+    with open_stage(cfg, STAGE, optional=("manifest",), device=cfg.embed.device) as stage:
         frame = read_manifest(stage.run_dir, status="ok")
         models = build_models(cfg, stage, frame)
         planned = plan_parts(frame, int(cfg.embed.part_size))

@@ -272,7 +272,7 @@ def write_shards(cfg, frames: dict[str, pd.DataFrame], parts: Parts) -> int:
 
 def run_shards(cfg) -> Path:
     """Write every shard that is missing or out of date; then _SUCCESS.json."""
-    with open_stage(cfg, STAGE) as stage:
+    with open_stage(cfg, STAGE, optional=("manifest", "cluster", "retrieve")) as stage:
         samples, classes = build_samples(cfg, stage.run_dir)
         sizes = samples["bytes"].to_numpy() if len(samples) else np.zeros(0)
         ranges = plan_shards(sizes, int(cfg.shards.max_count), int(cfg.shards.max_bytes))

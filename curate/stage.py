@@ -178,7 +178,9 @@ class Parts:
         return (self.stage.staging if part in self.fresh else self.stage.folder) / file
 
     def info(self, part: str) -> dict:
-        """What the part's marker says (its fingerprint, content and the stage's own fields)."""
+        """What the part's marker says (its fingerprint, content and the stage's own fields),
+        once every rank has staged its parts."""
+        self.stage.settle()
         marker = self.current(part, marker_name(part))
         record = _read_marker(marker)
         if record is None:
@@ -203,6 +205,7 @@ class Stage:
         self.overwrite = overwrite_requested(cfg)
         self.started = time.time()
         self.committed = False
+        self._settled = False
         self._files: dict[str, Path] = {}
         self._kept: set[str] = set()
         self._parts: Parts | None = None
@@ -259,10 +262,17 @@ class Stage:
         _check_relative(name)
         self._kept.add(name)
 
+    def settle(self) -> None:
+        """Wait until every rank has staged its parts (once per invocation; every rank calls
+        `commit`, which settles if the stage has not)."""
+        if not self._settled:
+            self.ranks.barrier()
+            self._settled = True
+
     def commit(self, **info) -> Path:
         """Rank 0 moves the staged outputs into place and writes `_SUCCESS.json` last; every rank
         waits for it. Returns the stage folder."""
-        self.ranks.barrier()  # every rank has staged its parts
+        self.settle()
         if self.ranks.rank == 0:
             self._commit(info)
         self.committed = True

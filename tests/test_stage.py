@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch.distributed as dist
@@ -221,10 +222,15 @@ def _rank_worker(rank, world, folder):
         with open_stage(cfg, "p", device="cpu") as stage:
             parts = stage.parts({n: (f"fp-{n}", [f"part-{n}.txt"]) for n in "01234"})
             assert stage.ranks.world == world
+            if rank == 1:
+                time.sleep(1)  # rank 0 reaches its commit first
             for n in parts.mine:
                 parts.path(n, f"part-{n}.txt").write_text(f"rank {rank}")
                 parts.done(n, rank=rank)
-            stage.commit(parts=5)
+            if stage.ranks.rank != 0:
+                stage.commit()
+            else:  # reads what every rank staged: waits for them first
+                stage.commit(parts=5, owners={n: parts.info(n)["rank"] for n in parts.plan})
     finally:
         dist.destroy_process_group()
 
@@ -237,6 +243,7 @@ def test_staged_parts_with_ranks_are_shared_and_committed_once(tmp_path):
     assert [json.loads((folder / marker_name(n)).read_text())["rank"] for n in "01234"] == owners
     record = read_success(folder)
     assert record["world_size"] == 2 and record["parts"] == 5 and not (folder / STAGED).exists()
+    assert record["owners"] == dict(zip("01234", owners))
 
 
 def test_a_stage_written_by_a_newer_lvd_is_refused_with_the_stage_to_run_again(tmp_path):
