@@ -136,7 +136,7 @@ def plan_tasks(cfg, settings: DecodeSettings, part_size: int) -> list[Task]:
                 labels = [src.class_label(k, layout) for k in keys]
                 paths = [os.path.join(source, k) for k in keys]
             else:
-                keys, labels = _listed_keys(source)
+                keys, labels = src.read_path_list(source)
                 paths = [src.resolve_listed_path(source, k) for k in keys]
             for start in range(0, len(keys), part_size):
                 task = Task(
@@ -150,22 +150,6 @@ def plan_tasks(cfg, settings: DecodeSettings, part_size: int) -> list[Task]:
                 task.fingerprint = _fingerprint(task, settings, _stat_signature(paths[start : start + part_size]))
                 tasks.append(task)
     return tasks
-
-
-def _listed_keys(list_file: str) -> tuple[list[str], list[str | None]]:
-    frame = pd.read_parquet(list_file) if list_file.lower().endswith(".parquet") else pd.read_csv(list_file)
-    if "path" not in frame.columns:
-        raise src.SourceError(f"{list_file}: a path list needs a column named 'path' (has {list(frame.columns)})")
-    labels = frame["label"].astype("string") if "label" in frame.columns else pd.Series([None] * len(frame))
-    keys, out_labels, seen = [], [], set()
-    for path, label in zip(frame["path"].astype(str), labels):
-        if path in seen:  # the same file listed twice is one input
-            log.warning("%s lists %s more than once; it is kept once", list_file, path)
-            continue
-        seen.add(path)
-        keys.append(path)
-        out_labels.append(None if pd.isna(label) else str(label))
-    return keys, out_labels
 
 
 # ---------------------------------------------------------------- writer: rows -> parts

@@ -1,6 +1,6 @@
 """Where images come from: folders, WebDataset tar shards and parquet/CSV path lists.
 
-A source spec is a string. `classify` tells its kind; `list_folder`, `list_paths` and
+A source spec is a string. `classify` tells its kind; `list_folder`, `read_path_list` and
 `expand_shards` enumerate what it holds (files are listed, not read). Streaming a shard
 (`iter_tar_members`) and reading a manifest row's bytes back (`iter_bytes`, `read_row_bytes`)
 live in `lvd.common.row_bytes`, shared with the lookup service, and are imported here. Every
@@ -109,17 +109,29 @@ def has_class_layout(root: str) -> bool:
     )
 
 
-def list_paths(list_file: str) -> list[str]:
-    """The `path` column of a parquet or CSV list, in the file's order."""
+def read_path_list(list_file: str) -> tuple[list[str], list[str | None]]:
+    """The paths (the `path` column) of a parquet or CSV list, each once in the file's order,
+    and their labels (a `label` column, else None)."""
     import pandas as pd  # imported here: decoding workers import this module and need no pandas
 
-    if list_file.lower().endswith(".parquet"):
-        frame = pd.read_parquet(list_file)
-    else:
-        frame = pd.read_csv(list_file)
+    try:
+        frame = pd.read_parquet(list_file) if list_file.lower().endswith(".parquet") else pd.read_csv(list_file)
+    except FileNotFoundError:
+        raise SourceError(f"path list not found: {list_file}") from None
+    except Exception as exc:  # pyarrow's and pandas' parse errors alike
+        raise SourceError(f"{list_file} is not a readable parquet or CSV path list ({exc})") from None
     if "path" not in frame.columns:
         raise SourceError(f"{list_file}: a path list needs a column named 'path' (has {list(frame.columns)})")
-    return [str(p) for p in frame["path"].tolist()]
+    labels = frame["label"].astype("string") if "label" in frame.columns else pd.Series([None] * len(frame))
+    paths, out_labels, seen = [], [], set()
+    for path, label in zip(frame["path"].astype(str), labels):
+        if path in seen:  # the same file listed twice is one input
+            log.warning("%s lists %s more than once; it is kept once", list_file, path)
+            continue
+        seen.add(path)
+        paths.append(path)
+        out_labels.append(None if pd.isna(label) else str(label))
+    return paths, out_labels
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -165,7 +177,7 @@ __all__ = [
     "list_folder",
     "has_class_layout",
     "class_label",
-    "list_paths",
+    "read_path_list",
     "resolve_listed_path",
     "expand_shards",
     "iter_tar_members",

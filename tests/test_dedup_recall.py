@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from lvd.curate.dedup import near_duplicates_knn, near_duplicates_semdedup
+from lvd.index.near_duplicates import near_duplicates_knn, near_duplicates_semdedup
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 PHOTOS = ["astronaut", "camera", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field", "moon", "coins", "page"]
