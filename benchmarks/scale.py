@@ -35,8 +35,8 @@ import torch
 
 from lvd.common.devices import cpu_has_native_bf16
 from lvd.common.memory import memory_budget
-from lvd.curate.manifest import SCHEMA
-from lvd.curate.runio import write_success
+from lvd.common.run_folder import MANIFEST_SCHEMA as SCHEMA
+from lvd.curate.stage import write_success
 
 D = 384
 PART = 262_144
@@ -196,17 +196,17 @@ def faiss_comparison(run: Path, pairs: np.ndarray, queries: int) -> None:
     """
     import faiss
 
+    from lvd.common.run_folder import embedding_ids, vector_files
     from lvd.index import ivf_join
-    from lvd.index.io import EmbeddingRows, load_embedding_ids
+    from lvd.index.io import EmbeddingRows, IdRows
 
     info = json.loads((run / "dedup" / "_SUCCESS.json").read_text())["near_search"]
     if info.get("method") != "ivf-join":
         print(f"  faiss comparison: dedup did not join lists here ({info.get('method')})")
         return
     near = pd.read_parquet(run / "dedup" / "near.parquet", columns=["id"])
-    emb_ids = load_embedding_ids(run / "embed")
-    rows = pd.Index(emb_ids).get_indexer(near["id"].to_numpy())
-    view = EmbeddingRows(run / "embed", rows)
+    rows = IdRows(embedding_ids(run / "embed")).rows(near["id"].to_numpy())
+    view = EmbeddingRows(vector_files(run / "embed"), rows)
     n, nprobe = len(view), int(info["nprobe"])
     rng = np.random.default_rng(0)  # the stage's sample and seed (seed 0)
     train = np.sort(rng.choice(n, min(n, info["nlist"] * ivf_join.TRAIN_PER_LIST), replace=False))

@@ -29,7 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lvd.index import ann  # noqa: E402
-from lvd.index.store import BuildOptions, IndexStore, build  # noqa: E402
+from lvd.index.store import BuildOptions, IndexStore  # noqa: E402
+from lvd.serve.run_inputs import build  # noqa: E402
 
 
 def clustered_unit_vectors(n: int, d: int, n_clusters: int, spread: float, seed: int) -> np.ndarray:

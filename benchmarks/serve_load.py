@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lvd.index.store import BuildOptions, build  # noqa: E402
+from lvd.index.store import BuildOptions  # noqa: E402
+from lvd.serve.run_inputs import build  # noqa: E402
 
 
 def make_index(root: Path, n: int, d: int, seed: int) -> np.ndarray:

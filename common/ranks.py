@@ -2,15 +2,26 @@
 
 A run without torchrun is a single `Ranks()` and never touches torch.distributed, so the vector
 code that takes a `Ranks` (distributed k-means in `lvd.index`) runs the same in one process.
+`join_group` is lvd's one way into the group torchrun describes (the stages and the trainer).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from lvd.common.devices import resolve_device
+
+# Ranks may wait on each other for a long part (a slow shard, a large list) far past torch's
+# default 30 minutes.
+GROUP_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass
@@ -23,6 +34,46 @@ class Ranks:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def join_group(device="cpu") -> Ranks:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), else a
+    single `Ranks()`. gloo on CPU; NCCL on CUDA, with this rank's GPU chosen first. A group that
+    already exists (a test, the trainer) is used as it is and not owned."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size(), local, False)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks()
+    use_cuda = resolve_device(device).type == "cuda"
+    if use_cuda:  # NCCL needs the rank's GPU chosen before the group forms
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=GROUP_TIMEOUT)
+    return Ranks(dist.get_rank(), dist.get_world_size(), local, True)
+
+
+def leave_group(ranks: Ranks) -> None:
+    """Destroy the group if `join_group` made it."""
+    if ranks.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def torchrun_group(device="cpu") -> Iterator[Ranks]:
+    """`join_group` for the length of a block, left however the block ends."""
+    ranks = join_group(device)
+    try:
+        yield ranks
+    finally:
+        leave_group(ranks)
+
+
+def rank_device(device, ranks: Ranks) -> torch.device:
+    """The device of this rank: a bare `cuda` (or auto on a GPU host) under torchrun is its local GPU."""
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None and ranks.world > 1:
+        return torch.device("cuda", ranks.local_rank)
+    return device
 
 
 def rank_slice(n: int, ranks: Ranks) -> slice:

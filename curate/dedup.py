@@ -24,52 +24,54 @@ pixel, then the lowest id; `pixels` only the first and the last. Everything it n
 manifest, and the result depends on the data only, not on order. near.parquet's `reason` says
 which criterion made each kept image win.
 
-Each file records a fingerprint of its inputs and settings in its parquet metadata; a rerun
-redoes only the files whose fingerprint changed (all of them with `overwrite=true`).
+The three files are three parts of the stage runner (`curate.stage`), each with the fingerprint
+of its own inputs and settings; a rerun redoes only the files whose fingerprint changed (all of
+them with `overwrite=true`). The vector work is `index.near_duplicates` and `index.components`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
+from lvd.common.devices import resolve_device
 from lvd.common.errors import MissingInputError
 from lvd.common.memory import memory_budget, rows_per_block
-from lvd.curate.dedup_space import DedupSpace, resolve_thresholds
-from lvd.curate.embed import weights_record
-from lvd.curate.manifest import read_manifest
-from lvd.curate.ranks import Ranks, gather_rows, in_ranks, rank_slice, torchrun_main
-from lvd.curate.runio import (
-    fingerprint,
-    is_done,
-    open_stage,
-    parquet_fingerprint,
+from lvd.common.ranks import Ranks, gather_rows, rank_slice
+from lvd.common.run_folder import (
+    content_fingerprint,
+    curated_pool_ids,
+    embedding_ids,
+    read_frame,
+    read_manifest,
     read_success,
-    stage_fingerprint,
-    write_frame,
+    vector_files,
 )
-from lvd.curate.stage import StageOutputs
+from lvd.curate.dedup_space import DedupSpace, Threshold, resolve_thresholds
+from lvd.curate.embed import weights_record
+from lvd.curate.stage import Parts, Stage, open_stage, torchrun_main, write_frame
 from lvd.curate.workers import show_progress
-from lvd.index import ivf_join, ivf_switch
-from lvd.index.backends import resolve_device
-from lvd.index.components import duplicate_groups, group_duplicates, pairs_above
-from lvd.index.io import EmbeddingRows, load_embedding_ids
+from lvd.index.components import pairs_above
+from lvd.index.io import EmbeddingRows, IdRows
 from lvd.index.keep_rule import keep_priority, keep_reasons, quality_keys
-from lvd.index.kmeans import kmeans
-from lvd.index.knn import EXACT_MAX_ACCELERATOR, knn_graph
+from lvd.index.near_duplicates import (
+    exact_graph_pays,
+    near_duplicates_join,
+    near_duplicates_knn,
+    near_duplicates_semdedup,
+)
 
 log = logging.getLogger(__name__)
 
 STAGE = "dedup"
 POOL = "pool"
 EVAL_PREFIX = "eval:"
+EXACT, NEAR, DECONTAM = "exact", "near", "decontam"  # the stage's parts, each one file NAME.parquet
 
 EXACT_SCHEMA = pa.schema([("id", pa.int64()), ("dup_of", pa.int64())])
 NEAR_SCHEMA = pa.schema([("id", pa.int64()), ("component", pa.int64()), ("keep", pa.bool_()), ("reason", pa.string())])
@@ -81,8 +83,6 @@ MANIFEST_COLUMNS = ("id", "set", "sha1", "width", "height", "format", "bytes")
 # Share of the pool whose removal by one near-duplicate component, or by decontamination,
 # suggests a threshold too low for the embedding space (a warning, not an error).
 SUSPICIOUS_FRACTION = 0.1
-# SemDeDup mode without dedup.semdedup_clusters: about this many images per cluster.
-SEMDEDUP_CLUSTER_SIZE = 1000
 
 
 # ---------------------------------------------------------------- mappers (arrays in, frames out)
@@ -93,118 +93,6 @@ def exact_duplicates(ids: np.ndarray, sha1: np.ndarray) -> pd.DataFrame:
     frame = pd.DataFrame({"id": np.asarray(ids, np.int64), "sha1": np.asarray(sha1)}).sort_values("id", kind="stable")
     frame["dup_of"] = frame.groupby("sha1", sort=False)["id"].transform("min")
     return frame.loc[frame["id"] != frame["dup_of"], ["id", "dup_of"]].reset_index(drop=True)
-
-
-def near_duplicates_knn(
-    x: np.ndarray,
-    priority: np.ndarray,
-    *,
-    k: int,
-    threshold: float,
-    backend: str = "auto",
-    device: str = "cpu",
-    seed: int = 0,
-    grouping: str = "components",
-) -> tuple[np.ndarray, np.ndarray]:
-    """(component, keep) per row from the k-NN graph thresholded at `threshold` (DINOv2).
-
-    The graph is exact for small pools and IVF past the exact/IVF crossover measured on this
-    machine (`index.ivf_switch`), checked to keep the edges at or above the threshold; edges below
-    it are dropped before the grouping (`index.components.group_duplicates`).
-    """
-    if len(x) < 2:
-        return np.arange(len(x), dtype=np.int64), np.ones(len(x), bool)
-    sims, neighbors = knn_graph(
-        x, min(k, len(x) - 1), backend=backend, device=device, seed=seed, min_similarity=threshold
-    )
-    return duplicate_groups(sims, neighbors, threshold, priority, grouping)
-
-
-def exact_graph_pays(n: int, d: int, k: int, device: str, budget: int) -> bool:
-    """Whether the in-memory k-NN graph beats the list join for n rows.
-
-    Both are matrix products at the same rate: an exact graph costs n^2 d, the join about
-    n (nprobe LIST_SIZE + CHECK_QUERIES) d with nprobe up to 16, so a CPU searches exactly up to
-    ~9k rows; an accelerator's tensor cores make n^2 affordable up to EXACT_MAX_ACCELERATOR. Past
-    the memory budget (the float32 rows, the index and the graph) the join is the only way.
-    """
-    in_memory = n * (8 * d + 12 * k)
-    if in_memory > budget:
-        return False
-    if resolve_device(device).type != "cpu":
-        return n <= EXACT_MAX_ACCELERATOR
-    return n <= ivf_join.NPROBES[-2] * ivf_join.LIST_SIZE + ivf_switch.CHECK_QUERIES
-
-
-def near_duplicates_join(
-    view,
-    priority: np.ndarray,
-    *,
-    k: int,
-    threshold: float,
-    budget: int,
-    backend: str = "auto",
-    device: str = "cpu",
-    seed: int = 0,
-    grouping: str = "components",
-    progress: bool = False,
-    ranks: Ranks | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(component, keep, join report) of the rows of an `EmbeddingRows` view, read from the parts
-    list group by list group (`index.ivf_join`): memory holds a few bytes per row, not the rows."""
-    rows, cols, report = ivf_join.near_pairs(
-        view,
-        threshold,
-        k,
-        memory_budget=budget,
-        seed=seed,
-        backend=backend,
-        device=device,
-        spanning=grouping == "components",
-        progress=progress,
-        ranks=ranks,
-    )
-    component, keep = group_duplicates(len(view), rows, cols, priority, grouping)
-    return component, keep, report.record()
-
-
-def near_duplicates_semdedup(
-    x: np.ndarray,
-    priority: np.ndarray,
-    *,
-    threshold: float,
-    clusters: int | None,
-    niter: int = 20,
-    seed: int = 0,
-    backend: str = "auto",
-    device: str = "cpu",
-    progress: bool = False,
-    grouping: str = "components",
-) -> tuple[np.ndarray, np.ndarray]:
-    """(component, keep) per row from all pairs >= threshold inside each spherical k-means cluster.
-
-    SemDeDup (Abbas et al. 2023) compares only images of the same cluster, which makes all
-    pairs affordable; pairs that k-means separates are not linked.
-    """
-    n = len(x)
-    if n < 2:
-        return np.arange(n, dtype=np.int64), np.ones(n, bool)
-    k = int(clusters or max(1, round(n / SEMDEDUP_CLUSTER_SIZE)))
-    k = max(1, min(k, n))
-    assign = kmeans(x, k, niter=niter, seed=seed, spherical=True, backend=backend, device=device).assign
-    rows, cols = [], []
-    order = np.argsort(assign, kind="stable")
-    bounds = np.searchsorted(assign[order], np.arange(k + 1))
-    for c in tqdm(range(k), desc="semdedup", unit="cluster", disable=not progress):
-        members = order[bounds[c] : bounds[c + 1]]
-        if len(members) < 2:
-            continue
-        q, b, _ = pairs_above(x[members], x[members], threshold, exclude_self=True)
-        rows.append(members[q])
-        cols.append(members[b])
-    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    return group_duplicates(n, rows, cols, priority, grouping)
 
 
 def contamination_pairs(
@@ -242,13 +130,10 @@ def warn_if_indiscriminate(component: np.ndarray, threshold: float, space: str) 
 def embedding_folder(run_dir: Path, space: DedupSpace) -> Path:
     """Where the dedup embeddings are; they must come from the copy-detection model the config names."""
     embed = run_dir / "embed"
-    record = read_success(embed)
-    if record is None:
-        raise MissingInputError(f"no finished embeddings in {embed}: run `lvd embed` first")
     if space.copy_detector is None:
         return embed
     copy = run_dir / space.folder
-    made_with = (record.get("copy_detection") or {}).get("weights")
+    made_with = ((read_success(embed) or {}).get("copy_detection") or {}).get("weights")
     wanted = weights_record(space.copy_detector.weights)
     if made_with is None or not any(copy.glob("part-*.npy")):
         raise MissingInputError(
@@ -260,11 +145,6 @@ def embedding_folder(run_dir: Path, space: DedupSpace) -> Path:
             f"{copy} was embedded with {made_with}, but the config names {wanted}: run `lvd embed` again"
         )
     return copy
-
-
-def rows_of(ids: np.ndarray, emb_ids: np.ndarray) -> np.ndarray:
-    """Row of each id in the embedding arrays (-1 where the id has no embedding)."""
-    return pd.Index(emb_ids).get_indexer(np.asarray(ids, np.int64))
 
 
 def _int64(series: pd.Series) -> np.ndarray:
@@ -280,7 +160,106 @@ def _keep_keys(frame: pd.DataFrame) -> np.ndarray:
     return quality_keys(_pixels(frame), frame["format"].fillna("").astype(str), frame["bytes"].fillna(0))
 
 
+@dataclass
+class Inputs:
+    """What the mappers read: the pool and eval rows of the manifest, where their vectors are, and
+    the space and thresholds near-copies are judged at."""
+
+    pool: pd.DataFrame  # id and the keep rule's columns, sorted by id
+    pool_sha1: np.ndarray  # 40 bytes per hash (S40), not a Python object each
+    evals: pd.DataFrame  # id, set
+    folder: Path
+    space: DedupSpace
+    near: Threshold
+    decontam: Threshold | None
+    budget: int
+    device: str
+
+
+def read_inputs(cfg) -> Inputs:
+    run_dir = Path(cfg.run_dir)
+    manifest = read_manifest(run_dir, columns=MANIFEST_COLUMNS).sort_values("id", kind="stable")
+    pool = manifest[manifest["set"] == POOL].reset_index(drop=True)
+    evals = manifest[manifest["set"].str.startswith(EVAL_PREFIX)].reset_index(drop=True)
+    del manifest
+    space, near_t, decontam_t = resolve_thresholds(cfg, decontaminate=len(evals) > 0)
+    log.info(
+        "dedup: near-copies judged in %s; dedup threshold %.3g (%s)%s",
+        space.description,
+        near_t.value,
+        near_t.source,
+        f", decontamination threshold {decontam_t.value:.3g} ({decontam_t.source})" if decontam_t else "",
+    )
+    # at 10M images the hashes as numpy str or Python objects would hold 1.6 GB through the stage
+    sha1 = np.array(pool["sha1"].tolist(), dtype="S40")
+    budget = memory_budget(cfg.get("memory_gb", "auto"))
+    device = str(resolve_device(str(cfg.dedup.device)))
+    folder = embedding_folder(run_dir, space)
+    return Inputs(
+        pool.drop(columns=["sha1"]), sha1, evals[["id", "set"]], folder, space, near_t, decontam_t, budget, device
+    )
+
+
+def near_settings(cfg, found: Inputs) -> dict:
+    settings = {k: cfg.dedup[k] for k in ("mode", "k", "semdedup_clusters", "niter", "grouping", "keep")}
+    return {**settings, "threshold": found.near.value}
+
+
+def plan_parts(cfg, stage: Stage, found: Inputs) -> dict[str, tuple[str, list[str]]]:
+    """Each file's fingerprint: exact from the pool's hashes; near from exact's, the vectors, the
+    settings and the keep rule's keys; decontam from the pool, the eval sets and the vectors."""
+    embed_fp = content_fingerprint(found.folder) or content_fingerprint(stage.run_dir / "embed")
+    pool_ids, eval_ids = _int64(found.pool["id"]), _int64(found.evals["id"])
+    exact = stage.fingerprint_of(EXACT, pool_ids, found.pool_sha1)
+    near = stage.fingerprint_of(NEAR, exact, embed_fp, near_settings(cfg, found), int(cfg.seed), _keep_keys(found.pool))
+    threshold = found.decontam.value if found.decontam else None
+    evals = found.evals["set"].tolist()
+    decontam = stage.fingerprint_of(DECONTAM, pool_ids, eval_ids, evals, embed_fp, threshold)
+    return {name: (fp, [f"{name}.parquet"]) for name, fp in ((EXACT, exact), (NEAR, near), (DECONTAM, decontam))}
+
+
 # ---------------------------------------------------------------- the stage
+
+
+def stage_exact(stage: Stage, parts: Parts, found: Inputs) -> pd.DataFrame:
+    """exact.parquet's rows: computed (every rank: it is cheap) and staged by rank 0, or read."""
+    if EXACT not in parts.todo:
+        return read_frame(parts.current(EXACT, "exact.parquet"))
+    exact = exact_duplicates(_int64(found.pool["id"]), found.pool_sha1)
+    if stage.ranks.rank == 0:
+        write_frame(parts.path(EXACT, "exact.parquet"), exact, EXACT_SCHEMA)
+        parts.done(EXACT)
+        log.info("dedup: %d exact duplicates among %d pool images", len(exact), len(found.pool))
+    return exact
+
+
+def summary(cfg, parts: Parts, found: Inputs) -> dict:
+    """dedup/_SUCCESS.json's own fields: the space, thresholds, settings and counts."""
+    exact, near, decontam = (read_frame(parts.current(n, f"{n}.parquet")) for n in (EXACT, NEAR, DECONTAM))
+    kept = curated_pool_ids(cfg.run_dir, near=near, decontam=decontam)
+    space = found.space
+    return {
+        "embeddings": str(found.folder.relative_to(Path(cfg.run_dir))),
+        "space": {
+            "name": space.space,
+            "description": space.description,
+            "copy_detector": space.copy_detector.describe() if space.copy_detector else None,
+        },
+        "thresholds": {"dedup": found.near.record(), "decontam": found.decontam.record() if found.decontam else None},
+        "settings": {
+            "dedup": near_settings(cfg, found),
+            "decontam_threshold": found.decontam.value if found.decontam else None,
+        },
+        "near_search": parts.info(NEAR).get("near_search"),
+        "pool": int(len(found.pool)),
+        "exact_duplicates": int(len(exact)),
+        "near_checked": int(len(near)),
+        "near_duplicates_removed": int((~near["keep"]).sum()),
+        "decontam_pairs": int(len(decontam)),
+        "decontaminated": int(decontam["id"].nunique()),
+        "pool_kept": int(len(kept)),
+        "fingerprints": {f"{n}.parquet": parts.plan[n][0] for n in (EXACT, NEAR, DECONTAM)},
+    }
 
 
 def run_dedup(cfg) -> Path:
@@ -290,162 +269,48 @@ def run_dedup(cfg) -> Path:
     inverted lists and checks its share of the pool against the eval sets; rank 0 groups the
     pairs and writes the same files one process would.
     """
-    return in_ranks(_run_dedup, cfg, cfg.dedup.device)
+    with open_stage(cfg, STAGE, inputs=("manifest", "embed"), device=cfg.dedup.device) as stage:
+        found = read_inputs(cfg)
+        parts = stage.parts(plan_parts(cfg, stage, found))
+        if stage.up_to_date:
+            log.info("dedup: up to date, nothing to do")
+            return stage.folder
+        exact = stage_exact(stage, parts, found)
+        embedded = IdRows(embedding_ids(found.folder)) if {NEAR, DECONTAM} & set(parts.todo) else None
+        if NEAR in parts.todo:
+            near = near_frame(cfg, found, exact, embedded, stage.ranks)
+            if near is not None:  # rank 0
+                write_frame(parts.path(NEAR, "near.parquet"), near[0], NEAR_SCHEMA)
+                parts.done(NEAR, near_search=near[1])
+        if DECONTAM in parts.todo:
+            pairs = decontam_frame(found, embedded, stage.ranks)
+            if pairs is not None:  # rank 0
+                write_frame(parts.path(DECONTAM, "decontam.parquet"), pairs, DECONTAM_SCHEMA)
+                parts.done(DECONTAM)
+        if stage.ranks.rank != 0:  # a helper rank: the same collective work, nothing written
+            return stage.commit()
+        info = summary(cfg, parts, found)
+        stage.commit(**info)
+    log.info("dedup: %d of %d pool images kept", info["pool_kept"], info["pool"])
+    return stage.folder
 
 
-def _run_dedup(cfg, ranks: Ranks) -> Path:
-    started = time.time()
-    run_dir = Path(cfg.run_dir)
-    out = run_dir / STAGE
-    if ranks.rank == 0:
-        open_stage(cfg, STAGE)
-    ranks.barrier()
-    overwrite = bool(cfg.get("overwrite", False))
-    device = str(resolve_device(str(cfg.dedup.device)))
-    budget = memory_budget(cfg.get("memory_gb", "auto"))
-
-    manifest = read_manifest(run_dir, columns=MANIFEST_COLUMNS).sort_values("id", kind="stable")
-    pool = manifest[manifest["set"] == POOL].reset_index(drop=True)
-    evals = manifest[manifest["set"].str.startswith(EVAL_PREFIX)].reset_index(drop=True)
-    del manifest
-    space, near_t, decontam_t = resolve_thresholds(cfg, decontaminate=len(evals) > 0)
-    threshold = near_t.value
-    decontam_threshold = decontam_t.value if decontam_t is not None else None
-    folder = embedding_folder(run_dir, space)
-    embed_fp = stage_fingerprint(folder) or stage_fingerprint(run_dir / "embed")
-    log.info(
-        "dedup: near-copies judged in %s; dedup threshold %.3g (%s)%s",
-        space.description,
-        threshold,
-        near_t.source,
-        f", decontamination threshold {decontam_threshold:.3g} ({decontam_t.source})" if decontam_t is not None else "",
-    )
-
-    def todo(name: str, fp: str) -> bool:
-        return overwrite or parquet_fingerprint(out / name) != fp
-
-    # 40 ASCII bytes per hash, not numpy's 160 (str) or a Python object each: at 10M images the
-    # hashes alone would otherwise hold 1.6 GB through the whole stage
-    pool_ids, pool_sha1 = _int64(pool["id"]), np.array(pool["sha1"].tolist(), dtype="S40")
-    pool = pool.drop(columns=["sha1"])  # the near search needs ids and the keep rule's columns only
-    exact_fp = fingerprint("exact", pool_ids, pool_sha1)
-    near_settings = {k: cfg.dedup[k] for k in ("mode", "k", "semdedup_clusters", "niter", "grouping", "keep")}
-    near_settings["threshold"] = threshold
-    near_fp = fingerprint("near", exact_fp, embed_fp, near_settings, int(cfg.seed), _keep_keys(pool))
-    eval_ids = _int64(evals["id"])
-    decontam_fp = fingerprint("decontam", pool_ids, eval_ids, evals["set"].tolist(), embed_fp, decontam_threshold)
-    fps = {"exact.parquet": exact_fp, "near.parquet": near_fp, "decontam.parquet": decontam_fp}
-    if is_done(out) and not any(todo(n, fp) for n, fp in fps.items()):
-        log.info("dedup: up to date, nothing to do")
-        return out
-    need_exact, need_near, need_decontam = (todo(n, fp) for n, fp in fps.items())
-    ranks.barrier()  # every rank has read the finished files' fingerprints before rank 0 replaces any
-    if ranks.rank != 0:  # a helper rank: the same collective work, nothing written
-        exact = (
-            exact_duplicates(pool_ids, pool_sha1) if need_exact else pq.read_table(out / "exact.parquet").to_pandas()
-        )
-        del pool_sha1
-        emb_ids = load_embedding_ids(folder)
-        if need_near:
-            _near_frame(cfg, pool, exact, emb_ids, folder, threshold, device, space, budget, ranks)
-        if need_decontam:
-            _decontam_frame(pool, evals, emb_ids, folder, decontam_threshold, budget, ranks)
-        ranks.barrier()  # rank 0 commits
-        return out
-
-    with StageOutputs(out) as staged:  # the last finished outputs stay as they are until commit
-        if need_exact:
-            exact = exact_duplicates(pool_ids, pool_sha1)
-            write_frame(staged.path("exact.parquet"), exact, EXACT_SCHEMA, exact_fp)
-            log.info("dedup: %d exact duplicates among %d pool images", len(exact), len(pool))
-        exact = pq.read_table(staged.current("exact.parquet")).to_pandas()
-        del pool_sha1
-
-        emb_ids = load_embedding_ids(folder) if (need_near or need_decontam) else None
-        how = None
-        if need_near:
-            near, how = _near_frame(cfg, pool, exact, emb_ids, folder, threshold, device, space, budget, ranks)
-            write_frame(staged.path("near.parquet"), near, NEAR_SCHEMA, near_fp)
-        near = pq.read_table(staged.current("near.parquet")).to_pandas()
-        if need_decontam:
-            pairs = _decontam_frame(pool, evals, emb_ids, folder, decontam_threshold, budget, ranks)
-            write_frame(staged.path("decontam.parquet"), pairs, DECONTAM_SCHEMA, decontam_fp)
-        decontam = pq.read_table(staged.current("decontam.parquet")).to_pandas()
-        kept = curated_pool_ids(run_dir, near=near, decontam=decontam)
-        staged.commit(
-            embeddings=str(folder.relative_to(run_dir)),
-            space={
-                "name": space.space,
-                "description": space.description,
-                "copy_detector": space.copy_detector.describe() if space.copy_detector else None,
-            },
-            thresholds={"dedup": near_t.record(), "decontam": decontam_t.record() if decontam_t else None},
-            settings={"dedup": near_settings, "decontam_threshold": decontam_threshold},
-            near_search=how if how is not None else (read_success(out) or {}).get("near_search"),
-            pool=int(len(pool)),
-            exact_duplicates=int(len(exact)),
-            near_checked=int(len(near)),
-            near_duplicates_removed=int((~near["keep"]).sum()),
-            decontam_pairs=int(len(decontam)),
-            decontaminated=int(decontam["id"].nunique()),
-            pool_kept=int(len(kept)),
-            fingerprints=fps,
-            world_size=ranks.world,
-            seconds=round(time.time() - started, 3),
-        )
-    log.info("dedup: %d of %d pool images kept, %.1f s", len(kept), len(pool), time.time() - started)
-    ranks.barrier()
-    return out
-
-
-def _near_frame(
-    cfg,
-    pool: pd.DataFrame,
-    exact: pd.DataFrame,
-    emb_ids,
-    folder: Path,
-    threshold: float,
-    device: str,
-    space: DedupSpace,
-    budget: int,
-    ranks: Ranks,
-) -> tuple[pd.DataFrame, dict] | None:
+def near_frame(cfg, found: Inputs, exact: pd.DataFrame, embedded: IdRows, ranks: Ranks):
     """near.parquet's rows (the pool left by exact dedup, grouped and kept by the configured
     rule), and how the near-duplicate pairs were searched; None on a helper rank."""
-    survivors = pool[~pool["id"].isin(exact["id"])].reset_index(drop=True)
-    rows = rows_of(_int64(survivors["id"]), emb_ids)
+    survivors = found.pool[~found.pool["id"].isin(exact["id"])].reset_index(drop=True)
+    rows = embedded.rows(_int64(survivors["id"]))
     if (rows < 0).any():
         log.warning("dedup: %d pool images have no embedding; they are left out", int((rows < 0).sum()))
         survivors, rows = survivors[rows >= 0].reset_index(drop=True), rows[rows >= 0]
     keys = _keep_keys(survivors)
-    view, prio = EmbeddingRows(folder, rows), keep_priority(keys, str(cfg.dedup.keep))
-    k, grouping, progress = int(cfg.dedup.k), str(cfg.dedup.grouping), show_progress(cfg.progress)
-    common = dict(
-        threshold=threshold, backend=str(cfg.dedup.backend), device=device, seed=int(cfg.seed), grouping=grouping
-    )
-    if cfg.dedup.mode == "knn" and not exact_graph_pays(len(view), view.dim, k, device, budget):
-        component, keep, how = near_duplicates_join(
-            view, prio, k=k, budget=budget, progress=progress, ranks=ranks, **common
-        )
-        if ranks.rank != 0:
-            return None
-    elif ranks.rank != 0:  # the in-memory paths run on rank 0 alone
+    view = EmbeddingRows(vector_files(found.folder), rows)
+    found_groups = near_groups(cfg, found, view, keep_priority(keys, str(cfg.dedup.keep)), ranks)
+    if found_groups is None:
         return None
-    elif cfg.dedup.mode == "knn":
-        component, keep = near_duplicates_knn(np.asarray(view), prio, k=k, **common)
-        how = {"method": "knn-graph", "rows": len(view)}
-    else:
-        component, keep = near_duplicates_semdedup(
-            np.asarray(view),
-            prio,
-            clusters=cfg.dedup.semdedup_clusters,
-            niter=int(cfg.dedup.niter),
-            progress=progress,
-            **common,
-        )
-        how = {"method": "semdedup", "rows": len(view)}
-    if grouping == "components":  # star groups cannot chain
-        warn_if_indiscriminate(component, threshold, space.description)
+    component, keep, how = found_groups
+    if str(cfg.dedup.grouping) == "components":  # star groups cannot chain
+        warn_if_indiscriminate(component, found.near.value, found.space.description)
     reason = keep_reasons(component, keep, keys, str(cfg.dedup.keep))
     log.info(
         "dedup: %d near-duplicates removed from %d images (%d components)",
@@ -457,62 +322,81 @@ def _near_frame(
     return frame, how
 
 
-def _decontam_frame(
-    pool: pd.DataFrame, evals: pd.DataFrame, emb_ids, folder: Path, threshold: float | None, budget: int, ranks: Ranks
-) -> pd.DataFrame | None:
+def near_groups(cfg, found: Inputs, view: EmbeddingRows, priority: np.ndarray, ranks: Ranks):
+    """(component, keep, how) of the view's rows by the configured mode; None on a helper rank.
+    The list join runs on every rank; the in-memory graph and SemDeDup on rank 0 alone."""
+    k, progress = int(cfg.dedup.k), show_progress(cfg.progress)
+    common = dict(
+        threshold=found.near.value,
+        backend=str(cfg.dedup.backend),
+        device=found.device,
+        seed=int(cfg.seed),
+        grouping=str(cfg.dedup.grouping),
+    )
+    if cfg.dedup.mode == "knn" and not exact_graph_pays(len(view), view.dim, k, found.device, found.budget):
+        component, keep, how = near_duplicates_join(
+            view, priority, k=k, budget=found.budget, progress=progress, ranks=ranks, **common
+        )
+        return (component, keep, how) if ranks.rank == 0 else None
+    if ranks.rank != 0:
+        return None
+    if cfg.dedup.mode == "knn":
+        component, keep = near_duplicates_knn(np.asarray(view), priority, k=k, **common)
+        return component, keep, {"method": "knn-graph", "rows": len(view)}
+    component, keep = near_duplicates_semdedup(
+        np.asarray(view),
+        priority,
+        clusters=cfg.dedup.semdedup_clusters,
+        niter=int(cfg.dedup.niter),
+        progress=progress,
+        **common,
+    )
+    return component, keep, {"method": "semdedup", "rows": len(view)}
+
+
+def decontam_frame(found: Inputs, embedded: IdRows, ranks: Ranks) -> pd.DataFrame | None:
     """decontam.parquet's rows: every (pool, eval) pair at or above the threshold, the pool read in
     blocks (each rank its slice; rank 0 gets every pair, a helper rank None)."""
-    pool_ids, eval_ids = _int64(pool["id"]), _int64(evals["id"])
-    p_rows, e_rows = rows_of(pool_ids, emb_ids), rows_of(eval_ids, emb_ids)
+    threshold = found.decontam.value if found.decontam else None
+    pool_ids, eval_ids = _int64(found.pool["id"]), _int64(found.evals["id"])
+    p_rows, e_rows = embedded.rows(pool_ids), embedded.rows(eval_ids)
     if (e_rows < 0).any() and ranks.rank == 0:
         log.warning("dedup: %d eval images have no embedding; they cannot be checked", int((e_rows < 0).sum()))
     p_ok, e_ok = p_rows >= 0, e_rows >= 0
     pool_ids, eval_ids = pool_ids[p_ok], eval_ids[e_ok]
-    eval_sets = evals["set"].str.slice(len(EVAL_PREFIX)).to_numpy(object)[e_ok]
-    eval_x = EmbeddingRows(folder, e_rows[e_ok])[:]
+    eval_sets = found.evals["set"].str.slice(len(EVAL_PREFIX)).to_numpy(object)[e_ok]
+    parts = vector_files(found.folder)
+    eval_x = EmbeddingRows(parts, e_rows[e_ok])[:]
     mine = rank_slice(int(p_ok.sum()), ranks)
-    pool_view = EmbeddingRows(folder, p_rows[p_ok][mine])
-    found = [np.zeros((0, 3), np.float64)]
-    for start, block in pool_view.blocks(rows_per_block(budget, 4 * pool_view.dim + 4 * max(1, len(eval_x)))):
+    pool_view = EmbeddingRows(parts, p_rows[p_ok][mine])
+    pairs = [np.zeros((0, 3), np.float64)]  # float64 holds the rows exactly
+    for start, block in pool_view.blocks(rows_per_block(found.budget, 4 * pool_view.dim + 4 * max(1, len(eval_x)))):
         q, b, sims = contamination_pairs(block, eval_x, threshold if threshold is not None else np.inf)
-        found.append(
-            np.stack([q + start + mine.start, b, sims], 1).astype(np.float64)
-        )  # float64 holds the rows exactly
-    found = gather_rows(np.concatenate(found), ranks)
+        pairs.append(np.stack([q + start + mine.start, b, sims], 1).astype(np.float64))
+    pairs = gather_rows(np.concatenate(pairs), ranks)
     if ranks.rank != 0:
         return None
-    q, b = found[:, 0].astype(np.int64), found[:, 1].astype(np.int64)
-    pairs = pd.DataFrame(
+    q, b = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+    frame = pd.DataFrame(
         {
             "id": pool_ids[q],
             "eval_set": eval_sets[b],
             "eval_id": eval_ids[b],
-            "similarity": found[:, 2].astype(np.float32),
+            "similarity": pairs[:, 2].astype(np.float32),
         }
     )
-    pairs = pairs.sort_values(["id", "eval_set", "eval_id"], kind="stable").reset_index(drop=True)
-    log.info("dedup: %d pool images match an eval image (%d pairs)", pairs["id"].nunique(), len(pairs))
-    if len(pool) >= 100 and pairs["id"].nunique() > SUSPICIOUS_FRACTION * len(pool):
+    frame = frame.sort_values(["id", "eval_set", "eval_id"], kind="stable").reset_index(drop=True)
+    removed = frame["id"].nunique()
+    log.info("dedup: %d pool images match an eval image (%d pairs)", removed, len(frame))
+    if len(found.pool) >= 100 and removed > SUSPICIOUS_FRACTION * len(found.pool):
         log.warning(
             "decontam: %d of %d pool images are within %.3g of an eval image; the threshold is "
             "probably too low for these embeddings",
-            pairs["id"].nunique(),
-            len(pool),
+            removed,
+            len(found.pool),
             threshold,
         )
-    return pairs
-
-
-def curated_pool_ids(run_dir, near: pd.DataFrame | None = None, decontam: pd.DataFrame | None = None) -> np.ndarray:
-    """Sorted ids of the pool images that survive all three filters (what `cluster` reads).
-
-    near.parquet already leaves out exact duplicates and images without an embedding.
-    """
-    out = Path(run_dir) / STAGE
-    near = pq.read_table(out / "near.parquet").to_pandas() if near is None else near
-    decontam = pq.read_table(out / "decontam.parquet").to_pandas() if decontam is None else decontam
-    kept = _int64(near.loc[near["keep"], "id"])
-    return np.setdiff1d(kept, _int64(decontam["id"]))
+    return frame
 
 
 def main(argv: list[str] | None = None) -> int:

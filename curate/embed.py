@@ -6,15 +6,16 @@ reader : the manifest's ok rows, in manifest order, cut into parts of `embed.par
          so a batch never spans two parts;
 mapper : the backbone embeds each batch under the configured precision, and the copy-detection
          model (SSCD as ONNX through onnxruntime, or TorchScript) embeds its own squares;
-writer : a finished part is written atomically as part-NNNNN.npy (float16 rows), then
-         ids-NNNNN.npy (int64 manifest ids), then done-NNNNN.json (its fingerprint and the rows
-         that failed to decode); copy-detection rows go to copy/ under the same names, with a
-         copy/_SUCCESS.json that describes their model (so `lvd index build RUN/embed/copy`
-         works). A rerun skips parts whose fingerprint matches, so a killed run resumes where
-         it stopped.
+writer : a finished part is staged as part-NNNNN.npy (float16 rows) and ids-NNNNN.npy (int64
+         manifest ids), its copy-detection rows under copy/ with the same names, then its
+         marker done-NNNNN.json (its fingerprint and the rows that failed to decode); the
+         commit adds copy/_SUCCESS.json, which describes the copy-detection model (so
+         `lvd index build RUN/embed/copy` works). Parts are the stage runner's
+         (`curate.stage`): a rerun skips parts whose fingerprint matches, so a killed run
+         resumes where it stopped.
 
 Under `torchrun` the ranks split the parts round-robin (gloo on CPU, NCCL on GPUs); rank 0
-writes `_SUCCESS.json` once every rank has finished.
+commits once every rank has staged its parts.
 """
 
 from __future__ import annotations
@@ -24,31 +25,21 @@ import json
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from lvd.curate.config import ConfigError, save_config
-from lvd.curate.manifest import read_manifest
-from lvd.curate.ranks import Ranks, join_ranks, rank_device, torchrun_main
-from lvd.curate.runio import (
-    atomic_path,
-    atomic_write_json,
-    clear_success,
-    is_done,
-    read_success,
-    remove_stale_temps,
-    write_success,
-)
-from lvd.curate.sources import iter_bytes
-from lvd.curate.stage import STAGED, commit_staged_parts
+from lvd.common.atomic import atomic_save_npy, atomic_write_json
+from lvd.common.ranks import Ranks, rank_device
+from lvd.common.row_bytes import iter_bytes
+from lvd.common.run_folder import fingerprint, read_manifest, read_success
+from lvd.curate.config import ConfigError
+from lvd.curate.stage import Parts, Stage, open_stage, success_record, torchrun_main
 from lvd.curate.workers import resolve_workers, show_progress
 from lvd.pretrain.data.decode import DecodeError
 from lvd.pretrain.models.build import model_name
@@ -76,16 +67,17 @@ class Part:
     def name(self) -> str:
         return f"{self.index:05d}"
 
-    def fingerprint(self, settings: str) -> str:
-        ids = np.ascontiguousarray(self.rows["id"].to_numpy(dtype=np.int64))
-        return hashlib.sha1(settings.encode() + ids.tobytes()).hexdigest()
+    def files(self, with_copy: bool) -> list[str]:
+        """Vectors and ids, in the main space and (with a copy-detection model) in copy/."""
+        folders = ["", f"{COPY}/"] if with_copy else [""]
+        return [f"{folder}{kind}-{self.name}.npy" for folder in folders for kind in ("part", "ids")]
 
 
 def plan_parts(frame: pd.DataFrame, part_size: int) -> list[Part]:
     """Consecutive slices of the manifest's ok rows; stable as long as the manifest is."""
     if part_size <= 0:
-        raise ValueError(f"embed.part_size must be positive, got {part_size}")
-    cols = ["id", "kind", "source", "key", "set"]
+        raise ConfigError(f"embed.part_size must be positive, got {part_size}")
+    cols = ["id", "kind", "source", "key", "set", "sha1"]
     return [
         Part(i, frame.iloc[start : start + part_size][cols].reset_index(drop=True))
         for i, start in enumerate(range(0, len(frame), part_size))
@@ -192,49 +184,20 @@ def make_batches(parts: list[Part], batch_size: int) -> list[tuple[int, pd.DataF
 # -- writer ----------------------------------------------------------------------------------
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-
-
-def write_part(folder: Path, name: str, ids: np.ndarray, vectors: np.ndarray) -> None:
-    """Vectors first, ids second: readers pair files by number and check the row counts."""
-    _save_npy(folder / f"part-{name}.npy", vectors.astype(np.float16))
-    _save_npy(folder / f"ids-{name}.npy", ids.astype(np.int64))
-
-
-def part_done(out: Path, part: Part, fingerprint: str, with_copy: bool) -> bool:
-    marker = out / f"done-{part.name}.json"
-    if not marker.is_file():
-        return False
-    try:
-        if json.loads(marker.read_text()).get("fingerprint") != fingerprint:
-            return False
-    except (OSError, ValueError):
-        return False
-    folders = [out, out / COPY] if with_copy else [out]
-    return all((f / f"part-{part.name}.npy").is_file() and (f / f"ids-{part.name}.npy").is_file() for f in folders)
-
-
-def staged_part_files(names: list[str], with_copy: bool) -> list[str]:
-    """Each part's files in commit order: vectors and ids first (copy space too), its done marker last."""
-    folders = ["", f"{COPY}/"] if with_copy else [""]
-    return [f"{folder}{kind}-{name}.npy" for name in names for folder in folders for kind in ("part", "ids")] + [
-        f"done-{name}.json" for name in names
-    ]
-
-
-def remove_parts_beyond(out: Path, n_parts: int) -> int:
-    """Delete part files numbered n_parts and above (the manifest shrank)."""
-    removed = 0
-    for folder in (out, out / COPY):
-        for path in list(folder.glob("*-[0-9][0-9][0-9][0-9][0-9]*")):
-            stem = path.name.split("-", 1)[1].split(".", 1)[0]
-            if stem.isdigit() and int(stem) >= n_parts and path.name.startswith(("part-", "ids-", "done-")):
-                path.unlink()
-                removed += 1
-    return removed
+def stage_part(parts: Parts, part: str, acc: dict, main, copy) -> None:
+    """A finished part's files (vectors before ids: readers pair files by number and check the
+    row counts), then its marker with the rows that failed to decode."""
+    ids = np.concatenate(acc["ids"]) if acc["ids"] else np.zeros(0, dtype=np.int64)
+    spaces = [("", main, acc["main"])] + ([(f"{COPY}/", copy, acc["copy"])] if copy is not None else [])
+    for folder, model, chunks in spaces:
+        vectors = np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32)
+        atomic_save_npy(parts.path(part, f"{folder}part-{part}.npy"), vectors.astype(np.float16))
+        atomic_save_npy(parts.path(part, f"{folder}ids-{part}.npy"), ids.astype(np.int64))
+    for image_id, reason in acc["failed"]:
+        log.warning("embed: image id %d could not be decoded, left out: %s", image_id, reason)
+    failed = [{"id": int(i), "error": reason} for i, reason in acc["failed"]]
+    # the fingerprint names the content: the same settings and images give the same vectors
+    parts.done(part, content=parts.plan[part][0], rows=int(len(ids)), failed=failed)
 
 
 # -- stage -----------------------------------------------------------------------------------
@@ -253,7 +216,7 @@ def embed_resolution(settings, frame: pd.DataFrame) -> int | None:
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise ValueError(f"embed.resolution must be null, auto or a number of pixels, got {value!r}") from None
+            raise ConfigError(f"embed.resolution must be null, auto or a number of pixels, got {value!r}") from None
     spec = get_spec(model_name(str(settings.model), settings.weights))
     shorter = np.minimum(frame["width"].to_numpy(dtype=np.float64), frame["height"].to_numpy(dtype=np.float64))
     side = auto_resolution(shorter, spec.patch_size, spec.resolution, float(settings.max_upscale))
@@ -273,9 +236,9 @@ def model_threads(setting, ranks: Ranks) -> int:
         try:
             threads = int(setting)
         except (TypeError, ValueError):
-            raise ValueError(f"embed.threads must be auto or a positive number, got {setting!r}") from None
+            raise ConfigError(f"embed.threads must be auto or a positive number, got {setting!r}") from None
         if threads <= 0:
-            raise ValueError(f"embed.threads must be auto or a positive number, got {setting!r}")
+            raise ConfigError(f"embed.threads must be auto or a positive number, got {setting!r}")
         return threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)))
@@ -284,7 +247,7 @@ def model_threads(setting, ranks: Ranks) -> int:
 def _build_embedders(cfg, device: torch.device, resolution: int | None, threads: int):
     e = cfg.embed
     if e.weights is None and not e.allow_random:
-        raise ValueError(
+        raise ConfigError(
             "embed.weights is null: random weights give meaningless embeddings. Point embed.weights at a "
             "weights file (hub .pth, Hugging Face folder, lvd checkpoint, .onnx export), or set "
             "embed.allow_random=true for tests"
@@ -339,8 +302,8 @@ def _loader(batches, squares, cfg, workers: int) -> DataLoader:
     )
 
 
-def _embed_parts(parts: list[Part], cfg, main: Embedder, copy, out: Path, fingerprints: dict, ranks: Ranks) -> int:
-    """Run this rank's parts; returns the number of images embedded."""
+def _embed_parts(parts: list[Part], cfg, main: Embedder, copy, staged: Parts, ranks: Ranks) -> int:
+    """Run this rank's parts, staging each as soon as its last batch is in; returns the number of images embedded."""
     batches = make_batches(parts, int(cfg.embed.batch_size))
     squares = [Square(main.resolution, main.resize_ratio)]
     if copy is not None:
@@ -352,9 +315,8 @@ def _embed_parts(parts: list[Part], cfg, main: Embedder, copy, out: Path, finger
     pending: dict[int, dict] = {p.index: {"ids": [], "main": [], "copy": [], "failed": []} for p in parts}
     names = {p.index: p.name for p in parts}
     done = 0
-    total = sum(len(p.rows) for p in parts)
     bar = tqdm(
-        total=total,
+        total=sum(len(p.rows) for p in parts),
         unit="img",
         desc=f"embed[{ranks.rank}]" if ranks.world > 1 else "embed",
         disable=not show_progress(cfg.progress) or ranks.rank != 0,
@@ -373,30 +335,13 @@ def _embed_parts(parts: list[Part], cfg, main: Embedder, copy, out: Path, finger
             bar.update(len(item["ids"]) + len(item["failed"]))
             remaining[item["part"]] -= 1
             if remaining[item["part"]] == 0:
-                _finish_part(
-                    out, names[item["part"]], pending.pop(item["part"]), main, copy, fingerprints[item["part"]]
-                )
+                stage_part(staged, names[item["part"]], pending.pop(item["part"]), main, copy)
     return done
 
 
-def _finish_part(out: Path, name: str, acc: dict, main, copy, fingerprint: str) -> None:
-    ids = np.concatenate(acc["ids"]) if acc["ids"] else np.zeros(0, dtype=np.int64)
-    write_part(out, name, ids, np.concatenate(acc["main"]) if acc["main"] else np.zeros((0, main.dim), np.float32))
-    if copy is not None:
-        vectors = np.concatenate(acc["copy"]) if acc["copy"] else np.zeros((0, copy.dim), np.float32)
-        write_part(out / COPY, name, ids, vectors)
-    for image_id, reason in acc["failed"]:
-        log.warning("embed: image id %d could not be decoded, left out: %s", image_id, reason)
-    failed = [{"id": int(i), "error": reason} for i, reason in acc["failed"]]
-    atomic_write_json(out / f"done-{name}.json", {"fingerprint": fingerprint, "rows": int(len(ids)), "failed": failed})
-
-
-def _summary(out: Path, parts: list[Part], frame: pd.DataFrame) -> dict:
-    failed = []
-    for part in parts:
-        failed += json.loads((out / f"done-{part.name}.json").read_text())["failed"]
-    failed_ids = {f["id"] for f in failed}
-    embedded = frame[~frame["id"].isin(failed_ids)]
+def _summary(parts: Parts, frame: pd.DataFrame) -> dict:
+    failed = [f for name in parts.plan for f in parts.info(name)["failed"]]
+    embedded = frame[~frame["id"].isin({f["id"] for f in failed})]
     return {
         "rows": int(len(embedded)),
         "failed": len(failed),
@@ -405,104 +350,98 @@ def _summary(out: Path, parts: list[Part], frame: pd.DataFrame) -> dict:
     }
 
 
+@dataclass
+class Models:
+    """The embedders of a run and how _SUCCESS.json describes them."""
+
+    main: Embedder
+    copy: object | None
+    info: dict
+    copy_info: dict | None
+    settings: str  # the fingerprint of everything that changes the vectors
+    weights_sha1: dict
+
+
+def build_models(cfg, stage: Stage, frame: pd.DataFrame) -> Models:
+    ranks = stage.ranks
+    device = rank_device(cfg.embed.device, ranks)
+    threads = model_threads(cfg.embed.threads, ranks)
+    if device.type == "cpu" and (ranks.world > 1 or str(cfg.embed.threads) != "auto"):
+        torch.set_num_threads(threads)  # ranks on one host share its cores
+    main, copy, choice = _build_embedders(cfg, device, embed_resolution(cfg.embed, frame), threads)
+    info = {**main.info(), "weights": weights_record(cfg.embed.weights)}
+    copy_info = None
+    if copy is not None:
+        copy_info = {
+            **copy.info(),
+            "weights": weights_record(choice.weights),
+            "name": choice.name,
+            "space": choice.space,
+        }
+    hashes = dict((read_success(stage.folder) or {}).get("weights_sha1") or {})
+    copy_spec = choice.weights if choice else None
+    settings = settings_fingerprint(info, copy_info, cfg.embed.weights, copy_spec, hashes)
+    log.info("embed: %s on %s, %s, %d px", info["model"], device, info["dtype"], info["resolution"])
+    return Models(main, copy, info, copy_info, settings, hashes)
+
+
 def run_embed(cfg) -> Path:
     """Embed the manifest's ok rows into RUN/embed (and RUN/embed/copy); returns the folder."""
-    started = time.time()
-    run_dir = Path(cfg.run_dir)
-    out = run_dir / STAGE
-    ranks = join_ranks(cfg.embed.device)
-    try:
-        device = rank_device(cfg.embed.device, ranks)
-        threads = model_threads(cfg.embed.threads, ranks)
-        if device.type == "cpu" and (ranks.world > 1 or str(cfg.embed.threads) != "auto"):
-            torch.set_num_threads(threads)  # ranks on one host share its cores
-        frame = read_manifest(run_dir, status="ok")
-        main, copy, choice = _build_embedders(cfg, device, embed_resolution(cfg.embed, frame), threads)
-        info = main.info()
-        info["weights"] = weights_record(cfg.embed.weights)
-        copy_info = None
-        if copy is not None:
-            copy_info = {
-                **copy.info(),
-                "weights": weights_record(choice.weights),
-                "name": choice.name,
-                "space": choice.space,
-            }
-        hashes = dict((read_success(out) or {}).get("weights_sha1") or {})
-        settings = settings_fingerprint(info, copy_info, cfg.embed.weights, choice.weights if choice else None, hashes)
-
-        parts = plan_parts(frame, int(cfg.embed.part_size))
-        fingerprints = {p.index: p.fingerprint(settings) for p in parts}
-        overwrite = bool(cfg.get("overwrite", False))
-        # New parts wait in STAGED until every rank has finished; then rank 0 moves them into place
-        # together, so a failed or interrupted run leaves the last finished embeddings as they were
-        # (and a rerun with the same settings resumes from the parts it staged).
-        staging = out / STAGED
-        with_copy = copy is not None
-        fresh = [p for p in parts if overwrite or not part_done(out, p, fingerprints[p.index], with_copy)]
-        staged = [p for p in fresh if not overwrite and part_done(staging, p, fingerprints[p.index], with_copy)]
-        todo = [p for p in fresh if p not in staged]
-        stale = any(
-            int(f.stem.split("-", 1)[1]) >= len(parts)
-            for f in out.glob("done-*.json")
-            if f.stem.split("-", 1)[1].isdigit()
-        )
-        if not fresh and not stale and is_done(out) and (copy is None or is_done(out / COPY)):
-            log.info("embed: %d parts up to date, nothing to do", len(parts))
-            return out
-        if ranks.rank == 0:
-            for folder in (out, out / COPY, staging, staging / COPY) if with_copy else (out, staging):
-                folder.mkdir(parents=True, exist_ok=True)
-                remove_stale_temps(folder)
-            save_config(cfg, run_dir)
-        ranks.barrier()
-        mine = todo[ranks.rank :: ranks.world]
+    with open_stage(cfg, STAGE, optional=("manifest",), device=cfg.embed.device) as stage:
+        frame = read_manifest(stage.run_dir, status="ok")
+        models = build_models(cfg, stage, frame)
+        planned = plan_parts(frame, int(cfg.embed.part_size))
+        with_copy = models.copy is not None
+        plan = {}
+        for part in planned:
+            ids, sha1 = part.rows["id"].to_numpy(np.int64), part.rows["sha1"].astype(str).tolist()
+            plan[part.name] = (stage.fingerprint_of(models.settings, ids, sha1), part.files(with_copy))
+        parts = stage.parts(plan)
+        if stage.up_to_date:
+            log.info("embed: %d parts up to date, nothing to do", len(planned))
+            return stage.folder
+        mine = set(parts.mine)
         log.info(
-            "embed: %d parts, %d to (re)do, %d on rank %d/%d; %s on %s, %s, %d px",
-            len(parts),
-            len(todo),
+            "embed: %d parts, %d to (re)do, %d on rank %d/%d",
+            len(planned),
+            len(parts.todo),
             len(mine),
-            ranks.rank,
-            ranks.world,
-            info["model"],
-            device,
-            info["dtype"],
-            info["resolution"],
+            stage.ranks.rank,
+            stage.ranks.world,
         )
-        embedded = _embed_parts(mine, cfg, main, copy, staging, fingerprints, ranks)
-        ranks.barrier()
-        if ranks.rank == 0:  # every rank's parts are staged: commit them together
-            clear_success(out / COPY)
-            commit_staged_parts(out, staged_part_files([p.name for p in fresh], with_copy))
-            remove_parts_beyond(out, len(parts))
-            seconds = time.time() - started
-            summary = _summary(out, parts, frame)
-            if copy_info is not None:  # the copy space on its own, for readers of embed/copy alone
-                write_success(out / COPY, **copy_info, settings_fingerprint=settings, parts=len(parts), **summary)
-            write_success(
-                out,
-                **info,
-                copy_detection=copy_info,
-                settings_fingerprint=settings,
-                weights_sha1=hashes,
-                parts=len(parts),
-                parts_written=len(fresh),
-                world_size=ranks.world,
-                embedded_this_run_rank0=embedded,
-                seconds=round(seconds, 3),
-                **summary,
-            )
-            log.info(
-                "embed: %d parts written in %.1f s (rank 0: %.1f img/s)",
-                len(fresh),
-                seconds,
-                embedded / max(seconds, 1e-9),
-            )
-        ranks.barrier()
-        return out
-    finally:
-        if ranks.owns_group:
-            dist.destroy_process_group()
+        embedded = _embed_parts(
+            [p for p in planned if p.name in mine], cfg, models.main, models.copy, parts, stage.ranks
+        )
+        if stage.ranks.rank != 0:
+            return stage.commit()
+        return commit_embeddings(stage, parts, models, frame, embedded)
+
+
+def commit_embeddings(stage: Stage, parts: Parts, models: Models, frame: pd.DataFrame, embedded: int) -> Path:
+    """Every rank's parts are staged: rank 0 commits them with copy/_SUCCESS.json and _SUCCESS.json."""
+    summary = _summary(parts, frame)
+    if models.copy_info is not None:  # the copy space on its own, for readers of embed/copy alone
+        record = success_record(
+            **models.copy_info,
+            stage=STAGE,
+            settings_fingerprint=models.settings,
+            parts=len(parts.plan),
+            content=fingerprint(sorted((name, fp) for name, (fp, _) in parts.plan.items())),
+            **summary,
+        )
+        atomic_write_json(stage.path(f"{COPY}/_SUCCESS.json"), record)
+    stage.commit(
+        **models.info,
+        copy_detection=models.copy_info,
+        settings_fingerprint=models.settings,
+        weights_sha1=models.weights_sha1,
+        parts=len(parts.plan),
+        parts_written=len(parts.fresh),
+        embedded_this_run_rank0=embedded,
+        **summary,
+    )
+    log.info("embed: %d parts written (rank 0 embedded %d images)", len(parts.fresh), embedded)
+    return stage.folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,9 +7,11 @@ mapper  : worker processes read each file, hash its bytes and decode it (JPEGs a
           `curate.manifest_rows`;
 writer  : the parent writes each part atomically as soon as all of its rows are in.
 
-A part records a fingerprint of its task (inputs, file sizes and times, decoding limits);
-a rerun skips every part whose fingerprint still matches, so nothing new means no work, and a
-killed run resumes where it stopped and ends with the same files as an uninterrupted one.
+Each part is a part of the stage runner (`curate.stage`) whose fingerprint is its task's (inputs,
+file sizes and times, decoding limits): a rerun skips every part whose fingerprint still
+matches, so nothing new means no work, and a killed run resumes from the parts it staged and
+ends with the same files as an uninterrupted one. The readers of the manifest are
+`lvd.common.run_folder`'s (imported here for the stages).
 """
 
 from __future__ import annotations
@@ -17,24 +19,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from lvd.common.errors import MissingInputError
+from lvd.common.errors import InputFormatError
+from lvd.common.run_folder import MANIFEST_SCHEMA as SCHEMA
+from lvd.common.run_folder import (  # noqa: F401 (the manifest's readers, where the stages look for them)
+    manifest_counts,
+    manifest_parts,
+    manifest_sets,
+    read_manifest,
+)
 from lvd.curate import sources as src
 from lvd.curate.config import as_list, named_sources
 from lvd.curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
-from lvd.curate.runio import is_done, open_stage, parquet_fingerprint, remove_stale_temps, write_parquet, write_success
-from lvd.curate.stage import STAGED, commit_staged_parts
+from lvd.curate.stage import Parts, open_stage, write_table
 from lvd.curate.workers import process_map, resolve_workers, show_progress
 
 log = logging.getLogger(__name__)
@@ -42,26 +47,6 @@ log = logging.getLogger(__name__)
 STAGE = "manifest"
 # Files per work unit handed to a worker: small enough to balance, large enough to amortise.
 UNIT_SIZE = 32
-
-SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("set", pa.string()),
-        ("source", pa.string()),
-        ("kind", pa.string()),
-        ("key", pa.string()),
-        ("label", pa.string()),
-        ("bytes", pa.int64()),
-        ("sha1", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("format", pa.string()),
-        ("mode", pa.string()),
-        ("frames", pa.int32()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-    ]
-)
 
 
 @dataclass
@@ -77,8 +62,12 @@ class Task:
     fingerprint: str = ""
 
     @property
+    def part(self) -> str:
+        return f"{self.index:05d}"
+
+    @property
     def part_name(self) -> str:
-        return f"part-{self.index:05d}.parquet"
+        return f"part-{self.part}.parquet"
 
 
 # ---------------------------------------------------------------- reader: sources -> tasks
@@ -147,7 +136,7 @@ def plan_tasks(cfg, settings: DecodeSettings, part_size: int) -> list[Task]:
                 labels = [src.class_label(k, layout) for k in keys]
                 paths = [os.path.join(source, k) for k in keys]
             else:
-                keys, labels = _listed_keys(source)
+                keys, labels = src.read_path_list(source)
                 paths = [src.resolve_listed_path(source, k) for k in keys]
             for start in range(0, len(keys), part_size):
                 task = Task(
@@ -163,28 +152,12 @@ def plan_tasks(cfg, settings: DecodeSettings, part_size: int) -> list[Task]:
     return tasks
 
 
-def _listed_keys(list_file: str) -> tuple[list[str], list[str | None]]:
-    frame = pd.read_parquet(list_file) if list_file.lower().endswith(".parquet") else pd.read_csv(list_file)
-    if "path" not in frame.columns:
-        raise src.SourceError(f"{list_file}: a path list needs a column named 'path' (has {list(frame.columns)})")
-    labels = frame["label"].astype("string") if "label" in frame.columns else pd.Series([None] * len(frame))
-    keys, out_labels, seen = [], [], set()
-    for path, label in zip(frame["path"].astype(str), labels):
-        if path in seen:  # the same file listed twice is one input
-            log.warning("%s lists %s more than once; it is kept once", list_file, path)
-            continue
-        seen.add(path)
-        keys.append(path)
-        out_labels.append(None if pd.isna(label) else str(label))
-    return keys, out_labels
-
-
 # ---------------------------------------------------------------- writer: rows -> parts
 
 
-def write_part(path: Path, rows: list[dict], fingerprint: str) -> None:
+def write_part(path: Path, rows: list[dict]) -> None:
     table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA)
-    write_parquet(path, table, fingerprint)
+    write_table(path, table)
 
 
 def _units(tasks: list[Task], settings: DecodeSettings) -> Iterator[tuple]:
@@ -209,38 +182,20 @@ def _unit_count(task: Task) -> int:
     return 1 if task.kind == src.TAR else max(1, -(-len(task.keys) // UNIT_SIZE))
 
 
-def run_manifest(cfg) -> Path:
-    """List, read, hash and decode every input; write manifest parts and _SUCCESS.json."""
-    started = time.time()
-    out = open_stage(cfg, STAGE)
-    settings = DecodeSettings(
+def decode_settings(cfg) -> DecodeSettings:
+    return DecodeSettings(
         max_pixels=int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None,
         max_bytes=int(cfg.decode.max_bytes) if cfg.decode.max_bytes else None,
         extensions=tuple(sorted(e.lower().lstrip(".") for e in cfg.manifest.extensions)),
     )
-    tasks = plan_tasks(cfg, settings, int(cfg.manifest.part_size))
-    overwrite = bool(cfg.get("overwrite", False))
-    staging = out / STAGED  # new parts wait here; the finished manifest stays as it is until commit
-    fresh = [t for t in tasks if overwrite or parquet_fingerprint(out / t.part_name) != t.fingerprint]
-    todo = [t for t in fresh if overwrite or parquet_fingerprint(staging / t.part_name) != t.fingerprint]
-    stale = sorted(p for p in out.glob("part-*.parquet") if int(p.stem.split("-")[1]) >= len(tasks))
-    if not fresh and not stale and is_done(out):
-        log.info("manifest: %d parts up to date, nothing to do", len(tasks))
-        return out
-    staging.mkdir(exist_ok=True)
-    remove_stale_temps(staging)
-    log.info(
-        "manifest: %d tasks, %d to (re)do, %d staged by an interrupted run",
-        len(tasks),
-        len(todo),
-        len(fresh) - len(todo),
-    )
 
-    units = list(_units(todo, settings))
+
+def write_parts(cfg, todo: list[Task], parts: Parts, settings: DecodeSettings) -> int:
+    """Read, hash and decode every input of the tasks in worker processes; stage each part as soon
+    as all of its rows are in. Returns the number of rows decoded."""
     remaining = {t.index: _unit_count(t) for t in todo}
     collected: dict[int, dict[int, list[dict]]] = {t.index: {} for t in todo}
     by_index = {t.index: t for t in todo}
-    workers = resolve_workers(cfg.workers)
     decoded = 0
     with tqdm(
         total=sum(len(t.keys) for t in todo if t.kind != src.TAR) or None,
@@ -248,125 +203,62 @@ def run_manifest(cfg) -> Path:
         desc="manifest",
         disable=not show_progress(cfg.progress),
     ) as bar:
-        for task_index, unit_no, rows in process_map(process_unit, units, workers):
+        for task_index, unit_no, rows in process_map(
+            process_unit, list(_units(todo, settings)), resolve_workers(cfg.workers)
+        ):
             collected[task_index][unit_no] = rows
             remaining[task_index] -= 1
             decoded += len(rows)
             bar.update(len(rows))
             if remaining[task_index] == 0:
-                parts = collected.pop(task_index)
-                all_rows = [row for n in sorted(parts) for row in parts[n]]
-                task = by_index[task_index]
-                write_part(staging / task.part_name, all_rows, task.fingerprint)
+                units, task = collected.pop(task_index), by_index[task_index]
+                write_part(parts.path(task.part, task.part_name), [row for n in sorted(units) for row in units[n]])
+                parts.done(task.part)
+    return decoded
 
-    renewed = {t.part_name for t in fresh}
-    frame = (
-        pd.concat(
-            [pd.read_parquet((staging if t.part_name in renewed else out) / t.part_name) for t in tasks],
+
+def run_manifest(cfg) -> Path:
+    """List, read, hash and decode every input; write manifest parts and _SUCCESS.json."""
+    settings = decode_settings(cfg)
+    with open_stage(cfg, STAGE) as stage:
+        tasks = plan_tasks(cfg, settings, int(cfg.manifest.part_size))
+        parts = stage.parts({t.part: (stage.fingerprint_of(t.fingerprint), [t.part_name]) for t in tasks})
+        if stage.up_to_date:
+            log.info("manifest: %d parts up to date, nothing to do", len(tasks))
+            return stage.folder
+        todo = set(parts.todo)
+        log.info(
+            "manifest: %d tasks, %d to (re)do, %d staged by an interrupted run",
+            len(tasks),
+            len(todo),
+            len(parts.fresh) - len(todo),
+        )
+        decoded = write_parts(cfg, [t for t in tasks if t.part in todo], parts, settings)
+        columns = ["id", "set", "source", "key", "status"]
+        frame = pd.concat(
+            [pq.read_table(parts.current(t.part, t.part_name), columns=columns).to_pandas() for t in tasks]
+            or [pd.DataFrame(columns=columns)],
             ignore_index=True,
         )
-        if tasks
-        else pd.DataFrame(columns=SCHEMA.names)
-    )
-    _check_unique_ids(frame)  # before anything is replaced
-    commit_staged_parts(out, sorted(renewed), remove=stale)
-    counts = frame.groupby(["set", "status"]).size()
-    write_success(
-        out,
-        parts=len(tasks),
-        parts_written=len(todo),
-        rows=int(len(frame)),
-        rows_decoded_this_run=decoded,
-        counts={f"{s}/{st}": int(n) for (s, st), n in counts.items()},
-        seconds=round(time.time() - started, 3),
-        workers=workers,
-    )
-    log.info(
-        "manifest: %d rows (%d ok) in %d parts, %.1f s",
-        len(frame),
-        int((frame.status == OK).sum()),
-        len(tasks),
-        time.time() - started,
-    )
-    return out
+        _check_unique_ids(frame)  # before anything is replaced
+        counts = frame.groupby(["set", "status"]).size()
+        stage.commit(
+            parts=len(tasks),
+            parts_written=len(parts.fresh),
+            rows=int(len(frame)),
+            rows_decoded_this_run=decoded,
+            counts={f"{s}/{st}": int(n) for (s, st), n in counts.items()},
+            workers=resolve_workers(cfg.workers),
+        )
+    log.info("manifest: %d rows (%d ok) in %d parts", len(frame), int((frame.status == OK).sum()), len(tasks))
+    return stage.folder
 
 
 def _check_unique_ids(frame: pd.DataFrame) -> None:
     dup = frame[frame["id"].duplicated(keep=False)]
     if len(dup):
         sample = dup.sort_values("id").head(6)[["id", "set", "source", "key"]].to_dict("records")
-        raise RuntimeError(f"manifest id collision between different inputs (rename one of them): {sample}")
-
-
-def manifest_parts(run_dir: str | os.PathLike) -> list[Path]:
-    return sorted((Path(run_dir) / STAGE).glob("part-*.parquet"))
-
-
-def read_manifest(
-    run_dir: str | os.PathLike,
-    status: str | None = OK,
-    sets: Iterable[str] | None = None,
-    columns: Iterable[str] | None = None,
-    ids=None,
-) -> pd.DataFrame:
-    """All manifest rows (or those of one status / some sets / some `ids`), in part order;
-    `columns`: only those (and what the filters need), for readers of large manifests. The
-    filters run on each part's Arrow table, so memory holds only the selected rows as pandas
-    objects."""
-    parts = manifest_parts(run_dir)
-    if not parts:
-        raise MissingInputError(f"no manifest in {run_dir}: run `lvd manifest` first")
-    nullable = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}.get
-    wanted = (
-        None
-        if columns is None
-        else list(
-            dict.fromkeys(
-                [
-                    *columns,
-                    *(["status"] if status else []),
-                    *(["set"] if sets is not None else []),
-                    *(["id"] if ids is not None else []),
-                ]
-            )
-        )
-    )
-    wanted_sets = None if sets is None else pa.array(list(sets), pa.string())
-    wanted_ids = None if ids is None else pa.array(np.asarray(ids, np.int64))
-    frames = []
-    for path in parts:
-        table = pq.read_table(path, columns=wanted)
-        if status is not None:
-            table = table.filter(pc.equal(table["status"], status))
-        if wanted_sets is not None:
-            table = table.filter(pc.is_in(table["set"], value_set=wanted_sets))
-        if wanted_ids is not None:
-            table = table.filter(pc.is_in(table["id"], value_set=wanted_ids))
-        frames.append(table.to_pandas(types_mapper=nullable))
-    return pd.concat(frames, ignore_index=True)
-
-
-def manifest_counts(run_dir: str | os.PathLike) -> dict[tuple[str, str], int]:
-    """{(set, status): rows}, sorted, counted part by part in Arrow (two columns read)."""
-    counts: dict[tuple[str, str], int] = {}
-    for path in manifest_parts(run_dir):
-        table = (
-            pq.read_table(path, columns=["set", "status"]).group_by(["set", "status"]).aggregate([([], "count_all")])
-        )
-        for name, status, n in zip(*(table[c].to_pylist() for c in ("set", "status", "count_all"))):
-            counts[(name, status)] = counts.get((name, status), 0) + int(n)
-    return dict(sorted(counts.items()))
-
-
-def manifest_sets(run_dir: str | os.PathLike, status: str | None = OK) -> list[str]:
-    """The distinct `set` names of the manifest's rows (of one status), sorted; reads one column."""
-    names: set[str] = set()
-    for path in manifest_parts(run_dir):
-        table = pq.read_table(path, columns=["set", "status"] if status is not None else ["set"])
-        if status is not None:
-            table = table.filter(pc.equal(table["status"], status))
-        names.update(pc.unique(table["set"]).to_pylist())
-    return sorted(names)
+        raise InputFormatError(f"manifest id collision between different inputs (rename one of them): {sample}")
 
 
 __all__ = [

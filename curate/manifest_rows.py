@@ -70,72 +70,58 @@ def _file_rows(set_name, kind, source, keys, labels, settings) -> list[dict]:
     return rows
 
 
+def _sample_rows(set_name: str, url: str, members: list[src.Member], settings: DecodeSettings) -> list[dict]:
+    """The rows of one WebDataset sample: each image member, or one quarantined row when it has none."""
+    label = None
+    for m in members:
+        if m.name.rsplit(".", 1)[-1].lower() in src.LABEL_EXTENSIONS and m.data is not None:
+            label = m.data.decode("utf-8", "replace").strip()
+    images = [m for m in members if m.data is not None and m.name.rsplit(".", 1)[-1].lower() in settings.extensions]
+    rows = []
+    for m in images:
+        row = _base_row(set_name, src.TAR, url, m.name, label)
+        if settings.max_bytes is not None and len(m.data) > settings.max_bytes:
+            error = f"member of {len(m.data)} bytes exceeds the limit of {settings.max_bytes}"
+            row.update(bytes=len(m.data), status=QUARANTINED, error=error)
+        else:
+            row.update(inspect_bytes(m.data, settings))
+        rows.append(row)
+    if not images:
+        members_named = ", ".join(m.name for m in members)
+        error = f"sample has no image member ({members_named})"
+        rows.append(
+            {**_base_row(set_name, src.TAR, url, members[0].sample_key, label), "status": QUARANTINED, "error": error}
+        )
+    return rows
+
+
 def _tar_rows(set_name: str, url: str, settings: DecodeSettings) -> list[dict]:
     """Every image member of a shard is a row; samples without an image and tar errors too."""
     rows: list[dict] = []
     pending: list[src.Member] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        label = None
-        for m in pending:
-            ext = m.name.rsplit(".", 1)[-1].lower()
-            if ext in src.LABEL_EXTENSIONS and m.data is not None:
-                label = m.data.decode("utf-8", "replace").strip()
-        images = [m for m in pending if m.data is not None and m.name.rsplit(".", 1)[-1].lower() in settings.extensions]
-        for m in images:
-            row = _base_row(set_name, src.TAR, url, m.name, label)
-            if settings.max_bytes is not None and len(m.data) > settings.max_bytes:
-                row.update(
-                    bytes=len(m.data),
-                    status=QUARANTINED,
-                    error=f"member of {len(m.data)} bytes exceeds the limit of {settings.max_bytes}",
-                )
-            else:
-                row.update(inspect_bytes(m.data, settings))
-            rows.append(row)
-        if not images:
-            key = pending[0].sample_key
-            members = ", ".join(m.name for m in pending)
-            rows.append(
-                {
-                    **_base_row(set_name, src.TAR, url, key, label),
-                    "status": QUARANTINED,
-                    "error": f"sample has no image member ({members})",
-                }
-            )
-        pending.clear()
-
     count = 0
     try:
         for member in src.iter_tar_members(url, settings.extensions):
             count += 1
             if pending and member.sample_key != pending[0].sample_key:
-                flush()
+                rows += _sample_rows(set_name, url, pending, settings)
+                pending = []
             pending.append(member)
-        flush()
+        if pending:
+            rows += _sample_rows(set_name, url, pending, settings)
+            pending = []
         if src.is_local(url) and url.endswith(".tar") and not src.tar_has_end_marker(url):
             raise OSError("the tar has no end-of-archive marker: it was cut short after its last whole member")
         if src.is_local(url):
             for name, target in src.tar_link_members(url):
-                rows.append(
-                    {
-                        **_base_row(set_name, src.TAR, url, name, None),
-                        "status": QUARANTINED,
-                        "error": f"link member (to {target!r}): links in shards are not followed",
-                    }
-                )
+                error = f"link member (to {target!r}): links in shards are not followed"
+                rows.append({**_base_row(set_name, src.TAR, url, name, None), "status": QUARANTINED, "error": error})
     except Exception as exc:
-        flush()
+        if pending:
+            rows += _sample_rows(set_name, url, pending, settings)
         key = f"#tar-error-after-{count}-members"
-        rows.append(
-            {
-                **_base_row(set_name, src.TAR, url, key, None),
-                "status": QUARANTINED,
-                "error": f"tar stream error: {type(exc).__name__}: {exc}",
-            }
-        )
+        error = f"tar stream error: {type(exc).__name__}: {exc}"
+        rows.append({**_base_row(set_name, src.TAR, url, key, None), "status": QUARANTINED, "error": error})
     return rows
 
 

@@ -6,6 +6,8 @@ look like, and what each seed image pulled in. The readers below gather plain va
 run folder; `templates/report.html` (Jinja2, autoescaped) lays them out. Thumbnails sit beside
 the page (report/img/), so it opens from disk, from a file server, or as a CI artifact. Every
 section that shows a part says so ("showing N of M") and links the parquet with all of it.
+The page and its thumbnails are staged and committed by the stage runner (`curate.stage`); a
+thumbnail already made (its name carries the image's sha1) is kept, not made again.
 """
 
 from __future__ import annotations
@@ -17,14 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from lvd.curate.config import save_config
-from lvd.curate.manifest import QUARANTINED, manifest_counts, read_manifest
-from lvd.curate.runio import atomic_path, atomic_write_text, clear_success, read_success, write_success
-from lvd.curate.selection import balanced_ids, level_assignments, level_table
-from lvd.curate.sources import read_row_bytes
+from lvd.common.atomic import atomic_path, atomic_write_text
+from lvd.common.row_bytes import read_row_bytes
+from lvd.common.run_folder import (
+    QUARANTINED,
+    STAGES,
+    balanced_ids,
+    level_assignments,
+    manifest_counts,
+    read_frame,
+    read_manifest,
+    read_success,
+)
+from lvd.curate.selection import level_table
+from lvd.curate.stage import Stage, open_stage
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +65,13 @@ COUNT_KEYS = (
 
 
 class Thumbnails:
-    """Writes each image's thumbnail once and hands out its relative path."""
+    """Makes each image's thumbnail once (keeping those an earlier report made) and hands out its relative path."""
 
-    def __init__(self, folder: Path, manifest: pd.DataFrame, max_pixels: int | None):
-        self.folder = folder
+    def __init__(self, stage: Stage, manifest: pd.DataFrame, max_pixels: int | None):
+        self.stage = stage
         self.rows = manifest.set_index("id")
         self.max_pixels = max_pixels
         self.done: dict[int, str | None] = {}
-        folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, id_: int) -> str | None:
         id_ = int(id_)
@@ -76,18 +85,19 @@ class Thumbnails:
         if id_ not in self.rows.index:
             return None
         row = self.rows.loc[id_]
-        name = f"{id_}-{str(row['sha1'])[:12]}.jpg"  # by content too: a changed file gets a new thumbnail
-        target = self.folder / name
-        if not target.exists():
-            try:
-                img = decode(read_row_bytes(row["kind"], row["source"], row["key"]), max_pixels=self.max_pixels)
-            except Exception as exc:  # a vanished source file must not stop the report
-                log.warning("report: no thumbnail for %s: %s", id_, exc)
-                return None
-            img.thumbnail((THUMB, THUMB))
-            with atomic_path(target) as tmp:
-                img.save(tmp, "JPEG", quality=85)
-        return f"img/{name}"
+        name = f"img/{id_}-{str(row['sha1'])[:12]}.jpg"  # by content too: a changed file gets a new thumbnail
+        if (self.stage.folder / name).is_file():
+            self.stage.keep(name)
+            return name
+        try:
+            img = decode(read_row_bytes(row["kind"], row["source"], row["key"]), max_pixels=self.max_pixels)
+        except Exception as exc:  # a vanished source file must not stop the report
+            log.warning("report: no thumbnail for %s: %s", id_, exc)
+            return None
+        img.thumbnail((THUMB, THUMB))
+        with atomic_path(self.stage.path(name)) as tmp:
+            img.save(tmp, "JPEG", quality=85)
+        return name
 
 
 class Figures:
@@ -104,11 +114,11 @@ class Figures:
         self.made.append(figure)
         return figure
 
-    def resolve(self, run_dir: Path, folder: Path, max_pixels: int | None) -> Thumbnails:
+    def resolve(self, stage: Stage, max_pixels: int | None) -> Thumbnails:
         """Thumbnails and file names of every figure handed out (images not in the manifest get neither)."""
         ids = np.unique(np.array([f["id"] for f in self.made], np.int64))
-        rows = read_manifest(run_dir, ids=ids, columns=["id", "kind", "source", "key", "sha1"])
-        thumbs = Thumbnails(folder, rows, max_pixels)
+        rows = read_manifest(stage.run_dir, ids=ids, columns=["id", "kind", "source", "key", "sha1"])
+        thumbs = Thumbnails(stage, rows, max_pixels)
         keys = dict(zip(rows["id"].astype(np.int64), rows["key"]))
         for figure in self.made:
             figure["src"] = thumbs.path(figure["id"])
@@ -118,7 +128,7 @@ class Figures:
 
 
 def _read(path: Path) -> pd.DataFrame | None:
-    return pq.read_table(path).to_pandas() if path.is_file() else None
+    return read_frame(path, optional=True)
 
 
 def histogram_svg(sizes: np.ndarray, bins: int = 30, width: int = 640, height: int = 160) -> str:
@@ -409,33 +419,29 @@ def render(context: dict) -> str:
 
 def run_report(cfg) -> Path:
     """Write report/index.html and its thumbnails from whatever stages have finished."""
-    started = time.time()
     run_dir = Path(cfg.run_dir)
-    out = run_dir / STAGE
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
-    fig = Figures()
-    context = {
-        "run_name": run_dir.name,
-        "run_dir": str(run_dir.resolve()),
-        "thumb": THUMB,
-        "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "counts": read_counts(run_dir),
-        "dup": read_duplicates(run_dir, fig),
-        "decontam": read_decontamination(run_dir, fig),
-        "clusters": read_clusters(run_dir, fig, int(cfg.seed)),
-        "retrieval": read_retrieval(run_dir, fig),
-        "balanced": read_balanced(run_dir, int(cfg.seed)),
-        "quarantine": read_quarantine(run_dir),
-    }
-    thumbs = fig.resolve(run_dir, out / "img", int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None)
-    page = render(context)
-    clear_success(out)  # the last page stays whole until the new one replaces it
-    atomic_write_text(out / "index.html", page)
-    shown = {Path(v).name for v in thumbs.done.values() if v}
-    for stale in (out / "img").glob("*.jpg"):  # thumbnails no longer shown
-        if stale.name not in shown:
-            stale.unlink()
-    write_success(out, thumbnails=sum(1 for v in thumbs.done.values() if v), seconds=round(time.time() - started, 3))
-    log.info("report: %s", out / "index.html")
-    return out / "index.html"
+    max_pixels = int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None
+    settings = {"seed": int(cfg.seed), "max_pixels": max_pixels}
+    with open_stage(cfg, STAGE, settings=settings, optional=[s for s in STAGES if s != STAGE]) as stage:
+        if stage.up_to_date:
+            log.info("report: up to date")
+            return stage.folder / "index.html"
+        fig = Figures()
+        context = {
+            "run_name": run_dir.name,
+            "run_dir": str(run_dir.resolve()),
+            "thumb": THUMB,
+            "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "counts": read_counts(run_dir),
+            "dup": read_duplicates(run_dir, fig),
+            "decontam": read_decontamination(run_dir, fig),
+            "clusters": read_clusters(run_dir, fig, int(cfg.seed)),
+            "retrieval": read_retrieval(run_dir, fig),
+            "balanced": read_balanced(run_dir, int(cfg.seed)),
+            "quarantine": read_quarantine(run_dir),
+        }
+        thumbs = fig.resolve(stage, max_pixels)
+        atomic_write_text(stage.path("index.html"), render(context))
+        stage.commit(thumbnails=sum(1 for v in thumbs.done.values() if v))
+    log.info("report: %s", stage.folder / "index.html")
+    return stage.folder / "index.html"

@@ -16,27 +16,38 @@ writer : retrieve/neighbors.parquet, one row per (seed set, seed, retrieved imag
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lvd.common.errors import MissingInputError
 from lvd.common.memory import memory_budget, rows_per_block
-from lvd.curate.manifest import manifest_sets, read_manifest
-from lvd.curate.ranks import Ranks, gather_rows, in_ranks, rank_device, rank_slice, torchrun_main
-from lvd.curate.runio import is_done, open_stage, parquet_fingerprint, stage_fingerprint, write_parquet
-from lvd.curate.stage import StageOutputs
+from lvd.common.ranks import Ranks, rank_device, rank_slice
+from lvd.common.run_folder import (
+    cluster_assignments,
+    cluster_centroids,
+    curated_pool_ids,
+    embed_dir,
+    embedding_ids,
+    manifest_sets,
+    read_manifest,
+    read_neighbors,  # noqa: F401 (retrieve/neighbors.parquet, read where the stage is)
+    vector_files,
+)
+from lvd.curate.config import ConfigError
+from lvd.curate.stage import open_stage, torchrun_main, write_table
+from lvd.index.hierarchical import nearest_centroids
+from lvd.index.io import EmbeddingRows, IdRows
+from lvd.index.pool_search import gather_neighbors, top_neighbors
 
 log = logging.getLogger(__name__)
 
 STAGE = "retrieve"
+NEIGHBORS = "neighbors.parquet"
 MODES = ("sample", "cluster")
 PER_SET_KEYS = {"mode", "n", "m", "target", "min_similarity"}
 # `auto` floors are measured on at most this many seeds of a set (a seeded sample).
@@ -72,16 +83,16 @@ def set_plans(cfg, names: list[str]) -> list[SetPlan]:
     per_set = cfg.retrieve.per_set or {}
     unknown_sets = sorted(set(per_set) - set(names))
     if unknown_sets:
-        raise ValueError(f"retrieve.per_set names seed sets that are not configured: {unknown_sets}")
+        raise ConfigError(f"retrieve.per_set names seed sets that are not configured: {unknown_sets}")
     plans = []
     for name in names:
         own = dict(per_set.get(name) or {})
         bad = sorted(set(own) - PER_SET_KEYS)
         if bad:
-            raise ValueError(f"unknown key(s) {bad} in retrieve.per_set.{name}; allowed: {sorted(PER_SET_KEYS)}")
+            raise ConfigError(f"unknown key(s) {bad} in retrieve.per_set.{name}; allowed: {sorted(PER_SET_KEYS)}")
         mode = str(own.get("mode", cfg.retrieve.mode))
         if mode not in MODES:
-            raise ValueError(f"retrieve mode {mode!r} for seed set {name!r}; expected one of {MODES}")
+            raise ConfigError(f"retrieve mode {mode!r} for seed set {name!r}; expected one of {MODES}")
         target = own.get("target", cfg.retrieve.target)
         floor = _floor_setting(own.get("min_similarity", cfg.retrieve.min_similarity), name)
         plans.append(
@@ -105,7 +116,9 @@ def _floor_setting(value, name: str) -> str | float | None:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"min_similarity of seed set {name!r} must be auto, null or a number, got {value!r}") from None
+        raise ConfigError(
+            f"min_similarity of seed set {name!r} must be auto, null or a number, got {value!r}"
+        ) from None
 
 
 def seed_floor(seed_x: np.ndarray, quantile: float, rng: np.random.Generator) -> float | None:
@@ -116,7 +129,7 @@ def seed_floor(seed_x: np.ndarray, quantile: float, rng: np.random.Generator) ->
     their nearest fellow is not like the seed set.
     """
     if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"retrieve.floor_quantile must be within [0, 1], got {quantile}")
+        raise ConfigError(f"retrieve.floor_quantile must be within [0, 1], got {quantile}")
     n = len(seed_x)
     if n < 2:
         return None
@@ -161,72 +174,6 @@ def apply_floor(rows: pd.DataFrame, floors: np.ndarray) -> tuple[pd.DataFrame, i
     return kept, int(np.setdiff1d(rows["id"].unique(), kept["id"].unique()).size)
 
 
-def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    order = np.argsort(ids)
-    pos = np.searchsorted(ids, wanted, sorter=order)
-    pos = np.clip(pos, 0, len(ids) - 1)
-    rows = order[pos]
-    if not np.array_equal(ids[rows], wanted):
-        missing = np.setdiff1d(wanted, ids)[:5]
-        raise KeyError(f"ids without an embedding: {missing.tolist()}")
-    return rows
-
-
-def best_columns(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best (similarity, row) of each line of candidates, best first, ties to the lower
-    row; empty slots (-inf, or row -1) come last as (-inf, -1). Merging per-block or per-rank
-    best lists with it gives what one pass over all the rows gives."""
-    sims = np.asarray(sims, np.float32)
-    empty = ~np.isfinite(sims) | (idx < 0)
-    sims = np.where(empty, -np.inf, sims).astype(np.float32)
-    idx = np.where(empty, np.iinfo(np.int64).max, idx)
-    order = np.lexsort((idx, -sims), axis=1)[:, :k]
-    best_s, best_i = np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
-    return best_s, np.where(np.isfinite(best_s), best_i, -1)
-
-
-def top_neighbors(pool_x, seed_x, k: int, *, backend="auto", device="cpu", block_rows: int = 262144, offset: int = 0):
-    """(similarity, pool row) [q, k] of the k most similar pool rows of every seed, best first
-    (ties: lower row), reading `pool_x` (an array or an `index.io.EmbeddingRows` view)
-    `block_rows` at a time and keeping the running best, so the pool is never held whole.
-    `offset` is added to the rows (a rank's slice of a larger pool)."""
-    from lvd.index.knn import search
-
-    n, q = len(pool_x), len(seed_x)
-    k = min(k, n)
-    best_s = np.full((q, 0), -np.inf, np.float32)
-    best_i = np.zeros((q, 0), np.int64)
-    for start in range(0, n, block_rows):
-        block = np.asarray(pool_x[slice(start, start + block_rows)], np.float32)
-        kb = min(k, len(block))
-        sims, idx = search(block, seed_x, kb, metric="ip", method="exact", backend=backend, device=device)
-        idx = np.where(idx >= 0, idx + start + offset, -1)
-        best_s, best_i = best_columns(np.concatenate([best_s, sims], 1), np.concatenate([best_i, idx], 1), k)
-    return best_s, best_i
-
-
-def gather_neighbors(
-    sims: np.ndarray, idx: np.ndarray, k: int, ranks, *, memory_budget: int = 1 << 30
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every rank's `top_neighbors` of its slice of the pool merged into the k best over the
-    whole pool, on every rank. Each rank sends q * k pairs, not its rows, a run of seeds at a
-    time so that the world's candidates for one run take an eighth of `memory_budget`."""
-    if ranks.world == 1:
-        return sims, idx
-    q, have = sims.shape
-    pad = k - have  # a slice shorter than k gives fewer columns
-    sims = np.pad(np.asarray(sims, np.float32), ((0, 0), (0, pad)), constant_values=-np.inf)
-    idx = np.pad(np.asarray(idx, np.int64), ((0, 0), (0, pad)), constant_values=-1)
-    run = max(1, memory_budget // (8 * ranks.world * max(1, k) * 12))
-    for start in range(0, q, run):
-        part = slice(start, min(q, start + run))
-        width = part.stop - part.start
-        all_s = gather_rows(sims[part], ranks).reshape(ranks.world, width, k).transpose(1, 0, 2)
-        all_i = gather_rows(idx[part], ranks).reshape(ranks.world, width, k).transpose(1, 0, 2)
-        sims[part], idx[part] = best_columns(all_s.reshape(width, -1), all_i.reshape(width, -1), k)
-    return sims, idx
-
-
 def neighbor_rows(
     sims: np.ndarray, idx: np.ndarray, pool_ids: np.ndarray, seed_ids: np.ndarray, n: int
 ) -> pd.DataFrame:
@@ -239,16 +186,6 @@ def neighbor_rows(
     return pd.DataFrame(
         {"seed_id": seed_col[valid], "id": pool_ids[idx[valid]], "rank": ranks[valid], "similarity": sims[valid]}
     )
-
-
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (squared L2) for each row, in blocks."""
-    c_norm = (centroids.astype(np.float64) ** 2).sum(1)
-    out = np.empty(len(x), np.int64)
-    for start in range(0, len(x), 4096):
-        block = x[start : start + 4096].astype(np.float64)
-        out[start : start + 4096] = np.argmin(c_norm[None, :] - 2.0 * block @ centroids.T.astype(np.float64), axis=1)
-    return out
 
 
 def cluster_draws(pool_x, pool_ids, pool_cluster, seed_x, seed_ids, seed_cluster, m: int, rng: np.random.Generator):
@@ -295,17 +232,177 @@ def apply_target(rows: pd.DataFrame, target: int | None) -> pd.DataFrame:
     return rows[rows["id"].isin(best["id"])]
 
 
-def _stage_fingerprint(cfg, run_dir: Path) -> str:
-    parts = [str(stage_fingerprint(run_dir / s)) for s in ("embed", "dedup", "cluster")]
-    settings = {k: cfg.retrieve[k] for k in cfg.retrieve}
-    parts.append(json.dumps(settings, sort_keys=True, default=str))
-    parts.append(str(cfg.seed))
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+# ---------------------------------------------------------------- reader
 
 
-def _cluster_of(run_dir: Path) -> pd.DataFrame | None:
-    path = run_dir / "cluster" / "assign.parquet"
-    return pq.read_table(path).to_pandas() if path.is_file() else None
+@dataclass
+class SeedSet:
+    """One seed set as the mappers need it: its manifest rows, the ids with an embedding, their vectors."""
+
+    plan: SetPlan
+    rows: pd.DataFrame
+    ids: np.ndarray
+    x: np.ndarray
+
+
+@dataclass
+class Inputs:
+    seeds: list[SeedSet]
+    pool_ids: np.ndarray  # the curated pool with an embedding, sorted
+    pool_x: EmbeddingRows  # their vectors, read in blocks, never whole
+    budget: int
+
+
+def read_inputs(cfg) -> Inputs:
+    """The seed sets (manifest rows and vectors) and the curated pool's vectors."""
+    run_dir = Path(cfg.run_dir)
+    names = [name.split(":", 1)[1] for name in manifest_sets(run_dir) if name.startswith("seed:")]
+    plans = set_plans(cfg, names)
+    manifest = read_manifest(run_dir, sets=[f"seed:{n}" for n in names], columns=["id", "set", "label", "sha1"])
+    folder = embed_dir(run_dir)
+    embedded = IdRows(embedding_ids(folder))
+    pool_ids = np.intersect1d(curated_pool_ids(run_dir), embedded.ids)
+    parts = vector_files(folder)
+    seeds = []
+    for plan in plans:
+        rows = manifest[manifest["set"] == f"seed:{plan.name}"]
+        ids = np.intersect1d(rows["id"].to_numpy(np.int64), embedded.ids)
+        seeds.append(SeedSet(plan, rows, ids, EmbeddingRows(parts, embedded.rows(ids))[:]))
+    budget = memory_budget(cfg.get("memory_gb", "auto"))
+    return Inputs(seeds, pool_ids, EmbeddingRows(parts, embedded.rows(pool_ids)), budget)
+
+
+def pool_clusters(run_dir: Path, pool_ids: np.ndarray) -> np.ndarray | None:
+    """Each pool image's cluster (-1: none), or None when the cluster stage has not run."""
+    assign = cluster_assignments(run_dir, ["id", "cluster"], optional=True)
+    if assign is None:
+        return None
+    by_id = pd.Series(assign["cluster"].to_numpy(), index=assign["id"].to_numpy())
+    return by_id.reindex(pool_ids).fillna(-1).astype(np.int64).to_numpy()
+
+
+# ---------------------------------------------------------------- mappers
+
+
+def search_sample_sets(cfg, inputs: Inputs, ranks: Ranks) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{set: (similarity, pool row)} of every sample-mode set, found in one pass over the pool for
+    all of them (to the largest n); under torchrun each rank searches its slice and every rank
+    gets the merged best lists."""
+    sampled = [s for s in inputs.seeds if s.plan.mode == "sample"]
+    bounds = np.cumsum([0] + [len(s.ids) for s in sampled])
+    if not len(inputs.pool_ids) or not bounds[-1]:
+        return {}
+    k = min(max(s.plan.n for s in sampled), len(inputs.pool_ids))
+    mine = rank_slice(len(inputs.pool_ids), ranks)
+    sims, idx = top_neighbors(
+        inputs.pool_x.subset(mine),
+        np.concatenate([s.x for s in sampled]),
+        k,
+        backend=cfg.retrieve.backend,
+        device=str(rank_device(cfg.retrieve.device, ranks)),
+        block_rows=rows_per_block(inputs.budget, 4 * max(1, inputs.pool_x.dim)),
+        offset=mine.start,
+    )
+    sims, idx = gather_neighbors(sims, idx, k, ranks, memory_budget=inputs.budget)
+    return {s.plan.name: (sims[a:b], idx[a:b]) for s, a, b in zip(sampled, bounds[:-1], bounds[1:])}
+
+
+def _set_rng(cfg, name: str, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([int(cfg.seed), *stream, int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)])
+
+
+def candidates(cfg, seeds: SeedSet, inputs: Inputs, top: dict, pool_cluster: np.ndarray | None) -> pd.DataFrame:
+    """(seed_id, id, rank, similarity, cluster) of one set before its floor and target."""
+    plan = seeds.plan
+    if plan.mode == "sample":
+        none = (np.zeros((len(seeds.ids), 0), np.float32), np.zeros((len(seeds.ids), 0), np.int64))
+        rows = neighbor_rows(*top.get(plan.name, none), inputs.pool_ids, seeds.ids, plan.n)
+        found = pd.Series(pool_cluster, index=inputs.pool_ids) if pool_cluster is not None else None
+        return rows.assign(cluster=found.reindex(rows["id"]).to_numpy() if found is not None else -1)
+    if pool_cluster is None:
+        raise MissingInputError(
+            f"seed set {plan.name!r} retrieves by cluster but {Path(cfg.run_dir) / 'cluster'} has no assign.parquet: "
+            "run `lvd cluster` first"
+        )
+    centroids = cluster_centroids(cfg.run_dir)
+    seed_cluster, _ = nearest_centroids(seeds.x, centroids, str(cfg.retrieve.backend), "cpu")
+    rng = _set_rng(cfg, plan.name)
+    return cluster_draws(inputs.pool_x, inputs.pool_ids, pool_cluster, seeds.x, seeds.ids, seed_cluster, plan.m, rng)
+
+
+def set_floors(cfg, seeds: SeedSet, seed_label: dict) -> dict:
+    """{label: floor} of one set: measured from its seeds (`auto`), the number set, or none."""
+    plan = seeds.plan
+    if plan.min_similarity != "auto":
+        return {None: plan.min_similarity}
+    # byte-identical seeds say nothing about how spread out a class is: one of each counts
+    sha1 = seeds.rows.set_index("id")["sha1"].reindex(seeds.ids)
+    distinct = ~(sha1.duplicated() & sha1.notna()).to_numpy()
+    labels = np.array([seed_label.get(int(i)) for i in seeds.ids[distinct]], dtype=object)
+    has_labels = any(v is not None for v in labels)
+    floors = seed_floors(
+        seeds.x[distinct],
+        labels if has_labels else None,
+        float(cfg.retrieve.floor_quantile),
+        _set_rng(cfg, plan.name, 7),
+    )
+    if floors[None] is None:
+        log.warning(
+            "retrieve: seed set %s has one seed, so no floor can be measured; set "
+            "retrieve.per_set.%s.min_similarity (its retrieved images get no label)",
+            plan.name,
+            plan.name,
+        )
+    return floors
+
+
+def retrieve_set(cfg, seeds: SeedSet, inputs: Inputs, top: dict, pool_cluster) -> tuple[pd.DataFrame, dict]:
+    """One seed set's rows of neighbors.parquet, and what its floor did (for _SUCCESS.json)."""
+    plan = seeds.plan
+    rows = candidates(cfg, seeds, inputs, top, pool_cluster)
+    seed_label = {int(i): (None if pd.isna(v) else str(v)) for i, v in zip(seeds.rows["id"], seeds.rows["label"])}
+    floors = set_floors(cfg, seeds, seed_label)
+    found = int(rows["id"].nunique()) if len(rows) else 0
+    rows = rows.assign(floor=row_floors(rows, seed_label, floors))
+    rows, rejected = apply_floor(rows, rows["floor"].to_numpy(np.float64))
+    if found and rejected == found:
+        log.warning(
+            "retrieve: the similarity floor of seed set %s rejected all %d candidates (its seeds are closer "
+            "to each other than any pool image is to them); set retrieve.per_set.%s.min_similarity or "
+            "retrieve.floor_quantile lower to retrieve some",
+            plan.name,
+            found,
+            plan.name,
+        )
+    rows = apply_target(rows, plan.target).assign(seed_set=plan.name, mode=plan.mode)
+    if cfg.retrieve.include_seeds:
+        own = {"seed_set": plan.name, "seed_id": seeds.ids, "id": seeds.ids, "rank": 0, "similarity": 1.0}
+        own.update(mode="seed", cluster=-1, floor=np.nan)
+        rows = pd.concat([pd.DataFrame(own), rows], ignore_index=True)
+    shown = {("*" if k is None else k): v for k, v in floors.items()}
+    log.info(
+        "retrieve: seed set %s (%s): %d seeds -> %d rows, %d distinct images; floors %s rejected %d of %d candidates",
+        plan.name,
+        plan.mode,
+        len(seeds.ids),
+        len(rows),
+        rows["id"].nunique(),
+        {k: (None if v is None else round(v, 4)) for k, v in shown.items()},
+        rejected,
+        found,
+    )
+    record = {"min_similarity": shown, "setting": plan.min_similarity, "candidates": found}
+    return rows, {**record, "rejected_by_floor": rejected}
+
+
+# ---------------------------------------------------------------- writer
+
+
+def neighbors_table(frames: list[pd.DataFrame]) -> pa.Table:
+    neighbors = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCHEMA.names)
+    neighbors = neighbors.sort_values(["seed_set", "seed_id", "rank", "id"], kind="stable").reset_index(drop=True)
+    types = {"cluster": "int64", "rank": "int32", "similarity": "float32", "floor": "float32"}
+    return pa.Table.from_pandas(neighbors[SCHEMA.names].astype(types), schema=SCHEMA, preserve_index=False)
 
 
 def run_retrieve(cfg) -> Path:
@@ -315,188 +412,36 @@ def run_retrieve(cfg) -> Path:
     pool for every sample-mode seed set; rank 0 merges the ranks' best lists (exactly what one
     pass over the whole pool keeps), draws the cluster-mode sets and writes.
     """
-    return in_ranks(_run_retrieve, cfg, cfg.retrieve.device)
-
-
-def _run_retrieve(cfg, ranks: Ranks) -> Path:
-    from lvd.curate.dedup import curated_pool_ids
-    from lvd.index.io import EmbeddingRows, load_embedding_ids
-
-    started = time.time()
-    run_dir = Path(cfg.run_dir)
-    out = open_stage(cfg, STAGE) if ranks.rank == 0 else run_dir / STAGE
-    ranks.barrier()
-    fp = _stage_fingerprint(cfg, run_dir)
-    target = out / "neighbors.parquet"
-    if not cfg.overwrite and is_done(out) and parquet_fingerprint(target) == fp:
-        log.info("retrieve: up to date")
-        return out
-    ranks.barrier()  # every rank has checked the finished file before rank 0 replaces it
-
-    seed_sets = [name.split(":", 1)[1] for name in manifest_sets(run_dir) if name.startswith("seed:")]
-    plans = set_plans(cfg, seed_sets)
-    manifest = read_manifest(
-        run_dir, sets=[f"seed:{name}" for name in seed_sets], columns=["id", "set", "label", "sha1"]
-    )
-    emb_ids = load_embedding_ids(run_dir / "embed")
-    pool_ids = np.intersect1d(curated_pool_ids(run_dir), emb_ids)
-    pool_x = EmbeddingRows(run_dir / "embed", _rows_of(emb_ids, pool_ids))  # read in blocks, never whole
-    budget = memory_budget(cfg.get("memory_gb", "auto"))
-    block_rows = rows_per_block(budget, 4 * max(1, pool_x.dim))
-    device = str(rank_device(cfg.retrieve.device, ranks))
-
-    seeds = {}  # set name -> (its manifest rows, the ids with an embedding, their vectors)
-    for plan in plans:
-        seed_rows = manifest[manifest["set"] == f"seed:{plan.name}"]
-        seed_ids = np.intersect1d(seed_rows["id"].to_numpy(np.int64), emb_ids)
-        seeds[plan.name] = (seed_rows, seed_ids, EmbeddingRows(run_dir / "embed", _rows_of(emb_ids, seed_ids))[:])
-    # every sample-mode set in one pass over the pool (each rank its slice): the seeds of all of them, to the largest n
-    sampled = [p for p in plans if p.mode == "sample"]
-    top = {}
-    bounds = np.cumsum([0] + [len(seeds[p.name][1]) for p in sampled])
-    if len(pool_ids) and bounds[-1]:
-        k = min(max(p.n for p in sampled), len(pool_ids))
-        mine = rank_slice(len(pool_ids), ranks)
-        sims, idx = top_neighbors(
-            pool_x.subset(mine),
-            np.concatenate([seeds[p.name][2] for p in sampled]),
-            k,
-            backend=cfg.retrieve.backend,
-            device=device,
-            block_rows=block_rows,
-            offset=mine.start,
-        )
-        sims, idx = gather_neighbors(sims, idx, k, ranks, memory_budget=budget)
-        top = {p.name: (sims[a:b], idx[a:b]) for p, a, b in zip(sampled, bounds[:-1], bounds[1:])}
-    if ranks.rank != 0:  # a helper rank: its slice searched, nothing written
-        ranks.barrier()  # rank 0 commits
-        return out
-    assign = _cluster_of(run_dir)
-    pool_cluster = None
-    if assign is not None:
-        cluster_by_id = pd.Series(assign["cluster"].to_numpy(), index=assign["id"].to_numpy())
-        pool_cluster = cluster_by_id.reindex(pool_ids).fillna(-1).astype(np.int64).to_numpy()
-        del assign, cluster_by_id
-
-    frames, set_floors = [], {}
-    for plan in plans:
-        seed_rows, seed_ids, seed_x = seeds[plan.name]
-        if plan.mode == "sample":
-            none = (np.zeros((len(seed_ids), 0), np.float32), np.zeros((len(seed_ids), 0), np.int64))
-            rows = neighbor_rows(*top.get(plan.name, none), pool_ids, seed_ids, plan.n)
-            rows["cluster"] = (
-                pd.Series(pool_cluster, index=pool_ids).reindex(rows["id"]).to_numpy()
-                if pool_cluster is not None
-                else -1
-            )
-        else:
-            if pool_cluster is None:
-                raise MissingInputError(
-                    f"seed set {plan.name!r} retrieves by cluster but {run_dir / 'cluster'} has no assign.parquet: "
-                    "run `lvd cluster` first"
-                )
-            centroids = np.load(run_dir / "cluster" / "centroids.npy")
-            rng = np.random.default_rng([int(cfg.seed), int(hashlib.sha1(plan.name.encode()).hexdigest()[:8], 16)])
-            rows = cluster_draws(
-                pool_x, pool_ids, pool_cluster, seed_x, seed_ids, nearest_centroid(seed_x, centroids), plan.m, rng
-            )
-        seed_label = {int(i): (None if pd.isna(v) else str(v)) for i, v in zip(seed_rows["id"], seed_rows["label"])}
-        if plan.min_similarity == "auto":
-            # byte-identical seeds say nothing about how spread out a class is: one of each counts
-            sha1 = seed_rows.set_index("id")["sha1"].reindex(seed_ids)
-            distinct = ~(sha1.duplicated() & sha1.notna()).to_numpy()
-            labels = np.array([seed_label.get(int(i)) for i in seed_ids[distinct]], dtype=object)
-            rng = np.random.default_rng([int(cfg.seed), 7, int(hashlib.sha1(plan.name.encode()).hexdigest()[:8], 16)])
-            floors = seed_floors(
-                seed_x[distinct],
-                labels if any(v is not None for v in labels) else None,
-                float(cfg.retrieve.floor_quantile),
-                rng,
-            )
-            if floors[None] is None:
-                log.warning(
-                    "retrieve: seed set %s has one seed, so no floor can be measured; set "
-                    "retrieve.per_set.%s.min_similarity (its retrieved images get no label)",
-                    plan.name,
-                    plan.name,
-                )
-        else:
-            floors = {None: plan.min_similarity}
-        candidates = int(rows["id"].nunique()) if len(rows) else 0
-        rows = rows.assign(floor=row_floors(rows, seed_label, floors))
-        rows, rejected = apply_floor(rows, rows["floor"].to_numpy(np.float64))
-        if candidates and rejected == candidates:
-            log.warning(
-                "retrieve: the similarity floor of seed set %s rejected all %d candidates (its seeds are closer "
-                "to each other than any pool image is to them); set retrieve.per_set.%s.min_similarity or "
-                "retrieve.floor_quantile lower to retrieve some",
-                plan.name,
-                candidates,
-                plan.name,
-            )
-        set_floors[plan.name] = {
-            "min_similarity": {("*" if k is None else k): v for k, v in floors.items()},
-            "setting": plan.min_similarity,
-            "candidates": candidates,
-            "rejected_by_floor": rejected,
-        }
-        rows = apply_target(rows, plan.target)
-        rows.insert(0, "seed_set", plan.name)
-        rows["mode"] = plan.mode
-        if cfg.retrieve.include_seeds:
-            seed_frame = pd.DataFrame(
-                {
-                    "seed_set": plan.name,
-                    "seed_id": seed_ids,
-                    "id": seed_ids,
-                    "rank": 0,
-                    "similarity": 1.0,
-                    "mode": "seed",
-                    "cluster": -1,
-                    "floor": np.nan,
-                }
-            )
-            rows = pd.concat([seed_frame, rows], ignore_index=True)
-        log.info(
-            "retrieve: seed set %s (%s): %d seeds -> %d rows, %d distinct images; floors %s rejected %d of %d "
-            "candidates",
-            plan.name,
-            plan.mode,
-            len(seed_ids),
-            len(rows),
-            rows["id"].nunique(),
-            {k: (None if v is None else round(v, 4)) for k, v in set_floors[plan.name]["min_similarity"].items()},
-            rejected,
-            candidates,
-        )
-        frames.append(rows)
-    neighbors = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCHEMA.names)
-    neighbors = neighbors.sort_values(["seed_set", "seed_id", "rank", "id"], kind="stable").reset_index(drop=True)
-    table = pa.Table.from_pandas(
-        neighbors[SCHEMA.names].astype(
-            {"cluster": "int64", "rank": "int32", "similarity": "float32", "floor": "float32"}
-        ),
-        schema=SCHEMA,
-        preserve_index=False,
-    )
-    with StageOutputs(out) as staged:  # the last finished neighbors.parquet stays until commit
-        write_parquet(staged.path(target.name), table, fp)
-        staged.commit(
+    settings = {"retrieve": {k: cfg.retrieve[k] for k in cfg.retrieve}, "seed": int(cfg.seed)}
+    inputs, optional = ("embed", "dedup"), ("manifest", "cluster")
+    with open_stage(
+        cfg, STAGE, settings=settings, inputs=inputs, optional=optional, device=cfg.retrieve.device
+    ) as stage:
+        if stage.up_to_date:
+            log.info("retrieve: up to date")
+            return stage.folder
+        found = read_inputs(cfg)
+        top = search_sample_sets(cfg, found, stage.ranks)
+        if stage.ranks.rank != 0:  # a helper rank: its slice searched, nothing written
+            return stage.commit()
+        pool_cluster = pool_clusters(stage.run_dir, found.pool_ids)
+        frames, floors = [], {}
+        for seeds in found.seeds:
+            rows, floors[seeds.plan.name] = retrieve_set(cfg, seeds, found, top, pool_cluster)
+            frames.append(rows)
+        table = neighbors_table(frames)
+        write_table(stage.path(NEIGHBORS), table)
+        ids = table.column("id").to_numpy()
+        return stage.commit(
             seed_sets={
-                p.name: {"mode": p.mode, "n": p.n, "m": p.m, "target": p.target, **set_floors[p.name]} for p in plans
+                s.plan.name: {"mode": s.plan.mode, "n": s.plan.n, "m": s.plan.m, "target": s.plan.target}
+                | floors[s.plan.name]
+                for s in found.seeds
             },
-            pool_candidates=int(len(pool_ids)),
-            world_size=ranks.world,
-            rows=int(len(neighbors)),
-            distinct_images=int(neighbors["id"].nunique()) if len(neighbors) else 0,
-            seconds=round(time.time() - started, 3),
+            pool_candidates=int(len(found.pool_ids)),
+            rows=int(len(table)),
+            distinct_images=int(len(np.unique(ids))),
         )
-    ranks.barrier()
-    return out
-
-
-def read_neighbors(run_dir) -> pd.DataFrame:
-    return pq.read_table(Path(run_dir) / STAGE / "neighbors.parquet").to_pandas()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from lvd.common.errors import MissingInputError
+from lvd.common.run_folder import balanced_ids, level_assignments
 
 SELECTIONS = ("retrieve", "balanced", "both")
 
@@ -42,25 +41,6 @@ def balanced_size(cfg, n_curated: int) -> int:
     if str(value) != "auto":
         return int(value)
     return max(1, n_curated // 4) if uses_balanced(cfg) and n_curated else 0
-
-
-def level_assignments(run_dir: Path) -> list[pd.DataFrame]:
-    """(id, cluster) of every curated image at each level, finest first (flat: one level)."""
-    cluster = Path(run_dir) / "cluster"
-    levels, t = [], 1
-    while (cluster / f"level{t}" / "assign.parquet").is_file():
-        levels.append(pq.read_table(cluster / f"level{t}" / "assign.parquet", columns=["id", "cluster"]).to_pandas())
-        t += 1
-    if not levels:
-        levels.append(pq.read_table(cluster / "assign.parquet", columns=["id", "cluster"]).to_pandas())
-    return levels
-
-
-def balanced_ids(run_dir: Path) -> np.ndarray:
-    path = Path(run_dir) / "cluster" / "balanced.parquet"
-    if not path.is_file():
-        raise MissingInputError(f"{path} is missing: run `lvd cluster` with cluster.balanced_sample > 0 (or auto)")
-    return pq.read_table(path, columns=["id"]).column("id").to_numpy().astype(np.int64)
 
 
 def level_table(assign: pd.DataFrame, picked: np.ndarray) -> pd.DataFrame:

@@ -1,9 +1,9 @@
 """Writes one WebDataset tar: fetches the samples' bytes, checks them, stores them.
 
 Kept apart from the stage so that writer processes import only the standard library,
-Pillow and lvd's source readers. A tar is written to a temporary name and moved into place,
-so a killed writer never leaves a tar that looks finished; members carry fixed times, owners
-and modes, so the same samples always give the same bytes.
+Pillow and lvd's source readers. A tar is written to a temporary name (`common.atomic`) and
+moved into place, so a killed writer never leaves a tar that looks finished; members carry
+fixed times, owners and modes, so the same samples always give the same bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import tarfile
 import threading
 from dataclasses import dataclass
 
+from lvd.common.atomic import atomic_path
+from lvd.common.errors import UserError
 from lvd.curate import sources as src
+
+
+class SourceChangedError(UserError, RuntimeError):
+    """An image's bytes differ from the sha1 the manifest recorded."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,7 @@ class _Sha1Check:
         self.todo.put(self._END)
         self.thread.join()
         if self.changed:
-            raise RuntimeError(
+            raise SourceChangedError(
                 f"image {self.changed[0]} changed since the manifest was made (sha1 differs; "
                 f"{len(self.changed)} in this shard); rerun `lvd manifest`"
             )
@@ -178,10 +184,9 @@ def write_shard(spec: ShardSpec) -> tuple[str, int, int]:
     the same ustar archive, ending in two zero blocks padded to a 10 kB record like GNU tar.
     """
     payload, check = _Samples(spec), _Sha1Check(spec.ids, spec.sha1s)
-    tmp = f"{os.path.dirname(spec.path)}/.{os.path.basename(spec.path)}.tmp-{os.getpid()}"
     written = 0
     try:
-        with open(tmp, "wb", buffering=1 << 20) as f:
+        with atomic_path(spec.path) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
             for i, key in enumerate(spec.keys):
                 image = payload.take(spec.ids[i])
                 check.submit(spec.ids[i], image)
@@ -203,10 +208,7 @@ def write_shard(spec: ShardSpec) -> tuple[str, int, int]:
             f.flush()
             check.verify()
             os.fdatasync(f.fileno())  # the data (and size) on disk before the rename
-        os.replace(tmp, spec.path)
     finally:
         if check.thread.is_alive():  # an error on the way: stop the checker too
             check.todo.put(check._END)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return spec.path, len(spec.keys), os.path.getsize(spec.path)

@@ -9,8 +9,10 @@ mapper : one sample per distinct image, every retrieval that chose it and its cl
 writer : worker processes write shards/PREFIX-NNNNNN.tar (`curate.shard_writer`), and the
          parent writes a parquet beside each tar (one row per sample) once its tar is in place.
 
-The shard plan depends only on the inputs and the config, so a rerun rewrites exactly the
-shards whose parquet is missing or out of date, byte for byte as before.
+Each shard (its tar and its parquet) is a part of the stage runner (`curate.stage`) whose
+fingerprint is that of its samples and the writing settings. The shard plan depends only on the
+inputs and the config, so a rerun rewrites exactly the shards that are missing or out of date,
+byte for byte as before.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +27,12 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from lvd.curate.manifest import manifest_sets, read_manifest
-from lvd.curate.retrieve import read_neighbors
-from lvd.curate.runio import (
-    atomic_write_json,
-    is_done,
-    open_stage,
-    parquet_fingerprint,
-    remove_stale_temps,
-    write_parquet,
-    write_success,
-)
+from lvd.common.atomic import atomic_write_json
+from lvd.common.errors import InputFormatError
+from lvd.common.run_folder import manifest_sets, read_manifest, read_neighbors
 from lvd.curate.selection import balanced_provenance, resolve_select
 from lvd.curate.shard_writer import ShardSpec, write_shard
-from lvd.curate.stage import STAGED, commit_staged_parts
+from lvd.curate.stage import Parts, open_stage, write_table
 from lvd.curate.workers import process_map, resolve_workers, show_progress
 
 log = logging.getLogger(__name__)
@@ -121,6 +114,70 @@ def _ext(key: str) -> str:
 BALANCED_ONLY = {"from": None, "why": "chosen by the balanced sample; no seed set labels it"}
 
 
+def curated_rows(run_dir: Path, ids: np.ndarray) -> pd.DataFrame:
+    """The manifest rows of the curated images, in shard order (one filtered pass, not one lookup each)."""
+    manifest = read_manifest(run_dir, status=None, ids=ids).set_index("id")
+    missing = np.setdiff1d(ids, manifest.index.to_numpy())
+    if len(missing):
+        raise InputFormatError(
+            f"curated images missing from the manifest (it changed since dedup): {missing[:5].tolist()}; "
+            "run `lvd dedup` and the stages after it again"
+        )
+    manifest = manifest.reindex(ids)
+    bad = manifest["status"].to_numpy() != "ok"
+    if bad.any():
+        first = int(ids[np.flatnonzero(bad)[0]])
+        raise InputFormatError(
+            f"curated image {first} is quarantined in the manifest ({manifest.loc[first, 'error']}); "
+            "run `lvd dedup` and the stages after it again"
+        )
+    return manifest.reset_index()
+
+
+def sample_row(m: dict, retrievals: list[dict], levels, seed_labels: dict, cls_of: dict) -> dict:
+    """One sample: where its bytes are, its label and class, and its provenance JSON."""
+    id_ = int(m["id"])
+    own = None if pd.isna(m["label"]) else m["label"]
+    label, label_from = sample_label(retrievals, own, seed_labels) if retrievals else (None, BALANCED_ONLY)
+    selected_by = [
+        name for name, chosen in (("retrieve", bool(retrievals)), ("balanced", levels is not None)) if chosen
+    ]
+    meta = {
+        "id": id_,
+        "set": m["set"],
+        "source": m["source"],
+        "key": m["key"],
+        "sha1": m["sha1"],
+        "width": int(m["width"]),
+        "height": int(m["height"]),
+        "label": label,
+        "label_from": label_from,
+        "source_label": own,
+        "selected_by": selected_by,
+        "retrieved": retrievals,
+        "balanced": levels,
+    }
+    return {
+        "__key__": f"{id_:019d}",
+        "id": id_,
+        "set": m["set"],
+        "kind": m["kind"],
+        "source": m["source"],
+        "source_key": m["key"],
+        "sha1": m["sha1"],
+        "bytes": int(m["bytes"]),
+        "width": int(m["width"]),
+        "height": int(m["height"]),
+        "ext": _ext(m["key"]),
+        "label": label,
+        "cls": cls_of.get(label) if label is not None else None,
+        "seed_sets": ",".join(sorted({r["seed_set"] for r in retrievals})),
+        "best_similarity": max((r["similarity"] for r in retrievals), default=float("nan")),
+        "selected_by": ",".join(selected_by),
+        "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
+    }
+
+
 def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     """One row per curated image with everything its sample needs, in shard order.
 
@@ -137,60 +194,10 @@ def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     ids = np.array(sorted(set(provenance) | set(balanced)), dtype=np.int64)
     if cfg.shards.shuffle:
         ids = ids[np.random.default_rng(int(cfg.seed)).permutation(len(ids))]
-    manifest = read_manifest(run_dir, status=None, ids=ids).set_index("id")
-    missing = np.setdiff1d(ids, manifest.index.to_numpy())
-    if len(missing):
-        raise RuntimeError(f"curated images missing from the manifest: {missing[:5].tolist()}")
-    manifest = manifest.reindex(ids)  # shard order; one lookup for all, not one per image
-    bad = manifest["status"].to_numpy() != "ok"
-    if bad.any():
-        first = int(ids[np.flatnonzero(bad)[0]])
-        raise RuntimeError(f"curated image {first} is quarantined in the manifest: {manifest.loc[first, 'error']}")
-    rows = []
-    for id_, m in zip(ids.tolist(), manifest.reset_index().to_dict("records")):
-        retrievals = provenance.get(id_, [])
-        levels = balanced.get(id_)
-        own = None if pd.isna(m["label"]) else m["label"]
-        label, label_from = sample_label(retrievals, own, seed_labels) if retrievals else (None, BALANCED_ONLY)
-        selected_by = ",".join(
-            name for name, chosen in (("retrieve", bool(retrievals)), ("balanced", levels is not None)) if chosen
-        )
-        meta = {
-            "id": id_,
-            "set": m["set"],
-            "source": m["source"],
-            "key": m["key"],
-            "sha1": m["sha1"],
-            "width": int(m["width"]),
-            "height": int(m["height"]),
-            "label": label,
-            "label_from": label_from,
-            "source_label": own,
-            "selected_by": selected_by.split(","),
-            "retrieved": retrievals,
-            "balanced": levels,
-        }
-        rows.append(
-            {
-                "__key__": f"{id_:019d}",
-                "id": id_,
-                "set": m["set"],
-                "kind": m["kind"],
-                "source": m["source"],
-                "source_key": m["key"],
-                "sha1": m["sha1"],
-                "bytes": int(m["bytes"]),
-                "width": int(m["width"]),
-                "height": int(m["height"]),
-                "ext": _ext(m["key"]),
-                "label": label,
-                "cls": cls_of.get(label) if label is not None else None,
-                "seed_sets": ",".join(sorted({r["seed_set"] for r in retrievals})),
-                "best_similarity": max((r["similarity"] for r in retrievals), default=float("nan")),
-                "selected_by": selected_by,
-                "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
-            }
-        )
+    rows = [
+        sample_row(m, provenance.get(int(m["id"]), []), balanced.get(int(m["id"])), seed_labels, cls_of)
+        for m in curated_rows(run_dir, ids).to_dict("records")
+    ]
     return pd.DataFrame(rows), classes
 
 
@@ -213,7 +220,8 @@ PARQUET_COLUMNS = [
 ]
 
 
-def _fingerprint(frame: pd.DataFrame, cfg) -> str:
+def samples_fingerprint(frame: pd.DataFrame, cfg) -> str:
+    """What one shard holds: its samples (keys, contents, provenance, classes) and how they are written."""
     h = hashlib.sha1()
     h.update(repr((cfg.shards.resize, cfg.shards.quality, cfg.shards.mtime)).encode())
     for key, sha, blob, cls in zip(frame["__key__"], frame["sha1"], frame["json"], frame["cls"]):
@@ -221,9 +229,8 @@ def _fingerprint(frame: pd.DataFrame, cfg) -> str:
     return h.hexdigest()
 
 
-def _write_index(path: Path, frame: pd.DataFrame, fp: str) -> None:
-    table = pa.Table.from_pandas(frame[PARQUET_COLUMNS].astype({"cls": "Int64"}), preserve_index=False)
-    write_parquet(path, table, fp)
+def _write_index(path: Path, frame: pd.DataFrame) -> None:
+    write_table(path, pa.Table.from_pandas(frame[PARQUET_COLUMNS].astype({"cls": "Int64"}), preserve_index=False))
 
 
 def _spec(path: Path, frame: pd.DataFrame, cfg) -> ShardSpec:
@@ -244,71 +251,54 @@ def _spec(path: Path, frame: pd.DataFrame, cfg) -> ShardSpec:
     )
 
 
-def run_shards(cfg) -> Path:
-    """Write every shard whose parquet is missing or stale; then _SUCCESS.json."""
-    started = time.time()
-    run_dir = Path(cfg.run_dir)
-    out = open_stage(cfg, STAGE)
-    samples, classes = build_samples(cfg, run_dir)
-    ranges = plan_shards(
-        samples["bytes"].to_numpy() if len(samples) else np.zeros(0),
-        int(cfg.shards.max_count),
-        int(cfg.shards.max_bytes),
-    )
-    prefix = str(cfg.shards.prefix)
-    staging = out / STAGED  # new shards wait here; the finished ones stay as they are until commit
-    fresh, jobs = [], []
-    for n, (a, b) in enumerate(ranges):
-        frame = samples.iloc[a:b]
-        name = f"{prefix}-{n:06d}"
-        fp = _fingerprint(frame, cfg)
-        if not cfg.overwrite and (out / f"{name}.tar").is_file() and parquet_fingerprint(out / f"{name}.parquet") == fp:
-            continue
-        fresh.append(name)
-        tar_path, index_path = staging / f"{name}.tar", staging / f"{name}.parquet"
-        if cfg.overwrite or not tar_path.is_file() or parquet_fingerprint(index_path) != fp:
-            jobs.append((tar_path, index_path, frame, fp))
-    expected = {f"{prefix}-{n:06d}.{ext}" for n in range(len(ranges)) for ext in ("tar", "parquet")}
-    stale = [p for p in out.glob(f"{prefix}-*") if p.name not in expected]
-    if not fresh and not stale and is_done(out):
-        log.info("shards: %d shards up to date", len(ranges))
-        return out
-    staging.mkdir(exist_ok=True)
-    remove_stale_temps(staging)
-    for _, index_path, _, _ in jobs:  # a staged tar is only trusted once its parquet matches
-        index_path.unlink(missing_ok=True)
-    workers = resolve_workers(cfg.workers)
-    specs = [_spec(tar_path, frame, cfg) for tar_path, _, frame, _ in jobs]
-    by_path = {str(tar_path): (index_path, frame, fp) for tar_path, index_path, frame, fp in jobs}
+def write_shards(cfg, frames: dict[str, pd.DataFrame], parts: Parts) -> int:
+    """Worker processes write the tars of the parts left to do; the parent stages each one's
+    parquet and marker once its tar is in place. Returns the bytes written."""
+    todo = {name: frames[name] for name in parts.todo}
+    specs = [_spec(parts.path(name, f"{name}.tar"), frame, cfg) for name, frame in todo.items()]
+    by_path = {spec.path: name for spec, name in zip(specs, todo)}
     written = 0
     with tqdm(total=len(specs), unit="shard", desc="shards", disable=not show_progress(cfg.progress)) as bar:
-        for path, _count, size in process_map(write_shard, specs, workers):
-            index_path, frame, fp = by_path[path]
-            _write_index(index_path, frame, fp)
+        for path, _count, size in process_map(write_shard, specs, resolve_workers(cfg.workers)):
+            name = by_path[path]
+            _write_index(parts.path(name, f"{name}.parquet"), todo[name])
+            parts.done(
+                name, content=parts.plan[name][0]
+            )  # the fingerprint names the bytes: the writer is deterministic
             written += size
             bar.update(1)
-    # every new shard is staged: commit them together, each tar before its parquet (what makes it trusted)
-    commit_staged_parts(out, [f"{name}.{ext}" for name in fresh for ext in ("tar", "parquet")], remove=stale)
-    atomic_write_json(out / "classes.json", {"classes": classes})
-    write_success(
-        out,
-        shards=len(ranges),
-        shards_written=len(fresh),
-        samples=int(len(samples)),
-        select=resolve_select(cfg),
-        selected={
+    return written
+
+
+def run_shards(cfg) -> Path:
+    """Write every shard that is missing or out of date; then _SUCCESS.json."""
+    with open_stage(cfg, STAGE, optional=("manifest", "cluster", "retrieve")) as stage:
+        samples, classes = build_samples(cfg, stage.run_dir)
+        sizes = samples["bytes"].to_numpy() if len(samples) else np.zeros(0)
+        ranges = plan_shards(sizes, int(cfg.shards.max_count), int(cfg.shards.max_bytes))
+        frames = {f"{cfg.shards.prefix}-{n:06d}": samples.iloc[a:b] for n, (a, b) in enumerate(ranges)}
+        plan = {
+            name: (stage.fingerprint_of(samples_fingerprint(frame, cfg)), [f"{name}.tar", f"{name}.parquet"])
+            for name, frame in frames.items()
+        }
+        parts = stage.parts(plan)
+        if stage.up_to_date:
+            log.info("shards: %d shards up to date", len(ranges))
+            return stage.folder
+        written = write_shards(cfg, frames, parts)
+        atomic_write_json(stage.path("classes.json"), {"classes": classes})
+        selected = {
             name: int(samples["selected_by"].str.contains(name).sum()) if len(samples) else 0
             for name in ("retrieve", "balanced")
-        },
-        bytes_written=int(written),
-        classes=len(classes),
-        seconds=round(time.time() - started, 3),
-    )
-    log.info(
-        "shards: %d samples in %d shards (%d written) in %.1f s",
-        len(samples),
-        len(ranges),
-        len(fresh),
-        time.time() - started,
-    )
-    return out
+        }
+        stage.commit(
+            shards=len(ranges),
+            shards_written=len(parts.fresh),
+            samples=int(len(samples)),
+            select=resolve_select(cfg),
+            selected=selected,
+            bytes_written=int(written),
+            classes=len(classes),
+        )
+    log.info("shards: %d samples in %d shards (%d written)", len(samples), len(ranges), len(parts.fresh))
+    return stage.folder

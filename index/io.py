@@ -1,91 +1,46 @@
-"""Read the embedding parts that the embed stage writes.
+"""Array views over stored vectors, and rows by id.
 
-The embed stage stores `part-NNNNN.npy` (float16, L2-normalised rows) next to
-`ids-NNNNN.npy` (int64 manifest ids, row i of the part is id i of the ids). Readers must
-never pair a part with the wrong ids file, so parts are matched by their number, not by
-listing order, and every mismatch is an error rather than a silent truncation.
+`EmbeddingRows` reads chosen rows of a list of `.npy` part files (the embed stage's
+`part-NNNNN.npy`, listed by `lvd.common.run_folder.vector_files`) only when indexed, so vector
+code takes it wherever it takes an array. `IdRows` answers "which row holds this id" for an
+array of unique ids (an embedding folder's, an index's), the one id -> row lookup.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-
-from lvd.common.errors import InputFormatError, MissingInputError
-
-_PART = re.compile(r"^part-(\d+)\.npy$")
+import pandas as pd
 
 
-def list_parts(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
-    """(vectors, ids) file pairs of an embedding folder, in part-number order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MissingInputError(f"embedding folder not found: {folder}")
-    pairs = []
-    for path in sorted(folder.iterdir()):
-        match = _PART.match(path.name)
-        if match is None:
-            continue
-        ids_path = folder / f"ids-{match.group(1)}.npy"
-        if not ids_path.exists():
-            raise MissingInputError(f"{path} has no ids file {ids_path.name}")
-        pairs.append((path, ids_path))
-    orphans = {p.name for p in folder.glob("ids-*.npy")} - {i.name for _, i in pairs}
-    if orphans:
-        raise InputFormatError(f"ids files without a part in {folder}: {sorted(orphans)}")
-    return pairs
+class IdRows:
+    """Row of each id in an array of unique ids; the hash table is built once and reused."""
 
+    def __init__(self, ids: np.ndarray, check_unique: bool = True):
+        self.ids = np.asarray(ids, np.int64)
+        self._index = pd.Index(self.ids)  # its hash table is built at the first lookup
+        if check_unique and not self._index.is_unique:
+            raise ValueError("ids repeat: a row by id would be ambiguous")
 
-def read_part(vectors_path: Path, ids_path: Path, *, dtype=np.float32, mmap: bool = False):
-    """One part as (ids int64, vectors `dtype`), checked to have one id per row."""
-    vectors = np.load(vectors_path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    ids = np.load(ids_path, allow_pickle=False)
-    if vectors.ndim != 2:
-        raise InputFormatError(f"{vectors_path} is not a 2-D array (shape {vectors.shape})")
-    if ids.shape != (len(vectors),):
-        raise InputFormatError(f"{ids_path} holds {ids.shape} ids for {len(vectors)} rows of {vectors_path.name}")
-    if dtype is not None and not mmap:
-        vectors = vectors.astype(dtype, copy=False)
-    return ids.astype(np.int64, copy=False), vectors
+    def __len__(self) -> int:
+        return len(self.ids)
 
+    def rows(self, wanted) -> np.ndarray:
+        """The row of each wanted id, -1 where the id is absent."""
+        return self._index.get_indexer(np.asarray(wanted, np.int64))
 
-def iter_embeddings(folder: str | os.PathLike, *, dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (ids, vectors) part by part, so callers can stream folders larger than memory."""
-    for vectors_path, ids_path in list_parts(folder):
-        yield read_part(vectors_path, ids_path, dtype=dtype)
-
-
-def load_embeddings(folder: str | os.PathLike, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """All parts of an embedding folder as (ids int64 [n], X `dtype` [n, d]).
-
-    Rows keep part order; ids must be unique across parts (a repeated id would make the join
-    with the manifest ambiguous). An empty folder gives (0,) ids and a (0, 0) array.
-    """
-    pairs = list_parts(folder)
-    if not pairs:
-        return np.zeros(0, np.int64), np.zeros((0, 0), dtype or np.float32)
-    parts = [read_part(v, i, dtype=None, mmap=True) for v, i in pairs]
-    dims = {p[1].shape[1] for p in parts}
-    if len(dims) != 1:
-        raise InputFormatError(f"parts of {folder} have different dimensions: {sorted(dims)}")
-    ids = np.concatenate([p[0] for p in parts])
-    out = np.empty((len(ids), dims.pop()), dtype=dtype or parts[0][1].dtype)
-    row = 0
-    for _, vectors in parts:
-        out[row : row + len(vectors)] = vectors
-        row += len(vectors)
-    if len(np.unique(ids)) != len(ids):
-        raise InputFormatError(f"{folder} holds repeated ids")
-    return ids, out
+    def row(self, id_: int) -> int:
+        """The row of one id; KeyError when it is absent."""
+        return int(self._index.get_loc(int(id_)))
 
 
 class EmbeddingRows:
-    """Chosen rows of an embedding folder, read from the memory-mapped parts only when indexed.
+    """Chosen rows of a list of `.npy` parts (2-D, one after the other), read from the
+    memory-mapped parts only when indexed.
 
     `view[idx]` (an index array or a slice) gives float32 rows; `len(view)` the row count;
     `np.asarray(view)` all of them; `view.blocks(rows)` yields them block by block. A torchrun
@@ -97,22 +52,20 @@ class EmbeddingRows:
     7.7 GB). Unmapped, they stay in the page cache for the next read.
     """
 
-    def __init__(self, folder: str | os.PathLike, rows: np.ndarray):
-        pairs = list_parts(folder)
-        self._paths = [v for v, _ in pairs]
-        shapes = []
-        for vectors_path, ids_path in pairs:
-            ids, vectors = read_part(vectors_path, ids_path, dtype=None, mmap=True)
-            shapes.append(vectors.shape)
-            del vectors
+    def __init__(self, parts: Sequence[str | os.PathLike], rows: np.ndarray):
+        self._paths = [Path(p) for p in parts]
+        shapes = [np.load(p, mmap_mode="r", allow_pickle=False).shape for p in self._paths]
+        bad = [str(p) for p, shape in zip(self._paths, shapes) if len(shape) != 2]
+        if bad:
+            raise ValueError(f"vector parts that are not 2-D arrays: {bad}")
         sizes = np.array([s[0] for s in shapes], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
         self.rows = np.asarray(rows, np.int64)
         if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self._starts[-1]):
-            raise IndexError(f"rows outside the {int(self._starts[-1])} rows of {folder}")
+            raise IndexError(f"rows outside the {int(self._starts[-1])} rows of {len(self._paths)} parts")
         dims = {s[1] for s in shapes}
         if len(dims) > 1:
-            raise InputFormatError(f"parts of {folder} have different dimensions: {sorted(dims)}")
+            raise ValueError(f"vector parts of different dimensions: {sorted(dims)}")
         self.dim = dims.pop() if dims else 0
 
     def __len__(self) -> int:
@@ -147,11 +100,3 @@ class EmbeddingRows:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[slice(None)]
         return whole if dtype is None else whole.astype(dtype, copy=False)
-
-
-def load_embedding_ids(folder: str | os.PathLike) -> np.ndarray:
-    """The ids of every row of an embedding folder, in part order, without reading the vectors."""
-    pairs = list_parts(folder)
-    if not pairs:
-        return np.zeros(0, np.int64)
-    return np.concatenate([np.load(i, allow_pickle=False).astype(np.int64, copy=False) for _, i in pairs])

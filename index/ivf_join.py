@@ -394,6 +394,70 @@ def _shared(quantizer: Quantizer | None, ranks) -> Quantizer:
     return Quantizer(centroids, top if len(top) else None, bounds if len(bounds) else None)
 
 
+def _trained_quantizer(view, seed: int, backend, device, ranks) -> Quantizer:
+    """Rank 0 trains the lists on a seeded sample of the rows; every rank gets them."""
+    quantizer = None
+    if ranks.rank == 0:
+        n = len(view)
+        nlist = list_count(n)
+        rng = np.random.default_rng(seed)
+        train = np.sort(rng.choice(n, min(n, nlist * TRAIN_PER_LIST), replace=False))
+        quantizer = train_quantizer(view[train], nlist, seed=seed, backend=backend, device=device)
+    return _shared(quantizer, ranks)
+
+
+def _all_probes(view, quantizer: Quantizer, memory_budget: int, progress: bool, ranks) -> np.ndarray:
+    """Every row's nearest lists, as many as the budget holds (each rank assigns its slice)."""
+    from lvd.common.memory import rows_per_block
+    from lvd.common.ranks import gather_rows, rank_slice
+
+    n, d = len(view), view.dim
+    # a block row's float32 vector, and with two levels its scores and list numbers over the
+    # probed cells (flat, faiss.knn scores in its own small tiles)
+    width = 1 if quantizer.bounds is None else int(np.diff(quantizer.bounds).max()) * TOP_PROBE
+    block = rows_per_block(memory_budget, 4 * d + 12 * width)
+    most = NPROBES[-1] if n * NPROBES[-1] * list_dtype(quantizer.nlist).itemsize <= memory_budget // 8 else NPROBES[-2]
+    mine = view.subset(rank_slice(n, ranks))
+    return gather_rows(probe_lists(mine, quantizer, most, block_rows=min(block, 65536), progress=progress), ranks)
+
+
+def _joined(
+    view, probes, nprobe: int, threshold: float, k: int, nlist: int, memory_budget: int, spanning: bool, progress, ranks
+):
+    """(i, j, pairs found) of this rank's share of the lists: a spanning forest of them with
+    `spanning`, else every pair once (i < j); rank 0 gathers every rank's."""
+    from lvd.common.ranks import gather_rows, rank_slice
+
+    forest = EdgeForest(len(view), max_edges=int(memory_budget // 64)) if spanning else None
+    found_i, found_j, pairs = [], [], 0
+    share = rank_slice(nlist, ranks)
+    lists = range(share.start, share.stop)
+    budget = int(memory_budget // 8)
+    for i, j, _ in join_lists(
+        view, probes, nprobe, threshold, k=k, nlist=nlist, block_bytes=budget, lists=lists, progress=progress
+    ):
+        pairs += len(i)
+        if forest is not None:
+            forest.add(i, j)
+        else:
+            found_i.append(np.minimum(i, j))
+            found_j.append(np.maximum(i, j))
+    if forest is not None:
+        rows, cols = forest.edges()
+    elif found_i:
+        rows, cols = np.concatenate(found_i), np.concatenate(found_j)
+    else:
+        rows = cols = np.zeros(0, np.int64)
+    if ranks.world > 1:
+        both = gather_rows(np.stack([rows, cols], 1).astype(np.int64), ranks)
+        rows, cols = both[:, 0], both[:, 1]
+        pairs = int(gather_rows(np.array([pairs], np.int64), ranks).sum())
+    if not spanning and len(rows):
+        both = np.unique(np.stack([rows, cols], 1), axis=0)
+        rows, cols = both[:, 0], both[:, 1]
+    return rows, cols, pairs
+
+
 def near_pairs(
     view,
     threshold: float,
@@ -418,105 +482,46 @@ def near_pairs(
     """
     import time
 
-    from lvd.common.memory import rows_per_block
-    from lvd.common.ranks import Ranks, broadcast_array, gather_rows, rank_slice
+    from lvd.common.ranks import Ranks
 
     ranks = ranks or Ranks()
-    n, d = len(view), view.dim
     times, started = {}, time.perf_counter()
-    nlist = list_count(n)
-    quantizer = None
-    if ranks.rank == 0:
-        rng = np.random.default_rng(seed)
-        train = np.sort(rng.choice(n, min(n, nlist * TRAIN_PER_LIST), replace=False))
-        quantizer = train_quantizer(view[train], nlist, seed=seed, backend=backend, device=device)
-    quantizer = _shared(quantizer, ranks)
+    quantizer = _trained_quantizer(view, seed, backend, device, ranks)
     times["train"] = time.perf_counter() - started
-    # a block row's float32 vector, and with two levels its scores and list numbers over the
-    # probed cells (flat, faiss.knn scores in its own small tiles)
-    width = 1 if quantizer.bounds is None else int(np.diff(quantizer.bounds).max()) * TOP_PROBE
-    block = rows_per_block(memory_budget, 4 * d + 12 * width)
-    most = NPROBES[-1] if n * NPROBES[-1] * list_dtype(nlist).itemsize <= memory_budget // 8 else NPROBES[-2]
-    probes = gather_rows(
-        probe_lists(
-            view.subset(rank_slice(n, ranks)), quantizer, most, block_rows=min(block, 65536), progress=progress
-        ),
-        ranks,
-    )
+    probes = _all_probes(view, quantizer, memory_budget, progress, ranks)
     times["assign"] = time.perf_counter() - started - times["train"]
-    chosen = (
-        np.array(choose_nprobe(view, probes, quantizer, threshold, k, seed=seed), np.float64)
-        if ranks.rank == 0
-        else None
-    )
-    nprobe, recall, copy_recall, checked = broadcast_array(chosen, ranks).tolist()
-    nprobe, checked = int(nprobe), int(checked)
+    nprobe, recall, copy_recall, checked = _settled_nprobe(view, probes, quantizer, threshold, k, seed, ranks)
     times["check"] = time.perf_counter() - started - times["train"] - times["assign"]
     probes = np.ascontiguousarray(probes[:, :nprobe])  # the columns the join reads; the rest is freed
-    forest = EdgeForest(n, max_edges=int(memory_budget // 64)) if spanning else None
-    found_i, found_j, pairs = [], [], 0
-    share = rank_slice(quantizer.nlist, ranks)
-    for i, j, _ in join_lists(
-        view,
-        probes,
-        nprobe,
-        threshold,
-        k=k,
-        nlist=quantizer.nlist,
-        block_bytes=int(memory_budget // 8),
-        lists=range(share.start, share.stop),
-        progress=progress,
-    ):
-        pairs += len(i)
-        if forest is not None:
-            forest.add(i, j)
-        else:
-            found_i.append(np.minimum(i, j))
-            found_j.append(np.maximum(i, j))
+    rows, cols, pairs = _joined(
+        view, probes, nprobe, threshold, k, quantizer.nlist, memory_budget, spanning, progress, ranks
+    )
     del probes
     times["join"] = time.perf_counter() - started - sum(times.values())
-    if forest is not None:
-        rows, cols = forest.edges()
-    elif found_i:
-        rows, cols = np.concatenate(found_i), np.concatenate(found_j)
-    else:
-        rows = cols = np.zeros(0, np.int64)
-    if ranks.world > 1:
-        both = gather_rows(np.stack([rows, cols], 1).astype(np.int64), ranks)
-        rows, cols = both[:, 0], both[:, 1]
-        pairs = int(gather_rows(np.array([pairs], np.int64), ranks).sum())
-    if not spanning and len(rows):
-        both = np.unique(np.stack([rows, cols], 1), axis=0)
-        rows, cols = both[:, 0], both[:, 1]
     if ranks.rank != 0:
         rows = cols = np.zeros(0, np.int64)
+    seconds = {key: round(v, 3) for key, v in times.items()}
+    two_level = quantizer.top is not None
     report = JoinReport(
-        n,
-        quantizer.nlist,
-        quantizer.top is not None,
-        nprobe,
-        round(recall, 6),
-        round(copy_recall, 6),
-        checked,
-        pairs,
-        {key: round(v, 3) for key, v in times.items()},
+        len(view), quantizer.nlist, two_level, nprobe, round(recall, 6), round(copy_recall, 6), checked, pairs, seconds
     )
     log.info(
         "list join of %d rows: %d lists%s, nprobe %d (recall %.4f of real, %.4f of threshold copies; %d "
         "checked), %d pairs >= %.3g; seconds %s%s",
-        n,
-        report.nlist,
-        " (two levels)" if report.two_level else "",
-        nprobe,
-        recall,
-        copy_recall,
-        checked,
-        pairs,
-        threshold,
-        report.seconds,
-        f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "",
+        *(len(view), report.nlist, " (two levels)" if two_level else "", nprobe, recall, copy_recall, checked),
+        *(pairs, threshold, report.seconds, f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""),
     )
     return rows, cols, report
+
+
+def _settled_nprobe(view, probes, quantizer: Quantizer, threshold: float, k: int, seed: int, ranks):
+    """(nprobe, recall, copy recall, checked edges): rank 0 settles nprobe; every rank gets it."""
+    from lvd.common.ranks import broadcast_array
+
+    chosen = choose_nprobe(view, probes, quantizer, threshold, k, seed=seed) if ranks.rank == 0 else None
+    settled = broadcast_array(np.array(chosen, np.float64) if chosen is not None else None, ranks).tolist()
+    nprobe, recall, copy_recall, checked = settled
+    return int(nprobe), recall, copy_recall, int(checked)
 
 
 __all__ = [

@@ -12,9 +12,10 @@ INDEX_DIR/
 
 A build or an `add` writes a complete new generation folder and only then replaces
 `info.json` (atomically) to point at it, so a killed run leaves the previous index intact.
-Embeddings come from an embed stage folder (`part-*.npy` float16 rows, `ids-*.npy`,
-`_SUCCESS.json`), metadata from its sibling `manifest/` parquet parts; `index/` reads those
-files directly rather than importing `curate/` (dependencies go curate -> index).
+`build` and `add` take arrays and frames: the vectors as named parts (`VectorPart`: ids and a
+loader of the memory-mapped rows), the metadata rows, and the embedder's description. Reading
+them from a run folder is the caller's (`lvd.serve.run_inputs`); `info.json` records each
+source by the name the caller gives it (the embed folder) and the parts it took.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import json
 import logging
 import os
 import shutil
-import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +34,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lvd.common.atomic import atomic_write_json
+from lvd.common.atomic import atomic_path, atomic_write_json
 from lvd.common.errors import InputFormatError, MissingInputError, UserError
 from lvd.common.memory import memory_budget
-from lvd.index import ann, io
+from lvd.common.row_bytes import read_row_bytes
+from lvd.index import ann
+from lvd.index.io import IdRows
 
 log = logging.getLogger(__name__)
 
@@ -71,85 +73,40 @@ class IndexFolderError(UserError, RuntimeError):
     """A missing, inconsistent or incompatible index folder; the message says which."""
 
 
-# --------------------------------------------------------------------------- embed folder
+# --------------------------------------------------------------------------- inputs
 
 
 @dataclass(frozen=True)
-class EmbedPart:
-    name: str  # "part-00000"
-    vectors: Path
-    ids: Path
-    rows: int
+class VectorPart:
+    """One part of the vectors an index is built from: its name (as info.json records it), its
+    int64 ids, and a loader of its (rows, d) vectors, called only while the part is read, so a
+    build holds one memory-mapped part at a time, not every part."""
+
+    name: str
+    ids: np.ndarray
+    load: Callable[[], np.ndarray]
+
+    def vectors(self) -> np.ndarray:
+        x = self.load()
+        if x.ndim != 2 or len(x) != len(self.ids):
+            raise IndexFolderError(f"part {self.name}: {x.shape} vectors for {len(self.ids)} ids")
+        return x
 
 
-def list_parts(embed_dir: Path) -> list[EmbedPart]:
-    """The finished part files of an embed folder, in name order (never the copy/ sub-folder).
-
-    The pairing rules are `index.io.list_parts`'s: a part without its ids file is an error.
-    """
-    parts = []
-    for vectors, ids_path in io.list_parts(embed_dir):
-        rows = np.load(vectors, mmap_mode="r").shape[0]
-        if np.load(ids_path, mmap_mode="r").shape[0] != rows:
-            raise IndexFolderError(f"{vectors} and {ids_path.name} differ in length")
-        parts.append(EmbedPart(vectors.stem, vectors, ids_path, rows))
-    return parts
-
-
-def read_part(part: EmbedPart) -> tuple[np.ndarray, np.ndarray]:
-    x = np.load(part.vectors, mmap_mode="r")
-    ids = np.load(part.ids).astype(np.int64, copy=False)
-    if x.ndim != 2:
-        raise IndexFolderError(f"{part.vectors} is not a 2-D array")
-    return ids, x
-
-
-def embedder_info(embed_dir: Path) -> dict:
-    """Model and preprocessing recorded by the embed stage (empty when it did not finish)."""
-    path = Path(embed_dir) / "_SUCCESS.json"
-    if not path.is_file():
-        log.warning("%s missing: the index will not know its model, so search by image is unavailable", path)
-        return {}
-    record = json.loads(path.read_text())
-    return {key: record.get(key) for key in EMBEDDER_KEYS + EMBEDDER_EXTRA_KEYS if key in record}
-
-
-def read_manifest_meta(embed_dir: Path, ids: np.ndarray) -> pd.DataFrame:
-    """Metadata rows aligned with `ids`, from RUN/manifest (NaN where the manifest lacks an id).
-
-    The embed folder is RUN/embed, or RUN/embed/copy for the copy-detection space.
-    """
-    embed_dir = Path(embed_dir).resolve()
-    manifest = run_dir_of(embed_dir) / "manifest"
-    frames = []
-    if manifest.is_dir():
-        for path in sorted(manifest.glob("*.parquet")):
-            df = pd.read_parquet(path)
-            keep = [c for c in META_COLUMNS + OPTIONAL_META_COLUMNS if c in df.columns]
-            if "status" in df.columns:
-                df = df[df["status"] == "ok"]
-            frames.append(df[keep])
-    else:
-        log.warning("no manifest next to %s: results will have ids and scores only", embed_dir)
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"id": pd.Series([], dtype="int64")})
-    table = table.drop_duplicates("id", keep="last").set_index("id")
-    meta = table.reindex(ids).reset_index()
+def aligned_meta(meta: pd.DataFrame, ids: np.ndarray) -> pd.DataFrame:
+    """The metadata rows of `ids`, in their order (None where `meta` lacks an id): META_COLUMNS
+    and those of OPTIONAL_META_COLUMNS that `meta` has; the last row of a repeated id wins."""
+    keep = [c for c in META_COLUMNS + OPTIONAL_META_COLUMNS if c in meta.columns]
+    table = meta[keep].drop_duplicates("id", keep="last").set_index("id") if "id" in keep else pd.DataFrame()
+    aligned = table.reindex(pd.Index(np.asarray(ids, np.int64), name="id")).reset_index()
     for col in META_COLUMNS:
-        if col not in meta.columns:
-            meta[col] = None
-    missing = int(meta["source"].isna().sum())
+        if col not in aligned.columns:
+            aligned[col] = None
+    missing = int(aligned["source"].isna().sum())
     if missing:
         log.warning("%d of %d ids have no manifest row (no thumbnail for them)", missing, len(ids))
-    extra = [c for c in OPTIONAL_META_COLUMNS if c in meta.columns]
-    return meta[list(META_COLUMNS) + extra].astype({"id": "int64"})
-
-
-def run_dir_of(embed_dir: str | os.PathLike) -> Path:
-    """The run folder of an embed folder: RUN for RUN/embed, and for RUN/embed/copy too."""
-    embed_dir = Path(embed_dir)
-    return (
-        embed_dir.parent.parent if embed_dir.name == "copy" and embed_dir.parent.name == "embed" else embed_dir.parent
-    )
+    extra = [c for c in OPTIONAL_META_COLUMNS if c in aligned.columns]
+    return aligned[list(META_COLUMNS) + extra].astype({"id": "int64"})
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -177,7 +134,7 @@ class IndexStore:
         self.path, self.info, self.index, self.ids, self.meta = Path(path), info, index, ids, meta
         if not (index.ntotal == len(ids) == len(meta)):
             raise IndexFolderError(f"{path}: index has {index.ntotal} rows, ids {len(ids)}, metadata {len(meta)}")
-        self._order = np.argsort(ids, kind="stable")
+        self._rows = IdRows(ids, check_unique=False)  # unique by construction (build and add check)
         ann.set_search_params(index, info.get("search_params", {}))
 
     @classmethod
@@ -208,10 +165,7 @@ class IndexStore:
 
     def row_of(self, id_: int) -> int:
         """Index row of a manifest id; KeyError when it is not indexed."""
-        pos = np.searchsorted(self.ids, id_, sorter=self._order)
-        if pos < len(self.ids) and self.ids[self._order[pos]] == id_:
-            return int(self._order[pos])
-        raise KeyError(id_)
+        return self._rows.row(id_)
 
     def vector_of(self, id_: int) -> np.ndarray:
         """The stored vector of an indexed id (exact for Flat/HNSW/IVF-Flat, decoded for PQ)."""
@@ -251,55 +205,7 @@ class IndexStore:
         m = self.meta.iloc[self.row_of(id_)]
         if pd.isna(m["source"]) or pd.isna(m["key"]):
             raise MissingInputError(f"id {id_} has no manifest source")
-        return read_source_bytes(str(m["kind"]), str(m["source"]), str(m["key"]), max_bytes)
-
-    def embedder(self, device: str = "cpu", dtype: str | None = None):
-        """The model that made the index's vectors, to embed query images the same way.
-
-        A registry ViT, or a copy-detection model (ONNX through onnxruntime, or TorchScript) for
-        an index built from RUN/embed/copy. The compute dtype defaults to the one the embed
-        stage used (float16 only on a GPU).
-        """
-        spec = self.info.get("embedder") or {}
-        if not spec.get("model") and not spec.get("kind"):
-            raise IndexFolderError(
-                "this index does not record its model (embed/_SUCCESS.json was missing at build time)"
-            )
-        if spec.get("weights") is None:
-            raise IndexFolderError(
-                f"this index was embedded with randomly initialised {spec.get('model')} weights, which "
-                "cannot be recreated to embed a query; search by id or by vector instead"
-            )
-        from lvd.pretrain.models.embedder import embedder_from_info
-
-        dtype = dtype or spec.get("dtype") or "auto"
-        if dtype in ("float16", "fp16") and not str(device).startswith("cuda"):
-            dtype = "auto"
-        return embedder_from_info(spec, device=device, dtype=dtype)
-
-
-def embed_query_bytes(embedder, blobs: list[bytes], max_pixels: int | None = None) -> np.ndarray:
-    """Query images through the embed stage's own path: decode + resize + crop, then the model.
-
-    Raises `pretrain.data.decode.DecodeError` for bytes that are not a usable image.
-    """
-    squares = [embedder.prepare_bytes(b, max_pixels=max_pixels) for b in blobs]
-    return np.asarray(embedder.embed_uint8(np.stack(squares)), dtype=np.float32)
-
-
-def read_source_bytes(kind: str, source: str, key: str, max_bytes: int = 256 * 2**20) -> bytes:
-    """Bytes of one manifest entry: a file under a folder / list, or a member of a local tar."""
-    if kind == "tar":
-        with tarfile.open(source, "r:*") as tar:
-            member = tar.getmember(key)
-            if not member.isfile() or member.size > max_bytes:
-                raise MissingInputError(f"{key} in {source} is not a readable file")
-            return tar.extractfile(member).read()
-    src = Path(source)
-    path = Path(key) if Path(key).is_absolute() else (src.parent if src.is_file() else src) / key
-    if path.stat().st_size > max_bytes:
-        raise InputFormatError(f"{path} is larger than {max_bytes} bytes")
-    return path.read_bytes()
+        return read_row_bytes(str(m["kind"]), str(m["source"]), str(m["key"]), max_bytes)
 
 
 # --------------------------------------------------------------------------- build and add
@@ -314,14 +220,11 @@ def _write_generation(path: Path, name: str, index: faiss.Index, ids: np.ndarray
     gen = path / name
     if gen.exists():  # left by a killed run: never pointed at by info.json
         shutil.rmtree(gen)
-    tmp = path / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    faiss.write_index(index, str(tmp / "index.faiss"))
-    np.save(tmp / "ids.npy", ids.astype(np.int64))
-    meta.to_parquet(tmp / "meta.parquet", index=False)
-    os.replace(tmp, gen)
+    with atomic_path(gen) as tmp:
+        tmp.mkdir(parents=True)
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        np.save(tmp / "ids.npy", ids.astype(np.int64))
+        meta.to_parquet(tmp / "meta.parquet", index=False)
 
 
 def _commit(path: Path, info: dict, previous: dict | None) -> None:
@@ -330,22 +233,27 @@ def _commit(path: Path, info: dict, previous: dict | None) -> None:
         shutil.rmtree(path / previous["generation"], ignore_errors=True)
 
 
+Sources = dict[str, list[VectorPart]]  # a source's name (its embed folder) -> its parts, in order
+
+
 class _Rows:
-    """Every indexed vector in index order, read part by part from the embed folders.
+    """Every indexed vector in index order, read part by part from the sources info.json lists.
 
     The first occurrence of an id wins (as in the index); `hold` ids are left out, so
     exact search over this stream is exact search over what the index holds.
     """
 
-    def __init__(self, sources: list[dict], batch: int = 65536):
-        self.sources, self.batch = sources, batch
+    def __init__(self, listed: list[dict], parts: Sources, batch: int = 65536):
+        self.listed, self.parts, self.batch = listed, parts, batch
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         seen: set[int] = set()
-        for src in self.sources:
+        for src in self.listed:
+            by_name = {p.name: p for p in self.parts.get(src["embed_dir"], [])}
             for name in src["parts"]:
-                part = _part(src["embed_dir"], name)
-                ids, x = read_part(part)
+                if name not in by_name:
+                    raise IndexFolderError(f"{src['embed_dir']} no longer holds {name}, which the index holds")
+                ids, x = by_name[name].ids, by_name[name].vectors()
                 first = np.fromiter((i not in seen for i in ids.tolist()), bool, len(ids))
                 seen.update(ids.tolist())
                 for start in range(0, len(ids), self.batch):
@@ -354,11 +262,6 @@ class _Rows:
                         ids[start : start + self.batch][keep],
                         np.asarray(x[start : start + self.batch][keep], np.float32),
                     )
-
-
-def _part(embed_dir: str, name: str) -> EmbedPart:
-    folder = Path(embed_dir)
-    return EmbedPart(name, folder / f"{name}.npy", folder / f"ids-{name.split('-')[1]}.npy", -1)
 
 
 def _exact_truth(
@@ -421,14 +324,14 @@ class _Adder:
         return np.concatenate(self.ids).astype(np.int64)
 
 
-def _tune_and_finish(adder: _Adder, sources: list[dict], k: int, target: float) -> tuple[np.ndarray, dict, float, int]:
+def _tune_and_finish(adder: _Adder, rows: _Rows, k: int, target: float) -> tuple[np.ndarray, dict, float, int]:
     held_ids, held_x = adder.held()
     if ann.is_exact(adder.index):
         params, recall = {}, 1.0
     elif len(held_ids) == 0:
         params, recall = None, None
     else:
-        truth = _exact_truth(iter(_Rows(sources)), held_x, k, leave_out=held_ids)
+        truth = _exact_truth(iter(rows), held_x, k, leave_out=held_ids)
         labels = np.concatenate(adder.ids)
         params, recall = ann.tune(adder.index, held_x, truth, k=k, target=target, labels=labels)
     return adder.finish(), params, recall, len(held_ids)
@@ -447,47 +350,50 @@ class BuildOptions:
 
 
 def build(
-    embed_dir: str | os.PathLike, out: str | os.PathLike, opts: BuildOptions | None = None, overwrite: bool = False
+    parts: list[VectorPart],
+    source: str,
+    meta: pd.DataFrame,
+    embedder: dict,
+    out: str | os.PathLike,
+    opts: BuildOptions | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Build an index over every part of an embed folder; returns the info written to info.json."""
+    """Build an index over every part of a source (its name, e.g. an embed folder, is recorded),
+    with `meta` rows (by id) and the `embedder` that made the vectors; returns the info written
+    to info.json."""
     opts = opts if opts is not None else BuildOptions()
-    embed_dir, out = Path(embed_dir).resolve(), Path(out)
+    out = Path(out)
     previous = _read_info(out)
     if previous and not overwrite:
         raise IndexFolderError(
             f"{out} already holds an index; use `lvd index add` to extend it or --overwrite to rebuild"
         )
-    parts = list_parts(embed_dir)
     if not parts:
-        raise IndexFolderError(f"no part-*.npy files in {embed_dir}")
-    sources = [{"embed_dir": str(embed_dir), "parts": [p.name for p in parts]}]
-    all_ids = np.concatenate([read_part(p)[0] for p in parts])
+        raise IndexFolderError(f"no vectors in {source}")
+    listed = [{"embed_dir": source, "parts": [p.name for p in parts]}]
+    rows = _Rows(listed, {source: parts})
+    all_ids = np.concatenate([p.ids for p in parts])
     _check_unique(all_ids)
-    n, d = len(all_ids), int(np.load(parts[0].vectors, mmap_mode="r").shape[1])
+    n, d = len(all_ids), int(parts[0].vectors().shape[1])
     t0 = time.perf_counter()
     budget = memory_budget(opts.memory_gb)
-    auto = opts.factory in (None, "", "auto")
-    plan = ann.choose_index(n, d, budget) if auto else ann.plan_from_factory(opts.factory, n, d)
-    index, ids, params, recall, n_queries = _fill(plan, d, sources, all_ids, opts)
-    if auto and plan.family == "ivf_flat":
-        # measured at full scale: how much must IVF scan on this data? weakly clustered data
-        # (IVF scanning much of it) gets a graph instead, when one fits the budget
-        nlist = ann._ivf_of(index).nlist
-        scan = params.get("nprobe", nlist) / nlist if recall is not None else None
-        alternative = ann.choose_index(n, d, budget, ivf_scan=scan)
-        if alternative.family == "hnsw":
-            plan = alternative
-            del index
-            index, ids, params, recall, n_queries = _fill(plan, d, sources, all_ids, opts)
-        else:
-            plan = alternative  # same index, with the measured scan in its reason
-    tunable = not ann.is_exact(index)
+    plan, index, ids, params, recall, n_queries = _planned_fill(n, d, rows, all_ids, opts, budget)
     if params is None:
         log.warning("too few vectors to measure recall; search parameters left at Faiss defaults")
         params = {}
     _enable_lookup(index)
     plan.search_params = params
-    info = {
+    info = _info(out, previous, plan, index, n, d, params, recall, n_queries, opts, budget)
+    info.update(embedder=embedder, sources=listed, build_seconds=round(time.perf_counter() - t0, 3))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_generation(out, info["generation"], index, ids, aligned_meta(meta, ids))
+    _commit(out, info, previous)
+    return info
+
+
+def _info(out: Path, previous, plan, index, n: int, d: int, params, recall, n_queries, opts, budget) -> dict:
+    """info.json of a new build (the caller adds its embedder, sources and time)."""
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "generation": _next_generation(out, previous),
@@ -502,39 +408,50 @@ def build(
             "recall": recall,
             "target": opts.target_recall,
             "queries": n_queries,
-            "how": "exact" if not tunable else "held-out indexed vectors vs exact search",
+            "how": "exact" if ann.is_exact(index) else "held-out indexed vectors vs exact search",
         },
         "calibration_queries": opts.calibration_queries,
         "memory_budget": budget,
-        "embedder": embedder_info(embed_dir),
-        "sources": sources,
         "seed": opts.seed,
-        "build_seconds": round(time.perf_counter() - t0, 3),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    _write_generation(out, info["generation"], index, ids, read_manifest_meta(embed_dir, ids))
-    _commit(out, info, previous)
-    return info
 
 
-def _fill(plan: ann.IndexPlan, d: int, sources: list[dict], all_ids: np.ndarray, opts: BuildOptions):
+def _planned_fill(n: int, d: int, rows: _Rows, all_ids: np.ndarray, opts: BuildOptions, budget: int):
+    """The index plan (the factory given, or chosen for n x d within the budget) and its filled index."""
+    auto = opts.factory in (None, "", "auto")
+    plan = ann.choose_index(n, d, budget) if auto else ann.plan_from_factory(opts.factory, n, d)
+    index, ids, params, recall, n_queries = _fill(plan, d, rows, all_ids, opts)
+    if auto and plan.family == "ivf_flat":
+        # measured at full scale: how much must IVF scan on this data? weakly clustered data
+        # (IVF scanning much of it) gets a graph instead, when one fits the budget
+        nlist = ann._ivf_of(index).nlist
+        scan = params.get("nprobe", nlist) / nlist if recall is not None else None
+        alternative = ann.choose_index(n, d, budget, ivf_scan=scan)
+        if alternative.family == "hnsw":
+            del index
+            return (alternative, *_fill(alternative, d, rows, all_ids, opts))
+        plan = alternative  # same index, with the measured scan in its reason
+    return plan, index, ids, params, recall, n_queries
+
+
+def _fill(plan: ann.IndexPlan, d: int, rows: _Rows, all_ids: np.ndarray, opts: BuildOptions):
     """Train (on a sample), add every row, tune on held-back rows: (index, ids, params, recall, n_queries)."""
     n = len(all_ids)
     print(f"building {plan.factory} over {n} x {d} vectors: {plan.reason}", flush=True)
     sample = None
     if plan.train_size:
-        rows = ann.sample_rows(n, plan.train_size, opts.seed)
-        sample = np.concatenate([x for _, x in _select(_Rows(sources), all_ids, rows)])
+        picked = ann.sample_rows(n, plan.train_size, opts.seed)
+        sample = np.concatenate([x for _, x in _select(rows, all_ids, picked)])
     index = ann.trained_index(plan, d, sample, device=opts.device or "auto", seed=opts.seed)
     del sample
     # at most a tenth of the data held back for calibration, so the tuned index is the real one
     n_hold = 0 if ann.is_exact(index) else min(opts.calibration_queries, n // 10)
     hold = all_ids[ann.sample_rows(n, n_hold, opts.seed + 1)] if n_hold else np.zeros(0, np.int64)
     adder = _Adder(index, np.zeros(0, np.int64), hold, opts.progress, n)
-    for ids, x in _Rows(sources):
+    for ids, x in rows:
         adder.add(ids, x)
-    ids, params, recall, n_queries = _tune_and_finish(adder, sources, opts.k, opts.target_recall)
+    ids, params, recall, n_queries = _tune_and_finish(adder, rows, opts.k, opts.target_recall)
     return index, ids, params, recall, n_queries
 
 
@@ -547,82 +464,93 @@ def _select(rows: _Rows, all_ids: np.ndarray, wanted_rows: np.ndarray) -> Iterat
             yield ids[keep], x[keep]
 
 
-def add(index_dir: str | os.PathLike, embed_dir: str | os.PathLike, opts: BuildOptions | None = None) -> dict:
-    """Add the parts of `embed_dir` that the index does not hold yet, without retraining.
+def _new_ids(store: IndexStore, parts: list[VectorPart], source: str) -> np.ndarray:
+    """The ids of new parts that the index does not hold yet (those it holds are skipped, with a warning)."""
+    for p in parts:
+        d = p.vectors().shape[1]
+        if d != store.dim:
+            raise IndexFolderError(f"part {p.name} of {source} has dimension {d}, the index {store.dim}")
+    new_ids = np.concatenate([p.ids for p in parts])
+    fresh = store._rows.rows(new_ids) < 0
+    _check_unique(new_ids[fresh])
+    if (~fresh).any():
+        log.warning("%d ids of %s are already indexed and are skipped", int((~fresh).sum()), source)
+    return new_ids[fresh]
 
-    Ids already indexed are skipped (an image is never indexed twice). When enough new rows
-    arrive, the search parameter is re-tuned on a held-back sample of them so that
-    `expected_recall` stays true for the grown index.
+
+def _check_same_space(old: dict, embedder: dict, new: str) -> None:
+    """Vectors of two embedding spaces never share an index."""
+    clash = {k: (old[k], embedder[k]) for k in EMBEDDER_KEYS if k in old and k in embedder and old[k] != embedder[k]}
+    if clash:
+        raise IndexFolderError(f"{new} was embedded differently from the index (index, new): {clash}")
+
+
+def _added(store: IndexStore, sources: Sources, new: str, parts: list[VectorPart], opts: BuildOptions, listed):
+    """The index's ids with the new parts' fresh rows added, and the re-tuned search (params,
+    recall, queries; params None when too few new rows were held back to measure it)."""
+    fresh_ids = _new_ids(store, parts, new)
+    n_hold = min(opts.calibration_queries, len(fresh_ids) // 10) if not ann.is_exact(store.index) else 0
+    n_hold = n_hold if n_hold >= 100 else 0  # a few new rows do not change the recall measured before
+    hold = fresh_ids[ann.sample_rows(len(fresh_ids), n_hold, opts.seed + 1)] if n_hold else np.zeros(0, np.int64)
+    adder = _Adder(store.index, store.ids, hold, opts.progress, sum(len(p.ids) for p in parts))
+    for ids, x in _Rows([{"embed_dir": new, "parts": [p.name for p in parts]}], sources):
+        keep = store._rows.rows(ids) < 0
+        adder.add(ids[keep], x[keep])
+    return _tune_and_finish(adder, _Rows(listed, sources), opts.k, opts.target_recall)
+
+
+def add(
+    index_dir: str | os.PathLike,
+    sources: Sources,
+    new: str,
+    meta: pd.DataFrame,
+    embedder: dict,
+    opts: BuildOptions | None = None,
+) -> dict:
+    """Add the parts of the source `new` that the index does not hold yet, without retraining.
+
+    `sources` holds the parts of every source the index lists (to measure recall over all it
+    holds) and of `new`; `meta` the metadata rows of the new ids. Ids already indexed are
+    skipped (an image is never indexed twice). When enough new rows arrive, the search
+    parameter is re-tuned on a held-back sample of them so that `expected_recall` stays true
+    for the grown index.
     """
-    index_dir, embed_dir = Path(index_dir), Path(embed_dir).resolve()
+    index_dir = Path(index_dir)
     store = IndexStore.open(index_dir)
     info = json.loads(json.dumps(store.info))
+    recorded = info["expected_recall"]
     opts = opts or BuildOptions(
-        k=info["expected_recall"]["k"],
-        target_recall=info["expected_recall"]["target"],
+        k=recorded["k"],
+        target_recall=recorded["target"],
         calibration_queries=info.get("calibration_queries", 1000),
         seed=info.get("seed", 0),
     )
-    emb = embedder_info(embed_dir)
     old = info.get("embedder") or {}
-    clash = {k: (old.get(k), emb.get(k)) for k in EMBEDDER_KEYS if k in old and k in emb and old[k] != emb[k]}
-    if clash:
-        raise IndexFolderError(f"{embed_dir} was embedded differently from the index (index, new): {clash}")
-    sources = info["sources"]
-    entry = next((s for s in sources if s["embed_dir"] == str(embed_dir)), None)
+    _check_same_space(old, embedder, new)
+    entry = next((s for s in info["sources"] if s["embed_dir"] == new), None)
     if entry is None:
-        entry = {"embed_dir": str(embed_dir), "parts": []}
-        sources.append(entry)
-    new_parts = [p for p in list_parts(embed_dir) if p.name not in set(entry["parts"])]
+        entry = {"embed_dir": new, "parts": []}
+        info["sources"].append(entry)
+    new_parts = [p for p in sources[new] if p.name not in set(entry["parts"])]
     if not new_parts:
-        print(f"nothing to add: every part of {embed_dir} is indexed")
+        print(f"nothing to add: every part of {new} is indexed")
         return info
-    index = store.index
-    known = set(store.ids.tolist())
-    new_ids = []
-    for p in new_parts:
-        pid, x = read_part(p)
-        if x.shape[1] != index.d:
-            raise IndexFolderError(f"{p.vectors} has dimension {x.shape[1]}, the index {index.d}")
-        new_ids.append(pid)
-    new_ids = np.concatenate(new_ids)
-    fresh = np.fromiter((i not in known for i in new_ids.tolist()), bool, len(new_ids))
-    _check_unique(new_ids[fresh])
-    if (~fresh).any():
-        log.warning("%d ids of %s are already indexed and are skipped", int((~fresh).sum()), embed_dir)
-    fresh_ids = new_ids[fresh]
-    tunable = not ann.is_exact(index)
-    n_hold = min(opts.calibration_queries, len(fresh_ids) // 10) if tunable else 0
-    # a few new rows do not change the recall measured before; re-tune only on a fair sample
-    if n_hold < 100:
-        n_hold = 0
-    hold = fresh_ids[ann.sample_rows(len(fresh_ids), n_hold, opts.seed + 1)] if n_hold else np.zeros(0, np.int64)
-    adder = _Adder(index, store.ids, hold, opts.progress, len(new_ids))
     entry["parts"].extend(p.name for p in new_parts)
-    new_sources = [{"embed_dir": str(embed_dir), "parts": [p.name for p in new_parts]}]
-    for ids, x in _Rows(new_sources):
-        keep = np.fromiter((i not in known for i in ids.tolist()), bool, len(ids))
-        adder.add(ids[keep], x[keep])
-    ids, params, recall, n_queries = _tune_and_finish(adder, sources, opts.k, opts.target_recall)
+    ids, params, recall, n_queries = _added(store, sources, new, new_parts, opts, info["sources"])
     if params is None:  # nothing held back: keep what was measured before
-        params, recall, n_queries = (
-            info["search_params"],
-            info["expected_recall"]["recall"],
-            info["expected_recall"]["queries"],
-        )
-    ann.set_search_params(index, params)
-    meta = pd.concat([store.meta, read_manifest_meta(embed_dir, ids[len(store.ids) :])], ignore_index=True)
+        params, recall, n_queries = info["search_params"], recorded["recall"], recorded["queries"]
+    ann.set_search_params(store.index, params)
     info.update(
         generation=_next_generation(index_dir, store.info),
         n=len(ids),
-        sources=sources,
         search_params=params,
-        expected_recall={**info["expected_recall"], "recall": recall, "queries": n_queries},
-        embedder=old or emb,
+        expected_recall={**recorded, "recall": recall, "queries": n_queries},
+        embedder=old or embedder,
         updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     info["plan"]["search_params"] = params
-    _write_generation(index_dir, info["generation"], index, ids, meta)
+    grown = pd.concat([store.meta, aligned_meta(meta, ids[len(store.ids) :])], ignore_index=True)
+    _write_generation(index_dir, info["generation"], store.index, ids, grown)
     _commit(index_dir, info, store.info)
     return info
 

@@ -1,18 +1,17 @@
 """What the curation stages said about each indexed row: its cluster and its near-duplicate group.
 
 The lookup service filters results by cluster and collapses near-duplicates to one result, so it
-needs, per index row, the `cluster` stage's assignment (`RUN/cluster/assign.parquet`) and the
-`dedup` stage's groups (`RUN/dedup/near.parquet` components; an exact duplicate in
-`RUN/dedup/exact.parquet` joins the group of the copy it duplicates). Files are read directly,
-not through `curate/` (dependencies go curate -> index); a run without those stages simply has
-no clusters or groups.
+needs, per index row, the `cluster` stage's assignment (cluster/assign.parquet's id, cluster) and
+the `dedup` stage's groups (near.parquet's id, component; an exact duplicate in exact.parquet's
+id, dup_of joins the group of the copy it duplicates). This module takes those frames, one set
+per run folder the index was built from (`lvd.serve.run_inputs` reads them); a run without those
+stages simply has no clusters or groups.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,18 +40,18 @@ class RunAnnotations:
         return cls(np.full(n, NO_CLUSTER, np.int64), -1 - np.arange(n, dtype=np.int64), False, False)
 
     @classmethod
-    def load(cls, run_dirs: list[Path], ids: np.ndarray) -> RunAnnotations:
-        """Read the cluster and dedup outputs of the run folders an index was built from."""
+    def from_frames(cls, ids: np.ndarray, runs: list[tuple]) -> RunAnnotations:
+        """Per-row arrays from each run's (assign, near, exact) frames, any of them None when that
+        stage did not run there."""
         ids = np.asarray(ids, np.int64)
-        assign = _concat([d / "cluster" / "assign.parquet" for d in run_dirs], ["id", "cluster"])
-        near = _concat([d / "dedup" / "near.parquet" for d in run_dirs], ["id", "component"])
-        exact = _concat([d / "dedup" / "exact.parquet" for d in run_dirs], ["id", "dup_of"])
+        assign = _concat([a for a, _, _ in runs])
+        near = _concat([n for _, n, _ in runs], offset_components=True)
+        exact = _concat([e for _, _, e in runs])
         cluster = np.full(len(ids), NO_CLUSTER, np.int64)
         if assign is not None:
             cluster = _lookup(assign.set_index("id")["cluster"], ids, NO_CLUSTER)
         group = -1 - np.arange(len(ids), dtype=np.int64)
         if near is not None:
-            # components are numbered per run; offset each run's numbers so they never collide
             component = near.set_index("id")["component"]
             if exact is not None:
                 rep = exact.set_index("id")["dup_of"]
@@ -65,14 +64,13 @@ class RunAnnotations:
         return cls(cluster, group, assign is not None, near is not None)
 
 
-def _concat(paths: list[Path], columns: list[str]) -> pd.DataFrame | None:
-    frames = []
-    for offset, path in enumerate(p for p in paths if p.is_file()):
-        df = pd.read_parquet(path, columns=columns)
-        if "component" in columns and offset:
-            df["component"] = df["component"] + (offset << 40)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True).drop_duplicates("id") if frames else None
+def _concat(frames: list[pd.DataFrame | None], offset_components: bool = False) -> pd.DataFrame | None:
+    """The runs' frames as one, each id once; components are numbered per run, so with
+    `offset_components` each run's numbers are moved apart so that they never collide."""
+    present = [f for f in frames if f is not None]
+    if offset_components:
+        present = [f.assign(component=f["component"] + (offset << 40)) for offset, f in enumerate(present)]
+    return pd.concat(present, ignore_index=True).drop_duplicates("id") if present else None
 
 
 def _lookup(series: pd.Series, ids: np.ndarray, missing: int) -> np.ndarray:

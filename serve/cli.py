@@ -146,7 +146,8 @@ def _add_tuning_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_build(args) -> int:
-    from lvd.index.store import BuildOptions, build
+    from lvd.index.store import BuildOptions
+    from lvd.serve.run_inputs import build
 
     opts = BuildOptions(
         factory=args.factory,
@@ -164,7 +165,8 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_add(args) -> int:
-    from lvd.index.store import BuildOptions, add
+    from lvd.index.store import BuildOptions
+    from lvd.serve.run_inputs import add
 
     info = add(args.index_dir, args.embed_dir, BuildOptions(progress=False if args.no_progress else None))
     _print_summary(info, args.index_dir)
@@ -203,10 +205,10 @@ def _cmd_search(args) -> int:
         xq = np.stack([store.vector_of(i) for i in args.id])
         names = [f"id {i}" for i in args.id]
     else:
-        from lvd.index.store import embed_query_bytes
         from lvd.pretrain.data.decode import DecodeError
+        from lvd.serve.query_embedding import embed_query_bytes, index_embedder
 
-        embedder = store.embedder(args.device)
+        embedder = index_embedder(store, args.device)
         xq = []
         for path in args.image:
             try:

@@ -26,9 +26,12 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from lvd.index.store import IndexFolderError, IndexStore, embed_query_bytes, run_dir_of
+from lvd.common.row_bytes import FOLDER, LIST, TAR, kind_of, row_path
+from lvd.index.store import IndexFolderError, IndexStore
 from lvd.serve.annotations import NO_CLUSTER, RunAnnotations
 from lvd.serve.public import public_info, public_key, scrub
+from lvd.serve.query_embedding import embed_query_bytes, index_embedder
+from lvd.serve.run_inputs import load_annotations
 from lvd.serve.search_batch import SearchBatcher
 
 log = logging.getLogger(__name__)
@@ -122,7 +125,7 @@ class IndexService:
         self._embedder_error: str | None = None
         self._embedder_status = 503
         device = device or opts.device
-        self._embedder_factory = embedder_factory or (lambda: store.embedder(device, dtype))
+        self._embedder_factory = embedder_factory or (lambda: index_embedder(store, device, dtype))
         self.thumbnail = functools.lru_cache(maxsize=opts.thumb_cache)(self._thumbnail)
         self._batcher = SearchBatcher(store.search)
 
@@ -321,21 +324,11 @@ def _strings(column: pd.Series) -> np.ndarray:
 
 def _location(kind: str, source: str, key: str) -> dict:
     """Where an image lives on the server: a path, and a file URL where it is a plain file."""
-    if kind == "tar":
+    kind = kind if kind in (FOLDER, LIST, TAR) else (kind_of(source) or FOLDER)
+    if kind == TAR:
         return {"path": f"{source}::{key}"}
-    src = Path(source)
-    path = Path(key) if Path(key).is_absolute() else (src.parent if src.is_file() else src) / key
+    path = Path(row_path(kind, source, key))
     return {"path": str(path), "url": path.absolute().as_uri()}
-
-
-def load_annotations(store: IndexStore) -> RunAnnotations:
-    """Clusters and near-duplicate groups from the run folders the index was built from."""
-    run_dirs = list(dict.fromkeys(run_dir_of(s["embed_dir"]) for s in store.info.get("sources", [])))
-    try:
-        return RunAnnotations.load(run_dirs, store.ids)
-    except (OSError, KeyError, ValueError) as exc:  # a damaged run folder must not stop the lookup
-        log.warning("cannot read the cluster/dedup outputs of %s: %s", [str(d) for d in run_dirs], exc)
-        return RunAnnotations.empty(len(store))
 
 
 class Catalog:

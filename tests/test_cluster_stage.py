@@ -285,16 +285,6 @@ def test_a_failed_rerun_leaves_the_finished_clustering_as_it_was(tmp_path, monke
     assert files() == before
 
 
-def test_training_rows_sample_only_past_the_budget():
-    assert cluster.training_rows(1000, 64, 10, budget=1 << 30, seed=0) is None  # 256 kB of 1 GiB: every row
-    budget = 4 * 64 * 400 * 4  # a quarter of it holds 400 float32 rows of d = 64
-    rows = cluster.training_rows(1000, 64, 10, budget=budget, seed=0)
-    assert len(rows) == 400 and len(np.unique(rows)) == 400 and np.all(np.diff(rows) > 0) and rows.max() < 1000
-    assert len(cluster.training_rows(10**6, 64, 1, budget=budget, seed=0)) == cluster.TRAIN_POINTS_PER_CENTROID
-    with pytest.raises(MemoryError, match="memory_gb"):
-        cluster.training_rows(1000, 64, 500, budget=budget, seed=0)
-
-
 @pytest.mark.parametrize(
     "settings",
     [

@@ -303,7 +303,9 @@ def test_photo_copies_curated_in_the_sscd_space_and_looked_up_through_it(tmp_pat
     from lvd.curate.embed import run_embed
     from lvd.curate.manifest import read_manifest, run_manifest
     from lvd.curate.report import run_report
-    from lvd.index.store import IndexStore, build, embed_query_bytes
+    from lvd.index.store import IndexStore
+    from lvd.serve.query_embedding import embed_query_bytes, index_embedder
+    from lvd.serve.run_inputs import build
 
     data = prepare_photo_demo(tmp_path, seed=0)
     cfg = load_config(
@@ -337,7 +339,7 @@ def test_photo_copies_curated_in_the_sscd_space_and_looked_up_through_it(tmp_pat
     store = IndexStore.open(tmp_path / "index")
     query = next(p for p in sorted((data / "pool").glob("copy-*-border-of-*.jpg")))
     original = query.name.split("-of-", 1)[1].replace(".jpg", ".png")
-    xq = embed_query_bytes(store.embedder("cpu"), [query.read_bytes()])
+    xq = embed_query_bytes(index_embedder(store, "cpu"), [query.read_bytes()])
     _, rows = store.search(xq, k=2)
     manifest = read_manifest(tmp_path)
     keys = dict(zip(manifest["id"], manifest["key"]))

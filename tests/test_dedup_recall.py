@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from lvd.curate.dedup import near_duplicates_knn, near_duplicates_semdedup
+from lvd.index.near_duplicates import near_duplicates_knn, near_duplicates_semdedup
 
 # recall measured on real Fashion-MNIST images
 pytestmark = pytest.mark.needs("fashion_mnist")

@@ -9,7 +9,8 @@ import pytest
 import lvd.curate.dedup as dedup
 from lvd.curate.config import load_config
 from lvd.curate.manifest import write_part
-from lvd.curate.runio import write_success
+from lvd.curate.stage import write_success
+from lvd.index import ivf_join
 
 DIM = 64
 
@@ -46,7 +47,7 @@ def write_run(run_dir, rows, vectors, *, copy_vectors=None, copy_weights="/model
         }
         for r in (rows[i] for i in order)
     ]
-    write_part(run_dir / "manifest" / "part-00000.parquet", manifest_rows, "synthetic")
+    write_part(run_dir / "manifest" / "part-00000.parquet", manifest_rows)
     write_success(run_dir / "manifest")
     ids = np.array([rows[i]["id"] for i in order], np.int64)
 
@@ -174,7 +175,7 @@ def test_dedup_stage_matches_brute_force(tmp_path, monkeypatch, mode):
     write_run(tmp_path, rows, vecs)
     extra = []
     if mode == "join":
-        monkeypatch.setattr(dedup.ivf_join, "LIST_SIZE", 16)
+        monkeypatch.setattr(ivf_join, "LIST_SIZE", 16)
         mode, extra = "knn", ["memory_gb=0.0001"]
     out = dedup.run_dedup(config(tmp_path, f"dedup.mode={mode}", "dedup.semdedup_clusters=4", *extra))
     how = json.loads((out / "_SUCCESS.json").read_text())["near_search"]
@@ -432,3 +433,41 @@ def test_two_torchrun_ranks_dedup_like_one_process(tmp_path, grouping):
         assert same_partition(near["component"].tolist(), roots.tolist())
         decontam = pd.read_parquet(two / "decontam.parquet")
         assert set(zip(decontam["id"], decontam["eval_set"], decontam["eval_id"])) == pairs and len(pairs) >= 10
+
+
+def _rewrite_manifest(run_dir, drop):
+    """The manifest as an older lvd, or a person following the documented contract, writes it:
+    plain parquet without the columns in `drop` and without lvd's metadata."""
+    path = run_dir / "manifest" / "part-00000.parquet"
+    frame = pd.read_parquet(path).drop(columns=list(drop))
+    frame.to_parquet(path, index=False)
+
+
+def test_a_manifest_without_the_format_column_is_read_with_defaults(tmp_path):
+    """`format` (and kind, mode, frames, label, error, status) are optional: dedup reads such a
+    manifest with their defaults and finds what brute force finds."""
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path, rows, vecs)
+    _rewrite_manifest(tmp_path, ["format", "kind", "mode", "frames", "label", "error", "status"])
+    out = dedup.run_dedup(config(tmp_path))
+    exact_ref, ids, roots, kept, pairs = brute_force(rows, vecs, 0.9, 0.85)
+    exact = pd.read_parquet(out / "exact.parquet")
+    assert dict(zip(exact["id"], exact["dup_of"])) == exact_ref
+    near = pd.read_parquet(out / "near.parquet").set_index("id").loc[ids]
+    assert same_partition(near["component"].tolist(), roots.tolist()) and set(near.index[near["keep"]]) == kept
+    decontam = pd.read_parquet(out / "decontam.parquet")
+    assert set(zip(decontam["id"], decontam["eval_set"], decontam["eval_id"])) == pairs
+
+
+def test_a_manifest_without_a_required_column_is_refused_in_one_line(tmp_path):
+    from lvd.common.errors import UserError
+
+    rows, vecs = synthetic_pool()
+    write_run(tmp_path, rows, vecs)
+    _rewrite_manifest(tmp_path, ["sha1", "format"])
+    with pytest.raises(UserError, match=r"no column \['sha1'\].*run `lvd manifest` again") as caught:
+        dedup.run_dedup(config(tmp_path))
+    assert "\n" not in str(caught.value) and not (tmp_path / "dedup" / "_SUCCESS.json").exists()
+    (tmp_path / "manifest" / "part-00000.parquet").write_bytes(b"PAR1 not parquet at all")
+    with pytest.raises(UserError, match="cannot be read.*run `lvd manifest` again"):
+        dedup.run_dedup(config(tmp_path))

@@ -15,10 +15,10 @@ from conftest import save_tiny_weights
 from omegaconf import OmegaConf
 from PIL import Image, ImageEnhance, ImageOps
 
+from lvd.common.run_folder import load_embeddings
 from lvd.curate.config import load_config
 from lvd.curate.embed import run_embed
 from lvd.curate.manifest import read_manifest, run_manifest
-from lvd.index.io import load_embeddings
 from lvd.pretrain.models import build_backbone
 from lvd.pretrain.models.preprocess import auto_resolution
 

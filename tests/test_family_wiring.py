@@ -21,14 +21,16 @@ from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 from test_embed import _cfg, _paths, _reference_square, _write_images
 
+from lvd.common.run_folder import load_embeddings
 from lvd.curate.embed import run_embed
 from lvd.curate.manifest import read_manifest, run_manifest
-from lvd.index.io import load_embeddings
-from lvd.index.store import BuildOptions, IndexStore, build, embed_query_bytes
+from lvd.index.store import BuildOptions, IndexStore
 from lvd.pretrain.eval import run_knn
 from lvd.pretrain.models import build_backbone
 from lvd.pretrain.train.checkpoint import export_backbone
 from lvd.pretrain.viz import cls_attention, run_viz
+from lvd.serve.query_embedding import embed_query_bytes, index_embedder
+from lvd.serve.run_inputs import build
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml"
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -105,7 +107,7 @@ def test_an_index_finds_its_own_images_through_the_same_backbone(tmp_path, model
     rows, data, x = embedded_photo_run(tmp_path / "run", model=model)
     build(tmp_path / "run" / "embed", tmp_path / "index", BuildOptions(factory="Flat", progress=False))
     store = IndexStore.open(tmp_path / "index")
-    embedder = store.embedder()
+    embedder = index_embedder(store)
     assert embedder.name == model
     ids = [r["id"] for r in rows[:4]]
     queries = embed_query_bytes(embedder, [data[i] for i in ids])

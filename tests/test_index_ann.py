@@ -9,7 +9,8 @@ from index_support import clustered_unit_vectors, write_embed
 
 from lvd.common.errors import MemoryBudgetError
 from lvd.index import ann
-from lvd.index.store import BuildOptions, IndexStore, build
+from lvd.index.store import BuildOptions, IndexStore
+from lvd.serve.run_inputs import build
 
 
 def numpy_topk(xb: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:

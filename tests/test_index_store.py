@@ -10,8 +10,9 @@ import pytest
 from index_support import FIRST_ID, clustered_unit_vectors, photo_run, write_embed
 
 from lvd.index import ann
-from lvd.index.store import BuildOptions, IndexFolderError, IndexStore, add, build
+from lvd.index.store import BuildOptions, IndexFolderError, IndexStore
 from lvd.serve.cli import add_subcommands, main
+from lvd.serve.run_inputs import add, build
 
 EMBEDDER = {
     "model": "vit_tiny_p4",

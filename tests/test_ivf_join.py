@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lvd.common.run_folder import vector_files
 from lvd.index import ivf_join
 from lvd.index.components import cells_at_least, connected_components
 from lvd.index.io import EmbeddingRows
@@ -14,7 +15,7 @@ def _folder(tmp_path, x, part=700):
     for p, start in enumerate(range(0, len(x), part)):
         np.save(tmp_path / f"part-{p:05d}.npy", x[start : start + part].astype(np.float16))
         np.save(tmp_path / f"ids-{p:05d}.npy", np.arange(start, min(start + part, len(x)), dtype=np.int64))
-    return EmbeddingRows(tmp_path, np.arange(len(x)))
+    return EmbeddingRows(vector_files(tmp_path), np.arange(len(x)))
 
 
 def _pool(n=3000, d=32, copies=150, seed=0):

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from lvd.index.io import EmbeddingRows, iter_embeddings, load_embedding_ids, load_embeddings
+from lvd.common.run_folder import embedding_ids, iter_embeddings, load_embeddings, vector_files
+from lvd.index.io import EmbeddingRows, IdRows
 
 
 def write_part(folder, number, ids, vectors):
@@ -52,12 +53,26 @@ def test_embedding_rows_read_chosen_rows_across_parts(tmp_path):
         write_part(tmp_path, number, list(range(100 * number, 100 * number + len(part))), part)
     whole = np.concatenate(parts).astype(np.float32)  # rows in part order
     rows = np.array([12, 0, 5, 7, 5, 4])  # across all three parts, unsorted, one repeated
-    view = EmbeddingRows(tmp_path, rows)
+    view = EmbeddingRows(vector_files(tmp_path), rows)
     assert len(view) == 6 and view.dim == 6
     np.testing.assert_array_equal(view[np.array([3, 0])], whole[[7, 12]])
     np.testing.assert_array_equal(view[1:4], whole[[0, 5, 7]])
     np.testing.assert_array_equal(np.asarray(view), whole[rows])
     assert view[np.array([0])].dtype == np.float32
-    np.testing.assert_array_equal(load_embedding_ids(tmp_path), load_embeddings(tmp_path)[0])
+    np.testing.assert_array_equal(embedding_ids(tmp_path), load_embeddings(tmp_path)[0])
     with pytest.raises(IndexError):
-        EmbeddingRows(tmp_path, np.array([13]))
+        EmbeddingRows(vector_files(tmp_path), np.array([13]))
+
+
+def test_rows_by_id_match_a_linear_search():
+    rng = np.random.default_rng(2)
+    ids = rng.choice(10**12, size=500, replace=False).astype(np.int64)
+    wanted = np.concatenate([rng.choice(ids, 40), [-5, 10**13]])  # some absent
+    expected = [next((r for r, i in enumerate(ids) if i == w), -1) for w in wanted]
+    lookup = IdRows(ids)
+    np.testing.assert_array_equal(lookup.rows(wanted), expected)
+    assert lookup.row(int(ids[17])) == 17
+    with pytest.raises(KeyError):
+        lookup.row(-5)
+    with pytest.raises(ValueError, match="repeat"):
+        IdRows(np.array([1, 2, 1]))

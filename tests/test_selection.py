@@ -18,9 +18,9 @@ from lvd.curate.cluster import run_cluster
 from lvd.curate.config import load_config
 from lvd.curate.dedup import run_dedup
 from lvd.curate.manifest import read_manifest, run_manifest
-from lvd.curate.runio import write_success
 from lvd.curate.selection import balanced_size, resolve_select
 from lvd.curate.shards import run_shards
+from lvd.curate.stage import write_success
 
 GROUPS = (300, 120, 50, 20, 8, 4)  # images per planted group: a long tail
 DIM = 32

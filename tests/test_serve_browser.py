@@ -15,7 +15,8 @@ from browser_support import headless_chromium
 from index_support import embedded_photo_run, running_server
 from PIL import Image
 
-from lvd.index.store import BuildOptions, IndexStore, build
+from lvd.index.store import BuildOptions, IndexStore
+from lvd.serve.run_inputs import build
 from lvd.serve.service import ServeOptions
 
 # the page is driven in headless Chromium

@@ -18,7 +18,8 @@ import pytest
 import requests
 from index_support import curated_vector_run, embedded_photo_run, running_server
 
-from lvd.index.store import BuildOptions, IndexStore, build
+from lvd.index.store import BuildOptions, IndexStore
+from lvd.serve.run_inputs import build
 from lvd.serve.service import Catalog, IndexService, ServeOptions
 
 K = 5
@@ -386,17 +387,20 @@ def test_indexes_are_named_on_the_command_line_or_in_a_file(tmp_path):
         index_specs([], None)
 
 
-def test_each_index_embeds_queries_on_its_own_device(site):
-    """The per-index embedder settings reach the model loader (here: recorded by a stand-in store)."""
-    seen = []
-
-    class Recording(IndexStore):
-        def embedder(self, device="cpu", dtype=None):
-            seen.append((device, dtype))
-            return super().embedder(device, dtype)
-
-    store = Recording.open(site["root"] / "photos-index")
+def test_each_index_embeds_queries_on_its_own_device(site, monkeypatch):
+    """The per-index embedder settings reach the model loader (here: recorded on its way)."""
+    from lvd.serve import service
     from lvd.serve.service import Query
+
+    seen = []
+    real = service.index_embedder
+
+    def recording(store, device="cpu", dtype=None):
+        seen.append((device, dtype))
+        return real(store, device, dtype)
+
+    monkeypatch.setattr(service, "index_embedder", recording)
+    store = IndexStore.open(site["root"] / "photos-index")
 
     svc = IndexService("p", store, ServeOptions(device="cpu"), device="cpu", dtype="float32")
     hits = svc.by_image(site["data"][int(site["ids"][2])], Query(k=1))

@@ -19,8 +19,9 @@ import requests
 from hypothesis import HealthCheck, settings
 from index_support import FIRST_ID, curated_vector_run, running_server
 
-from lvd.index.store import BuildOptions, IndexStore, build
+from lvd.index.store import BuildOptions, IndexStore
 from lvd.serve.cli import main
+from lvd.serve.run_inputs import build
 from lvd.serve.service import ServeOptions
 
 STALLED = 200

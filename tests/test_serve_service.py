@@ -15,8 +15,9 @@ import pytest
 from index_support import FIRST_ID, embedded_photo_run, running_server
 from PIL import Image
 
-from lvd.index.store import BuildOptions, IndexStore, build
+from lvd.index.store import BuildOptions, IndexStore
 from lvd.serve.cli import main
+from lvd.serve.run_inputs import build
 from lvd.serve.service import IndexService, Query, ServeOptions, ServiceError
 
 K = 5

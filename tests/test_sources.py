@@ -73,7 +73,10 @@ def test_brace_and_glob_expansion(tmp_path):
 def test_path_list_needs_a_path_column(tmp_path):
     pd.DataFrame({"file": ["a.png"]}).to_csv(tmp_path / "l.csv", index=False)
     with pytest.raises(src.SourceError, match="'path'"):
-        src.list_paths(str(tmp_path / "l.csv"))
+        src.read_path_list(str(tmp_path / "l.csv"))
+    (tmp_path / "l.parquet").write_bytes(b"not parquet")
+    with pytest.raises(src.SourceError, match="not a readable"):  # one line, not pyarrow's own error
+        src.read_path_list(str(tmp_path / "l.parquet"))
 
 
 def test_iter_bytes_reads_back_what_the_upstream_writer_stored(tmp_path):

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from lvd.common.atomic import atomic_write_json
 from lvd.common.errors import MissingInputError
-from lvd.curate.runio import atomic_write_json
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lvd.common.atomic import atomic_write_json
 from lvd.curate.demo.fashion_mnist import CLASSES, FASHION_MNIST_DIR, augment_copy, load_fashion_mnist
-from lvd.curate.runio import atomic_write_json
 
 #: share of each class relative to the next larger one (class rank order is drawn with the seed)
 DECAY = 0.6

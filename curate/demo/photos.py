@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lvd.common.atomic import atomic_write_bytes, atomic_write_json
 from lvd.curate.demo.photo_edits import COMBINATIONS, EDITS, apply_edits, encode, package_photos
-from lvd.curate.runio import atomic_write_bytes, atomic_write_json
 
 EVAL_SET = "photo_test"
 # The edits planted in the demo: each alone, and the pairs (the benchmark adds the triples).

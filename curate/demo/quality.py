@@ -18,9 +18,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 
-from lvd.curate.manifest import read_manifest
+from lvd.common.run_folder import dedup_frame, read_manifest, read_neighbors
 
 
 def _ids(manifest: pd.DataFrame) -> dict[tuple[str, str], int]:
@@ -28,7 +27,7 @@ def _ids(manifest: pd.DataFrame) -> dict[tuple[str, str], int]:
 
 
 def near_duplicate_quality(run_dir: Path, truth: dict, ids: dict) -> dict:
-    near = pq.read_table(run_dir / "dedup" / "near.parquet").to_pandas()
+    near = dedup_frame(run_dir, "near")
     component = dict(zip(near["id"].astype(int), near["component"].astype(int)))
     found = 0
     for copy, original in truth["near_dup_of"].items():
@@ -53,7 +52,7 @@ def near_duplicate_quality(run_dir: Path, truth: dict, ids: dict) -> dict:
 
 
 def decontamination_quality(run_dir: Path, truth: dict, ids: dict, eval_set: str) -> dict:
-    pairs = pq.read_table(run_dir / "dedup" / "decontam.parquet").to_pandas()
+    pairs = dedup_frame(run_dir, "decontam")
     found_pairs = set(zip(pairs["id"].astype(int), pairs["eval_id"].astype(int)))
     hits, planted_ids = 0, set()
     for copy, original in truth["eval_copy_of"].items():
@@ -72,7 +71,7 @@ def decontamination_quality(run_dir: Path, truth: dict, ids: dict, eval_set: str
 
 
 def retrieval_quality(run_dir: Path, truth: dict, manifest: pd.DataFrame) -> dict:
-    neighbors = pq.read_table(run_dir / "retrieve" / "neighbors.parquet").to_pandas()
+    neighbors = read_neighbors(run_dir)
     neighbors = neighbors[neighbors["mode"] != "seed"]
     by_id = manifest.set_index("id")
     best = neighbors.sort_values("similarity", ascending=False, kind="stable").drop_duplicates("id")

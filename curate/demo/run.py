@@ -74,8 +74,9 @@ def _photo_part(run_dir: Path, args) -> None:
         return
     for name in PHOTO_STAGES:
         run_stage(name, cfg)
+    from lvd.common.atomic import atomic_write_json
+    from lvd.common.run_folder import read_success
     from lvd.curate.demo.quality import measure
-    from lvd.curate.runio import atomic_write_json, read_success
 
     quality = measure(run_dir, EVAL_SET)
     atomic_write_json(run_dir / "quality.json", quality)
@@ -156,8 +157,8 @@ def _summary(run_dir: Path, finished: list[str]) -> None:
         print("manifest rows by set and status:")
         for (set_name, status), n in counts.items():
             print(f"  {set_name:24s} {status:12s} {n:6d}")
+    from lvd.common.atomic import atomic_write_json
     from lvd.curate.demo.quality import measure
-    from lvd.curate.runio import atomic_write_json
 
     quality = measure(run_dir)
     if not quality:

@@ -6,10 +6,10 @@ N ranks (the 2-rank gloo test compares them).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
+
+from lvd.common.ranks import join_group
 
 
 def is_distributed() -> bool:
@@ -46,12 +46,7 @@ def barrier() -> None:
 def init_from_env(device: torch.device) -> bool:
     """Join the process group torchrun describes in the environment; False when not launched so.
 
-    gloo on CPU, nccl on CUDA. Safe to call twice (a test may have initialised the group).
+    gloo on CPU, nccl on CUDA (`lvd.common.ranks.join_group`, as the curation stages join it).
+    Safe to call twice (a test may have initialised the group).
     """
-    if is_distributed():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    return True
+    return join_group(device).world > 1 or is_distributed()
