@@ -26,12 +26,12 @@ def registry_model(value) -> str | None:
 
 
 def copy_space(value) -> str | None:
-    from lvd.pretrain.models.copy_detection import SPACE_THRESHOLDS
+    from lvd.pretrain.models.copy_detection import KNOWN_SPACES
 
     return (
         None
-        if value is None or value in SPACE_THRESHOLDS
-        else f"must be null or one of {sorted(SPACE_THRESHOLDS)}, got {value!r}"
+        if value is None or value in KNOWN_SPACES
+        else f"must be null or one of {list(KNOWN_SPACES)}, got {value!r}"
     )
 
 

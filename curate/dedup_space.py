@@ -10,14 +10,18 @@ names the setting to give; a number in the config is used as given.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from lvd.curate.config import ConfigError
-from lvd.pretrain.models.copy_detection import (
-    SPACE_THRESHOLDS,
-    SSCD_INSTALL_HINT,
-    CopyDetectorChoice,
-    known_threshold,
-    resolve_copy_detector,
+from lvd.pretrain.models.copy_detection import SSCD_INSTALL_HINT, CopyDetectorChoice, resolve_copy_detector
+
+# Known thresholds per descriptor space: the cosine at or above which two images are
+# near-duplicates (`dedup`) or a pool image is a copy of an eval image (`decontam`). SSCD's are
+# the DINOv2 paper's (Sec. 3 / App. A).
+SPACE_THRESHOLDS = MappingProxyType(
+    {
+        "sscd": MappingProxyType({"dedup": 0.6, "decontam": 0.45}),
+    }
 )
 
 # The demo's measured values for the ViT-S/14 CLS space, quoted in the error as an example.
@@ -25,6 +29,13 @@ CLS_EXAMPLE = (
     "the packaged demo config uses dedup.threshold=0.99 and decontam.threshold=0.985 measured for a ViT-S/14's "
     "CLS embeddings"
 )
+
+
+def known_threshold(space: str | None, purpose: str) -> float | None:
+    """The known `dedup` / `decontam` threshold of a space, or None."""
+    if space is None or space not in SPACE_THRESHOLDS:
+        return None
+    return SPACE_THRESHOLDS[space].get(purpose)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
-"""Copy-detection models: which ones lvd knows, which threshold belongs to which space, and loading.
+"""Copy-detection models: which ones lvd knows, the descriptor space each embeds into, and loading.
 
 DINOv2 removes near-duplicates and near-copies of evaluation images in the space of SSCD
 (Pizzi et al. 2022), a descriptor trained so that edited copies stay close and merely similar
-images do not; its thresholds (cosine 0.6 for dedup, 0.45 for decontamination, DINOv2 paper
-Sec. 3 / App. A) mean nothing in another space. So a threshold is looked up by *space*, and a
-space with no known threshold has none: the caller must be given one explicitly.
+images do not. A model belongs to a *space* (its descriptors are comparable only with that
+space's); what cosine counts as a copy in a space is the curation's decision
+(`lvd.curate.dedup_space`), not the model's.
 
 `weights` of a copy-detection model may be `auto` (the first known model whose package is
 installed), a known name (`sscd_disc_mixup`, `sscd_distilled`), or a file: `.onnx` (run with
@@ -26,13 +26,8 @@ from lvd.common.errors import InputFormatError, MissingInputError
 from lvd.pretrain.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from lvd.pretrain.models.weights import resolve_weights
 
-# Known thresholds per embedding space: cosine similarity at or above which two images are
-# near-duplicates (`dedup`) or a pool image is a copy of an eval image (`decontam`).
-SPACE_THRESHOLDS = MappingProxyType(
-    {
-        "sscd": MappingProxyType({"dedup": 0.6, "decontam": 0.45}),
-    }
-)
+#: Descriptor spaces lvd knows: a file of the user's own may declare one of them.
+KNOWN_SPACES = ("sscd",)
 
 SSCD_INSTALL_HINT = (
     "pip install 'lvd[sscd]' (on Python < 3.12 also: pip install --no-deps "
@@ -101,8 +96,8 @@ def resolve_copy_detector(weights, space: str | None = None) -> CopyDetectorChoi
     if weights is None or str(weights).strip().lower() in ("", "none", "null"):
         return None
     text = str(weights).strip()
-    if space is not None and str(space) not in SPACE_THRESHOLDS:
-        raise InputFormatError(f"copy-detection space {space!r} is not known; known spaces: {sorted(SPACE_THRESHOLDS)}")
+    if space is not None and str(space) not in KNOWN_SPACES:
+        raise InputFormatError(f"copy-detection space {space!r} is not known; known spaces: {list(KNOWN_SPACES)}")
     if text == "auto":
         for spec in KNOWN_COPY_DETECTORS.values():
             if _runnable(spec):
@@ -120,13 +115,6 @@ def resolve_copy_detector(weights, space: str | None = None) -> CopyDetectorChoi
         if text == spec.weights:
             return CopyDetectorChoice(spec.weights, spec.space, spec.name)
     return CopyDetectorChoice(text, str(space) if space is not None else None)
-
-
-def known_threshold(space: str | None, purpose: str) -> float | None:
-    """The known `dedup` / `decontam` threshold of a space, or None."""
-    if space is None or space not in SPACE_THRESHOLDS:
-        return None
-    return SPACE_THRESHOLDS[space].get(purpose)
 
 
 def is_onnx(weights: str | os.PathLike) -> bool:
