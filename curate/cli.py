@@ -22,7 +22,7 @@ STAGES = ("manifest", "embed", "dedup", "cluster", "retrieve", "shards", "report
 
 STAGE_HELP = {
     "manifest": "list every input, hash and decode it; quarantine what cannot be used",
-    "embed": "embed the manifest's usable images with the configured ViT",
+    "embed": "embed the manifest's usable images with the configured backbone",
     "dedup": "exact and near-duplicate removal, and decontamination against eval sets",
     "cluster": "k-means of the deduplicated pool (flat or hierarchical)",
     "retrieve": "retrieve the pool neighbours of each curated seed set",
@@ -138,32 +138,18 @@ def _add_index(sub) -> None:
     add_subcommands(parser.add_subparsers(dest="index_command", metavar="COMMAND", required=True))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lvd",
-        description="Curate image datasets the way DINOv2 built LVD-142M, look up similar images, "
-        "and pretrain DINOv2 on the result.",
-        formatter_class=_formatter,
-    )
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        parser.add_argument("--version", action="version", version=f"lvd {version('lvd')}")
-    except PackageNotFoundError:
-        pass
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_pipeline(sub) -> None:
     run = sub.add_parser("run", help="every stage in order, skipping finished ones", formatter_class=_formatter)
     _config_args(run)
     run.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
     run.set_defaults(func=cmd_run)
-
     for name in STAGES:
         stage = sub.add_parser(name, help=STAGE_HELP[name], formatter_class=_formatter)
         _config_args(stage)
         stage.set_defaults(func=cmd_stage, stage=name)
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="the whole chain on offline demo data (Fashion-MNIST), then a short pretrain",
@@ -180,12 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", metavar="KEY=VALUE", nargs="*", default=[], help="config overrides")
     demo.set_defaults(func=cmd_demo)
 
-    _add_index(sub)
 
+def _add_training(sub) -> None:
     pretrain = sub.add_parser("pretrain", help="DINOv2 pretraining on WebDataset shards", formatter_class=_formatter)
     _config_args(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
-
     evaluate = sub.add_parser("eval", help="evaluate a backbone on labelled images", formatter_class=_formatter)
     eval_sub = evaluate.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
     for protocol, text in (
@@ -195,11 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = eval_sub.add_parser(protocol, help=text, formatter_class=_formatter)
         _config_args(p)
         p.set_defaults(func=cmd_eval)
-
     viz = sub.add_parser("viz", help="attention maps and patch-feature PCA as PNG images", formatter_class=_formatter)
     _config_args(viz)
     viz.set_defaults(func=cmd_viz)
 
+
+def _add_config(sub) -> None:
     config = sub.add_parser(
         "config", help="print the merged config (defaults, file, overrides)", formatter_class=_formatter
     )
@@ -211,6 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--schema", choices=("default", "pretrain"), default="default", help="which defaults to merge over"
     )
     config.set_defaults(func=cmd_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lvd",
+        description="Curate image datasets the way DINOv2 built LVD-142M, look up similar images, "
+        "and pretrain DINO-family models on the result.",
+        formatter_class=_formatter,
+    )
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        parser.add_argument("--version", action="version", version=f"lvd {version('lvd')}")
+    except PackageNotFoundError:
+        pass
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_pipeline(sub)
+    _add_demo(sub)
+    _add_index(sub)
+    _add_training(sub)
+    _add_config(sub)
     return parser
 
 
