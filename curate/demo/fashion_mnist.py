@@ -85,6 +85,32 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr).save(path)
 
 
+def _write_pool(fm: dict, pool_idx: np.ndarray, n_dups: int, rng, pool: Path, truth: dict) -> None:
+    """The pool's train images, and `n_dups` re-toned, re-encoded copies of some of them."""
+    for i in pool_idx:
+        name = f"train-{i:05d}.png"
+        _save_png(fm["train_x"][i], pool / name)
+        truth["pool"][name] = CLASSES[fm["train_y"][i]]
+    for j, i in enumerate(rng.choice(pool_idx, size=n_dups, replace=False)):
+        name = f"neardup-{j:05d}-of-train-{i:05d}.png"
+        augment_copy(Image.fromarray(fm["train_x"][i]), rng).save(pool / name)
+        truth["pool"][name] = CLASSES[fm["train_y"][i]]
+        truth["near_dup_of"][name] = f"train-{i:05d}.png"
+
+
+def _write_eval(fm: dict, test_idx: np.ndarray, copies: int, rng, data_dir: Path, truth: dict) -> None:
+    """The eval set's test images by class, and copies of `copies` of them planted in the pool."""
+    for i in test_idx:
+        label = CLASSES[fm["test_y"][i]]
+        _save_png(fm["test_x"][i], data_dir / "eval" / "fmnist_test" / label / f"test-{i:05d}.png")
+    for j, i in enumerate(rng.choice(test_idx, size=min(copies, len(test_idx)), replace=False)):
+        name = f"evalcopy-{j:05d}-of-test-{i:05d}.png"
+        augment_copy(Image.fromarray(fm["test_x"][i]), rng).save(data_dir / "pool" / name)
+        label = CLASSES[fm["test_y"][i]]
+        truth["pool"][name] = label
+        truth["eval_copy_of"][name] = f"{label}/test-{i:05d}.png"
+
+
 def prepare_demo_data(
     out: str | os.PathLike,
     pool_size: int = 4000,
@@ -124,26 +150,8 @@ def prepare_demo_data(
         "near_dup_of": {},
         "eval_copy_of": {},
     }
-    for i in pool_idx:
-        name = f"train-{i:05d}.png"
-        _save_png(fm["train_x"][i], data_dir / "pool" / name)
-        truth["pool"][name] = CLASSES[fm["train_y"][i]]
-    n_dups = int(round(near_dup_fraction * pool_size))
-    for j, i in enumerate(rng.choice(pool_idx, size=n_dups, replace=False)):
-        name = f"neardup-{j:05d}-of-train-{i:05d}.png"
-        copy = augment_copy(Image.fromarray(fm["train_x"][i]), rng)
-        copy.save(data_dir / "pool" / name)
-        truth["pool"][name] = CLASSES[fm["train_y"][i]]
-        truth["near_dup_of"][name] = f"train-{i:05d}.png"
-    for i in test_idx:
-        label = CLASSES[fm["test_y"][i]]
-        _save_png(fm["test_x"][i], data_dir / "eval" / "fmnist_test" / label / f"test-{i:05d}.png")
-    for j, i in enumerate(rng.choice(test_idx, size=min(eval_copy_count, len(test_idx)), replace=False)):
-        name = f"evalcopy-{j:05d}-of-test-{i:05d}.png"
-        augment_copy(Image.fromarray(fm["test_x"][i]), rng).save(data_dir / "pool" / name)
-        label = CLASSES[fm["test_y"][i]]
-        truth["pool"][name] = label
-        truth["eval_copy_of"][name] = f"{label}/test-{i:05d}.png"
+    _write_pool(fm, pool_idx, int(round(near_dup_fraction * pool_size)), rng, data_dir / "pool", truth)
+    _write_eval(fm, test_idx, eval_copy_count, rng, data_dir, truth)
     for cls in SEED_CLASSES:
         members = [i for i in rest if CLASSES[fm["train_y"][i]] == cls][:seeds_per_class]
         for i in members:
