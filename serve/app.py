@@ -59,8 +59,9 @@ ERRORS = {status: {"model": m.ErrorBody} for status in (400, 404, 408, 413)}
 class Runner:
     """Runs a blocking service call in a bounded thread pool, counted in the metrics.
 
-    Image work (decode, model, thumbnails) has `heavy` threads; searches by vector or id have
-    `light` ones, most of which only wait for a Faiss call shared with the others.
+    Model work (image decodes, image and text embeddings, thumbnails) has `heavy` threads;
+    searches by vector or id have `light` ones, most of which only wait for a Faiss call shared
+    with the others.
     """
 
     HEAVY = ("image", "thumbnail", "text", "query")
@@ -92,12 +93,17 @@ class Context:
     def links(self, hits: list[dict], svc: IndexService, request: Request) -> list[dict]:
         return add_links(hits, svc.name, request, self.access, self.opts.public_url)
 
-    def query(self, svc: IndexService, k, body_or_params, k_cap: bool = False) -> Query:
-        """A Query from a body's (or the query string's) k, filters, dedup and return_embeddings."""
-        b = body_or_params
-        k = min(int(k), self.opts.max_k) if k_cap and isinstance(k, int) and k > self.opts.max_k else k
-        filters = Filters(tuple(b.set or ()), tuple(b.label or ()), tuple(b.cluster or ()))
-        return Query(svc.k(k), filters, b.deduplicate, b.return_embeddings)
+    def query(self, svc: IndexService, k, given, cap_k: bool = False) -> Query:
+        """A Query from a body's (or the query string's) k, filters, dedup and return_embeddings;
+        with `cap_k`, a k above the largest allowed is lowered to it instead of refused."""
+        if cap_k and isinstance(k, int):
+            k = min(k, self.opts.max_k)
+        filters = Filters(tuple(given.set or ()), tuple(given.label or ()), tuple(given.cluster or ()))
+        return Query(svc.k(k), filters, given.deduplicate, given.return_embeddings)
+
+    async def parts(self, parts: list[m.QueryPartBody], svc: IndexService, request: Request) -> list[QueryPart]:
+        """The query parts of a body, decoded in a worker thread (base64, image files of other indexes)."""
+        return await anyio.to_thread.run_sync(lambda: [self.part(p, svc, request) for p in parts])
 
     def part(self, p: m.QueryPartBody, svc: IndexService, request: Request) -> QueryPart:
         """A query part of a body; an image_url of this server becomes its id, or its bytes when
@@ -224,7 +230,7 @@ def _lvd_routes(ctx: Context) -> APIRouter:
     async def search_mixed(request: Request):
         body = await ctx.body(request, m.MixedSearch)
         svc = catalog.get(body.index)
-        parts = [ctx.part(p, svc, request) for p in body.query]
+        parts = await ctx.parts(body.query, svc, request)
         return await answer(svc, "query", svc.by_parts, parts, ctx.query(svc, body.k, body), request)
 
     @r.get("/api/search/id/{id}", response_model=m.SearchAnswer, responses=ERRORS)
@@ -285,7 +291,7 @@ def clip_routes(ctx: Context) -> APIRouter:
         if body.modality != "image":
             raise ServiceError(400, f'index {svc.name!r} holds image embeddings only: use modality "image"')
         # the front asks for 10,000 results to download them: it gets the most the server gives
-        query = ctx.query(svc, body.num_images, body, k_cap=True)
+        query = ctx.query(svc, body.num_images, body, cap_k=True)
         fields = ("text", "image", "image_url", "embedding_input", "query")
         given = [f for f in fields if getattr(body, f) not in (None, "", [])]
         if len(given) != 1:
@@ -297,17 +303,16 @@ def clip_routes(ctx: Context) -> APIRouter:
         if given == ["text"]:
             hits = await run(svc, "text", svc.by_text, body.text, query)
         elif given == ["image"]:
-            hits = await run(svc, "image", svc.by_image, b64_image(body.image), query)
+            hits = await run(svc, "image", svc.by_image, await anyio.to_thread.run_sync(b64_image, body.image), query)
         elif given == ["image_url"]:
-            kind, value = ctx.image_of_url(body.image_url, svc, request)
+            kind, value = await anyio.to_thread.run_sync(ctx.image_of_url, body.image_url, svc, request)
             hits = await (
                 run(svc, "id", svc.by_id, value, query)
                 if kind == "id"
                 else run(svc, "image", svc.by_image, value, query)
             )
         elif given == ["query"]:
-            parts = [ctx.part(p, svc, request) for p in body.query]
-            hits = await run(svc, "query", svc.by_parts, parts, query)
+            hits = await run(svc, "query", svc.by_parts, await ctx.parts(body.query, svc, request), query)
         else:
             hits = await run(svc, "vector", svc.by_vector, body.embedding_input, query)
         return JSONResponse([{**h, "similarity": h["score"]} for h in ctx.links(hits, svc, request)])

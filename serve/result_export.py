@@ -88,7 +88,8 @@ def write_shards(table: pd.DataFrame, store: IndexStore, folder: str | Path, max
         folder.rmdir()
     found_by = {}
     for hit in table.to_dict("records"):
-        found_by.setdefault(hit["id"], (hit, []))[1].append(
+        hit = {k: (None if k != "embedding" and pd.isna(v) else v) for k, v in hit.items()}  # NaN/NA: missing
+        found_by.setdefault(int(hit["id"]), (hit, []))[1].append(
             {"query": hit["query"], "rank": int(hit["rank"]), "score": float(hit["score"])}
         )
     with atomic_path(folder) as tmp:
@@ -110,7 +111,7 @@ def _sample(store: IndexStore, id_: int, hit: dict, queries: list[dict]) -> dict
         "source": hit["source"],
         "key": hit["key"],
         "label": hit["label"],
-        "cluster": None if pd.isna(hit["cluster"]) else int(hit["cluster"]),
+        "cluster": None if hit["cluster"] is None else int(hit["cluster"]),
         "caption": hit["caption"],
         "retrieved": queries,
     }

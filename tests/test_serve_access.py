@@ -122,3 +122,34 @@ def test_a_public_address_needs_a_key_or_insecure_public(tmp_path, capsys, monke
     captured = capsys.readouterr()
     assert "refusing to serve on 0.0.0.0 without an API key" in captured.err and "serving" not in captured.out
     assert len(captured.err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_server_on_every_address_starts_with_the_key_from_the_environment(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    curated_vector_run(tmp_path / "run", n_groups=10)
+    build(tmp_path / "run" / "embed", tmp_path / "index", BuildOptions(factory="Flat", progress=False))
+    argv = [sys.executable, "-m", "lvd.serve.cli", "serve", str(tmp_path / "index"), "--host", "0.0.0.0", "--port", "0"]
+    env = {**os.environ, "LVD_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "serving index on http://0.0.0.0:" in line, line
+        url = f"http://127.0.0.1:{line.split('http://0.0.0.0:')[1].split('/')[0]}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(url + "/api/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        assert requests.get(url + "/indices-list", timeout=5).status_code == 401
+        assert requests.get(url + "/indices-list", headers={"X-API-Key": KEY}, timeout=5).json() == ["index"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
