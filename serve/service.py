@@ -31,7 +31,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from lvd.common.errors import InputFormatError
+from lvd.common.errors import InputFormatError, UserError
 from lvd.common.row_bytes import FOLDER, LIST, TAR, kind_of, row_path
 from lvd.index.store import IndexFolderError, IndexStore
 from lvd.serve.annotations import NO_CLUSTER, RunAnnotations
@@ -123,7 +123,8 @@ class Query:
 
 
 class IndexService:
-    """One opened index: search by vector, id or image bytes; metadata and thumbnails by id."""
+    """One opened index: search by vector, id, image bytes, text (an index embedded by a CLIP / SigLIP
+    pair) or a weighted sum of those; metadata and thumbnails by id."""
 
     def __init__(
         self,
@@ -232,10 +233,16 @@ class IndexService:
                 "with an image or a vector",
             )
         embedder = self._get_embedder()
-        with self._embedder_lock:
-            return np.asarray(embedder.embed_text(list(texts)), dtype=np.float32)
+        try:
+            with self._embedder_lock:
+                return np.asarray(embedder.embed_text(list(texts)), dtype=np.float32)
+        except UserError as exc:  # the index says it has a text tower, but its files do not give one
+            log.error("the text tower of index %r does not load: %s", self.name, exc)
+            message = str(exc) if self.opts.expose_paths else scrub(str(exc))
+            raise ServiceError(503, f"search by text is unavailable for index {self.name!r}: {message}") from None
 
     def mixed_vector(self, parts: list[QueryPart]) -> np.ndarray:
+        """The normalised weighted sum of the parts' unit vectors (`query_mix.combine`)."""
         try:
             parts = check_parts(parts)
         except InputFormatError as exc:
@@ -397,7 +404,7 @@ class IndexService:
             if self._embedder is None:
                 message = self._embedder_error if self.opts.expose_paths else scrub(self._embedder_error)
                 raise ServiceError(
-                    self._embedder_status, f"search by image is unavailable for index {self.name!r}: {message}"
+                    self._embedder_status, f"search by image or text is unavailable for index {self.name!r}: {message}"
                 )
             return self._embedder
 
