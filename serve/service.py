@@ -9,12 +9,17 @@ its own embedder settings, its own run annotations (set, label, cluster, near-du
 for filters and result dedup, and its own thumbnail cache. Methods are blocking and
 thread-safe: the HTTP layer runs them in a thread pool.
 
+A query is an image, a text (through the text tower of a CLIP / SigLIP index), a vector, an
+indexed id, or a weighted sum of those (`serve/query_mix.py`). Decoding an image, for a query or
+a thumbnail, is admitted under a byte budget shared by the server (`serve/pixel_budget.py`).
+
 Safety: image bytes are only ever read through an indexed id's manifest row (a request never
-names a path); absolute paths leave only with `expose_paths` (`index/public.py`).
+names a path); absolute paths leave only with `expose_paths` (`serve/public.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -26,11 +31,14 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
+from lvd.common.errors import InputFormatError, UserError
 from lvd.common.row_bytes import FOLDER, LIST, TAR, kind_of, row_path
 from lvd.index.store import IndexFolderError, IndexStore
 from lvd.serve.annotations import NO_CLUSTER, RunAnnotations
+from lvd.serve.pixel_budget import BudgetBusy, BudgetExceeded, PixelBudget, decode_cost
 from lvd.serve.public import public_info, public_key, scrub
-from lvd.serve.query_embedding import embed_query_bytes, index_embedder
+from lvd.serve.query_embedding import index_embedder
+from lvd.serve.query_mix import QueryPart, check_parts, combine
 from lvd.serve.run_inputs import load_annotations
 from lvd.serve.search_batch import SearchBatcher
 
@@ -71,6 +79,17 @@ class ServeOptions:
     cors_origins: tuple[str, ...] = ()
     access_log: bool = True  # one JSON line per request on stderr (lvd.serve.access)
     max_metadata_ids: int = 1000
+    # bytes that images being decoded (queries, thumbnails) may hold at once, server-wide
+    decode_memory: int = 2**30
+    # values one set / label / cluster filter may list; JSON values (commas) one body may hold
+    max_filter_values: int = 1000
+    max_json_values: int = 100_000
+    max_text_chars: int = 1000
+    # the server's address as browsers reach it (behind a proxy); None: taken from each request
+    public_url: str | None = None
+    # None: no key needed; else every route but /api/health needs it (`serve/access.py`)
+    api_key: str | None = None
+    url_ttl: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -100,10 +119,12 @@ class Query:
     k: int
     filters: Filters = field(default_factory=Filters)
     deduplicate: bool = False
+    return_embeddings: bool = False  # each hit carries its stored vector
 
 
 class IndexService:
-    """One opened index: search by vector, id or image bytes; metadata and thumbnails by id."""
+    """One opened index: search by vector, id, image bytes, text (an index embedded by a CLIP / SigLIP
+    pair) or a weighted sum of those; metadata and thumbnails by id."""
 
     def __init__(
         self,
@@ -114,8 +135,13 @@ class IndexService:
         dtype: str | None = None,
         embedder_factory=None,
         annotations: RunAnnotations | None = None,
+        budget: PixelBudget | None = None,
     ):
         self.name, self.store, self.opts = name, store, opts
+        self.budget = budget or PixelBudget(opts.decode_memory)
+        spec = store.info.get("embedder") or {}
+        self.text_tower = bool(spec.get("text_tower"))
+        self._model_name = spec.get("model") or spec.get("kind") or "no recorded model"
         self.annotations = annotations or load_annotations(store)
         meta = store.meta
         self._set, self._label = _strings(meta["set"]), _strings(meta["label"])
@@ -163,24 +189,101 @@ class IndexService:
         return self.search(self.vector_query(values), query)
 
     def by_id(self, id_: int, query: Query) -> list[dict]:
-        try:
-            vec = self.store.vector_of(int(id_))
-        except (KeyError, OverflowError):
-            raise ServiceError(404, f"id {id_} is not in index {self.name!r}") from None
-        return self.search(vec[None], query)
+        return self.search(self._stored(id_)[None], query)
 
     def by_image(self, data: bytes, query: Query) -> list[dict]:
+        return self.search(self.image_vector(data), query)
+
+    def by_text(self, text: str, query: Query) -> list[dict]:
+        return self.search(self.text_vectors([text]), query)
+
+    def by_parts(self, parts: list[QueryPart], query: Query) -> list[dict]:
+        """Search by a weighted sum of image, text, embedding and id parts (`query_mix`)."""
+        return self.search(self.mixed_vector(parts), query)
+
+    def image_vector(self, data: bytes) -> np.ndarray:
+        """A query image's 1 x d unit vector; its decode waits for room in the pixel budget."""
         if not data:
             raise ServiceError(400, "the image is empty")
         embedder = self._get_embedder()
         from lvd.pretrain.data.decode import DecodeError
 
+        max_pixels = self.opts.max_pixels
         try:
-            with self._embedder_lock:
-                vec = embed_query_bytes(embedder, [data], max_pixels=self.opts.max_pixels)
+            side = int(round(embedder.resolution * embedder.resize_ratio))
+            with self._decoding(data, side):
+                square = embedder.prepare_bytes(data, max_pixels=max_pixels)
         except DecodeError as exc:
             raise ServiceError(400, f"cannot read the uploaded image: {scrub(str(exc))}") from None
-        return self.search(vec, query)
+        with self._embedder_lock:
+            return np.asarray(embedder.embed_uint8(np.stack([square])), dtype=np.float32)
+
+    def text_vectors(self, texts: list[str]) -> np.ndarray:
+        """Texts as unit vectors of the index's space, through its text tower."""
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise ServiceError(400, "the text is empty")
+            if len(text) > self.opts.max_text_chars:
+                raise ServiceError(400, f"a text may have at most {self.opts.max_text_chars} characters")
+        if not self.text_tower:
+            raise ServiceError(
+                400,
+                f"index {self.name!r} has no text encoder: its embedder ({self._model_name}) embeds images only; "
+                "build the index from an embedding made with CLIP or SigLIP weights (embed.model: auto), or query "
+                "with an image or a vector",
+            )
+        embedder = self._get_embedder()
+        try:
+            with self._embedder_lock:
+                return np.asarray(embedder.embed_text(list(texts)), dtype=np.float32)
+        except UserError as exc:  # the index says it has a text tower, but its files do not give one
+            log.error("the text tower of index %r does not load: %s", self.name, exc)
+            message = str(exc) if self.opts.expose_paths else scrub(str(exc))
+            raise ServiceError(503, f"search by text is unavailable for index {self.name!r}: {message}") from None
+
+    def mixed_vector(self, parts: list[QueryPart]) -> np.ndarray:
+        """The normalised weighted sum of the parts' unit vectors (`query_mix.combine`)."""
+        try:
+            parts = check_parts(parts)
+        except InputFormatError as exc:
+            raise ServiceError(400, str(exc)) from None
+        texts = [p.value for p in parts if p.kind == "text"]
+        text_rows = iter(self.text_vectors(texts) if texts else [])
+        rows = []
+        for p in parts:
+            if p.kind == "text":
+                rows.append(next(text_rows))
+            elif p.kind == "image":
+                rows.append(self.image_vector(p.value)[0])
+            elif p.kind == "id":
+                rows.append(self._stored(p.value))
+            else:
+                rows.append(self.vector_query(p.value)[0])
+        try:
+            return combine(np.stack(rows), [p.weight for p in parts])
+        except InputFormatError as exc:
+            raise ServiceError(400, str(exc)) from None
+
+    def _stored(self, id_) -> np.ndarray:
+        try:
+            return self.store.vector_of(int(id_))
+        except (KeyError, OverflowError, ValueError, TypeError):
+            raise ServiceError(404, f"id {id_} is not in index {self.name!r}") from None
+
+    @contextlib.contextmanager
+    def _decoding(self, data: bytes, side: int | None):
+        """Room in the pixel budget to decode `data` (waiting for it); its refusals as service errors."""
+        cost = decode_cost(data, side, self.opts.max_pixels)
+        try:
+            self.budget.acquire(cost)
+        except BudgetExceeded as exc:
+            raise ServiceError(413, str(exc)) from None
+        except BudgetBusy as exc:
+            raise ServiceError(503, str(exc)) from None
+        try:
+            yield
+        finally:
+            self.budget.release(cost)
 
     def search(self, xq: np.ndarray, query: Query) -> list[dict]:
         """The k best rows that pass the filters, one per near-duplicate group with `deduplicate`.
@@ -197,12 +300,19 @@ class IndexService:
             scores, rows = self._batcher.search(xq, fetch)
             picked = self._pick(scores[0], rows[0], allowed, query.deduplicate, query.k)
             if plain or len(picked) >= query.k or fetch >= n:
-                return [self.record(row, score, rank) for rank, (row, score) in enumerate(picked, start=1)]
+                hits = [self.record(row, score, rank) for rank, (row, score) in enumerate(picked, start=1)]
+                if query.return_embeddings:
+                    for hit, (row, _) in zip(hits, picked):
+                        hit["embedding"] = self.store.index.reconstruct(int(row)).astype(float).tolist()
+                return hits
             fetch = min(n, 4 * fetch)
 
     def _allowed(self, f: Filters) -> np.ndarray | None:
         if not f:
             return None
+        for name, values in (("set", f.sets), ("label", f.labels), ("cluster", f.clusters)):
+            if len(values) > self.opts.max_filter_values:
+                raise ServiceError(400, f"a {name} filter may list at most {self.opts.max_filter_values} values")
         mask = np.ones(len(self.store), bool)
         if f.sets:
             mask &= pd.Series(self._set).isin(list(f.sets)).to_numpy()
@@ -255,7 +365,7 @@ class IndexService:
         if self._caption is not None and self._caption[row] is not None:
             out["caption"] = self._caption[row]
         if self.opts.expose_paths and has_source and key is not None:
-            out.update(source=str(m["source"]), **_location(str(m["kind"]), str(m["source"]), key))
+            out.update(source=str(m["source"]), path=_location(str(m["kind"]), str(m["source"]), key))
         return out
 
     def metadata(self, ids: list[int]) -> list[dict]:
@@ -294,7 +404,7 @@ class IndexService:
             if self._embedder is None:
                 message = self._embedder_error if self.opts.expose_paths else scrub(self._embedder_error)
                 raise ServiceError(
-                    self._embedder_status, f"search by image is unavailable for index {self.name!r}: {message}"
+                    self._embedder_status, f"search by image or text is unavailable for index {self.name!r}: {message}"
                 )
             return self._embedder
 
@@ -308,10 +418,11 @@ class IndexService:
         except OSError as exc:
             raise ServiceError(404, f"image of id {id_} cannot be read: {scrub(str(exc))}") from None
         try:
-            img = decode(data, max_pixels=self.opts.max_pixels)
+            with self._decoding(data, None):
+                img = decode(data, max_pixels=self.opts.max_pixels)
+                img.thumbnail((self.opts.thumb_size, self.opts.thumb_size))
         except DecodeError as exc:
             raise ServiceError(404, f"image of id {id_} cannot be decoded: {scrub(str(exc))}") from None
-        img.thumbnail((self.opts.thumb_size, self.opts.thumb_size))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)
         return buf.getvalue()
@@ -322,13 +433,12 @@ def _strings(column: pd.Series) -> np.ndarray:
     return np.array([None if pd.isna(v) else str(v) for v in column], dtype=object)
 
 
-def _location(kind: str, source: str, key: str) -> dict:
-    """Where an image lives on the server: a path, and a file URL where it is a plain file."""
+def _location(kind: str, source: str, key: str) -> str:
+    """Where an image lives on the server: its path, or SHARD::MEMBER inside a tar."""
     kind = kind if kind in (FOLDER, LIST, TAR) else (kind_of(source) or FOLDER)
     if kind == TAR:
-        return {"path": f"{source}::{key}"}
-    path = Path(row_path(kind, source, key))
-    return {"path": str(path), "url": path.absolute().as_uri()}
+        return f"{source}::{key}"
+    return str(Path(row_path(kind, source, key)).absolute())
 
 
 class Catalog:
@@ -345,7 +455,13 @@ class Catalog:
 
     @classmethod
     def open(cls, specs: list[IndexSpec], opts: ServeOptions, mmap: bool = False) -> Catalog:
-        return cls([IndexService(s.name, IndexStore.open(s.path, mmap=mmap), opts, s.device, s.dtype) for s in specs])
+        budget = PixelBudget(opts.decode_memory)  # one for the server: decodes of every index share it
+        return cls(
+            [
+                IndexService(s.name, IndexStore.open(s.path, mmap=mmap), opts, s.device, s.dtype, budget=budget)
+                for s in specs
+            ]
+        )
 
     def get(self, name: str | None) -> IndexService:
         if name is None or name == "":

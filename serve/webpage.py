@@ -1,4 +1,6 @@
-"""The search page served at `/`: drop an image, see its neighbours as a grid of thumbnails.
+"""The search page served at `/`: drop an image (or type a text, for a CLIP / SigLIP index), see its
+neighbours as a grid of thumbnails. Opened as `/?key=KEY` on a server with an API key, it sends
+the key with its requests; the thumbnails' URLs come signed in the answers.
 
 Kept as a Python string (not a data file) so it ships with the package without package-data
 configuration. Everything that comes from the index is inserted with `textContent` or as an
@@ -15,6 +17,8 @@ PAGE = """<!doctype html>
   body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fafafa; }
   h1 { font-size: 1.3rem; margin: 0 0 .3rem 0; }
   #info { color: #666; font-size: .85rem; margin-bottom: 1rem; }
+  #textform { margin-bottom: .8rem; }
+  #text { font-size: 1rem; padding: .3rem; }
   #drop { border: 2px dashed #999; border-radius: 8px; padding: 1.2rem; text-align: center;
           background: #fff; cursor: pointer; display: flex; gap: 1rem; align-items: center; }
   #drop.over { border-color: #2a7; background: #efe; }
@@ -33,6 +37,10 @@ PAGE = """<!doctype html>
 <body>
 <h1>lvd image search</h1>
 <div id="info">loading index information&hellip;</div>
+<form id="textform" hidden>
+  <input id="text" type="search" placeholder="search by text" size="40" aria-label="search by text">
+  <button type="submit">search</button>
+</form>
 <label id="drop" for="file">
   <img id="preview" alt="query image">
   <span>Drop an image here, or click to choose one.
@@ -45,16 +53,20 @@ PAGE = """<!doctype html>
 "use strict";
 const $ = (id) => document.getElementById(id);
 const drop = $("drop"), fileInput = $("file"), grid = $("grid"), statusLine = $("status");
+const key = new URLSearchParams(window.location.search).get("key");
+const auth = key ? {"X-API-Key": key} : {};
 
 function setStatus(text, isError) {
   statusLine.textContent = text;
   statusLine.className = isError ? "error" : "";
 }
 
-fetch("/api/info").then(r => r.json()).then(info => {
+fetch("/api/info", {headers: auth}).then(r => r.json()).then(info => {
   const model = (info.embedder && info.embedder.model) || "unknown model";
-  const recall = info.expected_recall ? info.expected_recall.recall.toFixed(3) : "?";
+  const recall = info.expected_recall && info.expected_recall.recall != null
+    ? info.expected_recall.recall.toFixed(3) : "?";
   $("info").textContent = `${info.n} images, ${info.factory}, ${model}, expected recall@10 ${recall}`;
+  $("textform").hidden = !info.text_tower;
 }).catch(() => { $("info").textContent = "index information unavailable"; });
 
 function render(results) {
@@ -77,7 +89,7 @@ function render(results) {
                        (hit.key ? ` \\u00b7 ${hit.key}` : "");
     cap.append(score, meta);
     fig.append(img, cap);
-    fig.addEventListener("click", () => searchById(hit.id_str));
+    fig.addEventListener("click", () => searchById(hit.id_str, hit.thumbnail));
     grid.append(fig);
   }
 }
@@ -98,17 +110,28 @@ async function searchFile(file) {
   try {
     const headers = {"Content-Type": file.type || "application/octet-stream"};
     const r = await fetch(`/api/search/image?k=${encodeURIComponent($("k").value)}`,
-                          {method: "POST", body: file, headers});
+                          {method: "POST", body: file, headers: {...headers, ...auth}});
     await show(r, file.name);
   } catch (e) { setStatus(`request failed: ${e}`, true); }
 }
 
-async function searchById(id) {
-  $("preview").src = `/thumb/${id}`;
-  $("preview").style.display = "block";
-  try { await show(await fetch(`/api/search/id/${id}?k=${encodeURIComponent($("k").value)}`), `id ${id}`); }
+async function searchById(id, thumbnail) {
+  if (thumbnail) { $("preview").src = thumbnail; $("preview").style.display = "block"; }
+  const url = `/api/search/id/${id}?k=${encodeURIComponent($("k").value)}`;
+  try { await show(await fetch(url, {headers: auth}), `id ${id}`); }
   catch (e) { setStatus(`request failed: ${e}`, true); }
 }
+
+async function searchText(text) {
+  if (!text.trim()) return;
+  $("preview").style.display = "none";
+  setStatus(`searching for \u201c${text}\u201d\u2026`, false);
+  const url = `/api/search/text?text=${encodeURIComponent(text)}&k=${encodeURIComponent($("k").value)}`;
+  try { await show(await fetch(url, {headers: auth}), `\u201c${text}\u201d`); }
+  catch (e) { setStatus(`request failed: ${e}`, true); }
+}
+
+$("textform").addEventListener("submit", (e) => { e.preventDefault(); searchText($("text").value); });
 
 fileInput.addEventListener("change", () => searchFile(fileInput.files[0]));
 for (const ev of ["dragenter", "dragover"]) {

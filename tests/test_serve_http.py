@@ -308,7 +308,7 @@ def test_no_absolute_path_leaves_the_server(site):
     opts = ServeOptions(expose_paths=True)
     svc = IndexService("photos", IndexStore.open(site["root"] / "photos-index"), opts)
     record = svc.metadata([int(site["ids"][1])])[0]
-    assert record["path"].startswith(root) and record["url"].startswith("file://")
+    assert record["path"].startswith(root) and "url" not in record  # the http layer adds the http url
     assert open(record["path"], "rb").read() == site["data"][int(site["ids"][1])]
 
 
@@ -405,3 +405,116 @@ def test_each_index_embeds_queries_on_its_own_device(site, monkeypatch):
     svc = IndexService("p", store, ServeOptions(device="cpu"), device="cpu", dtype="float32")
     hits = svc.by_image(site["data"][int(site["ids"][2])], Query(k=1))
     assert seen == [("cpu", "float32")] and hits[0]["id"] == site["ids"][2]
+
+
+def test_every_hit_carries_an_absolute_url_that_loads_and_its_caption(site):
+    """clip-retrieval's front shows a hit only with a url (its <img src>) or a caption."""
+    q = np.random.default_rng(2).standard_normal(site["x"].shape[1])
+    hits = ContractClient(site["url"], "photos", num_images=K).query(embedding_input=q.tolist())
+    assert len(hits) == K
+    for hit in hits:
+        assert hit["url"] == site["url"] + hit["thumbnail"] and hit["url"].startswith(site["url"] + "/thumb/")
+        r = requests.get(hit["url"], timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content[:2] == b"\xff\xd8"
+    cur = site["curated"]
+    status, out = post(site["url"], "/knn-service", {"embedding_input": cur["x"][0].tolist(), "indice_name": "curated"})
+    captions = {h["id"]: h.get("caption") for h in out}
+    by_row = {int(i): c for i, c in zip(cur["ids"], cur["caption"])}
+    assert status == 200 and any(captions.values()) and all(captions[i] == by_row[i] for i in captions)
+    assert all("url" not in h for h in out)  # no image behind these rows: nothing to link
+    # metadata carries the same links (the front merges them into its hits)
+    status, meta = post(site["url"], "/metadata", {"ids": [hits[0]["id"]], "indice_name": "photos"})
+    assert meta[0]["metadata"]["url"] == hits[0]["url"]
+    # behind a proxy, the declared public address
+    opts = ServeOptions(public_url="https://lookup.example.org/lvd")
+    svc = IndexService("photos", IndexStore.open(site["root"] / "photos-index"), opts)
+    with running_server(Catalog([svc]), opts) as url:
+        out = requests.post(url + "/knn-service", data=json.dumps({"embedding_input": q.tolist()}), timeout=10).json()
+        assert out[0]["url"].startswith("https://lookup.example.org/lvd/thumb/")
+
+
+def test_image_url_of_a_result_searches_by_it_and_other_urls_are_refused(site):
+    """The front's "search by this image" sends a result's url back: resolved locally, never fetched."""
+    i = 6
+    first = ContractClient(site["url"], "photos", num_images=K).query(embedding_input=site["x"][i].tolist())
+    url = first[0]["url"]
+    assert first[0]["id"] == site["ids"][i]
+    status, out = post(site["url"], "/knn-service", {"image_url": url, "num_images": K, "indice_name": "photos"})
+    assert status == 200 and [h["id"] for h in out] == site["ids"][numpy_order(site["x"], site["x"][i])[:K]].tolist()
+    # the same image searched in another index: its bytes are read locally and embedded by that index's model
+    status, out = post(site["url"], "/knn-service", {"image_url": url, "num_images": 3, "indice_name": "curated"})
+    assert status == 400 and "does not record its model" in out["error"]
+    host = site["url"].split("//")[1]
+    for other in (
+        "http://127.0.0.1:1/thumb/1?index=photos",  # another server
+        f"http://{host}/api/info",  # not an image route
+        f"file:///{host}/thumb/1",
+        "not a url at all",
+        f"http://{host}/thumb/../../etc/passwd",
+    ):
+        status, out = post(site["url"], "/knn-service", {"image_url": other, "num_images": 3})
+        assert status == 400 and "never fetches" in out["error"], (other, out)
+    status, out = post(site["url"], "/knn-service", {"image_url": f"http://{host}/thumb/123?index=photos"})
+    assert status == 404 and "123" in out["error"]
+
+
+def test_return_embeddings_gives_the_stored_vectors(site):
+    cur = site["curated"]
+    q = cur["x"][3]
+    status, out = post(
+        site["url"],
+        "/knn-service",
+        {"embedding_input": q.tolist(), "indice_name": "curated", "return_embeddings": True},
+    )
+    by_id = {int(i): r for r, i in enumerate(cur["ids"])}
+    assert status == 200 and len(out) == 40
+    for h in out:
+        np.testing.assert_allclose(h["embedding"], cur["x"][by_id[h["id"]]], atol=1e-6)
+    r = requests.get(
+        f"{site['url']}/api/search/id/{cur['ids'][3]}",
+        params={"index": "curated", "k": 4, "return_embeddings": "true"},
+        timeout=10,
+    ).json()
+    assert [len(h["embedding"]) for h in r["results"]] == [cur["x"].shape[1]] * 4
+    status, out = post(site["url"], "/api/search/vector", {"vector": q.tolist(), "index": "curated", "k": 3})
+    assert all("embedding" not in h for h in out["results"])  # only when asked
+
+
+def test_query_arithmetic_over_http_equals_numpy(site):
+    """A JSON list of weighted parts (embedding, id, image) is normalised, summed, normalised, searched."""
+    cur = site["curated"]
+    rng = np.random.default_rng(9)
+    e = rng.standard_normal(cur["x"].shape[1]) * 7.0  # any length: each part is normalised first
+    parts = [
+        {"weight": 0.7, "embedding": e.tolist()},
+        {"weight": -0.2, "id": int(cur["ids"][5])},
+        {"id": int(cur["ids"][9])},
+    ]
+    rows = np.stack([e, cur["x"][5], cur["x"][9]]).astype(np.float64)
+    q = (np.array([0.7, -0.2, 1.0])[:, None] * rows / np.linalg.norm(rows, axis=1, keepdims=True)).sum(0)
+    want = cur["ids"][numpy_order(cur["x"], q)[:8]].tolist()
+    status, out = post(site["url"], "/api/search", {"query": parts, "k": 8, "index": "curated"})
+    assert status == 200 and [h["id"] for h in out["results"]] == want
+    status, out = post(site["url"], "/knn-service", {"query": parts, "num_images": 8, "indice_name": "curated"})
+    assert status == 200 and [h["id"] for h in out] == want
+    # an image part, by upload and by a result's url, in the photos index
+    i, j = 2, 11
+    url = ContractClient(site["url"], "photos", num_images=1).query(embedding_input=site["x"][j].tolist())[0]["url"]
+    image = base64.b64encode(site["data"][int(site["ids"][i])]).decode()
+    status, out = post(
+        site["url"],
+        "/api/search",
+        {"query": [{"image": image}, {"weight": 0.5, "image_url": url}], "index": "photos", "k": K},
+    )
+    rows = np.stack([site["x_raw"][i], site["x"][j]]).astype(np.float64)
+    q = (np.array([1.0, 0.5])[:, None] * rows / np.linalg.norm(rows, axis=1, keepdims=True)).sum(0)
+    assert status == 200 and [h["id"] for h in out["results"]] == site["ids"][numpy_order(site["x"], q)[:K]].tolist()
+    for bad, message in [
+        ([{"weight": 1, "id": int(cur["ids"][1])}, {"weight": -1, "id": int(cur["ids"][1])}], "cancel out"),
+        ([{"weight": 1}], "exactly one"),
+        ([{"text": "a bird"}], "no text encoder"),
+        ([{"id": 1}], "not in index"),
+        ([{"embedding": [1.0] * 64}] * 17, "at most 16"),
+    ]:
+        status, out = post(site["url"], "/api/search", {"query": bad, "index": "curated"})
+        assert 400 <= status < 500 and message in out["error"], (bad, out)

@@ -285,6 +285,23 @@ def test_search_by_image_without_a_model_is_503_and_the_rest_still_works(served)
     assert [h["id"] for h in svc.by_id(FIRST_ID, Query(k=3))] == numpy_neighbours(served, served["x"][0], 3)
 
 
+def test_a_text_tower_that_does_not_load_is_503_without_paths(served):
+    """The index records a text tower, but its tokenizer is gone from the weights folder."""
+    from lvd.pretrain.models.weights import WeightsError
+
+    store = IndexStore.open(served["root"] / "index")
+    store.info = {**store.info, "embedder": {**store.info["embedder"], "text_tower": True}}
+
+    class NoTokenizer:
+        def embed_text(self, texts):
+            raise WeightsError("/srv/secret/models/clip has no tokenizer files")
+
+    svc = IndexService("index", store, ServeOptions(), embedder_factory=NoTokenizer)
+    with pytest.raises(ServiceError) as err:
+        svc.by_text("a cat", Query(k=3))
+    assert err.value.status == 503 and "tokenizer" in err.value.message and "/srv/secret" not in err.value.message
+
+
 def test_binds_loopback_by_default(served):
     from lvd.serve.server import bind
 

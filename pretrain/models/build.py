@@ -101,6 +101,13 @@ def model_name(name: str, weights: str | os.PathLike | None) -> str:
         return name
     if weights is None:
         raise WeightsError("model 'auto' needs a weights file that names its architecture; name the model")
+    from lvd.pretrain.models.text_towers import pair_layout
+
+    if pair_layout(weights) is not None:
+        raise WeightsError(
+            f"{weights} holds a CLIP or SigLIP model, not a registry backbone: its resolution comes from its "
+            "preprocessor_config.json (leave the resolution unset)"
+        )
     name = weights_arch_name(weights)
     if name is None:
         raise WeightsError(

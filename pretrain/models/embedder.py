@@ -7,8 +7,11 @@ holding images (the lookup service, tests); `info()` records what defines the sp
 normalise on the device and run under the chosen precision; the ONNX one
 (`onnx_embedder.OnnxEmbedder`) feeds onnxruntime in the layout its graph declares.
 
+`Embedder("auto", weights)` with weights that hold a CLIP or SigLIP pair is that pair's image
+tower (`contrastive_embedder.ContrastiveEmbedder`, which also embeds text).
+
 Imports run one way: `pixel_embedder` (the interface) <- `onnx_embedder`, `torchscript_embedder`
-<- `copy_detection` <- this module.
+<- `copy_detection`, `contrastive_embedder` <- this module.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from lvd.pretrain.models.copy_detection import build_copy_detector
 from lvd.pretrain.models.pixel_embedder import PixelEmbedder, TorchEmbedder, check_uint8_batch
 from lvd.pretrain.models.preprocess import check_resolution
 from lvd.pretrain.models.registry import get_spec
+from lvd.pretrain.models.text_towers import pair_layout
 
 __all__ = ["Embedder", "PixelEmbedder", "check_uint8_batch", "embedder_from_info"]
 
@@ -40,7 +44,17 @@ class Embedder(TorchEmbedder):
 
     With `cls_and_mean_patch` the two halves are L2-normalised separately and the result
     scaled by 1/sqrt(2), so each half weighs the same in a cosine similarity.
+
+    With name "auto" and weights holding a CLIP or SigLIP pair (a Hugging Face folder, open_clip
+    or OpenAI's release), the embedder made is that pair's `ContrastiveEmbedder` instead.
     """
+
+    def __new__(cls, name: str, weights=None, *args, **kwargs):
+        if name == "auto" and weights is not None and pair_layout(weights) is not None:
+            from lvd.pretrain.models.contrastive_embedder import ContrastiveEmbedder
+
+            return ContrastiveEmbedder(weights, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -102,6 +116,16 @@ def embedder_from_info(
             device=device,
             dtype=dtype or "auto",
             cls_and_mean_patch=bool(info.get("cls_and_mean_patch", False)),
+            resize_ratio=resize_ratio,
+        )
+    if kind == "contrastive":
+        from lvd.pretrain.models.contrastive_embedder import ContrastiveEmbedder
+
+        return ContrastiveEmbedder(
+            info["weights"],
+            resolution=info.get("resolution"),
+            device=device,
+            dtype=dtype or "auto",
             resize_ratio=resize_ratio,
         )
     if kind not in ("onnx", "torchscript"):
