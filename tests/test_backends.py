@@ -61,17 +61,20 @@ def test_assign_is_nearest_centroid(name, dtype):
     np.testing.assert_allclose(distance, d2.min(1), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_candidates_are_proven_or_recomputed():
-    """Near-ties defeat bf16 ranking; the proof must catch them and fp32 must redo those rows."""
+@pytest.mark.parametrize("near_copies,recomputed", [(400, "fp32"), (25, "bf16 retry")])
+def test_bf16_candidates_are_proven_or_recomputed(near_copies, recomputed):
+    """Near-ties defeat bf16 ranking; the proof must catch them. A few near-copies fit in a second
+    bf16 pass with 4x the candidates; hundreds of them are recomputed in fp32."""
     rng = np.random.default_rng(5)
     centre = unit_rows(1, 64, 6)
     # Many base rows almost equally similar to the query: gaps far below bf16's resolution.
-    xb = centre + 1e-4 * rng.standard_normal((400, 64)).astype(np.float32)
+    xb = centre + 1e-4 * rng.standard_normal((near_copies, 64)).astype(np.float32)
     xb = np.concatenate([xb, unit_rows(400, 64, 7)]).astype(np.float32)
     xq = centre + 1e-4 * rng.standard_normal((20, 64)).astype(np.float32)
     engine = TorchBackend("cpu", "bf16", extra_candidates=4)
     D, I = engine.search(xb, xq, 5)
-    assert engine.last_fallback_rows > 0
+    assert engine.last_retry_rows > 0
+    assert (engine.last_fallback_rows > 0) == (recomputed == "fp32")
     D_ref, I_ref = FaissBackend("cpu").search(xb, xq, 5)
     np.testing.assert_allclose(D, D_ref, atol=1e-6)
     # Identical neighbour sets wherever scores are not tied in fp32.
