@@ -44,6 +44,7 @@ from knn_graph import (  # noqa: E402
 )
 
 from lvd.common.devices import cpu_has_native_bf16  # noqa: E402
+from lvd.common.logs import setup_logging  # noqa: E402
 from lvd.index.backend_choice import choose_backend  # noqa: E402
 from lvd.index.kmeans import kmeans  # noqa: E402
 
@@ -93,6 +94,7 @@ def main():
     parser.add_argument("--user-cache", action="store_true", help="use the user's calibration cache")
     args = parser.parse_args()
     use_cache(args.user_cache)
+    setup_logging("INFO")  # auto's choices and re-checks, with every candidate's time
 
     x = fashion_mnist(args.n) if args.data == "fmnist" else embedding_like(args.n, args.d, args.seed, copies=0)
     n, d = x.shape

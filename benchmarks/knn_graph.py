@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lvd.common.devices import cpu_has_native_bf16  # noqa: E402
+from lvd.common.logs import setup_logging  # noqa: E402
 from lvd.index import backends  # noqa: E402
 from lvd.index.backend_choice import choose_backend  # noqa: E402
 from lvd.index.ivf_switch import measured_exact_max  # noqa: E402
@@ -331,6 +332,7 @@ def main():
     parser.add_argument("--user-cache", action="store_true", help="use the user's calibration cache")
     args = parser.parse_args()
     use_cache(args.user_cache)
+    setup_logging("INFO")  # auto's choices and re-checks, with every candidate's time
     n = args.n or (200_000 if args.mode == "approx" else 50_000)
     d = args.d or (384 if args.mode == "approx" else 512)
     x = fashion_mnist(n) if args.data == "fmnist" else embedding_like(n, d, args.seed)

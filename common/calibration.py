@@ -12,8 +12,9 @@ made under (the speed of a small reference matmul just before and just after it,
 average), and a cached choice is used only while the reference runs at about the same speed
 (within SPEED_TOLERANCE) and the entry is younger than MAX_AGE_S; otherwise the job measures
 again at its start (tens of milliseconds to a second) and the new result replaces the old one.
-Each candidate's time is the median of interleaved rounds, so one burst of load neither makes
-nor breaks a candidate.
+Each candidate's time is the median of interleaved rounds (each timed run right after an untimed
+one of the same candidate, as a job runs it), so one burst of load neither makes nor breaks a
+candidate.
 
 A measurement is cached by what makes its answer valid: the job and its shape, the machine
 (CPU model, torch's kernel capability, native bf16, threads, accelerator) and the library
@@ -193,15 +194,20 @@ def _load(path: Path) -> dict:
 
 
 def time_interleaved(jobs: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each job over `repeats` rounds after a warm-up round. Every round runs
-    every job, so a burst of load from another process falls on all candidates, not on one, and
-    the median keeps a single lucky or unlucky round from deciding."""
+    """Median wall time of each job over `repeats` interleaved rounds.
+
+    Every round runs every job, so a burst of load from another process falls on all candidates,
+    not on one, and the median keeps one lucky or unlucky round from deciding. Within a round each
+    job runs twice in a row and only the second run is timed: a job runs its engine continuously,
+    while an engine timed right after another pays for the other's worker threads, which spin on
+    for a while after each call (OpenBLAS, OpenMP; on 2 cores this doubled Faiss's time for a
+    search of 512 x 8192 rows after a torch one).
+    """
     names = sorted(jobs)
-    for name in names:
-        jobs[name]()
     rounds: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(max(1, repeats)):
         for name in names:
+            jobs[name]()  # settles this engine's threads (and lets the previous one's go idle)
             start = time.perf_counter()
             jobs[name]()
             rounds[name].append(time.perf_counter() - start)

@@ -147,8 +147,9 @@ def test_candidates_are_timed_by_the_median_of_interleaved_rounds(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(calibration, "time", clock)
     order = []
-    # warm-up round, then three rounds: "lucky" is once very fast but usually slow
-    durations = {"lucky": [5.0, 0.1, 3.0, 3.0], "steady": [5.0, 1.0, 1.0, 1.0]}
+    # Each round runs a candidate twice and times the second run (the first pays for the other
+    # candidate's threads); "lucky" is once very fast but usually slow.
+    durations = {"lucky": [9.0, 0.1, 9.0, 3.0, 9.0, 3.0], "steady": [9.0, 1.0, 9.0, 1.0, 9.0, 1.0]}
 
     def job(name):
         def run():
@@ -159,7 +160,7 @@ def test_candidates_are_timed_by_the_median_of_interleaved_rounds(monkeypatch):
 
     seconds = calibration.time_interleaved({"lucky": job("lucky"), "steady": job("steady")}, repeats=3)
     assert seconds == {"lucky": 3.0, "steady": 1.0}  # the best round would have picked "lucky"
-    assert order == ["lucky", "steady"] * 4  # every round runs every candidate
+    assert order == ["lucky", "lucky", "steady", "steady"] * 3  # interleaved rounds, each run twice
 
 
 def test_the_reference_matmul_measures_without_touching_the_random_state():
