@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from knn_graph import (  # noqa: E402
     auto_vs_best,
+    cached_choice,
     calibrated_under_load,
     embedding_like,
-    engine_label,
     fashion_mnist,
     load_line,
     machine_line,
@@ -144,7 +144,7 @@ def main():
     if args.calibrate_under_load:
         print(calibrated_under_load(calibrate))
     seconds, result = timed(lambda: kmeans(x, args.k, niter=args.niter, init=init, spherical=args.spherical))
-    report(f"lvd auto (lloyd, {engine_label(calibrate())})", seconds, result.inertia)
+    report(f"lvd auto (lloyd, {cached_choice('k-means assignment')})", seconds, result.inertia)
     print(auto_vs_best(seconds, explicit))
     if not args.no_sklearn:
         seconds, inertia = timed(lambda: sklearn_kmeans(x, init, args.niter))

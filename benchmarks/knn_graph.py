@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lvd.common.calibration import CACHE_FILE, cache_folder  # noqa: E402
 from lvd.common.devices import cpu_has_native_bf16  # noqa: E402
 from lvd.common.logs import setup_logging  # noqa: E402
 from lvd.index import backends  # noqa: E402
@@ -97,6 +99,15 @@ def cpu_hog(processes: int | None = None):
 
 def engine_label(engine) -> str:
     return engine.name if engine.name == "faiss" else f"torch {engine.dtype}"
+
+
+def cached_choice(task: str) -> str:
+    """The engine of the newest cached measurement of `task`: what an `auto` run just used (asking
+    choose_backend again could measure anew if the machine's load has changed meanwhile)."""
+    entries = json.loads((cache_folder() / CACHE_FILE).read_text()).values()
+    newest = max((e for e in entries if e["task"] == task), key=lambda e: e["at"])
+    name = min(newest["seconds"], key=newest["seconds"].get)
+    return name.replace("-", " ")
 
 
 def calibrated_under_load(calibrate) -> str:
@@ -229,7 +240,7 @@ def bench_exact(x, k, dtypes, with_numpy, under_load=False, compare_selection=Fa
     if under_load:
         print(calibrated_under_load(calibrate))
     t, (D, I) = timed(lambda: knn_graph(x, k, method="exact"))  # with its calibration or re-check
-    name = engine_label(calibrate())  # answered from the cache `auto` just left
+    name = cached_choice("k-NN graph")
     ident, tied = same_sets(D, I, D_ref, I_ref)
     row(f"lvd auto (chose {name})", t, t_faiss, flops, f"identical sets {ident:.4f}, ties aside {tied:.4f}")
     print(auto_vs_best(t, explicit))
