@@ -112,7 +112,7 @@ def choose_backend(
     if job_work < MIN_CALIBRATED_WORK or calibration_work > CALIBRATION_SHARE * job_work:
         name = "faiss" if "faiss" in engines else names[0]
         log.debug("%s: %s backend (job too small to repay a measurement)", task, name)
-        return engines[name]
+        return engines[agree(name, names) if agree is not None else name]  # every rank joins the vote
 
     def job(engine: VectorBackend):
         return engine.search(sample_base, sample_queries, kk, metric=metric)
