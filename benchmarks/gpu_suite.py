@@ -320,7 +320,8 @@ def main() -> int:
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
     device = resolve_device(args.device or ("cpu" if args.smoke else "auto"))
-    if device.type == "cuda":
+    if device.type == "cuda":  # an explicit index: torch.cuda.set_device and NCCL refuse a bare "cuda"
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     matmul_dtype = resolve_dtype("auto", device)
