@@ -2,9 +2,12 @@
 
 Candidates are Faiss (where its build runs on the device), torch in fp32 and torch in bf16
 (only where the hardware has native bf16: elsewhere it is emulated and never wins). Each is
-timed on a sample of the job's rows (a few thousand base rows, a few hundred queries: tens of
-milliseconds), the result is cached per machine (`lvd.common.calibration`), and the choice is
-logged with every candidate's time. All candidates return fp32-exact results (the bf16 path
+timed on a sample of the job's rows (up to 8192 base rows, enough queries for about 5e8
+multiply-adds: tens of milliseconds a run), the result is cached per machine with the
+machine's load when measured (`lvd.common.calibration`, which re-measures when that has
+changed), and the choice is logged with every candidate's time. A job too small to repay its
+calibration (the timings would cost more than CALIBRATION_SHARE of one search of the job)
+takes Faiss unmeasured. All candidates return fp32-exact results (the bf16 path
 proves or recomputes its candidates), so the choice changes speed, never the neighbours
 beyond float32 rounding of the similarities.
 """
@@ -24,11 +27,16 @@ log = logging.getLogger(__name__)
 
 #: base rows a calibration searches at most, and query rows at least / at most (sampled from the
 #: job's own rows); between them the queries fill CALIBRATION_WORK multiply-adds, so that a small
-#: base (k-means centroids) is timed on query blocks like the ones the job will run
+#: base (k-means centroids) is timed on query blocks like the ones the job will run. (Each engine
+#: is timed after a run of its own, so its cost per query is already steady at 512 queries.)
 CALIBRATION_BASE = 8192
 CALIBRATION_QUERIES = 512
 CALIBRATION_MAX_QUERIES = 16384
-CALIBRATION_WORK = 2_000_000_000
+CALIBRATION_WORK = 500_000_000
+#: interleaved rounds of the calibration (each runs every candidate twice, timing the second)
+CALIBRATION_ROUNDS = 3
+#: the most of one search of the job that its calibration may cost (all candidates, all runs)
+CALIBRATION_SHARE = 0.25
 #: below this much work (multiply-adds) a job is too small for its timing to matter or to be measured
 MIN_CALIBRATED_WORK = 50_000_000
 
@@ -99,10 +107,12 @@ def choose_backend(
     sample_queries = sample_base[:n_queries] if exclude_self else _sample(_as_f32(queries), n_queries, seed=1)
     kk = max(1, min(k, len(sample_base)))
     nq = len(sample_queries)
-    if len(sample_base) * nq * base.shape[1] < MIN_CALIBRATED_WORK:
+    job_work = len(base) * (len(base) if exclude_self else len(queries)) * base.shape[1]
+    calibration_work = len(sample_base) * nq * base.shape[1] * 2 * CALIBRATION_ROUNDS * len(engines)
+    if job_work < MIN_CALIBRATED_WORK or calibration_work > CALIBRATION_SHARE * job_work:
         name = "faiss" if "faiss" in engines else names[0]
-        log.debug("%s: %s backend (job too small to measure)", task, name)
-        return engines[name]
+        log.debug("%s: %s backend (job too small to repay a measurement)", task, name)
+        return engines[agree(name, names) if agree is not None else name]  # every rank joins the vote
 
     def job(engine: VectorBackend):
         return engine.search(sample_base, sample_queries, kk, metric=metric)
@@ -119,7 +129,7 @@ def choose_backend(
         shape,
         {n: functools.partial(job, e) for n, e in engines.items()},
         device=device,
-        repeats=3,
+        repeats=CALIBRATION_ROUNDS,
         measure=measure,
     )
     name = agree(choice.name, names) if agree is not None else choice.name

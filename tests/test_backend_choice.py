@@ -33,6 +33,13 @@ def fresh_cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+@pytest.fixture(autouse=True)
+def any_job_repays_calibration(monkeypatch):
+    """These jobs are small; the tests are about what a measurement decides, so every job measures
+    (test_jobs_that_cannot_repay_a_measurement_take_faiss checks the rule itself)."""
+    monkeypatch.setattr(backend_choice, "CALIBRATION_SHARE", float("inf"))
+
+
 @pytest.fixture
 def bf16_machine(monkeypatch):
     monkeypatch.setattr(backend_choice, "has_native_bf16", lambda device: True)
@@ -67,6 +74,22 @@ def test_a_different_machine_measures_again(fresh_cache, bf16_machine, monkeypat
     measure, calls = _fake_times({"faiss": 3.0, "torch-fp32": 2.0, "torch-bf16": 1.0})
     assert _name(choose_backend("test search", base, queries, 10, measure=measure)) == "torch-bf16"
     assert len(calls) == 3
+
+
+def test_an_engine_chosen_under_load_is_replaced_on_a_quiet_machine(fresh_cache, monkeypatch):
+    """The issue's numbers: Faiss 0.19 s and torch 0.065 s while other jobs ran; quiet, Faiss wins."""
+    monkeypatch.setattr(backend_choice, "has_native_bf16", lambda device: False)
+    x = _unit(8192, 64, 0)
+    monkeypatch.setattr(calibration, "reference_speed", lambda device: 60.0)  # other jobs share the cores
+    busy, calls = _fake_times({"faiss": 0.19, "torch-fp32": 0.065})
+    assert _name(choose_backend("k-NN graph", x, x, 64, exclude_self=True, measure=busy)) == "torch-fp32"
+    monkeypatch.setattr(calibration, "reference_speed", lambda device: 210.0)  # they have finished
+    quiet, calls = _fake_times({"faiss": 0.05, "torch-fp32": 0.065})
+    assert _name(choose_backend("k-NN graph", x, x, 64, exclude_self=True, measure=quiet)) == "faiss"
+    assert sorted(calls) == ["faiss", "torch-fp32"]  # re-checked at the job's start
+    later, calls = _fake_times({"faiss": 9.0, "torch-fp32": 9.0})
+    assert _name(choose_backend("k-NN graph", x, x, 64, exclude_self=True, measure=later)) == "faiss"
+    assert calls == []  # the quiet measurement replaced the busy one
 
 
 def test_without_native_bf16_the_emulated_path_is_never_a_candidate(monkeypatch):
@@ -135,6 +158,17 @@ def test_tiny_jobs_are_not_measured(fresh_cache, bf16_machine):
     measure, calls = _fake_times({})
     engine = choose_backend("test search", _unit(100, 8, 0), _unit(10, 8, 1), 5, measure=measure)
     assert engine.name == "faiss" and calls == []
+
+
+def test_jobs_that_cannot_repay_a_measurement_take_faiss(fresh_cache, bf16_machine, monkeypatch):
+    monkeypatch.setattr(backend_choice, "CALIBRATION_SHARE", 0.25)
+    x = _unit(20000, 128, 0)
+    measure, calls = _fake_times({"faiss": 2.0, "torch-fp32": 1.0, "torch-bf16": 1.5})
+    # a search of 512 queries costs less than timing 3 engines on a sample of it: not measured
+    assert choose_backend("test search", x, x[:512], 8, measure=measure).name == "faiss" and calls == []
+    # a k-NN graph of all the rows is 39x that search: worth its measurement
+    assert _name(choose_backend("test graph", x, x, 8, exclude_self=True, measure=measure)) == "torch-fp32"
+    assert sorted(calls) == ["faiss", "torch-bf16", "torch-fp32"]
 
 
 def test_calibration_cache_can_be_turned_off(monkeypatch):
