@@ -25,20 +25,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from lvd.index.backend_choice import choose_backend
 from lvd.index.kmeans import kmeans
 
 logger = logging.getLogger(__name__)
-
-# k-means++ seeding looks at no more than this many points per centroid.
-KMEANSPP_POINTS_PER_CENTROID = 16
-# Above this many clusters seeding costs more than it saves (k sequential passes): the
-# levels start from random rows instead, as flat k-means does.
-KMEANSPP_MAX_K = 2048
-# Up to this many seeding points, all their squared distances are computed at once (64 MiB).
-KMEANSPP_FULL_MATRIX_ROWS = 4096
 
 
 @dataclass
@@ -78,75 +69,6 @@ def _per_level(value, n_levels: int, name: str) -> list:
     if len(values) != n_levels:
         raise ValueError(f"{name} has {len(values)} entries for {n_levels} levels")
     return values
-
-
-def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int = 0, max_points: int | None = None) -> np.ndarray:
-    """Greedy k-means++ seeding on at most `max_points` rows drawn at random.
-
-    Random seeding often drops two initial centroids into one blob and none into another;
-    with the few centroids of the upper levels that loses whole concepts, so the levels are
-    seeded with k-means++ (Arthur & Vassilvitskii 2007) in its greedy form: each new seed is
-    the best, by the potential it leaves, of 2 + log k candidates drawn by D² sampling.
-    The subsample bounds the cost.
-    """
-    rng = np.random.default_rng(seed)
-    if max_points is not None and len(x) > max_points:
-        x = x[np.sort(rng.choice(len(x), max_points, replace=False))]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    sq_norms = np.einsum("ij,ij->i", x, x)
-    trials = 2 + int(np.log(k))
-    if len(x) <= KMEANSPP_FULL_MATRIX_ROWS:
-        # one square product up front; each step then only gathers rows (k thin products would
-        # each pay a threaded-BLAS start-up that dominates at this size)
-        full = np.maximum(sq_norms[:, None] - 2 * (x @ x.T) + sq_norms[None, :], 0)
-
-        def sq_dist_to(rows):
-            return full[rows]
-    else:
-        base_t = torch.from_numpy(x).T.contiguous()
-
-        def sq_dist_to(rows):  # (len(rows), n)
-            dots = (torch.from_numpy(x[rows]) @ base_t).numpy()
-            return np.maximum(sq_norms[rows][:, None] - 2 * dots + sq_norms[None, :], 0)
-
-    chosen = [int(rng.integers(len(x)))]
-    d2 = sq_dist_to([chosen[0]])[0].astype(np.float64)
-    for _ in range(1, k):
-        total = d2.sum()
-        if total <= 0:
-            candidates = rng.integers(len(x), size=trials)
-        else:
-            candidates = np.searchsorted(np.cumsum(d2), rng.random(trials) * total).clip(max=len(x) - 1)
-        new_d2 = np.minimum(d2[None, :], sq_dist_to(candidates))
-        best = int(np.argmin(new_d2.sum(1)))
-        chosen.append(int(candidates[best]))
-        d2 = new_d2[best]
-    return x[chosen].copy()
-
-
-def seed_centroids(x: np.ndarray, k: int, *, seed: int, spherical: bool) -> np.ndarray | None:
-    """k-means++ seeds of x (unit rows when spherical), or None above KMEANSPP_MAX_K (random rows)."""
-    if k > KMEANSPP_MAX_K:
-        return None
-    init = kmeans_plusplus(x, k, seed=seed, max_points=KMEANSPP_POINTS_PER_CENTROID * k)
-    if spherical:
-        init /= np.maximum(np.linalg.norm(init, axis=1, keepdims=True), 1e-12)
-    return init
-
-
-def _seeded_kmeans(x, k, *, niter, seed, spherical, backend, device, checkpoint=None):
-    init = seed_centroids(x, k, seed=seed, spherical=spherical)
-    return kmeans(
-        x,
-        k,
-        niter=niter,
-        seed=seed,
-        spherical=spherical,
-        backend=backend,
-        device=device,
-        init=init,
-        checkpoint=checkpoint,
-    )
 
 
 def nearest_centroids(
@@ -209,7 +131,7 @@ def resampled_kmeans(
     x = np.ascontiguousarray(x, dtype=np.float32)
     if k > len(x):
         raise ValueError(f"cannot make {k} clusters of {len(x)} points")
-    result = _seeded_kmeans(
+    result = kmeans(
         x, k, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device, checkpoint=checkpoint
     )
     centroids, assign, distance = result.centroids, result.assign, result.distance
@@ -218,7 +140,7 @@ def resampled_kmeans(
         picked = closest_per_cluster(assign, distance, r)
         if len(picked) < k:
             break  # fewer resampled points than clusters: nothing left to balance
-        result = _seeded_kmeans(
+        result = kmeans(
             x[picked], k, niter=niter, seed=seed + step + 1, spherical=spherical, backend=backend, device=device
         )
         centroids = result.centroids
