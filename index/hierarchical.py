@@ -10,7 +10,8 @@ data is dense (many centroids on a few over-represented concepts). The paper's r
   that many per cluster, so the union is balanced across clusters), run k-means afresh on that
   union, and re-assign every point; repeated `resampling_steps` times, this pulls centroids
   out of dense regions (a fresh start matters: the current centroids are a fixed point of
-  Lloyd's iterations on their own resampled points);
+  Lloyd's iterations on their own resampled points). The paper takes about half the level's
+  mean cluster size, and resamples no level whose half is a single point (`resample_size`);
 * balanced sampling: to draw n points, give every top-level cluster an equal share (a cluster
   smaller than its share gives all it has, the rest going to the others), split each cluster's
   share equally among its children the same way, down to the points of level 1.
@@ -108,6 +109,13 @@ def closest_per_cluster(assign: np.ndarray, distance: np.ndarray, r: int) -> np.
     return np.flatnonzero(rank_within_groups(assign, distance) < r)
 
 
+def resample_size(n: int, k: int, sample_size: int | None = None) -> int:
+    """Points kept per cluster at each resampling step: `sample_size`, or about half the mean
+    cluster size n / k (the paper's choice, `ssl-data-curation`'s configs). Below 2 there is
+    nothing to resample: k-means of one point per cluster returns those points."""
+    return int(sample_size) if sample_size else (n // k) // 2
+
+
 def resampled_kmeans(
     x: np.ndarray,
     k: int,
@@ -124,8 +132,9 @@ def resampled_kmeans(
     """k-means followed by resampling steps; returns (centroids, assign, squared distance).
 
     Each step keeps the `sample_size` points nearest to each centroid, runs k-means on them
-    from a fresh initialisation, and re-assigns all points. `sample_size` defaults to the mean
-    cluster size n // k. With `resampling_steps=0` this is flat k-means seeded by k-means++;
+    from a fresh initialisation, and re-assigns all points. `sample_size` defaults to half the
+    mean cluster size (`resample_size`). With `resampling_steps=0` this is flat k-means seeded by
+    k-means++;
     `checkpoint` (a file) lets a killed run of that first k-means resume (`index.kmeans`).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -135,8 +144,8 @@ def resampled_kmeans(
         x, k, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device, checkpoint=checkpoint
     )
     centroids, assign, distance = result.centroids, result.assign, result.distance
-    r = sample_size or max(1, len(x) // k)
-    for step in range(resampling_steps):
+    r = resample_size(len(x), k, sample_size)
+    for step in range(resampling_steps if r >= 2 else 0):
         picked = closest_per_cluster(assign, distance, r)
         if len(picked) < k:
             break  # fewer resampled points than clusters: nothing left to balance

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from lvd.common.ranks import Ranks, gather_rows, rank_slice
-from lvd.index.hierarchical import closest_per_cluster, nearest_centroids
+from lvd.index.hierarchical import closest_per_cluster, nearest_centroids, resample_size
 from lvd.index.kmeans import kmeans
 
 
@@ -65,8 +65,8 @@ def distributed_resampled_kmeans(
     centroids, assign, distance = distributed_kmeans(
         x, k, ranks, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device, checkpoint=checkpoint
     )
-    size = sample_size or max(1, len(x) // k)
-    for step in range(resampling_steps):
+    size = resample_size(len(x), k, sample_size)
+    for step in range(resampling_steps if size >= 2 else 0):
         picked = closest_per_cluster(assign, distance, size)
         if len(picked) < k:
             break  # fewer resampled points than clusters: nothing left to balance
