@@ -76,15 +76,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (0: a CPU job)")
     parser.add_argument(
-        "--tasks-per-node", type=int, default=None, help="ranks per node (default: one per GPU, or 1 without GPUs)"
+        "--tasks-per-node", type=int, default=None, help="ranks per node (none: one per GPU, or 1 without GPUs)"
     )
     parser.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per task (decoding workers)")
-    parser.add_argument("--mem-gb", type=int, default=None, help="memory per node in GiB (default: Slurm's)")
+    parser.add_argument("--mem-gb", type=int, default=None, help="memory per node in GiB (none: Slurm's)")
     parser.add_argument("--partition", default=None, help="Slurm partition")
     parser.add_argument("--constraint", default=None, help="Slurm constraint (e.g. volta32gb)")
     parser.add_argument("--time", type=int, default=2880, help="time limit in minutes; the job is requeued past it")
     parser.add_argument("--name", default="lvd", help="job name")
-    parser.add_argument("--folder", default=None, help="submitit's logs and pickles (default: RUN_DIR/submitit/%%j)")
+    parser.add_argument("--folder", default=None, help="submitit's logs and pickles (none: RUN_DIR/submitit/%%j)")
     parser.add_argument(
         "--cluster",
         choices=("auto", "slurm", "local"),

@@ -23,10 +23,13 @@ def resolve_workers(value) -> int:
 
 
 def rank_workers(value, ranks) -> int:
-    """`workers` for one rank of a torchrun group: the ranks of one host share its cores
-    (LOCAL_WORLD_SIZE ranks per host, as torchrun says; else all of them)."""
+    """`workers` for one rank of a torchrun group. The ranks of one host share its cores
+    (LOCAL_WORLD_SIZE ranks per host, as torchrun says) unless a scheduler gave each its own
+    (Slurm binds a task to its --cpus-per-task cores): then `auto` is this rank's own cores."""
     workers = resolve_workers(value)
-    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)) if ranks.world > 1 else 1
+    usable = resolve_workers("auto")
+    shared = ranks.world > 1 and usable >= (os.cpu_count() or usable)
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)) if shared else 1
     return max(1, workers // sharing) if workers else 0
 
 

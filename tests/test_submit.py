@@ -66,3 +66,18 @@ def test_a_requeued_task_resumes_instead_of_overwriting():
     task = Task("run", "/abs/cfg.yaml", ["seed=1", "overwrite=true"], "dedup")
     again = task.checkpoint().function
     assert again == Task("run", "/abs/cfg.yaml", ["seed=1"], "dedup")
+
+
+def test_ranks_of_one_host_share_its_cores_unless_bound_to_their_own(monkeypatch):
+    from lvd.common.ranks import Ranks
+    from lvd.curate import workers
+
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert workers.rank_workers("auto", Ranks(0, 8)) == 4  # torchrun: 4 ranks on 16 cores
+    assert workers.rank_workers(2, Ranks(0, 8)) == 1
+    assert workers.rank_workers(0, Ranks(0, 8)) == 0  # in-process stays in-process
+    assert workers.rank_workers("auto", Ranks()) == 16
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert workers.rank_workers("auto", Ranks(0, 8)) == 4  # a Slurm task bound to its 4 cores
