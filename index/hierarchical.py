@@ -32,6 +32,9 @@ from lvd.index.kmeans import kmeans
 
 logger = logging.getLogger(__name__)
 
+# Lloyd iterations per level in the paper (and ssl-data-curation's configs): 50.
+PAPER_NITER = 50
+
 
 @dataclass
 class Hierarchy:
