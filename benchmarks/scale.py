@@ -8,10 +8,17 @@ seconds, the peak RSS of that subprocess (its VmHWM), the recall of the planted 
 pairs (a pair counts when dedup put both in one component; every planted pair is above the
 threshold in exact search by construction) and the growth exponent between consecutive sizes.
 
+`--images N` measures instead the stages that read every image, per machine: N web-sized JPEGs
+(crops of the photos scikit-image and scikit-learn ship, shorter side 360-720 px, quality 85-95)
+in a folder, `lvd manifest` over them (read, sha1, decode), then `lvd shards` writing all of them
+(read, sha1 check, tar), each as one process with `workers: auto` and under torchrun with that
+many ranks on this machine (`--ranks`), in images/s and MB/s of source bytes.
+
     flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/scale.py --sizes 100000 300000
     flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/scale.py --sizes 1000000 3000000   # long
     .venv/bin/python benchmarks/scale.py --sizes 10000000 --stages dedup --keep   # then:
     .venv/bin/python benchmarks/scale.py --sizes 10000000 --stages cluster retrieve --reuse
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/scale.py --images 8000 --ranks 1 2
 """
 
 from __future__ import annotations
@@ -247,6 +254,93 @@ def faiss_comparison(run: Path, pairs: np.ndarray, queries: int) -> None:
     )
 
 
+def write_images(folder: Path, n: int, seed: int = 0) -> int:
+    """n JPEGs cut from the packaged sample photos, as a web crawl would hold them; returns their bytes."""
+
+    from lvd.curate.demo.photo_edits import package_photos
+
+    photos = list(package_photos().values())
+    rng = np.random.default_rng(seed)
+    total = 0
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        side = int(rng.integers(360, 721))
+        scale = side / min(cw, ch)
+        img = photo.crop((x, y, x + cw, y + ch)).resize((max(1, round(cw * scale)), max(1, round(ch * scale))))
+        path = folder / f"{i // 4096:04d}" / f"img-{i:07d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, "JPEG", quality=int(rng.integers(85, 96)))
+        total += path.stat().st_size
+    return total
+
+
+def select_everything(run: Path) -> None:
+    """retrieve/neighbors.parquet naming every pool image once, so that `lvd shards` writes them all."""
+    ids = pd.read_parquet(run / "manifest", columns=["id", "status"]).query("status == 'ok'")["id"].to_numpy()
+    frame = pd.DataFrame(
+        {
+            "seed_set": "all",
+            "seed_id": np.int64(0),
+            "id": ids,
+            "rank": np.arange(1, len(ids) + 1, dtype=np.int64),
+            "similarity": np.float32(1.0),
+            "mode": "sample",
+            "cluster": np.int64(0),
+            "floor": np.float32(0.0),
+        }
+    )
+    (run / "retrieve").mkdir(exist_ok=True)
+    frame.to_parquet(run / "retrieve" / "neighbors.parquet", index=False)
+    write_success(run / "retrieve", rows=len(frame))
+
+
+def run_ranks(stage: str, run: Path, ranks: int, overrides: list[str]) -> float:
+    """Wall seconds of `python -m lvd.curate.STAGE` under `torchrun --nproc-per-node RANKS`."""
+    config = run / f"{stage}-{ranks}.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "lvd.curate.cli", "config", "default", *overrides], capture_output=True, text=True
+    )
+    config.write_text(done.stdout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    started = time.perf_counter()
+    done = subprocess.run([*cmd, "-m", f"lvd.curate.{stage}", str(config)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"torchrun lvd.curate.{stage} failed: {done.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def image_throughput(args) -> None:
+    """manifest and shards over real JPEGs: images/s and MB/s per machine (see the docstring)."""
+    work = Path(args.work) / f"images{args.images}"
+    pool = work / "pool"
+    if not pool.is_dir():
+        started = time.perf_counter()
+        size = write_images(pool, args.images)
+        print(f"wrote {args.images} JPEGs, {size / 1e6:.0f} MB, in {time.perf_counter() - started:.0f} s", flush=True)
+    size = sum(p.stat().st_size for p in pool.rglob("*.jpg"))
+    print(
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores; {args.images} JPEGs, "
+        f"{size / args.images / 1e3:.0f} kB each on average"
+    )
+    print(f"{'stage':>9s} {'ranks':>6s} {'wall s':>9s} {'images/s':>9s} {'MB/s':>7s} {'peak GiB':>9s}")
+    for ranks in args.ranks:
+        run = work / f"run-{ranks}"
+        shutil.rmtree(run, ignore_errors=True)
+        common = [f"run_dir={run}", f'sources.pool=["{pool}"]', "progress=false", "shards.select=retrieve"]
+        for stage in ("manifest", "shards"):
+            if stage == "shards":
+                select_everything(run)
+            if ranks == 1:
+                wall, peak = run_stage(stage, run, common[1:])
+            else:
+                wall, peak = run_ranks(stage, run, ranks, common + ["workers=auto"]), float("nan")
+            rate = args.images / wall
+            print(f"{stage:>9s} {ranks:6d} {wall:9.1f} {rate:9.1f} {size / wall / 1e6:7.1f} {peak:9.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000])
@@ -267,7 +361,12 @@ def main() -> None:
         action="store_true",
         help="run the stages on a run folder that an earlier --keep left (not written afresh)",
     )
+    ap.add_argument("--images", type=int, default=0, help="measure manifest and shards over this many JPEGs instead")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="--images: torchrun ranks on this machine")
     args = ap.parse_args()
+    if args.images:
+        image_throughput(args)
+        return
     print(
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}, "
         f"{os.cpu_count()} cores; d = {D}, planted pairs = 1 % of n, threshold {THRESHOLD}, cluster.k {CLUSTERS}, "

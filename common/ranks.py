@@ -3,13 +3,17 @@
 A run without torchrun is a single `Ranks()` and never touches torch.distributed, so the vector
 code that takes a `Ranks` (distributed k-means in `lvd.index`) runs the same in one process.
 `join_group` is lvd's one way into the group torchrun describes (the stages and the trainer).
+A task of a Slurm job (`lvd submit`, through submitit) describes itself in Slurm's variables
+instead; `export_job_environment` writes torchrun's variables from them, so the same
+`join_group` joins there too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import random
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -66,6 +70,54 @@ def torchrun_group(device="cpu") -> Iterator[Ranks]:
         yield ranks
     finally:
         leave_group(ranks)
+
+
+# The variables torchrun sets for each rank, which torch.distributed's env:// initialisation reads.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_variables(
+    *, rank: int, world: int, local_rank: int, nodes: int, master_addr: str, job_id: str
+) -> dict[str, str]:
+    """torchrun's variables for one task of a job of `world` tasks on `nodes` nodes (as many per
+    node). The rendezvous is the job's first node at a port drawn from the job id, so that every
+    task of the job names the same one and two jobs on one node rarely collide."""
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(local_rank),
+        "LOCAL_WORLD_SIZE": str(max(1, world // max(1, nodes))),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(random.Random(job_id).randint(20000, 59999)),
+    }
+
+
+def job_variables() -> dict[str, str]:
+    """torchrun's variables for this task of a submitit job, from its scheduler's own (Slurm's
+    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NUM_NODES, SLURM_JOB_NODELIST and
+    SLURM_JOB_ID, whose node list submitit expands; or the local executor's equivalents)."""
+    import submitit
+
+    job = submitit.JobEnvironment()
+    return launch_variables(
+        rank=job.global_rank,
+        world=job.num_tasks,
+        local_rank=job.local_rank,
+        nodes=job.num_nodes,
+        master_addr=job.hostnames[0],
+        job_id=str(job.job_id),
+    )
+
+
+def export_job_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Write `job_variables` into the environment (a MASTER_PORT already there is kept) so that
+    `join_group` joins the job's group; returns what was written."""
+    environ = os.environ if environ is None else environ
+    variables = job_variables()
+    if "MASTER_PORT" in environ:
+        variables["MASTER_PORT"] = environ["MASTER_PORT"]
+    environ.update(variables)
+    return variables
 
 
 def rank_device(device, ranks: Ranks) -> torch.device:

@@ -16,9 +16,7 @@ from collections.abc import Callable, Sequence
 from lvd.common.errors import run_command
 from lvd.common.logs import setup_logging
 from lvd.curate.config import load_config
-
-# The pipeline, in order. `lvd run` goes through them all, skipping finished ones.
-STAGES = ("manifest", "embed", "dedup", "cluster", "retrieve", "shards", "report")
+from lvd.curate.run import STAGES, run_stage  # noqa: F401 (the pipeline's order and runner, read here by the demo)
 
 STAGE_HELP = {
     "manifest": "list every input, hash and decode it; quarantine what cannot be used",
@@ -67,12 +65,6 @@ def _pipeline_config(args, defaults: str = "default"):
     return cfg
 
 
-def run_stage(name: str, cfg):
-    func = _function(f"lvd.curate.{name}:run_{name}")
-    log.info("stage %s", name)
-    return func(cfg)
-
-
 def cmd_stage(args) -> int:
     cfg = _pipeline_config(args)
     out = run_stage(args.stage, cfg)
@@ -81,15 +73,16 @@ def cmd_stage(args) -> int:
 
 
 def cmd_run(args) -> int:
-    cfg = _pipeline_config(args)
-    stages = STAGES[: STAGES.index(args.until) + 1] if args.until else STAGES
-    if "dedup" in stages:  # stop now, not after hours of embedding, when dedup would lack a threshold
-        from lvd.curate.dedup_space import check_before_run
+    from lvd.curate.run import run_pipeline
 
-        check_before_run(cfg)
-    for name in stages:
-        out = run_stage(name, cfg)
-        print(f"{name}: {out}")
+    run_pipeline(_pipeline_config(args), args.until)
+    return EXIT_OK
+
+
+def cmd_submit(args) -> int:
+    from lvd.curate.submit import submit
+
+    submit(args)
     return EXIT_OK
 
 
@@ -147,6 +140,17 @@ def _add_pipeline(sub) -> None:
         stage = sub.add_parser(name, help=STAGE_HELP[name], formatter_class=_formatter)
         _config_args(stage)
         stage.set_defaults(func=cmd_stage, stage=name)
+
+    submit = sub.add_parser(
+        "submit",
+        help="run the pipeline (or pretrain) on a Slurm cluster through submitit, every task a torch.distributed rank",
+        formatter_class=_formatter,
+    )
+    _config_args(submit)
+    from lvd.curate.submit import add_arguments
+
+    add_arguments(submit)
+    submit.set_defaults(func=cmd_submit)
 
 
 def _add_demo(sub) -> None:

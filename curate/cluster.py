@@ -44,7 +44,13 @@ from lvd.common.run_folder import curated_pool_ids, embed_dir, embedding_ids, re
 from lvd.curate.config import ConfigError, as_list
 from lvd.curate.selection import balanced_size, uses_balanced
 from lvd.curate.stage import Stage, open_stage, torchrun_main, write_frame, write_success
-from lvd.index.hierarchical import Hierarchy, balanced_sample, hierarchical_kmeans, resampled_kmeans
+from lvd.index.hierarchical import (
+    PAPER_NITER,
+    Hierarchy,
+    balanced_sample,
+    hierarchical_kmeans,
+    resampled_kmeans,
+)
 from lvd.index.io import EmbeddingRows, IdRows
 from lvd.index.kmeans_distributed import distributed_kmeans, distributed_resampled_kmeans
 from lvd.index.kmeans_sampled import DISTANCE_BLOCK, sampled_kmeans, squared_distances, training_rows
@@ -71,6 +77,14 @@ class Clustering:
     trained_on: int
 
 
+def cluster_niter(c) -> int:
+    """`cluster.niter`: a number, or auto = 50 per level for hierarchical k-means (Vo et al. 2024),
+    20 for flat (Faiss's default)."""
+    if str(c.niter) != "auto":
+        return int(c.niter)
+    return PAPER_NITER if c.method == "hierarchical" else 20
+
+
 def cluster_settings(cfg) -> dict:
     c = cfg.cluster
     if c.method not in ("flat", "hierarchical"):
@@ -79,7 +93,7 @@ def cluster_settings(cfg) -> dict:
     return {
         "method": str(c.method),
         "ks": ks,
-        "niter": int(c.niter),
+        "niter": cluster_niter(c),
         "spherical": bool(c.spherical),
         "resample_steps": as_list(c.resample_steps),
         "resample_size": as_list(c.resample_size),
@@ -107,7 +121,7 @@ def read_pool(run_dir: Path) -> tuple[int, np.ndarray, EmbeddingRows]:
 def _kmeans_options(cfg, stage: Stage) -> dict:
     c = cfg.cluster
     device = str(rank_device(str(c.device), stage.ranks))
-    return dict(niter=int(c.niter), spherical=bool(c.spherical), backend=str(c.backend), device=device)
+    return dict(niter=cluster_niter(c), spherical=bool(c.spherical), backend=str(c.backend), device=device)
 
 
 def flat_kmeans(cfg, stage: Stage, view: EmbeddingRows, k: int, train) -> Clustering:

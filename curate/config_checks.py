@@ -77,7 +77,7 @@ CHECKS: dict[str, Check] = {
     "decontam.threshold": number(words=("auto",)),
     "cluster.k": integer(lo=1),
     "cluster.method": choice("flat", "hierarchical"),
-    "cluster.niter": integer(lo=1),
+    "cluster.niter": lambda v: None if v == "auto" else integer(lo=1)(v),
     "cluster.spherical": boolean,
     "cluster.balanced_sample": lambda v: None if v == "auto" else integer(lo=0)(v),
     "cluster.backend": choice(*BACKENDS),

@@ -7,6 +7,12 @@ mapper  : worker processes read each file, hash its bytes and decode it (JPEGs a
           `curate.manifest_rows`;
 writer  : the parent writes each part atomically as soon as all of its rows are in.
 
+Under torchrun (`python -m lvd.curate.manifest CONFIG`) every rank lists the same tasks and
+decodes its round-robin share of the parts left to do with its own worker processes (the
+host's cores shared among its ranks); rank 0 checks the ids and commits once every rank has
+staged its parts. A part's name and bytes depend only on its task, never on the rank count, so
+the folder is byte for byte the one a single process writes.
+
 Each part is a part of the stage runner (`curate.stage`) whose fingerprint is its task's (inputs,
 file sizes and times, decoding limits): a rerun skips every part whose fingerprint still
 matches, so nothing new means no work, and a killed run resumes from the parts it staged and
@@ -19,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +46,8 @@ from lvd.common.run_folder import (  # noqa: F401 (the manifest's readers, where
 from lvd.curate import sources as src
 from lvd.curate.config import as_list, named_sources
 from lvd.curate.manifest_rows import OK, QUARANTINED, DecodeSettings, process_unit, stable_id
-from lvd.curate.stage import Parts, open_stage, write_table
-from lvd.curate.workers import process_map, resolve_workers, show_progress
+from lvd.curate.stage import Parts, Stage, open_stage, torchrun_main, write_table
+from lvd.curate.workers import process_map, rank_workers, show_progress
 
 log = logging.getLogger(__name__)
 
@@ -190,66 +197,72 @@ def decode_settings(cfg) -> DecodeSettings:
     )
 
 
-def write_parts(cfg, todo: list[Task], parts: Parts, settings: DecodeSettings) -> int:
-    """Read, hash and decode every input of the tasks in worker processes; stage each part as soon
-    as all of its rows are in. Returns the number of rows decoded."""
+def write_parts(cfg, todo: list[Task], parts: Parts, settings: DecodeSettings, workers: int, rank: int) -> None:
+    """Read, hash and decode every input of the tasks in worker processes; stage each part (and
+    its marker, which counts its rows) as soon as all of its rows are in."""
     remaining = {t.index: _unit_count(t) for t in todo}
     collected: dict[int, dict[int, list[dict]]] = {t.index: {} for t in todo}
     by_index = {t.index: t for t in todo}
-    decoded = 0
     with tqdm(
         total=sum(len(t.keys) for t in todo if t.kind != src.TAR) or None,
         unit="img",
         desc="manifest",
-        disable=not show_progress(cfg.progress),
+        disable=not show_progress(cfg.progress) or rank != 0,
     ) as bar:
-        for task_index, unit_no, rows in process_map(
-            process_unit, list(_units(todo, settings)), resolve_workers(cfg.workers)
-        ):
+        for task_index, unit_no, rows in process_map(process_unit, list(_units(todo, settings)), workers):
             collected[task_index][unit_no] = rows
             remaining[task_index] -= 1
-            decoded += len(rows)
             bar.update(len(rows))
             if remaining[task_index] == 0:
                 units, task = collected.pop(task_index), by_index[task_index]
-                write_part(parts.path(task.part, task.part_name), [row for n in sorted(units) for row in units[n]])
-                parts.done(task.part)
-    return decoded
+                part_rows = [row for n in sorted(units) for row in units[n]]
+                write_part(parts.path(task.part, task.part_name), part_rows)
+                parts.done(task.part, rows=len(part_rows))
 
 
 def run_manifest(cfg) -> Path:
     """List, read, hash and decode every input; write manifest parts and _SUCCESS.json."""
     settings = decode_settings(cfg)
-    with open_stage(cfg, STAGE) as stage:
+    with open_stage(cfg, STAGE, device="cpu") as stage:
         tasks = plan_tasks(cfg, settings, int(cfg.manifest.part_size))
         parts = stage.parts({t.part: (stage.fingerprint_of(t.fingerprint), [t.part_name]) for t in tasks})
         if stage.up_to_date:
             log.info("manifest: %d parts up to date, nothing to do", len(tasks))
             return stage.folder
-        todo = set(parts.todo)
+        mine, ranks = set(parts.mine), stage.ranks
         log.info(
-            "manifest: %d tasks, %d to (re)do, %d staged by an interrupted run",
+            "manifest: %d tasks, %d to (re)do, %d staged by an interrupted run%s",
             len(tasks),
-            len(todo),
-            len(parts.fresh) - len(todo),
+            len(parts.todo),
+            len(parts.fresh) - len(parts.todo),
+            f"; {len(mine)} on rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "",
         )
-        decoded = write_parts(cfg, [t for t in tasks if t.part in todo], parts, settings)
-        columns = ["id", "set", "source", "key", "status"]
-        frame = pd.concat(
-            [pq.read_table(parts.current(t.part, t.part_name), columns=columns).to_pandas() for t in tasks]
-            or [pd.DataFrame(columns=columns)],
-            ignore_index=True,
-        )
-        _check_unique_ids(frame)  # before anything is replaced
-        counts = frame.groupby(["set", "status"]).size()
-        stage.commit(
-            parts=len(tasks),
-            parts_written=len(parts.fresh),
-            rows=int(len(frame)),
-            rows_decoded_this_run=decoded,
-            counts={f"{s}/{st}": int(n) for (s, st), n in counts.items()},
-            workers=resolve_workers(cfg.workers),
-        )
+        workers = rank_workers(cfg.workers, ranks)
+        write_parts(cfg, [t for t in tasks if t.part in mine], parts, settings, workers, ranks.rank)
+        if ranks.rank != 0:  # rank 0 checks and commits every rank's parts
+            return stage.commit()
+        return commit_manifest(stage, tasks, parts, workers)
+
+
+def commit_manifest(stage: Stage, tasks: list[Task], parts: Parts, workers: int) -> Path:
+    """Once every rank has staged its parts: refuse an id shared by two inputs, count, commit."""
+    stage.settle()
+    columns = ["id", "set", "source", "key", "status"]
+    frame = pd.concat(
+        [pq.read_table(parts.current(t.part, t.part_name), columns=columns).to_pandas() for t in tasks]
+        or [pd.DataFrame(columns=columns)],
+        ignore_index=True,
+    )
+    _check_unique_ids(frame)  # before anything is replaced
+    counts = frame.groupby(["set", "status"]).size()
+    stage.commit(
+        parts=len(tasks),
+        parts_written=len(parts.fresh),
+        rows=int(len(frame)),
+        rows_decoded_this_run=sum(int(parts.info(name).get("rows", 0)) for name in parts.todo),
+        counts={f"{s}/{st}": int(n) for (s, st), n in counts.items()},
+        workers_per_rank=workers,
+    )
     log.info("manifest: %d rows (%d ok) in %d parts", len(frame), int((frame.status == OK).sum()), len(tasks))
     return stage.folder
 
@@ -259,6 +272,11 @@ def _check_unique_ids(frame: pd.DataFrame) -> None:
     if len(dup):
         sample = dup.sort_values("id").head(6)[["id", "set", "source", "key"]].to_dict("records")
         raise InputFormatError(f"manifest id collision between different inputs (rename one of them): {sample}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lvd.curate.manifest CONFIG [key=value ...]`: the entry point for torchrun."""
+    return torchrun_main(run_manifest, "lvd.curate.manifest", argv)
 
 
 __all__ = [
@@ -272,3 +290,7 @@ __all__ = [
     "OK",
     "QUARANTINED",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

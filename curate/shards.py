@@ -13,6 +13,10 @@ Each shard (its tar and its parquet) is a part of the stage runner (`curate.stag
 fingerprint is that of its samples and the writing settings. The shard plan depends only on the
 inputs and the config, so a rerun rewrites exactly the shards that are missing or out of date,
 byte for byte as before.
+
+Under torchrun (`python -m lvd.curate.shards CONFIG`) every rank plans the same shards and writes
+its round-robin share of those left to do; rank 0 commits once every rank has staged its shards.
+The plan never depends on the rank count, so the folder is byte for byte one process's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +37,8 @@ from lvd.common.errors import InputFormatError
 from lvd.common.run_folder import manifest_sets, read_manifest, read_neighbors
 from lvd.curate.selection import balanced_provenance, resolve_select
 from lvd.curate.shard_writer import ShardSpec, write_shard
-from lvd.curate.stage import Parts, open_stage, write_table
-from lvd.curate.workers import process_map, resolve_workers, show_progress
+from lvd.curate.stage import Parts, open_stage, torchrun_main, write_table
+from lvd.curate.workers import process_map, rank_workers, show_progress
 
 log = logging.getLogger(__name__)
 
@@ -251,28 +256,25 @@ def _spec(path: Path, frame: pd.DataFrame, cfg) -> ShardSpec:
     )
 
 
-def write_shards(cfg, frames: dict[str, pd.DataFrame], parts: Parts) -> int:
-    """Worker processes write the tars of the parts left to do; the parent stages each one's
-    parquet and marker once its tar is in place. Returns the bytes written."""
-    todo = {name: frames[name] for name in parts.todo}
-    specs = [_spec(parts.path(name, f"{name}.tar"), frame, cfg) for name, frame in todo.items()]
-    by_path = {spec.path: name for spec, name in zip(specs, todo)}
-    written = 0
-    with tqdm(total=len(specs), unit="shard", desc="shards", disable=not show_progress(cfg.progress)) as bar:
-        for path, _count, size in process_map(write_shard, specs, resolve_workers(cfg.workers)):
+def write_shards(cfg, frames: dict[str, pd.DataFrame], parts: Parts, ranks) -> None:
+    """Worker processes write the tars of this rank's share of the shards left to do; the parent
+    stages each one's parquet and marker (which records the tar's size) once its tar is in place."""
+    mine = {name: frames[name] for name in parts.mine}
+    specs = [_spec(parts.path(name, f"{name}.tar"), frame, cfg) for name, frame in mine.items()]
+    by_path = {spec.path: name for spec, name in zip(specs, mine)}
+    show = show_progress(cfg.progress) and ranks.rank == 0
+    with tqdm(total=len(specs), unit="shard", desc="shards", disable=not show) as bar:
+        for path, _count, size in process_map(write_shard, specs, rank_workers(cfg.workers, ranks)):
             name = by_path[path]
-            _write_index(parts.path(name, f"{name}.parquet"), todo[name])
-            parts.done(
-                name, content=parts.plan[name][0]
-            )  # the fingerprint names the bytes: the writer is deterministic
-            written += size
+            _write_index(parts.path(name, f"{name}.parquet"), mine[name])
+            # the fingerprint names the bytes: the writer is deterministic
+            parts.done(name, content=parts.plan[name][0], bytes=int(size))
             bar.update(1)
-    return written
 
 
 def run_shards(cfg) -> Path:
     """Write every shard that is missing or out of date; then _SUCCESS.json."""
-    with open_stage(cfg, STAGE, optional=("manifest", "cluster", "retrieve")) as stage:
+    with open_stage(cfg, STAGE, optional=("manifest", "cluster", "retrieve"), device="cpu") as stage:
         samples, classes = build_samples(cfg, stage.run_dir)
         sizes = samples["bytes"].to_numpy() if len(samples) else np.zeros(0)
         ranges = plan_shards(sizes, int(cfg.shards.max_count), int(cfg.shards.max_bytes))
@@ -285,8 +287,11 @@ def run_shards(cfg) -> Path:
         if stage.up_to_date:
             log.info("shards: %d shards up to date", len(ranges))
             return stage.folder
-        written = write_shards(cfg, frames, parts)
+        write_shards(cfg, frames, parts, stage.ranks)
+        if stage.ranks.rank != 0:  # rank 0 commits every rank's shards
+            return stage.commit()
         atomic_write_json(stage.path("classes.json"), {"classes": classes})
+        written = sum(int(parts.info(name).get("bytes", 0)) for name in parts.todo)
         selected = {
             name: int(samples["selected_by"].str.contains(name).sum()) if len(samples) else 0
             for name in ("retrieve", "balanced")
@@ -302,3 +307,12 @@ def run_shards(cfg) -> Path:
         )
     log.info("shards: %d samples in %d shards (%d written)", len(samples), len(ranges), len(parts.fresh))
     return stage.folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lvd.curate.shards CONFIG [key=value ...]`: the entry point for torchrun."""
+    return torchrun_main(run_shards, "lvd.curate.shards", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,6 +22,17 @@ def resolve_workers(value) -> int:
     return max(0, int(value))
 
 
+def rank_workers(value, ranks) -> int:
+    """`workers` for one rank of a torchrun group. The ranks of one host share its cores
+    (LOCAL_WORLD_SIZE ranks per host, as torchrun says) unless a scheduler gave each its own
+    (Slurm binds a task to its --cpus-per-task cores): then `auto` is this rank's own cores."""
+    workers = resolve_workers(value)
+    usable = resolve_workers("auto")
+    shared = ranks.world > 1 and usable >= (os.cpu_count() or usable)
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)) if shared else 1
+    return max(1, workers // sharing) if workers else 0
+
+
 def show_progress(value) -> bool:
     """`progress` from the config: "auto"/None = only when stderr is a terminal."""
     if value in (None, "auto"):
@@ -38,4 +49,4 @@ def process_map(fn: Callable, items: Sequence, workers: int) -> Iterator:
         yield from pool.map(fn, items, chunksize=1)
 
 
-__all__ = ["resolve_workers", "show_progress", "process_map"]
+__all__ = ["resolve_workers", "rank_workers", "show_progress", "process_map"]

@@ -10,7 +10,8 @@ data is dense (many centroids on a few over-represented concepts). The paper's r
   that many per cluster, so the union is balanced across clusters), run k-means afresh on that
   union, and re-assign every point; repeated `resampling_steps` times, this pulls centroids
   out of dense regions (a fresh start matters: the current centroids are a fixed point of
-  Lloyd's iterations on their own resampled points);
+  Lloyd's iterations on their own resampled points). The paper takes about half the level's
+  mean cluster size, and resamples no level whose half is a single point (`resample_size`);
 * balanced sampling: to draw n points, give every top-level cluster an equal share (a cluster
   smaller than its share gives all it has, the rest going to the others), split each cluster's
   share equally among its children the same way, down to the points of level 1.
@@ -25,20 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from lvd.index.backend_choice import choose_backend
 from lvd.index.kmeans import kmeans
 
 logger = logging.getLogger(__name__)
 
-# k-means++ seeding looks at no more than this many points per centroid.
-KMEANSPP_POINTS_PER_CENTROID = 16
-# Above this many clusters seeding costs more than it saves (k sequential passes): the
-# levels start from random rows instead, as flat k-means does.
-KMEANSPP_MAX_K = 2048
-# Up to this many seeding points, all their squared distances are computed at once (64 MiB).
-KMEANSPP_FULL_MATRIX_ROWS = 4096
+# Lloyd iterations per level in the paper (and ssl-data-curation's configs): 50.
+PAPER_NITER = 50
 
 
 @dataclass
@@ -80,75 +75,6 @@ def _per_level(value, n_levels: int, name: str) -> list:
     return values
 
 
-def kmeans_plusplus(x: np.ndarray, k: int, *, seed: int = 0, max_points: int | None = None) -> np.ndarray:
-    """Greedy k-means++ seeding on at most `max_points` rows drawn at random.
-
-    Random seeding often drops two initial centroids into one blob and none into another;
-    with the few centroids of the upper levels that loses whole concepts, so the levels are
-    seeded with k-means++ (Arthur & Vassilvitskii 2007) in its greedy form: each new seed is
-    the best, by the potential it leaves, of 2 + log k candidates drawn by D² sampling.
-    The subsample bounds the cost.
-    """
-    rng = np.random.default_rng(seed)
-    if max_points is not None and len(x) > max_points:
-        x = x[np.sort(rng.choice(len(x), max_points, replace=False))]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    sq_norms = np.einsum("ij,ij->i", x, x)
-    trials = 2 + int(np.log(k))
-    if len(x) <= KMEANSPP_FULL_MATRIX_ROWS:
-        # one square product up front; each step then only gathers rows (k thin products would
-        # each pay a threaded-BLAS start-up that dominates at this size)
-        full = np.maximum(sq_norms[:, None] - 2 * (x @ x.T) + sq_norms[None, :], 0)
-
-        def sq_dist_to(rows):
-            return full[rows]
-    else:
-        base_t = torch.from_numpy(x).T.contiguous()
-
-        def sq_dist_to(rows):  # (len(rows), n)
-            dots = (torch.from_numpy(x[rows]) @ base_t).numpy()
-            return np.maximum(sq_norms[rows][:, None] - 2 * dots + sq_norms[None, :], 0)
-
-    chosen = [int(rng.integers(len(x)))]
-    d2 = sq_dist_to([chosen[0]])[0].astype(np.float64)
-    for _ in range(1, k):
-        total = d2.sum()
-        if total <= 0:
-            candidates = rng.integers(len(x), size=trials)
-        else:
-            candidates = np.searchsorted(np.cumsum(d2), rng.random(trials) * total).clip(max=len(x) - 1)
-        new_d2 = np.minimum(d2[None, :], sq_dist_to(candidates))
-        best = int(np.argmin(new_d2.sum(1)))
-        chosen.append(int(candidates[best]))
-        d2 = new_d2[best]
-    return x[chosen].copy()
-
-
-def seed_centroids(x: np.ndarray, k: int, *, seed: int, spherical: bool) -> np.ndarray | None:
-    """k-means++ seeds of x (unit rows when spherical), or None above KMEANSPP_MAX_K (random rows)."""
-    if k > KMEANSPP_MAX_K:
-        return None
-    init = kmeans_plusplus(x, k, seed=seed, max_points=KMEANSPP_POINTS_PER_CENTROID * k)
-    if spherical:
-        init /= np.maximum(np.linalg.norm(init, axis=1, keepdims=True), 1e-12)
-    return init
-
-
-def _seeded_kmeans(x, k, *, niter, seed, spherical, backend, device, checkpoint=None):
-    init = seed_centroids(x, k, seed=seed, spherical=spherical)
-    return kmeans(
-        x,
-        k,
-        niter=niter,
-        seed=seed,
-        spherical=spherical,
-        backend=backend,
-        device=device,
-        init=init,
-        checkpoint=checkpoint,
-    )
-
-
 def nearest_centroids(
     x, centroids: np.ndarray, backend: str, device: str, block_rows: int = 65536
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +112,13 @@ def closest_per_cluster(assign: np.ndarray, distance: np.ndarray, r: int) -> np.
     return np.flatnonzero(rank_within_groups(assign, distance) < r)
 
 
+def resample_size(n: int, k: int, sample_size: int | None = None) -> int:
+    """Points kept per cluster at each resampling step: `sample_size`, or about half the mean
+    cluster size n / k (the paper's choice, `ssl-data-curation`'s configs). Below 2 there is
+    nothing to resample: k-means of one point per cluster returns those points."""
+    return int(sample_size) if sample_size else (n // k) // 2
+
+
 def resampled_kmeans(
     x: np.ndarray,
     k: int,
@@ -202,23 +135,24 @@ def resampled_kmeans(
     """k-means followed by resampling steps; returns (centroids, assign, squared distance).
 
     Each step keeps the `sample_size` points nearest to each centroid, runs k-means on them
-    from a fresh initialisation, and re-assigns all points. `sample_size` defaults to the mean
-    cluster size n // k. With `resampling_steps=0` this is flat k-means seeded by k-means++;
+    from a fresh initialisation, and re-assigns all points. `sample_size` defaults to half the
+    mean cluster size (`resample_size`). With `resampling_steps=0` this is flat k-means seeded by
+    k-means++;
     `checkpoint` (a file) lets a killed run of that first k-means resume (`index.kmeans`).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if k > len(x):
         raise ValueError(f"cannot make {k} clusters of {len(x)} points")
-    result = _seeded_kmeans(
+    result = kmeans(
         x, k, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device, checkpoint=checkpoint
     )
     centroids, assign, distance = result.centroids, result.assign, result.distance
-    r = sample_size or max(1, len(x) // k)
-    for step in range(resampling_steps):
+    r = resample_size(len(x), k, sample_size)
+    for step in range(resampling_steps if r >= 2 else 0):
         picked = closest_per_cluster(assign, distance, r)
         if len(picked) < k:
             break  # fewer resampled points than clusters: nothing left to balance
-        result = _seeded_kmeans(
+        result = kmeans(
             x[picked], k, niter=niter, seed=seed + step + 1, spherical=spherical, backend=backend, device=device
         )
         centroids = result.centroids

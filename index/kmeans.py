@@ -6,8 +6,10 @@ Choices that make runs comparable and repeatable:
 * Lloyd's assignment step keeps bounds (see `_Assignment`): rows that provably keep their
   centroid skip the search, which is where the speed over Faiss's `Kmeans` comes from; the
   result is the same as searching every row.
-* Initial centroids are k distinct rows drawn with `seed` (or `init`), the same for every
-  backend and every rank count, so backends can be compared iteration for iteration.
+* Initial centroids are greedy k-means++ seeds (`index.kmeans_seeding`: scikit-learn's
+  algorithm, on a seeded sample of the rows once n x k is large), or `init`: the same for every backend
+  and every rank count, so backends can be compared iteration for iteration and N ranks equal
+  one process.
 * Faiss never sub-samples silently: `max_points_per_centroid` is set from the data so every
   row takes part; a caller that sets it lower gets a warning that says how many rows are used.
 * Lloyd's update sums each cluster in row order (float32) and adds ranks in float64, so 1
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 from lvd.common.atomic import atomic_path
 from lvd.index.backend_choice import choose_backend
 from lvd.index.backends import FaissBackend, VectorBackend, _as_f32
+from lvd.index.kmeans_seeding import MAX_K, random_rows, seed_centroids, seeding_sample
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,9 @@ def kmeans(
 
     backend: "faiss", "torch", "auto" or a `VectorBackend`: the engine of the nearest-centroid
     searches; "auto" is the engine and dtype measured fastest here for this assignment's shape
-    (`lvd.index.backend_choice`). algorithm: "faiss" (Faiss's own `Kmeans`, needs the faiss
+    (`lvd.index.backend_choice`). init: None or "k-means++" (greedy k-means++ seeds, see
+    `index.kmeans_seeding`), "random" (k distinct rows drawn with `seed`) or a (k, d) array.
+    algorithm: "faiss" (Faiss's own `Kmeans`, needs the faiss
     backend, one process), "lloyd" (lvd's Lloyd with bounds, any backend, any number of ranks)
     or "auto": Faiss's `Kmeans` when backend="faiss" is asked for on one process, else Lloyd,
     whose bounds skip most rows' searches (benchmarks/kmeans.py: 1.8x Faiss's `Kmeans` on the
@@ -91,7 +96,7 @@ def kmeans(
     n_total, offset = comm.sizes(len(x))
     if not 0 < k <= n_total:
         raise ValueError(f"cannot make {k} clusters of {n_total} rows")
-    centroids = _initial_centroids(x, k, seed, init, comm, offset, n_total)
+    centroids = _initial_centroids(x, k, seed, init, comm, offset, n_total, spherical)
     engine = choose_backend(
         "k-means assignment",
         centroids,
@@ -113,18 +118,27 @@ def kmeans(
     return _lloyd(x, centroids, niter, spherical, engine, comm, store, progress, prune)
 
 
-def _initial_centroids(x, k, seed, init, comm: _Comm, offset: int, n_total: int) -> np.ndarray:
-    """`init`, or k distinct rows drawn with `seed` from the rows of all ranks."""
-    if init is not None:
+def _initial_centroids(x, k, seed, init, comm: _Comm, offset: int, n_total: int, spherical: bool) -> np.ndarray:
+    """`init` as given, or seeds drawn from the rows of all ranks (the same on every rank)."""
+    if init is not None and not isinstance(init, str):
         init = _as_f32(init)
         if init.shape != (k, x.shape[1]):
             raise ValueError(f"init has shape {init.shape}, expected {(k, x.shape[1])}")
         return init.copy()
-    picked = np.random.default_rng(seed).choice(n_total, k, replace=False)
-    centroids = np.zeros((k, x.shape[1]), np.float64)
-    mine = (picked >= offset) & (picked < offset + len(x))
-    centroids[mine] = x[picked[mine] - offset]
-    return comm.sum(centroids).astype(np.float32)
+    method = init or "k-means++"
+    if method not in ("k-means++", "random"):
+        raise ValueError(f"unknown k-means init {method!r}; expected k-means++, random or an array")
+    if method == "random" or k > MAX_K:
+        if method != "random":
+            log.info("k-means: %d clusters, more than k-means++ seeds (%d); random rows instead", k, MAX_K)
+        return comm.rows(x, random_rows(n_total, k, seed), offset).copy()
+    sample = seeding_sample(n_total, k, seed)
+    rows = (
+        x
+        if sample is None and not comm.active
+        else comm.rows(x, np.arange(n_total) if sample is None else sample, offset)
+    )
+    return seed_centroids(rows, k, seed=seed, spherical=spherical)
 
 
 def _faiss_kmeans(
@@ -292,10 +306,11 @@ class _Comm:
             self.rank, self.world = 0, 1
 
     def sum(self, array):
-        """Element-wise sum over ranks (float64 on the wire)."""
+        """Element-wise sum over ranks (float64 on the wire, float32 arrays as float32)."""
         if not self.active:
             return np.asarray(array)
-        tensor = torch.from_numpy(np.array(array, dtype=np.float64, ndmin=1))
+        dtype = np.float32 if np.asarray(array).dtype == np.float32 else np.float64
+        tensor = torch.from_numpy(np.array(array, dtype=dtype, ndmin=1))
         self.dist.all_reduce(tensor)
         return tensor.numpy().reshape(np.shape(array))
 
@@ -314,6 +329,16 @@ class _Comm:
         counts[self.rank] = n_local
         counts = self.sum(counts).astype(np.int64)
         return int(counts.sum()), int(counts[: self.rank].sum())
+
+    def rows(self, x, picked: np.ndarray, offset: int) -> np.ndarray:
+        """Rows `picked` (indices over all ranks) on every rank: each rank fills the ones it holds
+        and the rest are zeros, so the sum is exact."""
+        if not self.active:
+            return x[picked]
+        out = np.zeros((len(picked), x.shape[1]), np.float32)
+        mine = (picked >= offset) & (picked < offset + len(x))
+        out[mine] = x[picked[mine] - offset]
+        return self.sum(out)
 
     def farthest_rows(self, x, distance, count: int) -> np.ndarray:
         """The `count` rows of all ranks farthest from their centroid (ties: lower rank, row)."""

@@ -1,8 +1,9 @@
 """k-means over torchrun ranks: each rank iterates over its slice, centroid sums are all-reduced.
 
 Arrays (or `index.io.EmbeddingRows` views) and a `lvd.common.ranks.Ranks` in, the
-single-process result out on every rank: every rank draws the same seeds from the same rows,
-so 2 gloo ranks equal 1 process (tested in tests/test_kmeans_distributed.py and the cluster stage).
+single-process result out on every rank: `index.kmeans` draws the same k-means++ seeds from the
+same sampled rows on every rank, so 2 gloo ranks equal 1 process (tested in
+tests/test_kmeans_distributed.py and the cluster stage).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from lvd.common.ranks import Ranks, gather_rows, rank_slice
-from lvd.index.hierarchical import closest_per_cluster, nearest_centroids, seed_centroids
+from lvd.index.hierarchical import closest_per_cluster, nearest_centroids, resample_size
 from lvd.index.kmeans import kmeans
 
 
@@ -19,12 +20,11 @@ def distributed_kmeans(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flat k-means of x over the torchrun ranks, each iterating over its `rank_slice` of the rows.
 
-    x is an array or an `index.io.EmbeddingRows` view, from which a rank reads only its slice
-    and the k-means++ sample. Every rank draws the same seeds (same rows, same seed), so the
-    result is the single-process one: (centroids, assign, squared distance) of all rows, on
-    every rank.
+    x is an array or an `index.io.EmbeddingRows` view, from which a rank reads only its slice.
+    The k-means++ seeds come from the seeding sample, whose rows each rank contributes from its
+    slice, so the result is the single-process one: (centroids, assign, squared distance) of all
+    rows, on every rank.
     """
-    init = seed_centroids(x, k, seed=seed, spherical=spherical)
     result = kmeans(
         x[rank_slice(len(x), ranks)],
         k,
@@ -33,7 +33,6 @@ def distributed_kmeans(
         spherical=spherical,
         backend=backend,
         device=device,
-        init=init,
         distributed=True,
         checkpoint=checkpoint,
     )
@@ -66,8 +65,8 @@ def distributed_resampled_kmeans(
     centroids, assign, distance = distributed_kmeans(
         x, k, ranks, niter=niter, seed=seed, spherical=spherical, backend=backend, device=device, checkpoint=checkpoint
     )
-    size = sample_size or max(1, len(x) // k)
-    for step in range(resampling_steps):
+    size = resample_size(len(x), k, sample_size)
+    for step in range(resampling_steps if size >= 2 else 0):
         picked = closest_per_cluster(assign, distance, size)
         if len(picked) < k:
             break  # fewer resampled points than clusters: nothing left to balance

@@ -30,6 +30,13 @@ RESOURCES = {
         "Debian package dataset-fashion-mnist",
         lambda: any(Path("/usr/share/datasets/fashion-mnist").glob("*.gz")),
     ),
+    "debian_photos": (
+        "Debian packages opencv-doc and scratch (the demo's photos)",
+        lambda: (
+            Path("/usr/share/doc/opencv-doc/examples/data").is_dir()
+            and Path("/usr/share/scratch/Media/Backgrounds").is_dir()
+        ),
+    ),
     "chromium": (
         "Debian packages chromium and chromium-driver",
         lambda: all(os.access(shutil.which(b) or f"/usr/bin/{b}", os.X_OK) for b in ("chromium", "chromedriver")),

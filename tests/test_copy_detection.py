@@ -293,7 +293,30 @@ def tiny_weights(tmp_path_factory):
     return save_tiny_weights("vit_tiny_p4", tmp_path_factory.mktemp("weights") / "tiny.pth")
 
 
-@pytest.mark.needs("sscd")
+# Photos of the demo's Debian packages for the end-to-end test: two pairs the packages hold and a
+# dozen distinct photos, drawings and renderings.
+DEMO_PHOTOS = [
+    "opencv-aloeL",
+    "opencv-aloeR",
+    "opencv-leuvenA",
+    "opencv-leuvenB",
+    "opencv-baboon",
+    "opencv-butterfly",
+    "opencv-fruits",
+    "opencv-messi5",
+    "opencv-starry_night",
+    "opencv-squirrel_cls",
+    "opencv-HappyFish",
+    "scratch-Indoors-kitchen",
+    "scratch-Nature-beach-malibu",
+    "scratch-Nature-flower-bed",
+    "scratch-Outdoors-castle",
+    "scratch-Outdoors-boardwalk",
+    "scratch-Sports-baseball-field",
+]
+
+
+@pytest.mark.needs("sscd", "debian_photos")
 @pytest.mark.slow
 def test_photo_copies_curated_in_the_sscd_space_and_looked_up_through_it(tmp_path, tiny_weights):
     """manifest -> embed (tiny ViT + SSCD auto) -> dedup at auto thresholds -> index of embed/copy."""
@@ -307,7 +330,7 @@ def test_photo_copies_curated_in_the_sscd_space_and_looked_up_through_it(tmp_pat
     from lvd.serve.query_embedding import embed_query_bytes, index_embedder
     from lvd.serve.run_inputs import build
 
-    data = prepare_photo_demo(tmp_path, seed=0)
+    data = prepare_photo_demo(tmp_path, seed=0, photos=DEMO_PHOTOS)
     cfg = load_config(
         "demo_photos",
         [
@@ -338,7 +361,7 @@ def test_photo_copies_curated_in_the_sscd_space_and_looked_up_through_it(tmp_pat
     build(out / "copy", tmp_path / "index")
     store = IndexStore.open(tmp_path / "index")
     query = next(p for p in sorted((data / "pool").glob("copy-*-border-of-*.jpg")))
-    original = query.name.split("-of-", 1)[1].replace(".jpg", ".png")
+    original = json.loads((data / "truth.json").read_text())["near_dup_of"][query.name]
     xq = embed_query_bytes(index_embedder(store, "cpu"), [query.read_bytes()])
     _, rows = store.search(xq, k=2)
     manifest = read_manifest(tmp_path)

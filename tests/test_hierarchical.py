@@ -45,9 +45,10 @@ def test_recovers_planted_hierarchical_blobs():
     np.testing.assert_allclose(h.distances[0], ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_resampling_moves_centroids_out_of_dense_regions():
     rng = np.random.default_rng(1)
-    dense = rng.normal(scale=1.0, size=(6000, 2))
+    dense = rng.normal(scale=1.0, size=(20000, 2))
     angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
     small = [np.c_[np.cos(a), np.sin(a)] * 12 + rng.normal(scale=0.3, size=(40, 2)) for a in angles]
     x = np.concatenate([dense] + small).astype(np.float32)
@@ -56,11 +57,12 @@ def test_resampling_moves_centroids_out_of_dense_regions():
     def in_dense(centroids):
         return int((np.linalg.norm(centroids, axis=1) < 4).sum())
 
-    for seed in range(3):
+    for seed in range(2):
         plain, _, _ = resampled_kmeans(x, k, niter=30, resampling_steps=0, seed=seed)
         resampled, _, _ = resampled_kmeans(x, k, niter=30, resampling_steps=5, sample_size=40, seed=seed)
-        # 12 small blobs and 16 centroids: 4 belong in the dense blob; plain k-means puts more there
-        assert in_dense(plain) >= 5
+        # 12 small blobs and 16 centroids: 4 would cover the dense blob, but k-means' objective
+        # (its 20000 points against 40 per small blob) puts about 8 there
+        assert in_dense(plain) >= 6
         assert in_dense(resampled) < in_dense(plain)
 
 
@@ -137,19 +139,3 @@ def test_balanced_sample_from_kmeans_evens_out_planted_groups():
 def test_hierarchical_kmeans_rejects_growing_levels():
     with pytest.raises(ValueError):
         hierarchical_kmeans(np.zeros((10, 2), np.float32), [2, 5])
-
-
-@pytest.mark.parametrize("full_matrix_rows", [10_000, 10])
-def test_kmeans_plusplus_seeds_one_centroid_per_separated_blob(monkeypatch, full_matrix_rows):
-    import lvd.index.hierarchical as hierarchical
-
-    monkeypatch.setattr(hierarchical, "KMEANSPP_FULL_MATRIX_ROWS", full_matrix_rows)  # both code paths
-    rng = np.random.default_rng(6)
-    centres = rng.normal(scale=20.0, size=(12, 8))
-    labels = rng.integers(0, 12, size=1200)
-    x = (centres[labels] + rng.normal(scale=0.3, size=(1200, 8))).astype(np.float32)
-    seeds = hierarchical.kmeans_plusplus(x, 12, seed=0)
-    nearest_centre = ((seeds[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
-    assert sorted(nearest_centre) == list(range(12))
-    # seeds are rows of x
-    assert all((np.abs(x - s).sum(1) < 1e-6).any() for s in seeds)

@@ -5,6 +5,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import lvd.index.kmeans_seeding as seeding
 from lvd.index.kmeans import kmeans
 
 N, D, K = 1201, 8, 9  # an odd count: the ranks hold slices of different sizes
@@ -20,11 +21,17 @@ def data():
 
 
 def runs(x, init_with_twin, **kw):
-    return {
+    out = {
         "seeded": kmeans(x, K, niter=6, seed=3, backend="torch", **kw),
         "twin": kmeans(x, K, niter=4, init=init_with_twin, backend="torch", **kw),
         "faiss_assign": kmeans(x, K, niter=4, seed=5, backend="faiss", **kw),
     }
+    every_row, seeding.SEEDING_PAIRS = seeding.SEEDING_PAIRS, K * 300  # k-means++ on 300 sampled rows
+    try:
+        out["sampled_seeds"] = kmeans(x, K, niter=6, seed=4, backend="torch", **kw)
+    finally:
+        seeding.SEEDING_PAIRS = every_row
+    return out
 
 
 def worker(rank, world, folder):

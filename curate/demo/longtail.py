@@ -115,10 +115,23 @@ def prepare_longtail_pool(
     return folder
 
 
+def entropy_gap_closed(pool_labels, drawn_labels) -> float:
+    """How much of the gap between the pool's class entropy and a uniform one (log of the number
+    of classes) a draw closes: 0 = as skewed as the pool, 1 = every class equally often."""
+
+    def entropy(labels) -> float:
+        counts = np.array(list(class_histogram(labels).values()), np.float64)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+    pool = entropy(pool_labels)
+    return (entropy(drawn_labels) - pool) / (np.log(len(CLASSES)) - pool)
+
+
 def class_histogram(labels) -> dict[str, int]:
     """{class: count} over CLASSES (zeros included), in CLASSES order."""
     labels = list(labels)
     return {c: int(sum(1 for v in labels if v == c)) for c in CLASSES}
 
 
-__all__ = ["prepare_longtail_pool", "class_shares", "class_histogram", "DECAY"]
+__all__ = ["prepare_longtail_pool", "class_shares", "class_histogram", "entropy_gap_closed", "DECAY"]

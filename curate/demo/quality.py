@@ -3,9 +3,11 @@
 near-duplicates : a planted pair (augmented copy, original) is found when both land in one
                   component of dedup/near.parquet; a removed image is a true positive when its
                   component holds another image of the same origin (its original, or another
-                  copy of that original or of the same eval image), and every other removal
-                  counts as a false positive (a lower bound: Fashion-MNIST has real look-alikes
-                  too);
+                  copy of that original or of the same eval image, or the other half of a pair
+                  the data held already: `package_pairs` of the photo part), and every other
+                  removal counts as a false positive (a lower bound: Fashion-MNIST has real
+                  look-alikes too); the components that join originals (not planted copies) are
+                  listed, found pairs the data held or not;
 decontamination : a planted copy of an eval image is found when decontam.parquet pairs it with
                   that eval image; precision is over all removed pool images;
 retrieval       : per seed class, the share of retrieved images (credited to their most similar
@@ -29,25 +31,35 @@ def _ids(manifest: pd.DataFrame) -> dict[tuple[str, str], int]:
 def near_duplicate_quality(run_dir: Path, truth: dict, ids: dict) -> dict:
     near = dedup_frame(run_dir, "near")
     component = dict(zip(near["id"].astype(int), near["component"].astype(int)))
-    found = 0
-    for copy, original in truth["near_dup_of"].items():
-        a, b = ids.get(("pool", copy)), ids.get(("pool", original))
-        if a is not None and b is not None and a in component and component.get(a) == component.get(b):
-            found += 1
+
+    def together(a_key: str, b_key: str) -> bool:
+        a, b = ids.get(("pool", a_key)), ids.get(("pool", b_key))
+        return a is not None and b is not None and a in component and component.get(a) == component.get(b)
+
+    found = sum(together(copy, original) for copy, original in truth["near_dup_of"].items())
+    pairs = truth.get("package_pairs", [])
     origin = {key: key for key in truth["pool"]}
-    origin.update(truth["near_dup_of"])
+    origin.update({b: a for a, b in pairs})  # a pair the data held is one origin
+    origin.update({copy: origin.get(original, original) for copy, original in truth["near_dup_of"].items()})
     origin.update({copy: f"eval:{original}" for copy, original in truth["eval_copy_of"].items()})
     key_of = {i: key for (set_name, key), i in ids.items() if set_name == "pool"}
-    near["origin"] = [origin.get(key_of.get(int(i)), f"unknown:{i}") for i in near["id"]]
+    near["key"] = [key_of.get(int(i)) for i in near["id"]]
+    near["origin"] = [origin.get(key, f"unknown:{i}") for key, i in zip(near["key"], near["id"])]
     shared = near.groupby(["component", "origin"])["id"].transform("size") > 1
     removed = ~near["keep"]
     planted = len(truth["near_dup_of"])
+    copies = set(truth["near_dup_of"]) | set(truth["eval_copy_of"])
+    originals = near[near["key"].notna() & ~near["key"].isin(copies)]
+    joined = [sorted(group) for _, group in originals.groupby("component")["key"] if len(group) > 1]
     return {
         "planted_pairs": planted,
         "pairs_found": found,
         "recall": found / planted if planted else None,
         "removed": int(removed.sum()),
         "precision": float((removed & shared).sum() / removed.sum()) if removed.any() else None,
+        "data_pairs": len(pairs),
+        "data_pairs_found": sum(together(a, b) for a, b in pairs),
+        "originals_joined": sorted(joined),
     }
 
 

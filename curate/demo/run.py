@@ -85,6 +85,10 @@ def _photo_part(run_dir: Path, args) -> None:
     shown = ", ".join(f"{k} {thresholds[k]['value']:g}" for k in ("dedup", "decontam") if thresholds.get(k))
     print(f"photo part ({time.time() - started:.1f} s): {info.get('space', {}).get('description')}, thresholds {shown}")
     _print_quality(quality, "photo ")
+    held = quality.get("near_duplicates", {})
+    print(f"photo pairs the packages hold, found: {held.get('data_pairs_found')} of {held.get('data_pairs')}")
+    for group in held.get("originals_joined", []):
+        print(f"  originals in one near-duplicate group: {', '.join(group)}")
     print(f"photo report: {run_dir / 'report' / 'index.html'}")
 
 
