@@ -59,19 +59,22 @@ class GramTeacher(nn.Module):
     @torch.no_grad()
     def take(self, ema: nn.Module, iteration: int) -> None:
         """Copy the EMA model's backbone parameters (`ema` is the whole EMA model: its FSDP root)."""
-        for model in (ema, self.backbone):
+        for model in (ema, self):
             if hasattr(model, "reshard"):  # an FSDP2 root keeps its parameters gathered after forward
                 model.reshard()
         copy_parameters(self.backbone, ema.backbone)
         self.taken_at = int(iteration)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """Patch features (B x P x D). Called as a module, so that FSDP gathers the parameters."""
+        return self.backbone.forward_features(crops)["x_norm_patchtokens"]
 
     @torch.no_grad()
     def targets(self, crops: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The Gram teacher's patch features of `crops`, on the student's patch grid."""
         patch = int(self.backbone.patch_size)
         own = (crops.shape[-2] // patch, crops.shape[-1] // patch)
-        patches = self.backbone.forward_features(crops)["x_norm_patchtokens"]
-        return resize_patch_grid(patches, own, grid)
+        return resize_patch_grid(self(crops), own, grid)
 
     def train(self, mode: bool = True) -> GramTeacher:
         """The Gram teacher always runs in evaluation mode."""

@@ -131,6 +131,9 @@ def build_models(cfg: DictConfig, settings: dict, device: torch.device) -> tuple
     teacher.requires_grad_(False)
     if cfg.model.freeze_backbone:
         student.backbone.requires_grad_(False)
+    mask_token = getattr(student.backbone, "mask_token", None)
+    if settings["distill"] and isinstance(mask_token, nn.Parameter):
+        mask_token.requires_grad_(False)  # a distilled student is never masked: nothing to learn there
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
     if batchnorm and D.is_distributed() and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -327,7 +330,7 @@ class Pretrainer:
             if self.teacher is not self.ema:
                 models.append(self.teacher)
             if self.gram is not None:
-                models.append(self.gram.backbone)
+                models.append(self.gram)
             for model in models:
                 for block in getattr(getattr(model, "backbone", model), "blocks", []):
                     fully_shard(block)
@@ -336,9 +339,8 @@ class Pretrainer:
         if self.cfg.train.parallel != "ddp":
             raise ValueError(f"train.parallel must be ddp or fsdp, not {self.cfg.train.parallel!r}")
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # DINO v1 mode never uses the backbone's mask token, nor does a distilled student (unmasked).
-        unused = not self.settings["ibot"] or not self.settings["mask_student"]
-        return DistributedDataParallel(self.student, device_ids=ids, find_unused_parameters=unused)
+        # DINO v1 mode never uses the backbone's mask token.
+        return DistributedDataParallel(self.student, device_ids=ids, find_unused_parameters=not self.settings["ibot"])
 
     def _fsdp(self) -> bool:
         return D.is_distributed() and self.cfg.train.parallel == "fsdp"
@@ -407,7 +409,8 @@ class Pretrainer:
         student, ema, optim = self._model_state(self.student), self._model_state(self.ema), self._optimizer_state()
         gram = None
         if self.gram is not None and self.gram.taken_at is not None:
-            gram = {"backbone": self._model_state(self.gram.backbone), "taken_at": self.gram.taken_at}
+            state = self._model_state(self.gram)  # hub layout, as teacher_backbone
+            gram = {"backbone": {k[len("backbone.") :]: v for k, v in state.items()}, "taken_at": self.gram.taken_at}
         if self.rank == 0:
             # the registry name fixes the family; the export (teacher_backbone.safetensors) records it too
             overrides = backbone_overrides(self.cfg, self.settings)
@@ -453,7 +456,7 @@ class Pretrainer:
         self._set_phase(self.phases[phase])  # the state below belongs to this phase's set-up
         self._load_states(ckpt)
         if ckpt.get("gram") is not None and self.gram is not None:
-            self._load_model_state(self.gram.backbone, ckpt["gram"]["backbone"])
+            self._load_model_state(self.gram, {f"backbone.{k}": v for k, v in ckpt["gram"]["backbone"].items()})
             self.gram.taken_at = int(ckpt["gram"]["taken_at"])
         self.objective.load_state_dict(ckpt["objective"])
         self.start = int(ckpt["iteration"])
