@@ -164,3 +164,34 @@ def test_dino_v1_and_rope_backbones_change_resolution_between_phases(tmp_path, s
     assert [r["phase"] for r in rows] == [0, 1] and all(r["total"] == r["total"] for r in rows)
     model = build_backbone("auto", out / "teacher_backbone.safetensors").eval()
     assert model.arch_name == arch and export_resolution(out / "teacher_backbone.safetensors") == 48
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("demo_pretrain", []),
+        ("demo_distill", ["distill.teacher=any.pth"]),
+        ("demo_video", []),
+        ("lvd142m_pretrain", []),
+    ],
+)
+def test_packaged_training_configs_load(name, overrides):
+    from lvd.common.config import packaged_config_path
+    from lvd.pretrain.train.config import load_config
+
+    assert plan_phases(load_config(packaged_config_path(name), overrides))
+
+
+def test_the_lvd142m_recipe_ends_with_dinov2s_518_px_phase_its_schedules_compressed():
+    from lvd.common.config import packaged_config_path
+    from lvd.pretrain.train.config import load_config
+    from lvd.pretrain.train.schedules import build_schedules
+
+    main, high = plan_phases(load_config(packaged_config_path("lvd142m_pretrain")))
+    assert (main.iterations, main.global_size, high.iterations, high.global_size) == (625_000, 224, 10_000, 518)
+    assert high.init == "from_ema" and high.cfg.crops.local_size == 98 and high.cfg.crops.n_local == 8
+    assert 518 % 14 == 0 and high.cfg.data.image_size == 592
+    s = build_schedules(high.cfg.optim, high.iterations, high.cfg.optim.iters_per_epoch, 3072)
+    assert s["lr"].argmax() == 1600 and s["lr"].max() == pytest.approx(8.75e-5)  # warm-up 80 epochs of 20
+    assert (s["teacher_temp"] < 0.07).sum() == 599 and s["last_layer_lr"][:20].max() == 0.0
+    assert s["wd"][0] == pytest.approx(0.04) and s["momentum"][0] == pytest.approx(0.994)
