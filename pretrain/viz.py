@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 from lvd.common.devices import autocast, resolve_device, resolve_dtype
+from lvd.common.errors import InputFormatError, MissingInputError
 from lvd.common.media import is_image_name
 from lvd.pretrain.data.decode import DecodeError, load_resized
 from lvd.pretrain.eval.features import Preprocessing, images_to_tensor
@@ -251,21 +253,63 @@ def image_files(specs: Sequence[str | os.PathLike]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"viz.images: {spec} is neither an image file nor a folder")
+            raise MissingInputError(f"viz.images: {spec} is neither an image file nor a folder")
     return files
 
 
 def run_viz(cfg) -> Path:
-    """`lvd viz CONFIG`: attention and PCA pictures of `viz.images`, into `viz.output_dir`."""
+    """`lvd viz CONFIG`: attention and PCA pictures of `viz.images` and attention videos of
+    `viz.videos`, into `viz.output_dir`."""
     from lvd.pretrain.eval.stage import load_model, plain
 
     c = cfg.viz
+    files = image_files(list(c.images))
+    videos = [str(v) for v in c.get("videos") or []]
+    if not files and not videos:
+        raise MissingInputError("viz.images and viz.videos name nothing to draw")
     device = resolve_device(str(c.device))
     torch.manual_seed(int(c.seed))
     model, prep = load_model(c.model, c.weights, c.resolution, device, plain(c.get("overrides")))
-    files = image_files(list(c.images))
-    if not files:
-        raise ValueError("viz.images names no image")
+    out_dir = Path(c.output_dir)
+    if files:
+        _images(c, model, prep, files, out_dir, device)
+    if videos:
+        show = sys.stderr.isatty() if cfg.get("progress", "auto") == "auto" else bool(cfg.get("progress"))
+        _videos(c, model, prep, videos, out_dir, device, show)
+    return out_dir
+
+
+def _videos(c, model, prep, videos: list[str], out_dir: Path, device, progress: bool) -> list[Path]:
+    from lvd.pretrain.video import DINO_MASS, attention_video
+
+    if not has_attention(model):
+        raise InputFormatError(f"viz.videos draws attention, and {getattr(model, 'arch_name', 'this model')} has none")
+    names = [Path(v).stem if not Path(v).is_dir() else Path(v).name for v in videos]
+    if len(set(names)) < len(names):
+        raise InputFormatError(f"viz.videos: two inputs would write the same output name ({sorted(names)})")
+    mass = c.get("attention_mass")
+    return [
+        attention_video(
+            model,
+            v,
+            out_dir,
+            prep,
+            device,
+            folder_fps=float(c.fps),
+            max_frames=c.max_frames,
+            write_frames=bool(c.video_frames),
+            progress=progress,
+            dtype=str(c.dtype),
+            style=str(c.video_style),
+            heads=str(c.video_heads),
+            mass=DINO_MASS if mass is None else float(mass),
+            alpha=float(c.video_alpha),
+        )
+        for v in videos
+    ]
+
+
+def _images(c, model, prep, files: list[Path], out_dir: Path, device) -> list[Path]:
     images = {}
     for i, f in enumerate(files):
         try:
@@ -275,10 +319,9 @@ def run_viz(cfg) -> Path:
             continue
         images[f"{i:03d}_{f.stem}"] = _patch_aligned(img, int(model.patch_size))
     if not images:
-        raise ValueError("viz.images: no image could be decoded")
-    out_dir = Path(c.output_dir)
+        raise InputFormatError("viz.images: no image could be decoded")
     mass = c.get("attention_mass")
-    visualise(
+    return visualise(
         model,
         images,
         prep,
@@ -288,4 +331,3 @@ def run_viz(cfg) -> Path:
         threshold=c.threshold,
         attention_mass=None if mass is None else float(mass),
     )
-    return out_dir

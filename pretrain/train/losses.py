@@ -1,4 +1,5 @@
-"""DINOv2 objectives: DINO cross-entropy, iBOT masked-patch cross-entropy, KoLeo regulariser.
+"""DINOv2 objectives: DINO cross-entropy, iBOT masked-patch cross-entropy, KoLeo regulariser;
+and DINOv3's Gram anchoring loss.
 
 Pure functions of tensors: teacher targets come in already normalised (see `centering`).
 """
@@ -64,3 +65,28 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         nn_idx = sim.argmax(dim=1)
     d = torch.sqrt(((x - x[nn_idx]) ** 2).sum(-1) + eps * eps)
     return -torch.log(d + eps).mean()
+
+
+def gram_loss(student: torch.Tensor, teacher: torch.Tensor, remove_negative: str = "both") -> torch.Tensor:
+    """Mean of (S - T)^2 over B x P x P, S and T the per-image Gram matrices of normalised patches.
+
+    The mean over all entries of every image is DINOv3's MSE with `img_level`; the paper writes
+    the squared Frobenius norm, P^2 times larger per image, and DINOv3's weights (2.0, 1.5) go
+    with the mean.
+
+    `student`, `teacher`: B x P x D patch features of the same B images on the same P-patch
+    grid. `remove_negative`: both (negative similarities of S and T set to 0), teacher (of T
+    only: what DINOv3's `remove_only_teacher_neg` amounts to, as its student condition tests the
+    already clipped teacher) or none (DINOv3's training configs). Computed in float32.
+    """
+    if student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(f"student patches {tuple(student.shape)} and teacher patches {tuple(teacher.shape)} differ")
+    t = F.normalize(teacher.float(), dim=-1)
+    s = F.normalize(student.float(), dim=-1)
+    t_gram = t @ t.transpose(1, 2)
+    s_gram = s @ s.transpose(1, 2)
+    if remove_negative in ("both", "teacher"):
+        t_gram = t_gram.clamp_min(0.0)
+    if remove_negative == "both":
+        s_gram = s_gram.clamp_min(0.0)
+    return (s_gram - t_gram).square().mean()

@@ -15,7 +15,7 @@ from torch import nn
 from lvd.pretrain.train.centering import CenterEMA, sinkhorn_knopp, softmax_center
 from lvd.pretrain.train.distributed import all_reduce_sum
 from lvd.pretrain.train.heads import DINOHead
-from lvd.pretrain.train.losses import dino_loss, ibot_patch_loss, koleo_loss
+from lvd.pretrain.train.losses import dino_loss, gram_loss, ibot_patch_loss, koleo_loss
 
 
 class SSLModel(nn.Module):
@@ -42,31 +42,51 @@ class SSLModel(nn.Module):
         if local_crops is not None and local_crops.shape[0] > 0:
             local = self.backbone.forward_features(local_crops, local_crops=True)["x_norm_clstoken"]
             all_cls = torch.cat([cls, local])
-        out = {"cls": cls, "dino": self.dino_head(all_cls)}
+        out = {"cls": cls, "dino": self.dino_head(all_cls), "patches": g["x_norm_patchtokens"]}
         if self.ibot_head is not None and mask_indices is not None:
             patches = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
             out["ibot"] = self.ibot_head(patches)
         return out
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p  # a DTensor's shard under FSDP
+
+
+def _paired_parameters(target: nn.Module, source: nn.Module, trainable_only: bool):
+    """(target, source) local tensors of same-named parameters; the names must pair up."""
+    for model in (target, source):
+        if hasattr(model, "reshard"):  # an FSDP2 root keeps its parameters gathered after forward
+            model.reshard()
+    targets, sources = [], []
+    for (tn, tp), (sn, sp) in zip(target.named_parameters(), source.named_parameters(), strict=True):
+        if tn != sn:
+            raise RuntimeError(f"models differ: {tn} vs {sn}")
+        if trainable_only and not sp.requires_grad:
+            continue
+        targets.append(_local(tp))
+        sources.append(_local(sp.detach()))
+    return targets, sources
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
 
-    Under FSDP both models are sharded alike, so each rank updates its local shards.
+    Parameters the student does not train (a frozen backbone, a frozen prototype gain) are left
+    as they are: averaging equal values would only add rounding. Under FSDP both models are
+    sharded alike, so each rank updates its local shards.
     """
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731 - DTensor shard
-    for model in (teacher, student):
-        if hasattr(model, "reshard"):  # an FSDP2 root keeps its parameters gathered after forward
-            model.reshard()
-    t_params, s_params = [], []
-    for (tn, tp), (sn, sp) in zip(teacher.named_parameters(), student.named_parameters()):
-        if tn != sn:
-            raise RuntimeError(f"teacher and student differ: {tn} vs {sn}")
-        t_params.append(local(tp))
-        s_params.append(local(sp.detach()))
+    t_params, s_params = _paired_parameters(teacher, student, trainable_only=True)
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def copy_parameters(target: nn.Module, source: nn.Module) -> None:
+    """target's parameters <- source's, exactly (same names; local shards under FSDP)."""
+    t_params, s_params = _paired_parameters(target, source, trainable_only=False)
+    torch._foreach_copy_(t_params, s_params)
 
 
 @dataclass
@@ -100,12 +120,15 @@ class SSLObjective(nn.Module):
         dino_weight: float = 1.0,
         ibot_weight: float = 1.0,
         koleo_weight: float = 0.1,
+        gram_weight: float = 0.0,
+        gram_remove_negative: str = "both",
     ):
         super().__init__()
         if centering not in ("softmax", "sinkhorn_knopp"):
             raise ValueError(f"centering must be softmax or sinkhorn_knopp, not {centering!r}")
         self.centering, self.sinkhorn_iters, self.student_temp = centering, sinkhorn_iters, student_temp
-        self.weights = {"dino": dino_weight, "ibot": ibot_weight, "koleo": koleo_weight}
+        self.weights = {"dino": dino_weight, "ibot": ibot_weight, "koleo": koleo_weight, "gram": gram_weight}
+        self.gram_remove_negative = gram_remove_negative
         self.dino_center = CenterEMA(dino_dim, center_momentum)
         self.ibot_center = CenterEMA(ibot_dim, center_momentum) if ibot_dim else None
 
@@ -117,8 +140,16 @@ class SSLObjective(nn.Module):
         return probs
 
     def forward(
-        self, student: dict, teacher: dict, n_global: int, teacher_temp: float, mask: MaskInfo | None
+        self,
+        student: dict,
+        teacher: dict,
+        n_global: int,
+        teacher_temp: float,
+        mask: MaskInfo | None,
+        gram_targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """The weighted terms and their `total`; `gram_targets` (the Gram teacher's patches of the
+        global crops on the student's grid) adds the Gram anchoring term."""
         with torch.no_grad():
             t_dino = self._targets(teacher["dino"].float(), self.dino_center, teacher_temp)
         batch = teacher["dino"].shape[0] // n_global
@@ -135,5 +166,7 @@ class SSLObjective(nn.Module):
             out["ibot"] = ibot_patch_loss(student["ibot"], t_ibot, mask.weights, mask.n_images, self.student_temp)
         if self.weights["koleo"] > 0:
             out["koleo"] = sum(koleo_loss(c) for c in student["cls"].chunk(n_global))
+        if gram_targets is not None and self.weights["gram"] > 0:
+            out["gram"] = gram_loss(student["patches"], gram_targets, self.gram_remove_negative)
         out["total"] = sum(self.weights[k] * v for k, v in out.items())
         return out

@@ -6,6 +6,12 @@ checkpoint and schedules are indexed by iteration, so a killed run resumed from 
 checkpoint repeats the uninterrupted run's numbers (on CPU; GPU kernels may differ in the
 last bits). Writes RUN/pretrain/{config.yaml, metrics.jsonl, checkpoints/, teacher_backbone.pth,
 _SUCCESS.json}.
+
+Three models take part. The student learns; the EMA model follows it (`ema`, exported); the
+teacher gives the targets. In self-distillation (modes dino, dinov2) the teacher *is* the EMA
+model; in `mode: distill` it is a frozen, larger model from a file and the EMA model is a spare
+average of the student. With Gram anchoring a fourth, frozen copy of the EMA backbone gives the
+Gram targets. Training runs in phases (`phases`), each with its own crops and schedules.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lvd.common.atomic import atomic_path, atomic_write_json
+from lvd.common.config import ConfigError
 from lvd.common.devices import autocast, resolve_device, resolve_dtype
 from lvd.pretrain.train import distributed as D
 from lvd.pretrain.train.augment import MultiCrop
@@ -40,11 +47,13 @@ from lvd.pretrain.train.checkpoint import (
     prune_checkpoints,
 )
 from lvd.pretrain.train.config import effective_loss_settings
+from lvd.pretrain.train.gram import GramTeacher
 from lvd.pretrain.train.masking import batch_masks
 from lvd.pretrain.train.metrics import MetricsLog
 from lvd.pretrain.train.param_groups import optimizer_state_before, param_groups
+from lvd.pretrain.train.phases import Phase, phase_at, plan_phases
 from lvd.pretrain.train.schedules import build_schedules
-from lvd.pretrain.train.ssl import MaskInfo, SSLModel, SSLObjective, ema_update
+from lvd.pretrain.train.ssl import MaskInfo, SSLModel, SSLObjective, copy_parameters, ema_update
 from lvd.pretrain.train.stream import ShardStream, expand_shards
 
 log = logging.getLogger(__name__)
@@ -88,12 +97,12 @@ def _student_drop_path(cfg: DictConfig) -> dict:
 
 
 def build_models(cfg: DictConfig, settings: dict, device: torch.device) -> tuple[SSLModel, SSLModel]:
-    """Student (with drop-path) and teacher (without), starting from identical weights.
+    """Student (with drop-path) and its EMA model (without), starting from identical weights.
 
     A BatchNorm backbone (ResNet) keeps its teacher in training mode, as DINO does: the teacher
     normalises with the statistics of its own batch, and its running statistics follow its
     forward passes (the EMA moves parameters only). Under torchrun on GPUs both use synchronised
-    BatchNorm.
+    BatchNorm. `model.freeze_backbone` leaves the student's backbone untrained (heads only).
     """
     from lvd.pretrain.models import build_backbone
 
@@ -120,6 +129,11 @@ def build_models(cfg: DictConfig, settings: dict, device: torch.device) -> tuple
     teacher = SSLModel(build_backbone(cfg.model.arch, weights=None, **no_drop, **overrides), heads(cfg.dino_head), ibot)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
+    if cfg.model.freeze_backbone:
+        student.backbone.requires_grad_(False)
+    mask_token = getattr(student.backbone, "mask_token", None)
+    if settings["distill"] and isinstance(mask_token, nn.Parameter):
+        mask_token.requires_grad_(False)  # a distilled student is never masked: nothing to learn there
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
     if batchnorm and D.is_distributed() and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -146,15 +160,24 @@ def forward_losses(
     mask: MaskInfo | None,
     teacher_temp: float,
     amp: torch.dtype | None,
+    *,
+    mask_student: bool = True,
+    gram: tuple[GramTeacher, torch.Tensor, tuple[int, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Teacher targets (no grad) + student forward + the weighted losses, for one batch."""
+    """Teacher targets (no grad) + student forward + the weighted losses, for one batch.
+
+    `mask_student` false (distillation) shows the student its global crops whole while the iBOT
+    term still compares the patches `mask` picks. `gram` = (Gram teacher, its input crops, the
+    student's patch grid) adds the Gram anchoring term.
+    """
     ctx = torch.autocast(global_crops.device.type, dtype=amp) if amp is not None else nullcontext()
     indices = mask.indices if mask is not None else None
     with ctx:
         with torch.no_grad():
             t_out = teacher(global_crops, None, None, indices)
-        s_out = student(global_crops, local_crops, mask.masks if mask is not None else None, indices)
-    return objective(s_out, t_out, N_GLOBAL, teacher_temp, mask)
+            gram_targets = gram[0].targets(gram[1], gram[2]) if gram is not None else None
+        s_out = student(global_crops, local_crops, mask.masks if mask is not None and mask_student else None, indices)
+    return objective(s_out, t_out, N_GLOBAL, teacher_temp, mask, gram_targets)
 
 
 class Pretrainer:
@@ -168,13 +191,22 @@ class Pretrainer:
         self.rank, self.world = D.rank(), D.world_size()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.phases = plan_phases(cfg)
+        self.total = self.phases[-1].stop
         self.settings = effective_loss_settings(cfg)
-        self.student, self.teacher = build_models(cfg, self.settings, self.device)
+        self.student, self.ema = build_models(cfg, self.settings, self.device)
+        self.teacher = self.ema  # self-distillation: the EMA model gives the targets
+        if self.settings["distill"]:
+            from lvd.pretrain.train.distill import build_distill_teacher
+
+            self.teacher = build_distill_teacher(cfg, self.settings, self.student, self.device)
+        self.gram = self._gram_teacher()
         self.amp = self._autocast_dtype()
         self.n_blocks = int(
             getattr(self.student.backbone, "n_blocks", len(getattr(self.student.backbone, "blocks", [])))
         )
         self.patch = int(self.student.backbone.patch_size)
+        self._check_crop_sizes()
         self.objective = SSLObjective(
             cfg.dino_head.prototypes,
             cfg.ibot_head.prototypes if self.settings["ibot"] else None,
@@ -187,29 +219,79 @@ class Pretrainer:
             koleo_weight=self.settings["koleo_weight"],
         ).to(self.device)
         self.train_module = self._wrap()
-        self.optimizer = build_optimizer(
-            cfg, param_groups(self.student, self.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
-        )
-        self.total = int(cfg.optim.epochs * cfg.optim.iters_per_epoch)
-        self.global_batch = cfg.data.batch_size_per_rank * self.world
-        self.schedules = build_schedules(cfg.optim, self.total, cfg.optim.iters_per_epoch, self.global_batch)
-        self.multicrop = MultiCrop(
-            cfg.crops.global_size,
-            cfg.crops.local_size,
-            cfg.crops.n_local,
-            tuple(cfg.crops.global_scale),
-            tuple(cfg.crops.local_scale),
-            tuple(cfg.crops.mean),
-            tuple(cfg.crops.std),
-        ).to(self.device)
-        for size in (cfg.crops.global_size, cfg.crops.local_size):
-            if size % self.patch and hasattr(self.student.backbone, "blocks"):  # a ConvNet takes any size
-                raise ValueError(f"crop size {size} is not a multiple of the patch size {self.patch}")
-        self.grid = (cfg.crops.global_size // self.patch,) * 2
+        self.optimizer = self._new_optimizer()
         self.n_streams = max(1, int(cfg.data.num_workers))
         self.start, self.positions = 0, [(0, 0)] * self.n_streams
+        self._set_phase(self.phases[0])
 
     # -- set-up ------------------------------------------------------------------------
+    def _gram_teacher(self) -> GramTeacher | None:
+        """A frozen backbone of the student's architecture, where some phase uses Gram anchoring."""
+        if not any(p.cfg.loss.gram_weight > 0 for p in self.phases):
+            return None
+        from lvd.pretrain.models import build_backbone
+
+        no_drop = {"drop_path_rate": 0.0} if _student_drop_path(self.cfg) else {}
+        backbone = build_backbone(
+            self.cfg.model.arch, weights=None, **no_drop, **backbone_overrides(self.cfg, self.settings)
+        )
+        return GramTeacher(backbone.to(self.device))
+
+    def _check_crop_sizes(self) -> None:
+        if not hasattr(self.student.backbone, "blocks"):  # a ConvNet takes any size
+            return
+        for phase in self.phases:
+            for size in (phase.cfg.crops.global_size, phase.cfg.crops.local_size):
+                if size % self.patch:
+                    raise ConfigError(
+                        f"phase {phase.name}: crop size {size} is not a multiple of the patch size {self.patch}"
+                    )
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        groups = param_groups(self.student, self.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+        return build_optimizer(cfg, groups)
+
+    def _set_phase(self, phase: Phase) -> None:
+        """Crops, mask grid, schedules and loss weights of `phase` (the models are left as they are)."""
+        self.phase = phase
+        pc = phase.cfg
+        self.global_batch = pc.data.batch_size_per_rank * self.world
+        self.schedules = build_schedules(pc.optim, phase.iterations, pc.optim.iters_per_epoch, self.global_batch)
+        gram_res = self.gram is not None and pc.loss.gram_weight > 0 and int(pc.gram.teacher_resolution) > 1
+        self.multicrop = MultiCrop(
+            pc.crops.global_size,
+            pc.crops.local_size,
+            pc.crops.n_local,
+            tuple(pc.crops.global_scale),
+            tuple(pc.crops.local_scale),
+            tuple(pc.crops.mean),
+            tuple(pc.crops.std),
+            gram_size=int(pc.gram.teacher_resolution) * int(pc.crops.global_size) if gram_res else None,
+        ).to(self.device)
+        self.grid = (pc.crops.global_size // self.patch,) * 2
+        self.objective.weights["gram"] = float(pc.loss.gram_weight)
+        self.objective.gram_remove_negative = str(pc.gram.remove_negative)
+
+    def _enter_phase(self, phase: Phase) -> None:
+        """Begin `phase` during training: `init: from_ema` restarts the student from the EMA model
+        with a fresh optimiser state (DINOv2's high-resolution phase starts from the trained
+        weights), `continue` keeps both."""
+        if phase.init == "from_ema":
+            copy_parameters(self.student, self.ema)
+            self.optimizer = self._new_optimizer()
+        self._set_phase(phase)
+        log.info(
+            "phase %s: iterations %d-%d, global crops %d px, local %d px x %d (%s)",
+            phase.name,
+            phase.start,
+            phase.stop - 1,
+            phase.cfg.crops.global_size,
+            phase.cfg.crops.local_size,
+            phase.cfg.crops.n_local,
+            phase.init,
+        )
+
     def _autocast_dtype(self) -> torch.dtype | None:
         """`train.dtype`, with `auto` measured on the student itself (every rank takes rank 0's)."""
         cfg = self.cfg
@@ -222,7 +304,8 @@ class Pretrainer:
                 with autocast(self.device, dtype):
                     out = backbone(crops)
                 out = out["x_norm_clstoken"] if isinstance(out, dict) else out
-                out.float().square().mean().backward()
+                if out.requires_grad:  # a frozen backbone (model.freeze_backbone) has nothing to differentiate
+                    out.float().square().mean().backward()
             backbone.zero_grad(set_to_none=True)
 
         shape = {
@@ -243,8 +326,13 @@ class Pretrainer:
         if self.cfg.train.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for model in (self.student, self.teacher):
-                for block in getattr(model.backbone, "blocks", []):
+            models = [self.student, self.ema]
+            if self.teacher is not self.ema:
+                models.append(self.teacher)
+            if self.gram is not None:
+                models.append(self.gram)
+            for model in models:
+                for block in getattr(getattr(model, "backbone", model), "blocks", []):
                     fully_shard(block)
                 fully_shard(model)
             return self.student
@@ -257,20 +345,21 @@ class Pretrainer:
     def _fsdp(self) -> bool:
         return D.is_distributed() and self.cfg.train.parallel == "fsdp"
 
-    def _loader(self) -> DataLoader:
-        cfg = self.cfg
+    def _loader(self, iteration: int) -> DataLoader:
+        """The stream from the saved positions, decoded at the current phase's size."""
+        cfg, pc = self.cfg, self.phase.cfg
         shards = expand_shards(
             cfg.data.shards if cfg.data.shards is not None else str(Path(cfg.run_dir) / "shards" / "*.tar")
         )
         stream = ShardStream(
             shards,
-            cfg.data.image_size,
-            cfg.data.batch_size_per_rank,
+            pc.data.image_size,
+            pc.data.batch_size_per_rank,
             seed=cfg.seed,
             rank=self.rank,
             num_streams=self.n_streams,
             positions=self.positions,
-            batches_consumed=self.start,
+            batches_consumed=iteration,
             shards_per_cycle=cfg.data.shards_per_cycle,
             shuffle_buffer=cfg.data.shuffle_buffer,
             max_pixels=cfg.data.max_pixels,
@@ -286,21 +375,29 @@ class Pretrainer:
         )
 
     # -- checkpoints -------------------------------------------------------------------
-    def _state_dicts(self) -> tuple[dict, dict, dict]:
+    def _model_state(self, model: nn.Module) -> dict:
+        """A full state dict (gathered on every rank under FSDP: a collective)."""
         if self._fsdp():
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return model.state_dict()
+
+    def _load_model_state(self, model: nn.Module, state: dict) -> None:
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state)
+
+    def _optimizer_state(self) -> dict:
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return (
-                get_model_state_dict(self.student, options=opts),
-                get_model_state_dict(self.teacher, options=opts),
-                get_optimizer_state_dict(self.student, self.optimizer, options=opts),
-            )
-        return self.student.state_dict(), self.teacher.state_dict(), self.optimizer.state_dict()
+            return get_optimizer_state_dict(self.student, self.optimizer, options=opts)
+        return self.optimizer.state_dict()
 
     def save(self, next_iteration: int) -> None:
         pos = torch.tensor(self.positions, dtype=torch.int64)
@@ -309,19 +406,27 @@ class Pretrainer:
             torch.distributed.all_gather(all_pos, pos)
         else:
             all_pos = [pos]
-        student, teacher, optim = self._state_dicts()
+        student, ema, optim = self._model_state(self.student), self._model_state(self.ema), self._optimizer_state()
+        gram = None
+        if self.gram is not None and self.gram.taken_at is not None:
+            state = self._model_state(self.gram)  # hub layout, as teacher_backbone
+            gram = {"backbone": {k[len("backbone.") :]: v for k, v in state.items()}, "taken_at": self.gram.taken_at}
         if self.rank == 0:
             # the registry name fixes the family; the export (teacher_backbone.safetensors) records it too
             overrides = backbone_overrides(self.cfg, self.settings)
             ckpt = {
                 "format": FORMAT,
                 "arch": {"name": self.cfg.model.arch, "overrides": overrides},
-                "teacher_backbone": {k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")},
+                # the EMA model's backbone: the teacher in self-distillation, the student's EMA in distillation
+                "teacher_backbone": {k[len("backbone.") :]: v for k, v in ema.items() if k.startswith("backbone.")},
                 "student": student,
-                "teacher": teacher,
+                "teacher": ema,
                 "optimizer": optim,
                 "objective": self.objective.state_dict(),
                 "iteration": next_iteration,
+                "phase": self.phase.index,
+                "resolution": self.phase.global_size,
+                "gram": gram,
                 "data": {
                     "positions": [p.tolist() for p in all_pos],
                     "num_streams": self.n_streams,
@@ -341,70 +446,100 @@ class Pretrainer:
         ckpt = load_checkpoint(path, map_location=self.device)
         data = ckpt["data"]
         if data["world_size"] != self.world or data["num_streams"] != self.n_streams:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} was written by {data['world_size']} ranks x {data['num_streams']} streams; "
                 f"this run has {self.world} x {self.n_streams}: keep them unchanged to resume"
             )
-        if self._fsdp():
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.student, ckpt["student"], options=opts)
-            set_model_state_dict(self.teacher, ckpt["teacher"], options=opts)
-            set_optimizer_state_dict(self.student, self.optimizer, ckpt["optimizer"], options=opts)
-        else:
-            # A checkpoint from before the prototype gain was a parameter loads with gain 1;
-            # its optimiser state then lacks the gain, which starts afresh.
-            gains = {
-                n
-                for n, p in self.student.named_parameters()
-                if n.endswith("last_layer.weight_g") and n not in ckpt["student"] and p.requires_grad
-            }
-            self.student.load_state_dict(ckpt["student"])
-            self.teacher.load_state_dict(ckpt["teacher"])
-            self.optimizer.load_state_dict(
-                optimizer_state_before(ckpt["optimizer"], self.optimizer, self.student, gains)
-                if gains
-                else ckpt["optimizer"]
-            )
+        phase = int(ckpt.get("phase", 0))
+        if phase >= len(self.phases):
+            raise ConfigError(f"{path} was written in phase {phase}, which this config's phases no longer have")
+        self._set_phase(self.phases[phase])  # the state below belongs to this phase's set-up
+        self._load_states(ckpt)
+        if ckpt.get("gram") is not None and self.gram is not None:
+            self._load_model_state(self.gram, {f"backbone.{k}": v for k, v in ckpt["gram"]["backbone"].items()})
+            self.gram.taken_at = int(ckpt["gram"]["taken_at"])
         self.objective.load_state_dict(ckpt["objective"])
         self.start = int(ckpt["iteration"])
         self.positions = [tuple(p) for p in data["positions"][self.rank]]
-        log.info("resumed from %s at iteration %d", path, self.start)
+        log.info("resumed from %s at iteration %d (phase %s)", path, self.start, self.phase.name)
+
+    def _load_states(self, ckpt: dict) -> None:
+        """Student, EMA model and optimiser state of a checkpoint."""
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            self._load_model_state(self.student, ckpt["student"])
+            self._load_model_state(self.ema, ckpt["teacher"])
+            opts = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.student, self.optimizer, ckpt["optimizer"], options=opts)
+            return
+        # A checkpoint from before the prototype gain was a parameter loads with gain 1;
+        # its optimiser state then lacks the gain, which starts afresh.
+        gains = {
+            n
+            for n, p in self.student.named_parameters()
+            if n.endswith("last_layer.weight_g") and n not in ckpt["student"] and p.requires_grad
+        }
+        self.student.load_state_dict(ckpt["student"])
+        self.ema.load_state_dict(ckpt["teacher"])
+        self.optimizer.load_state_dict(
+            optimizer_state_before(ckpt["optimizer"], self.optimizer, self.student, gains)
+            if gains
+            else ckpt["optimizer"]
+        )
 
     # -- one iteration -----------------------------------------------------------------
-    def _apply_schedules(self, it: int) -> None:
+    def _apply_schedules(self, i: int) -> None:
         s = self.schedules
         for g in self.optimizer.param_groups:
-            lr = s["last_layer_lr"][it] if g["is_last_layer"] else s["lr"][it]
+            lr = s["last_layer_lr"][i] if g["is_last_layer"] else s["lr"][i]
             g["lr"] = float(lr * g["lr_multiplier"])
-            g["weight_decay"] = float(s["wd"][it] * g["wd_multiplier"])
+            g["weight_decay"] = float(s["wd"][i] * g["wd_multiplier"])
+
+    def _mask(self, it: int, n_images: int) -> MaskInfo | None:
+        """The iBOT patches of this iteration: block masks, or every patch (`distill.ibot_patches: all`)."""
+        if not self.settings["ibot"]:
+            return None
+        if self.settings["distill"] and self.cfg.distill.ibot_patches == "all":
+            return MaskInfo.from_masks(
+                torch.ones(n_images, self.grid[0] * self.grid[1], dtype=torch.bool, device=self.device)
+            )
+        m = self.phase.cfg.masking
+        rng = np.random.default_rng([self.cfg.seed, self.rank, it, 1])
+        masks = batch_masks(n_images, self.grid, (m.ratio_min, m.ratio_max), m.sample_probability, rng, m.min_block)
+        return MaskInfo.from_masks(masks.to(self.device))
+
+    def _gram_active(self, it: int) -> bool:
+        pc = self.phase.cfg
+        return self.gram is not None and pc.loss.gram_weight > 0 and it >= pc.gram.start
 
     def step(self, it: int, images: torch.Tensor) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, pc = self.cfg, self.phase.cfg
         torch.manual_seed(step_seed(cfg.seed, self.rank, it))
+        gram = self._gram_active(it)
+        if gram and self.gram.due(it, pc.gram.start, pc.gram.refresh):
+            self.gram.take(self.ema, it)
         crops = self.multicrop(images.to(self.device, non_blocking=True))
         global_crops = torch.cat(crops.global_crops)
         local_crops = torch.cat(crops.local_crops) if crops.local_crops else None
-        mask = None
-        if self.settings["ibot"]:
-            rng = np.random.default_rng([cfg.seed, self.rank, it, 1])
-            masks = batch_masks(
-                global_crops.shape[0],
-                self.grid,
-                (cfg.masking.ratio_min, cfg.masking.ratio_max),
-                cfg.masking.sample_probability,
-                rng,
-                cfg.masking.min_block,
-            )
-            mask = MaskInfo.from_masks(masks.to(self.device))
-        temp = float(self.schedules["teacher_temp"][it])
+        mask = self._mask(it, global_crops.shape[0])
+        gram_inputs = None
+        if gram:
+            gram_crops = torch.cat(crops.gram_crops) if crops.gram_crops is not None else global_crops
+            gram_inputs = (self.gram, gram_crops, self.grid)
+        i = it - self.phase.start
+        temp = float(self.schedules["teacher_temp"][i])
         losses = forward_losses(
-            self.train_module, self.teacher, self.objective, global_crops, local_crops, mask, temp, self.amp
+            self.train_module,
+            self.teacher,
+            self.objective,
+            global_crops,
+            local_crops,
+            mask,
+            temp,
+            self.amp,
+            mask_student=self.settings["mask_student"],
+            gram=gram_inputs,
         )
         if not torch.isfinite(losses["total"]):
             raise FloatingPointError(
@@ -412,13 +547,13 @@ class Pretrainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
-        if cfg.optim.clip_grad > 0:
+        if pc.optim.clip_grad > 0:
             for part in (self.student.backbone, self.student.dino_head, self.student.ibot_head):
                 if part is not None:
-                    torch.nn.utils.clip_grad_norm_(part.parameters(), cfg.optim.clip_grad)
-        self._apply_schedules(it)
+                    torch.nn.utils.clip_grad_norm_(part.parameters(), pc.optim.clip_grad)
+        self._apply_schedules(i)
         self.optimizer.step()
-        ema_update(self.teacher, self.student, float(self.schedules["momentum"][it]))
+        ema_update(self.ema, self.student, float(self.schedules["momentum"][i]))
         return {k: v.detach() for k, v in losses.items()}
 
     # -- the loop ----------------------------------------------------------------------
@@ -447,9 +582,15 @@ class Pretrainer:
         stop = self.total if cfg.train.stop_after is None else min(self.total, int(cfg.train.stop_after))
         show = (sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)) and self.rank == 0
         bar = tqdm(total=self.total, initial=self.start, disable=not show, desc="pretrain", unit="it")
-        batches = iter(self._loader()) if self.start < stop else iter(())
+        batches = None
         t0, last = time.perf_counter(), self.start
         for it in range(self.start, stop):
+            phase = phase_at(self.phases, it)
+            if phase.index != self.phase.index:
+                self._enter_phase(phase)
+                batches = None  # the next phase decodes at its own size
+            if batches is None:
+                batches = iter(self._loader(it))
             batch = next(batches)
             self.positions[batch["stream"]] = tuple(int(x) for x in batch["position"])
             losses = self.step(it, batch["images"])
@@ -475,13 +616,15 @@ class Pretrainer:
         vals /= self.world
         if metrics is None:
             return
+        i = it - self.phase.start
         row = {
             "iteration": it,
+            "phase": self.phase.index,
             **{k: float(v) for k, v in zip(names, vals)},
-            "lr": float(self.schedules["lr"][it]),
-            "wd": float(self.schedules["wd"][it]),
-            "momentum": float(self.schedules["momentum"][it]),
-            "teacher_temp": float(self.schedules["teacher_temp"][it]),
+            "lr": float(self.schedules["lr"][i]),
+            "wd": float(self.schedules["wd"][i]),
+            "momentum": float(self.schedules["momentum"][i]),
+            "teacher_temp": float(self.schedules["teacher_temp"][i]),
             "images_per_s": round(steps * self.global_batch / max(elapsed, 1e-9), 3),
         }
         metrics.write(row)
@@ -493,16 +636,25 @@ class Pretrainer:
             ckpt = load_checkpoint(found[-1][1])
             atomic_save(ckpt["teacher_backbone"], self.out / "teacher_backbone.pth")  # hub layout
             arch = ckpt["arch"]
+            resolution = int(ckpt.get("resolution") or self.phases[-1].global_size)
             export_backbone(
                 ckpt["teacher_backbone"],
                 self.out / "teacher_backbone.safetensors",
                 arch["name"],
                 arch.get("overrides") or {},
+                resolution=resolution,
             )  # self-describing
             info = {
                 "iterations": self.total,
-                "images_seen": self.total * self.global_batch,
+                "images_seen": sum(p.iterations * p.cfg.data.batch_size_per_rank * self.world for p in self.phases),
                 "arch": ckpt["arch"],
+                "mode": str(self.cfg.mode),
+                "exported": "the student's EMA" if self.settings["distill"] else "the EMA teacher",
+                "resolution": resolution,
+                "phases": [
+                    {"name": p.name, "iterations": p.iterations, "global_size": p.global_size, "init": p.init}
+                    for p in self.phases
+                ],
                 "checkpoint": str(found[-1][1]),
                 "teacher_backbone": str(self.out / "teacher_backbone.pth"),
                 "teacher_backbone_self_describing": str(self.out / "teacher_backbone.safetensors"),
@@ -510,6 +662,8 @@ class Pretrainer:
                 "device": str(self.device),
                 "versions": {"python": platform.python_version(), "torch": torch.__version__},
             }
+            if self.settings["distill"]:
+                info["distill_teacher"] = str(self.cfg.distill.teacher)
             atomic_write_json(self.out / "_SUCCESS.json", info)
         D.barrier()
 
