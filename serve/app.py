@@ -150,7 +150,8 @@ def create_app(catalog: Catalog, opts: ServeOptions | None = None) -> FastAPI:
         metrics.vectors.labels(name).set(len(svc))
     access = Access(opts.api_key, opts.url_ttl)
     ctx = Context(catalog, Runner(metrics, opts.max_concurrent_searches, opts.max_waiting_searches), opts, access)
-    app.include_router(_lvd_routes(ctx))
+    app.include_router(_page_routes(ctx))
+    app.include_router(_search_routes(ctx))
     app.include_router(clip_routes(ctx))
     app.include_router(_ops_routes(catalog, metrics))
     _add_error_handlers(app)
@@ -169,7 +170,26 @@ def create_app(catalog: Catalog, opts: ServeOptions | None = None) -> FastAPI:
 # ------------------------------------------------------------------------ lvd's own API
 
 
-def _lvd_routes(ctx: Context) -> APIRouter:
+# The request body of an image search, for the OpenAPI schema: raw bytes or a multipart form.
+IMAGE_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }
+            },
+        },
+    }
+}
+
+
+def _search_routes(ctx: Context) -> APIRouter:
+    """lvd's search API: by vector, text, a weighted mix, id or uploaded image."""
     r = APIRouter()
     catalog, run = ctx.catalog, ctx.run
 
@@ -193,20 +213,6 @@ def _lvd_routes(ctx: Context) -> APIRouter:
         hits = ctx.links(await run(svc, by, fn, arg, query), svc, request)
         took = round(1000 * (time.perf_counter() - t0), 3)
         return JSONResponse({**extra, "index": svc.name, "results": hits, "took_ms": took})
-
-    @r.get("/", response_class=HTMLResponse, include_in_schema=False)
-    @r.get("/index.html", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        return HTMLResponse(PAGE, headers={"Cache-Control": "no-store"})
-
-    @r.get("/api/health", response_model=m.Health)
-    async def health():
-        return {"status": "ok", "vectors": len(catalog), "indices": {n: len(s) for n, s in catalog.services.items()}}
-
-    @r.get("/api/info", responses=ERRORS)
-    async def info(index: str | None = None) -> dict:
-        svc = catalog.get(index)
-        return {**svc.info(), "text_tower": svc.text_tower}
 
     @r.post(
         "/api/search/vector", response_model=m.SearchAnswer, responses=ERRORS, openapi_extra=_json_body("VectorSearch")
@@ -242,25 +248,33 @@ def _lvd_routes(ctx: Context) -> APIRouter:
         "/api/search/image",
         response_model=m.SearchAnswer,
         responses={**ERRORS, 503: {"model": m.ErrorBody}},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["image"],
-                            "properties": {"image": {"type": "string", "format": "binary"}},
-                        }
-                    },
-                },
-            }
-        },
+        openapi_extra=IMAGE_UPLOAD_BODY,
     )
     async def search_image(request: Request, p=Depends(params)):
         svc, query = p
         return await answer(svc, "image", svc.by_image, await image_upload(request), query, request)
+
+    return r
+
+
+def _page_routes(ctx: Context) -> APIRouter:
+    """The page, health, an index's description and thumbnails: everything but search."""
+    r = APIRouter()
+    catalog, run = ctx.catalog, ctx.run
+
+    @r.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @r.get("/index.html", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE, headers={"Cache-Control": "no-store"})
+
+    @r.get("/api/health", response_model=m.Health)
+    async def health():
+        return {"status": "ok", "vectors": len(catalog), "indices": {n: len(s) for n, s in catalog.services.items()}}
+
+    @r.get("/api/info", responses=ERRORS)
+    async def info(index: str | None = None) -> dict:
+        svc = catalog.get(index)
+        return {**svc.info(), "text_tower": svc.text_tower}
 
     @r.get("/thumb/{id}", response_class=Response, responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}})
     async def thumb(id: int, index: str | None = None):

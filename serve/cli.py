@@ -24,11 +24,14 @@ log = logging.getLogger(__name__)
 
 def add_subcommands(subparsers) -> None:
     """Add build, add, search and serve to an argparse sub-parsers object."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    for add in (_add_build, _add_add, _add_search, _add_serve):
+        add(subparsers)
 
+
+def _add_build(subparsers) -> None:
     p = subparsers.add_parser(
         "build",
-        formatter_class=fmt,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="build an index over an embed folder",
         description="Build a nearest-neighbour index over every part of an embed folder.",
     )
@@ -43,9 +46,11 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing index in INDEX_DIR")
     p.set_defaults(func=_cmd_build)
 
+
+def _add_add(subparsers) -> None:
     p = subparsers.add_parser(
         "add",
-        formatter_class=fmt,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="add new embed parts to an index",
         description="Add the parts of EMBED_DIR that the index does not hold yet (no retraining).",
     )
@@ -54,9 +59,11 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_add)
 
+
+def _add_search(subparsers) -> None:
     p = subparsers.add_parser(
         "search",
-        formatter_class=fmt,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="search an index from the shell",
         description="Nearest neighbours of images, vectors or indexed ids.",
     )
@@ -89,9 +96,11 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device for embedding query images and texts")
     p.set_defaults(func=_cmd_search)
 
+
+def _add_serve(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
-        formatter_class=fmt,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="HTTP API and web page",
         description="Serve indexes over HTTP (uvicorn): lvd's JSON API, clip-retrieval's "
         "/knn-service, /metadata and /indices-list, /metrics, and a drop-an-image page.",
@@ -121,59 +130,69 @@ def add_subcommands(subparsers) -> None:
         default=1,
         help="server processes; each maps the indexes read-only, so the vectors are shared",
     )
-    p.add_argument("--max-upload", default="20M", help="largest accepted request body")
-    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
-    p.add_argument(
+    p.add_argument("--device", default="cpu", help="torch device for embedding uploaded images")
+    p.add_argument("--no-access-log", action="store_true", help="do not print one JSON line per request on stderr")
+    _add_serve_limits(p.add_argument_group("limits"))
+    _add_serve_access(p.add_argument_group("access"))
+    p.set_defaults(func=_cmd_serve)
+
+
+def _add_serve_limits(g) -> None:
+    """What one request or client may take: sizes, concurrency, memory, time."""
+    g.add_argument("--max-upload", default="20M", help="largest accepted request body")
+    g.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
+    g.add_argument(
         "--concurrency",
         type=int,
         default=4,
         help="query images embedded (and thumbnails made) at once, per worker; concurrent searches "
         "by vector or id share Faiss calls",
     )
-    p.add_argument("--max-connections", type=int, default=2048, help="open connections; more are answered 503")
-    p.add_argument("--device", default="cpu", help="torch device for embedding uploaded images")
-    p.add_argument(
+    g.add_argument("--max-connections", type=int, default=2048, help="open connections; more are answered 503")
+    g.add_argument(
+        "--decode-memory",
+        default="1G",
+        help="memory that images being decoded (uploads, thumbnails) may hold at once; larger ones wait their turn",
+    )
+    g.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send request headers")
+    g.add_argument("--body-timeout", type=float, default=20.0, help="seconds a client has to send a request body")
+    g.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
+
+
+def _add_serve_access(g) -> None:
+    """Who may call the server and what its answers reveal."""
+    g.add_argument(
         "--expose-paths",
         action="store_true",
         help="let responses carry the images' absolute paths (a trusted network only)",
     )
-    p.add_argument(
+    g.add_argument(
         "--cors-origin",
         action="append",
         default=[],
         metavar="ORIGIN",
         help="allow browser pages from ORIGIN (e.g. a clip-retrieval front end) to call the API",
     )
-    p.add_argument(
+    g.add_argument(
         "--api-key",
         default=None,
         metavar="KEY",
         help=f"every route but /api/health needs this key (header X-API-Key, ?key=, or the path prefix /key/KEY/); "
         f"default: ${KEY_ENV}. Image URLs in answers are signed and expire instead",
     )
-    p.add_argument(
+    g.add_argument(
         "--insecure-public",
         action="store_true",
         help="serve on a non-loopback address without an API key (anyone who reaches it sees the images)",
     )
-    p.add_argument(
+    g.add_argument(
         "--public-url",
         default=None,
         metavar="URL",
         help="the server's address as browsers reach it (behind a proxy), for the image URLs in answers; "
         "default: the address each request was sent to",
     )
-    p.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a signed image URL stays valid (with a key)")
-    p.add_argument(
-        "--decode-memory",
-        default="1G",
-        help="memory that images being decoded (uploads, thumbnails) may hold at once; larger ones wait their turn",
-    )
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send request headers")
-    p.add_argument("--body-timeout", type=float, default=20.0, help="seconds a client has to send a request body")
-    p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
-    p.add_argument("--no-access-log", action="store_true", help="do not print one JSON line per request on stderr")
-    p.set_defaults(func=_cmd_serve)
+    g.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a signed image URL stays valid (with a key)")
 
 
 def _add_tuning_args(p: argparse.ArgumentParser) -> None:
