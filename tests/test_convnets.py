@@ -51,6 +51,7 @@ def _compare_resnet(ours, hf, x) -> float:
     return max(diffs)
 
 
+@pytest.mark.slow
 def test_convnext_matches_transformers():
     hf = _hf_convnext()
     ours = build_backbone("dinov3_convnext_mini").eval()

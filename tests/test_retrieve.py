@@ -248,6 +248,7 @@ def test_byte_identical_seeds_do_not_raise_the_auto_floor(run_dir):
     )
 
 
+@pytest.mark.slow
 def test_two_torchrun_ranks_retrieve_like_one_process(run_dir, tmp_path):
     """`python -m lvd.curate.retrieve` under torchrun: 2 gloo ranks each search half the pool;
     neighbors.parquet equals one process's (a sample-mode and a cluster-mode set)."""

@@ -200,6 +200,7 @@ with open_stage(cfg, "p") as stage:
 """
 
 
+@pytest.mark.slow
 def test_a_killed_invocation_resumes_from_what_it_staged(tmp_path):
     first = subprocess.run(
         [sys.executable, "-c", KILL.format(run=str(tmp_path), kill_at="2")], capture_output=True, text=True
@@ -235,6 +236,7 @@ def _rank_worker(rank, world, folder):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_staged_parts_with_ranks_are_shared_and_committed_once(tmp_path):
     mp.start_processes(_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     folder = tmp_path / "run" / "p"

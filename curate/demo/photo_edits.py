@@ -38,7 +38,7 @@ SKIMAGE_PHOTOS = (
 
 
 class MissingPhotosError(UserError, ImportError):
-    """scikit-image (or scikit-learn) is not installed, so there are no offline photos."""
+    """Offline photos are not installed: the Debian packages of the demo, or scikit-image for the tests' tiles."""
 
 
 def package_photos() -> dict[str, Image.Image]:
