@@ -39,7 +39,7 @@ from lvd.common.row_bytes import FOLDER, kind_of
 SUCCESS_NAME = "_SUCCESS.json"
 #: The run-folder layout this lvd writes. 1: before `_SUCCESS.json` carried `schema`; 2: every
 #: stage's `_SUCCESS.json` carries schema, stage, fingerprint and content, and part-wise stages
-#: mark each finished part with done-PART.json.
+#: mark each finished part with _done-PART.json.
 SCHEMA_VERSION = 2
 #: The oldest layout this lvd reads as a stage's input.
 OLDEST_READABLE = 1

@@ -8,7 +8,7 @@ mapper : the backbone embeds each batch under the configured precision, and the 
          model (SSCD as ONNX through onnxruntime, or TorchScript) embeds its own squares;
 writer : a finished part is staged as part-NNNNN.npy (float16 rows) and ids-NNNNN.npy (int64
          manifest ids), its copy-detection rows under copy/ with the same names, then its
-         marker done-NNNNN.json (its fingerprint and the rows that failed to decode); the
+         marker _done-NNNNN.json (its fingerprint and the rows that failed to decode); the
          commit adds copy/_SUCCESS.json, which describes the copy-detection model (so
          `lvd index build RUN/embed/copy` works). Parts are the stage runner's
          (`curate.stage`): a rerun skips parts whose fingerprint matches, so a killed run

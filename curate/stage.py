@@ -22,7 +22,7 @@ Rules (the `Stage` contract of docs/architecture.md; no stage has its own copy):
   depends on)`. A stage's depends on its settings and on the content fingerprints of the stage
   folders it reads (`lvd.common.run_folder.content_fingerprint`); a part's on its own inputs. A
   stage is up to date when its `_SUCCESS.json` records this schema and fingerprint and every
-  part is finished; a part is finished when its `done-PART.json` records its fingerprint and its
+  part is finished; a part is finished when its `_done-PART.json` records its fingerprint and its
   files are there. `overwrite=true` makes nothing up to date.
 - Nothing replaces a finished output before the commit: new files are written under
   STAGE/.staged/. Parts stay staged across invocations (a killed or failed run resumes from
@@ -76,7 +76,20 @@ def overwrite_requested(cfg) -> bool:
 
 
 def marker_name(part: str) -> str:
+    """A part's marker file. The leading underscore keeps it out of `pd.read_parquet(STAGE)` and
+    pyarrow datasets, which skip names starting with `_` or `.`, as they skip `_SUCCESS.json`."""
+    return f"_done-{part}.json"
+
+
+def _legacy_marker_name(part: str) -> str:
+    """The marker's name in folders that lvd wrote before the underscore (read, then renamed)."""
     return f"done-{part}.json"
+
+
+def _marker_in(folder: Path, part: str) -> Path:
+    path = folder / marker_name(part)
+    legacy = folder / _legacy_marker_name(part)
+    return legacy if not path.is_file() and legacy.is_file() else path
 
 
 def _versions() -> dict:
@@ -145,7 +158,7 @@ class Parts:
 
     def _finished(self, folder: Path, name: str) -> bool:
         fp, files = self.plan[name]
-        marker = _read_marker(folder / marker_name(name))
+        marker = _read_marker(_marker_in(folder, name))
         return marker is not None and marker.get("fingerprint") == fp and all((folder / f).is_file() for f in files)
 
     @property
@@ -181,7 +194,7 @@ class Parts:
         """What the part's marker says (its fingerprint, content and the stage's own fields),
         once every rank has staged its parts."""
         self.stage.settle()
-        marker = self.current(part, marker_name(part))
+        marker = _marker_in(self.stage.staging if part in self.fresh else self.stage.folder, part)
         record = _read_marker(marker)
         if record is None:
             raise RuntimeError(f"part {part!r} has no marker at {marker}")
@@ -292,6 +305,9 @@ class Stage:
         for name in self._files:  # a sub-folder's own marker (embed/copy) goes before its files change
             if Path(name).name == SUCCESS_NAME:
                 (self.folder / name).unlink(missing_ok=True)
+        for name in parts.plan if parts else []:  # a finished part's marker of an older lvd keeps its part
+            if name not in parts.fresh:
+                os.replace(_marker_in(self.folder, name), self.folder / marker_name(name))
         self._sweep(({*parts.outputs()} if parts else set()) | set(self._files) | self._kept)
         moves = [f for p in (parts.fresh if parts else []) for f in self._parts.plan[p][1]]
         moves += [marker_name(p) for p in (parts.fresh if parts else [])]

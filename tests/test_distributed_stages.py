@@ -69,8 +69,8 @@ def test_killed_rank_resumes_and_two_ranks_write_what_one_process_writes(tmp_pat
     config = _save(_cfg(two, pool, "manifest.part_size=3"), tmp_path / "two.yaml")
     staged = two / "manifest" / ".staged"
     first = standalone("lvd.curate.manifest", config, "manifest-first", tmp_path)
-    wait_for(lambda: len(list(staged.glob("done-*.json"))) == 5, first)
-    assert not (staged / "done-00005.json").exists()
+    wait_for(lambda: len(list(staged.glob("_done-*.json"))) == 5, first)
+    assert not (staged / "_done-00005.json").exists()
     kill_rank("manifest-first", 1, first)
     fifo.unlink()
     fifo.write_bytes(_image(99, "PNG"))
@@ -134,7 +134,7 @@ def test_shards_of_a_killed_rank_resume_to_the_bytes_of_one_process(tmp_path):
     config = _save(_cfg(two, pool, *extra), tmp_path / "two.yaml")
     staged = two / "shards" / ".staged"
     first = standalone("lvd.curate.shards", config, "shards-first", tmp_path)
-    wait_for(lambda: len(list(staged.glob("done-*.json"))) == shard_count - 1, first)
+    wait_for(lambda: len(list(staged.glob("_done-*.json"))) == shard_count - 1, first)
     kill_rank("shards-first", 1, first)
     victim.unlink()
     victim.write_bytes(original)

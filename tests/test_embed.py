@@ -203,7 +203,7 @@ def test_embed_resumes_only_unfinished_parts(tmp_path, tiny_weights):
     first = {p.name: p.read_bytes() for p in sorted(out.glob("*-0000*.npy"))}
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
     # a killed run: part 1 never got its done marker, part 2's vectors were never written
-    (out / "done-00001.json").unlink()
+    (out / "_done-00001.json").unlink()
     (out / "part-00002.npy").unlink()
     (out / "_SUCCESS.json").unlink()
     run_embed(cfg)

@@ -62,6 +62,9 @@ def test_zoo_folder_every_input_accounted_for(tmp_path):
             assert case.error_has in row["error"], (case.name, row["error"])
     assert by_key.loc["animated.gif", "frames"] == 3
     assert by_key.loc["cmyk.jpg", "mode"] == "CMYK"
+    # the folder is a parquet dataset as plain pandas and pyarrow read it: markers are not parts
+    plain = pd.read_parquet(tmp_path / "run" / "manifest")
+    assert sorted(plain["id"]) == sorted(frame["id"])
 
 
 def test_pixel_limit_from_config_quarantines_large_images(tmp_path):

@@ -151,6 +151,18 @@ def test_commit_staged_parts_moves_parts_in_order_and_removes_what_the_new_run_l
     assert not (folder / STAGED).exists() and read_success(folder)["parts"] == 2
 
 
+def test_parts_marked_by_an_older_lvd_stay_finished_and_take_the_new_marker_name(tmp_path):
+    cfg = _cfg(tmp_path)
+    _parts_invocation(cfg, ["0", "1"])
+    folder = tmp_path / "p"
+    for n in "01":  # the folder as lvd wrote it when markers were named done-PART.json
+        os.replace(folder / marker_name(n), folder / f"done-{n}.json")
+    written = []
+    _parts_invocation(cfg, ["0", "1", "2"], written=written)
+    assert written == ["2"]  # the two finished parts were not done again
+    assert sorted(p.name for p in folder.glob("*done-*")) == [marker_name(n) for n in "012"]
+
+
 def test_a_failed_invocation_keeps_its_staged_parts_and_the_next_resumes(tmp_path):
     cfg = _cfg(tmp_path)
     _parts_invocation(cfg, ["0", "1", "2"])
