@@ -95,6 +95,7 @@ class GroundingDino:
     """A Grounding DINO model and its processor, on one device, in float32."""
 
     def __init__(self, weights: str | os.PathLike, device="cpu", size: int | None = None):
+        from safetensors import SafetensorError
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
         self.folder = _check_folder(weights)
@@ -104,7 +105,7 @@ class GroundingDino:
                 str(self.folder), local_files_only=True, output_loading_info=True
             )
             self.processor = GroundingDinoProcessor.from_pretrained(str(self.folder), local_files_only=True)
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, SafetensorError) as exc:  # a damaged or partial folder
             raise WeightsError(
                 f"{self.folder}: cannot load Grounding DINO ({' '.join(str(exc).split())[:300]})"
             ) from None
