@@ -74,7 +74,7 @@ CHECKS: dict[str, Check] = {
     "embed.copy_detection.resolution": integer(lo=1),
     "detect.box_threshold": number(lo=0.0, hi=1.0),
     "detect.text_threshold": number(lo=0.0, hi=1.0),
-    "detect.size": integer(lo=1, nullable=True),
+    "detect.size": integer(lo=128, nullable=True),
     "detect.batch_size": integer(lo=1),
     "detect.part_size": integer(lo=1),
     "filter.require.phrases": phrase_list,
@@ -113,6 +113,7 @@ CHECKS: dict[str, Check] = {
     "shards.resize": integer(lo=1, nullable=True),
     "shards.quality": integer(lo=1, hi=100),
     "shards.mtime": integer(lo=0),
+    "shards.crops": boolean,
 }
 
 
