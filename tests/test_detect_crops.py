@@ -18,6 +18,7 @@ from lvd.curate.config import load_config
 from lvd.curate.crops import pixel_box
 from lvd.curate.detect import read_detections, run_detect
 from lvd.curate.manifest import read_manifest, run_manifest
+from lvd.curate.report import run_report
 from lvd.curate.shards import run_shards
 
 
@@ -94,3 +95,21 @@ def test_shards_add_each_kept_box_as_a_sample(tmp_path):
     index = pq.read_table(folder / "curated-000000.parquet").to_pandas()
     assert index["__key__"].tolist() == [s["__key__"] for s in samples]
     assert (index[index["selected_by"] == "crop"]["__key__"] == [s["__key__"] for s in crops]).all()
+
+    # the report draws the boxes: every pool image is shown (kept by the filter or dropped by it)
+    page = run_report(cfg)
+    html = page.read_text()
+    assert "a cat . a red square ." in html and "kept by the filters" in html and "dropped by the filters" in html
+    pictures = {int(p.name.split("-")[0]): p for p in (page.parent / "det").glob("*.jpg")}
+    assert set(pictures) == set(manifest.index)
+    everything = read_detections(cfg.run_dir)
+    for id_, path in pictures.items():
+        source = manifest.loc[id_]
+        original = np.asarray(Image.open(Path(source["source"]) / source["key"]).convert("RGB"), np.float32)
+        drawn = np.asarray(Image.open(path), np.float32)  # 64 x 48 is under the picture size: not resized
+        changed = np.abs(drawn - original).sum(-1) > 60
+        outline = np.zeros(changed.shape, bool)
+        for box in everything[everything["id"] == id_]["box"]:
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            outline[np.clip([y0, y1], 0, 47), max(x0, 0) : min(x1, 63) + 1] = True
+        assert changed[outline].mean() > 0.5 and changed.mean() > 0.05
