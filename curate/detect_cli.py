@@ -42,6 +42,12 @@ def cmd_detect(args) -> int:
     if args.image is None:
         if args.config is None:
             raise UserError("lvd detect needs a CONFIG (the detect stage of a run) or --image FILE (one image)")
+        stray = [f for f, v in (("--prompt", args.prompt), ("--weights", args.weights), ("--out", args.out),
+                                ("--json", args.json), ("--size", args.size)) if v is not None]  # fmt: skip
+        if stray:
+            raise UserError(
+                f"{', '.join(stray)} go with --image; for a run set detect.prompt=..., detect.weights=... instead"
+            )
         from lvd.curate.cli import cmd_stage
 
         args.stage = "detect"

@@ -1,6 +1,8 @@
 """The embed stage: every usable image (pool, seed and eval sets) -> an L2-normalised vector.
 
-reader : the manifest's ok rows, in manifest order, cut into parts of `embed.part_size` rows;
+reader : the manifest's ok rows, in manifest order (less the pool images that filter.require /
+         filter.exclude drop, from the detect stage's boxes: `curate.detect_filter`), cut into
+         parts of `embed.part_size` rows;
          DataLoader workers read the bytes (`curate.sources.iter_bytes`) and decode each image
          to a uint8 square (shorter side resized, centre cropped) — one batch per work item,
          so a batch never spans two parts;

@@ -249,3 +249,7 @@ def test_cli_one_image_writes_png_and_json(tmp_path, tiny_grounding, capsys):
     assert "also needs --weights" in capsys.readouterr().err
     assert main([*argv[:5], "--weights", str(tmp_path / "absent"), "--out", str(out)]) == 2
     assert "weights not found" in capsys.readouterr().err
+    assert main(["detect", "default", "--prompt", PROMPT]) == 2
+    assert "--prompt go with --image" in capsys.readouterr().err
+    assert main(["detect"]) == 2
+    assert "needs a CONFIG" in capsys.readouterr().err
