@@ -134,3 +134,46 @@ def test_embed_takes_only_the_pool_images_the_filters_keep(tmp_path, tiny_models
     run_manifest(cfg)
     with pytest.raises(MissingInputError, match="made for another manifest"):
         run_embed(cfg)
+
+
+@pytest.mark.slow
+def test_lvd_run_detects_before_embedding_when_weights_are_set(tmp_path, tiny_models, capsys):
+    from PIL import Image
+
+    from lvd.curate.cli import main
+
+    grounding, vit = tiny_models
+    (tmp_path / "pool").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "pool" / f"{i}.png")
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        f'sources.pool=["{tmp_path / "pool"}"]',
+        "progress=false",
+        "workers=0",
+        f"detect.weights={grounding}",
+        "detect.prompt='a cat .'",
+        "detect.device=cpu",
+        f"embed.weights={vit}",
+        "embed.model=vit_tiny_p4",
+        "embed.resolution=32",
+        "embed.copy_detection.weights=null",
+        "embed.device=cpu",
+    ]
+    assert main(["run", "default", *overrides, "--until", "embed"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("detect:") < printed.index("embed:")
+    pool = set(read_manifest(tmp_path / "run")["id"])
+    assert set(embedding_ids(tmp_path / "run" / "embed").tolist()) == pool  # no rule: every image
+    # a rule whose score bound splits the pool (random weights see cats everywhere)
+    boxes = read_detections(tmp_path / "run")
+    cat = boxes[boxes["phrase"].str.contains(r"\bcat\b")]
+    best = cat.groupby("id")["score"].max().sort_values()
+    assert len(best) == len(pool) and best.iloc[0] < best.iloc[-1]
+    bound = float(best.iloc[-1])  # the image(s) with the best cat box go; the others stay
+    rule = ["filter.exclude.phrases=[cat]", f"filter.exclude.min_score={bound}"]
+    assert main(["run", "default", *overrides, *rule, "--until", "embed"]) == 0
+    excluded = set(cat[cat["score"] >= bound]["id"])
+    assert 0 < len(excluded) < len(pool)
+    assert set(embedding_ids(tmp_path / "run" / "embed").tolist()) == pool - excluded
