@@ -4,8 +4,9 @@ reader : the manifest's ok pool rows (the images the filters decide on), in mani
          into parts of `detect.part_size` rows; DataLoader workers read the bytes, decode each
          image upright in RGB (`pretrain.data.decode`) and prepare the batch's pixels as the
          Grounding DINO processor does (resize, pad, mask);
-mapper : `pretrain.models.grounding.GroundingDino` on `detect.device`, one prompt for the whole
-         run, transformers' post-processing with `box_threshold` and `text_threshold`;
+mapper : `pretrain.models.grounding.GroundingDino` on `detect.device`, on batches of images of
+         like aspect ratio (little padding), one prompt for the whole run, transformers'
+         post-processing with `box_threshold` and `text_threshold`;
 writer : part-NNNNN.parquet, one row per kept box (id, box [x0, y0, x1, y1] in pixels of the
          upright image, score, phrase, and the image's width and height for area fractions),
          then the part's marker with how many images it saw and which failed to decode. An image
@@ -127,7 +128,7 @@ class BatchDataset(Dataset):
 
 def plan_parts(frame: pd.DataFrame, part_size: int) -> dict[str, pd.DataFrame]:
     """Consecutive slices of the pool's ok rows, by part name; stable as long as the manifest is."""
-    cols = ["id", "kind", "source", "key", "sha1"]
+    cols = ["id", "kind", "source", "key", "sha1", "width", "height"]
     return {
         f"{i:05d}": frame.iloc[start : start + part_size][cols].reset_index(drop=True)
         for i, start in enumerate(range(0, len(frame), part_size))
@@ -165,10 +166,21 @@ def detection_rows(ids, sizes, detections) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def make_batches(name: str, rows: pd.DataFrame, size: int) -> list[tuple[str, pd.DataFrame]]:
+    """A part's rows in batches of images of like shape (sorted by aspect ratio, then id).
+
+    The processor pads a batch to its widest and tallest image, and the model computes on the
+    padding: a portrait photo beside a landscape one would cost each a square."""
+    width, height = (rows[c].astype("float64").fillna(1.0).to_numpy() for c in ("width", "height"))
+    aspect = width / np.maximum(height, 1.0)
+    ordered = rows.iloc[np.lexsort((rows["id"].to_numpy(), aspect))]
+    return [(name, ordered.iloc[i : i + size]) for i in range(0, len(ordered), size)]
+
+
 def _detect_parts(todo: dict[str, pd.DataFrame], cfg, model: GroundingDino, s: DetectSettings, parts: Parts) -> int:
     """Run this rank's parts, staging each as soon as its last batch is in; returns the images seen."""
     size = int(cfg.detect.batch_size)
-    batches = [(name, rows.iloc[i : i + size]) for name, rows in todo.items() for i in range(0, len(rows), size)]
+    batches = [batch for name, rows in todo.items() for batch in make_batches(name, rows, size)]
     remaining = {name: -(-len(rows) // size) for name, rows in todo.items()}
     pending = {name: {"frames": [], "images": 0, "failed": []} for name in todo}
     seen = 0
@@ -279,4 +291,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["SCHEMA", "STAGE", "DetectSettings", "detection_rows", "read_detections", "run_detect"]
+__all__ = ["SCHEMA", "STAGE", "DetectSettings", "detection_rows", "make_batches", "read_detections", "run_detect"]

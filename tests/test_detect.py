@@ -253,3 +253,15 @@ def test_cli_one_image_writes_png_and_json(tmp_path, tiny_grounding, capsys):
     assert "--prompt go with --image" in capsys.readouterr().err
     assert main(["detect"]) == 2
     assert "needs a CONFIG" in capsys.readouterr().err
+
+
+def test_batches_group_images_of_like_shape():
+    import pandas as pd
+
+    from lvd.curate.detect import make_batches
+
+    rows = pd.DataFrame({"id": [5, 1, 2, 3, 4, 0], "width": [640, 480, 640, 480, 800, 480],
+                         "height": [480, 640, 480, 640, 800, 640]})  # fmt: skip
+    batches = make_batches("00000", rows, 2)
+    assert [b["id"].tolist() for _, b in batches] == [[0, 1], [3, 4], [2, 5]]  # by aspect ratio, then id
+    assert {name for name, _ in batches} == {"00000"} and sum(len(b) for _, b in batches) == len(rows)
