@@ -265,3 +265,35 @@ def test_batches_group_images_of_like_shape():
     batches = make_batches("00000", rows, 2)
     assert [b["id"].tolist() for _, b in batches] == [[0, 1], [3, 4], [2, 5]]  # by aspect ratio, then id
     assert {name for name, _ in batches} == {"00000"} and sum(len(b) for _, b in batches) == len(rows)
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_find_the_same_boxes_as_one(tmp_path, tiny_grounding):
+    import os
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    _write_pool(tmp_path / "pool", 5)
+    one, two = (
+        _cfg(tmp_path / name, tiny_grounding, f'sources.pool=["{tmp_path / "pool"}"]', "detect.part_size=2")
+        for name in ("one", "two")
+    )
+    for cfg in (one, two):
+        run_manifest(cfg)
+    run_detect(one)
+    OmegaConf.save(two, tmp_path / "two.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "lvd.curate.detect", str(tmp_path / "two.yaml")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    success = json.loads((Path(two.run_dir) / "detect" / "_SUCCESS.json").read_text())
+    assert success["world_size"] == 2 and success["images"] == 5 and success["parts"] == 3
+    a, b = (read_detections(cfg.run_dir).sort_values(["id", "score"], kind="stable") for cfg in (one, two))
+    assert (
+        len(a) == len(b) > 0 and a["id"].tolist() == b["id"].tolist() and a["phrase"].tolist() == b["phrase"].tolist()
+    )
+    np.testing.assert_allclose(np.stack(a["box"]), np.stack(b["box"]), atol=1e-3)
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
