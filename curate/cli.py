@@ -136,6 +136,9 @@ def _add_pipeline(sub) -> None:
     _config_args(run)
     run.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
     run.set_defaults(func=cmd_run)
+    from lvd.curate.detect_cli import add_parser as add_detect
+
+    add_detect(sub, _formatter)  # optional, before embed: a stage, or one image (`lvd detect --image`)
     for name in STAGES:
         stage = sub.add_parser(name, help=STAGE_HELP[name], formatter_class=_formatter)
         _config_args(stage)

@@ -7,7 +7,7 @@ One table, one line per key: a check returns an error message, or None when the 
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from lvd.common.config_checks import Check, boolean, choice, integer, number
 from lvd.common.config_checks import config_problems as common_problems
@@ -41,6 +41,12 @@ def resolution(value) -> str | None:
     return f"must be null, auto or a number of pixels, got {value!r}"
 
 
+def phrase_list(value) -> str | None:
+    if isinstance(value, (list, tuple, ListConfig)) and all(isinstance(v, str) and v.strip() for v in value):
+        return None
+    return f"must be a list of phrases, e.g. [dog, a watermark], got {value!r}"
+
+
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 BACKENDS = ("auto", "faiss", "torch")
 
@@ -66,6 +72,17 @@ CHECKS: dict[str, Check] = {
     "embed.threads": number(lo=1, words=("auto",)),
     "embed.copy_detection.space": copy_space,
     "embed.copy_detection.resolution": integer(lo=1),
+    "detect.box_threshold": number(lo=0.0, hi=1.0),
+    "detect.text_threshold": number(lo=0.0, hi=1.0),
+    "detect.size": integer(lo=128, nullable=True),
+    "detect.batch_size": integer(lo=1),
+    "detect.part_size": integer(lo=1),
+    "filter.require.phrases": phrase_list,
+    "filter.exclude.phrases": phrase_list,
+    "filter.require.min_score": number(lo=0.0, hi=1.0),
+    "filter.require.min_area": number(lo=0.0, hi=1.0),
+    "filter.exclude.min_score": number(lo=0.0, hi=1.0),
+    "filter.exclude.min_area": number(lo=0.0, hi=1.0),
     "dedup.k": integer(lo=1),
     "dedup.threshold": number(words=("auto",)),
     "dedup.backend": choice(*BACKENDS),
@@ -96,6 +113,7 @@ CHECKS: dict[str, Check] = {
     "shards.resize": integer(lo=1, nullable=True),
     "shards.quality": integer(lo=1, hi=100),
     "shards.mtime": integer(lo=0),
+    "shards.crops": boolean,
 }
 
 

@@ -301,7 +301,10 @@ def near_frame(cfg, found: Inputs, exact: pd.DataFrame, embedded: IdRows, ranks:
     survivors = found.pool[~found.pool["id"].isin(exact["id"])].reset_index(drop=True)
     rows = embedded.rows(_int64(survivors["id"]))
     if (rows < 0).any():
-        log.warning("dedup: %d pool images have no embedding; they are left out", int((rows < 0).sum()))
+        log.warning(
+            "dedup: %d pool images have no embedding (filtered out before embed, or undecodable); they are left out",
+            int((rows < 0).sum()),
+        )
         survivors, rows = survivors[rows >= 0].reset_index(drop=True), rows[rows >= 0]
     keys = _keep_keys(survivors)
     view = EmbeddingRows(vector_files(found.folder), rows)

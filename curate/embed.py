@@ -1,6 +1,8 @@
 """The embed stage: every usable image (pool, seed and eval sets) -> an L2-normalised vector.
 
-reader : the manifest's ok rows, in manifest order, cut into parts of `embed.part_size` rows;
+reader : the manifest's ok rows, in manifest order (less the pool images that filter.require /
+         filter.exclude drop, from the detect stage's boxes: `curate.detect_filter`), cut into
+         parts of `embed.part_size` rows;
          DataLoader workers read the bytes (`curate.sources.iter_bytes`) and decode each image
          to a uint8 square (shorter side resized, centre cropped) — one batch per work item,
          so a batch never spans two parts;
@@ -39,6 +41,7 @@ from lvd.common.ranks import Ranks, rank_device
 from lvd.common.row_bytes import iter_bytes
 from lvd.common.run_folder import fingerprint, read_manifest, read_success
 from lvd.curate.config import ConfigError
+from lvd.curate.detect_filter import filter_active, filter_pool
 from lvd.curate.stage import Parts, Stage, open_stage, success_record, torchrun_main
 from lvd.curate.workers import resolve_workers, show_progress
 from lvd.pretrain.data.decode import DecodeError
@@ -84,7 +87,7 @@ def plan_parts(frame: pd.DataFrame, part_size: int) -> list[Part]:
     ]
 
 
-def _file_identity(path: Path, hashes: dict[str, str]) -> list:
+def file_identity(path: Path, hashes: dict[str, str]) -> list:
     """[name, bytes, sha1] of a weights file (or of every file of a weights folder), by content.
 
     Not the path or the modification time: a run folder and its weights copied to another
@@ -124,8 +127,8 @@ def settings_fingerprint(
     record = {
         "embed": {k: v for k, v in info.items() if k not in where},
         "copy": {k: v for k, v in copy_info.items() if k not in where} if copy_info else None,
-        "weights_files": _file_identity(resolve_weights(weights_spec), hashes) if weights_spec else None,
-        "copy_files": _file_identity(resolve_weights(copy_spec), hashes) if copy_spec else None,
+        "weights_files": file_identity(resolve_weights(weights_spec), hashes) if weights_spec else None,
+        "copy_files": file_identity(resolve_weights(copy_spec), hashes) if copy_spec else None,
     }
     return hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -387,8 +390,13 @@ def build_models(cfg, stage: Stage, frame: pd.DataFrame) -> Models:
 
 def run_embed(cfg) -> Path:
     """Embed the manifest's ok rows into RUN/embed (and RUN/embed/copy); returns the folder."""
-    with open_stage(cfg, STAGE, optional=("manifest",), device=cfg.embed.device) as stage:
+    filtered = filter_active(cfg)  # filter.require / filter.exclude: the detect stage decides which pool rows
+    with open_stage(
+        cfg, STAGE, inputs=("detect",) if filtered else (), optional=("manifest",), device=cfg.embed.device
+    ) as stage:
         frame = read_manifest(stage.run_dir, status="ok")
+        if filtered:
+            frame = filter_pool(cfg, stage.run_dir, frame, stage.inputs["manifest"])
         models = build_models(cfg, stage, frame)
         planned = plan_parts(frame, int(cfg.embed.part_size))
         with_copy = models.copy is not None

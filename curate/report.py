@@ -33,6 +33,7 @@ from lvd.common.run_folder import (
     read_manifest,
     read_success,
 )
+from lvd.curate.report_detect import read_detection_section
 from lvd.curate.selection import level_table
 from lvd.curate.stage import Stage, open_stage
 
@@ -422,7 +423,8 @@ def run_report(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     max_pixels = int(cfg.decode.max_pixels) if cfg.decode.max_pixels else None
     settings = {"seed": int(cfg.seed), "max_pixels": max_pixels}
-    with open_stage(cfg, STAGE, settings=settings, optional=[s for s in STAGES if s != STAGE]) as stage:
+    optional = [*(s for s in STAGES if s != STAGE), "detect"]
+    with open_stage(cfg, STAGE, settings=settings, optional=optional) as stage:
         if stage.up_to_date:
             log.info("report: up to date")
             return stage.folder / "index.html"
@@ -439,6 +441,7 @@ def run_report(cfg) -> Path:
             "retrieval": read_retrieval(run_dir, fig),
             "balanced": read_balanced(run_dir, int(cfg.seed)),
             "quarantine": read_quarantine(run_dir),
+            "detections": read_detection_section(cfg, stage, max_pixels),
         }
         thumbs = fig.resolve(stage, max_pixels)
         atomic_write_text(stage.path("index.html"), render(context))

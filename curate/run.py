@@ -21,12 +21,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-# The pipeline, in order.
-STAGES = ("manifest", "embed", "dedup", "cluster", "retrieve", "shards", "report")
+from lvd.common.run_folder import STAGES  # the pipeline, in order
+
 # The stages that run on every rank, each doing its share; the others run on rank 0 alone.
-DISTRIBUTED = ("manifest", "embed", "dedup", "cluster", "retrieve", "shards")
+DISTRIBUTED = ("manifest", "detect", "embed", "dedup", "cluster", "retrieve", "shards")
 # The settings that name the device of a stage's vector or model work.
-DEVICE_KEYS = ("embed", "dedup", "cluster", "retrieve")
+DEVICE_KEYS = ("detect", "embed", "dedup", "cluster", "retrieve")
 
 log = logging.getLogger("lvd")
 
@@ -46,12 +46,21 @@ def group_device(cfg) -> str:
     return "cuda" if any(d.type == "cuda" for d in devices) else "cpu"
 
 
+def pipeline_stages(cfg, until: str | None = None) -> list[str]:
+    """The stages a run goes through, in order: STAGES up to `until`, with the optional detect
+    stage (Grounding DINO boxes for the embed stage's filters) before embed when its weights are set."""
+    stages = list(STAGES[: STAGES.index(until) + 1] if until else STAGES)
+    if cfg.detect.weights is not None and "embed" in stages:
+        stages.insert(stages.index("embed"), "detect")
+    return stages
+
+
 def run_pipeline(cfg, until: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Path]:
     """Run the stages up to `until` (all by default) in order, across the torchrun ranks when
     there are any; returns {stage: folder}. Rank 0 echoes each finished stage."""
     from lvd.common.ranks import torchrun_group  # torch: imported when a run starts, not for `lvd --help`
 
-    stages = STAGES[: STAGES.index(until) + 1] if until else STAGES
+    stages = pipeline_stages(cfg, until)
     if "dedup" in stages:  # stop now, not after hours of embedding, when dedup would lack a threshold
         from lvd.curate.dedup_space import check_before_run
 
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("python -m lvd.curate.run", command)
 
 
-__all__ = ["STAGES", "DISTRIBUTED", "run_stage", "run_pipeline", "group_device"]
+__all__ = ["STAGES", "DISTRIBUTED", "run_stage", "pipeline_stages", "run_pipeline", "group_device"]
 
 
 if __name__ == "__main__":

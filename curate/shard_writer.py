@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from lvd.common.atomic import atomic_path
 from lvd.common.errors import UserError
 from lvd.curate import sources as src
+from lvd.curate.crops import crop_jpegs
 
 
 class SourceChangedError(UserError, RuntimeError):
@@ -42,6 +43,7 @@ class ShardSpec:
     mtime: int
     resize: int | None
     quality: int
+    crops: list | None = None  # per sample: [(crop key, pixel box, provenance JSON bytes)] (`curate.crops`)
 
 
 def reencode(data: bytes, shorter_side: int, quality: int) -> bytes:
@@ -188,7 +190,7 @@ def write_shard(spec: ShardSpec) -> tuple[str, int, int]:
     try:
         with atomic_path(spec.path) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
             for i, key in enumerate(spec.keys):
-                image = payload.take(spec.ids[i])
+                image = original = payload.take(spec.ids[i])
                 check.submit(spec.ids[i], image)
                 ext = spec.exts[i]
                 if spec.resize:
@@ -196,6 +198,11 @@ def write_shard(spec: ShardSpec) -> tuple[str, int, int]:
                 members = [(f"{key}.{ext}", image), (f"{key}.json", spec.jsons[i])]
                 if spec.classes[i] is not None:
                     members.append((f"{key}.cls", str(spec.classes[i]).encode()))
+                crops = spec.crops[i] if spec.crops else []
+                if crops:  # object crops follow their image, each a sample of its own
+                    jpegs = crop_jpegs(original, [box for _, box, _ in crops], spec.quality)
+                    for (crop_key, _, meta), jpeg in zip(crops, jpegs):
+                        members += [(f"{crop_key}.jpg", jpeg), (f"{crop_key}.json", meta)]
                 for name, data in members:
                     pad = -len(data) % tarfile.BLOCKSIZE
                     f.write(ustar_header(name, len(data), spec.mtime))

@@ -203,7 +203,22 @@ def build_samples(cfg, run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         sample_row(m, provenance.get(int(m["id"]), []), balanced.get(int(m["id"])), seed_labels, cls_of)
         for m in curated_rows(run_dir, ids).to_dict("records")
     ]
+    if cfg.shards.crops:
+        add_crops(cfg, run_dir, rows, ids)
     return pd.DataFrame(rows), classes
+
+
+def add_crops(cfg, run_dir: Path, rows: list[dict], ids: np.ndarray) -> None:
+    """`shards.crops`: each row's kept boxes (`curate.crops`) as the crop samples that follow it."""
+    from lvd.curate.crops import crop_samples, kept_boxes
+    from lvd.curate.detect import read_detections
+    from lvd.curate.detect_filter import filter_rules
+
+    boxes = kept_boxes(read_detections(run_dir), ids, filter_rules(cfg)[0])
+    for row in rows:
+        meta = {"id": row["id"], "source": row["source"], "key": row["source_key"], "set": row["set"],
+                "width": row["width"], "height": row["height"]}  # fmt: skip
+        row["crops"] = crop_samples(row["__key__"], meta, boxes.get(row["id"], []))
 
 
 PARQUET_COLUMNS = [
@@ -231,11 +246,22 @@ def samples_fingerprint(frame: pd.DataFrame, cfg) -> str:
     h.update(repr((cfg.shards.resize, cfg.shards.quality, cfg.shards.mtime)).encode())
     for key, sha, blob, cls in zip(frame["__key__"], frame["sha1"], frame["json"], frame["cls"]):
         h.update(f"{key}\0{sha}\0{cls}\0".encode() + blob + b"\n")
+    for crops in frame["crops"] if "crops" in frame else []:
+        h.update(b"".join(meta for _, _, meta in crops) + b"\n")
     return h.hexdigest()
 
 
 def _write_index(path: Path, frame: pd.DataFrame) -> None:
-    write_table(path, pa.Table.from_pandas(frame[PARQUET_COLUMNS].astype({"cls": "Int64"}), preserve_index=False))
+    table = frame[PARQUET_COLUMNS].astype({"cls": "Int64", "bytes": "Int64"})
+    if "crops" in frame:  # a crop's row follows its image's: its key and size, `crop` in selected_by
+        rows = []
+        for sample, crops in zip(table.to_dict("records"), frame["crops"]):
+            rows.append(sample)
+            for key, (x0, y0, x1, y1), _ in crops:
+                rows.append({**sample, "__key__": key, "bytes": pd.NA, "width": x1 - x0, "height": y1 - y0,
+                             "ext": "jpg", "label": None, "cls": pd.NA, "selected_by": "crop"})  # fmt: skip
+        table = pd.DataFrame(rows, columns=PARQUET_COLUMNS).astype(table.dtypes.to_dict())
+    write_table(path, pa.Table.from_pandas(table, preserve_index=False))
 
 
 def _spec(path: Path, frame: pd.DataFrame, cfg) -> ShardSpec:
@@ -253,6 +279,7 @@ def _spec(path: Path, frame: pd.DataFrame, cfg) -> ShardSpec:
         mtime=int(cfg.shards.mtime),
         resize=int(cfg.shards.resize) if cfg.shards.resize else None,
         quality=int(cfg.shards.quality),
+        crops=frame["crops"].tolist() if "crops" in frame else None,
     )
 
 
@@ -274,7 +301,8 @@ def write_shards(cfg, frames: dict[str, pd.DataFrame], parts: Parts, ranks) -> N
 
 def run_shards(cfg) -> Path:
     """Write every shard that is missing or out of date; then _SUCCESS.json."""
-    with open_stage(cfg, STAGE, optional=("manifest", "cluster", "retrieve"), device="cpu") as stage:
+    optional = ("manifest", "cluster", "retrieve", *(("detect",) if cfg.shards.crops else ()))
+    with open_stage(cfg, STAGE, optional=optional, device="cpu") as stage:
         samples, classes = build_samples(cfg, stage.run_dir)
         sizes = samples["bytes"].to_numpy() if len(samples) else np.zeros(0)
         ranges = plan_shards(sizes, int(cfg.shards.max_count), int(cfg.shards.max_bytes))
