@@ -81,7 +81,7 @@ def one_process(sources, tmp_path_factory) -> Path:
 
 
 def assert_same_run(run: Path, reference: Path, world: int) -> None:
-    for stage in DISTRIBUTED:
+    for stage in (s for s in DISTRIBUTED if s != "detect"):  # no detect.weights here; test_detect runs its ranks
         assert folder_bytes(run / stage), stage
         assert folder_bytes(run / stage) == folder_bytes(reference / stage), stage
         done = json.loads((run / stage / "_SUCCESS.json").read_text())
