@@ -114,8 +114,9 @@ def main(argv=None) -> None:
         }
     best_engine = min(gemm, key=gemm.get)
     used = int(((queries > 0) & (members > 0)).sum())
+    levels = "two levels" if quantizer.top is not None else "flat"
     print(
-        f"{args.n} rows, d {view.dim}, {quantizer.nlist} lists ({'two levels' if quantizer.top is not None else 'flat'}), "
+        f"{args.n} rows, d {view.dim}, {quantizer.nlist} lists ({levels}), "
         f"nprobe {args.nprobe}: mean list {members.mean():.0f} members x {queries.mean():.0f} queries, "
         f"{flops / 1e9:.1f} GFLOP of products, {pairs} directed pairs >= {THRESHOLD}",
         flush=True,
@@ -126,9 +127,9 @@ def main(argv=None) -> None:
             f"{flops / seconds / 1e9:.1f} GFLOP/s",
             flush=True,
         )
-    lvd_s = min(lvd)
+    lvd_s, runs = min(lvd), ", ".join(f"{t:.2f}" for t in lvd)
     print(
-        f"  lvd join_lists: {lvd_s:.2f} s (runs {', '.join(f'{t:.2f}' for t in lvd)}), {lvd_s / used * 1e3:.1f} ms/list, "
+        f"  lvd join_lists: {lvd_s:.2f} s (runs {runs}), {lvd_s / used * 1e3:.1f} ms/list, "
         f"{flops / lvd_s / 1e9:.1f} GFLOP/s",
         flush=True,
     )
