@@ -348,11 +348,11 @@ def _list_pairs(
     products into `scores`: both are reused, so no list allocates (and page-faults) a fresh block,
     and the threshold scan reads products the multiply has just written."""
     step, m = len(chunk), len(base)
-    source, found_a, found_b, found_s = torch.from_numpy(x), [], [], []
+    found_a, found_b, found_s = [], [], []
     for first in range(0, len(rows), step):
         count = min(step, len(rows) - first)
-        gathered = chunk[:count]  # torch's row gather into it ran faster than np.take(..., out=)
-        torch.index_select(source, 0, torch.from_numpy(rows[first : first + count]), out=torch.from_numpy(gathered))
+        gathered = chunk[:count]  # numpy's gather: a torch one here left its OpenMP threads spinning against BLAS's
+        np.take(x, rows[first : first + count], axis=0, out=gathered)
         block = scores[: count * m].reshape(count, m)
         np.matmul(gathered, base.T, out=block)
         a, b = cells_at_least(block, threshold)
