@@ -54,6 +54,8 @@ REFINE_ITERS = 1
 COPY_RECALL_TARGET = 0.99
 #: k-means iterations of the centroids (they only partition the space; the join is exact)
 QUANTIZER_NITER = 10
+#: query rows multiplied at a time: their products (x LIST_SIZE members) stay in the L2/L3 cache for the scan
+JOIN_CHUNK = 1024
 
 
 @dataclass
@@ -286,44 +288,82 @@ def join_lists(
 
     Each row keeps at most `k` partners per list (its best), as a k-NN graph would; a pair may be
     given twice (found from both sides).
+
+    A group's rows are read once (float32); each list's queries are then multiplied by its members
+    JOIN_CHUNK rows at a time into one reused block, which is scanned for the threshold while it
+    is still in cache (`_list_pairs`). Rows find their place in the group's block through one
+    int32 map over all rows, not a search per list.
     """
     members, m_bounds = _inverted(probes[:, :1], nlist)
     queries, q_bounds = _inverted(probes[:, :nprobe], nlist)
     row_bytes = 4 * view.dim
     lists = range(nlist) if lists is None else lists
     start, end = lists.start, lists.stop
+    place = np.zeros(len(probes), np.int64 if len(probes) >= 2**31 else np.int32)  # row -> its place in the group
+    wanted = np.zeros(len(probes), bool)
+    widest = int(np.diff(m_bounds).max()) if nlist else 0
+    chunk = np.empty((JOIN_CHUNK, view.dim), np.float32)
+    scores = np.empty(JOIN_CHUNK * max(widest, 1), np.float32)
     bar = tqdm(total=len(lists), desc="join lists", unit="list", disable=not progress)
     while start < end:
         stop, size = start, 0
         while stop < end and (stop == start or size < block_bytes):
             size += row_bytes * (m_bounds[stop + 1] - m_bounds[stop] + q_bounds[stop + 1] - q_bounds[stop])
             stop += 1
-        needed = np.unique(
-            np.concatenate([members[m_bounds[start] : m_bounds[stop]], queries[q_bounds[start] : q_bounds[stop]]])
-        )
+        wanted[members[m_bounds[start] : m_bounds[stop]]] = True
+        wanted[queries[q_bounds[start] : q_bounds[stop]]] = True
+        needed = np.flatnonzero(wanted)
+        wanted[needed] = False
+        place[needed] = np.arange(len(needed), dtype=place.dtype)
         x = view[needed]
         for lst in range(start, stop):
             base = members[m_bounds[lst] : m_bounds[lst + 1]]
             query = queries[q_bounds[lst] : q_bounds[lst + 1]]
             if len(base) == 0 or len(query) == 0:
                 continue
-            sims = x[np.searchsorted(needed, query)] @ x[np.searchsorted(needed, base)].T
-            own = np.flatnonzero(probes[query, 0] == lst)  # queries that are members: not their own pair
-            sims[own, np.searchsorted(base, query[own])] = -np.inf
-            a, b = cells_at_least(sims, threshold)
+            a, b, s = _list_pairs(x, place[query], x[place[base]], threshold, chunk, scores)
+            keep = query[a] != base[b]  # a query that is a member is not its own pair
+            a, b, s = a[keep], b[keep], s[keep]
             if len(a) == 0:
                 continue
-            s = sims[a, b]
             if np.bincount(a).max() > k:
                 order = np.lexsort((-s, a))
                 a, b, s = a[order], b[order], s[order]
                 first = np.searchsorted(a, a)
                 keep = np.arange(len(a)) - first < k
                 a, b, s = a[keep], b[keep], s[keep]
-            yield query[a], base[b], s.astype(np.float32)
+            yield query[a], base[b], s
         bar.update(stop - start)
         start = stop
     bar.close()
+
+
+def _list_pairs(
+    x: np.ndarray, rows: np.ndarray, base: np.ndarray, threshold: float, chunk: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions in `rows`, positions in `base`, float32 products) of the products x[rows] @ base.T
+    at or above `threshold`, in row-major order.
+
+    `rows` go through `chunk` (their gathered float32 rows) a block of len(chunk) at a time, and the
+    products into `scores`: both are reused, so no list allocates (and page-faults) a fresh block,
+    and the threshold scan reads products the multiply has just written."""
+    step, m = len(chunk), len(base)
+    found_a, found_b, found_s = [], [], []
+    for first in range(0, len(rows), step):
+        count = min(step, len(rows) - first)
+        gathered = chunk[:count]  # numpy's gather: a torch one here left its OpenMP threads spinning against BLAS's
+        np.take(x, rows[first : first + count], axis=0, out=gathered)
+        block = scores[: count * m].reshape(count, m)
+        np.matmul(gathered, base.T, out=block)
+        a, b = cells_at_least(block, threshold)
+        if len(a):
+            found_s.append(block[a, b])
+            found_a.append(a + first)
+            found_b.append(b)
+    if not found_a:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0, np.float32)
+    return np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s)
 
 
 class EdgeForest:

@@ -147,3 +147,39 @@ def test_lists_are_numbered_in_the_narrowest_integer_and_cells_found_like_numpy(
     np.testing.assert_array_equal(rows, ref_rows)
     np.testing.assert_array_equal(cols, ref_cols)
     assert len(rows) > 500  # the diagonal and the copies
+
+
+def _numpy_join(x, probes, nprobe, threshold, k):
+    """The join's directed pairs by its definition, list by list in plain numpy: the rows probing a list
+    against its members, the pairs >= threshold, no self pair, each row's k best per list."""
+    found, capped = {}, 0
+    for lst in np.unique(probes[:, :nprobe]):
+        query = np.flatnonzero((probes[:, :nprobe] == lst).any(1))
+        base = np.flatnonzero(probes[:, 0] == lst)
+        sims = x[query] @ x[base].T
+        sims[query[:, None] == base[None, :]] = -np.inf
+        for r, row in enumerate(query):
+            hits = np.flatnonzero(sims[r] >= threshold)
+            capped += len(hits) > k
+            for c in hits[np.argsort(-sims[r, hits], kind="stable")][:k]:
+                found[(lst, int(row), int(base[c]))] = float(sims[r, c])
+    return found, capped
+
+
+@pytest.mark.parametrize("chunk", [7, 1024])  # products in blocks of 7 query rows, and in one block per list
+def test_join_gives_the_pairs_and_cosines_of_its_definition(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(ivf_join, "JOIN_CHUNK", chunk)
+    x = _pool(n=1500, d=24, copies=80, seed=4)
+    view = _folder(tmp_path, x, part=400)
+    quantizer = ivf_join.train_quantizer(x, 12, seed=0)
+    probes = ivf_join.probe_lists(view, quantizer, 4)
+    truth, capped = _numpy_join(x, probes, 3, 0.6, 5)
+    assert capped > 0  # the k cap binds for some rows
+    got = {}
+    for i, j, s in ivf_join.join_lists(view, probes, 3, 0.6, k=5, nlist=12, block_bytes=1 << 15):
+        assert s.dtype == np.float32
+        lists = probes[j, 0]  # a member's list is the list it was found in
+        got.update({(int(lst), int(a), int(b)): float(c) for lst, a, b, c in zip(lists, i, j, s)})
+    assert set(got) == set(truth)
+    keys = sorted(truth)
+    np.testing.assert_allclose([got[key] for key in keys], [truth[key] for key in keys], rtol=0, atol=1e-5)

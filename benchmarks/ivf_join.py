@@ -1,0 +1,156 @@
+"""Dedup's list join (`ivf_join.join_lists`) against the bare matrix products of the same shapes.
+
+For every inverted list the join multiplies the rows that probe it (queries) by the rows assigned
+to it (members), in float32. This benchmark builds a synthetic pool as `benchmarks/scale.py` does
+(clustered unit vectors, d = 384, 1 % planted copies, float16 parts on disk), trains the lists,
+assigns the probes, then in one process with the same threads times
+
+- lvd: `join_lists` over all lists (reading the rows, the product, the threshold scan, the pairs);
+- GEMM: for each list, one float32 product of contiguous (queries, d) x (d, members) blocks, the
+  best of numpy's matmul and torch.mm (the same shapes, the data already in place);
+
+and prints the ratio GEMM / lvd (1.0: the join runs at its product's speed), both GFLOP/s, the
+machine's square fp32 matmul speed, the CPU kind and the load average.
+
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 100000 --nprobe 12
+
+Where the join's time went (py-spy --native at 50 Hz over this benchmark, 100k rows, 195 lists of
+~513 members x ~6154 queries, 2-core AVX2 AMD EPYC): the BLAS product took 65 % of it; reading a
+group's float16 rows as float32 through numpy's cast 11 %; gathering each list's rows for the
+product 9 %; a binary search per list for each row's place in the group 5 %; the threshold scan
+4 %; np.unique of a group's rows 2.5 %. The join now converts through torch, finds places
+through one int32 map, marks a group's rows in one boolean array, and multiplies a list's
+queries JOIN_CHUNK rows at a time into one reused block. Gathering rows with torch's
+index_select between numpy products made the join 3x slower: torch's OpenMP threads and
+OpenBLAS's spun against each other on the 2 cores. Profiled again: the product 69 %, gathering
+each list's query rows 12 %, reading a group (now through torch) 10 %, the inverted lists 4 %,
+the scan 2 %. Measured there (load average ~1.8, this benchmark alone under the lock): join
+5.5-5.8 s before, 3.75-4.26 s after, against GEMMs of 2.8-3.7 s as the machine's speed
+drifted between runs; ratio 0.67-0.71 before, 0.66-0.82 after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.embed import matmul_gflops  # noqa: E402
+from benchmarks.scale import THRESHOLD, D, near_copy, vectors  # noqa: E402
+from lvd.common.run_folder import vector_files  # noqa: E402
+from lvd.index import ivf_join  # noqa: E402
+from lvd.index.io import EmbeddingRows  # noqa: E402
+
+
+def pool_view(folder: Path, n: int, seed: int = 0, part: int = 262_144) -> EmbeddingRows:
+    """n clustered unit rows, 1 % of them near copies of others, as float16 parts in `folder`."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((min(max(2, n // 100), 100_000), D), dtype=np.float32)
+    x = vectors(n, rng, centres)
+    copies = n // 100
+    x[n - copies :] = near_copy(x[rng.choice(n - copies, copies, replace=False)], rng)
+    for p, start in enumerate(range(0, n, part)):
+        np.save(folder / f"part-{p:05d}.npy", x[start : start + part].astype(np.float16))
+        np.save(folder / f"ids-{p:05d}.npy", np.arange(start, min(start + part, n), dtype=np.int64))
+    return EmbeddingRows(vector_files(folder), np.arange(n))
+
+
+def list_shapes(probes: np.ndarray, nprobe: int, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, members) per list: rows probing it, rows assigned to it."""
+    members = np.bincount(probes[:, 0].astype(np.int64), minlength=nlist)
+    queries = np.bincount(probes[:, :nprobe].astype(np.int64).ravel(), minlength=nlist)
+    return queries, members
+
+
+def gemm_seconds(queries: np.ndarray, members: np.ndarray, d: int, engine: str, seed: int = 1) -> float:
+    """Seconds of one contiguous float32 product per list of these shapes (data in place, output preallocated
+    by the engine as the join's own call would be)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((int(queries.max()), d), dtype=np.float32)
+    b = rng.standard_normal((int(members.max()), d), dtype=np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    used = [(int(q), int(m)) for q, m in zip(queries, members) if q and m]
+    q0, m0 = used[0]
+    a[:q0] @ b[:m0].T  # warm the BLAS
+    start = time.perf_counter()
+    for q, m in used:
+        if engine == "numpy":
+            a[:q] @ b[:m].T
+        else:
+            torch.mm(ta[:q], tb[:m].T)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    import os
+
+    from benchmarks.knn_graph import load_line, machine_line
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--nprobe", type=int, default=12, help="the join's nprobe (scale.py's dedup chose 12 at 300k)")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--block-bytes", type=int, default=1 << 30, help="join_lists' group size (dedup: budget / 8)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is kept")
+    args = ap.parse_args(argv)
+
+    print(machine_line(), flush=True)
+    print(load_line(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="lvd-bench-join-") as tmp:
+        view = pool_view(Path(tmp), args.n)
+        nlist = ivf_join.list_count(args.n)
+        rng = np.random.default_rng(0)
+        train = np.sort(rng.choice(args.n, min(args.n, nlist * ivf_join.TRAIN_PER_LIST), replace=False))
+        quantizer = ivf_join.train_quantizer(view[train], nlist, seed=0)
+        probes = np.ascontiguousarray(ivf_join.probe_lists(view, quantizer, args.nprobe))
+        queries, members = list_shapes(probes, args.nprobe, quantizer.nlist)
+        flops = 2.0 * float((queries * members).sum()) * view.dim
+        lvd, pairs = [], 0
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            pairs = sum(
+                len(i)
+                for i, _, _ in ivf_join.join_lists(
+                    view, probes, args.nprobe, THRESHOLD, k=args.k, nlist=quantizer.nlist, block_bytes=args.block_bytes
+                )
+            )
+            lvd.append(time.perf_counter() - start)
+        gemm = {
+            engine: min(gemm_seconds(queries, members, view.dim, engine) for _ in range(args.repeats))
+            for engine in ("numpy", "torch")
+        }
+    best_engine = min(gemm, key=gemm.get)
+    used = int(((queries > 0) & (members > 0)).sum())
+    levels = "two levels" if quantizer.top is not None else "flat"
+    print(
+        f"{args.n} rows, d {view.dim}, {quantizer.nlist} lists ({levels}), "
+        f"nprobe {args.nprobe}: mean list {members.mean():.0f} members x {queries.mean():.0f} queries, "
+        f"{flops / 1e9:.1f} GFLOP of products, {pairs} directed pairs >= {THRESHOLD}",
+        flush=True,
+    )
+    for name, seconds in gemm.items():
+        print(
+            f"  GEMM ({name}) of the same shapes: {seconds:.2f} s, {seconds / used * 1e3:.1f} ms/list, "
+            f"{flops / seconds / 1e9:.1f} GFLOP/s",
+            flush=True,
+        )
+    lvd_s, runs = min(lvd), ", ".join(f"{t:.2f}" for t in lvd)
+    print(
+        f"  lvd join_lists: {lvd_s:.2f} s (runs {runs}), {lvd_s / used * 1e3:.1f} ms/list, "
+        f"{flops / lvd_s / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
+    print(f"  ratio GEMM ({best_engine}) / lvd: {gemm[best_engine] / lvd_s:.2f}", flush=True)
+    print(f"roofline: fp32 square matmul {matmul_gflops(torch.float32, torch.device('cpu')):.0f} GFLOP/s", flush=True)
+    print(load_line(), f"(threads {torch.get_num_threads()}, cpus {os.cpu_count()})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
