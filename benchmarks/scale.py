@@ -300,6 +300,7 @@ def select_everything(run: Path) -> None:
 def run_ranks(stage: str, run: Path, ranks: int, overrides: list[str]) -> float:
     """Wall seconds of `python -m lvd.curate.STAGE` under `torchrun --nproc-per-node RANKS`."""
     config = run / f"{stage}-{ranks}.yaml"
+    run.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
         [sys.executable, "-m", "lvd.curate.cli", "config", "default", *overrides], capture_output=True, text=True
     )
