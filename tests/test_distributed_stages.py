@@ -106,14 +106,17 @@ def test_shards_of_a_killed_rank_resume_to_the_bytes_of_one_process(tmp_path):
     cfg_one = _cfg(one, pool, *extra)
     run_manifest(cfg_one)
     manifest = read_manifest(one)
-    pool_ids = manifest[manifest.set == "pool"]["id"].to_numpy()
+    # Ids hash the sources' paths, so they change with tmp_path: each seed gets 5 distinct folder
+    # images of its own (5 shards of 2 whatever the ids), and every shard has a file to replace.
+    folder_rows = manifest[(manifest.set == "pool") & (manifest.source == pool[1])].sort_values("key")
+    picks = np.random.default_rng(0).permutation(folder_rows["id"].to_numpy())[:10].reshape(2, 5)
     seed_ids = manifest[manifest.set == "seed:insects"].sort_values("key")["id"].to_numpy()
     neighbors = pd.DataFrame(
         [
             dict(seed_set="insects", seed_id=int(s), id=int(p), rank=r + 1, similarity=0.9 - r / 20, mode="sample")
             | dict(cluster=r % 2, floor=0.5)
-            for s in seed_ids
-            for r, p in enumerate(np.random.default_rng(int(s) % 1000).choice(pool_ids, 6, replace=False))
+            for s, chosen in zip(seed_ids, picks, strict=True)
+            for r, p in enumerate(chosen)
         ]
     )
     (one / "retrieve").mkdir()
