@@ -32,7 +32,9 @@ def linear_warmup_constant(start: float, end: float, total_iters: int, warmup_it
 def build_schedules(optim, total_iters: int, iters_per_epoch: int, global_batch_size: int) -> dict[str, np.ndarray]:
     """lr, weight decay, EMA momentum, teacher temperature and last-layer lr, one value per iteration.
 
-    The base lr is scaled linearly with the global batch size (lr * batch / 1024), as in DINOv2.
+    The base lr is scaled linearly with the global batch size (lr * batch / 1024). The references
+    differ: DINOv2 scales by sqrt(batch / 1024) (its `sqrt_wrt_1024`), DINO v1 by batch / 256; at a
+    global batch of 1024 lvd and DINOv2 agree.
     """
     epochs = lambda n: int(round(n * iters_per_epoch))  # noqa: E731 - epochs may be fractional
     lr = optim["lr"] * global_batch_size / 1024.0 if optim["scale_lr"] else optim["lr"]
