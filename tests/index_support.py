@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import requests
 from PIL import Image
 
 # Manifest ids are 64-bit hashes; ids above 2**53 catch any place (JavaScript!) that rounds them.
@@ -136,6 +139,19 @@ def embedded_photo_run(run: Path, model: str = "vit_tiny_p14") -> tuple[list[dic
     x = embedder.embed_uint8(squares)
     write_embed(run / "embed", ids, x, part_rows=8, success={**embedder.info(), "counts": {"ok": len(ids)}})
     return rows, data, x
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Poll URL/api/health until it answers 200; fail if the server process ends or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(url + "/api/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
+        time.sleep(0.2)
 
 
 class running_server:

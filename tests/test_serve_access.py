@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import requests
-from index_support import curated_vector_run, embedded_photo_run, running_server
+from index_support import curated_vector_run, embedded_photo_run, running_server, wait_until_serving
 
 from lvd.index.store import BuildOptions, IndexStore
 from lvd.serve.access import Access
@@ -146,15 +146,7 @@ def test_a_server_on_every_address_starts_with_the_key_from_the_environment(tmp_
         line = proc.stdout.readline()
         assert "serving index on http://0.0.0.0:" in line, line
         url = f"http://127.0.0.1:{line.split('http://0.0.0.0:')[1].split('/')[0]}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(url + "/api/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+        wait_until_serving(url, proc)
         assert requests.get(url + "/indices-list", timeout=5).status_code == 401
         assert requests.get(url + "/indices-list", headers={"X-API-Key": KEY}, timeout=5).json() == ["index"]
     finally:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 from hypothesis import HealthCheck, settings
-from index_support import FIRST_ID, curated_vector_run, running_server
+from index_support import FIRST_ID, curated_vector_run, running_server, wait_until_serving
 
 from lvd.index.store import BuildOptions, IndexStore
 from lvd.serve.cli import main
@@ -174,15 +174,7 @@ def test_workers_share_the_index_and_shut_down_gracefully(index_dir, tmp_path):
             assert lines[-1] or proc.poll() is None, "".join(lines)
         port = int(lines[-1].split("http://127.0.0.1:")[1].split("/")[0])
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(url + "/api/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
-            time.sleep(0.2)
+        wait_until_serving(url, proc)
         q = truth["x"][3].astype(np.float64)
         want = truth["ids"][np.argsort(-(truth["x"] @ q), kind="stable")[:5]].tolist()
         for _ in range(6):  # spread over both workers
@@ -507,15 +499,7 @@ def test_the_adversarial_probe_against_a_real_server_process(tmp_path):
         assert "serving" in line, line
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(url + "/api/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+        wait_until_serving(url, proc)
         requests.post(url + "/api/search/image", data=_png(64, 0), timeout=60).raise_for_status()  # model loaded
 
         def upload(data):
