@@ -16,7 +16,7 @@ from PIL import Image
 from torchrun_support import finish, folder_bytes, free_port, torchrun_env
 
 from lvd.curate.config import load_config
-from lvd.curate.run import DISTRIBUTED, STAGES, run_pipeline
+from lvd.curate.run import DISTRIBUTED, STAGES, pipeline_stages, run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -80,8 +80,9 @@ def one_process(sources, tmp_path_factory) -> Path:
     return run_dir
 
 
-def assert_same_run(run: Path, reference: Path, world: int) -> None:
-    for stage in (s for s in DISTRIBUTED if s != "detect"):  # no detect.weights here; test_detect runs its ranks
+def assert_same_run(run: Path, reference: Path, world: int, cfg) -> None:
+    """Every distributed stage that `cfg`'s run goes through wrote what one process wrote."""
+    for stage in (s for s in pipeline_stages(cfg) if s in DISTRIBUTED):
         assert folder_bytes(run / stage), stage
         assert folder_bytes(run / stage) == folder_bytes(reference / stage), stage
         done = json.loads((run / stage / "_SUCCESS.json").read_text())
@@ -109,7 +110,7 @@ def test_two_nodes_of_a_c10d_rendezvous_write_what_one_process_writes(sources, o
     for node in nodes:
         code, out = finish(node)
         assert code == 0, out[-4000:]
-    assert_same_run(tmp_path / "run", one_process, world=2)
+    assert_same_run(tmp_path / "run", one_process, 2, pipeline_config(tmp_path / "run", sources["root"]))
 
     stamps = {s: (one_process / s / "_SUCCESS.json").stat().st_mtime_ns for s in STAGES}
     run_pipeline(pipeline_config(one_process, sources["root"]))  # a finished run: nothing is redone
@@ -126,6 +127,6 @@ def test_lvd_submit_runs_every_task_as_a_rank_through_submitits_local_executor(s
     args = ["submit", str(config), "--cluster", "local", "--nodes", "1", "--gpus-per-node", "0"]
     args += ["--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10", "--wait"]
     assert main(args) == 0
-    assert_same_run(tmp_path / "run", one_process, world=2)
+    assert_same_run(tmp_path / "run", one_process, 2, pipeline_config(tmp_path / "run", sources["root"]))
     logs = list((tmp_path / "run" / "submitit").rglob("*_0_log.out"))
     assert logs, "submitit wrote no task logs"
