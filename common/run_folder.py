@@ -43,7 +43,6 @@ SUCCESS_NAME = "_SUCCESS.json"
 SCHEMA_VERSION = 2
 #: The oldest layout this lvd reads as a stage's input.
 OLDEST_READABLE = 1
-STAGES = ("manifest", "embed", "dedup", "cluster", "retrieve", "shards", "report")
 OK, QUARANTINED = "ok", "quarantined"
 
 

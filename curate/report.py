@@ -25,7 +25,6 @@ from lvd.common.atomic import atomic_path, atomic_write_text
 from lvd.common.row_bytes import read_row_bytes
 from lvd.common.run_folder import (
     QUARANTINED,
-    STAGES,
     balanced_ids,
     level_assignments,
     manifest_counts,
@@ -33,6 +32,7 @@ from lvd.common.run_folder import (
     read_manifest,
     read_success,
 )
+from lvd.common.stages import STAGES
 from lvd.curate.report_detect import read_detection_section
 from lvd.curate.selection import level_table
 from lvd.curate.stage import Stage, open_stage

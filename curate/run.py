@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lvd.common.run_folder import STAGES  # the pipeline, in order
+from lvd.common.stages import STAGES
 
 # The stages that run on every rank, each doing its share; the others run on rank 0 alone.
 DISTRIBUTED = ("manifest", "detect", "embed", "dedup", "cluster", "retrieve", "shards")
