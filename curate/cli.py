@@ -159,7 +159,8 @@ def _add_pipeline(sub) -> None:
 def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo",
-        help="the whole chain on offline demo data (Fashion-MNIST), then a short pretrain",
+        help="the whole chain on offline demo data (Fashion-MNIST, Debian photos, a long-tailed pool), then a short "
+        "pretrain in two phases, a distillation and an attention video",
         formatter_class=_formatter,
     )
     demo.add_argument("--out", default="demo-run", help="run folder for the demo")
@@ -175,7 +176,11 @@ def _add_demo(sub) -> None:
 
 
 def _add_training(sub) -> None:
-    pretrain = sub.add_parser("pretrain", help="DINOv2 pretraining on WebDataset shards", formatter_class=_formatter)
+    pretrain = sub.add_parser(
+        "pretrain",
+        help="DINOv2 / DINO pretraining on WebDataset shards, in phases; mode=distill",
+        formatter_class=_formatter,
+    )
     _config_args(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
     evaluate = sub.add_parser("eval", help="evaluate a backbone on labelled images", formatter_class=_formatter)
@@ -187,7 +192,9 @@ def _add_training(sub) -> None:
         p = eval_sub.add_parser(protocol, help=text, formatter_class=_formatter)
         _config_args(p)
         p.set_defaults(func=cmd_eval)
-    viz = sub.add_parser("viz", help="attention maps and patch-feature PCA as PNG images", formatter_class=_formatter)
+    viz = sub.add_parser(
+        "viz", help="attention maps and patch-feature PCA as PNG images; attention videos", formatter_class=_formatter
+    )
     _config_args(viz)
     viz.set_defaults(func=cmd_viz)
 
