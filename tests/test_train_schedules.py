@@ -54,6 +54,55 @@ def test_build_schedules():
     assert s["teacher_temp"][0] == pytest.approx(0.04) and s["teacher_temp"][19:].min() == pytest.approx(0.07)
 
 
+@pytest.mark.parametrize(
+    ("rule", "lr", "batch", "expected"),
+    [
+        ("sqrt_wrt_1024", 0.004, 64, 0.001),  # DINOv2's base lr at a global batch of 64
+        ("sqrt_wrt_1024", 0.004, 1024, 0.004),
+        ("linear_wrt_256", 0.0005, 1024, 0.002),  # DINO v1's ViT lr (0.0005 per 256 images)
+        ("linear_wrt_1024", 0.004, 256, 0.001),
+        ("none", 0.004, 64, 0.004),
+    ],
+)
+def test_lr_scaling_rules(rule, lr, batch, expected):
+    optim = OmegaConf.create(
+        dict(
+            lr=lr,
+            scaling_rule=rule,
+            scale_lr=None,
+            min_lr=0.0,
+            warmup_epochs=0,
+            weight_decay=0.04,
+            weight_decay_end=0.04,
+            momentum_teacher=0.99,
+            final_momentum_teacher=0.99,
+            teacher_temp=0.04,
+            warmup_teacher_temp=0.04,
+            warmup_teacher_temp_epochs=0,
+            freeze_last_layer_epochs=0,
+        )
+    )
+    assert build_schedules(optim, 10, 10, batch)["lr"][0] == pytest.approx(expected)
+
+
+def test_a_config_with_the_older_scale_lr_keeps_its_meaning():
+    from lvd.pretrain.train.config import load_config
+
+    on = load_config(overrides=["optim.scale_lr=true", "optim.scaling_rule=sqrt_wrt_1024"])
+    off = load_config(overrides=["optim.scale_lr=false"])
+    s_on = build_schedules(on.optim, 100, 1, 256)
+    s_off = build_schedules(off.optim, 100, 1, 256)
+    assert s_on["lr"].max() == pytest.approx(0.004 * 256 / 1024) and s_off["lr"].max() == pytest.approx(0.004)
+
+
+def test_an_unknown_scaling_rule_is_a_config_error():
+    from lvd.common.config import ConfigError
+    from lvd.pretrain.train.config import load_config
+
+    with pytest.raises(ConfigError, match="scaling_rule"):
+        load_config(overrides=["optim.scaling_rule=sqrt"])
+
+
 class _Tiny(nn.Module):
     """Parameter names in the DINOv2 hub layout."""
 

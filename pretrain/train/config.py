@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from lvd.common.config import ConfigError, merge_config, packaged_config_path
 from lvd.common.config_checks import boolean, choice, config_problems, integer, number
+from lvd.pretrain.train.schedules import SCALING_RULES
 
 
 def _registry_model(value) -> str | None:
@@ -70,6 +71,8 @@ CHECKS = {
     "optim.epochs": integer(lo=1),
     "optim.iters_per_epoch": integer(lo=1),
     "optim.lr": number(lo=0.0),
+    "optim.scaling_rule": choice(*SCALING_RULES),
+    "optim.scale_lr": choice(None, True, False),
     "optim.warmup_epochs": integer(lo=0),
     "optim.momentum_teacher": number(lo=0.0, hi=1.0),
     "optim.final_momentum_teacher": number(lo=0.0, hi=1.0),

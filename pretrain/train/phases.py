@@ -26,6 +26,7 @@ PHASE_SETTINGS: dict[str, tuple[str, ...] | None] = {
     "data": ("image_size", "batch_size_per_rank"),
     "optim": (
         "lr",
+        "scaling_rule",
         "scale_lr",
         "min_lr",
         "warmup_epochs",
