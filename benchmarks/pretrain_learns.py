@@ -88,11 +88,15 @@ def train_config(run_dir: Path, shards: str, iters: int):
         # A short schedule: 10 "epochs" of iters/10 iterations, a fast-moving teacher.
         "optim.epochs": 10,
         "optim.iters_per_epoch": max(1, iters // 10),
+        # DINOv2's base lr and batch rule (0.004 x sqrt(batch / 1024)).
         "optim.lr": 0.004,
-        "optim.scale_lr": False,
+        "optim.scaling_rule": "sqrt_wrt_1024",
         "optim.min_lr": 1e-5,
         "optim.warmup_epochs": 1,
-        "optim.warmup_teacher_temp_epochs": 3,
+        # A sharper teacher than DINO's 0.04 -> 0.07, held from the start: at this scale the
+        # targets stay flat (DINO loss at ln K) under the usual temperatures (see distill.py).
+        "optim.teacher_temp": 0.02,
+        "optim.warmup_teacher_temp": 0.02,
         "optim.momentum_teacher": 0.95,
         "optim.final_momentum_teacher": 0.995,
         "optim.layerwise_decay": 1.0,
