@@ -59,6 +59,15 @@ def test_embedding_rows_read_chosen_rows_across_parts(tmp_path):
     np.testing.assert_array_equal(view[1:4], whole[[0, 5, 7]])
     np.testing.assert_array_equal(np.asarray(view), whole[rows])
     assert view[np.array([0])].dtype == np.float32
+    held = view.held()  # the same rows, read into memory once
+    for path in vector_files(tmp_path):
+        path.unlink()
+    np.testing.assert_array_equal(held[np.array([3, 0])], whole[[7, 12]])
+    np.testing.assert_array_equal(held[1:4], whole[[0, 5, 7]])
+    np.testing.assert_array_equal(np.asarray(held), whole[rows])
+    assert held[np.array([0])].dtype == np.float32 and held.itemsize == 2
+    for number, part in enumerate(parts):
+        write_part(tmp_path, number, list(range(100 * number, 100 * number + len(part))), part)
     np.testing.assert_array_equal(embedding_ids(tmp_path), load_embeddings(tmp_path)[0])
     with pytest.raises(IndexError):
         EmbeddingRows(vector_files(tmp_path), np.array([13]))
