@@ -39,6 +39,10 @@ class IdRows:
         return int(self._index.get_loc(int(id_)))
 
 
+#: rows of a held view gathered before their conversion to float32 (float16 at d = 384: 6 MB)
+HELD_STAGE_ROWS = 8192
+
+
 def _as_float32(out: np.ndarray, rows: np.ndarray) -> None:
     """out[:] = rows. float16 goes through torch's vectorised conversion: numpy's ran ~25x slower
     on a 2-core AVX2 machine (a join re-reads every row once per group of lists)."""
@@ -118,13 +122,26 @@ class EmbeddingRows:
         return view
 
     def __getitem__(self, index) -> np.ndarray:
-        if self._held is not None:
-            rows = self._held[index]
-            out = np.empty(rows.shape, np.float32)
-            _as_float32(out, rows)
-            return out
+        return self.read(index)
+
+    def read(self, index, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 rows, `view[index]`, written into `out` when given ((rows, dim) float32): a pass
+        that reads group after group reuses one buffer instead of faulting in fresh pages for each
+        (in the list join at 1M rows, converting a group's rows into a fresh array ran ~10x
+        slower than into a reused one, 2-core AMD EPYC)."""
         wanted = self.rows[index]
-        out = np.empty((len(wanted), self.dim), np.float32)
+        out = np.empty((len(wanted), self.dim), np.float32) if out is None else out
+        if self._held is not None:
+            if isinstance(index, slice):
+                _as_float32(out, self._held[index])
+                return out
+            index = np.asarray(index)
+            staged = np.empty((min(len(index), HELD_STAGE_ROWS), self.dim), self._held.dtype)
+            for start in range(0, len(index), HELD_STAGE_ROWS):  # gathered and converted a cached stage at a time
+                stage = staged[: min(HELD_STAGE_ROWS, len(index) - start)]
+                np.take(self._held, index[start : start + len(stage)], axis=0, out=stage)
+                _as_float32(out[start : start + len(stage)], stage)
+            return out
         part = np.searchsorted(self._starts, wanted, side="right") - 1
         for p in np.unique(part):
             hit = np.flatnonzero(part == p)

@@ -349,6 +349,7 @@ def join_lists(
     wanted = np.zeros(len(probes), bool)
     widest = int(np.diff(m_bounds).max()) if nlist else 0
     chunk = np.empty((JOIN_CHUNK, view.dim), np.float32)
+    buffer = np.empty(0, np.float32)  # the group's rows, reused from group to group (`EmbeddingRows.read`)
     scores = np.empty(JOIN_CHUNK * max(widest, 1), np.float32)
     bar = tqdm(total=len(lists), desc="join lists", unit="list", disable=not progress)
     while start < end:
@@ -361,7 +362,10 @@ def join_lists(
         needed = np.flatnonzero(wanted)
         wanted[needed] = False
         place[needed] = np.arange(len(needed), dtype=place.dtype)
-        x = view[needed]
+        if len(needed) * view.dim > len(buffer):
+            buffer = np.empty(len(needed) * view.dim, np.float32)
+        x = buffer[: len(needed) * view.dim].reshape(len(needed), view.dim)
+        view.read(needed, out=x)
         for lst in range(start, stop):
             base = members[m_bounds[lst] : m_bounds[lst + 1]]
             query = queries[q_bounds[lst] : q_bounds[lst + 1]]
