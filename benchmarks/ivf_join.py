@@ -15,19 +15,21 @@ machine's square fp32 matmul speed, the CPU kind and the load average.
     flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 100000            # dedup's margin
     flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 100000 --nprobe 12  # a fixed nprobe
 
-Where the join's time went (py-spy --native at 50 Hz over this benchmark, 100k rows, 195 lists of
-~513 members x ~6154 queries, 2-core AVX2 AMD EPYC): the BLAS product took 65 % of it; reading a
-group's float16 rows as float32 through numpy's cast 11 %; gathering each list's rows for the
-product 9 %; a binary search per list for each row's place in the group 5 %; the threshold scan
-4 %; np.unique of a group's rows 2.5 %. The join now converts through torch, finds places
-through one int32 map, marks a group's rows in one boolean array, and multiplies a list's
-queries JOIN_CHUNK rows at a time into one reused block. Gathering rows with torch's
-index_select between numpy products made the join 3x slower: torch's OpenMP threads and
-OpenBLAS's spun against each other on the 2 cores. Profiled again: the product 69 %, gathering
-each list's query rows 12 %, reading a group (now through torch) 10 %, the inverted lists 4 %,
-the scan 2 %. Measured there (load average ~1.8, this benchmark alone under the lock): join
-5.5-5.8 s before, 3.75-4.26 s after, against GEMMs of 2.8-3.7 s as the machine's speed
-drifted between runs; ratio 0.67-0.71 before, 0.66-0.82 after.
+Where the join's time went (py-spy --native, 2-core AVX2 AMD EPYC): at 100k rows, 195 lists of
+~513 members x ~6154 queries at nprobe 12, the BLAS product took 69 %, gathering each list's
+query rows 12 %, reading a group 10 %, the inverted lists 4 %, the threshold scan 2 %; gathering
+rows with torch's index_select between numpy products made the join 3x slower (torch's OpenMP
+threads and OpenBLAS's spun against each other). At 1M rows a group's read took 34-38 % of the
+join: the mapped parts read ~5-9x slower inside the join than in a fresh process, and each group
+converted its rows into freshly faulted pages. The join now holds the rows in memory
+(`EmbeddingRows.held`) and reads each group into one reused buffer: dedup's join at 1M went from
+66.3 s to 37.9 s at the same probes (51 -> 90 GFLOP/s), and at 100k with the margin dedup chooses
+(0.04, 3.7 probes a row, 513 members x 1889 queries a list) the profile is: the product ~65 %,
+gathering each list's query rows 13 %, the threshold scan 9 %, gathering its members ~9 %,
+reading the group 4 %, the inverted lists 2 %. Ratio GEMM / lvd over 6 runs: 0.57-0.78,
+median 0.68 (GEMM 126-160 GFLOP/s, join 91-105; load average 1.9-2.1, this benchmark alone
+under the lock): with the margin, a list's product is a third of what nprobe 12 gave it, so the
+per-list gathers weigh more.
 """
 
 from __future__ import annotations
