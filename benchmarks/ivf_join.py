@@ -24,9 +24,9 @@ join: the mapped parts read ~5-9x slower inside the join than in a fresh process
 converted its rows into freshly faulted pages. The join now holds the rows in memory
 (`EmbeddingRows.held`) and reads each group into one reused buffer: dedup's join at 1M went from
 66.3 s to 37.9 s at the same probes (51 -> 90 GFLOP/s), and at 100k with the margin dedup chooses
-(0.04, 3.7 probes a row, 513 members x 1889 queries a list) the profile is: the product ~65 %,
-gathering each list's query rows 13 %, the threshold scan 9 %, gathering its members ~9 %,
-reading the group 4 %, the inverted lists 2 %. Ratio GEMM / lvd over 6 runs: 0.57-0.78,
+(0.04, 3.7 probes a row, 513 members x 1889 queries a list) the profile (50 Hz, 100 samples of
+the join) is: the product 70 %, gathering each list's query rows 10 %, the threshold scan 9 %,
+reading the group 4 %, gathering a list's members 2 %, the inverted lists 2 %. Ratio GEMM / lvd over 6 runs: 0.57-0.78,
 median 0.68 (GEMM 126-160 GFLOP/s, join 91-105; load average 1.9-2.1, this benchmark alone
 under the lock): with the margin, a list's product is a third of what nprobe 12 gave it, so the
 per-list gathers weigh more.
