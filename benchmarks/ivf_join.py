@@ -12,21 +12,24 @@ assigns the probes, then in one process with the same threads times
 and prints the ratio GEMM / lvd (1.0: the join runs at its product's speed), both GFLOP/s, the
 machine's square fp32 matmul speed, the CPU kind and the load average.
 
-    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 100000 --nprobe 12
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 100000            # dedup's margin
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 100000 --nprobe 12  # a fixed nprobe
 
-Where the join's time went (py-spy --native at 50 Hz over this benchmark, 100k rows, 195 lists of
-~513 members x ~6154 queries, 2-core AVX2 AMD EPYC): the BLAS product took 65 % of it; reading a
-group's float16 rows as float32 through numpy's cast 11 %; gathering each list's rows for the
-product 9 %; a binary search per list for each row's place in the group 5 %; the threshold scan
-4 %; np.unique of a group's rows 2.5 %. The join now converts through torch, finds places
-through one int32 map, marks a group's rows in one boolean array, and multiplies a list's
-queries JOIN_CHUNK rows at a time into one reused block. Gathering rows with torch's
-index_select between numpy products made the join 3x slower: torch's OpenMP threads and
-OpenBLAS's spun against each other on the 2 cores. Profiled again: the product 69 %, gathering
-each list's query rows 12 %, reading a group (now through torch) 10 %, the inverted lists 4 %,
-the scan 2 %. Measured there (load average ~1.8, this benchmark alone under the lock): join
-5.5-5.8 s before, 3.75-4.26 s after, against GEMMs of 2.8-3.7 s as the machine's speed
-drifted between runs; ratio 0.67-0.71 before, 0.66-0.82 after.
+Where the join's time went (py-spy --native, 2-core AVX2 AMD EPYC): at 100k rows, 195 lists of
+~513 members x ~6154 queries at nprobe 12, the BLAS product took 69 %, gathering each list's
+query rows 12 %, reading a group 10 %, the inverted lists 4 %, the threshold scan 2 %; gathering
+rows with torch's index_select between numpy products made the join 3x slower (torch's OpenMP
+threads and OpenBLAS's spun against each other). At 1M rows a group's read took 34-38 % of the
+join: the mapped parts read ~5-9x slower inside the join than in a fresh process, and each group
+converted its rows into freshly faulted pages. The join now holds the rows in memory
+(`EmbeddingRows.held`) and reads each group into one reused buffer: dedup's join at 1M went from
+66.3 s to 37.9 s at the same probes (51 -> 90 GFLOP/s), and at 100k with the margin dedup chooses
+(0.04, 3.7 probes a row, 513 members x 1889 queries a list) the profile (50 Hz, 100 samples of
+the join) is: the product 70 %, gathering each list's query rows 10 %, the threshold scan 9 %,
+reading the group 4 %, gathering a list's members 2 %, the inverted lists 2 %. Ratio GEMM / lvd over 6 runs: 0.57-0.78,
+median 0.68 (GEMM 126-160 GFLOP/s, join 91-105; load average 1.9-2.1, this benchmark alone
+under the lock): with the margin, a list's product is a third of what nprobe 12 gave it, so the
+per-list gathers weigh more.
 """
 
 from __future__ import annotations
@@ -63,9 +66,10 @@ def pool_view(folder: Path, n: int, seed: int = 0, part: int = 262_144) -> Embed
 
 
 def list_shapes(probes: np.ndarray, nprobe: int, nlist: int) -> tuple[np.ndarray, np.ndarray]:
-    """(queries, members) per list: rows probing it, rows assigned to it."""
+    """(queries, members) per list: rows probing it, rows assigned to it (-1: a probe not taken)."""
     members = np.bincount(probes[:, 0].astype(np.int64), minlength=nlist)
-    queries = np.bincount(probes[:, :nprobe].astype(np.int64).ravel(), minlength=nlist)
+    taken = probes[:, :nprobe].astype(np.int64).ravel()
+    queries = np.bincount(taken[taken >= 0], minlength=nlist)
     return queries, members
 
 
@@ -95,7 +99,9 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
-    ap.add_argument("--nprobe", type=int, default=12, help="the join's nprobe (scale.py's dedup chose 12 at 300k)")
+    ap.add_argument(
+        "--nprobe", type=int, default=0, help="a fixed nprobe (0: the margin dedup chooses, `ivf_join.choose_margin`)"
+    )
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--block-bytes", type=int, default=1 << 30, help="join_lists' group size (dedup: budget / 8)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is kept")
@@ -104,13 +110,23 @@ def main(argv=None) -> None:
     print(machine_line(), flush=True)
     print(load_line(), flush=True)
     with tempfile.TemporaryDirectory(prefix="lvd-bench-join-") as tmp:
-        view = pool_view(Path(tmp), args.n)
+        view = pool_view(Path(tmp), args.n).held()  # as dedup's join reads them
         nlist = ivf_join.list_count(args.n)
         rng = np.random.default_rng(0)
         train = np.sort(rng.choice(args.n, min(args.n, nlist * ivf_join.TRAIN_PER_LIST), replace=False))
         quantizer = ivf_join.train_quantizer(view[train], nlist, seed=0)
-        probes = np.ascontiguousarray(ivf_join.probe_lists(view, quantizer, args.nprobe))
-        queries, members = list_shapes(probes, args.nprobe, quantizer.nlist)
+        if args.nprobe:
+            probes, rule = (
+                np.ascontiguousarray(ivf_join.probe_lists(view, quantizer, args.nprobe)),
+                f"nprobe {args.nprobe}",
+            )
+        else:
+            probes, gaps = ivf_join.probe_lists(view, quantizer, ivf_join.PROBE_WIDTHS[-1], gaps=True)
+            margin = ivf_join.choose_margin(view, probes, gaps, quantizer, THRESHOLD, args.k)[0]
+            probes = ivf_join.within_margin(probes, gaps, margin)
+            rule = f"margin {margin} ({(probes >= 0).sum() / args.n:.1f} probes a row, at most {probes.shape[1]})"
+        nprobe = probes.shape[1]
+        queries, members = list_shapes(probes, nprobe, quantizer.nlist)
         flops = 2.0 * float((queries * members).sum()) * view.dim
         lvd, pairs = [], 0
         for _ in range(args.repeats):
@@ -118,7 +134,7 @@ def main(argv=None) -> None:
             pairs = sum(
                 len(i)
                 for i, _, _ in ivf_join.join_lists(
-                    view, probes, args.nprobe, THRESHOLD, k=args.k, nlist=quantizer.nlist, block_bytes=args.block_bytes
+                    view, probes, nprobe, THRESHOLD, k=args.k, nlist=quantizer.nlist, block_bytes=args.block_bytes
                 )
             )
             lvd.append(time.perf_counter() - start)
@@ -131,7 +147,7 @@ def main(argv=None) -> None:
     levels = "two levels" if quantizer.top is not None else "flat"
     print(
         f"{args.n} rows, d {view.dim}, {quantizer.nlist} lists ({levels}), "
-        f"nprobe {args.nprobe}: mean list {members.mean():.0f} members x {queries.mean():.0f} queries, "
+        f"{rule}: mean list {members.mean():.0f} members x {queries.mean():.0f} queries, "
         f"{flops / 1e9:.1f} GFLOP of products, {pairs} directed pairs >= {THRESHOLD}",
         flush=True,
     )

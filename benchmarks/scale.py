@@ -195,7 +195,8 @@ def pair_recall(run: Path, pairs: np.ndarray) -> float:
 
 
 def faiss_comparison(run: Path, pairs: np.ndarray, queries: int) -> None:
-    """Dedup's list join against Faiss's IndexIVFFlat on the same lists (centroids) and nprobe, in this process.
+    """Dedup's list join against Faiss's IndexIVFFlat on the same lists (centroids), in this process;
+    Faiss probes as many lists per query as lvd's margin gives a row on average.
 
     Faiss searches `queries` pool rows (a whole 1M pool would take it hours here); both are
     timed on those rows' work: ours joins every list once (all rows), so its time is scaled by
@@ -214,18 +215,18 @@ def faiss_comparison(run: Path, pairs: np.ndarray, queries: int) -> None:
     near = pd.read_parquet(run / "dedup" / "near.parquet", columns=["id"])
     rows = IdRows(embedding_ids(run / "embed")).rows(near["id"].to_numpy())
     view = EmbeddingRows(vector_files(run / "embed"), rows)
-    n, nprobe = len(view), int(info["nprobe"])
+    n, nprobe = len(view), max(1, round(info["mean_probes"]))  # Faiss: the same probes a row on average
     rng = np.random.default_rng(0)  # the stage's sample and seed (seed 0)
     train = np.sort(rng.choice(n, min(n, info["nlist"] * ivf_join.TRAIN_PER_LIST), replace=False))
     t = time.perf_counter()
     quantizer = ivf_join.train_quantizer(view[train], info["nlist"], seed=0)
-    probes = ivf_join.probe_lists(view, quantizer, nprobe)
+    probes = ivf_join.within_margin(*ivf_join.probe_lists(view, quantizer, info["nprobe"], gaps=True), info["margin"])
     ours_assign = time.perf_counter() - t
     t = time.perf_counter()
     found = sum(
         len(i)
         for i, _, _ in ivf_join.join_lists(
-            view, probes, nprobe, THRESHOLD, k=64, nlist=quantizer.nlist, block_bytes=1 << 30
+            view, probes, probes.shape[1], THRESHOLD, k=64, nlist=quantizer.nlist, block_bytes=1 << 30
         )
     )
     ours_join = time.perf_counter() - t
@@ -245,7 +246,8 @@ def faiss_comparison(run: Path, pairs: np.ndarray, queries: int) -> None:
     per_ours = (ours_assign + ours_join) / n * 1e6
     per_faiss = (faiss_add / n + faiss_search / len(q)) * 1e6
     print(
-        f"  same lists ({quantizer.nlist}, {'two levels' if quantizer.top is not None else 'flat'}), nprobe {nprobe}, "
+        f"  same lists ({quantizer.nlist}, {'two levels' if quantizer.top is not None else 'flat'}), lvd margin "
+        f"{info['margin']} ({info['mean_probes']:.1f} probes a row), Faiss nprobe {nprobe}, "
         f"{n} rows: lvd list join {ours_assign:.1f} s assign + {ours_join:.1f} s join = {per_ours:.1f} us/row "
         f"({found} directed pairs >= {THRESHOLD}); Faiss IVFFlat add {faiss_add:.1f} s + search of {len(q)} rows "
         f"{faiss_search:.1f} s = {per_faiss:.1f} us/row ({faiss_pairs} directed pairs among them, "

@@ -2,19 +2,24 @@
 
 Every row is assigned to its nearest list (a k-means centroid; two levels of centroids past
 FLAT_MAX_LISTS lists, so that assigning a row costs ~sqrt(nlist) products, not nlist) and
-probes its `nprobe` nearest lists. For each list, the rows that probe it are compared with the
-rows assigned to it by one matrix product, and the pairs at or above the threshold are kept
-with their exact float32 cosines. A pair (i, j) is compared when j's list is among i's probes
-or i's among j's, so whether an edge can be found depends on the assignments only:
-`compared` measures it on the exact near-duplicates of a sample of rows and on copies of them
-at the threshold, and the smallest nprobe that compares RECALL_TARGET of them is used
-(`choose_nprobe`).
+probes the lists whose centroids score within a margin of its nearest one's (at most
+PROBE_WIDTHS[-1] of them): a row deep inside its list probes one or two, a row on a border
+more, where a fixed nprobe gives every row the border rows' count. For each list, the rows
+that probe it are compared with the rows assigned to it by one matrix product, and the pairs
+at or above the threshold are kept with their exact float32 cosines. A pair (i, j) is compared
+when j's list is among i's probes or i's among j's, so whether an edge can be found depends on
+the assignments only: `compared` measures it on the exact near-duplicates of a sample of rows
+and on copies of them at the threshold, and the smallest margin of MARGINS that compares
+RECALL_TARGET of them is used (`choose_margin`). On scale.py's synthetic pool (1M rows, 1953
+lists, 2-core AVX2 AMD EPYC) the margin reached 0.99 of the copies at ~9 probes a row on
+average where a fixed nprobe needed 16.
 
 Why not a Faiss IVF search: an IVF index holds the vectors (float32: 15 GB at 10M x 384; SQ8
-codes 3.8 GB) and scans lists query by query; here the float16 parts on disk are the storage,
-a group of lists is read at a time (`EmbeddingRows`: unmapped after each read), and each list
-is one BLAS product. With lists of ~LIST_SIZE rows the join costs n * nprobe * LIST_SIZE * d,
-linear in n. `benchmarks/scale.py --faiss` compares it with Faiss's IVF-Flat on the same lists.
+codes 3.8 GB) and scans lists query by query; here the float16 parts on disk are the storage
+(read into memory once where they take at most a HELD_SHARE of the budget), a group of lists
+is read at a time, and each list is one BLAS product. With lists of ~LIST_SIZE rows the join
+costs n * nprobe * LIST_SIZE * d (nprobe: the mean probes a row), linear in n while nprobe
+stays put. `benchmarks/scale.py --faiss` compares it with Faiss's IVF-Flat on the same lists.
 
 Arrays in, arrays out; rows are positions in the view.
 """
@@ -45,8 +50,10 @@ FLAT_MAX_LISTS = 16384
 TRAIN_PER_LIST = 24
 #: top-level cells whose lists a row is scored against (two-level assignment)
 TOP_PROBE = 8
-#: nprobe values tried, smallest first; the last is the most lists a row probes
-NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+#: the most lists a row may probe: the last where the memory budget holds its probes, else the first
+PROBE_WIDTHS = (24, 32)
+#: probe margins tried, smallest first (cosine below the nearest list's score; 2 takes every stored probe)
+MARGINS = tuple(round(0.005 * i, 3) for i in range(25)) + (0.15, 0.2, 0.3, 0.5, 2.0)
 #: Lloyd steps over all lists after the two-level training
 REFINE_ITERS = 1
 #: share of the copies at exactly the threshold (the worst case: every near-duplicate is at or above
@@ -54,6 +61,8 @@ REFINE_ITERS = 1
 COPY_RECALL_TARGET = 0.99
 #: k-means iterations of the centroids (they only partition the space; the join is exact)
 QUANTIZER_NITER = 10
+#: the join reads its rows from memory when they take at most memory_budget / HELD_SHARE (`EmbeddingRows.held`)
+HELD_SHARE = 3
 #: query rows multiplied at a time: their products (x LIST_SIZE members) stay in the L2/L3 cache for the scan
 JOIN_CHUNK = 1024
 
@@ -111,48 +120,57 @@ def train_quantizer(sample: np.ndarray, nlist: int, *, seed: int = 0, backend="a
     return quantizer
 
 
-def nearest_lists(x: np.ndarray, quantizer: Quantizer, nprobe: int) -> np.ndarray:
-    """(len(x), nprobe) int32 lists of each row, nearest first (by inner product)."""
+def nearest_lists(x: np.ndarray, quantizer: Quantizer, nprobe: int, *, scores: bool = False):
+    """(len(x), nprobe) int32 lists of each row, nearest first (by inner product); with `scores`,
+    also their (len(x), nprobe) float32 scores (-inf where two levels scored fewer lists)."""
     x = np.ascontiguousarray(x, np.float32)
     nprobe = min(nprobe, quantizer.nlist)
     if quantizer.top is None:  # Faiss's blocked product and heaps: no (rows, nlist) score block is held
-        return faiss.knn(x, quantizer.centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)[1].astype(np.int32)
+        D, I = faiss.knn(x, quantizer.centroids, nprobe, metric=faiss.METRIC_INNER_PRODUCT)
+        return (I.astype(np.int32), D) if scores else I.astype(np.int32)
     bounds = quantizer.bounds
     width = int(np.diff(bounds).max())
     tp = min(TOP_PROBE, len(quantizer.top))
-    cells = _top_columns(x @ quantizer.top.T, np.arange(len(quantizer.top)), tp)  # (B, tp)
-    scores = np.full((len(x), tp * width), -np.inf, np.float32)
+    cells = _top_columns(x @ quantizer.top.T, np.arange(len(quantizer.top)), tp)[0]  # (B, tp)
+    block = np.full((len(x), tp * width), -np.inf, np.float32)
     lists = np.zeros((len(x), tp * width), np.int64)
     for t in np.unique(cells):
         rows, slot = np.nonzero(cells == t)
         own = np.arange(bounds[t], bounds[t + 1])
         cols = slot[:, None] * width + np.arange(len(own))
-        scores[rows[:, None], cols] = x[rows] @ quantizer.centroids[own].T
+        block[rows[:, None], cols] = x[rows] @ quantizer.centroids[own].T
         lists[rows[:, None], cols] = own
-    return _top_columns(scores, lists, nprobe)
+    picked, best = _top_columns(block, lists, nprobe)
+    return (picked, best) if scores else picked
 
 
-def _top_columns(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """ids of each row's k best scores, best first (`ids` one row for all, or per row).
+def _top_columns(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, scores) of each row's k best scores, best first (`ids` one row for all, or per row).
 
     torch's top-k runs on every core; numpy's argpartition of a block's scores took longer than
     the product itself (benchmarks/list_assign.py)."""
     k = min(k, scores.shape[1])
-    best = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1, sorted=True).indices.numpy()
+    values, best = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1, sorted=True)
+    best = best.numpy()
     picked = ids[best] if ids.ndim == 1 else np.take_along_axis(ids, best, 1)
-    return picked.astype(np.int32)
+    return picked.astype(np.int32), values.numpy()
 
 
 def list_dtype(nlist: int) -> np.dtype:
-    """The narrowest integer that numbers `nlist` lists: the probes are n * nprobe of them."""
+    """The narrowest integer that numbers `nlist` lists (and -1, a probe not taken): the probes
+    are n * PROBE_WIDTHS[-1] of them."""
     return np.dtype(np.int16 if nlist <= np.iinfo(np.int16).max + 1 else np.int32)
 
 
 def probe_lists(
-    view, quantizer: Quantizer, nprobe: int, *, block_rows: int = 16384, progress: bool = False
-) -> np.ndarray:
-    """(n, nprobe) nearest lists of every row of `view` (`list_dtype`), read block by block."""
-    out = np.empty((len(view), min(nprobe, quantizer.nlist)), list_dtype(quantizer.nlist))
+    view, quantizer: Quantizer, nprobe: int, *, block_rows: int = 16384, progress: bool = False, gaps: bool = False
+):
+    """(n, nprobe) nearest lists of every row of `view` (`list_dtype`), read block by block; with
+    `gaps`, also (n, nprobe) float16 how far below the row's nearest list's score each one's is
+    (the margin that `within_margin` compares)."""
+    width = min(nprobe, quantizer.nlist)
+    out = np.empty((len(view), width), list_dtype(quantizer.nlist))
+    below = np.empty((len(view), width), np.float16) if gaps else None
     for start, block in tqdm(
         view.blocks(block_rows),
         total=math.ceil(len(view) / block_rows),
@@ -160,15 +178,33 @@ def probe_lists(
         unit="block",
         disable=not progress,
     ):
-        out[start : start + len(block)] = nearest_lists(block, quantizer, nprobe)
+        lists, scores = nearest_lists(block, quantizer, nprobe, scores=True)
+        out[start : start + len(block)] = lists
+        if below is not None:
+            below[start : start + len(block)] = np.minimum(scores[:, :1] - scores, np.finfo(np.float16).max)
+    return (out, below) if gaps else out
+
+
+def within_margin(probes: np.ndarray, gaps: np.ndarray, margin: float) -> np.ndarray:
+    """The probes whose gap is at most `margin`, -1 in place of the others, without the columns
+    no row reaches. A row's gaps grow along it (its lists nearest first), so its probes are a prefix."""
+    taken = gaps <= np.float16(margin)
+    width = max(1, int(taken.sum(1).max())) if len(probes) else 1
+    out = np.where(taken[:, :width], probes[:, :width], -1).astype(probes.dtype)
+    out[:, 0] = probes[:, 0]  # its own list, whatever the margin
     return out
 
 
+def linked(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether the join compares row pairs whose probes are a[e] and b[e] (-1: no probe): one's
+    list (first probe) is among the other's probes."""
+    return (a == b[:, :1]).any(1) | (b == a[:, :1]).any(1)
+
+
 def compared(probes: np.ndarray, nprobe: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Whether the join with `nprobe` compares each pair (i[e], j[e]): one's list is among the other's probes."""
+    """Whether the join with `nprobe` columns of `probes` compares each pair (i[e], j[e])."""
     i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
-    near = probes[:, :nprobe]
-    return (near[i] == probes[j, :1]).any(1) | (near[j] == probes[i, :1]).any(1)
+    return linked(probes[i, :nprobe], probes[j, :nprobe])
 
 
 def exact_neighbors(view, rows: np.ndarray, k: int, *, block_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
@@ -202,12 +238,12 @@ def threshold_copies(x: np.ndarray, threshold: float, seed: int = 0) -> np.ndarr
     return (t * x + math.sqrt(1.0 - t * t) * u).astype(np.float32)
 
 
-def choose_nprobe(
-    view, probes: np.ndarray, quantizer: Quantizer, threshold: float, k: int, *, seed: int = 0
-) -> tuple[int, float, float, int]:
-    """(nprobe, recall of real edges, recall of threshold copies, edges checked): the smallest
-    nprobe of NPROBES whose join compares RECALL_TARGET of the real edges and COPY_RECALL_TARGET
-    of the copies.
+def choose_margin(
+    view, probes: np.ndarray, gaps: np.ndarray, quantizer: Quantizer, threshold: float, k: int, *, seed: int = 0
+) -> tuple[float, float, float, int]:
+    """(margin, recall of real edges, recall of threshold copies, edges checked): the smallest
+    margin of MARGINS whose join compares RECALL_TARGET of the real edges and COPY_RECALL_TARGET
+    of the copies (`probes`, `gaps`: `probe_lists`' of every row).
 
     The checked edges are the exact neighbours at or above the threshold of
     `ivf_switch.check_rows` (an exact pass over the pool), and, for each checked row, a copy
@@ -219,19 +255,24 @@ def choose_nprobe(
     x = view[rows]
     D, I = exact_neighbors(view, rows, k)
     q, j = np.nonzero((D >= threshold) & (I >= 0))
-    copies = nearest_lists(threshold_copies(x, threshold, seed), quantizer, probes.shape[1])
+    width = probes.shape[1]
+    copies, copy_scores = nearest_lists(threshold_copies(x, threshold, seed), quantizer, width, scores=True)
+    copy_gaps = copy_scores[:, :1] - copy_scores
     checked = len(q) + len(rows)
     recall = planted_recall = 1.0
-    for nprobe in [p for p in NPROBES if p <= probes.shape[1]]:
-        real = compared(probes, nprobe, rows[q], I[q, j])
-        mine = probes[rows]
-        planted = (mine[:, :nprobe] == copies[:, :1]).any(1) | (copies[:, :nprobe] == mine[:, :1]).any(1)
+    margin = MARGINS[-1]
+    for margin in MARGINS:
+        real = linked(
+            within_margin(probes[rows[q]], gaps[rows[q]], margin), within_margin(probes[I[q, j]], gaps[I[q, j]], margin)
+        )
+        mine = within_margin(probes[rows], gaps[rows], margin)
+        theirs = within_margin(copies, copy_gaps, margin)
         recall = float(real.mean()) if len(q) else 1.0
-        planted_recall = float(planted.mean())
+        planted_recall = float(linked(mine, theirs).mean())
         log.info(
-            "list join nprobe %d: compares %.4f of %d exact neighbours >= %.3g (target %.4f) and %.4f of %d "
+            "list join margin %.3f: compares %.4f of %d exact neighbours >= %.3g (target %.4f) and %.4f of %d "
             "copies at it (target %.4f)",
-            nprobe,
+            margin,
             recall,
             len(q),
             threshold,
@@ -241,32 +282,36 @@ def choose_nprobe(
             COPY_RECALL_TARGET,
         )
         if recall >= ivf_switch.RECALL_TARGET and planted_recall >= COPY_RECALL_TARGET:
-            return nprobe, recall, planted_recall, checked
+            return margin, recall, planted_recall, checked
     log.warning(
-        "list join: nprobe %d compares only %.4f of the exact neighbours and %.4f of the copies (targets %.4f, %.4f)",
-        probes.shape[1],
+        "list join: %d probes compare only %.4f of the exact neighbours and %.4f of the copies (targets %.4f, %.4f)",
+        width,
         recall,
         planted_recall,
         ivf_switch.RECALL_TARGET,
         COPY_RECALL_TARGET,
     )
-    return probes.shape[1], recall, planted_recall, checked
+    return margin, recall, planted_recall, checked
 
 
 def _inverted(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows by list, bounds): the rows of list L are rows[bounds[L]:bounds[L + 1]], int32 where
-    they fit, built column by column (a counting sort) so that the temporaries are one column's."""
+    they fit, built column by column (a counting sort) so that the temporaries are one column's.
+    A -1 (a probe not taken) puts its row in no list."""
     n, p = lists.shape
     counts = np.zeros((nlist, p), np.int64)
     for c in range(p):
-        counts[:, c] = np.bincount(lists[:, c], minlength=nlist)
+        column = lists[:, c]
+        counts[:, c] = np.bincount(column[column >= 0], minlength=nlist)
     starts = np.concatenate([[0], np.cumsum(counts.ravel())])
-    rows = np.empty(n * p, np.int32 if n < 2**31 else np.int64)
+    rows = np.empty(int(starts[-1]), np.int32 if n < 2**31 else np.int64)
     for c in range(p):
         column = lists[:, c]
         order = np.argsort(column, kind="stable")
         sorted_lists = column[order].astype(np.int64)
-        within = np.arange(n) - np.searchsorted(sorted_lists, sorted_lists)
+        taken = int(np.searchsorted(sorted_lists, 0))  # the -1s sort first
+        order, sorted_lists = order[taken:], sorted_lists[taken:]
+        within = np.arange(len(order)) - np.searchsorted(sorted_lists, sorted_lists)
         rows[starts[sorted_lists * p + c] + within] = order
     return rows, starts[::p]
 
@@ -284,7 +329,8 @@ def join_lists(
     progress: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(i, j, cosine) of every compared pair at or above `threshold`, a group of lists at a time
-    (`lists`: only those, e.g. one rank's share).
+    (`lists`: only those, e.g. one rank's share). A row is a member of its first probe's list and a
+    query of each of its first `nprobe` probes' lists (-1: none, as `within_margin` leaves them).
 
     Each row keeps at most `k` partners per list (its best), as a k-NN graph would; a pair may be
     given twice (found from both sides).
@@ -303,6 +349,7 @@ def join_lists(
     wanted = np.zeros(len(probes), bool)
     widest = int(np.diff(m_bounds).max()) if nlist else 0
     chunk = np.empty((JOIN_CHUNK, view.dim), np.float32)
+    buffer = np.empty(0, np.float32)  # the group's rows, reused from group to group (`EmbeddingRows.read`)
     scores = np.empty(JOIN_CHUNK * max(widest, 1), np.float32)
     bar = tqdm(total=len(lists), desc="join lists", unit="list", disable=not progress)
     while start < end:
@@ -315,7 +362,10 @@ def join_lists(
         needed = np.flatnonzero(wanted)
         wanted[needed] = False
         place[needed] = np.arange(len(needed), dtype=place.dtype)
-        x = view[needed]
+        if len(needed) * view.dim > len(buffer):
+            buffer = np.empty(len(needed) * view.dim, np.float32)
+        x = buffer[: len(needed) * view.dim].reshape(len(needed), view.dim)
+        view.read(needed, out=x)
         for lst in range(start, stop):
             base = members[m_bounds[lst] : m_bounds[lst + 1]]
             query = queries[q_bounds[lst] : q_bounds[lst + 1]]
@@ -408,7 +458,9 @@ class JoinReport:
     rows: int
     nlist: int
     two_level: bool
-    nprobe: int
+    margin: float
+    nprobe: int  # the most lists a row probes
+    mean_probes: float
     recall: float
     copy_recall: float
     checked_edges: int
@@ -446,8 +498,8 @@ def _trained_quantizer(view, seed: int, backend, device, ranks) -> Quantizer:
     return _shared(quantizer, ranks)
 
 
-def _all_probes(view, quantizer: Quantizer, memory_budget: int, progress: bool, ranks) -> np.ndarray:
-    """Every row's nearest lists, as many as the budget holds (each rank assigns its slice)."""
+def _all_probes(view, quantizer: Quantizer, memory_budget: int, progress: bool, ranks) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's nearest lists and their gaps, as many as the budget holds (each rank assigns its slice)."""
     from lvd.common.memory import rows_per_block
     from lvd.common.ranks import gather_rows, rank_slice
 
@@ -456,9 +508,12 @@ def _all_probes(view, quantizer: Quantizer, memory_budget: int, progress: bool, 
     # probed cells (flat, faiss.knn scores in its own small tiles)
     width = 1 if quantizer.bounds is None else int(np.diff(quantizer.bounds).max()) * TOP_PROBE
     block = rows_per_block(memory_budget, 4 * d + 12 * width)
-    most = NPROBES[-1] if n * NPROBES[-1] * list_dtype(quantizer.nlist).itemsize <= memory_budget // 8 else NPROBES[-2]
+    # per probe: its list, its gap, and its list again in `within_margin`'s copy
+    per_probe = 2 * list_dtype(quantizer.nlist).itemsize + 2
+    most = PROBE_WIDTHS[-1] if n * PROBE_WIDTHS[-1] * per_probe <= memory_budget // 8 else PROBE_WIDTHS[0]
     mine = view.subset(rank_slice(n, ranks))
-    return gather_rows(probe_lists(mine, quantizer, most, block_rows=min(block, 65536), progress=progress), ranks)
+    lists, gaps = probe_lists(mine, quantizer, most, block_rows=min(block, 65536), progress=progress, gaps=True)
+    return gather_rows(lists, ranks), gather_rows(gaps, ranks)
 
 
 def _joined(
@@ -516,7 +571,7 @@ def near_pairs(
     `spanning`: only the connected components of the pairs are wanted, so they are kept as a
     spanning forest (`EdgeForest`); otherwise every pair, each once (i < j).
 
-    `ranks` (torchrun): rank 0 trains the lists and checks nprobe, every rank assigns its slice
+    `ranks` (torchrun): rank 0 trains the lists and chooses the margin, every rank assigns its slice
     of the rows and joins its share of the lists, and rank 0 gets every pair (the others get
     none); the pairs are those one process finds.
     """
@@ -528,11 +583,15 @@ def near_pairs(
     times, started = {}, time.perf_counter()
     quantizer = _trained_quantizer(view, seed, backend, device, ranks)
     times["train"] = time.perf_counter() - started
-    probes = _all_probes(view, quantizer, memory_budget, progress, ranks)
+    probes, gaps = _all_probes(view, quantizer, memory_budget, progress, ranks)
     times["assign"] = time.perf_counter() - started - times["train"]
-    nprobe, recall, copy_recall, checked = _settled_nprobe(view, probes, quantizer, threshold, k, seed, ranks)
+    margin, recall, copy_recall, checked = _settled_margin(view, probes, gaps, quantizer, threshold, k, seed, ranks)
     times["check"] = time.perf_counter() - started - times["train"] - times["assign"]
-    probes = np.ascontiguousarray(probes[:, :nprobe])  # the columns the join reads; the rest is freed
+    probes = within_margin(probes, gaps, margin)  # the probes the join reads; the rest is freed
+    del gaps
+    if getattr(view, "held", None) and len(view) * view.dim * view.itemsize <= memory_budget // HELD_SHARE:
+        view = view.held()  # every group of lists reads its rows from memory, not from the mapped parts
+    nprobe, mean_probes = probes.shape[1], float((probes >= 0).sum() / max(1, len(probes)))
     rows, cols, pairs = _joined(
         view, probes, nprobe, threshold, k, quantizer.nlist, memory_budget, spanning, progress, ranks
     )
@@ -543,25 +602,27 @@ def near_pairs(
     seconds = {key: round(v, 3) for key, v in times.items()}
     two_level = quantizer.top is not None
     report = JoinReport(
-        len(view), quantizer.nlist, two_level, nprobe, round(recall, 6), round(copy_recall, 6), checked, pairs, seconds
+        *(len(view), quantizer.nlist, two_level, margin, nprobe, round(mean_probes, 3)),
+        *(round(recall, 6), round(copy_recall, 6), checked, pairs, seconds),
     )
     log.info(
-        "list join of %d rows: %d lists%s, nprobe %d (recall %.4f of real, %.4f of threshold copies; %d "
-        "checked), %d pairs >= %.3g; seconds %s%s",
-        *(len(view), report.nlist, " (two levels)" if two_level else "", nprobe, recall, copy_recall, checked),
-        *(pairs, threshold, report.seconds, f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""),
+        "list join of %d rows: %d lists%s, margin %.3f: %.2f probes a row, at most %d (recall %.4f of real, "
+        "%.4f of threshold copies; %d checked), %d pairs >= %.3g; seconds %s%s",
+        *(len(view), report.nlist, " (two levels)" if two_level else "", margin, mean_probes, nprobe, recall),
+        *(copy_recall, checked, pairs, threshold, report.seconds),
+        f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "",
     )
     return rows, cols, report
 
 
-def _settled_nprobe(view, probes, quantizer: Quantizer, threshold: float, k: int, seed: int, ranks):
-    """(nprobe, recall, copy recall, checked edges): rank 0 settles nprobe; every rank gets it."""
+def _settled_margin(view, probes, gaps, quantizer: Quantizer, threshold: float, k: int, seed: int, ranks):
+    """(margin, recall, copy recall, checked edges): rank 0 settles the margin; every rank gets it."""
     from lvd.common.ranks import broadcast_array
 
-    chosen = choose_nprobe(view, probes, quantizer, threshold, k, seed=seed) if ranks.rank == 0 else None
+    chosen = choose_margin(view, probes, gaps, quantizer, threshold, k, seed=seed) if ranks.rank == 0 else None
     settled = broadcast_array(np.array(chosen, np.float64) if chosen is not None else None, ranks).tolist()
-    nprobe, recall, copy_recall, checked = settled
-    return int(nprobe), recall, copy_recall, int(checked)
+    margin, recall, copy_recall, checked = settled
+    return margin, recall, copy_recall, int(checked)
 
 
 __all__ = [
@@ -571,7 +632,9 @@ __all__ = [
     "probe_lists",
     "compared",
     "exact_neighbors",
-    "choose_nprobe",
+    "choose_margin",
+    "within_margin",
+    "linked",
     "join_lists",
     "EdgeForest",
     "list_count",

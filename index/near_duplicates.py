@@ -64,7 +64,7 @@ def exact_graph_pays(n: int, d: int, k: int, device: str, budget: int) -> bool:
         return False
     if resolve_device(device).type != "cpu":
         return n <= EXACT_MAX_ACCELERATOR
-    return n <= ivf_join.NPROBES[-2] * ivf_join.LIST_SIZE + ivf_switch.CHECK_QUERIES
+    return n <= ivf_join.PROBE_WIDTHS[0] * ivf_join.LIST_SIZE + ivf_switch.CHECK_QUERIES
 
 
 def near_duplicates_join(

@@ -47,17 +47,21 @@ def test_join_finds_the_pairs_numpy_finds_with_exact_cosines(tmp_path, monkeypat
     quantizer = ivf_join.train_quantizer(x[::3], nlist, seed=0)
     if flat_max == 2:
         assert quantizer.top is not None and quantizer.bounds[-1] == quantizer.nlist
-    probes = ivf_join.probe_lists(view, quantizer, 16, block_rows=500)
+    probes, gaps = ivf_join.probe_lists(view, quantizer, 16, block_rows=500, gaps=True)
     # the probes are each row's nearest lists, best first (flat: against numpy; two levels: the first is the nearest
     # among the scored cells, so only check ordering and distinctness)
     scores = x @ quantizer.centroids.T
     got = np.take_along_axis(scores, probes.astype(np.int64), 1)
     assert (np.diff(got, axis=1) <= 1e-6).all()
     assert all(len(set(r)) == probes.shape[1] for r in probes[:50].tolist())
+    np.testing.assert_allclose(gaps, got[:, :1] - got, atol=2e-3)  # float16 gaps below the row's first list
     if quantizer.top is None:
         np.testing.assert_array_equal(probes[:, 0], scores.argmax(1))
-    nprobe, recall, copy_recall, checked = ivf_join.choose_nprobe(view, probes, quantizer, 0.9, 16, seed=0)
+    margin, recall, copy_recall, checked = ivf_join.choose_margin(view, probes, gaps, quantizer, 0.9, 16, seed=0)
     assert recall >= 0.999 and copy_recall >= 0.99 and checked >= 1024
+    probes = ivf_join.within_margin(probes, gaps, margin)
+    nprobe = probes.shape[1]
+    assert (probes == -1).any()  # the margin leaves some rows fewer probes than others
     found = {}
     for i, j, s in ivf_join.join_lists(view, probes, nprobe, 0.9, k=16, nlist=quantizer.nlist, block_bytes=1 << 16):
         for a, b, c in zip(i.tolist(), j.tolist(), s.tolist()):
@@ -84,6 +88,23 @@ def test_with_every_list_probed_the_join_is_exact(tmp_path):
     for i, j, _ in ivf_join.join_lists(view, probes, 8, 0.85, k=10**6, nlist=8, block_bytes=1 << 12):
         found |= {(min(a, b), max(a, b)) for a, b in zip(i.tolist(), j.tolist())}
     assert found == truth
+
+
+def test_within_margin_keeps_the_lists_scoring_within_it_of_the_nearest():
+    x = _pool(n=400, d=16, copies=0, seed=5)
+    quantizer = ivf_join.Quantizer(x[:30].copy())
+    lists, scores = ivf_join.nearest_lists(x, quantizer, 10, scores=True)
+    probes = ivf_join.within_margin(lists, (scores[:, :1] - scores).astype(np.float16), 0.1)
+    sims = x @ x[:30].T
+    for row in range(len(x)):
+        want = np.flatnonzero(sims[row] >= sims[row].max() - 0.1)
+        if len(want) > 10:  # at most the 10 stored
+            want = np.argsort(-sims[row])[:10]
+        got = probes[row][probes[row] >= 0]
+        assert got[0] == sims[row].argmax()
+        assert set(got.tolist()) == set(want.tolist()), row
+    assert probes.shape[1] == max(int((probes[r] >= 0).sum()) for r in range(len(x)))
+    assert 1 < (probes >= 0).sum(1).mean() < 10
 
 
 def test_at_most_k_partners_per_row_and_list_the_best(tmp_path):
@@ -173,6 +194,7 @@ def test_join_gives_the_pairs_and_cosines_of_its_definition(tmp_path, monkeypatc
     view = _folder(tmp_path, x, part=400)
     quantizer = ivf_join.train_quantizer(x, 12, seed=0)
     probes = ivf_join.probe_lists(view, quantizer, 4)
+    probes[::5, 2] = -1  # probes a margin left out: those rows are queries of their first two lists only
     truth, capped = _numpy_join(x, probes, 3, 0.6, 5)
     assert capped > 0  # the k cap binds for some rows
     got = {}

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lvd.common.run_folder import embedding_ids, iter_embeddings, load_embeddings, vector_files
+from lvd.index import io
 from lvd.index.io import EmbeddingRows, IdRows
 
 
@@ -46,7 +47,8 @@ def test_empty_folder(tmp_path):
     assert ids.shape == (0,) and x.shape == (0, 0)
 
 
-def test_embedding_rows_read_chosen_rows_across_parts(tmp_path):
+def test_embedding_rows_read_chosen_rows_across_parts(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "HELD_STAGE_ROWS", 2)  # a held view's rows gathered two at a time
     rng = np.random.default_rng(1)
     parts = [rng.normal(size=(n, 6)).astype(np.float16) for n in (5, 1, 7)]
     for number, part in enumerate(parts):
@@ -59,6 +61,19 @@ def test_embedding_rows_read_chosen_rows_across_parts(tmp_path):
     np.testing.assert_array_equal(view[1:4], whole[[0, 5, 7]])
     np.testing.assert_array_equal(np.asarray(view), whole[rows])
     assert view[np.array([0])].dtype == np.float32
+    held = view.held()  # the same rows, read into memory once
+    for path in vector_files(tmp_path):
+        path.unlink()
+    np.testing.assert_array_equal(held[np.array([3, 0])], whole[[7, 12]])
+    np.testing.assert_array_equal(held[1:4], whole[[0, 5, 7]])
+    np.testing.assert_array_equal(np.asarray(held), whole[rows])
+    assert held[np.array([0])].dtype == np.float32 and held.itemsize == 2
+    out = np.full((9, 6), np.nan, np.float32)
+    assert held.read(np.array([5, 4, 0]), out=out[:3]) is not None
+    np.testing.assert_array_equal(out[:3], whole[[4, 5, 12]])
+    assert np.isnan(out[3:]).all()
+    for number, part in enumerate(parts):
+        write_part(tmp_path, number, list(range(100 * number, 100 * number + len(part))), part)
     np.testing.assert_array_equal(embedding_ids(tmp_path), load_embeddings(tmp_path)[0])
     with pytest.raises(IndexError):
         EmbeddingRows(vector_files(tmp_path), np.array([13]))
