@@ -8,9 +8,9 @@ more, where a fixed nprobe gives every row the border rows' count. For each list
 that probe it are compared with the rows assigned to it by one matrix product, and the pairs
 at or above the threshold are kept with their exact float32 cosines. A pair (i, j) is compared
 when j's list is among i's probes or i's among j's, so whether an edge can be found depends on
-the assignments only: `compared` measures it on the exact near-duplicates of a sample of rows
-and on copies of them at the threshold, and the smallest margin of MARGINS that compares
-RECALL_TARGET of them is used (`choose_margin`). On scale.py's synthetic pool (1M rows, 1953
+the assignments only (`linked`): `choose_margin` measures it on the exact near-duplicates of a
+sample of rows and on copies of them at the threshold, and uses the smallest margin of MARGINS
+that compares RECALL_TARGET of them. On scale.py's synthetic pool (1M rows, 1953
 lists, 2-core AVX2 AMD EPYC) the margin reached 0.99 of the copies at ~9 probes a row on
 average where a fixed nprobe needed 16.
 
@@ -199,12 +199,6 @@ def linked(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Whether the join compares row pairs whose probes are a[e] and b[e] (-1: no probe): one's
     list (first probe) is among the other's probes."""
     return (a == b[:, :1]).any(1) | (b == a[:, :1]).any(1)
-
-
-def compared(probes: np.ndarray, nprobe: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Whether the join with `nprobe` columns of `probes` compares each pair (i[e], j[e])."""
-    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
-    return linked(probes[i, :nprobe], probes[j, :nprobe])
 
 
 def exact_neighbors(view, rows: np.ndarray, k: int, *, block_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
@@ -630,7 +624,6 @@ __all__ = [
     "train_quantizer",
     "nearest_lists",
     "probe_lists",
-    "compared",
     "exact_neighbors",
     "choose_margin",
     "within_margin",

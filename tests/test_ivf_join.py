@@ -71,7 +71,7 @@ def test_join_finds_the_pairs_numpy_finds_with_exact_cosines(tmp_path, monkeypat
     assert len(missed) <= 0.01 * len(truth)
     # a missed pair is one the join never compared: neither row's list among the other's probes
     for a, b in missed:
-        assert not ivf_join.compared(probes, nprobe, np.array([a]), np.array([b]))[0]
+        assert not ivf_join.linked(probes[[a]], probes[[b]])[0]
     pairs = np.array(sorted(found))
     np.testing.assert_allclose(
         [found[p] for p in map(tuple, pairs.tolist())], sims[pairs[:, 0], pairs[:, 1]], rtol=0, atol=1e-5
