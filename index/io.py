@@ -71,7 +71,10 @@ class EmbeddingRows:
 
     def __init__(self, parts: Sequence[str | os.PathLike], rows: np.ndarray):
         self._paths = [Path(p) for p in parts]
-        shapes = [np.load(p, mmap_mode="r", allow_pickle=False).shape for p in self._paths]
+        headers = [np.load(p, mmap_mode="r", allow_pickle=False) for p in self._paths]  # shape and dtype only
+        shapes = [h.shape for h in headers]
+        self._dtypes = {h.dtype for h in headers}
+        del headers
         bad = [str(p) for p, shape in zip(self._paths, shapes) if len(shape) != 2]
         if bad:
             raise ValueError(f"vector parts that are not 2-D arrays: {bad}")
@@ -85,9 +88,7 @@ class EmbeddingRows:
             raise ValueError(f"vector parts of different dimensions: {sorted(dims)}")
         self.dim = dims.pop() if dims else 0
         #: bytes of one stored value (the widest part's): `held()` takes len(view) * dim * itemsize
-        self.itemsize = max(
-            (np.load(p, mmap_mode="r", allow_pickle=False).dtype.itemsize for p in self._paths), default=4
-        )
+        self.itemsize = max((d.itemsize for d in self._dtypes), default=4)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -110,8 +111,7 @@ class EmbeddingRows:
         reclaims cold pages (DAMON) the join's reads of the mapped parts ran 5-9x slower than in
         a fresh process (1M rows, 2-core AMD EPYC); memory of the process is not reclaimed."""
         view = copy.copy(self)
-        dtypes = {np.load(p, mmap_mode="r", allow_pickle=False).dtype for p in self._paths}
-        held = np.empty((len(self.rows), self.dim), dtypes.pop() if len(dtypes) == 1 else np.float32)
+        held = np.empty((len(self.rows), self.dim), next(iter(self._dtypes)) if len(self._dtypes) == 1 else np.float32)
         part = np.searchsorted(self._starts, self.rows, side="right") - 1
         for p in np.unique(part):
             hit = np.flatnonzero(part == p)
