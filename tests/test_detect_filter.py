@@ -17,6 +17,24 @@ from lvd.curate.embed import run_embed
 from lvd.curate.manifest import read_manifest, run_manifest
 
 
+def _run_overrides(tmp_path, grounding, vit, prompt: str) -> list[str]:
+    """A run over tmp_path/pool that detects `prompt` with the tiny Grounding DINO and embeds with the tiny ViT."""
+    return [
+        f"run_dir={tmp_path / 'run'}",
+        f'sources.pool=["{tmp_path / "pool"}"]',
+        "progress=false",
+        "workers=0",
+        f"detect.weights={grounding}",
+        f"detect.prompt='{prompt}'",
+        "detect.device=cpu",
+        f"embed.weights={vit}",
+        "embed.model=vit_tiny_p4",
+        "embed.resolution=32",
+        "embed.copy_detection.weights=null",
+        "embed.device=cpu",
+    ]
+
+
 def _box(id_, phrase, score, area, w=100, h=50):
     """A box covering `area` of a w x h image (a full-height strip)."""
     return {"id": id_, "box": [10.0, 0.0, 10.0 + area * w, float(h)], "score": score, "phrase": phrase, "width": w,
@@ -83,19 +101,8 @@ def test_embed_takes_only_the_pool_images_the_filters_keep(tmp_path, tiny_models
         for i in range(n):
             Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
     base = [
-        f"run_dir={tmp_path / 'run'}",
-        f'sources.pool=["{tmp_path / "pool"}"]',
+        *_run_overrides(tmp_path, grounding, vit, "a cat . a red square ."),
         f"sources.seeds.fav={tmp_path / 'seeds'}",
-        "progress=false",
-        "workers=0",
-        f"detect.weights={grounding}",
-        "detect.prompt='a cat . a red square .'",
-        "detect.device=cpu",
-        f"embed.weights={vit}",
-        "embed.model=vit_tiny_p4",
-        "embed.resolution=32",
-        "embed.copy_detection.weights=null",
-        "embed.device=cpu",
     ]
     cfg = load_config(None, [*base, "filter.require.phrases=[cat]"])
     run_manifest(cfg)
@@ -147,20 +154,7 @@ def test_lvd_run_detects_before_embedding_when_weights_are_set(tmp_path, tiny_mo
     rng = np.random.default_rng(1)
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "pool" / f"{i}.png")
-    overrides = [
-        f"run_dir={tmp_path / 'run'}",
-        f'sources.pool=["{tmp_path / "pool"}"]',
-        "progress=false",
-        "workers=0",
-        f"detect.weights={grounding}",
-        "detect.prompt='a cat .'",
-        "detect.device=cpu",
-        f"embed.weights={vit}",
-        "embed.model=vit_tiny_p4",
-        "embed.resolution=32",
-        "embed.copy_detection.weights=null",
-        "embed.device=cpu",
-    ]
+    overrides = _run_overrides(tmp_path, grounding, vit, "a cat .")
     assert main(["run", "default", *overrides, "--until", "embed"]) == 0
     printed = capsys.readouterr().out
     assert printed.index("detect:") < printed.index("embed:")
