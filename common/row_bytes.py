@@ -4,7 +4,9 @@ of a WebDataset tar shard (local, or anything `webdataset` opens).
 A manifest row says where its image is as (kind, source, key); this is the one place that turns
 that back into bytes, for the stages (embed, shards, report) and for the lookup service alike.
 Local tars are read by random access (`tarfile`); remote shards and `pipe:` commands are
-streamed with webdataset.
+streamed with webdataset. Callers that read many single rows (the report's thumbnails, the
+lookup service's images) keep a `RowReader`, which remembers where each member of a local tar
+starts, so a row costs one seek rather than a walk over the shard's headers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -153,3 +157,56 @@ def read_row_bytes(kind: str, source: str, key: str, max_bytes: int | None = Non
     if kind == TAR:
         return next(_iter_tar_rows(source, [key], max_bytes))
     return read_file_bytes(row_path(kind, source, key), max_bytes)
+
+
+class RowReader:
+    """Single rows' bytes, for callers that read many rows one at a time.
+
+    Finding one member of a tar means walking its headers (tarfile does it in Python: ~60 ms for
+    2,000 members on a 2-core AVX2 EPYC, and a shard of 10,000 samples holds several times that).
+    The reader keeps, for the last `shards` local uncompressed tars it opened, where each member's
+    data starts and how long it is, checked against the file's size and mtime on every read, so a
+    rewritten shard is walked again. Compressed and remote shards, and files, go through
+    `read_row_bytes`. Safe to share between threads.
+    """
+
+    def __init__(self, shards: int = 32):
+        self.shards = shards
+        self._tables: OrderedDict[str, tuple[tuple[int, int], dict[str, tuple[int, int]] | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, kind: str, source: str, key: str, max_bytes: int | None = None) -> bytes:
+        """Same bytes and errors as `read_row_bytes(kind, source, key, max_bytes)`."""
+        table = self._table(source) if kind == TAR and is_local(source) and os.path.isfile(source) else None
+        if table is None:
+            return read_row_bytes(kind, source, key, max_bytes)
+        if key not in table:
+            raise KeyError(f"{source}: no member {key!r} that is a file")
+        offset, size = table[key]
+        if max_bytes is not None and size > max_bytes:
+            raise OSError(f"{key} in {source} is {size} bytes, over the limit of {max_bytes}")
+        with open(source, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{source}: member {key!r} is cut short ({len(data)} of {size} bytes)")
+        return data
+
+    def _table(self, path: str) -> dict[str, tuple[int, int]] | None:
+        """name -> (data offset, size) of the tar's regular files; None for a compressed tar."""
+        stat = os.stat(path)
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            held = self._tables.get(path)
+            if held is not None and held[0] == stamp:
+                self._tables.move_to_end(path)
+                return held[1]
+            try:
+                with tarfile.open(path, "r:") as tar:  # offsets are only seekable in an uncompressed tar
+                    table = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+            except tarfile.ReadError:
+                table = None
+            self._tables[path] = (stamp, table)
+            while len(self._tables) > self.shards:
+                self._tables.popitem(last=False)
+            return table

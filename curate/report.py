@@ -22,7 +22,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from lvd.common.atomic import atomic_path, atomic_write_text
-from lvd.common.row_bytes import read_row_bytes
+from lvd.common.row_bytes import RowReader
 from lvd.common.run_folder import (
     QUARANTINED,
     balanced_ids,
@@ -73,6 +73,7 @@ class Thumbnails:
         self.rows = manifest.set_index("id")
         self.max_pixels = max_pixels
         self.done: dict[int, str | None] = {}
+        self.reader = RowReader()
 
     def path(self, id_: int) -> str | None:
         id_ = int(id_)
@@ -91,7 +92,7 @@ class Thumbnails:
             self.stage.keep(name)
             return name
         try:
-            img = decode(read_row_bytes(row["kind"], row["source"], row["key"]), max_pixels=self.max_pixels)
+            img = decode(self.reader.read(row["kind"], row["source"], row["key"]), max_pixels=self.max_pixels)
         except Exception as exc:  # a vanished source file must not stop the report
             log.warning("report: no thumbnail for %s: %s", id_, exc)
             return None

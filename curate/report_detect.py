@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from lvd.common.atomic import atomic_path
-from lvd.common.row_bytes import read_row_bytes
+from lvd.common.row_bytes import RowReader
 from lvd.common.run_folder import read_manifest, read_success, stage_dir
 from lvd.curate.detect import POOL, STAGE, read_detections
 from lvd.curate.detect_draw import draw_boxes
@@ -27,12 +27,14 @@ PICTURE = 256
 PER_GROUP = 12
 
 
-def _picture(stage: Stage, row, boxes: pd.DataFrame, content: str, max_pixels: int | None) -> str | None:
+def _picture(
+    stage: Stage, reader: RowReader, row, boxes: pd.DataFrame, content: str, max_pixels: int | None
+) -> str | None:
     from lvd.pretrain.data.decode import decode
 
     name = f"det/{int(row.id)}-{str(row.sha1)[:12]}-{content[:10]}.jpg"
     try:
-        image = decode(read_row_bytes(row.kind, row.source, row.key), max_pixels=max_pixels)
+        image = decode(reader.read(row.kind, row.source, row.key), max_pixels=max_pixels)
     except Exception as exc:  # a vanished source file must not stop the report
         log.warning("report: no detection picture for %s: %s", row.id, exc)
         return None
@@ -45,12 +47,12 @@ def _picture(stage: Stage, row, boxes: pd.DataFrame, content: str, max_pixels: i
 
 
 def _figures(stage, ids, manifest, boxes, content, max_pixels, cls: str) -> list[dict]:
-    out = []
+    out, reader = [], RowReader()
     for row in manifest.loc[manifest["id"].isin(ids)].head(PER_GROUP).itertuples(index=False):
         mine = boxes[boxes["id"] == row.id].sort_values("score", ascending=False)
         top = ", ".join(dict.fromkeys(mine["phrase"].astype(str).head(3)))
         caption = [f"{len(mine)} boxes" + (f": {top}" if top else ""), str(row.key).rsplit("/", 1)[-1]]
-        src = _picture(stage, row, mine, content, max_pixels)
+        src = _picture(stage, reader, row, mine, content, max_pixels)
         out.append({"id": int(row.id), "src": src, "caption": caption, "cls": cls})
     return out
 

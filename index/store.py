@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from lvd.common.atomic import atomic_path, atomic_write_json
 from lvd.common.errors import InputFormatError, MissingInputError, UserError
 from lvd.common.memory import memory_budget
-from lvd.common.row_bytes import read_row_bytes
+from lvd.common.row_bytes import RowReader
 from lvd.index import ann
 from lvd.index.io import IdRows
 
@@ -153,6 +153,7 @@ class IndexStore:
         if not (index.ntotal == len(ids) == len(meta)):
             raise IndexFolderError(f"{path}: index has {index.ntotal} rows, ids {len(ids)}, metadata {len(meta)}")
         self._rows = IdRows(ids, check_unique=False)  # unique by construction (build and add check)
+        self._reader = RowReader()  # /image requests seek straight to a tar member
         ann.set_search_params(index, info.get("search_params", {}))
 
     @classmethod
@@ -227,7 +228,7 @@ class IndexStore:
         m = self.meta.iloc[self.row_of(id_)]
         if pd.isna(m["source"]) or pd.isna(m["key"]):
             raise MissingInputError(f"id {id_} has no manifest source")
-        return read_row_bytes(str(m["kind"]), str(m["source"]), str(m["key"]), max_bytes)
+        return self._reader.read(str(m["kind"]), str(m["source"]), str(m["key"]), max_bytes)
 
 
 # --------------------------------------------------------------------------- build and add

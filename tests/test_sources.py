@@ -135,3 +135,36 @@ def test_followed_folder_links_stay_inside_the_source_and_never_loop(tmp_path):
     listed = src.list_folder(str(root), follow_symlinks=True)
     assert listed == ["a/b/x.png", "alias/y.png"] or listed == ["a/b/x.png", "other/y.png"]
     assert src.list_folder(str(root), follow_symlinks=False) == ["a/b/x.png", "other/y.png"]
+
+
+def test_row_reader_seeks_to_members_and_walks_each_shard_once(tmp_path, monkeypatch):
+    import gzip
+    import os
+    import tarfile as stdlib_tarfile
+
+    from lvd.common import row_bytes
+
+    tar_path = tmp_path / "t.tar"
+    with wds.TarWriter(str(tar_path)) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"d/k{i}", "png": _png(i * 10), "cls": str(i).encode()})
+    gz_path = tmp_path / "t.tar.gz"
+    gz_path.write_bytes(gzip.compress(tar_path.read_bytes()))
+    with stdlib_tarfile.open(tar_path) as tar:  # the standard library as the independent reader
+        expected = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    opened = []
+    plain_open = stdlib_tarfile.open
+    monkeypatch.setattr(row_bytes.tarfile, "open", lambda *a, **k: opened.append(a[:1]) or plain_open(*a, **k))
+    reader = row_bytes.RowReader()
+    for name in ["d/k4.png", "d/k0.cls", "d/k5.png", "d/k4.png"]:
+        assert reader.read("tar", str(tar_path), name) == expected[name]
+    assert opened == [(str(tar_path),)]  # one walk over the headers for four reads
+    assert reader.read("tar", str(gz_path), "d/k2.png") == expected["d/k2.png"]  # compressed: streamed instead
+    with pytest.raises(KeyError):
+        reader.read("tar", str(tar_path), "d/k9.png")
+    with pytest.raises(OSError, match="over the limit"):
+        reader.read("tar", str(tar_path), "d/k1.png", max_bytes=10)
+    with wds.TarWriter(str(tar_path)) as sink:  # the shard is rewritten in place: the reader sees it
+        sink.write({"__key__": "d/k4", "png": _png(200)})
+    os.utime(tar_path, ns=(1, 1))
+    assert reader.read("tar", str(tar_path), "d/k4.png") == _png(200)
