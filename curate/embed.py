@@ -2,7 +2,8 @@
 
 reader : the manifest's ok rows, in manifest order (less the pool images that filter.require /
          filter.exclude drop, from the detect stage's boxes: `curate.detect_filter`), cut into
-         parts of `embed.part_size` rows;
+         parts of `embed.part_size` rows; inside a part, byte-identical rows (same sha1) are
+         read and embedded once, and the copies get those vectors;
          DataLoader workers read the bytes (`curate.sources.iter_bytes`) and decode each image
          to a uint8 square (shorter side resized, centre cropped) — one batch per work item,
          so a batch never spans two parts;
@@ -64,11 +65,18 @@ COPY = "copy"
 @dataclass(frozen=True)
 class Part:
     index: int
-    rows: pd.DataFrame  # manifest rows: id, kind, source, key, set
+    rows: pd.DataFrame  # manifest rows: id, kind, source, key, set, sha1
 
     @property
     def name(self) -> str:
         return f"{self.index:05d}"
+
+    @property
+    def to_read(self) -> pd.DataFrame:
+        """The rows whose bytes are read and embedded: the first of each run of byte-identical rows
+        (same sha1) in the part. Web pools repeat popular files many times; the copies get the first
+        one's vectors (`spread_to_copies`), which are what embedding their identical bytes would give."""
+        return self.rows[~first_of_same_bytes(self.rows).duplicated()]
 
     def files(self, with_copy: bool) -> list[str]:
         """Vectors and ids, in the main space and (with a copy-detection model) in copy/."""
@@ -177,30 +185,51 @@ class BatchDataset(Dataset):
 
 
 def make_batches(parts: list[Part], batch_size: int) -> list[tuple[int, pd.DataFrame]]:
-    return [
-        (part.index, part.rows.iloc[start : start + batch_size])
-        for part in parts
-        for start in range(0, len(part.rows), batch_size)
-    ]
+    batches = []
+    for part in parts:
+        rows = part.to_read
+        batches += [(part.index, rows.iloc[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+    return batches
+
+
+def first_of_same_bytes(rows: pd.DataFrame) -> pd.Series:
+    """Each row's representative: the id of the first row with the same sha1 (a row without a sha1 is its own)."""
+    content = rows["sha1"].where(rows["sha1"].notna(), "id:" + rows["id"].astype(str))
+    return rows["id"].groupby(content.to_numpy(), sort=False).transform("first")
+
+
+def spread_to_copies(
+    rows: pd.DataFrame, ids: np.ndarray, vectors: list[np.ndarray], failed: list[tuple[int, str]]
+) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, str]]]:
+    """The part's rows in manifest order, each byte-identical copy given its representative's vectors
+    (or, when that one failed to decode, the same failure)."""
+    first = first_of_same_bytes(rows).to_numpy(np.int64)
+    at = pd.Index(ids).get_indexer(first)
+    kept = at >= 0
+    reasons = dict(failed)
+    failed = [(int(i), reasons[int(f)]) for i, f in zip(rows["id"].to_numpy(np.int64)[~kept], first[~kept])]
+    return rows["id"].to_numpy(np.int64)[kept], [v[at[kept]] for v in vectors], failed
 
 
 # -- writer ----------------------------------------------------------------------------------
 
 
-def stage_part(parts: Parts, part: str, acc: dict, main, copy) -> None:
+def stage_part(parts: Parts, part: Part, acc: dict, main, copy) -> None:
     """A finished part's files (vectors before ids: readers pair files by number and check the
     row counts), then its marker with the rows that failed to decode."""
     ids = np.concatenate(acc["ids"]) if acc["ids"] else np.zeros(0, dtype=np.int64)
     spaces = [("", main, acc["main"])] + ([(f"{COPY}/", copy, acc["copy"])] if copy is not None else [])
-    for folder, model, chunks in spaces:
-        vectors = np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32)
-        atomic_save_npy(parts.path(part, f"{folder}part-{part}.npy"), vectors.astype(np.float16))
-        atomic_save_npy(parts.path(part, f"{folder}ids-{part}.npy"), ids.astype(np.int64))
-    for image_id, reason in acc["failed"]:
+    read = [np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32) for _, model, chunks in spaces]
+    ids, spread, acc_failed = spread_to_copies(part.rows, ids, read, acc["failed"])
+    name = part.name
+    for (folder, _, _), vectors in zip(spaces, spread):
+        atomic_save_npy(parts.path(name, f"{folder}part-{name}.npy"), vectors.astype(np.float16))
+        atomic_save_npy(parts.path(name, f"{folder}ids-{name}.npy"), ids.astype(np.int64))
+    for image_id, reason in acc_failed:
         log.warning("embed: image id %d could not be decoded, left out: %s", image_id, reason)
-    failed = [{"id": int(i), "error": reason} for i, reason in acc["failed"]]
+    failed = [{"id": int(i), "error": reason} for i, reason in acc_failed]
     # the fingerprint names the content: the same settings and images give the same vectors
-    parts.done(part, content=parts.plan[part][0], rows=int(len(ids)), failed=failed)
+    parts.done(name, content=parts.plan[name][0], rows=int(len(ids)), failed=failed)
 
 
 # -- stage -----------------------------------------------------------------------------------
@@ -314,12 +343,15 @@ def _embed_parts(parts: list[Part], cfg, main: Embedder, copy, staged: Parts, ra
     workers = resolve_workers(cfg.workers)
     if workers:  # ranks on one host share its cores
         workers = max(1, workers // int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)))
-    remaining = {p.index: -(-len(p.rows) // int(cfg.embed.batch_size)) for p in parts}
+    copies = sum(len(p.rows) for p in parts) - sum(len(rows) for _, rows in batches)
+    if copies:
+        log.info("embed: %d byte-identical copies (same sha1) take their first file's vectors", copies)
+    remaining = {p.index: sum(1 for index, _ in batches if index == p.index) for p in parts}
     pending: dict[int, dict] = {p.index: {"ids": [], "main": [], "copy": [], "failed": []} for p in parts}
-    names = {p.index: p.name for p in parts}
+    by_index = {p.index: p for p in parts}
     done = 0
     bar = tqdm(
-        total=sum(len(p.rows) for p in parts),
+        total=sum(len(rows) for _, rows in batches),
         unit="img",
         desc=f"embed[{ranks.rank}]" if ranks.world > 1 else "embed",
         disable=not show_progress(cfg.progress) or ranks.rank != 0,
@@ -338,7 +370,7 @@ def _embed_parts(parts: list[Part], cfg, main: Embedder, copy, staged: Parts, ra
             bar.update(len(item["ids"]) + len(item["failed"]))
             remaining[item["part"]] -= 1
             if remaining[item["part"]] == 0:
-                stage_part(staged, names[item["part"]], pending.pop(item["part"]), main, copy)
+                stage_part(staged, by_index[item["part"]], pending.pop(item["part"]), main, copy)
     return done
 
 

@@ -440,3 +440,50 @@ def test_a_failed_rerun_leaves_the_finished_embeddings_and_resumes_from_what_it_
     for name in ("part-00000.npy", "part-00001.npy", "part-00002.npy"):
         assert (out / name).read_bytes() == (ref / name).read_bytes()
     assert not (out / ".staged").exists() and json.loads((out / "_SUCCESS.json").read_text())["resolution"] == 24
+
+
+def test_byte_identical_files_are_read_once_and_share_their_vectors(tmp_path, tiny_weights, monkeypatch):
+    import lvd.curate.embed as embed_stage
+
+    _write_images(tmp_path / "pool", 4)
+    for name, original in (("a-copy.png", "img000.png"), ("b-copy.png", "img000.png"), ("c-copy.png", "img002.png")):
+        (tmp_path / "pool" / name).write_bytes((tmp_path / "pool" / original).read_bytes())
+    read_ids, plain = [], embed_stage.iter_bytes
+
+    def counting(rows, *args, **kwargs):
+        for id_, data in plain(rows, *args, **kwargs):
+            read_ids.append(id_)
+            yield id_, data
+
+    monkeypatch.setattr(embed_stage, "iter_bytes", counting)
+    cfg = _cfg(
+        tmp_path / "run",
+        tmp_path / "pool",
+        f"embed.weights={tiny_weights}",
+        "embed.model=vit_tiny_p4",
+        "embed.batch_size=2",
+        "embed.dtype=float32",
+    )
+    run_manifest(cfg)
+    out = run_embed(cfg)
+    frame = read_manifest(cfg.run_dir, status="ok")
+    assert len(frame) == 7 and frame["sha1"].nunique() == 4
+    assert len(read_ids) == 4 and len(set(read_ids)) == 4  # each distinct content read and embedded once
+    ids, x = load_embeddings(out)
+    assert ids.tolist() == frame["id"].tolist()  # every ok row, in manifest order
+    paths = _paths(frame)
+    reference = _reference_embeddings(build_backbone("vit_tiny_p4", tiny_weights), [paths[i] for i in ids], 32)
+    np.testing.assert_allclose(x, reference, atol=2e-3)  # each file embedded on its own gives the same rows
+
+
+def test_copies_of_an_image_that_failed_to_decode_fail_with_it():
+    import pandas as pd
+
+    from lvd.curate.embed import spread_to_copies
+
+    rows = pd.DataFrame({"id": [10, 11, 12, 13, 14], "sha1": ["a", "b", "a", None, "b"]})
+    vectors = np.arange(6, dtype=np.float32).reshape(3, 2)  # rows 10, 11 (failed below), 13
+    ids, (spread,), failed = spread_to_copies(rows, np.array([10, 13]), [vectors[[0, 2]]], [(11, "truncated")])
+    assert ids.tolist() == [10, 12, 13]  # a row without a sha1 is nobody's copy
+    np.testing.assert_array_equal(spread, vectors[[0, 0, 2]])
+    assert failed == [(11, "truncated"), (14, "truncated")]
