@@ -3,6 +3,7 @@ a port in use, shutdown mid-request, and fuzzing of every route from the publish
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -166,6 +167,7 @@ def test_workers_share_the_index_and_shut_down_gracefully(index_dir, tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # its own process group, so a failure below takes the workers down too
     )
     try:
         lines = []
@@ -199,9 +201,9 @@ def test_workers_share_the_index_and_shut_down_gracefully(index_dir, tmp_path):
         assert head.split()[1] == b"200" and [h["id"] for h in json.loads(payload)["results"]] == want
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the supervisor and its worker processes
+        proc.wait()
 
 
 # ---------------------------------------------------------------- fuzzing from the schema
