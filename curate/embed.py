@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,7 +347,7 @@ def _embed_parts(parts: list[Part], cfg, main: Embedder, copy, staged: Parts, ra
     copies = sum(len(p.rows) for p in parts) - sum(len(rows) for _, rows in batches)
     if copies:
         log.info("embed: %d byte-identical copies (same sha1) take their first file's vectors", copies)
-    remaining = {p.index: sum(1 for index, _ in batches if index == p.index) for p in parts}
+    remaining = Counter(index for index, _ in batches)
     pending: dict[int, dict] = {p.index: {"ids": [], "main": [], "copy": [], "failed": []} for p in parts}
     by_index = {p.index: p for p in parts}
     done = 0
