@@ -11,7 +11,7 @@ dinov2 weighted k-NN (T = 0.07) with Fashion-MNIST training images as the bank a
 as queries. Printed: mean +- sd over the seeds for both students, the teacher's own figure, the
 CPU kind and the wall-clock times.
 
-    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/distill.py [--iters 150 --teacher-iters 600]
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/distill.py [--iters 150 --teacher-iters 600 --seeds 5]
 
 Batch 64 per iteration, pretrain_learns's recipe (DINOv2's lr rule, 0.004 x sqrt(64 / 1024) =
 0.001, and a teacher temperature held at 0.02). At DINO's usual temperatures this scale does not
@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=150, help="student iterations (both students)")
     ap.add_argument("--teacher-iters", type=int, default=600, help="teacher pretraining iterations")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--bank", type=int, default=10000, help="training images in the k-NN bank")
     ap.add_argument("--queries", type=int, default=5000, help="test images queried")
     ap.add_argument("--threads", type=int, default=2)
