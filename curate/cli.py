@@ -165,7 +165,7 @@ def _add_demo(sub) -> None:
     )
     demo.add_argument("--out", default="demo-run", help="run folder for the demo")
     demo.add_argument("--pool-size", type=int, default=4000, help="Fashion-MNIST train images in the pool")
-    demo.add_argument("--eval-size", type=int, default=1000, help="Fashion-MNIST test images in the eval set")
+    demo.add_argument("--eval-size", type=int, default=500, help="Fashion-MNIST test images in the eval set")
     demo.add_argument("--seed", type=int, default=0, help="seed for the planted duplicates and sampling")
     demo.add_argument(
         "--fmnist", default="/usr/share/datasets/fashion-mnist", help="folder with the Fashion-MNIST IDX files"

@@ -114,7 +114,7 @@ def _write_eval(fm: dict, test_idx: np.ndarray, copies: int, rng, data_dir: Path
 def prepare_demo_data(
     out: str | os.PathLike,
     pool_size: int = 4000,
-    eval_size: int = 1000,
+    eval_size: int = 500,
     seeds_per_class: int = 40,
     near_dup_fraction: float = 0.05,
     eval_copy_count: int = 50,
