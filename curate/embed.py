@@ -204,12 +204,12 @@ def spread_to_copies(
 ) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, str]]]:
     """The part's rows in manifest order, each byte-identical copy given its representative's vectors
     (or, when that one failed to decode, the same failure)."""
-    first = first_of_same_bytes(rows).to_numpy(np.int64)
+    every, first = rows["id"].to_numpy(np.int64), first_of_same_bytes(rows).to_numpy(np.int64)
     at = pd.Index(ids).get_indexer(first)
     kept = at >= 0
     reasons = dict(failed)
-    failed = [(int(i), reasons[int(f)]) for i, f in zip(rows["id"].to_numpy(np.int64)[~kept], first[~kept])]
-    return rows["id"].to_numpy(np.int64)[kept], [v[at[kept]] for v in vectors], failed
+    failed = [(int(i), reasons[int(f)]) for i, f in zip(every[~kept], first[~kept])]
+    return every[kept], [v[at[kept]] for v in vectors], failed
 
 
 # -- writer ----------------------------------------------------------------------------------

@@ -68,12 +68,12 @@ COUNT_KEYS = (
 class Thumbnails:
     """Makes each image's thumbnail once (keeping those an earlier report made) and hands out its relative path."""
 
-    def __init__(self, stage: Stage, manifest: pd.DataFrame, max_pixels: int | None):
+    def __init__(self, stage: Stage, manifest: pd.DataFrame, max_pixels: int | None, reader: RowReader):
         self.stage = stage
         self.rows = manifest.set_index("id")
         self.max_pixels = max_pixels
         self.done: dict[int, str | None] = {}
-        self.reader = RowReader()
+        self.reader = reader
 
     def path(self, id_: int) -> str | None:
         id_ = int(id_)
@@ -116,11 +116,11 @@ class Figures:
         self.made.append(figure)
         return figure
 
-    def resolve(self, stage: Stage, max_pixels: int | None) -> Thumbnails:
+    def resolve(self, stage: Stage, max_pixels: int | None, reader: RowReader) -> Thumbnails:
         """Thumbnails and file names of every figure handed out (images not in the manifest get neither)."""
         ids = np.unique(np.array([f["id"] for f in self.made], np.int64))
         rows = read_manifest(stage.run_dir, ids=ids, columns=["id", "kind", "source", "key", "sha1"])
-        thumbs = Thumbnails(stage, rows, max_pixels)
+        thumbs = Thumbnails(stage, rows, max_pixels, reader)
         keys = dict(zip(rows["id"].astype(np.int64), rows["key"]))
         for figure in self.made:
             figure["src"] = thumbs.path(figure["id"])
@@ -429,7 +429,7 @@ def run_report(cfg) -> Path:
         if stage.up_to_date:
             log.info("report: up to date")
             return stage.folder / "index.html"
-        fig = Figures()
+        fig, reader = Figures(), RowReader()  # one reader: every picture of the report seeks into the same shards
         context = {
             "run_name": run_dir.name,
             "run_dir": str(run_dir.resolve()),
@@ -442,9 +442,9 @@ def run_report(cfg) -> Path:
             "retrieval": read_retrieval(run_dir, fig),
             "balanced": read_balanced(run_dir, int(cfg.seed)),
             "quarantine": read_quarantine(run_dir),
-            "detections": read_detection_section(cfg, stage, max_pixels),
+            "detections": read_detection_section(cfg, stage, max_pixels, reader),
         }
-        thumbs = fig.resolve(stage, max_pixels)
+        thumbs = fig.resolve(stage, max_pixels, reader)
         atomic_write_text(stage.path("index.html"), render(context))
         stage.commit(thumbnails=sum(1 for v in thumbs.done.values() if v))
     log.info("report: %s", stage.folder / "index.html")

@@ -46,8 +46,8 @@ def _picture(
     return name
 
 
-def _figures(stage, ids, manifest, boxes, content, max_pixels, cls: str) -> list[dict]:
-    out, reader = [], RowReader()
+def _figures(stage, reader: RowReader, ids, manifest, boxes, content, max_pixels, cls: str) -> list[dict]:
+    out = []
     for row in manifest.loc[manifest["id"].isin(ids)].head(PER_GROUP).itertuples(index=False):
         mine = boxes[boxes["id"] == row.id].sort_values("score", ascending=False)
         top = ", ".join(dict.fromkeys(mine["phrase"].astype(str).head(3)))
@@ -57,8 +57,8 @@ def _figures(stage, ids, manifest, boxes, content, max_pixels, cls: str) -> list
     return out
 
 
-def read_detection_section(cfg, stage: Stage, max_pixels: int | None) -> dict | None:
-    """The section's values, or None when the detect stage has not finished."""
+def read_detection_section(cfg, stage: Stage, max_pixels: int | None, reader: RowReader) -> dict | None:
+    """The section's values, or None when the detect stage has not finished; `reader` is the report's."""
     record = read_success(stage_dir(stage.run_dir, STAGE))
     if record is None:
         return None
@@ -83,9 +83,9 @@ def read_detection_section(cfg, stage: Stage, max_pixels: int | None) -> dict | 
         dropped = np.setdiff1d(pool, kept)
         out["filter"] = f"The filters keep {len(kept)} of {len(pool)} pool images for embedding."
         for title, ids, cls in (("kept by the filters", kept, ""), ("dropped by the filters", dropped, "removed")):
-            figures = _figures(stage, ids, manifest, boxes, content, max_pixels, cls)
+            figures = _figures(stage, reader, ids, manifest, boxes, content, max_pixels, cls)
             out["groups"].append({"title": f"{title} ({len(figures)} of {len(ids)})", "figures": figures})
     else:
-        figures = _figures(stage, with_boxes, manifest, boxes, content, max_pixels, "")
+        figures = _figures(stage, reader, with_boxes, manifest, boxes, content, max_pixels, "")
         out["groups"].append({"title": f"images with boxes ({len(figures)} of {len(with_boxes)})", "figures": figures})
     return out
