@@ -2,34 +2,48 @@
 
 For every inverted list the join multiplies the rows that probe it (queries) by the rows assigned
 to it (members), in float32. This benchmark builds a synthetic pool as `benchmarks/scale.py` does
-(clustered unit vectors, d = 384, 1 % planted copies, float16 parts on disk), trains the lists,
-assigns the probes, then in one process with the same threads times
+(clustered unit vectors, d = 384, 1 % planted copies, float16 parts on disk, held in memory as
+dedup holds them), trains the lists, assigns the probes, then in one process with the same
+threads times, in interleaved rounds (the machine's speed drifts: each round's ratio pairs runs
+seconds apart),
 
-- lvd: `join_lists` over all lists (reading the rows, the product, the threshold scan, the pairs);
-- GEMM: for each list, one float32 product of contiguous (queries, d) x (d, members) blocks, the
-  best of numpy's matmul and torch.mm (the same shapes, the data already in place);
+- lvd: `join_lists` over all lists (the inverted lists, reading the rows, the gathers, the
+  product, the threshold scan, the pairs);
+- GEMM: for each list, one float32 product of contiguous (queries, d) x (d, members) blocks with
+  the data in place, three ways: numpy-lists (the lists spread over the BLAS's threads, each
+  product on one, as the join spreads them), numpy and torch.mm (list after list, each product on
+  every thread);
 
-and prints the ratio GEMM / lvd (1.0: the join runs at its product's speed), both GFLOP/s, the
-machine's square fp32 matmul speed, the CPU kind and the load average.
+and prints the medians, the ratio best GEMM / lvd round by round (1.0: the join runs at its
+product's speed), the same ratio in process CPU seconds (steal excluded), the machine's square
+fp32 matmul, the CPU kind and the load average.
 
-    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 100000            # dedup's margin
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 100000 --rounds 15  # dedup's margin
+    flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 1000000 --rounds 3
     flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 100000 --nprobe 12  # a fixed nprobe
 
-Where the join's time went (py-spy --native, 2-core AVX2 AMD EPYC): at 100k rows, 195 lists of
-~513 members x ~6154 queries at nprobe 12, the BLAS product took 69 %, gathering each list's
-query rows 12 %, reading a group 10 %, the inverted lists 4 %, the threshold scan 2 %; gathering
-rows with torch's index_select between numpy products made the join 3x slower (torch's OpenMP
-threads and OpenBLAS's spun against each other). At 1M rows a group's read took 34-38 % of the
-join: the mapped parts read ~5-9x slower inside the join than in a fresh process, and each group
-converted its rows into freshly faulted pages. The join now holds the rows in memory
-(`EmbeddingRows.held`) and reads each group into one reused buffer: dedup's join at 1M went from
-66.3 s to 37.9 s at the same probes (51 -> 90 GFLOP/s), and at 100k with the margin dedup chooses
-(0.04, 3.7 probes a row, 513 members x 1889 queries a list) the profile (50 Hz, 100 samples of
-the join) is: the product 70 %, gathering each list's query rows 10 %, the threshold scan 9 %,
-reading the group 4 %, gathering a list's members 2 %, the inverted lists 2 %. Ratio GEMM / lvd over 6 runs: 0.57-0.78,
-median 0.68 (GEMM 126-160 GFLOP/s, join 91-105; load average 1.9-2.1, this benchmark alone
-under the lock): with the margin, a list's product is a third of what nprobe 12 gave it, so the
-per-list gathers weigh more.
+Figures (2-core AVX2 AMD EPYC, alone under the lock, 2026-12-07). At 100k (195 lists of 513
+members x 1889 queries, margin 0.04): the join 1.35 s median, numpy-lists 0.99 s, numpy 1.08 s,
+torch 1.37 s; ratio best / lvd median 0.72 (0.59-0.85 over 15 rounds), in CPU seconds 0.75;
+against numpy list after list, the reference before, 0.80. At 1M (1953 lists of 512 x 4436,
+14 groups of lists, before the self products were masked): the join 33.4 s, numpy-lists 23.4 s,
+numpy 25.4 s; ratio median 0.70 (0.67-0.80 over 3 rounds), CPU 0.74. Before this change (the join
+list after list on 2-thread BLAS, against numpy or torch list after list) 100k gave 0.68 (0.57-0.78, 6 runs).
+
+Where the join's time goes (py-spy --native --threads at 100 Hz, 6 joins at 100k, the worker
+threads' samples): the product 73.5 %, waiting for the GIL after a numpy call 6.0 %, gathering
+a list's query rows 5.3 %, the threshold scan 5.2 %, the diagonal mask and concatenations 3.2 %,
+the group read 3.0 %, the rest of a list's bookkeeping 1.9 %, gathering its members 1.3 %, the
+inverted lists 0.5 %. Before the self products were masked the scan took 9.6 %: every member is
+a query of its own list, and its product with itself (1.0) made every member row reach the
+threshold and be scanned cell by cell. What did not pay: chunks of 256 or 512 query rows (their
+blocks fit L2; no difference within the noise), a coarse ordering of the lists so that a group's
+rows overlap (1M rows read 5.21M times instead of 5.27M: the synthetic pool has little locality),
+the rows held as float32 and multiplied in place at 1M (no group reads; 35.6 and 41.1 s against
+31.7 and 44.6 s), a gather from float16 (numpy's cast: 1.1 ms per 1024 rows, a sixth of their
+product). Earlier: a torch gather between numpy products made the join 3x slower (torch's OpenMP
+threads and OpenBLAS's spun against each other); reading a group from the mapped parts at 1M ran
+5-9x slower than in a fresh process, hence `EmbeddingRows.held` and one reused group buffer.
 """
 
 from __future__ import annotations
@@ -37,11 +51,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -73,14 +90,43 @@ def list_shapes(probes: np.ndarray, nprobe: int, nlist: int) -> tuple[np.ndarray
     return queries, members
 
 
-def gemm_seconds(queries: np.ndarray, members: np.ndarray, d: int, engine: str, seed: int = 1) -> float:
-    """Seconds of one contiguous float32 product per list of these shapes (data in place, output preallocated
-    by the engine as the join's own call would be)."""
+def gemm_seconds(
+    queries: np.ndarray, members: np.ndarray, d: int, engine: str, seed: int = 1, cpu: list | None = None
+) -> float:
+    """Seconds of one contiguous float32 product per list of these shapes, the data in place:
+
+    - numpy / torch: list after list, each product on every BLAS thread;
+    - numpy-lists: the lists spread over as many threads as the BLAS has, each product on one
+      (the join's own parallelism), every thread with its own blocks; `cpu` gets its process CPU seconds."""
     rng = np.random.default_rng(seed)
-    a = rng.standard_normal((int(queries.max()), d), dtype=np.float32)
-    b = rng.standard_normal((int(members.max()), d), dtype=np.float32)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     used = [(int(q), int(m)) for q, m in zip(queries, members) if q and m]
+    threads = ivf_join.blas_threads() if engine == "numpy-lists" else 1
+    blocks = [
+        (
+            rng.standard_normal((int(queries.max()), d), dtype=np.float32),
+            rng.standard_normal((int(members.max()), d), dtype=np.float32),
+        )
+        for _ in range(threads)
+    ]
+    if engine == "numpy-lists":
+        mine = threading.local()
+        taken = iter(blocks)
+
+        def product(shape):
+            if not hasattr(mine, "blocks"):
+                mine.blocks = next(taken)
+            a, b = mine.blocks
+            a[: shape[0]] @ b[: shape[1]].T
+
+        with ThreadPoolExecutor(threads) as pool, threadpool_limits(1, user_api="blas"):
+            list(pool.map(product, used[: 4 * threads]))  # warm the BLAS and give every thread its blocks
+            start, start_cpu = time.perf_counter(), time.process_time()
+            list(pool.map(product, used))
+            if cpu is not None:
+                cpu.append(time.process_time() - start_cpu)
+            return time.perf_counter() - start
+    a, b = blocks[0]
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     q0, m0 = used[0]
     a[:q0] @ b[:m0].T  # warm the BLAS
     start = time.perf_counter()
@@ -104,7 +150,7 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--block-bytes", type=int, default=1 << 30, help="join_lists' group size (dedup: budget / 8)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is kept")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the join and each GEMM; medians")
     args = ap.parse_args(argv)
 
     print(machine_line(), flush=True)
@@ -128,9 +174,11 @@ def main(argv=None) -> None:
         nprobe = probes.shape[1]
         queries, members = list_shapes(probes, nprobe, quantizer.nlist)
         flops = 2.0 * float((queries * members).sum()) * view.dim
-        lvd, pairs = [], 0
-        for _ in range(args.repeats):
-            start = time.perf_counter()
+        engines = ("numpy-lists", "numpy", "torch")  # the join's own parallelism first: closest to it in time
+        lvd, gemm, pairs = [], {engine: [] for engine in engines}, 0
+        lvd_cpu, lists_cpu = [], []  # process CPU seconds (steal excluded): the join's and the numpy-lists GEMM's
+        for _ in range(args.rounds):  # interleaved: a change in the machine's speed touches both sides
+            start, start_cpu = time.perf_counter(), time.process_time()
             pairs = sum(
                 len(i)
                 for i, _, _ in ivf_join.join_lists(
@@ -138,32 +186,44 @@ def main(argv=None) -> None:
                 )
             )
             lvd.append(time.perf_counter() - start)
-        gemm = {
-            engine: min(gemm_seconds(queries, members, view.dim, engine) for _ in range(args.repeats))
-            for engine in ("numpy", "torch")
-        }
-    best_engine = min(gemm, key=gemm.get)
+            lvd_cpu.append(time.process_time() - start_cpu)
+            for engine in engines:
+                gemm[engine].append(gemm_seconds(queries, members, view.dim, engine, cpu=lists_cpu))
     used = int(((queries > 0) & (members > 0)).sum())
     levels = "two levels" if quantizer.top is not None else "flat"
     print(
         f"{args.n} rows, d {view.dim}, {quantizer.nlist} lists ({levels}), "
         f"{rule}: mean list {members.mean():.0f} members x {queries.mean():.0f} queries, "
-        f"{flops / 1e9:.1f} GFLOP of products, {pairs} directed pairs >= {THRESHOLD}",
+        f"{flops / 1e9:.1f} GFLOP of products, {pairs} directed pairs >= {THRESHOLD}, {args.rounds} rounds "
+        f"(medians; the join on {ivf_join.blas_threads()} threads)",
         flush=True,
     )
     for name, seconds in gemm.items():
+        median = float(np.median(seconds))
         print(
-            f"  GEMM ({name}) of the same shapes: {seconds:.2f} s, {seconds / used * 1e3:.1f} ms/list, "
-            f"{flops / seconds / 1e9:.1f} GFLOP/s",
+            f"  GEMM ({name}) of the same shapes: {median:.2f} s, {median / used * 1e3:.1f} ms/list, "
+            f"{flops / median / 1e9:.1f} GFLOP/s",
             flush=True,
         )
-    lvd_s, runs = min(lvd), ", ".join(f"{t:.2f}" for t in lvd)
+    median = float(np.median(lvd))
     print(
-        f"  lvd join_lists: {lvd_s:.2f} s (runs {runs}), {lvd_s / used * 1e3:.1f} ms/list, "
-        f"{flops / lvd_s / 1e9:.1f} GFLOP/s",
+        f"  lvd join_lists: {median:.2f} s (runs {', '.join(f'{t:.2f}' for t in lvd)}), "
+        f"{median / used * 1e3:.1f} ms/list, {flops / median / 1e9:.1f} GFLOP/s",
         flush=True,
     )
-    print(f"  ratio GEMM ({best_engine}) / lvd: {gemm[best_engine] / lvd_s:.2f}", flush=True)
+    best = np.min(np.array(list(gemm.values())), axis=0)  # each round's fastest GEMM
+    ratios = best / np.array(lvd)
+    print(
+        f"  ratio best GEMM / lvd, round by round: median {np.median(ratios):.2f} "
+        f"(range {ratios.min():.2f}-{ratios.max():.2f})",
+        flush=True,
+    )
+    cpu_ratios = np.array(lists_cpu) / np.array(lvd_cpu)
+    print(
+        f"  CPU seconds, GEMM (numpy-lists) / lvd, round by round: median {np.median(cpu_ratios):.2f} "
+        f"(range {cpu_ratios.min():.2f}-{cpu_ratios.max():.2f}; lvd {np.median(lvd_cpu):.2f} s)",
+        flush=True,
+    )
     print(f"roofline: fp32 square matmul {matmul_gflops(torch.float32, torch.device('cpu')):.0f} GFLOP/s", flush=True)
     print(load_line(), f"(threads {torch.get_num_threads()}, cpus {os.cpu_count()})", flush=True)
 

@@ -23,11 +23,18 @@ DEFAULT_BLOCK_ENTRIES = 1 << 26
 def cells_at_least(scores: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) int64 of the entries of a 2-D block >= threshold, row-major order.
 
-    One flat scan: numpy's 2-D `nonzero` took ~9x longer on a (19k, 790) similarity block with
-    few hits (37 ms, against 4 ms here), more than the product that made the block."""
-    flat = np.flatnonzero(np.asarray(scores).reshape(-1) >= threshold)
+    Made for blocks with few hits: each row's largest entry first (one read, no mask written;
+    fmax, so that a NaN hides no other entry), then one flat scan of the rows that reach the
+    threshold. numpy's 2-D `nonzero` took ~9x longer than a flat scan on a (19k, 790) similarity
+    block with few hits (37 ms, against 4 ms), more than the product that made the block; the row
+    maxima take ~0.4x of a flat scan (1024 x 513 float32 block, 2-core AVX2 AMD EPYC)."""
+    scores = np.asarray(scores)
+    if scores.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    hot = np.flatnonzero(np.fmax.reduce(scores, axis=1) >= threshold)
+    flat = np.flatnonzero(scores[hot].reshape(-1) >= threshold)
     rows, cols = np.divmod(flat, scores.shape[1])
-    return rows.astype(np.int64), cols.astype(np.int64)
+    return hot[rows].astype(np.int64), cols.astype(np.int64)
 
 
 def knn_edges(similarities: np.ndarray, neighbors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:

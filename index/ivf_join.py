@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 from tqdm.auto import tqdm
 
 from lvd.index import ivf_switch
@@ -201,23 +204,48 @@ def linked(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a == b[:, :1]).any(1) | (b == a[:, :1]).any(1)
 
 
-def exact_neighbors(view, rows: np.ndarray, k: int, *, block_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    """(D, I) of the k most similar other rows of `view` for each of `rows`, exactly, one pass in blocks."""
+def exact_neighbors(
+    view, rows: np.ndarray, k: int, *, threshold: float = -math.inf, block_rows: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
+    """(D, I) of the k most similar other rows of `view` for each of `rows`, exactly, one pass in
+    blocks, best first. With a finite `threshold` only neighbours at or above it count (a row with
+    fewer keeps -inf and -1 in its last places): each block is then scanned for the few cells
+    that reach it instead of merged whole into a top-k (choose_margin wants only those; at 3M
+    rows the merge took more of its pass than the product)."""
     q = view[rows]
     k = min(k, len(view) - 1)
     D = np.full((len(rows), k), -np.inf, np.float32)
     I = np.full((len(rows), k), -1, np.int64)
+    found = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))]  # (row, column, score)
     for start, block in view.blocks(block_rows):
         sims = q @ block.T
-        ids = np.arange(start, start + len(block))
         own = (rows >= start) & (rows < start + len(block))
         sims[np.flatnonzero(own), rows[own] - start] = -np.inf
+        if math.isfinite(threshold):
+            a, b = cells_at_least(sims, threshold)
+            found.append((a, b + start, sims[a, b]))
+            if sum(len(f[0]) for f in found) > 4 * k * len(rows):  # a pool of copies: each row's best k so far
+                found = [_best_per_row(*map(np.concatenate, zip(*found)), k)]
+            continue
         both_d = np.concatenate([D, sims], 1)
-        both_i = np.concatenate([I, np.broadcast_to(ids, sims.shape)], 1)
+        both_i = np.concatenate([I, np.broadcast_to(np.arange(start, start + len(block)), sims.shape)], 1)
         best = np.argpartition(-both_d, k - 1, axis=1)[:, :k]
         D, I = np.take_along_axis(both_d, best, 1), np.take_along_axis(both_i, best, 1)
+    if math.isfinite(threshold):
+        a, i, d = _best_per_row(*map(np.concatenate, zip(*found)), k)
+        slot = np.arange(len(a)) - np.searchsorted(a, a)  # a's are sorted: the place among its row's kept
+        D[a, slot], I[a, slot] = d, i
+        return D, I
     order = np.argsort(-D, axis=1, kind="stable")
     return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+
+
+def _best_per_row(a: np.ndarray, i: np.ndarray, d: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """The cells (row a, column i, score d) with each row's k best scores, by row, best first."""
+    order = np.lexsort((-d, a))
+    a, i, d = a[order], i[order], d[order]
+    keep = np.arange(len(a)) - np.searchsorted(a, a) < k
+    return a[keep], i[keep], d[keep]
 
 
 def threshold_copies(x: np.ndarray, threshold: float, seed: int = 0) -> np.ndarray:
@@ -247,7 +275,7 @@ def choose_margin(
     """
     rows = ivf_switch.check_rows(len(view), seed)
     x = view[rows]
-    D, I = exact_neighbors(view, rows, k)
+    D, I = exact_neighbors(view, rows, k, threshold=threshold)
     q, j = np.nonzero((D >= threshold) & (I >= 0))
     width = probes.shape[1]
     copies, copy_scores = nearest_lists(threshold_copies(x, threshold, seed), quantizer, width, scores=True)
@@ -288,25 +316,28 @@ def choose_margin(
     return margin, recall, planted_recall, checked
 
 
-def _inverted(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+def _inverted(lists: np.ndarray, nlist: int, map_=map) -> tuple[np.ndarray, np.ndarray]:
     """(rows by list, bounds): the rows of list L are rows[bounds[L]:bounds[L + 1]], int32 where
-    they fit, built column by column (a counting sort) so that the temporaries are one column's.
-    A -1 (a probe not taken) puts its row in no list."""
+    they fit, built column by column (a counting sort) so that the temporaries are one column's;
+    `map_` (a thread pool's) places the columns side by side. A -1 (a probe not taken) puts its
+    row in no list."""
     n, p = lists.shape
+    by_column = np.ascontiguousarray(lists.T)  # each column's passes below read contiguous memory
     counts = np.zeros((nlist, p), np.int64)
-    for c in range(p):
-        column = lists[:, c]
+    for c, column in enumerate(by_column):
         counts[:, c] = np.bincount(column[column >= 0], minlength=nlist)
     starts = np.concatenate([[0], np.cumsum(counts.ravel())])
     rows = np.empty(int(starts[-1]), np.int32 if n < 2**31 else np.int64)
-    for c in range(p):
-        column = lists[:, c]
-        order = np.argsort(column, kind="stable")
+
+    def place(c: int) -> None:
+        column = by_column[c]
+        taken = np.flatnonzero(column >= 0)  # a margin's late columns are mostly -1: only the probes taken are sorted
+        order = taken[np.argsort(column[taken], kind="stable")]
         sorted_lists = column[order].astype(np.int64)
-        taken = int(np.searchsorted(sorted_lists, 0))  # the -1s sort first
-        order, sorted_lists = order[taken:], sorted_lists[taken:]
-        within = np.arange(len(order)) - np.searchsorted(sorted_lists, sorted_lists)
-        rows[starts[sorted_lists * p + c] + within] = order
+        first = np.cumsum(counts[:, c]) - counts[:, c]  # where each list's run begins in `order`
+        rows[starts[sorted_lists * p + c] + np.arange(len(order)) - first[sorted_lists]] = order
+
+    list(map_(place, range(p)))
     return rows, starts[::p]
 
 
@@ -321,89 +352,135 @@ def join_lists(
     block_bytes: int = 1 << 28,
     lists: range | None = None,
     progress: bool = False,
+    workers: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(i, j, cosine) of every compared pair at or above `threshold`, a group of lists at a time
-    (`lists`: only those, e.g. one rank's share). A row is a member of its first probe's list and a
-    query of each of its first `nprobe` probes' lists (-1: none, as `within_margin` leaves them).
+    (`lists`: only those, e.g. one rank's share), in list order. A row is a member of its first
+    probe's list and a query of each of its first `nprobe` probes' lists (-1: none, as
+    `within_margin` leaves them).
 
     Each row keeps at most `k` partners per list (its best), as a k-NN graph would; a pair may be
     given twice (found from both sides).
 
-    A group's rows are read once (float32); each list's queries are then multiplied by its members
-    JOIN_CHUNK rows at a time into one reused block, which is scanned for the threshold while it
-    is still in cache (`_list_pairs`). Rows find their place in the group's block through one
-    int32 map over all rows, not a search per list.
+    A group's rows are read once (float32) into one reused buffer, and find their place in it
+    through one int32 map over all rows, not a search per list. The group's lists then go to `workers` threads
+    (default: the threads numpy's BLAS would use for one product), each multiplying whole lists
+    with a one-thread BLAS (`_list_join`): one list's gathers and threshold scan run beside
+    another's product, where a product spread over every core left all but one idle during them.
     """
-    members, m_bounds = _inverted(probes[:, :1], nlist)
-    queries, q_bounds = _inverted(probes[:, :nprobe], nlist)
-    row_bytes = 4 * view.dim
-    lists = range(nlist) if lists is None else lists
-    start, end = lists.start, lists.stop
-    place = np.zeros(len(probes), np.int64 if len(probes) >= 2**31 else np.int32)  # row -> its place in the group
-    wanted = np.zeros(len(probes), bool)
-    widest = int(np.diff(m_bounds).max()) if nlist else 0
-    chunk = np.empty((JOIN_CHUNK, view.dim), np.float32)
-    buffer = np.empty(0, np.float32)  # the group's rows, reused from group to group (`EmbeddingRows.read`)
-    scores = np.empty(JOIN_CHUNK * max(widest, 1), np.float32)
-    bar = tqdm(total=len(lists), desc="join lists", unit="list", disable=not progress)
-    while start < end:
-        stop, size = start, 0
-        while stop < end and (stop == start or size < block_bytes):
-            size += row_bytes * (m_bounds[stop + 1] - m_bounds[stop] + q_bounds[stop + 1] - q_bounds[stop])
-            stop += 1
-        wanted[members[m_bounds[start] : m_bounds[stop]]] = True
-        wanted[queries[q_bounds[start] : q_bounds[stop]]] = True
-        needed = np.flatnonzero(wanted)
-        wanted[needed] = False
-        place[needed] = np.arange(len(needed), dtype=place.dtype)
-        if len(needed) * view.dim > len(buffer):
-            buffer = np.empty(len(needed) * view.dim, np.float32)
-        x = buffer[: len(needed) * view.dim].reshape(len(needed), view.dim)
-        view.read(needed, out=x)
-        for lst in range(start, stop):
-            base = members[m_bounds[lst] : m_bounds[lst + 1]]
-            query = queries[q_bounds[lst] : q_bounds[lst + 1]]
-            if len(base) == 0 or len(query) == 0:
-                continue
-            a, b, s = _list_pairs(x, place[query], x[place[base]], threshold, chunk, scores)
-            keep = query[a] != base[b]  # a query that is a member is not its own pair
-            a, b, s = a[keep], b[keep], s[keep]
-            if len(a) == 0:
-                continue
-            if np.bincount(a).max() > k:
-                order = np.lexsort((-s, a))
-                a, b, s = a[order], b[order], s[order]
-                first = np.searchsorted(a, a)
-                keep = np.arange(len(a)) - first < k
-                a, b, s = a[keep], b[keep], s[keep]
-            yield query[a], base[b], s
-        bar.update(stop - start)
-        start = stop
-    bar.close()
+    workers = max(1, blas_threads() if workers is None else int(workers))
+    with ThreadPoolExecutor(workers) as pool, threadpool_limits(1 if workers > 1 else None, user_api="blas"):
+        members, m_bounds = _inverted(probes[:, :1], nlist)
+        queries, q_bounds = _inverted(probes[:, :nprobe], nlist, pool.map)
+        row_bytes = 4 * view.dim
+        lists = range(nlist) if lists is None else lists
+        start, end = lists.start, lists.stop
+        place = np.zeros(len(probes), np.int64 if len(probes) >= 2**31 else np.int32)  # row -> its place in the group
+        wanted = np.zeros(len(probes), bool)
+        scratch = _Scratch(view.dim, int(np.diff(m_bounds).max()) if nlist else 0)
+        buffer = np.empty(0, np.float32)  # the group's rows, reused from group to group (`EmbeddingRows.read`)
+        bar = tqdm(total=len(lists), desc="join lists", unit="list", disable=not progress)
+        while start < end:
+            stop, size = start, 0
+            while stop < end and (stop == start or size < block_bytes):
+                size += row_bytes * (m_bounds[stop + 1] - m_bounds[stop] + q_bounds[stop + 1] - q_bounds[stop])
+                stop += 1
+            wanted[members[m_bounds[start] : m_bounds[stop]]] = True
+            wanted[queries[q_bounds[start] : q_bounds[stop]]] = True
+            needed = np.flatnonzero(wanted)
+            wanted[needed] = False
+            place[needed] = np.arange(len(needed), dtype=place.dtype)
+            if len(needed) * view.dim > len(buffer):
+                buffer = np.empty(len(needed) * view.dim, np.float32)
+            out = buffer[: len(needed) * view.dim].reshape(len(needed), view.dim)
+            x = _read_rows(view, needed, out, pool, workers)
+
+            def one(lst: int, x=x):
+                base = members[m_bounds[lst] : m_bounds[lst + 1]]
+                query = queries[q_bounds[lst] : q_bounds[lst + 1]]
+                return _list_join(x, place, query, base, threshold, k, scratch)
+
+            # every list of the group is finished before the next group's rows overwrite `buffer`
+            found = map(one, range(start, stop)) if workers == 1 else pool.map(one, range(start, stop))
+            for pairs in found:
+                if pairs is not None:
+                    yield pairs
+            bar.update(stop - start)
+            start = stop
+        bar.close()
+
+
+def _read_rows(view, rows: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor, workers: int) -> np.ndarray:
+    """`view.read(rows, out=out)`, a share of the rows on each thread (converted, pages faulted)."""
+    bounds = np.linspace(0, len(rows), workers + 1).astype(np.int64)
+    list(pool.map(lambda a, b: view.read(rows[a:b], out=out[a:b]), bounds[:-1], bounds[1:]))
+    return out
+
+
+def blas_threads() -> int:
+    """The threads numpy's BLAS uses for one product (OPENBLAS_NUM_THREADS and the like included)."""
+    counts = [lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return max(counts, default=1)
+
+
+class _Scratch(threading.local):
+    """One thread's reused blocks: a list's gathered members, JOIN_CHUNK gathered query rows and
+    their products, so that no list allocates (and page-faults) fresh ones."""
+
+    def __init__(self, dim: int, widest: int):
+        self.members = np.empty((max(widest, 1), dim), np.float32)
+        self.rows = np.empty((JOIN_CHUNK, dim), np.float32)
+        self.scores = np.empty(JOIN_CHUNK * max(widest, 1), np.float32)
+
+
+def _list_join(
+    x: np.ndarray, place: np.ndarray, query: np.ndarray, base: np.ndarray, threshold: float, k: int, scratch
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(query rows, member rows, cosines) of one list's pairs at or above `threshold`, each query
+    keeping its best `k`; None when there are none."""
+    if len(base) == 0 or len(query) == 0:
+        return None
+    gathered = np.take(x, place[base], axis=0, out=scratch.members[: len(base)], mode="clip")
+    # `_inverted` puts a list's members first among its queries, in the same order (column 0 comes first): their
+    # self products are the diagonal of the first block, masked before the scan so that no member row looks hot
+    own = len(base) if len(query) >= len(base) and np.array_equal(query[: len(base)], base) else 0
+    a, b, s = _list_pairs(x, place[query], gathered, threshold, scratch, own=own)
+    keep = query[a] != base[b]  # a query that is a member is not its own pair (whatever the order)
+    a, b, s = a[keep], b[keep], s[keep]
+    if len(a) == 0:
+        return None
+    if np.bincount(a).max() > k:
+        a, b, s = _best_per_row(a, b, s, k)
+    return query[a], base[b], s
 
 
 def _list_pairs(
-    x: np.ndarray, rows: np.ndarray, base: np.ndarray, threshold: float, chunk: np.ndarray, scores: np.ndarray
+    x: np.ndarray, rows: np.ndarray, base: np.ndarray, threshold: float, scratch, *, own: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(positions in `rows`, positions in `base`, float32 products) of the products x[rows] @ base.T
-    at or above `threshold`, in row-major order.
+    at or above `threshold`, in row-major order, leaving out (i, i) for i < `own` (rows that are
+    `base` itself).
 
-    `rows` go through `chunk` (their gathered float32 rows) a block of len(chunk) at a time, and the
-    products into `scores`: both are reused, so no list allocates (and page-faults) a fresh block,
-    and the threshold scan reads products the multiply has just written."""
-    step, m = len(chunk), len(base)
+    `rows` go through `scratch.rows` a block at a time and the products into `scratch.scores`,
+    which the threshold scan (`cells_at_least`) reads while they are still in cache."""
+    step, m = len(scratch.rows), len(base)
     found_a, found_b, found_s = [], [], []
     for first in range(0, len(rows), step):
         count = min(step, len(rows) - first)
-        gathered = chunk[:count]  # numpy's gather: a torch one here left its OpenMP threads spinning against BLAS's
-        np.take(x, rows[first : first + count], axis=0, out=gathered)
-        block = scores[: count * m].reshape(count, m)
+        gathered = scratch.rows[:count]
+        # "clip": numpy's unbuffered take (the places are in range); with the default "raise" and out= it copies
+        # through a temporary. A numpy gather: a torch one here left its OpenMP threads spinning against the BLAS.
+        np.take(x, rows[first : first + count], axis=0, out=gathered, mode="clip")
+        block = scratch.scores[: count * m].reshape(count, m)
         np.matmul(gathered, base.T, out=block)
+        self_rows = np.arange(first, min(first + count, own))
+        block[self_rows - first, self_rows] = -np.inf
         a, b = cells_at_least(block, threshold)
-        if len(a):
-            found_s.append(block[a, b])
-            found_a.append(a + first)
-            found_b.append(b)
+        if len(a) == 0:
+            continue
+        found_s.append(block[a, b])
+        found_a.append(a + first)
+        found_b.append(b)
     if not found_a:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0, np.float32)

@@ -145,6 +145,26 @@ def test_exact_neighbors_equal_numpy(tmp_path):
     np.testing.assert_allclose(np.take_along_axis(sims, I, 1), D, atol=1e-5)
 
 
+# 2: the pass keeps only each row's best k as it goes; 40: the cap binds only for row 0 and its copies
+@pytest.mark.parametrize("k", [2, 40])
+def test_exact_neighbors_above_a_threshold_equal_numpy(tmp_path, k):
+    x = _pool(n=900, copies=120, seed=3)
+    x[600:690] = x[0] + 1e-3 * np.arange(90)[:, None]  # 90 near copies of row 0: more than k above the threshold
+    view = _folder(tmp_path, x, part=250)
+    x = np.asarray(view)  # as stored
+    rows = np.array([0, 5, 250, 640, 780, 899])
+    D, I = ivf_join.exact_neighbors(view, rows, k, threshold=0.9, block_rows=100)
+    sims = x[rows] @ x.T
+    sims[np.arange(len(rows)), rows] = -np.inf
+    for r in range(len(rows)):
+        above = np.flatnonzero(sims[r] >= 0.9)
+        want = np.sort(sims[r, above])[::-1][:k]
+        np.testing.assert_allclose(D[r, : len(want)], want, atol=1e-6)
+        assert (D[r, len(want) :] == -np.inf).all() and (I[r, len(want) :] == -1).all()
+        np.testing.assert_allclose(sims[r, I[r, : len(want)]], want, atol=1e-6)
+    assert (D >= 0.9).sum(1).max() == k  # row 0 and its copies have more than k
+
+
 def test_threshold_copies_sit_at_the_threshold():
     x = _pool(n=200, copies=0)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -168,6 +188,13 @@ def test_lists_are_numbered_in_the_narrowest_integer_and_cells_found_like_numpy(
     np.testing.assert_array_equal(rows, ref_rows)
     np.testing.assert_array_equal(cols, ref_cols)
     assert len(rows) > 500  # the diagonal and the copies
+    sims[3, 7] = sims[9, :] = np.nan  # NaN is below every threshold and hides no other entry of its row
+    rows, cols = cells_at_least(sims, 0.8)
+    ref_rows, ref_cols = np.nonzero(sims >= 0.8)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_array_equal(cols, ref_cols)
+    assert 3 in rows and 9 not in rows
+    assert [len(a) for a in cells_at_least(np.zeros((4, 0), np.float32), 0.5)] == [0, 0]
 
 
 def _numpy_join(x, probes, nprobe, threshold, k):
@@ -187,21 +214,44 @@ def _numpy_join(x, probes, nprobe, threshold, k):
     return found, capped
 
 
-@pytest.mark.parametrize("chunk", [7, 1024])  # products in blocks of 7 query rows, and in one block per list
-def test_join_gives_the_pairs_and_cosines_of_its_definition(tmp_path, monkeypatch, chunk):
+# products in blocks of 7 query rows, and in one block per list; lists in this thread, and on 3 threads; rows read
+# group by group from the mapped parts, and from rows held in memory
+@pytest.mark.parametrize("chunk, workers, held", [(7, 1, False), (1024, 1, False), (7, 3, False), (7, 3, True)])
+def test_join_gives_the_pairs_and_cosines_of_its_definition(tmp_path, monkeypatch, chunk, workers, held):
     monkeypatch.setattr(ivf_join, "JOIN_CHUNK", chunk)
     x = _pool(n=1500, d=24, copies=80, seed=4)
     view = _folder(tmp_path, x, part=400)
+    view = view.held() if held else view
     quantizer = ivf_join.train_quantizer(x, 12, seed=0)
     probes = ivf_join.probe_lists(view, quantizer, 4)
     probes[::5, 2] = -1  # probes a margin left out: those rows are queries of their first two lists only
     truth, capped = _numpy_join(x, probes, 3, 0.6, 5)
     assert capped > 0  # the k cap binds for some rows
     got = {}
-    for i, j, s in ivf_join.join_lists(view, probes, 3, 0.6, k=5, nlist=12, block_bytes=1 << 15):
+    blas = ivf_join.blas_threads()
+    lists_seen = []
+    for i, j, s in ivf_join.join_lists(view, probes, 3, 0.6, k=5, nlist=12, block_bytes=1 << 15, workers=workers):
         assert s.dtype == np.float32
+        lists_seen.append(int(probes[j[0], 0]))
         lists = probes[j, 0]  # a member's list is the list it was found in
         got.update({(int(lst), int(a), int(b)): float(c) for lst, a, b, c in zip(lists, i, j, s)})
     assert set(got) == set(truth)
+    assert lists_seen == sorted(lists_seen)  # list by list, in order, however many threads
+    assert ivf_join.blas_threads() == blas  # the BLAS's threads are given back
     keys = sorted(truth)
     np.testing.assert_allclose([got[key] for key in keys], [truth[key] for key in keys], rtol=0, atol=1e-5)
+
+
+def test_a_nan_product_hides_no_other_pair_of_its_row(tmp_path):
+    """The scan first takes each product row's largest value: NaN must not make a row look empty."""
+    x = _pool(n=300, d=16, copies=20, seed=2)
+    x[5] = np.nan  # a broken vector: every product with it is NaN
+    view = _folder(tmp_path, x, part=100)
+    probes = np.zeros((len(x), 1), np.int32)  # one list: every row meets every other
+    clean = np.delete(np.arange(len(x)), 5)
+    truth, _ = _brute_pairs(x[clean], 0.9)
+    truth = {(int(clean[a]), int(clean[b])) for a, b in truth}
+    found = set()
+    for i, j, _ in ivf_join.join_lists(view, probes, 1, 0.9, k=10**6, nlist=1, workers=2):
+        found |= {(min(a, b), max(a, b)) for a, b in zip(i.tolist(), j.tolist())}
+    assert len(truth) >= 20 and found == truth
