@@ -23,12 +23,13 @@ fp32 matmul, the CPU kind and the load average.
     flock /tmp/lvd-heavy.lock .venv/bin/python benchmarks/ivf_join.py --n 100000 --nprobe 12  # a fixed nprobe
 
 Figures (2-core AVX2 AMD EPYC, alone under the lock, 2026-12-07). At 100k (195 lists of 513
-members x 1889 queries, margin 0.04): the join 1.35 s median, numpy-lists 0.99 s, numpy 1.08 s,
-torch 1.37 s; ratio best / lvd median 0.72 (0.59-0.85 over 15 rounds), in CPU seconds 0.75;
-against numpy list after list, the reference before, 0.80. At 1M (1953 lists of 512 x 4436,
-14 groups of lists, before the self products were masked): the join 33.4 s, numpy-lists 23.4 s,
-numpy 25.4 s; ratio median 0.70 (0.67-0.80 over 3 rounds), CPU 0.74. Before this change (the join
-list after list on 2-thread BLAS, against numpy or torch list after list) 100k gave 0.68 (0.57-0.78, 6 runs).
+members x 1889 queries, margin 0.04), two runs of 15 rounds: the join 1.35 / 1.60 s median,
+numpy-lists 0.99 / 1.01 s, numpy 1.08 / 1.09 s, torch 1.37 / 1.50 s; ratio best / lvd median
+0.72 (0.59-0.85) and 0.68 (0.57-0.79), in CPU seconds 0.75 and 0.71; against numpy list after
+list, the reference before, 0.80 and 0.68. At 1M (1953 lists of 512 x 4436, 14 groups of lists),
+3 rounds: the join 29.4 s, numpy-lists 23.2 s, numpy 24.6 s; ratio median 0.76 (0.75-0.83), CPU
+0.78, against numpy list after list 0.83. Before this change (the join list after list on
+2-thread BLAS, against numpy or torch list after list) 100k gave 0.68 (0.57-0.78, 6 runs).
 
 Where the join's time goes (py-spy --native --threads at 100 Hz, 6 joins at 100k, the worker
 threads' samples): the product 73.5 %, waiting for the GIL after a numpy call 6.0 %, gathering
