@@ -120,7 +120,7 @@ def gemm_seconds(
             a[: shape[0]] @ b[: shape[1]].T
 
         with ThreadPoolExecutor(threads) as pool, threadpool_limits(1, user_api="blas"):
-            list(pool.map(product, used[: 4 * threads]))  # warm the BLAS and give every thread its blocks
+            list(pool.map(product, used[: 4 * threads]))  # warm the BLAS (a thread takes its blocks on first use)
             start, start_cpu = time.perf_counter(), time.process_time()
             list(pool.map(product, used))
             if cpu is not None:

@@ -205,39 +205,30 @@ def linked(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def exact_neighbors(
-    view, rows: np.ndarray, k: int, *, threshold: float = -math.inf, block_rows: int = 16384
+    view, rows: np.ndarray, k: int, *, threshold: float, block_rows: int = 16384
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(D, I) of the k most similar other rows of `view` for each of `rows`, exactly, one pass in
-    blocks, best first. With a finite `threshold` only neighbours at or above it count (a row with
-    fewer keeps -inf and -1 in its last places): each block is then scanned for the few cells
-    that reach it instead of merged whole into a top-k (choose_margin wants only those; at 3M
-    rows the merge took more of its pass than the product)."""
+    """(D, I) of the k most similar other rows of `view` at or above `threshold` for each of
+    `rows`, exactly, in one pass over blocks, best first; a row with fewer keeps -inf and -1 in
+    its last places. Each block is scanned for the few cells that reach the threshold
+    (`cells_at_least`) instead of merged whole into a top-k: at 3M rows that merge took more of
+    the margin check's pass than the product."""
     q = view[rows]
     k = min(k, len(view) - 1)
-    D = np.full((len(rows), k), -np.inf, np.float32)
-    I = np.full((len(rows), k), -1, np.int64)
     found = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))]  # (row, column, score)
     for start, block in view.blocks(block_rows):
         sims = q @ block.T
         own = (rows >= start) & (rows < start + len(block))
         sims[np.flatnonzero(own), rows[own] - start] = -np.inf
-        if math.isfinite(threshold):
-            a, b = cells_at_least(sims, threshold)
-            found.append((a, b + start, sims[a, b]))
-            if sum(len(f[0]) for f in found) > 4 * k * len(rows):  # a pool of copies: each row's best k so far
-                found = [_best_per_row(*map(np.concatenate, zip(*found)), k)]
-            continue
-        both_d = np.concatenate([D, sims], 1)
-        both_i = np.concatenate([I, np.broadcast_to(np.arange(start, start + len(block)), sims.shape)], 1)
-        best = np.argpartition(-both_d, k - 1, axis=1)[:, :k]
-        D, I = np.take_along_axis(both_d, best, 1), np.take_along_axis(both_i, best, 1)
-    if math.isfinite(threshold):
-        a, i, d = _best_per_row(*map(np.concatenate, zip(*found)), k)
-        slot = np.arange(len(a)) - np.searchsorted(a, a)  # a's are sorted: the place among its row's kept
-        D[a, slot], I[a, slot] = d, i
-        return D, I
-    order = np.argsort(-D, axis=1, kind="stable")
-    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+        a, b = cells_at_least(sims, threshold)
+        found.append((a, b + start, sims[a, b]))
+        if sum(len(f[0]) for f in found) > 4 * k * len(rows):  # a pool of copies: each row's best k so far
+            found = [_best_per_row(*map(np.concatenate, zip(*found)), k)]
+    a, i, d = _best_per_row(*map(np.concatenate, zip(*found)), k)
+    slot = np.arange(len(a)) - np.searchsorted(a, a)  # a's are sorted: the place among its row's kept
+    D = np.full((len(rows), k), -np.inf, np.float32)
+    I = np.full((len(rows), k), -1, np.int64)
+    D[a, slot], I[a, slot] = d, i
+    return D, I
 
 
 def _best_per_row(a: np.ndarray, i: np.ndarray, d: np.ndarray, k: int) -> tuple[np.ndarray, ...]:

@@ -138,7 +138,7 @@ def test_exact_neighbors_equal_numpy(tmp_path):
     x = _pool(n=900, copies=30)
     view = _folder(tmp_path, x, part=250)
     rows = np.array([0, 5, 250, 899])
-    D, I = ivf_join.exact_neighbors(view, rows, 7, block_rows=100)
+    D, I = ivf_join.exact_neighbors(view, rows, 7, threshold=-2.0, block_rows=100)  # -2: every other row counts
     sims = x[rows] @ x.T
     sims[np.arange(4), rows] = -np.inf
     np.testing.assert_allclose(D, -np.sort(-sims, axis=1)[:, :7], atol=1e-5)
